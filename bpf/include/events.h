@@ -1,0 +1,177 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * The one definition of every record that crosses from the kernel to sandtrace's collector.
+ *
+ * Rules for this file (checked by tests/unit/test_layout.py, which compiles it with the host
+ * compiler and compares every sizeof/offsetof with collector/records.py):
+ *   - fixed-width types only, no bool/long/pointers/bitfields;
+ *   - explicit padding, every struct a multiple of 8 bytes;
+ *   - the record type is the first field; type 0 is undefined;
+ *   - any change to a layout bumps SANDTRACE_LAYOUT_VERSION.
+ */
+#ifndef SANDTRACE_EVENTS_H
+#define SANDTRACE_EVENTS_H
+
+#ifdef SANDTRACE_HOST_BUILD
+#include <linux/types.h>
+#endif
+
+#define SANDTRACE_LAYOUT_VERSION 1
+
+#define TASK_COMM_LEN 16
+
+/* Variable parts of an exec record. ARGV_MAX must be a power of two. */
+#define ARGV_MAX 16384
+#define PATH_BUDGET 4096
+#define FILENAME_MAX_LEN 256
+#define PATH_MAX_DEPTH 40
+#define NAME_MAX_LEN 256
+
+enum record_type {
+	REC_UNDEFINED = 0,
+	REC_EXEC = 1,
+	REC_FORK = 2,
+	REC_EXIT = 3,
+	REC_CONNECT = 4,
+	REC_TCP_STATE = 5,
+	REC_BIND = 6,
+	REC_CGROUP_MOVE = 7,
+	REC_MAX = 8,
+};
+
+/* Counters of events that could not be delivered, indexed by record_type; slot 0 counts
+ * records whose type could not be known. Kept per CPU and summed by the collector. */
+enum error_counter {
+	ERR_TRACED_MAP_FULL = 0,
+	ERR_STASH_MAP_FULL = 1,
+	ERR_SCRATCH = 2,
+	ERR_MAX = 4,
+};
+
+/* Common header: the process context at the moment of the event. 80 bytes. */
+struct record_header {
+	__u16 type;
+	__u16 version;
+	__u32 size; /* whole record, header included */
+	__u64 ktime_ns; /* CLOCK_MONOTONIC (bpf_ktime_get_ns) */
+	__u64 cgroup_id; /* cgroup v2 id of the task at the event */
+	__u64 start_ns; /* start time of the thread-group leader: with pid, the process key */
+	__u32 pid; /* thread-group id as the host sees it */
+	__u32 tid;
+	__u32 ns_pid; /* pid inside the task's own pid namespace */
+	__u32 ppid; /* real parent's thread-group id */
+	__u32 uid;
+	__u32 gid;
+	__u32 sandbox; /* index of the scope that made the task traced */
+	__u32 _pad0;
+	char comm[TASK_COMM_LEN];
+};
+
+#define EXEC_F_ARGV_TRUNCATED (1U << 0)
+#define EXEC_F_EXE_TRUNCATED (1U << 1)
+#define EXEC_F_CWD_TRUNCATED (1U << 2)
+#define EXEC_F_FILENAME_TRUNCATED (1U << 3)
+#define EXEC_F_MEMFD (1U << 4) /* executable is an anonymous memory file */
+#define EXEC_F_UNLINKED (1U << 5) /* executable file has no links left */
+#define EXEC_F_NO_MM (1U << 6)
+
+/*
+ * data[] holds, back to back: argv (NUL-separated, as the kernel laid it out), the
+ * executable's path components leaf first (each NUL-terminated), the working directory's
+ * components leaf first, and the file name given to execve.
+ */
+struct exec_record {
+	struct record_header hdr;
+	__u64 exe_ino;
+	__u32 flags;
+	__u32 argv_size; /* bytes of argv captured */
+	__u32 argv_full_size; /* bytes of argv the process has */
+	__u32 exe_size;
+	__u32 cwd_size;
+	__u32 filename_size;
+	__u32 exe_nlink;
+	__u32 old_tid; /* thread that called execve, before de_thread */
+	__u8 data[];
+};
+
+struct fork_record {
+	struct record_header hdr; /* the parent */
+	__u64 child_start_ns;
+	__u32 child_pid;
+	__u32 _pad0;
+};
+
+struct exit_record {
+	struct record_header hdr;
+	__u32 exit_code; /* as wait(2) encodes it: status << 8 | signal */
+	__u32 _pad0;
+};
+
+#define SOCK_F_NONBLOCK (1U << 0)
+#define SOCK_F_LOCAL_KNOWN (1U << 1)
+
+/* Written at the cgroup connect hook: the attempt, before the protocol acts on it. */
+struct connect_record {
+	struct record_header hdr;
+	__u64 cookie; /* socket cookie; joins TCP outcome records */
+	__u8 daddr[16];
+	__u8 saddr[16];
+	__u16 family;
+	__u16 dport; /* host byte order */
+	__u16 sport;
+	__u16 _pad0;
+	__u32 sock_type;
+	__u32 protocol;
+	__u32 flags;
+	__u32 _pad1;
+};
+
+/* TCP progress of a socket that a traced process connected or listened on. Outcome records
+ * (ESTABLISHED, CLOSE) come from softirq context: their header process fields are copied
+ * from the connecting thread. */
+struct tcp_state_record {
+	struct record_header hdr;
+	__u64 cookie;
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u16 family;
+	__u16 sport;
+	__u16 dport;
+	__u16 _pad0;
+	__s32 oldstate;
+	__s32 newstate;
+	__s32 err; /* sk_err when the socket closed */
+	__u32 flags;
+};
+
+#define BIND_F_FAILED (1U << 0) /* the bind hook saw the call, the bind did not complete */
+#define BIND_F_REQUEST_KNOWN (1U << 1)
+
+struct bind_record {
+	struct record_header hdr;
+	__u64 cookie;
+	__u8 req_addr[16];
+	__u8 addr[16]; /* bound address */
+	__u16 family;
+	__u16 req_port;
+	__u16 port; /* bound port (the kernel's choice for port 0) */
+	__u16 _pad0;
+	__u32 sock_type;
+	__u32 protocol;
+	__u32 flags;
+	__u32 _pad1;
+};
+
+#define CGROUP_PATH_MAX 256
+
+struct cgroup_move_record {
+	struct record_header hdr; /* the task that did the move */
+	__u64 dst_cgroup_id;
+	__u32 target_pid; /* the process that was moved */
+	__s32 dst_level;
+	__u32 path_size;
+	__u32 _pad0;
+	char dst_path[CGROUP_PATH_MAX];
+};
+
+#endif /* SANDTRACE_EVENTS_H */

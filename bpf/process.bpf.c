@@ -1,0 +1,244 @@
+/* SPDX-License-Identifier: GPL-2.0-only */
+/* Process lifecycle: exec, fork, exit and cgroup moves of traced processes. These hooks are
+ * scheduler and cgroup tracepoints, which cost nothing on other syscalls (unlike syscall
+ * tracepoints, which put every syscall of every task on the slow path). */
+
+#ifndef NR_CPUS_POSSIBLE
+#define NR_CPUS_POSSIBLE 256
+#endif
+
+/* Offsets into the exec scratch data are masked with EXEC_DATA_MASK so the verifier can see
+ * every write stays inside the buffer; the buffer is larger than the mask by one read. */
+#define EXEC_DATA_MASK 0x7fff
+#define EXEC_DATA_CAP (EXEC_DATA_MASK + 1 + NAME_MAX_LEN)
+#define EXEC_DATA_USED (ARGV_MAX + 2 * PATH_BUDGET + FILENAME_MAX_LEN)
+
+_Static_assert(EXEC_DATA_USED <= EXEC_DATA_MASK, "exec data budget exceeds its mask");
+
+struct exec_scratch {
+	u64 cursor; /* next free byte of data[]; not sent */
+	struct exec_record rec;
+	u8 data[EXEC_DATA_CAP];
+};
+
+/* One buffer per CPU, indexed by CPU id: larger than a per-CPU map value may be. */
+BPF_ARRAY(exec_buf, struct exec_scratch, NR_CPUS_POSSIBLE);
+BPF_PERCPU_ARRAY(move_buf, struct cgroup_move_record, 1);
+
+/*
+ * Write the components of a struct path into s->data at s->cursor, leaf first, each
+ * NUL-terminated, crossing mount points up to the root of the mount namespace, as d_path
+ * would. Returns 1 if the budget or the depth ran out before the root.
+ *
+ * The cursor lives in map memory on purpose: the verifier does not track values it loads
+ * from a map, so every path through an iteration reaches the next with the same state and
+ * is pruned, instead of the walk's branches multiplying across iterations.
+ */
+static __always_inline u32 walk_path(struct exec_scratch *s, u64 path)
+{
+	u64 dentry = rd_u64(path, OFF_PATH_DENTRY);
+	u64 vfsmnt = rd_u64(path, OFF_PATH_MNT);
+	u64 mnt = vfsmnt - OFF_MOUNT_MNT;
+	u64 mnt_root = rd_u64(vfsmnt, OFF_VFSMOUNT_MNT_ROOT);
+	u64 start = s->cursor;
+
+	if (!dentry || !vfsmnt)
+		return 1;
+	for (int i = 0; i < PATH_MAX_DEPTH; i++) {
+		u64 parent = rd_u64(dentry, OFF_DENTRY_D_PARENT);
+		u64 off = s->cursor;
+		long n;
+
+		if (dentry == mnt_root || dentry == parent) {
+			u64 mnt_parent = rd_u64(mnt, OFF_MOUNT_MNT_PARENT);
+
+			if (mnt_parent == mnt || !mnt_parent)
+				return 0;
+			dentry = rd_u64(mnt, OFF_MOUNT_MNT_MOUNTPOINT);
+			mnt = mnt_parent;
+			mnt_root = rd_u64(mnt + OFF_MOUNT_MNT, OFF_VFSMOUNT_MNT_ROOT);
+			continue;
+		}
+		if (off - start > PATH_BUDGET - NAME_MAX_LEN)
+			return 1;
+		n = bpf_probe_read_kernel_str(&s->data[off & EXEC_DATA_MASK], NAME_MAX_LEN,
+					      (void *)rd_u64(dentry, OFF_DENTRY_D_NAME_NAME));
+		if (n <= 0)
+			return 1;
+		s->cursor = off + n;
+		dentry = parent;
+	}
+	return 1;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exec)
+{
+	u32 cpu = bpf_get_smp_processor_id(), off = 0;
+	s32 sb = lookup_sandbox();
+	struct exec_scratch *s;
+	struct exec_record *r;
+	u64 task, mm, file, fs, arg_start, arg_end, len, inode, size;
+
+	if (sb < 0)
+		return 0;
+	s = exec_buf.lookup(&cpu);
+	if (!s) {
+		count_error(ERR_SCRATCH);
+		return 0;
+	}
+	r = &s->rec;
+	__builtin_memset(r, 0, sizeof(*r));
+	fill_header(&r->hdr, REC_EXEC, 0, sb);
+	r->old_tid = args->old_pid;
+
+	task = (u64)bpf_get_current_task();
+	mm = rd_u64(task, OFF_TASK_MM);
+	if (!mm) {
+		r->flags |= EXEC_F_NO_MM;
+		goto emit_empty;
+	}
+	arg_start = rd_u64(mm, OFF_MM_ARG_START);
+	arg_end = rd_u64(mm, OFF_MM_ARG_END);
+	len = arg_end > arg_start ? arg_end - arg_start : 0;
+	r->argv_full_size = len > 0xffffffff ? 0xffffffff : len;
+	if (len > ARGV_MAX) {
+		len = ARGV_MAX;
+		r->flags |= EXEC_F_ARGV_TRUNCATED;
+	}
+	if (len && bpf_probe_read_user(s->data, len, (void *)arg_start) == 0)
+		r->argv_size = len;
+	else if (len)
+		r->flags |= EXEC_F_ARGV_TRUNCATED;
+	off = r->argv_size;
+
+	file = rd_u64(mm, OFF_MM_EXE_FILE);
+	if (file) {
+		inode = rd_u64(file, OFF_FILE_F_INODE);
+		r->exe_ino = rd_u64(inode, OFF_INODE_I_INO);
+		r->exe_nlink = rd_u32(inode, OFF_INODE_I_NLINK);
+		if (r->exe_nlink == 0)
+			r->flags |= EXEC_F_UNLINKED;
+		s->cursor = off;
+		if (walk_path(s, file + OFF_FILE_F_PATH))
+			r->flags |= EXEC_F_EXE_TRUNCATED;
+		off = s->cursor & EXEC_DATA_MASK;
+	} else {
+		r->flags |= EXEC_F_EXE_TRUNCATED;
+	}
+	r->exe_size = off - r->argv_size;
+
+	fs = rd_u64(task, OFF_TASK_FS);
+	if (fs) {
+		u32 before = off;
+
+		s->cursor = off;
+		if (walk_path(s, fs + OFF_FS_PWD))
+			r->flags |= EXEC_F_CWD_TRUNCATED;
+		off = s->cursor & EXEC_DATA_MASK;
+		r->cwd_size = off - before;
+	}
+
+	{
+		long n = bpf_probe_read_kernel_str(&s->data[off & EXEC_DATA_MASK], FILENAME_MAX_LEN,
+						   (void *)args + (args->data_loc_filename & 0xffff));
+		if (n > 0) {
+			r->filename_size = n;
+			if (n == FILENAME_MAX_LEN)
+				r->flags |= EXEC_F_FILENAME_TRUNCATED;
+			off += n;
+		}
+	}
+
+emit_empty:
+	size = sizeof(*r) + (off & EXEC_DATA_MASK);
+	r->hdr.size = size;
+	emit(args, r, size, REC_EXEC);
+	return 0;
+}
+
+RAW_TRACEPOINT_PROBE(sched_process_fork)
+{
+	u64 child = ctx->args[1];
+	u32 child_pid = rd_u32(child, OFF_TASK_PID);
+	struct traced_val v = {};
+	struct fork_record r = {};
+	s32 sb;
+
+	/* New threads are not new processes; their events carry the thread-group id. */
+	if (rd_u32(child, OFF_TASK_TGID) != child_pid)
+		return 0;
+	sb = lookup_sandbox();
+	if (sb < 0)
+		return 0;
+#ifndef TRACE_ALL
+	v.sandbox = sb;
+	if (traced.update(&child_pid, &v) != 0)
+		count_error(ERR_TRACED_MAP_FULL);
+#endif
+	fill_header(&r.hdr, REC_FORK, sizeof(r), sb);
+	r.child_pid = child_pid;
+	r.child_start_ns = rd_u64(child, OFF_TASK_START_TIME);
+	emit(ctx, &r, sizeof(r), REC_FORK);
+	return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+	u64 pid_tgid = bpf_get_current_pid_tgid();
+	u32 tgid = pid_tgid >> 32, tid = (u32)pid_tgid;
+	struct exit_record r = {};
+	s32 sb;
+	int group_dead;
+
+#ifdef TRACE_ALL
+	sb = 0;
+#else
+	struct traced_val *v = traced.lookup(&tgid);
+
+	if (!v)
+		return 0;
+	sb = v->sandbox;
+#endif
+	forget_thread(args, tid);
+#ifdef HAVE_EXIT_GROUP_DEAD
+	group_dead = args->group_dead;
+#else
+	group_dead = tid == tgid;
+#endif
+	if (!group_dead)
+		return 0;
+	fill_header(&r.hdr, REC_EXIT, sizeof(r), sb);
+	r.exit_code = rd_u32((u64)bpf_get_current_task(), OFF_TASK_EXIT_CODE);
+	emit(args, &r, sizeof(r), REC_EXIT);
+#ifndef TRACE_ALL
+	traced.delete(&tgid);
+#endif
+	return 0;
+}
+
+TRACEPOINT_PROBE(cgroup, cgroup_attach_task)
+{
+	u32 zero = 0, target = args->pid;
+	struct cgroup_move_record *r;
+	struct traced_val *v;
+	long n;
+
+	/* cgroup.procs moves every thread; the leader's move (tid == tgid) stands for them. */
+	v = traced.lookup(&target);
+	if (!v)
+		return 0;
+	r = move_buf.lookup(&zero);
+	if (!r) {
+		count_error(ERR_SCRATCH);
+		return 0;
+	}
+	fill_header(&r->hdr, REC_CGROUP_MOVE, sizeof(*r), v->sandbox);
+	r->target_pid = target;
+	r->dst_cgroup_id = args->dst_id;
+	r->dst_level = args->dst_level;
+	n = bpf_probe_read_kernel_str(r->dst_path, sizeof(r->dst_path),
+				      (void *)args + (args->data_loc_dst_path & 0xffff));
+	r->path_size = n > 0 ? n : 0;
+	emit(args, r, sizeof(*r), REC_CGROUP_MOVE);
+	return 0;
+}

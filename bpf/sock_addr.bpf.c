@@ -1,0 +1,187 @@
+/* SPDX-License-Identifier: GPL-2.0-only */
+/*
+ * connect and bind, from cgroup socket-address hooks attached to the traced cgroups only:
+ * processes elsewhere on the host never run these programs. A hook sees the call before the
+ * protocol acts on it, so outcomes come from elsewhere: post_bind for binds, and the TCP
+ * state tracepoint (tcp_state.bpf.c) for connects.
+ */
+
+#define AF_INET 2
+#define AF_INET6 10
+#define SOCK_STREAM 1
+#define IPPROTO_TCP 6
+
+/* Thread -> cookie of the TCP connect it is making, until the socket reaches SYN_SENT. */
+BPF_TABLE("lru_hash", u32, u64, connect_stash, 16384);
+/* Thread -> the bind it is making, until post_bind completes it. */
+BPF_TABLE("lru_hash", u32, struct bind_record, bind_stash, 16384);
+
+static __always_inline void copy_ip6(u8 *dst, const u32 *src)
+{
+	u32 w[4] = {src[0], src[1], src[2], src[3]};
+
+	__builtin_memcpy(dst, w, 16);
+}
+
+static __always_inline int on_connect(struct bpf_sock_addr *ctx, u16 family)
+{
+	struct connect_record r = {};
+	struct bpf_sock *sk;
+	u32 tid;
+	s32 sb = lookup_sandbox();
+
+	if (sb < 0)
+		return 1;
+	fill_header(&r.hdr, REC_CONNECT, sizeof(r), sb);
+	r.cookie = bpf_get_socket_cookie(ctx);
+	r.family = family;
+	r.dport = bpf_ntohs(ctx->user_port);
+	r.sock_type = ctx->type;
+	r.protocol = ctx->protocol;
+	if (family == AF_INET) {
+		u32 a = ctx->user_ip4;
+
+		__builtin_memcpy(r.daddr, &a, 4);
+	} else {
+		u32 a[4] = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3]};
+
+		__builtin_memcpy(r.daddr, a, 16);
+	}
+	sk = ctx->sk;
+	if (sk) {
+		r.sport = sk->src_port;
+		if (family == AF_INET) {
+			u32 a = sk->src_ip4;
+
+			__builtin_memcpy(r.saddr, &a, 4);
+		} else {
+			u32 a[4] = {sk->src_ip6[0], sk->src_ip6[1], sk->src_ip6[2], sk->src_ip6[3]};
+
+			__builtin_memcpy(r.saddr, a, 16);
+		}
+		r.flags |= SOCK_F_LOCAL_KNOWN;
+	}
+	if (r.sock_type == SOCK_STREAM && r.protocol == IPPROTO_TCP) {
+		tid = r.hdr.tid;
+		if (connect_stash.update(&tid, &r.cookie) != 0)
+			count_error(ERR_STASH_MAP_FULL);
+	}
+	emit(ctx, &r, sizeof(r), REC_CONNECT);
+	return 1;
+}
+
+int connect4(struct bpf_sock_addr *ctx)
+{
+	return on_connect(ctx, AF_INET);
+}
+
+int connect6(struct bpf_sock_addr *ctx)
+{
+	return on_connect(ctx, AF_INET6);
+}
+
+static __always_inline void emit_failed_bind(void *ctx, struct bind_record *stale)
+{
+	stale->flags |= BIND_F_FAILED;
+	emit(ctx, stale, sizeof(*stale), REC_BIND);
+}
+
+static __always_inline int on_bind(struct bpf_sock_addr *ctx, u16 family)
+{
+	struct bind_record r = {};
+	struct bind_record *stale;
+	s32 sb = lookup_sandbox();
+	u32 tid;
+
+	if (sb < 0)
+		return 1;
+	tid = (u32)bpf_get_current_pid_tgid();
+	/* A bind this thread started earlier that post_bind never saw: it failed. */
+	stale = bind_stash.lookup(&tid);
+	if (stale)
+		emit_failed_bind(ctx, stale);
+	fill_header(&r.hdr, REC_BIND, sizeof(r), sb);
+	r.cookie = bpf_get_socket_cookie(ctx);
+	r.family = family;
+	r.req_port = bpf_ntohs(ctx->user_port);
+	r.sock_type = ctx->type;
+	r.protocol = ctx->protocol;
+	r.flags = BIND_F_REQUEST_KNOWN;
+	if (family == AF_INET) {
+		u32 a = ctx->user_ip4;
+
+		__builtin_memcpy(r.req_addr, &a, 4);
+	} else {
+		u32 a[4] = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3]};
+
+		__builtin_memcpy(r.req_addr, a, 16);
+	}
+	if (bind_stash.update(&tid, &r) != 0)
+		count_error(ERR_STASH_MAP_FULL);
+	return 1;
+}
+
+int bind4(struct bpf_sock_addr *ctx)
+{
+	return on_bind(ctx, AF_INET);
+}
+
+int bind6(struct bpf_sock_addr *ctx)
+{
+	return on_bind(ctx, AF_INET6);
+}
+
+static __always_inline int on_post_bind(struct bpf_sock *sk, u16 family)
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	struct bind_record *req = bind_stash.lookup(&tid);
+	struct bind_record r = {};
+	s32 sb;
+
+	if (req) {
+		r = *req;
+		bind_stash.delete(&tid);
+		r.hdr.ktime_ns = bpf_ktime_get_ns();
+	} else {
+		sb = lookup_sandbox();
+		if (sb < 0)
+			return 1;
+		fill_header(&r.hdr, REC_BIND, sizeof(r), sb);
+		r.family = family;
+		r.sock_type = sk->type;
+		r.protocol = sk->protocol;
+	}
+	r.port = sk->src_port;
+	if (family == AF_INET) {
+		u32 a = sk->src_ip4;
+
+		__builtin_memcpy(r.addr, &a, 4);
+	} else {
+		u32 a[4] = {sk->src_ip6[0], sk->src_ip6[1], sk->src_ip6[2], sk->src_ip6[3]};
+
+		__builtin_memcpy(r.addr, a, 16);
+	}
+	emit(sk, &r, sizeof(r), REC_BIND);
+	return 1;
+}
+
+int post_bind4(struct bpf_sock *sk)
+{
+	return on_post_bind(sk, AF_INET);
+}
+
+int post_bind6(struct bpf_sock *sk)
+{
+	return on_post_bind(sk, AF_INET6);
+}
+
+static __always_inline void forget_thread(void *ctx, u32 tid)
+{
+	struct bind_record *stale = bind_stash.lookup(&tid);
+
+	if (stale) {
+		emit_failed_bind(ctx, stale);
+		bind_stash.delete(&tid);
+	}
+	connect_stash.delete(&tid);
+}
