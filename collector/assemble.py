@@ -1,0 +1,302 @@
+"""Kernel records -> typed events, with process context from the collector's tables.
+
+Pure: no BCC, no root. The one piece of state beyond the tables is the join of a TCP
+connect (seen at the cgroup hook, before the protocol acts) with its outcome (seen on the
+TCP state tracepoint): see README, "connect outcomes".
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import ipaddress
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from collector import records as R
+from collector.events import (
+    AnyEvent,
+    BindEvent,
+    CgroupMoveEvent,
+    ConnectEvent,
+    Event,
+    ExecEvent,
+    ExitEvent,
+    ForkEvent,
+    ListenEvent,
+    Process,
+)
+from collector.proctable import Names, ProcessTable
+
+TCP_ESTABLISHED = 1
+TCP_SYN_SENT = 2
+TCP_CLOSE = 7
+TCP_LISTEN = 10
+SOCK_STREAM = 1
+SOCK_DGRAM = 2
+IPPROTO_TCP = 6
+IPPROTO_UDP = 17
+AF_INET = 2
+AF_INET6 = 10
+
+CONNECT_HOLD_NS = 300_000_000
+"""How long a TCP connect waits for its handshake outcome before it is shown as pending."""
+
+
+def fmt_addr(family: int, raw: bytes) -> str:
+    if family == AF_INET:
+        return str(ipaddress.IPv4Address(raw[:4]))
+    if family == AF_INET6:
+        return str(ipaddress.IPv6Address(raw[:16]))
+    return ""
+
+
+def family_name(family: int) -> str:
+    return {AF_INET: "ipv4", AF_INET6: "ipv6"}.get(family, f"af/{family}")
+
+
+def protocol_name(sock_type: int, protocol: int) -> str:
+    if protocol == IPPROTO_TCP or (protocol == 0 and sock_type == SOCK_STREAM):
+        return "tcp"
+    if protocol == IPPROTO_UDP or (protocol == 0 and sock_type == SOCK_DGRAM):
+        return "udp"
+    return f"ip/{protocol}"
+
+
+def errno_name(err: int) -> str:
+    return errno_mod.errorcode.get(err, f"E{err}")
+
+
+def is_memfd(exe: bytes) -> bool:
+    """A memfd's executable path is one component named memfd:NAME (d_path adds nothing)."""
+    return exe.startswith(b"/memfd:") and exe.count(b"/") == 1
+
+
+@dataclass(slots=True)
+class Scope:
+    """One traced scope: a sandbox id and the cgroup paths (relative to the cgroup2 root)."""
+
+    name: str
+    cgroup_paths: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _PendingConnect:
+    event: ConnectEvent
+    deadline_ns: int
+
+
+class Assembler:
+    """Turns decoded records into events; keeps the process table and pending connects."""
+
+    def __init__(
+        self,
+        scopes: list[Scope],
+        cgroup_path: Callable[[int], str],
+        container_id: Callable[[str], str],
+        host: str | None = None,
+        procs: ProcessTable | None = None,
+        names: Names | None = None,
+    ) -> None:
+        self.scopes = scopes
+        self._cgroup_path = cgroup_path
+        self._container_id = container_id
+        self.host = host or socket.gethostname()
+        self.procs = procs or ProcessTable()
+        self.names = names or Names()
+        self._pending: dict[int, _PendingConnect] = {}
+        self._wall_offset = 0
+        self.sync_clock()
+
+    def sync_clock(self) -> None:
+        """Offset from CLOCK_MONOTONIC (the kernel's timestamps) to the wall clock."""
+        self._wall_offset = time.time_ns() - time.monotonic_ns()
+
+    def sandbox_name(self, index: int) -> str:
+        if 0 <= index < len(self.scopes):
+            return self.scopes[index].name
+        return f"scope-{index}"
+
+    def in_scope_path(self, path: str) -> bool:
+        for scope in self.scopes:
+            for root in scope.cgroup_paths:
+                if root == "/" or path == root or path.startswith(root.rstrip("/") + "/"):
+                    return True
+        return False
+
+    # -- common context ---------------------------------------------------------------------
+
+    def _process(self, h: Any) -> Process:
+        info = self.procs.get(h.pid)
+        key = f"{h.pid}@{h.start_ns}"
+        return Process(
+            pid=h.pid,
+            tid=h.tid,
+            ns_pid=h.ns_pid,
+            ppid=h.ppid,
+            uid=h.uid,
+            gid=h.gid,
+            comm=h.comm.split(b"\0", 1)[0],
+            start_ns=h.start_ns,
+            key=key,
+            exe=info.exe if info is not None and info.key == key else b"",
+            user=self.names.user(h.uid),
+            group=self.names.group(h.gid),
+            ancestry=self.procs.ancestry(h.pid),
+        )
+
+    def _common(self, h: Any) -> dict[str, Any]:
+        path = self._cgroup_path(h.cgroup_id)
+        return {
+            "time_ns": h.ktime_ns + self._wall_offset,
+            "mono_ns": h.ktime_ns,
+            "host": self.host,
+            "sandbox": self.sandbox_name(h.sandbox),
+            "cgroup_id": h.cgroup_id,
+            "cgroup_path": path,
+            "container_id": self._container_id(path),
+            "process": self._process(h),
+        }
+
+    # -- records ----------------------------------------------------------------------------
+
+    def feed(self, rec: R.Record) -> list[AnyEvent]:
+        """Events for one record (often one, none while a connect awaits its outcome)."""
+        f = rec.fields
+        if rec.type == R.REC_EXEC:
+            return [self._exec(f, rec.data)]
+        if rec.type == R.REC_FORK:
+            self.procs.on_fork(f.pid, f.child_pid, f.child_start_ns)
+            return [ForkEvent(**self._common(f), child_pid=f.child_pid,
+                              child_key=f"{f.child_pid}@{f.child_start_ns}")]
+        if rec.type == R.REC_EXIT:
+            out: list[AnyEvent] = [*self._flush_pending(pid=f.pid)]
+            code = f.exit_code
+            out.append(ExitEvent(**self._common(f), exit_code=(code >> 8) & 0xFF,
+                                 signal=code & 0x7F, core_dumped=bool(code & 0x80)))
+            self.procs.on_exit(f.pid)
+            return out
+        if rec.type == R.REC_CONNECT:
+            return self._connect(f)
+        if rec.type == R.REC_TCP_STATE:
+            return self._tcp_state(f)
+        if rec.type == R.REC_BIND:
+            return [self._bind(f)]
+        if rec.type == R.REC_CGROUP_MOVE:
+            path = f.dst_path.split(b"\0", 1)[0].decode("utf-8", "replace")
+            return [CgroupMoveEvent(**self._common(f), target_pid=f.target_pid,
+                                    dst_cgroup_id=f.dst_cgroup_id, dst_cgroup_path=path,
+                                    left_sandbox=not self.in_scope_path(path))]
+        return []
+
+    def _exec(self, f: Any, data: bytes) -> ExecEvent:
+        parts = R.exec_parts(f, data)
+        unlinked = bool(f.flags & R.EXEC_F_UNLINKED)
+        fileless = unlinked and is_memfd(parts.exe)
+        parent = self.procs.get(f.ppid)
+        self.procs.on_exec(f.pid, f.start_ns, f.ppid, parts.exe, parts.argv)
+        common = self._common(f)
+        return ExecEvent(
+            **common,
+            argv=parts.argv,
+            argv_truncated=bool(f.flags & R.EXEC_F_ARGV_TRUNCATED),
+            argv_size=f.argv_full_size,
+            cwd=parts.cwd,
+            filename=parts.filename,
+            exe_inode=f.exe_ino,
+            fileless=fileless,
+            deleted=unlinked and not fileless,
+            path_truncated=bool(f.flags & (R.EXEC_F_EXE_TRUNCATED | R.EXEC_F_CWD_TRUNCATED)),
+            parent_exe=parent.exe if parent is not None else b"",
+            parent_argv=list(parent.argv) if parent is not None else [],
+        )
+
+    def _connect(self, f: Any) -> list[AnyEvent]:
+        ev = ConnectEvent(
+            **self._common(f),
+            protocol=protocol_name(f.sock_type, f.protocol),
+            family=family_name(f.family),
+            daddr=fmt_addr(f.family, f.daddr),
+            dport=f.dport,
+            saddr=fmt_addr(f.family, f.saddr) if f.flags & R.SOCK_F_LOCAL_KNOWN else "",
+            sport=f.sport,
+        )
+        if ev.protocol != "tcp":
+            # Datagram connect only sets the peer; the hook runs as the call does.
+            ev.outcome = "success"
+            return [ev]
+        self._pending[f.cookie] = _PendingConnect(ev, f.ktime_ns + CONNECT_HOLD_NS)
+        return []
+
+    def _tcp_state(self, f: Any) -> list[AnyEvent]:
+        common = self._common(f)
+        if f.newstate == TCP_LISTEN:
+            return [ListenEvent(**common, family=family_name(f.family),
+                                addr=fmt_addr(f.family, f.saddr), port=f.sport)]
+        pend = self._pending.get(f.cookie) if f.cookie else None
+        if f.newstate == TCP_SYN_SENT:
+            if pend is None:
+                # No hook record: the process connected from a cgroup without hooks.
+                ev = ConnectEvent(**common, protocol="tcp", family=family_name(f.family),
+                                  daddr=fmt_addr(f.family, f.daddr), dport=f.dport)
+                pend = _PendingConnect(ev, f.ktime_ns + CONNECT_HOLD_NS)
+                if f.cookie:
+                    self._pending[f.cookie] = pend
+            pend.event.nonblocking = bool(f.flags & R.SOCK_F_NONBLOCK)
+            if pend.event.nonblocking:
+                # The call returned EINPROGRESS; the handshake goes on without it.
+                self._pending.pop(f.cookie, None)
+                pend.event.outcome = "in_progress"
+                pend.event.errno = errno_mod.EINPROGRESS
+                pend.event.errno_name = "EINPROGRESS"
+                return [pend.event]
+            return []
+        if pend is None or f.oldstate != TCP_SYN_SENT:
+            return []
+        del self._pending[f.cookie]
+        ev = pend.event
+        if f.newstate == TCP_ESTABLISHED:
+            ev.outcome = "success"
+            ev.saddr = fmt_addr(f.family, f.saddr)
+            ev.sport = f.sport
+        else:
+            ev.outcome = "error"
+            ev.errno = f.err
+            ev.errno_name = errno_name(f.err) if f.err else ""
+        return [ev]
+
+    def _bind(self, f: Any) -> BindEvent:
+        failed = bool(f.flags & R.BIND_F_FAILED)
+        known = bool(f.flags & R.BIND_F_REQUEST_KNOWN)
+        return BindEvent(
+            **self._common(f),
+            protocol=protocol_name(f.sock_type, f.protocol),
+            family=family_name(f.family),
+            addr="" if failed else fmt_addr(f.family, f.addr),
+            port=0 if failed else f.port,
+            requested_addr=fmt_addr(f.family, f.req_addr) if known else "",
+            requested_port=f.req_port if known else 0,
+            outcome="error" if failed else "success",
+        )
+
+    # -- time -------------------------------------------------------------------------------
+
+    def _flush_pending(self, pid: int | None = None, now_ns: int | None = None) -> list[Event]:
+        out: list[Event] = []
+        for cookie, pend in list(self._pending.items()):
+            if (pid is not None and pend.event.process.pid == pid) or (
+                now_ns is not None and pend.deadline_ns <= now_ns
+            ):
+                del self._pending[cookie]
+                pend.event.outcome = "pending"
+                out.append(pend.event)
+        return out
+
+    def expire(self, now_mono_ns: int | None = None) -> list[Event]:
+        """Connects whose outcome did not come within the hold time, shown as pending."""
+        return self._flush_pending(now_ns=time.monotonic_ns() if now_mono_ns is None else now_mono_ns)
+
+    def flush_all(self) -> list[Event]:
+        return self._flush_pending(now_ns=1 << 62)

@@ -1,0 +1,328 @@
+"""The ``sandtrace`` command: ``run`` a command in a fresh sandbox, or ``watch`` existing ones."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from collector import cgroups
+from collector.assemble import Assembler, Scope
+from collector.pipeline import JsonFileSink, Pipeline, Sink, TerminalSink, Totals
+from collector.proctable import ProcessTable
+from collector.render import TextRenderer, totals_line
+
+log = structlog.get_logger("sandtrace")
+
+EXAMPLES_RUN = """examples:
+  sudo sandtrace run -- curl -s http://192.0.2.10/
+  sudo sandtrace run --json --events run.jsonl -- python3 agent.py
+  sudo sandtrace run --wait-all -- ./start-services.sh
+"""
+EXAMPLES_WATCH = """examples:
+  sudo sandtrace watch                       # sandtrace's sandboxes and container cgroups
+  sudo sandtrace watch --cgroup /sys/fs/cgroup/mybox --cgroup /sys/fs/cgroup/other
+  sudo sandtrace watch --pid 4242            # a process and all its descendants
+  sudo sandtrace watch --all --json          # the whole host, as JSON lines
+"""
+
+
+def configure_logging(verbose: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()),
+        ],
+    )
+
+
+def _common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON lines instead of text")
+    p.add_argument("--events", metavar="FILE", help="also append every event to FILE as JSON")
+    p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+    p.add_argument("--width", type=int, default=80, help="line width of text output")
+    p.add_argument(
+        "--ring-pages", type=int, default=1024,
+        help="kernel ring buffer size in pages, a power of two (default 1024 = 4 MiB)",
+    )
+    p.add_argument("--perf-buffer", action="store_true",
+                   help="use the perf buffer even where the BPF ring buffer exists")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sandtrace",
+        description="Trace exec, connect and bind of sandboxed processes with eBPF.",
+        epilog=EXAMPLES_RUN + "\n" + EXAMPLES_WATCH,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser(
+        "run", help="run a command in a fresh sandbox and trace it",
+        description="Start CMD in a new cgroup v2 sandbox, trace it and every descendant, "
+        "and exit with CMD's exit code once every event has been printed.",
+        epilog=EXAMPLES_RUN, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common_args(run)
+    run.add_argument("--wait-all", action="store_true",
+                     help="after CMD exits, wait for every process left in the sandbox "
+                     "(default: kill them)")
+    run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    watch = sub.add_parser(
+        "watch", help="trace existing sandboxes until stopped",
+        description="Trace cgroup subtrees, process subtrees, or the whole host until "
+        "Ctrl-C or SIGTERM.",
+        epilog=EXAMPLES_WATCH, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common_args(watch)
+    watch.add_argument("--cgroup", action="append", default=[], metavar="PATH",
+                       help="trace this cgroup v2 directory and its subtree (repeatable)")
+    watch.add_argument("--pid", action="append", type=int, default=[], metavar="PID",
+                       help="trace this process and all its descendants (repeatable)")
+    watch.add_argument("--all", action="store_true", help="trace every process on the host")
+    return parser
+
+
+@dataclass(slots=True)
+class Session:
+    """Everything one run/watch sets up, torn down in reverse whatever happens."""
+
+    args: argparse.Namespace
+    root: Path
+    scopes: list[Scope] = field(default_factory=list)
+    probes: object = None
+    sandbox: cgroups.SandboxCgroup | None = None
+
+
+def _color(args: argparse.Namespace) -> bool:
+    if args.color == "always":
+        return True
+    if args.color == "never":
+        return False
+    return sys.stdout.isatty() and os.environ.get("NO_COLOR") is None
+
+
+def _sinks(args: argparse.Namespace) -> list[Sink]:
+    renderer = None if args.json else TextRenderer(color=_color(args), width=args.width)
+    sinks: list[Sink] = [TerminalSink(sys.stdout, renderer, json=args.json)]
+    if args.events:
+        sinks.append(JsonFileSink(args.events))
+    return sinks
+
+
+def _load_probes(args: argparse.Namespace, trace_all: bool = False) -> object:
+    from probes import kernel  # noqa: PLC0415
+    from probes.loader import ProbeConfig, Probes  # noqa: PLC0415
+
+    features = kernel.check()
+    for note in features.notes:
+        print(f"sandtrace: {note}", file=sys.stderr)
+    if args.ring_pages < 1 or args.ring_pages & (args.ring_pages - 1):
+        raise SystemExit("sandtrace: --ring-pages must be a power of two")
+    return Probes(
+        ProbeConfig(ring_pages=args.ring_pages, trace_all=trace_all,
+                    perf_buffer=args.perf_buffer),
+        features,
+    )
+
+
+def _print_totals(totals: Totals) -> None:
+    print(
+        "sandtrace: " + totals_line(dict(totals.events), totals.lost_kernel, totals.lost_user),
+        file=sys.stderr,
+    )
+    if totals.decode_errors or totals.map_errors:
+        print(
+            f"sandtrace: {totals.decode_errors} undecodable records, "
+            f"{totals.map_errors} kernel map errors (tracking may be incomplete)",
+            file=sys.stderr,
+        )
+
+
+def _assembler(root: Path, scopes: list[Scope]) -> Assembler:
+    resolver = cgroups.CgroupResolver(root)
+    return Assembler(scopes, resolver.path_of, cgroups.container_id_from_path,
+                     procs=ProcessTable())
+
+
+def _install_stop(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def _run(args: argparse.Namespace) -> int:
+    from probes.loader import Probes  # noqa: PLC0415
+
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        raise SystemExit("sandtrace run: give a command after --, e.g. sandtrace run -- ls")
+    root = cgroups.find_cgroup2_root()
+    probes = _load_probes(args)
+    assert isinstance(probes, Probes)
+    sandbox = None
+    try:
+        sandbox = cgroups.create_sandbox(root)
+        rel = "/" + str(sandbox.path.relative_to(root))
+        scopes = [Scope(sandbox.name, [rel])]
+        probes.add_sandbox_cgroup(sandbox.id, 0)
+        probes.attach_cgroup(sandbox.path)
+        assembler = _assembler(root, scopes)
+        pipeline = Pipeline(probes, assembler, _sinks(args))
+        stop = asyncio.Event()
+        print(
+            f"sandtrace: tracing sandbox {sandbox.name} (cgroup {rel}) running "
+            f"{' '.join(cmd)!r}; Ctrl-C stops",
+            file=sys.stderr,
+        )
+        runner = asyncio.create_task(pipeline.run(stop))
+        procs_file = sandbox.path / "cgroup.procs"
+
+        def enter_sandbox() -> None:
+            with open(procs_file, "w") as f:  # noqa: PTH123 - runs in the child before exec
+                f.write(str(os.getpid()))
+
+        try:
+            child = await asyncio.create_subprocess_exec(*cmd, preexec_fn=enter_sandbox)
+        except OSError as exc:
+            stop.set()
+            await runner
+            print(f"sandtrace: cannot start {cmd[0]}: {exc}", file=sys.stderr)
+            return 127
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, child.send_signal, sig)
+        code = await child.wait()
+        if args.wait_all:
+            while sandbox.pids():
+                await asyncio.sleep(0.1)
+        await asyncio.to_thread(sandbox.destroy)
+        stop.set()
+        totals = await runner
+        _print_totals(totals)
+        return code if code >= 0 else 128 - code
+    finally:
+        probes.close()
+        if sandbox is not None:
+            sandbox.destroy()
+
+
+async def _watch(args: argparse.Namespace) -> int:
+    from probes.loader import Probes  # noqa: PLC0415
+
+    root = cgroups.find_cgroup2_root()
+    scopes: list[Scope] = []
+    cgroup_dirs: list[Path] = []
+    if args.all:
+        scopes.append(Scope("host", ["/"]))
+        cgroup_dirs.append(root)
+    for c in args.cgroup:
+        path = Path(c).resolve()
+        if not path.is_relative_to(root) or not (path / "cgroup.procs").exists():
+            raise SystemExit(f"sandtrace watch: {c} is not a cgroup v2 directory under {root}")
+        rel = "/" + str(path.relative_to(root))
+        scopes.append(Scope(rel, [rel]))
+        cgroup_dirs.append(path)
+    pid_scopes: list[tuple[int, int]] = []
+    for pid in args.pid:
+        if not Path(f"/proc/{pid}").exists():
+            raise SystemExit(f"sandtrace watch: no process {pid}")
+        pid_scopes.append((pid, len(scopes)))
+        scopes.append(Scope(f"pid-{pid}", []))
+    if not scopes:
+        defaults = cgroups.default_scopes(root)
+        if not defaults:
+            (root / "sandtrace").mkdir(exist_ok=True)
+            defaults = [root / "sandtrace"]
+        for path in defaults:
+            rel = "/" + str(path.relative_to(root))
+            scopes.append(Scope(rel, [rel]))
+            cgroup_dirs.append(path)
+    probes = _load_probes(args, trace_all=args.all)
+    assert isinstance(probes, Probes)
+    try:
+        for index, path in enumerate(cgroup_dirs):
+            if not args.all:
+                probes.add_sandbox_cgroup(cgroups.cgroup_id(path), index)
+                probes.add_traced_pids(cgroups.pids_in_subtree(path), index)
+            probes.attach_cgroup(path)
+        for pid, index in pid_scopes:
+            tree = _descendants(pid)
+            probes.add_traced_pids(tree, index)
+            for p in tree:
+                with contextlib.suppress(OSError):
+                    probes.attach_cgroup(root / _cgroup_of(p).lstrip("/"))
+        assembler = _assembler(root, scopes)
+        for pids in [cgroups.pids_in_subtree(p) for p in cgroup_dirs] + [
+            _descendants(p) for p, _ in pid_scopes
+        ]:
+            for p in pids:
+                assembler.procs.seed_from_proc(p)
+        pipeline = Pipeline(probes, assembler, _sinks(args))
+        stop = asyncio.Event()
+        _install_stop(stop)
+        what = ", ".join(s.name for s in scopes)
+        print(f"sandtrace: watching {what}; Ctrl-C or SIGTERM stops", file=sys.stderr)
+        totals = await pipeline.run(stop)
+        _print_totals(totals)
+        return 0
+    finally:
+        probes.close()
+
+
+def _cgroup_of(pid: int) -> str:
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        if line.startswith("0::"):
+            return line[3:]
+    return "/"
+
+
+def _descendants(pid: int) -> set[int]:
+    """pid and every live descendant, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        if p not in out:
+            out.add(p)
+            todo.extend(children.get(p, []))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    from probes.kernel import KernelSupportError  # noqa: PLC0415
+    from probes.loader import ProbeError  # noqa: PLC0415
+
+    try:
+        if args.command == "run":
+            return asyncio.run(_run(args))
+        return asyncio.run(_watch(args))
+    except (KernelSupportError, ProbeError, cgroups.CgroupError) as exc:
+        print(f"sandtrace: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

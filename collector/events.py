@@ -1,0 +1,243 @@
+"""sandtrace's typed events: one definition, one versioned msgpack encoding.
+
+Everything a traced process controls (argv, paths, comm, cgroup names) is kept as it came,
+as bytes where it may not be text. Renderers escape it; nothing here interprets it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+
+WIRE_VERSION = 1
+"""Version of the msgpack encoding of events. Bump on any incompatible change."""
+
+
+class WireVersionError(ValueError):
+    """An encoded event carries a wire version this build cannot read."""
+
+
+@dataclass(slots=True)
+class Process:
+    """Who did it: the process context carried by every event."""
+
+    pid: int  # thread-group id as the host sees it
+    tid: int
+    ns_pid: int  # pid inside the process's own pid namespace
+    ppid: int
+    uid: int
+    gid: int
+    comm: bytes
+    start_ns: int  # boot-relative start time of the process (with pid: unique key)
+    key: str  # unique across pid reuse: "<pid>@<start_ns>"
+    exe: bytes = b""  # absolute path of the executable, when known
+    user: str = ""  # user name for uid, when the host knows it
+    group: str = ""
+    ancestry: list[AncestorRef] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class AncestorRef:
+    """One ancestor of the acting process, nearest first."""
+
+    pid: int
+    key: str
+    exe: bytes
+    argv: list[bytes]
+
+
+@dataclass(slots=True)
+class Event:
+    """Fields common to every event."""
+
+    kind: ClassVar[str] = "event"
+
+    time_ns: int  # wall clock, nanoseconds since the epoch
+    mono_ns: int  # CLOCK_MONOTONIC at the event (for latency measurement)
+    host: str
+    sandbox: str  # sandbox id
+    cgroup_id: int
+    cgroup_path: str
+    container_id: str
+    process: Process
+
+
+@dataclass(slots=True)
+class ExecEvent(Event):
+    kind: ClassVar[str] = "exec"
+
+    argv: list[bytes] = field(default_factory=list)
+    argv_truncated: bool = False
+    argv_size: int = 0  # bytes of argv the process really has
+    cwd: bytes = b""
+    filename: bytes = b""  # the name given to execve, as given
+    exe_inode: int = 0
+    fileless: bool = False  # executable is a memfd
+    deleted: bool = False  # executable file has no links
+    path_truncated: bool = False  # exe or cwd path too deep or long to read whole
+    parent_exe: bytes = b""
+    parent_argv: list[bytes] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ForkEvent(Event):
+    kind: ClassVar[str] = "fork"
+
+    child_pid: int = 0
+    child_key: str = ""
+
+
+@dataclass(slots=True)
+class ExitEvent(Event):
+    kind: ClassVar[str] = "exit"
+
+    exit_code: int = 0  # 0-255 when the process exited normally
+    signal: int = 0  # the signal that killed it, 0 if none
+    core_dumped: bool = False
+
+
+@dataclass(slots=True)
+class ConnectEvent(Event):
+    kind: ClassVar[str] = "connect"
+
+    protocol: str = ""  # "tcp", "udp", or "ip/<n>"
+    family: str = ""  # "ipv4" | "ipv6"
+    daddr: str = ""
+    dport: int = 0
+    saddr: str = ""
+    sport: int = 0
+    # success | in_progress | pending | error: see README, "connect outcomes"
+    outcome: str = ""
+    errno: int = 0
+    errno_name: str = ""
+    nonblocking: bool = False
+
+
+@dataclass(slots=True)
+class BindEvent(Event):
+    kind: ClassVar[str] = "bind"
+
+    protocol: str = ""
+    family: str = ""
+    addr: str = ""
+    port: int = 0  # the bound port (the kernel's choice when 0 was asked)
+    requested_addr: str = ""
+    requested_port: int = 0
+    outcome: str = ""  # success | error
+
+
+@dataclass(slots=True)
+class ListenEvent(Event):
+    kind: ClassVar[str] = "listen"
+
+    protocol: str = "tcp"
+    family: str = ""
+    addr: str = ""
+    port: int = 0
+
+
+@dataclass(slots=True)
+class SocketEvent(Event):
+    """A socket a traced process already held when tracing started (from sock_diag)."""
+
+    kind: ClassVar[str] = "socket"
+
+    protocol: str = ""
+    family: str = ""
+    state: str = ""  # "listen" | "established" | ...
+    laddr: str = ""
+    lport: int = 0
+    raddr: str = ""
+    rport: int = 0
+
+
+@dataclass(slots=True)
+class CgroupMoveEvent(Event):
+    kind: ClassVar[str] = "cgroup_move"
+
+    target_pid: int = 0
+    dst_cgroup_id: int = 0
+    dst_cgroup_path: str = ""
+    left_sandbox: bool = False  # the destination lies outside every traced cgroup
+
+
+@dataclass(slots=True)
+class LostEvent:
+    """Records that could not be delivered since the previous LostEvent, by cause."""
+
+    kind: ClassVar[str] = "lost"
+
+    time_ns: int
+    host: str
+    kernel: dict[str, int]  # ring buffer full, per record kind
+    user: int  # dropped in user space (queue full)
+    errors: dict[str, int]  # kernel map updates that failed
+
+
+AnyEvent = (
+    ExecEvent
+    | ForkEvent
+    | ExitEvent
+    | ConnectEvent
+    | BindEvent
+    | ListenEvent
+    | SocketEvent
+    | CgroupMoveEvent
+    | LostEvent
+)
+
+EVENT_TYPES: dict[str, type[Any]] = {
+    t.kind: t
+    for t in (
+        ExecEvent,
+        ForkEvent,
+        ExitEvent,
+        ConnectEvent,
+        BindEvent,
+        ListenEvent,
+        SocketEvent,
+        CgroupMoveEvent,
+        LostEvent,
+    )
+}
+
+
+def to_dict(event: AnyEvent) -> dict[str, Any]:
+    """Plain dict of an event, bytes kept as bytes, with its kind."""
+    d = dataclasses.asdict(event)
+    d["kind"] = event.kind
+    return d
+
+
+def encode(event: AnyEvent) -> bytes:
+    """msgpack of one event, tagged with the wire version."""
+    d = to_dict(event)
+    d["v"] = WIRE_VERSION
+    return msgpack.packb(d, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def _process_from(d: dict[str, Any]) -> Process:
+    ancestry = [AncestorRef(**a) for a in d.pop("ancestry", [])]
+    return Process(**d, ancestry=ancestry)
+
+
+def decode(data: bytes) -> AnyEvent:
+    """Inverse of encode(); raises WireVersionError or ValueError on what it cannot read."""
+    d = msgpack.unpackb(data, raw=False)
+    if not isinstance(d, dict):
+        raise ValueError("encoded event is not a map")
+    version = d.pop("v", None)
+    if version != WIRE_VERSION:
+        raise WireVersionError(
+            f"event wire version {version!r} is not supported (this build reads {WIRE_VERSION})"
+        )
+    kind = d.pop("kind", None)
+    cls = EVENT_TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ValueError(f"unknown event kind {kind!r}")
+    if "process" in d:
+        d["process"] = _process_from(d["process"])
+    return cls(**d)  # type: ignore[no-any-return]

@@ -1,0 +1,184 @@
+"""The asyncio side of the collector: records from the probes' reader thread, through the
+assembler, to every sink; loss checked and reported as it happens and in the totals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import IO, Protocol
+
+import structlog
+
+from collector import records as R
+from collector.assemble import Assembler
+from collector.events import AnyEvent, LostEvent
+from collector.render import TextRenderer, json_line
+
+log = structlog.get_logger("sandtrace.collector")
+
+
+class RecordSource(Protocol):
+    """What the pipeline needs of the probes (probes.loader.Probes, or a test's fake)."""
+
+    def start(self, wake: object) -> None: ...
+    def drain_now(self) -> None: ...
+    def losses(self) -> object: ...
+    @property
+    def queue(self) -> object: ...
+
+
+class Sink(Protocol):
+    def emit(self, event: AnyEvent) -> None: ...
+    def close(self) -> None: ...
+
+
+class TerminalSink:
+    def __init__(self, stream: IO[str], renderer: TextRenderer | None, json: bool) -> None:
+        self.stream = stream
+        self.renderer = renderer
+        self.json = json
+        if renderer is not None and not json:
+            stream.write(renderer.header() + "\n")
+
+    def emit(self, event: AnyEvent) -> None:
+        if self.json or self.renderer is None:
+            self.stream.write(json_line(event) + "\n")
+        else:
+            self.stream.write(self.renderer.line(event) + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.flush()
+
+
+class JsonFileSink:
+    def __init__(self, path: str) -> None:
+        self._f = open(path, "a", encoding="ascii")  # noqa: SIM115 - closed in close()
+
+    def emit(self, event: AnyEvent) -> None:
+        self._f.write(json_line(event) + "\n")
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class CallbackSink:
+    """Hands each event to a function (used by tests and embedding code)."""
+
+    def __init__(self, fn: object) -> None:
+        self._fn = fn
+
+    def emit(self, event: AnyEvent) -> None:
+        self._fn(event)  # type: ignore[operator]
+
+    def close(self) -> None:
+        return None
+
+
+@dataclass(slots=True)
+class Totals:
+    events: Counter[str] = field(default_factory=Counter)
+    lost_kernel: int = 0
+    lost_user: int = 0
+    decode_errors: int = 0
+    map_errors: int = 0
+
+
+class Pipeline:
+    def __init__(
+        self,
+        probes: object,
+        assembler: Assembler,
+        sinks: list[Sink],
+        loss_interval: float = 1.0,
+    ) -> None:
+        self.probes = probes
+        self.assembler = assembler
+        self.sinks = sinks
+        self.loss_interval = loss_interval
+        self.totals = Totals()
+        self._wake = asyncio.Event()
+        self._reported_kernel: Counter[int] = Counter()
+        self._reported_user = 0
+        self._reported_errors: Counter[int] = Counter()
+
+    def _emit(self, event: AnyEvent) -> None:
+        self.totals.events[event.kind] += 1
+        for sink in self.sinks:
+            sink.emit(event)
+
+    def _process_batches(self) -> None:
+        for batch in self.probes.queue.drain():  # type: ignore[attr-defined]
+            for buf in batch:
+                try:
+                    rec = R.decode_record(buf)
+                    events = self.assembler.feed(rec)
+                except R.RecordError as exc:
+                    self.totals.decode_errors += 1
+                    log.warning("undecodable record", error=str(exc), size=len(buf))
+                    continue
+                for ev in events:
+                    self._emit(ev)
+
+    def check_losses(self) -> None:
+        """Emit a LostEvent for whatever was lost since the last check."""
+        now = self.probes.losses()  # type: ignore[attr-defined]
+        kernel = Counter(now.kernel)
+        errors = Counter(now.errors)
+        dk = kernel - self._reported_kernel
+        de = errors - self._reported_errors
+        du = now.user - self._reported_user
+        if not dk and not de and du <= 0:
+            return
+        self._reported_kernel, self._reported_errors, self._reported_user = kernel, errors, now.user
+        self.totals.lost_kernel += sum(dk.values())
+        self.totals.lost_user += max(du, 0)
+        self.totals.map_errors += sum(de.values())
+        self._emit(
+            LostEvent(
+                time_ns=time.time_ns(),
+                host=self.assembler.host,
+                kernel={R.RECORD_NAMES.get(k, "unknown"): v for k, v in dk.items()},
+                user=max(du, 0),
+                errors={R.ERROR_NAMES.get(k, str(k)): v for k, v in de.items()},
+            )
+        )
+
+    async def run(self, stop: asyncio.Event) -> Totals:
+        loop = asyncio.get_running_loop()
+        self.probes.start(lambda: loop.call_soon_threadsafe(self._wake.set))  # type: ignore[attr-defined]
+        next_loss = time.monotonic() + self.loss_interval
+        stop_wait = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                wake_wait = asyncio.ensure_future(self._wake.wait())
+                await asyncio.wait({wake_wait, stop_wait}, timeout=0.1,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                wake_wait.cancel()
+                self._wake.clear()
+                self._process_batches()
+                for ev in self.assembler.expire():
+                    self._emit(ev)
+                if time.monotonic() >= next_loss:
+                    self.check_losses()
+                    next_loss = time.monotonic() + self.loss_interval
+        finally:
+            stop_wait.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stop_wait
+        await self.finish()
+        return self.totals
+
+    async def finish(self) -> None:
+        """Everything the kernel wrote is read, assembled and emitted before this returns."""
+        await asyncio.to_thread(self.probes.drain_now)  # type: ignore[attr-defined]
+        self._process_batches()
+        for ev in self.assembler.flush_all():
+            self._emit(ev)
+        self.check_losses()
+        for sink in self.sinks:
+            sink.close()

@@ -1,0 +1,424 @@
+"""Turn typed events into text for a terminal and JSON lines for machines.
+
+Everything a traced process controls (argv, paths, comm, cgroup names) is untrusted: it goes
+through escape() before it reaches a terminal, so no process can write ESC, a control
+sequence, or a bidi override into an operator's terminal. Printable ASCII passes except the
+backslash (shown as ``\\\\``); ``\\n`` ``\\t`` ``\\r`` keep their C names; other C0 controls,
+DEL, C1 controls and bytes that are not valid UTF-8 become ``\\xNN``; printable non-ASCII
+text passes; format and bidi controls, line and paragraph separators, non-ASCII spaces and
+anything else str.isprintable() rejects become ``\\u{XXXX}`` (lowercase hex). A str that
+carries surrogate escapes (U+DC80..U+DCFF, from decoding with "surrogateescape") is shown
+as the bytes they stand for. The text output is for people: it is not reversible.
+
+Widths are terminal columns. A character counts one column, or two when Unicode calls it
+wide (East Asian W/F); zero-width marks are counted as one, so a string never takes more
+columns, nor more characters, than its budget. Truncation ends with "…" and never cuts an
+escape such as ``\\x1b`` in half.
+
+JSON lines (json_line) are lossless for bytes: every bytes field of an event (see
+collector/events.py) is decoded with ``bytes.decode("utf-8", "surrogateescape")`` and the
+object is dumped with ``ensure_ascii=True``, so valid UTF-8 reads as text, each invalid byte
+0xNN appears as the escape ``\\udcNN``, and no raw control character or newline appears in
+a line. A reader gets the original bytes back with bytes_from_json(), which is
+``s.encode("utf-8", "surrogateescape")`` (in Python, json.loads keeps lone surrogates).
+Fields that are str in events.py are dumped as they are; read them as text.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import unicodedata
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, tzinfo
+from typing import Any
+
+from collector.events import (
+    AnyEvent,
+    BindEvent,
+    CgroupMoveEvent,
+    ConnectEvent,
+    Event,
+    ExecEvent,
+    ExitEvent,
+    ForkEvent,
+    ListenEvent,
+    LostEvent,
+    SocketEvent,
+    to_dict,
+)
+
+ELLIPSIS = "…"
+
+_C_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+# Characters an argument may hold and still be shown without quotes (as shlex.quote, plus
+# Unicode letters and digits). Anything else, escapes included, gets the argument quoted.
+_UNSAFE_IN_ARG = re.compile(r"[^\w@%+=:,./-]")
+
+_TIME_WIDTH = 12  # HH:MM:SS.mmm
+_HOST_WIDTH = 12
+_KIND_WIDTH = 7  # "connect"
+_PID_WIDTH = 7  # pid_max is at most 4194304
+_COMM_WIDTH = 16
+
+# Short names for the kind column; a kind not listed is shown as it is (escaped).
+_KIND_LABELS = {"cgroup_move": "move"}
+
+# SGR parameters. Only TextRenderer(color=True) ever emits them.
+_KIND_STYLES = {
+    "exec": "32",  # green
+    "fork": "2",  # dim
+    "exit": "2",
+    "connect": "36",  # cyan
+    "bind": "33",  # yellow
+    "listen": "33",
+    "socket": "34",  # blue
+    "cgroup_move": "35",  # magenta
+    "lost": "1;31",  # bold red
+}
+_MARKER_STYLE = "1;33"  # bold yellow: [memfd], [deleted], left sandbox
+_ERROR_STYLE = "31"
+_HEADER_STYLE = "1"
+
+# The order of kinds in the totals line; kinds not listed follow, sorted.
+_TOTALS_ORDER = (
+    "exec",
+    "fork",
+    "exit",
+    "connect",
+    "bind",
+    "listen",
+    "socket",
+    "cgroup_move",
+)
+
+
+# --- escaping ------------------------------------------------------------------------------
+
+
+def _escape_char(ch: str) -> str:
+    cp = ord(ch)
+    if 0x20 <= cp < 0x7F:
+        return "\\\\" if ch == "\\" else ch
+    if ch in _C_ESCAPES:
+        return _C_ESCAPES[ch]
+    if cp < 0x20 or 0x7F <= cp <= 0x9F:  # C0, DEL, C1
+        return f"\\x{cp:02x}"
+    if 0xDC80 <= cp <= 0xDCFF:  # a byte that was not valid UTF-8 (surrogateescape)
+        return f"\\x{cp - 0xDC00:02x}"
+    # isprintable() is False for Cc, Cf (bidi controls, ZWSP, BOM), Cs, Co, Cn, Zl, Zp and
+    # every Zs but the ASCII space, which is exactly what must not reach a terminal raw.
+    if ch.isprintable():
+        return ch
+    return f"\\u{{{cp:04x}}}"
+
+
+def _atoms(value: bytes | str) -> list[str]:
+    """Escaped pieces of value, each indivisible when truncating (a char or an escape)."""
+    text = value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
+    return [_escape_char(ch) for ch in text]
+
+
+def _columns(atom: str) -> int:
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in atom)
+
+
+def _fit(atoms: Sequence[str], limit: int) -> tuple[list[str], bool]:
+    """The atoms that fit in limit columns, ending with … when some had to go."""
+    if limit < 0:
+        raise ValueError(f"width limit must not be negative, not {limit}")
+    widths = [_columns(a) for a in atoms]
+    if sum(widths) <= limit:
+        return list(atoms), False
+    if limit == 0:
+        return [], True
+    kept: list[str] = []
+    used = 0
+    for atom, width in zip(atoms, widths, strict=True):
+        if used + width > limit - 1:
+            break
+        kept.append(atom)
+        used += width
+    kept.append(ELLIPSIS)
+    return kept, True
+
+
+def escape(value: bytes | str, limit: int | None = None) -> str:
+    """Untrusted bytes or text made safe to print on a terminal (see the module docstring).
+
+    With limit, the result takes at most that many columns, ending with … when cut.
+    """
+    atoms = _atoms(value)
+    if limit is not None:
+        atoms, _ = _fit(atoms, limit)
+    return "".join(atoms)
+
+
+def _quoted_atoms(arg: bytes | str) -> list[str]:
+    atoms = _atoms(arg)
+    if atoms and not _UNSAFE_IN_ARG.search("".join(atoms)):
+        return atoms
+    # Inside the quotes a quote shows as \' ; since a real backslash shows as \\ this cannot
+    # be mistaken for anything else.
+    return ["'", *("\\'" if a == "'" else a for a in atoms), "'"]
+
+
+def _argv_atoms(argv: Iterable[bytes | str]) -> list[str]:
+    atoms: list[str] = []
+    for i, arg in enumerate(argv):
+        if i:
+            atoms.append(" ")
+        atoms.extend(_quoted_atoms(arg))
+    return atoms
+
+
+def format_argv(argv: list[bytes]) -> str:
+    """argv for display, shell-like: each argument escaped, and single-quoted when it is
+    empty or holds spaces, quotes or shell metacharacters (an empty argument shows as '')."""
+    return "".join(_argv_atoms(argv))
+
+
+# --- terminal lines ------------------------------------------------------------------------
+
+# A line is built as segments (SGR style or "", indivisible atoms), so it can be cut to the
+# width by columns first and coloured afterwards: colour codes never count, never get cut.
+_Segment = tuple[str, list[str]]
+
+
+def _plain(text: str, style: str = "") -> _Segment:
+    return (style, list(text))
+
+
+def _padded(atoms: list[str], width: int) -> list[str]:
+    return atoms + [" "] * (width - sum(_columns(a) for a in atoms))
+
+
+def _cell(value: bytes | str, width: int) -> list[str]:
+    """value escaped, cut and padded to exactly width columns."""
+    atoms, _ = _fit(_atoms(value), width)
+    return _padded(atoms, width)
+
+
+def _host_port(addr: str, port: int) -> list[str]:
+    atoms = _atoms(addr)
+    if ":" in addr:
+        atoms = ["[", *atoms, "]"]
+    return [*atoms, *f":{port}"]
+
+
+def _signal_name(signo: int) -> str:
+    try:
+        return signal.Signals(signo).name
+    except ValueError:
+        return "?"
+
+
+class TextRenderer:
+    """One line per event for a terminal, at most width columns (colour codes not counted).
+
+    Columns: time (local, or tz), [host,] kind, pid, comm, then the detail of the event,
+    which is the field cut with … when the line is too long.
+    """
+
+    def __init__(
+        self,
+        color: bool,
+        width: int = 80,
+        show_host: bool = False,
+        *,
+        tz: tzinfo | None = None,
+    ) -> None:
+        if width < 1:
+            raise ValueError(f"line width must be at least 1, not {width}")
+        self.color = color
+        self.width = width
+        self.show_host = show_host
+        self.tz = tz  # None: the local time zone
+
+    def header(self) -> str:
+        """The column header line."""
+        fields = [f"{'TIME':<{_TIME_WIDTH}}"]
+        if self.show_host:
+            fields.append(f"{'HOST':<{_HOST_WIDTH}}")
+        fields += [
+            f"{'KIND':<{_KIND_WIDTH}}",
+            f"{'PID':<{_PID_WIDTH}}",
+            f"{'COMM':<{_COMM_WIDTH}}",
+            "DETAIL",
+        ]
+        return self._finish([_plain(" ".join(fields), _HEADER_STYLE)])
+
+    def line(self, event: AnyEvent) -> str:
+        """The one line that shows event."""
+        style = _KIND_STYLES.get(event.kind, "")
+        segments: list[_Segment] = [_plain(self._time(event.time_ns) + " ")]
+        if self.show_host:
+            segments.append(("", [*_cell(event.host, _HOST_WIDTH), " "]))
+        kind = _KIND_LABELS.get(event.kind, event.kind)
+        segments.append((style, _cell(kind, _KIND_WIDTH)))
+        if isinstance(event, LostEvent):
+            segments.append(_plain(" " * (_PID_WIDTH + _COMM_WIDTH + 3)))
+            segments.append(_plain(_lost_detail(event), style))
+            return self._finish(segments)
+        segments.append(_plain(f" {event.process.pid:<{_PID_WIDTH}} "))
+        segments.append(("", [*_cell(event.process.comm, _COMM_WIDTH), " "]))
+        segments += _detail(event)
+        return self._finish(segments)
+
+    def _time(self, time_ns: int) -> str:
+        seconds, ns = divmod(time_ns, 1_000_000_000)
+        try:
+            hms = datetime.fromtimestamp(seconds, self.tz).strftime("%H:%M:%S")
+        except (OverflowError, OSError, ValueError):
+            return "??:??:??.???"
+        return f"{hms}.{ns // 1_000_000:03d}"
+
+    def _finish(self, segments: list[_Segment]) -> str:
+        """Cut to the width (by columns, at atom boundaries) and colour."""
+        flat = [(style, atom) for style, atoms in segments for atom in atoms]
+        while flat and flat[-1][1] == " ":  # no trailing padding
+            flat.pop()
+        kept, cut = _fit([atom for _, atom in flat], self.width)
+        if cut:
+            ellipsis_style = flat[len(kept) - 1][0]  # style of the atom the … replaces
+            styled = [*flat[: len(kept) - 1], (ellipsis_style, ELLIPSIS)]
+        else:
+            styled = flat
+        out: list[str] = []
+        current = ""
+        for style, atom in styled:
+            if self.color and style != current:
+                out.append("\x1b[0m" if current else "")
+                out.append(f"\x1b[{style}m" if style else "")
+                current = style
+            out.append(atom)
+        if self.color and current:
+            out.append("\x1b[0m")
+        return "".join(out)
+
+
+def _detail(event: Event) -> list[_Segment]:
+    if isinstance(event, ExecEvent):
+        return _exec_detail(event)
+    if isinstance(event, ConnectEvent):
+        return _connect_detail(event)
+    if isinstance(event, BindEvent):
+        atoms = _atoms(event.protocol) + [" "]
+        addr = event.addr or event.requested_addr
+        if event.requested_port == 0 and event.port:
+            atoms += [*_host_port(addr, 0), *f"->:{event.port}"]
+        else:
+            atoms += _host_port(addr, event.port or event.requested_port)
+        segments: list[_Segment] = [("", atoms)]
+        if event.outcome and event.outcome != "success":
+            segments.append(("", [" "]))
+            segments.append((_ERROR_STYLE, _atoms(event.outcome)))
+        return segments
+    if isinstance(event, ListenEvent):
+        atoms = [*_atoms(event.protocol), " ", *_host_port(event.addr, event.port), *" LISTEN"]
+        return [("", atoms)]
+    if isinstance(event, SocketEvent):
+        atoms = [*_atoms(event.protocol), " ", *_host_port(event.laddr, event.lport)]
+        if event.raddr and event.rport:
+            atoms += [*" -> ", *_host_port(event.raddr, event.rport)]
+        if event.state:
+            atoms += [" ", *_atoms(event.state)]
+        return [("", atoms)]
+    if isinstance(event, ExitEvent):
+        if event.signal:
+            text = f"signal {event.signal} ({_signal_name(event.signal)})"
+        else:
+            text = f"code {event.exit_code}"
+        if event.core_dumped:
+            text += " core dumped"
+        return [_plain(text)]
+    if isinstance(event, ForkEvent):
+        return [_plain(f"child {event.child_pid}")]
+    if isinstance(event, CgroupMoveEvent):
+        atoms = []
+        if event.target_pid and event.target_pid != event.process.pid:
+            atoms += [*f"{event.target_pid} "]
+        atoms += ["-", ">", " ", *_atoms(event.dst_cgroup_path)]
+        segments = [("", atoms)]
+        if event.left_sandbox:
+            segments.append(("", [" "]))
+            segments.append(_plain("left sandbox", _MARKER_STYLE))
+        return segments
+    return [("", _atoms(event.kind))]
+
+
+def _exec_detail(event: ExecEvent) -> list[_Segment]:
+    # The markers go first: they matter most and a long path or argv must not push them out.
+    markers = [
+        name
+        for name, present in (
+            ("[memfd]", event.fileless),
+            ("[deleted]", event.deleted),
+            ("[path truncated]", event.path_truncated),
+        )
+        if present
+    ]
+    segments: list[_Segment] = [_plain(f"{m} ", _MARKER_STYLE) for m in markers]
+    exe = event.process.exe or event.filename or (event.argv[0] if event.argv else b"")
+    segments.append(("", _argv_atoms([exe, *event.argv[1:]])))
+    if event.argv_truncated:
+        segments.append(_plain(" [truncated]", _MARKER_STYLE))
+    return segments
+
+
+def _connect_detail(event: ConnectEvent) -> list[_Segment]:
+    atoms = [*_atoms(event.protocol), " ", *_host_port(event.daddr, event.dport)]
+    segments: list[_Segment] = [("", atoms)]
+    if event.outcome:
+        style = _ERROR_STYLE if event.outcome == "error" else ""
+        segments.append(("", [" "]))
+        segments.append((style, _atoms(event.outcome)))
+    if event.errno:
+        segments.append(("", [" "]))
+        name = event.errno_name or f"errno {event.errno}"
+        segments.append((_ERROR_STYLE, _atoms(name)))
+    return segments
+
+
+def _counts(counts: Mapping[str, int], order: Sequence[str] = ()) -> str:
+    keys = [k for k in order if k in counts] + sorted(k for k in counts if k not in order)
+    return " ".join(f"{escape(k)}={counts[k]}" for k in keys)
+
+
+def _lost_detail(event: LostEvent) -> str:
+    text = f"LOST kernel={sum(event.kernel.values())} user={event.user}"
+    if event.kernel:
+        text += f" ({_counts(event.kernel, _TOTALS_ORDER)})"
+    if event.errors:
+        text += f" errors: {_counts(event.errors)}"
+    return text
+
+
+def totals_line(counts: dict[str, int], lost_kernel: int, lost_user: int) -> str:
+    """The end-of-run totals, e.g. "events: exec=3 connect=2 lost: kernel=0 user=0"."""
+    events = _counts(counts, _TOTALS_ORDER) or "none"
+    return f"events: {events} lost: kernel={lost_kernel} user={lost_user}"
+
+
+# --- JSON lines ----------------------------------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def json_line(event: AnyEvent) -> str:
+    """One JSON object, on one line without its newline; ASCII only (see module docstring)."""
+    return json.dumps(_jsonable(to_dict(event)), ensure_ascii=True, separators=(",", ":"))
+
+
+def bytes_from_json(s: str) -> bytes:
+    """The original bytes of a bytes field read back from a json_line() object."""
+    return s.encode("utf-8", "surrogateescape")

@@ -1,0 +1,111 @@
+"""What the running kernel offers, checked before anything is loaded.
+
+Each check that fails names what is missing and the command that fixes it. Where a fallback
+exists (perf buffer instead of ring buffer, mounting tracefs ourselves) it is used and said.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TRACEFS = Path("/sys/kernel/tracing")
+
+
+class KernelSupportError(RuntimeError):
+    """The kernel or host lacks something sandtrace needs; the message says how to fix it."""
+
+
+@dataclass(slots=True)
+class KernelFeatures:
+    release: str
+    ring_buffer: bool
+    exit_group_dead: bool
+    notes: list[str] = field(default_factory=list)  # fallbacks chosen, said at startup
+
+
+def kernel_version(release: str) -> tuple[int, int]:
+    m = re.match(r"(\d+)\.(\d+)", release)
+    if not m:
+        return (0, 0)
+    return int(m.group(1)), int(m.group(2))
+
+
+def ensure_tracefs(notes: list[str]) -> None:
+    if (TRACEFS / "events").is_dir():
+        return
+    try:
+        subprocess.run(
+            ["mount", "-t", "tracefs", "tracefs", str(TRACEFS)],
+            check=True,
+            capture_output=True,
+        )
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise KernelSupportError(
+            f"tracefs is not mounted at {TRACEFS} and mounting it failed ({exc}); "
+            f"run: sudo mount -t tracefs tracefs {TRACEFS}"
+        ) from None
+    notes.append(f"mounted tracefs at {TRACEFS}")
+
+
+def tracepoint_has_field(category: str, event: str, name: str) -> bool:
+    fmt = TRACEFS / "events" / category / event / "format"
+    try:
+        text = fmt.read_text()
+    except OSError:
+        return False
+    return re.search(rf"\bfield:[^;]*\b{re.escape(name)};", text) is not None
+
+
+def check(require_root: bool = True) -> KernelFeatures:
+    """Check the host; raise KernelSupportError naming the first thing missing."""
+    notes: list[str] = []
+    if require_root and os.geteuid() != 0:
+        raise KernelSupportError(
+            "sandtrace loads eBPF programs and needs root (CAP_BPF, CAP_PERFMON, "
+            "CAP_SYS_ADMIN): run it with sudo"
+        )
+    release = platform.release()
+    if not Path("/sys/kernel/btf/vmlinux").exists():
+        raise KernelSupportError(
+            "/sys/kernel/btf/vmlinux is missing: this kernel has no BTF "
+            "(CONFIG_DEBUG_INFO_BTF=y), which sandtrace needs to read struct offsets; "
+            "use a distribution kernel built with BTF"
+        )
+    build = Path("/lib/modules") / release / "build"
+    if not build.exists():
+        raise KernelSupportError(
+            f"{build} is missing: BCC compiles the probes against kernel headers; "
+            "run: sudo make setup (installs headers, or links the nearest ones)"
+        )
+    ensure_tracefs(notes)
+    for category, event in (
+        ("sched", "sched_process_exec"),
+        ("sched", "sched_process_exit"),
+        ("sock", "inet_sock_set_state"),
+        ("cgroup", "cgroup_attach_task"),
+    ):
+        if not (TRACEFS / "events" / category / event).is_dir():
+            raise KernelSupportError(
+                f"tracepoint {category}:{event} is missing from this kernel; sandtrace needs it"
+            )
+    ring = kernel_version(release) >= (5, 8)
+    if not ring:
+        notes.append("kernel before 5.8 has no BPF ring buffer: using the perf buffer")
+    group_dead = tracepoint_has_field("sched", "sched_process_exit", "group_dead")
+    if not group_dead:
+        notes.append("sched_process_exit has no group_dead: process exit taken at leader exit")
+    return KernelFeatures(release, ring, group_dead, notes)
+
+
+def possible_cpus() -> int:
+    """Number of possible CPUs (ids 0..n-1), for per-CPU buffers indexed by CPU id."""
+    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    last = 0
+    for part in text.split(","):
+        last = max(last, int(part.split("-")[-1]))
+    return last + 1

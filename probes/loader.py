@@ -1,0 +1,299 @@
+"""Load sandtrace's eBPF programs with BCC, attach them, and read their records.
+
+This is the only module that imports ``bcc``, and it does so lazily inside ``Probes``, so
+everything else imports and tests on machines without BCC or root.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from probes import kernel
+from probes.btf import BTF, kernel_offsets
+
+log = structlog.get_logger("sandtrace.probes")
+
+BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+MAIN_SOURCE = "sandtrace.bpf.c"
+
+# bpf_attach_type values (uapi/linux/bpf.h)
+_ATTACH = {
+    "connect4": 10,
+    "connect6": 11,
+    "bind4": 8,
+    "bind6": 9,
+    "post_bind4": 12,
+    "post_bind6": 13,
+}
+_PROG_TYPE_CGROUP_SOCK = 9
+_PROG_TYPE_CGROUP_SOCK_ADDR = 18
+_BPF_F_ALLOW_MULTI = 2
+NR_RECORD_TYPES = 8
+NR_ERRORS = 4
+
+
+class ProbeError(RuntimeError):
+    """Loading or attaching a probe failed; the message says what to do."""
+
+
+def build_source(bpf_dir: Path = BPF_DIR) -> str:
+    """The single compilation unit: sandtrace.bpf.c with its local includes inlined.
+
+    BCC rewrites map calls and generates tracepoint argument structs only in the main source
+    text, not in included files, so our own headers and hook files are inlined here. Only
+    files from bpf/ are read; nothing from outside reaches the C source.
+    """
+    seen: set[Path] = set()
+
+    def inline(name: str) -> str:
+        for d in (bpf_dir, bpf_dir / "include"):
+            path = d / name
+            if path.is_file():
+                break
+        else:
+            raise ProbeError(f"bpf source {name} not found under {bpf_dir}")
+        if path in seen:
+            return ""
+        seen.add(path)
+        return re.sub(
+            r'^#include "([\w.]+)"[ \t]*$',
+            lambda m: inline(m.group(1)),
+            path.read_text(),
+            flags=re.MULTILINE,
+        )
+
+    return inline(MAIN_SOURCE)
+
+
+@dataclass(slots=True)
+class ProbeConfig:
+    ring_pages: int = 1024  # ring buffer size in pages (a power of two); 4 MiB by default
+    trace_all: bool = False
+    perf_buffer: bool = False  # force the perf buffer even where the ring buffer exists
+    queue_capacity: int = 1 << 20  # records waiting for the event loop before drops
+
+
+@dataclass(slots=True)
+class LossCounters:
+    kernel: dict[int, int] = field(default_factory=dict)  # per record type
+    user: int = 0
+    errors: dict[int, int] = field(default_factory=dict)
+
+
+class RecordQueue:
+    """Hand-off from the poll thread to the event loop: bounded, every drop counted."""
+
+    def __init__(self, capacity: int) -> None:
+        self._batches: deque[list[bytes]] = deque()
+        self._lock = threading.Lock()
+        self._pending = 0
+        self.capacity = capacity
+        self.dropped = 0
+
+    def put(self, batch: list[bytes]) -> bool:
+        """Queue a batch; returns True when the queue was empty before (wake the reader)."""
+        with self._lock:
+            room = self.capacity - self._pending
+            if room < len(batch):
+                self.dropped += len(batch) - max(room, 0)
+                batch = batch[: max(room, 0)]
+            if not batch:
+                return False
+            was_empty = self._pending == 0
+            self._pending += len(batch)
+            self._batches.append(batch)
+            return was_empty
+
+    def drain(self) -> list[list[bytes]]:
+        with self._lock:
+            out = list(self._batches)
+            self._batches.clear()
+            self._pending = 0
+            return out
+
+
+class Probes:
+    """The loaded programs: scope maps, cgroup attachments, and the record reader."""
+
+    def __init__(self, config: ProbeConfig, features: kernel.KernelFeatures) -> None:
+        from bcc import BPF  # noqa: PLC0415 - only this module may need BCC
+
+        self.config = config
+        self.features = features
+        self.use_perf = config.perf_buffer or not features.ring_buffer
+        cflags = [f"-D{k}={v}" for k, v in kernel_offsets(BTF.from_file()).items()]
+        cflags.append(f"-DRINGBUF_PAGES={config.ring_pages}")
+        cflags.append(f"-DNR_CPUS_POSSIBLE={kernel.possible_cpus()}")
+        if features.exit_group_dead:
+            cflags.append("-DHAVE_EXIT_GROUP_DEAD")
+        if config.trace_all:
+            cflags.append("-DTRACE_ALL")
+        if self.use_perf:
+            cflags.append("-DUSE_PERF_BUFFER")
+        self._BPF = BPF
+        started = time.monotonic()
+        try:
+            self.bpf = BPF(text=build_source(), cflags=cflags)
+        except Exception as exc:
+            raise ProbeError(
+                f"compiling or loading the probes failed: {exc}; the compiler and verifier "
+                "output above says why (run `sudo make setup` if kernel headers are missing)"
+            ) from exc
+        self.compile_seconds = time.monotonic() - started
+        self._sock_fns = {
+            name: self.bpf.load_func(
+                name,
+                _PROG_TYPE_CGROUP_SOCK if name.startswith("post_") else _PROG_TYPE_CGROUP_SOCK_ADDR,
+                attach_type=attach,
+            )
+            for name, attach in _ATTACH.items()
+        }
+        self._attached: dict[Path, int] = {}  # cgroup dir -> fd
+        self.queue = RecordQueue(config.queue_capacity)
+        self._perf_lost = 0
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._closed = False
+
+    # -- scope ------------------------------------------------------------------------------
+
+    def add_sandbox_cgroup(self, cgroup_id: int, sandbox: int) -> None:
+        table = self.bpf["sandbox_cgroups"]
+        table[table.Key(cgroup_id)] = table.Leaf(sandbox)
+
+    def add_traced_pids(self, pids: Iterable[int], sandbox: int) -> None:
+        table = self.bpf["traced"]
+        for pid in pids:
+            leaf = table.Leaf()
+            leaf.sandbox = sandbox
+            table[table.Key(pid)] = leaf
+
+    def traced_pids(self) -> dict[int, int]:
+        return {k.value: v.sandbox for k, v in self.bpf["traced"].items()}
+
+    def attach_cgroup(self, cgroup_dir: Path) -> None:
+        """Attach the connect/bind hooks to a cgroup (and so to its whole subtree)."""
+        if cgroup_dir in self._attached:
+            return
+        fd = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY)
+        done: list[str] = []
+        try:
+            for name, fn in self._sock_fns.items():
+                self._BPF.attach_func(fn, fd, _ATTACH[name], _BPF_F_ALLOW_MULTI)
+                done.append(name)
+        except Exception as exc:
+            for name in done:
+                self._BPF.detach_func(self._sock_fns[name], fd, _ATTACH[name])
+            os.close(fd)
+            raise ProbeError(f"attaching socket hooks to {cgroup_dir} failed: {exc}") from exc
+        self._attached[cgroup_dir] = fd
+        log.debug("socket hooks attached", cgroup=str(cgroup_dir))
+
+    def detach_cgroup(self, cgroup_dir: Path) -> None:
+        fd = self._attached.pop(cgroup_dir, None)
+        if fd is None:
+            return
+        for name, fn in self._sock_fns.items():
+            try:
+                self._BPF.detach_func(fn, fd, _ATTACH[name])
+            except Exception as exc:  # noqa: BLE001 - a removed cgroup has nothing to detach
+                log.debug("detach failed", cgroup=str(cgroup_dir), hook=name, error=str(exc))
+        os.close(fd)
+
+    @property
+    def attached_cgroups(self) -> list[Path]:
+        return list(self._attached)
+
+    # -- counters ---------------------------------------------------------------------------
+
+    def _sum_percpu(self, name: str, n: int) -> dict[int, int]:
+        table = self.bpf[name]
+        out: dict[int, int] = {}
+        for i in range(n):
+            total = sum(int(v) for v in table[table.Key(i)])
+            if total:
+                out[i] = total
+        return out
+
+    def losses(self) -> LossCounters:
+        kernel_lost = self._sum_percpu("lost", NR_RECORD_TYPES)
+        if self._perf_lost:
+            kernel_lost[0] = kernel_lost.get(0, 0) + self._perf_lost
+        return LossCounters(kernel_lost, self.queue.dropped, self._sum_percpu("errors", NR_ERRORS))
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def start(self, wake: Callable[[], None]) -> None:
+        """Poll records in a thread of their own; call wake() when the queue becomes non-empty."""
+        batch: list[bytes] = []
+        string_at = ctypes.string_at
+
+        def on_record(_ctx: Any, data: Any, size: int) -> int:
+            batch.append(string_at(data, size))
+            return 0
+
+        def on_perf_lost(count: int) -> None:
+            self._perf_lost += count
+
+        events = self.bpf["events"]
+        if self.use_perf:
+            events.open_perf_buffer(
+                lambda cpu, data, size: on_record(None, data, size),
+                page_cnt=self.config.ring_pages,
+                lost_cb=on_perf_lost,
+            )
+            poll = self.bpf.perf_buffer_poll
+            consume: Callable[[], None] = self.bpf.perf_buffer_consume
+        else:
+            events.open_ring_buffer(on_record)
+            poll = self.bpf.ring_buffer_poll
+            consume = self.bpf.ring_buffer_consume
+
+        def flush() -> None:
+            if batch:
+                full = batch.copy()
+                batch.clear()
+                if self.queue.put(full):
+                    wake()
+
+        def run() -> None:
+            try:
+                while not self._stop.is_set():
+                    poll(100)
+                    flush()
+                consume()
+                flush()
+            except Exception:
+                log.exception("record reader failed")
+                wake()
+
+        self._thread = threading.Thread(target=run, name="sandtrace-ring", daemon=True)
+        self._thread.start()
+
+    def drain_now(self) -> None:
+        """Stop the reader after it has consumed every record the kernel has written."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def close(self) -> None:
+        """Detach everything; nothing of sandtrace stays in the kernel afterwards."""
+        if self._closed:
+            return
+        self._closed = True
+        self.drain_now()
+        for cgroup_dir in list(self._attached):
+            self.detach_cgroup(cgroup_dir)
+        self.bpf.cleanup()
