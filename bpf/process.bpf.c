@@ -49,7 +49,7 @@ static __always_inline u32 walk_path(struct exec_scratch *s, u64 path)
 		u64 off = s->cursor;
 		long n;
 
-		if (dentry == mnt_root || dentry == parent) {
+		if (dentry == mnt_root) {
 			u64 mnt_parent = rd_u64(mnt, OFF_MOUNT_MNT_PARENT);
 
 			if (mnt_parent == mnt || !mnt_parent)
@@ -66,6 +66,9 @@ static __always_inline u32 walk_path(struct exec_scratch *s, u64 path)
 		if (n <= 0)
 			return 1;
 		s->cursor = off + n;
+		/* A pseudo file (memfd, anonymous inode) is its own parent: its name is all. */
+		if (dentry == parent)
+			return 0;
 		dentry = parent;
 	}
 	return 1;

@@ -29,6 +29,7 @@ import structlog
 _log = structlog.get_logger()
 
 MOUNT_HINT = "mount it with: mount -t cgroup2 none /sys/fs/cgroup"
+_KILL_FILE = "cgroup.kill"  # kills a whole subtree at once (kernel 5.14+)
 
 
 class CgroupError(Exception):
@@ -54,7 +55,9 @@ def find_cgroup2_root(mountinfo: str | None = None) -> Path:
         try:
             mountinfo = Path("/proc/self/mountinfo").read_text(encoding="utf-8")
         except OSError as exc:
-            raise CgroupError(f"cannot read /proc/self/mountinfo ({exc}): is /proc mounted?") from exc
+            raise CgroupError(
+                f"cannot read /proc/self/mountinfo ({exc}): is /proc mounted?"
+            ) from exc
     candidates: list[tuple[str, str]] = []  # (root within the fs, mount point)
     for line in mountinfo.splitlines():
         # id parent major:minor root mount_point options [optional...] - fstype source super
@@ -77,7 +80,7 @@ def find_cgroup2_root(mountinfo: str | None = None) -> Path:
 def cgroup_id(path: Path) -> int:
     """The cgroup v2 id of the cgroup directory `path` (its inode number)."""
     try:
-        return os.stat(path).st_ino
+        return path.stat().st_ino
     except FileNotFoundError as exc:
         raise CgroupError(f"cgroup {path} does not exist") from exc
 
@@ -92,7 +95,7 @@ def _walk_cgroup_dirs(root: Path) -> dict[int, str]:
     """
     found: dict[int, str] = {}
     try:
-        found[os.stat(root).st_ino] = "/"
+        found[root.stat().st_ino] = "/"
     except OSError:
         return found
     stack: list[tuple[str, str]] = [(str(root), "")]
@@ -322,7 +325,7 @@ class SandboxCgroup:
             time.sleep(0.01)
 
     def _kill_all(self) -> None:
-        kill_file = self.path / "cgroup.kill"
+        kill_file = self.path / _KILL_FILE
         if kill_file.exists():
             with contextlib.suppress(FileNotFoundError):
                 kill_file.write_text("1", encoding="ascii")
@@ -415,6 +418,9 @@ def default_scopes(root: Path) -> list[Path]:
     scopes: set[Path] = set()
     for pattern in _DEFAULT_SCOPE_PATTERNS:
         for path in root.glob(pattern):
-            if path.is_dir() and not path.is_symlink():
-                scopes.add(path)
+            if not path.is_dir() or path.is_symlink():
+                continue
+            if "*" in pattern and not container_id_from_path(path.name):
+                continue  # e.g. libpod-conmon-<id>.scope
+            scopes.add(path)
     return sorted(scopes)

@@ -216,7 +216,7 @@ def encode(event: AnyEvent) -> bytes:
     """msgpack of one event, tagged with the wire version."""
     d = to_dict(event)
     d["v"] = WIRE_VERSION
-    return msgpack.packb(d, use_bin_type=True)  # type: ignore[no-any-return]
+    return msgpack.packb(d, use_bin_type=True)
 
 
 def _process_from(d: dict[str, Any]) -> Process:

@@ -262,7 +262,7 @@ def read_proc(pid: int, proc_root: Path = Path("/proc"), tick_ns: int = 0) -> Pr
         _log.warning("unparsable /proc stat", pid=pid)
         return None
     try:
-        exe = os.readlink(bytes(base / "exe"))
+        exe = os.fsencode((base / "exe").readlink())
     except OSError:  # kernel thread, zombie, or gone
         exe = b""
     try:

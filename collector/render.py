@@ -255,10 +255,11 @@ class TextRenderer:
         segments: list[_Segment] = [_plain(self._time(event.time_ns) + " ")]
         if self.show_host:
             segments.append(("", [*_cell(event.host, _HOST_WIDTH), " "]))
-        kind = _KIND_LABELS.get(event.kind, event.kind)
-        segments.append((style, _cell(kind, _KIND_WIDTH)))
-        if isinstance(event, LostEvent):
-            segments.append(_plain(" " * (_PID_WIDTH + _COMM_WIDTH + 3)))
+        kind, _ = _fit(_atoms(_KIND_LABELS.get(event.kind, event.kind)), _KIND_WIDTH)
+        segments.append((style, kind))  # coloured, its padding not
+        segments.append(("", _padded(kind, _KIND_WIDTH)[len(kind) :]))
+        if isinstance(event, LostEvent):  # no pid or comm: its detail takes their place
+            segments.append(_plain(" "))
             segments.append(_plain(_lost_detail(event), style))
             return self._finish(segments)
         segments.append(_plain(f" {event.process.pid:<{_PID_WIDTH}} "))
@@ -289,8 +290,10 @@ class TextRenderer:
         current = ""
         for style, atom in styled:
             if self.color and style != current:
-                out.append("\x1b[0m" if current else "")
-                out.append(f"\x1b[{style}m" if style else "")
+                if current:
+                    out.append("\x1b[0m")
+                if style:
+                    out.append(f"\x1b[{style}m")
                 current = style
             out.append(atom)
         if self.color and current:
@@ -304,7 +307,7 @@ def _detail(event: Event) -> list[_Segment]:
     if isinstance(event, ConnectEvent):
         return _connect_detail(event)
     if isinstance(event, BindEvent):
-        atoms = _atoms(event.protocol) + [" "]
+        atoms = [*_atoms(event.protocol), " "]
         addr = event.addr or event.requested_addr
         if event.requested_port == 0 and event.port:
             atoms += [*_host_port(addr, 0), *f"->:{event.port}"]

@@ -144,7 +144,7 @@ class Probes:
         self._BPF = BPF
         started = time.monotonic()
         try:
-            self.bpf = BPF(text=build_source(), cflags=cflags)
+            self.bpf = BPF(text=build_source().encode(), cflags=cflags)
         except Exception as exc:
             raise ProbeError(
                 f"compiling or loading the probes failed: {exc}; the compiler and verifier "
@@ -153,7 +153,7 @@ class Probes:
         self.compile_seconds = time.monotonic() - started
         self._sock_fns = {
             name: self.bpf.load_func(
-                name,
+                name.encode(),
                 _PROG_TYPE_CGROUP_SOCK if name.startswith("post_") else _PROG_TYPE_CGROUP_SOCK_ADDR,
                 attach_type=attach,
             )
@@ -169,18 +169,18 @@ class Probes:
     # -- scope ------------------------------------------------------------------------------
 
     def add_sandbox_cgroup(self, cgroup_id: int, sandbox: int) -> None:
-        table = self.bpf["sandbox_cgroups"]
+        table = self.bpf[b"sandbox_cgroups"]
         table[table.Key(cgroup_id)] = table.Leaf(sandbox)
 
     def add_traced_pids(self, pids: Iterable[int], sandbox: int) -> None:
-        table = self.bpf["traced"]
+        table = self.bpf[b"traced"]
         for pid in pids:
             leaf = table.Leaf()
             leaf.sandbox = sandbox
             table[table.Key(pid)] = leaf
 
     def traced_pids(self) -> dict[int, int]:
-        return {k.value: v.sandbox for k, v in self.bpf["traced"].items()}
+        return {k.value: v.sandbox for k, v in self.bpf[b"traced"].items()}
 
     def attach_cgroup(self, cgroup_dir: Path) -> None:
         """Attach the connect/bind hooks to a cgroup (and so to its whole subtree)."""
@@ -218,7 +218,7 @@ class Probes:
     # -- counters ---------------------------------------------------------------------------
 
     def _sum_percpu(self, name: str, n: int) -> dict[int, int]:
-        table = self.bpf[name]
+        table = self.bpf[name.encode()]
         out: dict[int, int] = {}
         for i in range(n):
             total = sum(int(v) for v in table[table.Key(i)])
@@ -246,7 +246,7 @@ class Probes:
         def on_perf_lost(count: int) -> None:
             self._perf_lost += count
 
-        events = self.bpf["events"]
+        events = self.bpf[b"events"]
         if self.use_perf:
             events.open_perf_buffer(
                 lambda cpu, data, size: on_record(None, data, size),

@@ -37,6 +37,7 @@ from collector.render import (
 T0 = 1_700_000_000_123_456_789  # 2023-11-14 22:13:20.123456789 UTC
 TIME = "22:13:20.123"
 SGR = re.compile(r"\x1b\[[0-9;]*m")
+UNPRINTABLE = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
 
 
 def process(comm: bytes = b"curl", exe: bytes = b"/usr/bin/curl", pid: int = 4242) -> Process:
@@ -90,9 +91,7 @@ def assert_terminal_safe(text: str) -> None:
         cp = ord(ch)
         assert cp >= 0x20, repr(text)
         assert not 0x7F <= cp <= 0x9F, repr(text)
-        assert unicodedata.category(ch) not in {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}, (
-            repr(text)
-        )
+        assert unicodedata.category(ch) not in UNPRINTABLE, repr(text)
 
 
 # --- escape ---------------------------------------------------------------------------------
@@ -164,7 +163,7 @@ def test_escape_is_always_terminal_safe(raw: bytes | str, limit: int) -> None:
     cut = escape(raw, limit)
     assert_terminal_safe(cut)
     assert columns(cut) <= limit
-    assert cut == full or cut.endswith("…")
+    assert cut == full or cut.endswith("…") or (limit == 0 and cut == "")
 
 
 # --- format_argv ----------------------------------------------------------------------------
@@ -197,9 +196,7 @@ def test_format_argv(argv: list[bytes], shown: str) -> None:
 
 
 def test_header() -> None:
-    assert renderer().header() == (
-        "TIME         KIND    PID     COMM             DETAIL"
-    )
+    assert renderer().header() == ("TIME         KIND    PID     COMM             DETAIL")
     assert renderer(show_host=True).header() == (
         "TIME         HOST         KIND    PID     COMM             DETAIL"
     )
@@ -369,7 +366,7 @@ LINES: list[tuple[AnyEvent, str]] = [
     ),
     (
         LostEvent(time_ns=T0, host="node1", kernel={}, user=0, errors={}),
-        "lost                             LOST kernel=0 user=0",
+        "lost    LOST kernel=0 user=0",
     ),
     (
         LostEvent(
@@ -379,14 +376,17 @@ LINES: list[tuple[AnyEvent, str]] = [
             user=4,
             errors={"stash": 1},
         ),
-        "lost                             LOST kernel=5 user=4 (exec=3 connect=2) errors: stash=1",
+        "lost    LOST kernel=5 user=4 (exec=3 connect=2) errors: stash=1",
     ),
 ]
 
 
 @pytest.mark.parametrize(("event", "shown"), LINES)
 def test_line(event: AnyEvent, shown: str) -> None:
-    assert renderer().line(event) == f"{TIME} {shown}"
+    full = f"{TIME} {shown}"
+    assert renderer(width=200).line(event) == full
+    # At the default width of 80 the tail is cut, with … in the last column.
+    assert renderer().line(event) == (full if len(full) <= 80 else full[:79] + "…")
 
 
 def test_line_with_host() -> None:
@@ -398,7 +398,7 @@ def test_line_with_host() -> None:
 
 def test_comm_is_escaped_and_cut_to_16_columns() -> None:
     event = ForkEvent(**common(process(comm=b"\x1b[31mred\x1b[0m")), child_pid=5)
-    assert renderer().line(event) == f"{TIME} fork    4242    \\x1b[31mred\\x1… child 5"
+    assert renderer().line(event) == f"{TIME} fork    4242    \\x1b[31mred\\x1b… child 5"
 
 
 def test_long_line_is_cut_to_the_width() -> None:
@@ -409,11 +409,12 @@ def test_long_line_is_cut_to_the_width() -> None:
 
 
 def test_cut_never_splits_an_escape() -> None:
-    # Detail starts at column 46; 33 columns are left before the … at column 80.
-    arg = b"x" * 30 + b"\x1b\x1b"
+    # The detail starts at column 47; 33 columns are left before a … in column 80, and
+    # "/t '" and 27 x leave 2, too few for the whole of \x1b.
+    arg = b"x" * 27 + b"\x1b\x1b"
     line = renderer().line(exec_event([b"t", arg], exe=b"/t"))
-    assert line.endswith("/t '" + "x" * 30 + "…")
-    assert len(line) == 80
+    assert line == f"{TIME} exec    4242    curl             /t '{'x' * 27}…"
+    assert len(line) == 78
 
 
 def test_cut_with_wide_characters() -> None:
@@ -450,11 +451,10 @@ def test_colour_only_when_asked() -> None:
 def test_colour_codes() -> None:
     r = renderer(color=True)
     assert r.line(ForkEvent(**common(), child_pid=5)) == (
-        f"{TIME} \x1b[2mfork   \x1b[0m 4242    curl             child 5"
+        f"{TIME} \x1b[2mfork\x1b[0m    4242    curl             child 5"
     )
     assert r.line(LostEvent(time_ns=T0, host="h", kernel={"exec": 1}, user=0, errors={})) == (
-        f"{TIME} \x1b[1;31mlost   \x1b[0m                          "
-        "\x1b[1;31mLOST kernel=1 user=0 (exec=1)\x1b[0m"
+        f"{TIME} \x1b[1;31mlost\x1b[0m    \x1b[1;31mLOST kernel=1 user=0 (exec=1)\x1b[0m"
     )
     deleted = r.line(exec_event([b"x"], exe=b"/x", deleted=True))
     assert "\x1b[1;33m[deleted] \x1b[0m/x" in deleted
@@ -521,6 +521,7 @@ def test_injection_never_reaches_the_terminal(payload: bytes, color: bool) -> No
     show_host=st.booleans(),
 )
 def test_random_bytes_stay_safe_and_within_width(
+    *,
     comm: bytes,
     exe: bytes,
     argv: list[bytes],
@@ -620,8 +621,7 @@ def test_json_line_exact() -> None:
 def test_json_line_of_lost_event() -> None:
     event = LostEvent(time_ns=T0, host="h", kernel={"exec": 3}, user=1, errors={})
     assert json_line(event) == (
-        f'{{"time_ns":{T0},"host":"h","kernel":{{"exec":3}},"user":1,"errors":{{}},'
-        '"kind":"lost"}'
+        f'{{"time_ns":{T0},"host":"h","kernel":{{"exec":3}},"user":1,"errors":{{}},"kind":"lost"}}'
     )
 
 
@@ -643,3 +643,8 @@ def test_totals_line() -> None:
         "events: exec=3 connect=2 cgroup_move=1 zzz=1 lost: kernel=4 user=5"
     )
     assert totals_line({}, 0, 0) == "events: none lost: kernel=0 user=0"
+
+
+def test_local_time_by_default() -> None:
+    line = TextRenderer(False).line(ForkEvent(**common(), child_pid=1))
+    assert re.fullmatch(r"\d\d:\d\d:\d\d\.123 fork    4242    curl             child 1", line)

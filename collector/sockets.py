@@ -1,0 +1,254 @@
+"""Startup snapshot of the TCP and UDP sockets that traced processes already hold.
+
+The probes only see sockets made after tracing starts. For the ones that existed before,
+the kernel's socket tables are read through sock_diag netlink (pyroute2's DiagSocket),
+and each socket is tied to a process by its inode: ``/proc/PID/fd/N`` of a socket reads
+``socket:[INODE]``.
+
+Socket tables are per network namespace. The given processes are grouped by their
+network namespace, and each namespace other than the caller's is queried from a
+short-lived thread that joins it (setns affects only the calling thread), so sandboxes
+in their own network namespaces are covered too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import re
+import socket
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+_log = structlog.get_logger()
+
+PYROUTE2_HINT = "install it with: pip install 'pyroute2>=0.9,<0.10'"
+
+# TCP states as sock_diag reports them (include/net/tcp_states.h)
+TCP_STATES: dict[int, str] = {
+    1: "established",
+    2: "syn_sent",
+    3: "syn_recv",
+    4: "fin_wait1",
+    5: "fin_wait2",
+    6: "time_wait",
+    7: "close",
+    8: "close_wait",
+    9: "last_ack",
+    10: "listen",
+    11: "closing",
+    12: "new_syn_recv",
+    13: "bound_inactive",
+}
+_TCP_CLOSE = 7
+_ALL_STATES = (1 << 14) - 1  # every state above (and 0)
+_CLONE_NEWNET = 0x40000000
+_SOCKET_LINK = re.compile(r"socket:\[(\d+)\]")
+
+
+class SocketSnapshotError(Exception):
+    """The socket tables could not be read; the message says why and what to do."""
+
+
+@dataclass(slots=True)
+class HeldSocket:
+    pid: int
+    protocol: str  # "tcp" | "udp"
+    family: str  # "ipv4" | "ipv6"
+    # TCP: "listen", "established", "syn_sent", ... (see TCP_STATES);
+    # UDP: "unconnected" (bound only) or "established" (connected)
+    state: str
+    laddr: str
+    lport: int
+    raddr: str
+    rport: int
+    inode: int
+
+
+def socket_inodes(pid: int, proc_root: Path = Path("/proc")) -> set[int]:
+    """Inodes of the sockets process `pid` has open (empty when it is gone)."""
+    try:
+        fds = list((proc_root / str(pid) / "fd").iterdir())
+    except (FileNotFoundError, ProcessLookupError, NotADirectoryError):
+        return set()
+    inodes: set[int] = set()
+    for fd in fds:
+        try:
+            target = str(fd.readlink())
+        except OSError:  # fd closed meanwhile
+            continue
+        match = _SOCKET_LINK.fullmatch(target)
+        if match:
+            inodes.add(int(match.group(1)))
+    return inodes
+
+
+def _netns_of(pid: int, proc_root: Path) -> str | None:
+    try:
+        return str((proc_root / str(pid) / "ns" / "net").readlink())
+    except OSError:
+        return None
+
+
+def _own_netns() -> str | None:
+    try:
+        return str(Path("/proc/thread-self/ns/net").readlink())
+    except OSError:
+        return None
+
+
+_RawRow = tuple[str, str, int, str, int, str, int, int]
+# (protocol, family, state, laddr, lport, raddr, rport, inode)
+
+
+def _query_tables() -> list[_RawRow]:
+    """All TCP and UDP, IPv4 and IPv6 sockets of the calling thread's network namespace."""
+    try:
+        from pyroute2 import DiagSocket  # noqa: PLC0415 (heavy, only needed here)
+    except ImportError as exc:
+        raise SocketSnapshotError(f"pyroute2 is not available ({exc}); {PYROUTE2_HINT}") from exc
+    rows: list[_RawRow] = []
+    try:
+        with DiagSocket() as diag:
+            diag.bind()
+            for family, family_name in ((socket.AF_INET, "ipv4"), (socket.AF_INET6, "ipv6")):
+                for proto, proto_name in (
+                    (socket.IPPROTO_TCP, "tcp"),
+                    (socket.IPPROTO_UDP, "udp"),
+                ):
+                    messages: Iterable[Any] = diag.get_sock_stats(
+                        family=family, protocol=proto, states=_ALL_STATES
+                    )
+                    rows.extend(
+                        (
+                            proto_name,
+                            family_name,
+                            int(msg["idiag_state"]),
+                            str(msg["idiag_src"]),
+                            int(msg["idiag_sport"]),
+                            str(msg["idiag_dst"]),
+                            int(msg["idiag_dport"]),
+                            int(msg["idiag_inode"]),
+                        )
+                        for msg in messages
+                    )
+    except SocketSnapshotError:
+        raise
+    except Exception as exc:  # pyroute2 raises assorted types for netlink failures
+        raise SocketSnapshotError(
+            f"reading the socket tables through sock_diag netlink failed ({exc!r}); "
+            "this needs a kernel with inet_diag/tcp_diag/udp_diag (CONFIG_INET_DIAG, "
+            "CONFIG_INET_UDP_DIAG)"
+        ) from exc
+    return rows
+
+
+def _setns(fd: int) -> None:
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    if libc.setns(fd, _CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _query_tables_in(netns_file: Path) -> list[_RawRow] | None:
+    """`_query_tables` run inside the network namespace at `netns_file`; None when the
+    namespace is gone (its last process exited)."""
+    try:
+        fd = os.open(netns_file, os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except OSError as exc:
+        raise SocketSnapshotError(f"cannot open network namespace {netns_file}: {exc}") from exc
+    result: list[list[_RawRow]] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        # This thread ends right after, taking its network namespace with it; the
+        # caller's threads are not affected.
+        try:
+            _setns(fd)
+            result.append(_query_tables())
+        except BaseException as exc:  # handed to the caller below
+            failure.append(exc)
+
+    try:
+        thread = threading.Thread(target=run, name="sandtrace-sockdiag-netns", daemon=True)
+        thread.start()
+        thread.join()
+    finally:
+        os.close(fd)
+    if failure:
+        error = failure[0]
+        if isinstance(error, SocketSnapshotError):
+            raise error
+        raise SocketSnapshotError(
+            f"cannot enter network namespace {netns_file} ({error}); this needs root "
+            "(CAP_SYS_ADMIN)"
+        ) from error
+    return result[0]
+
+
+def snapshot(
+    pids: set[int],
+    proc_root: Path = Path("/proc"),
+) -> list[HeldSocket]:
+    """The TCP and UDP sockets (IPv4 and IPv6) held by any of `pids`.
+
+    A socket held by several of the processes (inherited across fork, passed over a unix
+    socket) is reported once, for the lowest pid. Sockets without an owner (connections
+    waiting in a listen queue, TIME_WAIT) are never reported. Processes that are gone are
+    skipped. Raises SocketSnapshotError when the tables cannot be read.
+    """
+    owners: dict[str | None, dict[int, int]] = {}  # netns -> inode -> pid
+    netns_pid: dict[str | None, int] = {}
+    for pid in sorted(pids):
+        inodes = socket_inodes(pid, proc_root)
+        if not inodes:
+            continue
+        netns = _netns_of(pid, proc_root)
+        by_inode = owners.setdefault(netns, {})
+        netns_pid.setdefault(netns, pid)
+        for inode in inodes:
+            by_inode.setdefault(inode, pid)
+    own = _own_netns()
+    held: list[HeldSocket] = []
+    for netns, by_inode in owners.items():
+        rows: list[_RawRow] | None
+        if netns is None or netns == own:
+            rows = _query_tables()
+        else:
+            rows = _query_tables_in(proc_root / str(netns_pid[netns]) / "ns" / "net")
+            if rows is None:
+                continue
+        seen: set[int] = set()
+        for protocol, family, state, laddr, lport, raddr, rport, inode in rows:
+            owner = by_inode.get(inode) if inode else None
+            if owner is None or inode in seen:
+                continue
+            seen.add(inode)
+            if protocol == "udp" and state == _TCP_CLOSE:
+                state_name = "unconnected"
+            else:
+                state_name = TCP_STATES.get(state, f"state{state}")
+            held.append(
+                HeldSocket(
+                    pid=owner,
+                    protocol=protocol,
+                    family=family,
+                    state=state_name,
+                    laddr=laddr,
+                    lport=lport,
+                    raddr=raddr,
+                    rport=rport,
+                    inode=inode,
+                )
+            )
+    held.sort(key=lambda s: (s.pid, s.protocol, s.family, s.lport, s.inode))
+    _log.debug("socket snapshot", processes=len(pids), sockets=len(held))
+    return held

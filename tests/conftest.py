@@ -1,0 +1,60 @@
+"""Suite-wide rules: the test layer follows from the directory, and kernel tests never skip.
+
+Tests under tests/kernel are marked `kernel` and tests under tests/e2e `e2e`. When any
+selected test carries either mark, the session stops at once with exit code 1 unless this
+machine can run them: a kernel test that cannot run is a failure, not a skip.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+LAYER_DIRS = {"kernel": TESTS_DIR / "kernel", "e2e": TESTS_DIR / "e2e"}
+TRACEFS_EVENTS = Path("/sys/kernel/tracing/events")
+FIX = "run the whole suite as root with `sudo make test`, which installs and mounts what is missing"
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by these marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for mark, directory in LAYER_DIRS.items():
+            if item.path.is_relative_to(directory):
+                item.add_marker(mark)
+
+
+def kernel_test_problems() -> list[str]:
+    """What keeps this machine from running kernel and e2e tests; empty when nothing does."""
+    if os.geteuid() != 0:
+        return ["not running as root"]  # the checks below need root to look
+    problems = []
+    try:
+        importlib.import_module("bcc")
+    except Exception as exc:  # BCC raises more than ImportError when libbcc is broken
+        problems.append(
+            f"`import bcc` failed ({type(exc).__name__}: {exc}); BCC comes from "
+            "Debian's python3-bpfcc, seen through .venv's system site packages"
+        )
+    if not TRACEFS_EVENTS.is_dir():
+        problems.append(f"tracefs is not mounted ({TRACEFS_EVENTS} is missing)")
+    build = Path("/lib/modules") / platform.release() / "build"
+    if not build.is_dir():
+        problems.append(f"{build} is missing (BCC compiles against it)")
+    return problems
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    layers = sorted({m for item in session.items for m in LAYER_DIRS if item.get_closest_marker(m)})
+    if not layers:
+        return
+    problems = kernel_test_problems()
+    if problems:
+        pytest.exit(
+            f"{' and '.join(layers)} tests cannot run here: {'; '.join(problems)}. Fix: {FIX}.",
+            returncode=1,
+        )
