@@ -186,9 +186,7 @@ class CgroupResolver:
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 # systemd-driver scopes of container runtimes. The "-conmon-" scopes of cri-o and podman
 # hold the container monitor, not the container, and do not match (no hex right after).
-_SCOPE = re.compile(
-    r"(?:docker|cri-containerd|crio|libpod|nerdctl)-(?P<id>[0-9a-f]{12,64})\.scope"
-)
+_SCOPE = re.compile(r"(?:docker|cri-containerd|crio|libpod|nerdctl)-(?P<id>[0-9a-f]{12,64})\.scope")
 # cgroupfs-driver podman: /libpod_parent/libpod-<id>
 _LIBPOD = re.compile(r"libpod-(?P<id>[0-9a-f]{12,64})")
 
@@ -244,9 +242,7 @@ def _subtree_dirs(path: Path) -> list[Path]:
         found.append(directory)
         try:
             with os.scandir(directory) as entries:
-                stack.extend(
-                    Path(e.path) for e in entries if e.is_dir(follow_symlinks=False)
-                )
+                stack.extend(Path(e.path) for e in entries if e.is_dir(follow_symlinks=False))
         except (FileNotFoundError, NotADirectoryError):
             continue
     return found
@@ -359,26 +355,27 @@ def create_sandbox(root: Path, parent: str = "sandtrace") -> SandboxCgroup:
     The parent cgroup is created when missing and is left in place by
     `SandboxCgroup.destroy` (it is shared with other sandboxes).
     """
+    if not (root / "cgroup.procs").is_file():
+        raise CgroupError(
+            f"{root} is not a cgroup2 hierarchy; find the cgroup2 mount in "
+            f"/proc/self/mountinfo (find_cgroup2_root) or {MOUNT_HINT}"
+        )
     parent_dir = root / parent
     try:
-        parent_dir.mkdir(parents=True, exist_ok=True)
         for _ in range(16):
+            # made again each try: another process may remove an empty parent meanwhile
+            parent_dir.mkdir(parents=True, exist_ok=True)
             name = f"st-{secrets.token_hex(4)}"
             path = parent_dir / name
             try:
                 path.mkdir()
-            except FileExistsError:
+            except (FileExistsError, FileNotFoundError):
                 continue
             break
         else:
-            raise CgroupError(f"could not find a free sandbox name under {parent_dir}")
+            raise CgroupError(f"could not make a new sandbox cgroup under {parent_dir}")
     except PermissionError as exc:
         raise CgroupError(f"not allowed to create cgroups under {root}: run as root") from exc
-    except FileNotFoundError as exc:
-        raise CgroupError(
-            f"cgroup2 root {root} does not exist; find it in /proc/self/mountinfo or "
-            f"{MOUNT_HINT}"
-        ) from exc
     except OSError as exc:
         raise CgroupError(f"cannot create a sandbox cgroup under {parent_dir}: {exc}") from exc
     sandbox = SandboxCgroup(name=name, path=path, id=cgroup_id(path))

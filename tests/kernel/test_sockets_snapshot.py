@@ -40,9 +40,7 @@ sys.stdin.read()
 
 class Child:
     def __init__(self, argv: list[str]) -> None:
-        self.proc = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         assert line, f"child exited early with {self.proc.wait(timeout=10)}"
@@ -72,8 +70,7 @@ def child() -> Iterator[Child]:
 
 def _without_inode(sockets: list[HeldSocket]) -> set[tuple[object, ...]]:
     return {
-        (s.pid, s.protocol, s.family, s.state, s.laddr, s.lport, s.raddr, s.rport)
-        for s in sockets
+        (s.pid, s.protocol, s.family, s.state, s.laddr, s.lport, s.raddr, s.rport) for s in sockets
     }
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -146,7 +145,7 @@ class FakeClock:
 
 
 def test_cgroup_id_is_the_directory_inode(tmp_path: Path) -> None:
-    assert cgroup_id(tmp_path) == os.stat(tmp_path).st_ino
+    assert cgroup_id(tmp_path) == tmp_path.stat().st_ino
     with pytest.raises(CgroupError, match="does not exist"):
         cgroup_id(tmp_path / "missing")
 
@@ -246,6 +245,12 @@ def test_default_scopes_picks_existing_container_parents(tmp_path: Path) -> None
     )
 
 
+def test_create_sandbox_outside_a_cgroup2_hierarchy_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(CgroupError, match="mount -t cgroup2"):
+        create_sandbox(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_default_scopes_of_an_empty_root(tmp_path: Path) -> None:
     assert default_scopes(tmp_path) == []
 
@@ -284,7 +289,7 @@ def test_create_and_destroy_a_real_sandbox(sandbox: SandboxCgroup) -> None:
     assert sandbox.name.startswith("st-")
     assert len(sandbox.name) == 11
     int(sandbox.name[3:], 16)
-    assert sandbox.id == os.stat(sandbox.path).st_ino
+    assert sandbox.id == sandbox.path.stat().st_ino
     resolver = CgroupResolver(root)
     assert resolver.path_of(sandbox.id) == f"/sandtrace/{sandbox.name}"
 

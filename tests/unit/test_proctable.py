@@ -168,7 +168,9 @@ def test_split_cmdline(raw: bytes, argv: list[bytes]) -> None:
     assert split_cmdline(raw) == argv
 
 
-def _fake_proc(root: Path, pid: int, comm: bytes, ppid: int, ticks: int, state: bytes = b"S") -> None:
+def _fake_proc(
+    root: Path, pid: int, comm: bytes, *, ppid: int, ticks: int, state: bytes = b"S"
+) -> None:
     d = root / str(pid)
     d.mkdir(parents=True)
     rest = [state, str(ppid).encode()] + [b"0"] * 17 + [str(ticks).encode()] + [b"0"] * 30
