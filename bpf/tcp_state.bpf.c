@@ -68,6 +68,11 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 			if (cookie) {
 				r.cookie = *cookie;
 				connect_stash.delete(&tid);
+			} else {
+				/* No cgroup hook saw this connect (the process left the traced
+				 * cgroups): the socket's address keys its outcome instead. Socket
+				 * cookies are small counters, kernel addresses are not. */
+				r.cookie = sk;
 			}
 			pend.hdr = r.hdr;
 			pend.cookie = r.cookie;

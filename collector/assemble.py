@@ -169,13 +169,24 @@ class Assembler:
             return [self._exec(f, rec.data)]
         if rec.type == R.REC_FORK:
             self.procs.on_fork(f.pid, f.child_pid, f.child_start_ns)
-            return [ForkEvent(**self._common(f), child_pid=f.child_pid,
-                              child_key=f"{f.child_pid}@{f.child_start_ns}")]
+            return [
+                ForkEvent(
+                    **self._common(f),
+                    child_pid=f.child_pid,
+                    child_key=f"{f.child_pid}@{f.child_start_ns}",
+                )
+            ]
         if rec.type == R.REC_EXIT:
             out: list[AnyEvent] = [*self._flush_pending(pid=f.pid)]
             code = f.exit_code
-            out.append(ExitEvent(**self._common(f), exit_code=(code >> 8) & 0xFF,
-                                 signal=code & 0x7F, core_dumped=bool(code & 0x80)))
+            out.append(
+                ExitEvent(
+                    **self._common(f),
+                    exit_code=(code >> 8) & 0xFF,
+                    signal=code & 0x7F,
+                    core_dumped=bool(code & 0x80),
+                )
+            )
             self.procs.on_exit(f.pid)
             return out
         if rec.type == R.REC_CONNECT:
@@ -186,9 +197,15 @@ class Assembler:
             return [self._bind(f)]
         if rec.type == R.REC_CGROUP_MOVE:
             path = f.dst_path.split(b"\0", 1)[0].decode("utf-8", "replace")
-            return [CgroupMoveEvent(**self._common(f), target_pid=f.target_pid,
-                                    dst_cgroup_id=f.dst_cgroup_id, dst_cgroup_path=path,
-                                    left_sandbox=not self.in_scope_path(path))]
+            return [
+                CgroupMoveEvent(
+                    **self._common(f),
+                    target_pid=f.target_pid,
+                    dst_cgroup_id=f.dst_cgroup_id,
+                    dst_cgroup_path=path,
+                    left_sandbox=not self.in_scope_path(path),
+                )
+            ]
         return []
 
     def _exec(self, f: Any, data: bytes) -> ExecEvent:
@@ -233,17 +250,27 @@ class Assembler:
     def _tcp_state(self, f: Any) -> list[AnyEvent]:
         common = self._common(f)
         if f.newstate == TCP_LISTEN:
-            return [ListenEvent(**common, family=family_name(f.family),
-                                addr=fmt_addr(f.family, f.saddr), port=f.sport)]
-        pend = self._pending.get(f.cookie) if f.cookie else None
+            return [
+                ListenEvent(
+                    **common,
+                    family=family_name(f.family),
+                    addr=fmt_addr(f.family, f.saddr),
+                    port=f.sport,
+                )
+            ]
+        pend = self._pending.get(f.cookie)
         if f.newstate == TCP_SYN_SENT:
             if pend is None:
                 # No hook record: the process connected from a cgroup without hooks.
-                ev = ConnectEvent(**common, protocol="tcp", family=family_name(f.family),
-                                  daddr=fmt_addr(f.family, f.daddr), dport=f.dport)
+                ev = ConnectEvent(
+                    **common,
+                    protocol="tcp",
+                    family=family_name(f.family),
+                    daddr=fmt_addr(f.family, f.daddr),
+                    dport=f.dport,
+                )
                 pend = _PendingConnect(ev, f.ktime_ns + CONNECT_HOLD_NS)
-                if f.cookie:
-                    self._pending[f.cookie] = pend
+                self._pending[f.cookie] = pend
             pend.event.nonblocking = bool(f.flags & R.SOCK_F_NONBLOCK)
             if pend.event.nonblocking:
                 # The call returned EINPROGRESS; the handshake goes on without it.
@@ -296,7 +323,9 @@ class Assembler:
 
     def expire(self, now_mono_ns: int | None = None) -> list[Event]:
         """Connects whose outcome did not come within the hold time, shown as pending."""
-        return self._flush_pending(now_ns=time.monotonic_ns() if now_mono_ns is None else now_mono_ns)
+        return self._flush_pending(
+            now_ns=time.monotonic_ns() if now_mono_ns is None else now_mono_ns
+        )
 
     def flush_all(self) -> list[Event]:
         return self._flush_pending(now_ns=1 << 62)
