@@ -143,7 +143,8 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 
 	{
 		long n = bpf_probe_read_kernel_str(&s->data[off & EXEC_DATA_MASK], FILENAME_MAX_LEN,
-						   (void *)args + (args->data_loc_filename & 0xffff));
+						   (void *)args +
+							   (args->data_loc_filename & 0xffff));
 		if (n > 0) {
 			r->filename_size = n;
 			if (n == FILENAME_MAX_LEN)

@@ -18,7 +18,7 @@ BPF_TABLE("lru_hash", u32, struct bind_record, bind_stash, 16384);
 
 static __always_inline void copy_ip6(u8 *dst, const u32 *src)
 {
-	u32 w[4] = {src[0], src[1], src[2], src[3]};
+	u32 w[4] = { src[0], src[1], src[2], src[3] };
 
 	__builtin_memcpy(dst, w, 16);
 }
@@ -43,7 +43,8 @@ static __always_inline int on_connect(struct bpf_sock_addr *ctx, u16 family)
 
 		__builtin_memcpy(r.daddr, &a, 4);
 	} else {
-		u32 a[4] = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3]};
+		u32 a[4] = { ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2],
+			     ctx->user_ip6[3] };
 
 		__builtin_memcpy(r.daddr, a, 16);
 	}
@@ -55,7 +56,8 @@ static __always_inline int on_connect(struct bpf_sock_addr *ctx, u16 family)
 
 			__builtin_memcpy(r.saddr, &a, 4);
 		} else {
-			u32 a[4] = {sk->src_ip6[0], sk->src_ip6[1], sk->src_ip6[2], sk->src_ip6[3]};
+			u32 a[4] = { sk->src_ip6[0], sk->src_ip6[1], sk->src_ip6[2],
+				     sk->src_ip6[3] };
 
 			__builtin_memcpy(r.saddr, a, 16);
 		}
@@ -112,7 +114,8 @@ static __always_inline int on_bind(struct bpf_sock_addr *ctx, u16 family)
 
 		__builtin_memcpy(r.req_addr, &a, 4);
 	} else {
-		u32 a[4] = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3]};
+		u32 a[4] = { ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2],
+			     ctx->user_ip6[3] };
 
 		__builtin_memcpy(r.req_addr, a, 16);
 	}
@@ -157,7 +160,7 @@ static __always_inline int on_post_bind(struct bpf_sock *sk, u16 family)
 
 		__builtin_memcpy(r.addr, &a, 4);
 	} else {
-		u32 a[4] = {sk->src_ip6[0], sk->src_ip6[1], sk->src_ip6[2], sk->src_ip6[3]};
+		u32 a[4] = { sk->src_ip6[0], sk->src_ip6[1], sk->src_ip6[2], sk->src_ip6[3] };
 
 		__builtin_memcpy(r.addr, a, 16);
 	}

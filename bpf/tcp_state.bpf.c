@@ -22,20 +22,20 @@ struct tcp_pending {
 BPF_TABLE("lru_hash", u64, struct tcp_pending, tcp_pending, 16384);
 
 /* A macro because BCC defines the tracepoint's argument struct only inside the probe. */
-#define FILL_ADDRS(r, args)                                                                        \
-	do {                                                                                        \
-		(r)->family = (args)->family;                                                       \
-		(r)->sport = (args)->sport;                                                         \
-		(r)->dport = (args)->dport;                                                         \
-		(r)->oldstate = (args)->oldstate;                                                   \
-		(r)->newstate = (args)->newstate;                                                   \
-		if ((args)->family == AF_INET) {                                                    \
-			__builtin_memcpy((r)->saddr, (args)->saddr, 4);                             \
-			__builtin_memcpy((r)->daddr, (args)->daddr, 4);                             \
-		} else {                                                                            \
-			__builtin_memcpy((r)->saddr, (args)->saddr_v6, 16);                         \
-			__builtin_memcpy((r)->daddr, (args)->daddr_v6, 16);                         \
-		}                                                                                   \
+#define FILL_ADDRS(r, args)                                                 \
+	do {                                                                \
+		(r)->family = (args)->family;                               \
+		(r)->sport = (args)->sport;                                 \
+		(r)->dport = (args)->dport;                                 \
+		(r)->oldstate = (args)->oldstate;                           \
+		(r)->newstate = (args)->newstate;                           \
+		if ((args)->family == AF_INET) {                            \
+			__builtin_memcpy((r)->saddr, (args)->saddr, 4);     \
+			__builtin_memcpy((r)->daddr, (args)->daddr, 4);     \
+		} else {                                                    \
+			__builtin_memcpy((r)->saddr, (args)->saddr_v6, 16); \
+			__builtin_memcpy((r)->daddr, (args)->daddr_v6, 16); \
+		}                                                           \
 	} while (0)
 
 TRACEPOINT_PROBE(sock, inet_sock_set_state)

@@ -21,7 +21,6 @@ from collector.events import (
     BindEvent,
     CgroupMoveEvent,
     ConnectEvent,
-    Event,
     ExecEvent,
     ExitEvent,
     ForkEvent,
@@ -96,6 +95,7 @@ class Assembler:
         scopes: list[Scope],
         cgroup_path: Callable[[int], str],
         container_id: Callable[[str], str],
+        *,
         host: str | None = None,
         procs: ProcessTable | None = None,
         names: Names | None = None,
@@ -122,7 +122,7 @@ class Assembler:
     def in_scope_path(self, path: str) -> bool:
         for scope in self.scopes:
             for root in scope.cgroup_paths:
-                if root == "/" or path == root or path.startswith(root.rstrip("/") + "/"):
+                if root in ("/", path) or path.startswith(root.rstrip("/") + "/"):
                     return True
         return False
 
@@ -310,8 +310,8 @@ class Assembler:
 
     # -- time -------------------------------------------------------------------------------
 
-    def _flush_pending(self, pid: int | None = None, now_ns: int | None = None) -> list[Event]:
-        out: list[Event] = []
+    def _flush_pending(self, pid: int | None = None, now_ns: int | None = None) -> list[AnyEvent]:
+        out: list[AnyEvent] = []
         for cookie, pend in list(self._pending.items()):
             if (pid is not None and pend.event.process.pid == pid) or (
                 now_ns is not None and pend.deadline_ns <= now_ns
@@ -321,11 +321,11 @@ class Assembler:
                 out.append(pend.event)
         return out
 
-    def expire(self, now_mono_ns: int | None = None) -> list[Event]:
+    def expire(self, now_mono_ns: int | None = None) -> list[AnyEvent]:
         """Connects whose outcome did not come within the hold time, shown as pending."""
         return self._flush_pending(
             now_ns=time.monotonic_ns() if now_mono_ns is None else now_mono_ns
         )
 
-    def flush_all(self) -> list[Event]:
+    def flush_all(self) -> list[AnyEvent]:
         return self._flush_pending(now_ns=1 << 62)

@@ -9,8 +9,10 @@ import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -19,6 +21,9 @@ from collector.assemble import Assembler, Scope
 from collector.pipeline import JsonFileSink, Pipeline, Sink, TerminalSink, Totals
 from collector.proctable import ProcessTable
 from collector.render import TextRenderer, totals_line
+
+if TYPE_CHECKING:
+    from probes.loader import Probes
 
 log = structlog.get_logger("sandtrace")
 
@@ -54,11 +59,16 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
     p.add_argument("--width", type=int, default=80, help="line width of text output")
     p.add_argument(
-        "--ring-pages", type=int, default=1024,
+        "--ring-pages",
+        type=int,
+        default=1024,
         help="kernel ring buffer size in pages, a power of two (default 1024 = 4 MiB)",
     )
-    p.add_argument("--perf-buffer", action="store_true",
-                   help="use the perf buffer even where the BPF ring buffer exists")
+    p.add_argument(
+        "--perf-buffer",
+        action="store_true",
+        help="use the perf buffer even where the BPF ring buffer exists",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")
 
 
@@ -71,27 +81,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser(
-        "run", help="run a command in a fresh sandbox and trace it",
+        "run",
+        help="run a command in a fresh sandbox and trace it",
         description="Start CMD in a new cgroup v2 sandbox, trace it and every descendant, "
         "and exit with CMD's exit code once every event has been printed.",
-        epilog=EXAMPLES_RUN, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES_RUN,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _common_args(run)
-    run.add_argument("--wait-all", action="store_true",
-                     help="after CMD exits, wait for every process left in the sandbox "
-                     "(default: kill them)")
+    run.add_argument(
+        "--wait-all",
+        action="store_true",
+        help="after CMD exits, wait for every process left in the sandbox (default: kill them)",
+    )
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     watch = sub.add_parser(
-        "watch", help="trace existing sandboxes until stopped",
+        "watch",
+        help="trace existing sandboxes until stopped",
         description="Trace cgroup subtrees, process subtrees, or the whole host until "
         "Ctrl-C or SIGTERM.",
-        epilog=EXAMPLES_WATCH, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES_WATCH,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _common_args(watch)
-    watch.add_argument("--cgroup", action="append", default=[], metavar="PATH",
-                       help="trace this cgroup v2 directory and its subtree (repeatable)")
-    watch.add_argument("--pid", action="append", type=int, default=[], metavar="PID",
-                       help="trace this process and all its descendants (repeatable)")
+    watch.add_argument(
+        "--cgroup",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="trace this cgroup v2 directory and its subtree (repeatable)",
+    )
+    watch.add_argument(
+        "--pid",
+        action="append",
+        type=int,
+        default=[],
+        metavar="PID",
+        help="trace this process and all its descendants (repeatable)",
+    )
     watch.add_argument("--all", action="store_true", help="trace every process on the host")
     return parser
 
@@ -123,7 +150,7 @@ def _sinks(args: argparse.Namespace) -> list[Sink]:
     return sinks
 
 
-def _load_probes(args: argparse.Namespace, trace_all: bool = False) -> object:
+def _load_probes(args: argparse.Namespace, trace_all: bool = False) -> Probes:
     from probes import kernel  # noqa: PLC0415
     from probes.loader import ProbeConfig, Probes  # noqa: PLC0415
 
@@ -133,8 +160,7 @@ def _load_probes(args: argparse.Namespace, trace_all: bool = False) -> object:
     if args.ring_pages < 1 or args.ring_pages & (args.ring_pages - 1):
         raise SystemExit("sandtrace: --ring-pages must be a power of two")
     return Probes(
-        ProbeConfig(ring_pages=args.ring_pages, trace_all=trace_all,
-                    perf_buffer=args.perf_buffer),
+        ProbeConfig(ring_pages=args.ring_pages, trace_all=trace_all, perf_buffer=args.perf_buffer),
         features,
     )
 
@@ -154,8 +180,7 @@ def _print_totals(totals: Totals) -> None:
 
 def _assembler(root: Path, scopes: list[Scope]) -> Assembler:
     resolver = cgroups.CgroupResolver(root)
-    return Assembler(scopes, resolver.path_of, cgroups.container_id_from_path,
-                     procs=ProcessTable())
+    return Assembler(scopes, resolver.path_of, cgroups.container_id_from_path, procs=ProcessTable())
 
 
 def _install_stop(stop: asyncio.Event) -> None:
@@ -164,15 +189,18 @@ def _install_stop(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
-async def _run(args: argparse.Namespace) -> int:
-    from probes.loader import Probes  # noqa: PLC0415
+def _wait_empty(sandbox: cgroups.SandboxCgroup) -> None:
+    """Return once no process is left in the sandbox."""
+    while sandbox.pids():
+        time.sleep(0.1)
 
+
+async def _run(args: argparse.Namespace) -> int:
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         raise SystemExit("sandtrace run: give a command after --, e.g. sandtrace run -- ls")
     root = cgroups.find_cgroup2_root()
     probes = _load_probes(args)
-    assert isinstance(probes, Probes)
     sandbox = None
     try:
         sandbox = cgroups.create_sandbox(root)
@@ -207,8 +235,7 @@ async def _run(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, child.send_signal, sig)
         code = await child.wait()
         if args.wait_all:
-            while sandbox.pids():
-                await asyncio.sleep(0.1)
+            await asyncio.to_thread(_wait_empty, sandbox)
         await asyncio.to_thread(sandbox.destroy)
         stop.set()
         totals = await runner
@@ -220,10 +247,10 @@ async def _run(args: argparse.Namespace) -> int:
             sandbox.destroy()
 
 
-async def _watch(args: argparse.Namespace) -> int:
-    from probes.loader import Probes  # noqa: PLC0415
-
-    root = cgroups.find_cgroup2_root()
+def _watch_scopes(
+    args: argparse.Namespace, root: Path
+) -> tuple[list[Scope], list[Path], list[tuple[int, int]]]:
+    """The scopes to trace, the cgroup directories to hook and (pid, scope index) pairs."""
     scopes: list[Scope] = []
     cgroup_dirs: list[Path] = []
     if args.all:
@@ -251,8 +278,13 @@ async def _watch(args: argparse.Namespace) -> int:
             rel = "/" + str(path.relative_to(root))
             scopes.append(Scope(rel, [rel]))
             cgroup_dirs.append(path)
+    return scopes, cgroup_dirs, pid_scopes
+
+
+async def _watch(args: argparse.Namespace) -> int:
+    root = cgroups.find_cgroup2_root()
+    scopes, cgroup_dirs, pid_scopes = await asyncio.to_thread(_watch_scopes, args, root)
     probes = _load_probes(args, trace_all=args.all)
-    assert isinstance(probes, Probes)
     try:
         for index, path in enumerate(cgroup_dirs):
             if not args.all:
@@ -326,3 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -20,6 +20,10 @@ class WireVersionError(ValueError):
     """An encoded event carries a wire version this build cannot read."""
 
 
+class EventFormatError(ValueError):
+    """Encoded bytes that are not an event: not a map, or of an unknown kind."""
+
+
 @dataclass(slots=True)
 class Process:
     """Who did it: the process context carried by every event."""
@@ -225,10 +229,11 @@ def _process_from(d: dict[str, Any]) -> Process:
 
 
 def decode(data: bytes) -> AnyEvent:
-    """Inverse of encode(); raises WireVersionError or ValueError on what it cannot read."""
+    """Inverse of encode(); raises WireVersionError or EventFormatError (both ValueError) on
+    what it cannot read."""
     d = msgpack.unpackb(data, raw=False)
     if not isinstance(d, dict):
-        raise ValueError("encoded event is not a map")
+        raise EventFormatError("encoded event is not a map")
     version = d.pop("v", None)
     if version != WIRE_VERSION:
         raise WireVersionError(
@@ -237,7 +242,7 @@ def decode(data: bytes) -> AnyEvent:
     kind = d.pop("kind", None)
     cls = EVENT_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise ValueError(f"unknown event kind {kind!r}")
+        raise EventFormatError(f"unknown event kind {kind!r}")
     if "process" in d:
         d["process"] = _process_from(d["process"])
     return cls(**d)  # type: ignore[no-any-return]

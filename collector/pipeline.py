@@ -8,7 +8,9 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Protocol
 
 import structlog
@@ -21,14 +23,31 @@ from collector.render import TextRenderer, json_line
 log = structlog.get_logger("sandtrace.collector")
 
 
+class LossCounts(Protocol):
+    """Cumulative losses so far (probes.loader.LossCounters)."""
+
+    @property
+    def kernel(self) -> Mapping[int, int]: ...  # per record type
+    @property
+    def user(self) -> int: ...
+    @property
+    def errors(self) -> Mapping[int, int]: ...
+
+
+class BatchQueue(Protocol):
+    """The hand-off from the probes' reader thread (probes.loader.RecordQueue)."""
+
+    def drain(self) -> list[list[bytes]]: ...
+
+
 class RecordSource(Protocol):
     """What the pipeline needs of the probes (probes.loader.Probes, or a test's fake)."""
 
-    def start(self, wake: object) -> None: ...
+    def start(self, wake: Callable[[], None]) -> None: ...
     def drain_now(self) -> None: ...
-    def losses(self) -> object: ...
+    def losses(self) -> LossCounts: ...
     @property
-    def queue(self) -> object: ...
+    def queue(self) -> BatchQueue: ...
 
 
 class Sink(Protocol):
@@ -57,7 +76,7 @@ class TerminalSink:
 
 class JsonFileSink:
     def __init__(self, path: str) -> None:
-        self._f = open(path, "a", encoding="ascii")  # noqa: SIM115 - closed in close()
+        self._f = Path(path).open("a", encoding="ascii")  # noqa: SIM115 - closed in close()
 
     def emit(self, event: AnyEvent) -> None:
         self._f.write(json_line(event) + "\n")
@@ -69,11 +88,11 @@ class JsonFileSink:
 class CallbackSink:
     """Hands each event to a function (used by tests and embedding code)."""
 
-    def __init__(self, fn: object) -> None:
+    def __init__(self, fn: Callable[[AnyEvent], object]) -> None:
         self._fn = fn
 
     def emit(self, event: AnyEvent) -> None:
-        self._fn(event)  # type: ignore[operator]
+        self._fn(event)
 
     def close(self) -> None:
         return None
@@ -91,7 +110,7 @@ class Totals:
 class Pipeline:
     def __init__(
         self,
-        probes: object,
+        probes: RecordSource,
         assembler: Assembler,
         sinks: list[Sink],
         loss_interval: float = 1.0,
@@ -112,7 +131,7 @@ class Pipeline:
             sink.emit(event)
 
     def _process_batches(self) -> None:
-        for batch in self.probes.queue.drain():  # type: ignore[attr-defined]
+        for batch in self.probes.queue.drain():
             for buf in batch:
                 try:
                     rec = R.decode_record(buf)
@@ -126,7 +145,7 @@ class Pipeline:
 
     def check_losses(self) -> None:
         """Emit a LostEvent for whatever was lost since the last check."""
-        now = self.probes.losses()  # type: ignore[attr-defined]
+        now = self.probes.losses()
         kernel = Counter(now.kernel)
         errors = Counter(now.errors)
         dk = kernel - self._reported_kernel
@@ -150,14 +169,19 @@ class Pipeline:
 
     async def run(self, stop: asyncio.Event) -> Totals:
         loop = asyncio.get_running_loop()
-        self.probes.start(lambda: loop.call_soon_threadsafe(self._wake.set))  # type: ignore[attr-defined]
+
+        def wake() -> None:  # called from the probes' reader thread
+            loop.call_soon_threadsafe(self._wake.set)
+
+        self.probes.start(wake)
         next_loss = time.monotonic() + self.loss_interval
         stop_wait = asyncio.ensure_future(stop.wait())
         try:
             while not stop.is_set():
                 wake_wait = asyncio.ensure_future(self._wake.wait())
-                await asyncio.wait({wake_wait, stop_wait}, timeout=0.1,
-                                   return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    {wake_wait, stop_wait}, timeout=0.1, return_when=asyncio.FIRST_COMPLETED
+                )
                 wake_wait.cancel()
                 self._wake.clear()
                 self._process_batches()
@@ -175,7 +199,7 @@ class Pipeline:
 
     async def finish(self) -> None:
         """Everything the kernel wrote is read, assembled and emitted before this returns."""
-        await asyncio.to_thread(self.probes.drain_now)  # type: ignore[attr-defined]
+        await asyncio.to_thread(self.probes.drain_now)
         self._process_batches()
         for ev in self.assembler.flush_all():
             self._emit(ev)

@@ -137,7 +137,8 @@ class BTF:
 
     def _members(self, type_id: int) -> list[tuple[str, int, int]]:
         t = self._types[type_id]
-        assert t is not None
+        if t is None:
+            raise BTFError(f"type {type_id} has no members")
         out = []
         for i in range(t.vlen):
             name_off, mtype, moff = _MEMBER.unpack_from(self._types_blob, t.body + i * 12)
@@ -178,7 +179,8 @@ class BTF:
 
     def sizeof(self, struct_name: str) -> int:
         t = self._types[self._struct(struct_name)]
-        assert t is not None
+        if t is None:
+            raise BTFError(f"struct {struct_name} has no type entry")
         return t.size_or_type
 
     def has_member(self, struct_name: str, path: str) -> bool:

@@ -207,7 +207,7 @@ class Probes:
         for name, fn in self._sock_fns.items():
             try:
                 self._BPF.detach_func(fn, fd, _ATTACH[name])
-            except Exception as exc:  # noqa: BLE001 - a removed cgroup has nothing to detach
+            except Exception as exc:  # a removed cgroup has nothing to detach
                 log.debug("detach failed", cgroup=str(cgroup_dir), hook=name, error=str(exc))
         os.close(fd)
 

@@ -7,18 +7,18 @@
 #ifndef SANDTRACE_OFFSETS_H
 #define SANDTRACE_OFFSETS_H
 
-#if !defined(OFF_TASK_PID) || !defined(OFF_TASK_TGID) || !defined(OFF_TASK_REAL_PARENT) ||      \
-	!defined(OFF_TASK_GROUP_LEADER) || !defined(OFF_TASK_START_TIME) ||                     \
-	!defined(OFF_TASK_EXIT_CODE) || !defined(OFF_TASK_MM) || !defined(OFF_TASK_FS) ||          \
-	!defined(OFF_TASK_THREAD_PID) || !defined(OFF_PID_LEVEL) || !defined(OFF_PID_NUMBERS) ||   \
-	!defined(OFF_UPID_NR) || !defined(SIZE_UPID) || !defined(OFF_MM_ARG_START) ||              \
-	!defined(OFF_MM_ARG_END) || !defined(OFF_MM_EXE_FILE) || !defined(OFF_FS_PWD) ||           \
-	!defined(OFF_PATH_MNT) || !defined(OFF_PATH_DENTRY) || !defined(OFF_FILE_F_PATH) ||        \
-	!defined(OFF_FILE_F_INODE) || !defined(OFF_FILE_F_FLAGS) || !defined(OFF_INODE_I_INO) ||   \
-	!defined(OFF_INODE_I_NLINK) || !defined(OFF_DENTRY_D_PARENT) ||                            \
-	!defined(OFF_DENTRY_D_NAME_NAME) || !defined(OFF_VFSMOUNT_MNT_ROOT) ||                     \
-	!defined(OFF_MOUNT_MNT) || !defined(OFF_MOUNT_MNT_PARENT) ||                               \
-	!defined(OFF_MOUNT_MNT_MOUNTPOINT) || !defined(OFF_SOCK_SK_SOCKET) ||                      \
+#if !defined(OFF_TASK_PID) || !defined(OFF_TASK_TGID) || !defined(OFF_TASK_REAL_PARENT) ||       \
+	!defined(OFF_TASK_GROUP_LEADER) || !defined(OFF_TASK_START_TIME) ||                      \
+	!defined(OFF_TASK_EXIT_CODE) || !defined(OFF_TASK_MM) || !defined(OFF_TASK_FS) ||        \
+	!defined(OFF_TASK_THREAD_PID) || !defined(OFF_PID_LEVEL) || !defined(OFF_PID_NUMBERS) || \
+	!defined(OFF_UPID_NR) || !defined(SIZE_UPID) || !defined(OFF_MM_ARG_START) ||            \
+	!defined(OFF_MM_ARG_END) || !defined(OFF_MM_EXE_FILE) || !defined(OFF_FS_PWD) ||         \
+	!defined(OFF_PATH_MNT) || !defined(OFF_PATH_DENTRY) || !defined(OFF_FILE_F_PATH) ||      \
+	!defined(OFF_FILE_F_INODE) || !defined(OFF_FILE_F_FLAGS) || !defined(OFF_INODE_I_INO) || \
+	!defined(OFF_INODE_I_NLINK) || !defined(OFF_DENTRY_D_PARENT) ||                          \
+	!defined(OFF_DENTRY_D_NAME_NAME) || !defined(OFF_VFSMOUNT_MNT_ROOT) ||                   \
+	!defined(OFF_MOUNT_MNT) || !defined(OFF_MOUNT_MNT_PARENT) ||                             \
+	!defined(OFF_MOUNT_MNT_MOUNTPOINT) || !defined(OFF_SOCK_SK_SOCKET) ||                    \
 	!defined(OFF_SOCK_SK_ERR) || !defined(OFF_SOCKET_FILE)
 #error "kernel offsets missing: build through probes/loader.py, which reads them from BTF"
 #endif

@@ -43,7 +43,11 @@ def test_run_exits_with_the_command_code_and_leaves_nothing() -> None:
     # The command leaves a background process behind; run must kill it on the way out.
     proc = subprocess.run(
         [*SANDTRACE, "run", "--json", "--", "sh", "-c", "sleep 300 & echo $! >&2; exit 5"],
-        capture_output=True, text=True, cwd=ROOT_DIR, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=ROOT_DIR,
+        timeout=120,
+        check=False,
     )
     assert proc.returncode == 5, proc.stderr
     leftover = int(proc.stderr.splitlines()[1])
@@ -64,7 +68,10 @@ def test_watch_stops_on_sigterm_and_unloads() -> None:
     try:
         proc = subprocess.Popen(
             [*SANDTRACE, "watch", "--cgroup", str(box.path)],
-            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=ROOT_DIR,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            cwd=ROOT_DIR,
         )
         assert proc.stderr is not None
         line = proc.stderr.readline()

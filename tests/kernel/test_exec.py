@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
-from tests.kernel.tracer import PYTHON, Tracer, of, one, python_exe
+from tests.kernel.tracer import PYTHON, Sandbox, Tracer, of, one, python_exe
 
 # The sandbox's first process (a python of known pid) starts the program under test and
 # prints the child's pid, so that the test knows every id before it looks at events.
@@ -19,7 +20,9 @@ print(p.pid, flush=True)
 """
 
 
-def spawn_child(sb, tracer: Tracer, exe: str, args: list[bytes], cwd: str):  # type: ignore[no-untyped-def]
+def spawn_child(
+    sb: Sandbox, tracer: Tracer, exe: str, args: list[bytes], cwd: str
+) -> tuple[int, int, Any]:
     argv = [PYTHON, "-c", SPAWN, exe, *[os.fsdecode(a) for a in args]]
     parent_pid, out, events = sb.run(argv, env={**os.environ, "CWD": cwd})
     child_pid = int(out.split()[0])
@@ -81,7 +84,7 @@ os.waitpid(pid, 0)
 print(pid, flush=True)
 """
     with tracer.sandbox() as sb:
-        _, out, events = sb.python(code)
+        _, out, _ = sb.python(code)
         child = int(out.split()[0])
         sb.wait_exit(child)
         ev = one(sb.events(), "exec", child)
@@ -117,7 +120,9 @@ print(pid, flush=True)
 def test_short_lived_process_is_complete(tracer: Tracer, tmp_path: Path) -> None:
     """exec then exit within a millisecond: everything is read at the event itself."""
     with tracer.sandbox() as sb:
-        parent_pid, child_pid, ev = spawn_child(sb, tracer, "/usr/bin/true", [b"quick"], str(tmp_path))
+        parent_pid, child_pid, ev = spawn_child(
+            sb, tracer, "/usr/bin/true", [b"quick"], str(tmp_path)
+        )
         exit_ev = one(sb.events(), "exit", child_pid)
     assert ev.argv == [b"/usr/bin/true", b"quick"]
     assert ev.cwd == str(tmp_path).encode()

@@ -96,7 +96,7 @@ print(s.connect_ex(("198.51.100.2", 4444)), flush=True)
 def test_connect_nonblocking_in_progress(tracer: Tracer) -> None:
     setup = (
         "ip link add v0 type veth peer name v1 && ip addr add 198.51.100.1/24 dev v0 && "
-        "ip link set v0 up && ip link set v1 up && exec " + PYTHON + " -c \"$0\""
+        "ip link set v0 up && ip link set v1 up && exec " + PYTHON + ' -c "$0"'
     )
     with tracer.sandbox() as sb:
         proc = sb.spawn(["unshare", "-n", "sh", "-c", setup, NONBLOCK], stdout=subprocess.PIPE)
@@ -146,7 +146,9 @@ def test_bind_and_listen(tracer: Tracer, proto: str, v6: bool, fixed: bool) -> N
         assert listens == []
 
 
-def test_failed_bind_is_reported(tracer: Tracer, tcp_listener: tuple[str, int, socket.socket]) -> None:
+def test_failed_bind_is_reported(
+    tracer: Tracer, tcp_listener: tuple[str, int, socket.socket]
+) -> None:
     host, port, _ = tcp_listener
     code = """
 import socket, sys

@@ -18,7 +18,7 @@ from typing import Any
 from collector import cgroups
 from collector import records as R
 from collector.assemble import Assembler, Scope
-from collector.events import AnyEvent
+from collector.events import AnyEvent, LostEvent
 from probes.loader import Probes
 
 PYTHON = "/usr/bin/python3"
@@ -102,7 +102,10 @@ class Sandbox:
 
     def wait_exit(self, pid: int) -> None:
         self.tracer.wait_for(
-            lambda evs: any(e.kind == "exit" and e.process.pid == pid for e in evs)
+            lambda evs: any(
+                not isinstance(e, LostEvent) and e.kind == "exit" and e.process.pid == pid
+                for e in evs
+            )
         )
         # Every record written before the exit record has been read by now; a TCP connect
         # may still wait for its outcome.
@@ -113,7 +116,12 @@ class Sandbox:
 
 
 def of(events: list[AnyEvent], kind: str, pid: int | None = None) -> list[Any]:
-    return [e for e in events if e.kind == kind and (pid is None or e.process.pid == pid)]
+    return [
+        e
+        for e in events
+        if e.kind == kind
+        and (pid is None or (not isinstance(e, LostEvent) and e.process.pid == pid))
+    ]
 
 
 def one(events: list[AnyEvent], kind: str, pid: int | None = None) -> Any:

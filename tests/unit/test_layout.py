@@ -26,9 +26,7 @@ def _c_program() -> str:
         lines.append(f'printf("{name} sizeof %zu\\n", sizeof(struct {name}));')
         own = records.HEADER_FIELDS if name == "record_header" else records.BODY_FIELDS[name]
         for field, _ in own:
-            lines.append(
-                f'printf("{name} {field} %zu\\n", offsetof(struct {name}, {field}));'
-            )
+            lines.append(f'printf("{name} {field} %zu\\n", offsetof(struct {name}, {field}));')
     lines += ['printf("version %d\\n", SANDTRACE_LAYOUT_VERSION);', "return 0; }"]
     return "\n".join(lines)
 
@@ -64,7 +62,9 @@ def test_mirror_matches_c(c_layout: dict[str, int], struct_name: str) -> None:
     assert c_layout[f"{struct_name} sizeof"] == size
     assert size % 8 == 0
     own = (
-        records.HEADER_FIELDS if struct_name == "record_header" else records.BODY_FIELDS[struct_name]
+        records.HEADER_FIELDS
+        if struct_name == "record_header"
+        else records.BODY_FIELDS[struct_name]
     )
     for field, _ in own:
         assert c_layout[f"{struct_name} {field}"] == offsets[field], f"{struct_name}.{field}"

@@ -1,0 +1,80 @@
+/* Host-side micro benchmark: ns per call of the syscalls sandtrace must not slow down. */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+static double now(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec * 1e9 + ts.tv_nsec;
+}
+
+int main(int argc, char **argv)
+{
+	const char *what = argv[1];
+	long n = atol(argv[2]);
+	struct sockaddr_in dst = { .sin_family = AF_INET, .sin_port = htons(9) };
+	struct sockaddr_in any = { .sin_family = AF_INET };
+	double t0, t1;
+
+	dst.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	any.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	(void)argc;
+	if (!strcmp(what, "getppid")) {
+		t0 = now();
+		for (long i = 0; i < n; i++)
+			syscall(SYS_getppid);
+		t1 = now();
+	} else if (!strcmp(what, "connect")) {
+		int s = socket(AF_INET, SOCK_DGRAM, 0);
+
+		t0 = now();
+		for (long i = 0; i < n; i++)
+			connect(s, (struct sockaddr *)&dst, sizeof(dst));
+		t1 = now();
+	} else if (!strcmp(what, "bind")) {
+		t0 = now();
+		for (long i = 0; i < n; i++) {
+			int s = socket(AF_INET, SOCK_DGRAM, 0);
+
+			bind(s, (struct sockaddr *)&any, sizeof(any));
+			close(s);
+		}
+		t1 = now();
+	} else if (!strcmp(what, "connect-every-ms")) {
+		/* n connects, one per millisecond: the latency workload */
+		int s = socket(AF_INET, SOCK_DGRAM, 0);
+		struct timespec ms = { 0, 1000000 };
+
+		t0 = now();
+		for (long i = 0; i < n; i++) {
+			connect(s, (struct sockaddr *)&dst, sizeof(dst));
+			nanosleep(&ms, NULL);
+		}
+		t1 = now();
+	} else { /* fork+exec /bin/true */
+		t0 = now();
+		for (long i = 0; i < n; i++) {
+			pid_t p = fork();
+
+			if (p == 0) {
+				execl("/bin/true", "true", (char *)NULL);
+				_exit(127);
+			}
+			waitpid(p, NULL, 0);
+		}
+		t1 = now();
+	}
+	printf("%.1f\n", (t1 - t0) / n);
+	return 0;
+}
