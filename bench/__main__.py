@@ -21,6 +21,7 @@ from pathlib import Path
 from collector import cgroups
 from collector import records as R
 from collector.assemble import Assembler, Scope
+from collector.events import ConnectEvent
 from probes import kernel
 from probes.loader import ProbeConfig, Probes
 
@@ -35,16 +36,13 @@ def build_micro(tmp: Path) -> Path:
     return exe
 
 
-def micro(exe: Path, op: str, n: int, cgroup: Path | None = None) -> float:
-    pre = None
-    if cgroup is not None:
-        procs = cgroup / "cgroup.procs"
-
-        def pre() -> None:
-            procs.write_text("0")
-
+def micro(exe: Path, op: str, n: int, sandbox: cgroups.SandboxCgroup | None = None) -> float:
     out = subprocess.run(
-        [str(exe), op, str(n)], check=True, capture_output=True, text=True, preexec_fn=pre
+        [str(exe), op, str(n)],
+        check=True,
+        capture_output=True,
+        text=True,
+        preexec_fn=sandbox.join if sandbox else None,
     ).stdout
     return float(out)
 
@@ -74,10 +72,9 @@ def main() -> int:
         probes = Probes(ProbeConfig(), features)
         sandbox = cgroups.create_sandbox(root)
         try:
-            probes.add_sandbox_cgroup(sandbox.id, 0)
-            probes.attach_cgroup(sandbox.path)
+            probes.trace_cgroup(sandbox.path, 0)
             probes.start(lambda: None)
-            micro(exe, "getppid", 1, sandbox.path)
+            micro(exe, "getppid", 1, sandbox)
             while not probes.queue.drain():
                 time.sleep(0.001)
             first_event_s = time.monotonic() - t_start
@@ -91,8 +88,7 @@ def main() -> int:
                 for op, v in host_costs(exe).items():
                     base[op].append(v)
                 p = Probes(ProbeConfig(), features)
-                p.add_sandbox_cgroup(sandbox.id, 0)
-                p.attach_cgroup(sandbox.path)
+                p.trace_cgroup(sandbox.path, 0)
                 p.start(lambda: None)
                 for op, v in host_costs(exe).items():
                     loaded[op].append(v)
@@ -104,23 +100,19 @@ def main() -> int:
 
             # 2 and 3: throughput and latency through decode + assemble
             probes = Probes(ProbeConfig(), features)
-            probes.add_sandbox_cgroup(sandbox.id, 0)
-            probes.attach_cgroup(sandbox.path)
+            probes.trace_cgroup(sandbox.path, 0)
             asm = Assembler([Scope(sandbox.name, ["/"])], lambda _i: "", lambda _p: "")
             probes.start(lambda: None)
 
-            def pump(stop_when: float, latencies: list[int] | None = None) -> int:
-                n = 0
-                for batch in probes.queue.drain():
-                    now = time.monotonic_ns()
-                    for buf in batch:
-                        rec = R.decode_record(buf)
-                        for ev in asm.feed(rec):
-                            if ev.kind == "connect":
-                                n += 1
-                                if latencies is not None:
-                                    latencies.append(now - ev.mono_ns)  # type: ignore[union-attr]
-                return n
+            def pump(latencies: list[int] | None = None) -> int:
+                events, errors = asm.feed_batches(probes.queue.drain())
+                now = time.monotonic_ns()
+                if errors:
+                    raise RuntimeError(f"undecodable records: {errors[:3]}")
+                connects = [e for e in events if isinstance(e, ConnectEvent)]
+                if latencies is not None:
+                    latencies.extend(now - e.mono_ns for e in connects)
+                return len(connects)
 
             flood = 1_000_000
             progress(f"throughput: sandboxed flood of {flood} UDP connects")
@@ -128,15 +120,15 @@ def main() -> int:
             proc = subprocess.Popen(
                 [str(exe), "connect", str(flood)],
                 stdout=subprocess.DEVNULL,
-                preexec_fn=lambda: (sandbox.path / "cgroup.procs").write_text("0"),  # noqa: PLW1509 - joins the cgroup before exec
+                preexec_fn=sandbox.join,  # noqa: PLW1509 - joins the cgroup before exec
             )
             t0 = time.monotonic()
             delivered = 0
             while proc.poll() is None:
-                delivered += pump(0)
+                delivered += pump()
                 time.sleep(0.0005)
             probes.drain_now()
-            delivered += pump(0)
+            delivered += pump()
             elapsed = time.monotonic() - t0
             lost = probes.losses().kernel.get(R.REC_CONNECT, 0) - before
             rows.append(
@@ -150,21 +142,20 @@ def main() -> int:
             probes.close()
 
             probes = Probes(ProbeConfig(), features)
-            probes.add_sandbox_cgroup(sandbox.id, 0)
-            probes.attach_cgroup(sandbox.path)
+            probes.trace_cgroup(sandbox.path, 0)
             probes.start(lambda: None)
             progress("latency: 1,000 connects per second for 3 s")
             lat: list[int] = []
             proc = subprocess.Popen(
                 [str(exe), "connect-every-ms", "3000"],
                 stdout=subprocess.DEVNULL,
-                preexec_fn=lambda: (sandbox.path / "cgroup.procs").write_text("0"),  # noqa: PLW1509 - joins the cgroup before exec
+                preexec_fn=sandbox.join,  # noqa: PLW1509 - joins the cgroup before exec
             )
             while proc.poll() is None:
-                pump(0, lat)
+                pump(lat)
                 time.sleep(0.0005)
             probes.drain_now()
-            pump(0, lat)
+            pump(lat)
             lat.sort()
             p50 = lat[len(lat) // 2] / 1e6
             p99 = lat[int(len(lat) * 0.99)] / 1e6

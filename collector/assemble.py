@@ -11,7 +11,7 @@ import errno as errno_mod
 import ipaddress
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,6 +161,19 @@ class Assembler:
         }
 
     # -- records ----------------------------------------------------------------------------
+
+    def feed_batches(self, batches: Iterable[Iterable[bytes]]) -> tuple[list[AnyEvent], list[str]]:
+        """Decode and assemble raw records; returns the events and, per record that could
+        not be decoded, why."""
+        events: list[AnyEvent] = []
+        errors: list[str] = []
+        for batch in batches:
+            for buf in batch:
+                try:
+                    events.extend(self.feed(R.decode_record(buf)))
+                except R.RecordError as exc:
+                    errors.append(f"{exc} ({len(buf)} bytes)")
+        return events, errors
 
     def feed(self, rec: R.Record) -> list[AnyEvent]:
         """Events for one record (often one, none while a connect awaits its outcome)."""

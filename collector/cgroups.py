@@ -290,6 +290,11 @@ class SandboxCgroup:
                 f"not allowed to move pid {pid} into {self.path}: run sandtrace as root"
             ) from exc
 
+    def join(self) -> None:
+        """Move the calling process into the sandbox: pass as ``preexec_fn`` so that a child
+        is inside before it execs (and so before its first event)."""
+        (self.path / "cgroup.procs").write_text("0", encoding="ascii")
+
     def pids(self) -> set[int]:
         """Every process in the sandbox, including cgroups made inside it."""
         return pids_in_subtree(self.path)

@@ -19,7 +19,7 @@ import structlog
 from collector import cgroups
 from collector.assemble import Assembler, Scope
 from collector.pipeline import JsonFileSink, Pipeline, Sink, TerminalSink, Totals
-from collector.proctable import ProcessTable
+from collector.proctable import ProcessTable, parse_stat
 from collector.render import TextRenderer, totals_line
 
 if TYPE_CHECKING:
@@ -144,7 +144,7 @@ def _color(args: argparse.Namespace) -> bool:
 
 def _sinks(args: argparse.Namespace) -> list[Sink]:
     renderer = None if args.json else TextRenderer(color=_color(args), width=args.width)
-    sinks: list[Sink] = [TerminalSink(sys.stdout, renderer, json=args.json)]
+    sinks: list[Sink] = [TerminalSink(sys.stdout, renderer)]
     if args.events:
         sinks.append(JsonFileSink(args.events))
     return sinks
@@ -206,8 +206,7 @@ async def _run(args: argparse.Namespace) -> int:
         sandbox = cgroups.create_sandbox(root)
         rel = "/" + str(sandbox.path.relative_to(root))
         scopes = [Scope(sandbox.name, [rel])]
-        probes.add_sandbox_cgroup(sandbox.id, 0)
-        probes.attach_cgroup(sandbox.path)
+        probes.trace_cgroup(sandbox.path, 0)
         assembler = _assembler(root, scopes)
         pipeline = Pipeline(probes, assembler, _sinks(args))
         stop = asyncio.Event()
@@ -217,14 +216,8 @@ async def _run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         runner = asyncio.create_task(pipeline.run(stop))
-        procs_file = sandbox.path / "cgroup.procs"
-
-        def enter_sandbox() -> None:
-            with open(procs_file, "w") as f:  # noqa: PTH123 - runs in the child before exec
-                f.write(str(os.getpid()))
-
         try:
-            child = await asyncio.create_subprocess_exec(*cmd, preexec_fn=enter_sandbox)
+            child = await asyncio.create_subprocess_exec(*cmd, preexec_fn=sandbox.join)
         except OSError as exc:
             stop.set()
             await runner
@@ -287,10 +280,11 @@ async def _watch(args: argparse.Namespace) -> int:
     probes = _load_probes(args, trace_all=args.all)
     try:
         for index, path in enumerate(cgroup_dirs):
-            if not args.all:
-                probes.add_sandbox_cgroup(cgroups.cgroup_id(path), index)
+            if args.all:
+                probes.attach_cgroup(path)
+            else:
+                probes.trace_cgroup(path, index)
                 probes.add_traced_pids(cgroups.pids_in_subtree(path), index)
-            probes.attach_cgroup(path)
         for pid, index in pid_scopes:
             tree = _descendants(pid)
             probes.add_traced_pids(tree, index)
@@ -329,10 +323,9 @@ def _descendants(pid: int) -> set[int]:
         if not entry.name.isdigit():
             continue
         try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            _, ppid, _ = parse_stat((entry / "stat").read_bytes())
+        except (OSError, ValueError):
+            continue  # gone meanwhile
         children.setdefault(ppid, []).append(int(entry.name))
     out, todo = set(), [pid]
     while todo:

@@ -51,23 +51,27 @@ class RecordSource(Protocol):
 
 
 class Sink(Protocol):
+    """Where events go. emit() may buffer; flush() is called once per batch of events."""
+
     def emit(self, event: AnyEvent) -> None: ...
+    def flush(self) -> None: ...
     def close(self) -> None: ...
 
 
 class TerminalSink:
-    def __init__(self, stream: IO[str], renderer: TextRenderer | None, json: bool) -> None:
+    """One line per event: text from `renderer`, or JSON lines when it is None."""
+
+    def __init__(self, stream: IO[str], renderer: TextRenderer | None) -> None:
         self.stream = stream
         self.renderer = renderer
-        self.json = json
-        if renderer is not None and not json:
+        if renderer is not None:
             stream.write(renderer.header() + "\n")
 
     def emit(self, event: AnyEvent) -> None:
-        if self.json or self.renderer is None:
-            self.stream.write(json_line(event) + "\n")
-        else:
-            self.stream.write(self.renderer.line(event) + "\n")
+        line = json_line(event) if self.renderer is None else self.renderer.line(event)
+        self.stream.write(line + "\n")
+
+    def flush(self) -> None:
         self.stream.flush()
 
     def close(self) -> None:
@@ -81,6 +85,9 @@ class JsonFileSink:
     def emit(self, event: AnyEvent) -> None:
         self._f.write(json_line(event) + "\n")
 
+    def flush(self) -> None:
+        self._f.flush()
+
     def close(self) -> None:
         self._f.close()
 
@@ -93,6 +100,9 @@ class CallbackSink:
 
     def emit(self, event: AnyEvent) -> None:
         self._fn(event)
+
+    def flush(self) -> None:
+        return None
 
     def close(self) -> None:
         return None
@@ -131,17 +141,12 @@ class Pipeline:
             sink.emit(event)
 
     def _process_batches(self) -> None:
-        for batch in self.probes.queue.drain():
-            for buf in batch:
-                try:
-                    rec = R.decode_record(buf)
-                    events = self.assembler.feed(rec)
-                except R.RecordError as exc:
-                    self.totals.decode_errors += 1
-                    log.warning("undecodable record", error=str(exc), size=len(buf))
-                    continue
-                for ev in events:
-                    self._emit(ev)
+        events, errors = self.assembler.feed_batches(self.probes.queue.drain())
+        for error in errors:
+            log.warning("undecodable record", error=error)
+        self.totals.decode_errors += len(errors)
+        for ev in events:
+            self._emit(ev)
 
     def check_losses(self) -> None:
         """Emit a LostEvent for whatever was lost since the last check."""
@@ -190,6 +195,8 @@ class Pipeline:
                 if time.monotonic() >= next_loss:
                     self.check_losses()
                     next_loss = time.monotonic() + self.loss_interval
+                for sink in self.sinks:
+                    sink.flush()
         finally:
             stop_wait.cancel()
             with contextlib.suppress(asyncio.CancelledError):

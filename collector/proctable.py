@@ -22,6 +22,7 @@ from pathlib import Path
 import structlog
 
 from collector.events import AncestorRef
+from collector.records import split_nul
 
 _log = structlog.get_logger()
 
@@ -223,7 +224,7 @@ class ProcessTable:
         return read
 
 
-def _parse_stat(stat: bytes) -> tuple[bytes, int, int]:
+def parse_stat(stat: bytes) -> tuple[bytes, int, int]:
     """(state, ppid, start time in clock ticks) from the text of /proc/PID/stat.
 
     The command name (field 2) is in parentheses and may itself hold spaces and
@@ -239,15 +240,6 @@ def _parse_stat(stat: bytes) -> tuple[bytes, int, int]:
     return rest[0], int(rest[1]), int(rest[19])
 
 
-def split_cmdline(raw: bytes) -> list[bytes]:
-    """argv from /proc/PID/cmdline: "a\\0\\0b\\0" -> [b"a", b"", b"b"]."""
-    if not raw:
-        return []
-    if raw.endswith(b"\0"):
-        raw = raw[:-1]
-    return raw.split(b"\0")
-
-
 def read_proc(pid: int, proc_root: Path = Path("/proc"), tick_ns: int = 0) -> ProcInfo | None:
     """Read one process from `proc_root`; None when it is gone (or its pid was reused
     while reading). `tick_ns` is the length of a clock tick, from the system when 0."""
@@ -255,7 +247,7 @@ def read_proc(pid: int, proc_root: Path = Path("/proc"), tick_ns: int = 0) -> Pr
         tick_ns = _clock_tick_ns()
     base = proc_root / str(pid)
     try:
-        state, ppid, ticks = _parse_stat((base / "stat").read_bytes())
+        state, ppid, ticks = parse_stat((base / "stat").read_bytes())
     except (FileNotFoundError, ProcessLookupError):
         return None
     except ValueError:
@@ -266,11 +258,11 @@ def read_proc(pid: int, proc_root: Path = Path("/proc"), tick_ns: int = 0) -> Pr
     except OSError:  # kernel thread, zombie, or gone
         exe = b""
     try:
-        argv = split_cmdline((base / "cmdline").read_bytes())
+        argv = split_nul((base / "cmdline").read_bytes())
     except (FileNotFoundError, ProcessLookupError):
         return None
     try:
-        _, _, ticks_after = _parse_stat((base / "stat").read_bytes())
+        _, _, ticks_after = parse_stat((base / "stat").read_bytes())
     except (FileNotFoundError, ProcessLookupError, ValueError):
         return None
     if ticks_after != ticks:

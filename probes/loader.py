@@ -172,6 +172,13 @@ class Probes:
         table = self.bpf[b"sandbox_cgroups"]
         table[table.Key(cgroup_id)] = table.Leaf(sandbox)
 
+    def trace_cgroup(self, cgroup_dir: Path, sandbox: int) -> None:
+        """Trace a cgroup subtree as scope `sandbox`: processes in it become traced when first
+        seen (in the kernel), and its connect/bind hooks are attached."""
+        # A cgroup v2 id is the inode number of its directory.
+        self.add_sandbox_cgroup(cgroup_dir.stat().st_ino, sandbox)
+        self.attach_cgroup(cgroup_dir)
+
     def add_traced_pids(self, pids: Iterable[int], sandbox: int) -> None:
         table = self.bpf[b"traced"]
         for pid in pids:

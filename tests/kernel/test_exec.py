@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from collector.events import ExecEvent
 from tests.kernel.tracer import PYTHON, Sandbox, Tracer, of, one, python_exe
 
 # The sandbox's first process (a python of known pid) starts the program under test and
@@ -72,22 +73,33 @@ def test_argv_over_the_limit_is_cut_and_marked(tracer: Tracer, tmp_path: Path) -
     assert full.startswith(captured)
 
 
-def test_memfd_execveat_is_fileless(tracer: Tracer, tmp_path: Path) -> None:
-    code = """
-import os, sys
-fd = os.memfd_create("payload", 0)
-os.write(fd, open("/usr/bin/true", "rb").read())
+# Execs the file open at `fd` (execveat with AT_EMPTY_PATH) in a forked child; prints its pid.
+FEXECVE = """
 pid = os.fork()
 if pid == 0:
-    os.execve(fd, [b"payload", b"x"], {})
+    os.execve(fd, ARGV, {})
 os.waitpid(pid, 0)
 print(pid, flush=True)
 """
+
+
+def fexecve_in_sandbox(tracer: Tracer, prepare: str, argv: list[bytes]) -> ExecEvent:
+    """Run `prepare` (which opens `fd`) and FEXECVE in a sandbox; the child's exec event."""
+    code = f"import os\nARGV = {argv!r}\n{prepare}\n{FEXECVE}"
     with tracer.sandbox() as sb:
         _, out, _ = sb.python(code)
         child = int(out.split()[0])
         sb.wait_exit(child)
-        ev = one(sb.events(), "exec", child)
+        ev: ExecEvent = one(sb.events(), "exec", child)
+    return ev
+
+
+def test_memfd_execveat_is_fileless(tracer: Tracer) -> None:
+    prepare = """
+fd = os.memfd_create("payload", 0)
+os.write(fd, open("/usr/bin/true", "rb").read())
+"""
+    ev = fexecve_in_sandbox(tracer, prepare, [b"payload", b"x"])
     assert ev.process.exe == b"/memfd:payload"
     assert ev.fileless
     assert not ev.deleted
@@ -97,21 +109,11 @@ print(pid, flush=True)
 def test_exec_of_deleted_file_is_marked(tracer: Tracer, tmp_path: Path) -> None:
     target = tmp_path / "gone"
     shutil.copy("/usr/bin/true", target)
-    code = f"""
-import os
+    prepare = f"""
 fd = os.open({str(target)!r}, os.O_RDONLY)
 os.unlink({str(target)!r})
-pid = os.fork()
-if pid == 0:
-    os.execve(fd, [b"gone"], {{}})
-os.waitpid(pid, 0)
-print(pid, flush=True)
 """
-    with tracer.sandbox() as sb:
-        _, out, _ = sb.python(code)
-        child = int(out.split()[0])
-        sb.wait_exit(child)
-        ev = one(sb.events(), "exec", child)
+    ev = fexecve_in_sandbox(tracer, prepare, [b"gone"])
     assert ev.deleted
     assert not ev.fileless
     assert ev.process.exe == str(target).encode()

@@ -24,8 +24,7 @@ def test_flood_is_delivered_or_counted() -> None:
     root = cgroups.find_cgroup2_root()
     sandbox = cgroups.create_sandbox(root)
     try:
-        probes.add_sandbox_cgroup(sandbox.id, 0)
-        probes.attach_cgroup(sandbox.path)
+        probes.trace_cgroup(sandbox.path, 0)
         delivered = 0
         pid = 0
 
@@ -40,10 +39,9 @@ def test_flood_is_delivered_or_counted() -> None:
         probes.start(lambda: None)
         import subprocess  # noqa: PLC0415
 
-        procs = sandbox.path / "cgroup.procs"
         child = subprocess.Popen(
             [PYTHON, "-c", CODE],
-            preexec_fn=lambda: procs.write_text("0"),  # noqa: PLW1509
+            preexec_fn=sandbox.join,  # noqa: PLW1509
         )
         pid = child.pid
         while child.poll() is None:

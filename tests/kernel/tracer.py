@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from collector import cgroups
-from collector import records as R
 from collector.assemble import Assembler, Scope
 from collector.events import AnyEvent, LostEvent
 from probes.loader import Probes
@@ -35,12 +34,9 @@ class Tracer:
         probes.start(lambda: None)
 
     def collect(self) -> None:
-        for batch in self.probes.queue.drain():
-            for buf in batch:
-                try:
-                    self.events.extend(self.assembler.feed(R.decode_record(buf)))
-                except R.RecordError as exc:
-                    self.decode_errors.append(str(exc))
+        events, errors = self.assembler.feed_batches(self.probes.queue.drain())
+        self.events.extend(events)
+        self.decode_errors.extend(errors)
         self.events.extend(self.assembler.expire())
 
     def wait_for(
@@ -62,8 +58,7 @@ class Tracer:
         rel = "/" + str(sb.path.relative_to(self.root))
         self.assembler.scopes.append(Scope(sb.name, [rel]))
         try:
-            self.probes.add_sandbox_cgroup(sb.id, index)
-            self.probes.attach_cgroup(sb.path)
+            self.probes.trace_cgroup(sb.path, index)
             yield Sandbox(self, sb)
         finally:
             try:
@@ -79,12 +74,7 @@ class Sandbox:
         self.name = cgroup.name
 
     def spawn(self, argv: Sequence[str | bytes], **kw: Any) -> subprocess.Popen[bytes]:
-        procs = self.cgroup.path / "cgroup.procs"
-
-        def enter() -> None:
-            procs.write_text(str(os.getpid()))
-
-        return subprocess.Popen(argv, preexec_fn=enter, **kw)  # noqa: PLW1509
+        return subprocess.Popen(argv, preexec_fn=self.cgroup.join, **kw)  # noqa: PLW1509
 
     def run(
         self, argv: Sequence[str | bytes], timeout: float = 30.0, **kw: Any

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from collector.events import AncestorRef
-from collector.proctable import Names, ProcessTable, read_proc, split_cmdline
+from collector.proctable import Names, ProcessTable, read_proc
+from collector.records import split_nul
 
 TICK_NS = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
 
@@ -164,8 +165,8 @@ def test_bounds_hold_under_churn() -> None:
         (b"\xff\xfe\0arg\0", [b"\xff\xfe", b"arg"]),
     ],
 )
-def test_split_cmdline(raw: bytes, argv: list[bytes]) -> None:
-    assert split_cmdline(raw) == argv
+def test_cmdline_split_keeps_empty_args(raw: bytes, argv: list[bytes]) -> None:
+    assert split_nul(raw) == argv
 
 
 def _fake_proc(
