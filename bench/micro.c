@@ -51,6 +51,18 @@ int main(int argc, char **argv)
 			close(s);
 		}
 		t1 = now();
+	} else if (!strcmp(what, "connect-rate")) {
+		/* n connects paced at argv[3] per second (busy-waiting between them) */
+		int s = socket(AF_INET, SOCK_DGRAM, 0);
+		double gap = 1e9 / atof(argv[3]);
+
+		t0 = now();
+		for (long i = 0; i < n; i++) {
+			while (now() < t0 + i * gap)
+				;
+			connect(s, (struct sockaddr *)&dst, sizeof(dst));
+		}
+		t1 = now();
 	} else if (!strcmp(what, "connect-every-ms")) {
 		/* n connects, one per millisecond: the latency workload */
 		int s = socket(AF_INET, SOCK_DGRAM, 0);

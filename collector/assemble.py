@@ -8,7 +8,6 @@ TCP state tracepoint): see README, "connect outcomes".
 from __future__ import annotations
 
 import errno as errno_mod
-import ipaddress
 import socket
 import time
 from collections.abc import Callable, Iterable
@@ -40,15 +39,21 @@ IPPROTO_UDP = 17
 AF_INET = 2
 AF_INET6 = 10
 
+# Header fields from cgroup_id to comm (all but type, version, size and time): the key of
+# the cached event context.
+_CONTEXT_FIELDS = slice(4, 14)
+_CONTEXT_CACHE_MAX = 4096
+_TABLE_CHANGES = frozenset((R.REC_EXEC, R.REC_FORK, R.REC_EXIT, R.REC_CGROUP_MOVE))
+
 CONNECT_HOLD_NS = 300_000_000
 """How long a TCP connect waits for its handshake outcome before it is shown as pending."""
 
 
 def fmt_addr(family: int, raw: bytes) -> str:
     if family == AF_INET:
-        return str(ipaddress.IPv4Address(raw[:4]))
+        return socket.inet_ntop(socket.AF_INET, raw[:4])
     if family == AF_INET6:
-        return str(ipaddress.IPv6Address(raw[:16]))
+        return socket.inet_ntop(socket.AF_INET6, raw[:16])
     return ""
 
 
@@ -107,6 +112,7 @@ class Assembler:
         self.procs = procs or ProcessTable()
         self.names = names or Names()
         self._pending: dict[int, _PendingConnect] = {}
+        self._context_cache: dict[tuple[Any, ...], dict[str, Any]] = {}
         self._wall_offset = 0
         self.sync_clock()
 
@@ -148,17 +154,25 @@ class Assembler:
         )
 
     def _common(self, h: Any) -> dict[str, Any]:
-        path = self._cgroup_path(h.cgroup_id)
-        return {
-            "time_ns": h.ktime_ns + self._wall_offset,
-            "mono_ns": h.ktime_ns,
-            "host": self.host,
-            "sandbox": self.sandbox_name(h.sandbox),
-            "cgroup_id": h.cgroup_id,
-            "cgroup_path": path,
-            "container_id": self._container_id(path),
-            "process": self._process(h),
-        }
+        # Everything but the time depends only on header fields and the process table, so
+        # a burst of events from one thread builds its context once. The cache is dropped
+        # whenever the table changes (fork, exec, exit, move): ancestry and exe may differ.
+        key = h[_CONTEXT_FIELDS]
+        context = self._context_cache.get(key)
+        if context is None:
+            if len(self._context_cache) >= _CONTEXT_CACHE_MAX:
+                self._context_cache.clear()
+            path = self._cgroup_path(h.cgroup_id)
+            context = {
+                "host": self.host,
+                "sandbox": self.sandbox_name(h.sandbox),
+                "cgroup_id": h.cgroup_id,
+                "cgroup_path": path,
+                "container_id": self._container_id(path),
+                "process": self._process(h),
+            }
+            self._context_cache[key] = context
+        return {"time_ns": h.ktime_ns + self._wall_offset, "mono_ns": h.ktime_ns, **context}
 
     # -- records ----------------------------------------------------------------------------
 
@@ -178,6 +192,8 @@ class Assembler:
     def feed(self, rec: R.Record) -> list[AnyEvent]:
         """Events for one record (often one, none while a connect awaits its outcome)."""
         f = rec.fields
+        if rec.type in _TABLE_CHANGES:
+            self._context_cache.clear()
         if rec.type == R.REC_EXEC:
             return [self._exec(f, rec.data)]
         if rec.type == R.REC_FORK:
