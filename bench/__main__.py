@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from collector import cgroups
 from collector import records as R
@@ -54,9 +55,9 @@ def micro(exe: Path, *args: object, sandbox: cgroups.SandboxCgroup | None = None
 
 @contextmanager
 def loaded(
-    features: kernel.KernelFeatures, sandbox: cgroups.SandboxCgroup, ring_pages: int = 1024
+    features: kernel.KernelFeatures, sandbox: cgroups.SandboxCgroup, **config: Any
 ) -> Iterator[Probes]:
-    probes = Probes(ProbeConfig(ring_pages=ring_pages), features)
+    probes = Probes(ProbeConfig(**config), features)
     try:
         probes.trace_cgroup(sandbox.path, 0)
         probes.start(lambda: None)
@@ -68,19 +69,29 @@ def loaded(
 def host_overhead(
     exe: Path, features: kernel.KernelFeatures, sandbox: cgroups.SandboxCgroup, rounds: int
 ) -> list[Row]:
+    """Alternating rounds: nothing loaded, probes loaded, probes without connect hooks."""
+    configs: dict[str, dict[str, Any]] = {
+        "default": {},
+        "no-connect-hook": {"connect_hooks": False},
+    }
     base: dict[str, list[float]] = {op: [] for op in HOST_OPS}
-    traced: dict[str, list[float]] = {op: [] for op in HOST_OPS}
+    traced: dict[str, dict[str, list[float]]] = {
+        name: {op: [] for op in HOST_OPS} for name in configs
+    }
     for r in range(rounds):
         for op, n in HOST_OPS.items():
             base[op].append(micro(exe, op, n))
-        with loaded(features, sandbox):
-            for op, n in HOST_OPS.items():
-                traced[op].append(micro(exe, op, n))
+        for name, config in configs.items():
+            with loaded(features, sandbox, **config):
+                for op, n in HOST_OPS.items():
+                    traced[name][op].append(micro(exe, op, n))
         progress(f"host overhead: round {r + 1}/{rounds}")
     rows = []
-    for op in HOST_OPS:
-        b, w = statistics.median(base[op]), statistics.median(traced[op])
-        rows.append((f"host {op} (ns/call)", f"{b:.0f}", f"{w:.0f}", f"{w / b:.3f}x"))
+    for name in configs:
+        for op in HOST_OPS:
+            b, w = statistics.median(base[op]), statistics.median(traced[name][op])
+            label = f"host {op} (ns/call)" + ("" if name == "default" else f" --{name}")
+            rows.append((label, f"{b:.0f}", f"{w:.0f}", f"{w / b:.3f}x"))
     return rows
 
 

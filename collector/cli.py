@@ -69,6 +69,12 @@ def _common_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="use the perf buffer even where the BPF ring buffer exists",
     )
+    p.add_argument(
+        "--no-connect-hook",
+        action="store_true",
+        help="do not hook connect(): spares every process on the host the kernel's per-connect "
+        "hook cost; TCP connects are still traced, UDP connects are not",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")
 
 
@@ -160,7 +166,12 @@ def _load_probes(args: argparse.Namespace, trace_all: bool = False) -> Probes:
     if args.ring_pages < 1 or args.ring_pages & (args.ring_pages - 1):
         raise SystemExit("sandtrace: --ring-pages must be a power of two")
     return Probes(
-        ProbeConfig(ring_pages=args.ring_pages, trace_all=trace_all, perf_buffer=args.perf_buffer),
+        ProbeConfig(
+            ring_pages=args.ring_pages,
+            trace_all=trace_all,
+            perf_buffer=args.perf_buffer,
+            connect_hooks=not args.no_connect_hook,
+        ),
         features,
     )
 

@@ -9,6 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from collector import cgroups
+from probes import kernel
+from probes.loader import ProbeConfig, Probes
 from tests.kernel.tracer import PYTHON, Tracer, of, one
 
 
@@ -163,3 +166,25 @@ except OSError as e:
     assert int(out) == errno.EADDRINUSE
     ev = one(events, "bind", pid)
     assert (ev.outcome, ev.requested_addr, ev.requested_port) == ("error", host, port)
+
+
+def test_tcp_connect_is_traced_without_connect_hooks(
+    tcp_listener: tuple[str, int, socket.socket],
+) -> None:
+    """--no-connect-hook: TCP connects still come, from the TCP state tracepoint."""
+    host, port, _ = tcp_listener
+    probes = Probes(ProbeConfig(connect_hooks=False), kernel.check())
+    try:
+        t = Tracer(probes, cgroups.find_cgroup2_root())
+        with t.sandbox() as sb:
+            pid, out, events = sb.python(CONNECT, host, str(port), "tcp")
+            udp_pid, _, _ = sb.python(CONNECT, host, str(port), "udp")
+            events = sb.events()
+    finally:
+        probes.close()
+    err, sport = map(int, out.split())
+    assert err == 0
+    ev = one(events, "connect", pid)
+    assert (ev.daddr, ev.dport, ev.saddr, ev.sport) == (host, port, host, sport)
+    assert ev.outcome == "success"
+    assert of(events, "connect", udp_pid) == []  # the documented cost of the option
