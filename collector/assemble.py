@@ -25,8 +25,10 @@ from collector.events import (
     ForkEvent,
     ListenEvent,
     Process,
+    SocketEvent,
 )
 from collector.proctable import Names, ProcessTable
+from collector.sockets import HeldSocket
 
 TCP_ESTABLISHED = 1
 TCP_SYN_SENT = 2
@@ -236,6 +238,19 @@ class Assembler:
                 )
             ]
         return []
+
+    def held_socket(self, h: R.Header, sock: HeldSocket) -> SocketEvent:
+        """A socket the process already held when tracing started."""
+        return SocketEvent(
+            **self._common(h),
+            protocol=sock.protocol,
+            family=sock.family,
+            state=sock.state,
+            laddr=sock.laddr,
+            lport=sock.lport,
+            raddr=sock.raddr,
+            rport=sock.rport,
+        )
 
     def _exec(self, f: Any, data: bytes) -> ExecEvent:
         parts = R.exec_parts(f, data)

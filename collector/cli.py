@@ -21,6 +21,7 @@ from collector.assemble import Assembler, Scope
 from collector.pipeline import JsonFileSink, Pipeline, Sink, TerminalSink, Totals
 from collector.proctable import ProcessTable, parse_stat
 from collector.render import TextRenderer, totals_line
+from collector.startup import held_socket_events
 
 if TYPE_CHECKING:
     from probes.loader import Probes
@@ -288,6 +289,8 @@ def _watch_scopes(
 async def _watch(args: argparse.Namespace) -> int:
     root = cgroups.find_cgroup2_root()
     scopes, cgroup_dirs, pid_scopes = await asyncio.to_thread(_watch_scopes, args, root)
+    pids_by_scope = {index: cgroups.pids_in_subtree(path) for index, path in enumerate(cgroup_dirs)}
+    pids_by_scope.update({index: _descendants(pid) for pid, index in pid_scopes})
     probes = _load_probes(args, trace_all=args.all)
     try:
         for index, path in enumerate(cgroup_dirs):
@@ -295,24 +298,25 @@ async def _watch(args: argparse.Namespace) -> int:
                 probes.attach_cgroup(path)
             else:
                 probes.trace_cgroup(path, index)
-                probes.add_traced_pids(cgroups.pids_in_subtree(path), index)
-        for pid, index in pid_scopes:
-            tree = _descendants(pid)
-            probes.add_traced_pids(tree, index)
-            for p in tree:
+        for _pid, index in pid_scopes:
+            for p in pids_by_scope[index]:
                 with contextlib.suppress(OSError):
                     probes.attach_cgroup(root / _cgroup_of(p).lstrip("/"))
+        if not args.all:
+            for index, pids in pids_by_scope.items():
+                probes.add_traced_pids(pids, index)
         assembler = _assembler(root, scopes)
-        for pids in [cgroups.pids_in_subtree(p) for p in cgroup_dirs] + [
-            _descendants(p) for p, _ in pid_scopes
-        ]:
+        for pids in pids_by_scope.values():
             for p in pids:
                 assembler.procs.seed_from_proc(p)
+        held = await asyncio.to_thread(held_socket_events, assembler, pids_by_scope, root)
         pipeline = Pipeline(probes, assembler, _sinks(args))
         stop = asyncio.Event()
         _install_stop(stop)
         what = ", ".join(s.name for s in scopes)
         print(f"sandtrace: watching {what}; Ctrl-C or SIGTERM stops", file=sys.stderr)
+        for event in held:
+            pipeline.emit(event)
         totals = await pipeline.run(stop)
         _print_totals(totals)
         return 0

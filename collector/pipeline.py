@@ -135,7 +135,7 @@ class Pipeline:
         self._reported_user = 0
         self._reported_errors: Counter[int] = Counter()
 
-    def _emit(self, event: AnyEvent) -> None:
+    def emit(self, event: AnyEvent) -> None:
         self.totals.events[event.kind] += 1
         for sink in self.sinks:
             sink.emit(event)
@@ -146,7 +146,7 @@ class Pipeline:
             log.warning("undecodable record", error=error)
         self.totals.decode_errors += len(errors)
         for ev in events:
-            self._emit(ev)
+            self.emit(ev)
 
     def check_losses(self) -> None:
         """Emit a LostEvent for whatever was lost since the last check."""
@@ -162,7 +162,7 @@ class Pipeline:
         self.totals.lost_kernel += sum(dk.values())
         self.totals.lost_user += max(du, 0)
         self.totals.map_errors += sum(de.values())
-        self._emit(
+        self.emit(
             LostEvent(
                 time_ns=time.time_ns(),
                 host=self.assembler.host,
@@ -191,7 +191,7 @@ class Pipeline:
                 self._wake.clear()
                 self._process_batches()
                 for ev in self.assembler.expire():
-                    self._emit(ev)
+                    self.emit(ev)
                 if time.monotonic() >= next_loss:
                     self.check_losses()
                     next_loss = time.monotonic() + self.loss_interval
@@ -209,7 +209,7 @@ class Pipeline:
         await asyncio.to_thread(self.probes.drain_now)
         self._process_batches()
         for ev in self.assembler.flush_all():
-            self._emit(ev)
+            self.emit(ev)
         self.check_losses()
         for sink in self.sinks:
             sink.close()

@@ -185,6 +185,26 @@ _DECODERS = {t: _make_decoder(name) for t, name in RECORD_STRUCTS.items()}
 _TYPE_VERSION = struct.Struct("<HH")
 
 
+class Header(NamedTuple):
+    """The common header alone (padding left out): what an event's context is made from.
+    Its field order is the decoded records' for the first fields, so slices agree."""
+
+    type: int
+    version: int
+    size: int
+    ktime_ns: int
+    cgroup_id: int
+    start_ns: int
+    pid: int
+    tid: int
+    ns_pid: int
+    ppid: int
+    uid: int
+    gid: int
+    sandbox: int
+    comm: bytes
+
+
 class Record(NamedTuple):
     """A decoded record: its type, its fixed fields, and the variable data after them."""
 
