@@ -18,7 +18,14 @@ import structlog
 
 from collector import cgroups
 from collector.assemble import Assembler, Scope
-from collector.pipeline import JsonFileSink, Pipeline, Sink, TerminalSink, Totals
+from collector.pipeline import (
+    EscapeFollower,
+    JsonFileSink,
+    Pipeline,
+    Sink,
+    TerminalSink,
+    Totals,
+)
 from collector.proctable import ProcessTable, parse_stat
 from collector.render import TextRenderer, totals_line
 from collector.startup import held_socket_events
@@ -220,7 +227,7 @@ async def _run(args: argparse.Namespace) -> int:
         scopes = [Scope(sandbox.name, [rel])]
         probes.trace_cgroup(sandbox.path, 0)
         assembler = _assembler(root, scopes)
-        pipeline = Pipeline(probes, assembler, _sinks(args))
+        pipeline = Pipeline(probes, assembler, [EscapeFollower(probes, root), *_sinks(args)])
         stop = asyncio.Event()
         print(
             f"sandtrace: tracing sandbox {sandbox.name} (cgroup {rel}) running "
@@ -310,7 +317,7 @@ async def _watch(args: argparse.Namespace) -> int:
             for p in pids:
                 assembler.procs.seed_from_proc(p)
         held = await asyncio.to_thread(held_socket_events, assembler, pids_by_scope, root)
-        pipeline = Pipeline(probes, assembler, _sinks(args))
+        pipeline = Pipeline(probes, assembler, [EscapeFollower(probes, root), *_sinks(args)])
         stop = asyncio.Event()
         _install_stop(stop)
         what = ", ".join(s.name for s in scopes)

@@ -17,7 +17,7 @@ import structlog
 
 from collector import records as R
 from collector.assemble import Assembler
-from collector.events import AnyEvent, LostEvent
+from collector.events import AnyEvent, CgroupMoveEvent, LostEvent
 from collector.render import TextRenderer, json_line
 
 log = structlog.get_logger("sandtrace.collector")
@@ -100,6 +100,43 @@ class CallbackSink:
 
     def emit(self, event: AnyEvent) -> None:
         self._fn(event)
+
+    def flush(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+class CgroupAttacher(Protocol):
+    def attach_cgroup(self, cgroup_dir: Path) -> None: ...
+
+
+class EscapeFollower:
+    """Attaches the socket hooks to the cgroup a traced process moved to.
+
+    Membership is sticky in the kernel, but the connect and bind hooks are attached per
+    cgroup: without this, UDP connects and binds of a process that left its sandbox would go
+    unseen (its TCP connects are seen through the TCP state tracepoint anyway). What it does
+    between its move and this attach is not seen by those hooks.
+    """
+
+    def __init__(self, probes: CgroupAttacher, cgroup_root: Path) -> None:
+        self.probes = probes
+        self.cgroup_root = cgroup_root
+
+    def emit(self, event: AnyEvent) -> None:
+        if isinstance(event, CgroupMoveEvent) and event.left_sandbox:
+            target = self.cgroup_root / event.dst_cgroup_path.lstrip("/")
+            try:
+                self.probes.attach_cgroup(target)
+            except (RuntimeError, OSError) as exc:  # ProbeError, or the cgroup is gone
+                log.warning(
+                    "cannot follow a process out of its sandbox",
+                    pid=event.target_pid,
+                    cgroup=str(target),
+                    error=str(exc),
+                )
 
     def flush(self) -> None:
         return None

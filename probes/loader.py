@@ -224,8 +224,15 @@ class Probes:
         return {k.value: v.sandbox for k, v in self.bpf[b"traced"].items()}
 
     def attach_cgroup(self, cgroup_dir: Path) -> None:
-        """Attach the connect/bind hooks to a cgroup (and so to its whole subtree)."""
-        if cgroup_dir in self._attached:
+        """Attach the connect/bind hooks to a cgroup (and so to its whole subtree).
+
+        Hooks on a cgroup also run for every cgroup below it, so the attached cgroups are
+        kept disjoint: a cgroup already covered by an attached ancestor is left as it is,
+        and attached descendants of a new one are detached once it covers them. Otherwise a
+        process below both would report each connect and bind twice.
+        """
+        cgroup_dir = cgroup_dir.resolve()
+        if any(cgroup_dir.is_relative_to(done) for done in self._attached):
             return
         fd = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY)
         done: list[str] = []
@@ -239,10 +246,13 @@ class Probes:
             os.close(fd)
             raise ProbeError(f"attaching socket hooks to {cgroup_dir} failed: {exc}") from exc
         self._attached[cgroup_dir] = fd
+        covered = [d for d in self._attached if d != cgroup_dir and d.is_relative_to(cgroup_dir)]
+        for below in covered:
+            self.detach_cgroup(below)
         log.debug("socket hooks attached", cgroup=str(cgroup_dir))
 
     def detach_cgroup(self, cgroup_dir: Path) -> None:
-        fd = self._attached.pop(cgroup_dir, None)
+        fd = self._attached.pop(cgroup_dir.resolve(), None)
         if fd is None:
             return
         for name, fn in self._sock_fns.items():

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import time
 
 from collector import cgroups
 from collector.events import ExecEvent, LostEvent
@@ -74,22 +73,37 @@ def test_process_that_leaves_the_sandbox_stays_traced(tracer: Tracer) -> None:
     srv.listen(8)
     port = srv.getsockname()[1]
     root = cgroups.find_cgroup2_root()
+    # Leaves for the root cgroup, waits until the test has seen the move, then connects
+    # (TCP and UDP), binds and runs a program.
     code = f"""
-import os, socket, subprocess
+import os, socket, subprocess, sys
 with open({str(root / "cgroup.procs")!r}, "w") as f:
     f.write(str(os.getpid()))
-s = socket.socket(); s.connect(("127.0.0.1", {port})); s.close()
-subprocess.run(["/usr/bin/true", "after-move"])
 print(os.getpid(), flush=True)
+sys.stdin.readline()
+s = socket.socket(); s.connect(("127.0.0.1", {port})); s.close()
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("127.0.0.1", 0))
+u.connect(("127.0.0.1", 9))
+print(u.getsockname()[1], flush=True)
+subprocess.run(["/usr/bin/true", "after-move"])
 """
     try:
         with tracer.sandbox() as sb:
-            pid, _, events = sb.python(code)
-            # the escapee's child exits after the parent printed; wait for its exit too
-            time.sleep(0.05)
+            proc = sb.spawn([PYTHON, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            assert proc.stdin is not None and proc.stdout is not None
+            pid = int(proc.stdout.readline())
             tracer.wait_for(
-                lambda evs: any(isinstance(e, ExecEvent) and e.process.ppid == pid for e in evs)
+                lambda evs: any(
+                    e.kind == "cgroup_move" and getattr(e, "target_pid", 0) == pid for e in evs
+                )
             )
+            proc.stdin.write(b"go\n")
+            proc.stdin.flush()
+            udp_port = int(proc.stdout.readline())
+            proc.stdin.close()
+            proc.stdout.close()
+            assert proc.wait(timeout=30) == 0
+            sb.wait_exit(pid)
             events = sb.events()
     finally:
         srv.close()
@@ -98,8 +112,21 @@ print(os.getpid(), flush=True)
     assert move.dst_cgroup_path == "/"
     assert move.left_sandbox
     assert move.dst_cgroup_id == cgroups.cgroup_id(root)
-    conn = one(events, "connect", pid)
-    assert (conn.daddr, conn.dport, conn.outcome) == ("127.0.0.1", port, "success")
-    assert conn.cgroup_id == cgroups.cgroup_id(root)
+    tcp, udp = sorted(of(events, "connect", pid), key=lambda e: e.protocol)
+    assert (tcp.protocol, tcp.daddr, tcp.dport, tcp.outcome) == (
+        "tcp",
+        "127.0.0.1",
+        port,
+        "success",
+    )
+    assert tcp.cgroup_id == cgroups.cgroup_id(root)
+    assert (udp.protocol, udp.daddr, udp.dport) == ("udp", "127.0.0.1", 9)
+    bind = one(events, "bind", pid)
+    assert (bind.addr, bind.port) == ("127.0.0.1", udp_port)
     child_exec = [e for e in events if isinstance(e, ExecEvent) and e.process.ppid == pid]
     assert [e.argv for e in child_exec] == [[b"/usr/bin/true", b"after-move"]]
+    # The hooks now sit on the root cgroup too; a sandbox below it must not report twice.
+    with tracer.sandbox() as sb2:
+        udp = "import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM)"
+        pid2, _, events2 = sb2.python(udp + ".connect(('127.0.0.1', 9))")
+    assert one(events2, "connect", pid2).dport == 9

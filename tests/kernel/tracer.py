@@ -18,6 +18,7 @@ from typing import Any
 from collector import cgroups
 from collector.assemble import Assembler, Scope
 from collector.events import AnyEvent, LostEvent
+from collector.pipeline import EscapeFollower
 from probes.loader import Probes
 
 PYTHON = "/usr/bin/python3"
@@ -30,11 +31,14 @@ class Tracer:
         self.resolver = cgroups.CgroupResolver(root)
         self.assembler = Assembler([], self.resolver.path_of, cgroups.container_id_from_path)
         self.events: list[AnyEvent] = []
+        self.follower = EscapeFollower(probes, root)
         self.decode_errors: list[str] = []
         probes.start(lambda: None)
 
     def collect(self) -> None:
         events, errors = self.assembler.feed_batches(self.probes.queue.drain())
+        for event in events:
+            self.follower.emit(event)
         self.events.extend(events)
         self.decode_errors.extend(errors)
         self.events.extend(self.assembler.expire())
