@@ -88,6 +88,18 @@ class Scope:
     cgroup_paths: list[str] = field(default_factory=list)
 
 
+def _unresolved(ev: ConnectEvent) -> ConnectEvent:
+    """A TCP connect whose handshake outcome did not come within the hold time."""
+    if ev.nonblocking:
+        # What the call itself returned; the handshake goes on without it.
+        ev.outcome = "in_progress"
+        ev.errno = errno_mod.EINPROGRESS
+        ev.errno_name = "EINPROGRESS"
+    else:
+        ev.outcome = "pending"
+    return ev
+
+
 @dataclass(slots=True)
 class _PendingConnect:
     event: ConnectEvent
@@ -315,14 +327,9 @@ class Assembler:
                 )
                 pend = _PendingConnect(ev, f.ktime_ns + CONNECT_HOLD_NS)
                 self._pending[f.cookie] = pend
+            # A non-blocking call returns EINPROGRESS here; its handshake's outcome is still
+            # awaited for the hold time, like a blocking one's (see _unresolved).
             pend.event.nonblocking = bool(f.flags & R.SOCK_F_NONBLOCK)
-            if pend.event.nonblocking:
-                # The call returned EINPROGRESS; the handshake goes on without it.
-                self._pending.pop(f.cookie, None)
-                pend.event.outcome = "in_progress"
-                pend.event.errno = errno_mod.EINPROGRESS
-                pend.event.errno_name = "EINPROGRESS"
-                return [pend.event]
             return []
         if pend is None or f.oldstate != TCP_SYN_SENT:
             return []
@@ -332,10 +339,13 @@ class Assembler:
             ev.outcome = "success"
             ev.saddr = fmt_addr(f.family, f.saddr)
             ev.sport = f.sport
-        else:
+        elif f.err:
             ev.outcome = "error"
             ev.errno = f.err
-            ev.errno_name = errno_name(f.err) if f.err else ""
+            ev.errno_name = errno_name(f.err)
+        else:
+            # Closed by its owner before the handshake ended: no outcome to report.
+            _unresolved(ev)
         return [ev]
 
     def _bind(self, f: Any) -> BindEvent:
@@ -361,8 +371,7 @@ class Assembler:
                 now_ns is not None and pend.deadline_ns <= now_ns
             ):
                 del self._pending[cookie]
-                pend.event.outcome = "pending"
-                out.append(pend.event)
+                out.append(_unresolved(pend.event))
         return out
 
     def expire(self, now_mono_ns: int | None = None) -> list[AnyEvent]:

@@ -1,0 +1,175 @@
+"""The assembler, fed records packed exactly as the kernel lays them out (no root needed)."""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+from typing import Any
+
+import pytest
+
+from collector import records as R
+from collector.assemble import CONNECT_HOLD_NS, Assembler, Scope
+from collector.events import ConnectEvent, ExecEvent
+
+HOST_FIELDS = {"cgroup_id": 77, "start_ns": 5_000, "pid": 100, "tid": 100, "ns_pid": 1,
+               "ppid": 99, "uid": 1000, "gid": 1000, "sandbox": 0, "comm": b"agent"}  # fmt: skip
+
+
+def pack(rtype: int, data: bytes = b"", **values: Any) -> bytes:
+    name = R.RECORD_STRUCTS[rtype]
+    fields = R.fields_of(name)
+    merged = {"type": rtype, "version": R.LAYOUT_VERSION, "ktime_ns": 1_000, **HOST_FIELDS,
+              **values}  # fmt: skip
+    out = []
+    for fname, code in fields:
+        default: Any = b"" if code.endswith("s") else 0
+        out.append(merged.get(fname, default))
+    body = struct.pack("<" + "".join(c for _, c in fields), *out)
+    return body + data
+
+
+def ip4(addr: str) -> bytes:
+    return socket.inet_pton(socket.AF_INET, addr) + bytes(12)
+
+
+@pytest.fixture
+def asm() -> Assembler:
+    return Assembler([Scope("box", ["/box"])], lambda _id: "/box/x", lambda _p: "",
+                     host="h")  # fmt: skip
+
+
+def feed(asm: Assembler, *bufs: bytes) -> list[Any]:
+    """Events (typed loosely, so tests read any kind's fields) for the given records."""
+    events, errors = asm.feed_batches([list(bufs)])
+    assert errors == []
+    return events
+
+
+def tcp_connect(cookie: int, port: int = 443) -> bytes:
+    return pack(R.REC_CONNECT, cookie=cookie, daddr=ip4("192.0.2.7"), family=2, dport=port,
+                sock_type=1, protocol=6)  # fmt: skip
+
+
+def state(cookie: int, old: int, new: int, **kw: Any) -> bytes:
+    return pack(R.REC_TCP_STATE, cookie=cookie, family=2, oldstate=old, newstate=new,
+                daddr=ip4("192.0.2.7"), dport=443, **kw)  # fmt: skip
+
+
+def test_tcp_connect_waits_for_its_outcome(asm: Assembler) -> None:
+    assert feed(asm, tcp_connect(1), state(1, 7, 2)) == []
+    (ev,) = feed(asm, state(1, 2, 1, saddr=ip4("198.51.100.2"), sport=40000))
+    assert isinstance(ev, ConnectEvent)
+    assert (ev.daddr, ev.dport, ev.saddr, ev.sport) == ("192.0.2.7", 443, "198.51.100.2", 40000)
+    assert (ev.outcome, ev.nonblocking, ev.process.pid, ev.sandbox) == (
+        "success",
+        False,
+        100,
+        "box",
+    )
+
+
+def test_refused_connect_carries_errno(asm: Assembler) -> None:
+    (ev,) = feed(asm, tcp_connect(2), state(2, 7, 2), state(2, 2, 7, err=errno.ECONNREFUSED))
+    assert (ev.outcome, ev.errno, ev.errno_name) == ("error", errno.ECONNREFUSED, "ECONNREFUSED")
+
+
+def test_nonblocking_connect_resolved_within_hold_reports_outcome(asm: Assembler) -> None:
+    (ev,) = feed(asm, tcp_connect(3), state(3, 7, 2, flags=R.SOCK_F_NONBLOCK), state(3, 2, 1))
+    assert (ev.outcome, ev.nonblocking) == ("success", True)
+
+
+def test_unresolved_connects_after_the_hold(asm: Assembler) -> None:
+    feed(asm, tcp_connect(4, port=1), state(4, 7, 2, flags=R.SOCK_F_NONBLOCK))
+    feed(asm, tcp_connect(5, port=2), state(5, 7, 2))
+    assert asm.expire(now_mono_ns=1_000 + CONNECT_HOLD_NS - 1) == []
+    out = {e.dport: e for e in asm.expire(now_mono_ns=1_000 + CONNECT_HOLD_NS)
+           if isinstance(e, ConnectEvent)}  # fmt: skip
+    assert (out[1].outcome, out[1].errno_name, out[1].nonblocking) == (
+        "in_progress",
+        "EINPROGRESS",
+        True,
+    )
+    assert (out[2].outcome, out[2].errno_name, out[2].nonblocking) == ("pending", "", False)
+    assert asm.flush_all() == []
+
+
+def test_exit_flushes_the_process_pending_connects(asm: Assembler) -> None:
+    feed(asm, tcp_connect(7, port=3), state(7, 7, 2))
+    connect, exit_ev = feed(asm, pack(R.REC_EXIT))
+    assert isinstance(connect, ConnectEvent)
+    assert (connect.dport, connect.outcome, exit_ev.kind) == (3, "pending", "exit")
+
+
+def test_connect_closed_by_owner_before_handshake(asm: Assembler) -> None:
+    (ev,) = feed(asm, tcp_connect(6), state(6, 7, 2, flags=R.SOCK_F_NONBLOCK), state(6, 2, 7))
+    assert (ev.outcome, ev.errno_name) == ("in_progress", "EINPROGRESS")
+
+
+def test_udp_connect_is_reported_at_once(asm: Assembler) -> None:
+    (ev,) = feed(asm, pack(R.REC_CONNECT, cookie=9, daddr=ip4("192.0.2.53"), family=2,
+                           dport=53, sock_type=2, protocol=17))  # fmt: skip
+    assert (ev.protocol, ev.daddr, ev.dport, ev.outcome) == ("udp", "192.0.2.53", 53, "success")
+
+
+def test_exec_record_parts_and_parent(asm: Assembler) -> None:
+    argv = b"/bin/sh\0-c\0\0x y\0"
+    exe = b"sh\0bin\0usr\0"  # leaf first
+    cwd = b"work\0tmp\0"
+    data = argv + exe + cwd + b"/bin/sh\0"
+    parent = pack(R.REC_EXEC, argv + b"python3\0usr\0" + b"", pid=99, ppid=1,
+                  argv_size=len(argv), argv_full_size=len(argv), exe_size=12)  # fmt: skip
+    child = pack(R.REC_EXEC, data, argv_size=len(argv), argv_full_size=len(argv),
+                 exe_size=len(exe), cwd_size=len(cwd), filename_size=8)  # fmt: skip
+    _, ev = feed(asm, parent, child)
+    assert isinstance(ev, ExecEvent)
+    assert ev.argv == [b"/bin/sh", b"-c", b"", b"x y"]
+    assert ev.process.exe == b"/usr/bin/sh"
+    assert ev.cwd == b"/tmp/work"
+    assert ev.filename == b"/bin/sh"
+    assert ev.parent_exe == b"/usr/python3"
+    assert ev.process.ancestry[0].pid == 99
+
+
+def test_memfd_exec_is_fileless(asm: Assembler) -> None:
+    exe = b"memfd:payload\0"
+    (ev,) = feed(asm, pack(R.REC_EXEC, b"x\0" + exe, argv_size=2, argv_full_size=2,
+                           exe_size=len(exe), flags=R.EXEC_F_UNLINKED))  # fmt: skip
+    assert isinstance(ev, ExecEvent)
+    assert (ev.process.exe, ev.fileless, ev.deleted) == (b"/memfd:payload", True, False)
+
+
+def test_exit_code_and_signal_decoding(asm: Assembler) -> None:
+    (a,) = feed(asm, pack(R.REC_EXIT, exit_code=3 << 8))
+    (b,) = feed(asm, pack(R.REC_EXIT, exit_code=9 | 0x80, pid=101))
+    assert (a.exit_code, a.signal, a.core_dumped) == (3, 0, False)
+    assert (b.exit_code, b.signal, b.core_dumped) == (0, 9, True)
+
+
+def test_failed_bind(asm: Assembler) -> None:
+    (ev,) = feed(asm, pack(R.REC_BIND, family=2, req_addr=ip4("0.0.0.0"), req_port=22,
+                           sock_type=1, protocol=6,
+                           flags=R.BIND_F_FAILED | R.BIND_F_REQUEST_KNOWN))  # fmt: skip
+    assert (ev.outcome, ev.requested_addr, ev.requested_port, ev.port) == (
+        "error",
+        "0.0.0.0",
+        22,
+        0,
+    )
+
+
+def test_context_follows_exec(asm: Assembler) -> None:
+    """The cached per-thread context is dropped when the table changes."""
+    feed(asm, pack(R.REC_CONNECT, family=2, sock_type=2, protocol=17, dport=1))
+    argv = b"/x\0"
+    exe = b"x\0"
+    feed(asm, pack(R.REC_EXEC, argv + exe, argv_size=3, argv_full_size=3, exe_size=2))
+    (ev,) = feed(asm, pack(R.REC_CONNECT, family=2, sock_type=2, protocol=17, dport=2))
+    assert ev.process.exe == b"/x"
+
+
+def test_bad_records_are_reported_not_fatal(asm: Assembler) -> None:
+    events, errors = asm.feed_batches([[b"\x01", pack(R.REC_EXIT)[:20], b"\x63\x00\x01\x00"]])
+    assert events == []
+    assert len(errors) == 3
