@@ -223,15 +223,20 @@ def encode(event: AnyEvent) -> bytes:
     return msgpack.packb(d, use_bin_type=True)
 
 
-def _process_from(d: dict[str, Any]) -> Process:
+def _process_from(d: Any) -> Process:
+    if not isinstance(d, dict):
+        raise EventFormatError("event process is not a map")
     ancestry = [AncestorRef(**a) for a in d.pop("ancestry", [])]
     return Process(**d, ancestry=ancestry)
 
 
 def decode(data: bytes) -> AnyEvent:
     """Inverse of encode(); raises WireVersionError or EventFormatError (both ValueError) on
-    what it cannot read."""
-    d = msgpack.unpackb(data, raw=False)
+    anything it cannot read, whatever the bytes."""
+    try:
+        d = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise EventFormatError(f"not a msgpack event: {exc}") from None
     if not isinstance(d, dict):
         raise EventFormatError("encoded event is not a map")
     version = d.pop("v", None)
@@ -243,6 +248,9 @@ def decode(data: bytes) -> AnyEvent:
     cls = EVENT_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise EventFormatError(f"unknown event kind {kind!r}")
-    if "process" in d:
-        d["process"] = _process_from(d["process"])
-    return cls(**d)  # type: ignore[no-any-return]
+    try:
+        if "process" in d:
+            d["process"] = _process_from(d["process"])
+        return cls(**d)  # type: ignore[no-any-return]
+    except TypeError as exc:  # missing or unknown fields
+        raise EventFormatError(f"{kind} event has the wrong fields: {exc}") from None

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 TRACEFS = Path("/sys/kernel/tracing")
+VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
+MODULES = Path("/lib/modules")
 
 
 class KernelSupportError(RuntimeError):
@@ -70,13 +72,13 @@ def check(require_root: bool = True) -> KernelFeatures:
             "CAP_SYS_ADMIN): run it with sudo"
         )
     release = platform.release()
-    if not Path("/sys/kernel/btf/vmlinux").exists():
+    if not VMLINUX_BTF.exists():
         raise KernelSupportError(
-            "/sys/kernel/btf/vmlinux is missing: this kernel has no BTF "
+            f"{VMLINUX_BTF} is missing: this kernel has no BTF "
             "(CONFIG_DEBUG_INFO_BTF=y), which sandtrace needs to read struct offsets; "
             "use a distribution kernel built with BTF"
         )
-    build = Path("/lib/modules") / release / "build"
+    build = MODULES / release / "build"
     if not build.exists():
         raise KernelSupportError(
             f"{build} is missing: BCC compiles the probes against kernel headers; "

@@ -1,0 +1,126 @@
+"""The versioned msgpack encoding of events: exact round trips, clear errors, no crash."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from collector.events import (
+    WIRE_VERSION,
+    AncestorRef,
+    AnyEvent,
+    ConnectEvent,
+    EventFormatError,
+    ExecEvent,
+    ExitEvent,
+    LostEvent,
+    Process,
+    WireVersionError,
+    decode,
+    encode,
+)
+
+
+def process() -> Process:
+    return Process(
+        pid=42,
+        tid=43,
+        ns_pid=1,
+        ppid=41,
+        uid=1000,
+        gid=100,
+        comm=b"x\x1bmine",
+        start_ns=7,
+        key="42@7",
+        exe=b"/tmp/\xff\xfeminer",
+        user="agent",
+        group="users",
+        ancestry=[AncestorRef(pid=41, key="41@3", exe=b"/bin/sh", argv=[b"sh", b"", b"-c"])],
+    )
+
+
+COMMON: dict[str, Any] = {
+    "time_ns": 1,
+    "mono_ns": 2,
+    "host": "h",
+    "sandbox": "st-1",
+    "cgroup_id": 9,
+    "cgroup_path": "/sandtrace/st-1",
+    "container_id": "",
+}
+
+EVENTS: list[AnyEvent] = [
+    ExecEvent(
+        **COMMON,
+        process=process(),
+        argv=[b"xmrig", b"", b"\xff", b"-o stratum"],
+        argv_truncated=True,
+        argv_size=99999,
+        cwd=b"/tmp",
+        fileless=True,
+    ),
+    ConnectEvent(
+        **COMMON,
+        process=process(),
+        protocol="tcp",
+        family="ipv6",
+        daddr="2001:db8::1",
+        dport=3333,
+        outcome="error",
+        errno=111,
+        errno_name="ECONNREFUSED",
+    ),
+    ExitEvent(**COMMON, process=process(), exit_code=0, signal=9, core_dumped=True),
+    LostEvent(time_ns=5, host="h", kernel={"exec": 3}, user=2, errors={"stash_map_full": 1}),
+]
+
+
+@pytest.mark.parametrize("event", EVENTS, ids=lambda e: e.kind)
+def test_round_trip_is_exact(event: AnyEvent) -> None:
+    assert decode(encode(event)) == event
+
+
+def test_wrong_version_names_both_versions() -> None:
+    data = msgpack.packb({"v": WIRE_VERSION + 1, "kind": "exit"})
+    with pytest.raises(
+        WireVersionError, match=rf"version {WIRE_VERSION + 1}.*reads {WIRE_VERSION}"
+    ):
+        decode(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (msgpack.packb([1, 2]), "not a map"),
+        (msgpack.packb({"v": WIRE_VERSION, "kind": "bogus"}), "unknown event kind"),
+        (msgpack.packb({"v": WIRE_VERSION, "kind": "lost", "host": "h"}), "wrong fields"),
+        (msgpack.packb({"v": WIRE_VERSION, "kind": "exit", **COMMON, "process": 3}), "process"),
+        (b"\xc1", "not a msgpack event"),
+        (encode(EVENTS[0])[:-3], "not a msgpack event"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(data: bytes, message: str) -> None:
+    with pytest.raises(EventFormatError, match=message):
+        decode(data)
+
+
+@settings(max_examples=3000, database=None, deadline=None)
+@given(st.binary(max_size=512))
+def test_decoder_never_crashes(data: bytes) -> None:
+    # Anything but ValueError (WireVersionError, EventFormatError) fails the test.
+    with contextlib.suppress(ValueError):
+        decode(data)
+
+
+@settings(max_examples=300, database=None, deadline=None)
+@given(st.integers(0, len(encode(EVENTS[1])) - 1), st.integers(0, 255))
+def test_decoder_never_crashes_on_corrupted_events(pos: int, byte: int) -> None:
+    data = bytearray(encode(EVENTS[1]))
+    data[pos] = byte
+    with contextlib.suppress(ValueError):
+        decode(bytes(data))

@@ -1,0 +1,83 @@
+"""What sandtrace says when the host lacks something: what is missing and how to fix it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from probes import kernel
+
+
+@pytest.fixture
+def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fake host with everything present; tests remove one thing each."""
+    btf = tmp_path / "btf" / "vmlinux"
+    btf.parent.mkdir()
+    btf.write_bytes(b"\x9f\xeb")
+    (tmp_path / "modules" / "6.9.0-test" / "build").mkdir(parents=True)
+    for cat, ev in [("sched", "sched_process_exec"), ("sched", "sched_process_exit"),
+                    ("sock", "inet_sock_set_state"), ("cgroup", "cgroup_attach_task")]:  # fmt: skip
+        (tmp_path / "tracing" / "events" / cat / ev).mkdir(parents=True)
+    (tmp_path / "tracing/events/sched/sched_process_exit/format").write_text(
+        "\tfield:bool group_dead;\toffset:32;\tsize:1;\tsigned:0;\n"
+    )
+    monkeypatch.setattr(kernel, "VMLINUX_BTF", btf)
+    monkeypatch.setattr(kernel, "MODULES", tmp_path / "modules")
+    monkeypatch.setattr(kernel, "TRACEFS", tmp_path / "tracing")
+    monkeypatch.setattr("platform.release", lambda: "6.9.0-test")
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    return tmp_path
+
+
+def test_everything_present(host: Path) -> None:
+    features = kernel.check()
+    assert (features.ring_buffer, features.exit_group_dead, features.notes) == (True, True, [])
+
+
+def test_not_root(host: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    with pytest.raises(kernel.KernelSupportError, match=r"needs root.*run it with sudo"):
+        kernel.check()
+
+
+def test_no_btf(host: Path) -> None:
+    (host / "btf" / "vmlinux").unlink()
+    with pytest.raises(kernel.KernelSupportError, match=r"no BTF.*CONFIG_DEBUG_INFO_BTF"):
+        kernel.check()
+
+
+def test_no_kernel_headers(host: Path) -> None:
+    (host / "modules" / "6.9.0-test" / "build").rmdir()
+    with pytest.raises(kernel.KernelSupportError, match=r"build is missing.*sudo make setup"):
+        kernel.check()
+
+
+def test_missing_tracepoint(host: Path) -> None:
+    (host / "tracing/events/cgroup/cgroup_attach_task").rmdir()
+    with pytest.raises(kernel.KernelSupportError, match="cgroup:cgroup_attach_task is missing"):
+        kernel.check()
+
+
+def test_old_kernel_falls_back_to_perf_buffer_and_says_so(
+    host: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (host / "modules" / "5.4.0-old" / "build").mkdir(parents=True)
+    monkeypatch.setattr("platform.release", lambda: "5.4.0-old")
+    (host / "tracing/events/sched/sched_process_exit/format").write_text("no such field\n")
+    features = kernel.check()
+    assert not features.ring_buffer
+    assert not features.exit_group_dead
+    assert any("perf buffer" in n for n in features.notes)
+    assert any("group_dead" in n for n in features.notes)
+
+
+def test_tracefs_unmountable(host: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernel, "TRACEFS", host / "nowhere")
+    monkeypatch.setattr("subprocess.run", _fail)
+    with pytest.raises(kernel.KernelSupportError, match="sudo mount -t tracefs tracefs"):
+        kernel.check()
+
+
+def _fail(*args: object, **kwargs: object) -> None:
+    raise OSError("mount: permission denied")
