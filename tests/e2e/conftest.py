@@ -1,58 +1,54 @@
 """End-to-end fixtures: test hosts in network namespaces this suite creates itself.
 
-Topology: namespace `inside` (the sandbox's network) and namespace `outside` (a test host),
-joined by a veth pair, 198.51.100.2/24 inside and 198.51.100.1/24 outside (documentation
-range). Neither namespace has a route anywhere else. Everything is removed after the test,
-also when it fails.
+`testnet` yields the topology (see `tests.e2e.testhosts`): namespace `inside` at
+198.51.100.2 and namespace `outside` at 198.51.100.1, 203.0.113.10 and 198.51.100.20-29,
+joined by a veth pair and routed nowhere else. `sshd`, `mining_pool` and `http_host` start a
+real service in `outside`, each already listening when the test starts. Every process,
+namespace and temporary directory is removed after the test, also when it fails.
 """
 
 from __future__ import annotations
 
-import secrets
-import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
 
+from tests.e2e.testhosts import (
+    HttpHost,
+    MiningPool,
+    NetNS,
+    SshServer,
+    make_testnet,
+    run_http_host,
+    run_mining_pool,
+    run_sshd,
+)
 
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
-
-
-@dataclass(frozen=True)
-class NetNS:
-    inside: str
-    outside: str
-    inside_addr: str = "198.51.100.2"
-    outside_addr: str = "198.51.100.1"
-
-    def in_inside(self, *argv: str) -> list[str]:
-        return ["ip", "netns", "exec", self.inside, *argv]
-
-    def in_outside(self, *argv: str) -> list[str]:
-        return ["ip", "netns", "exec", self.outside, *argv]
+__all__ = ["HttpHost", "MiningPool", "NetNS", "SshServer"]
 
 
 @pytest.fixture
 def testnet() -> Iterator[NetNS]:
-    tag = secrets.token_hex(3)
-    net = NetNS(inside=f"st-in-{tag}", outside=f"st-out-{tag}")
-    made: list[str] = []
-    try:
-        for ns in (net.inside, net.outside):
-            ip("netns", "add", ns)
-            made.append(ns)
-        ip("link", "add", f"vi{tag}", "netns", net.inside, "type", "veth",
-           "peer", "name", f"vo{tag}", "netns", net.outside)  # fmt: skip
-        for ns, dev, addr in (
-            (net.inside, f"vi{tag}", net.inside_addr),
-            (net.outside, f"vo{tag}", net.outside_addr),
-        ):
-            ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
-            ip("-n", ns, "link", "set", dev, "up")
-            ip("-n", ns, "link", "set", "lo", "up")
+    with make_testnet() as net:
         yield net
-    finally:
-        for ns in made:
-            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+
+
+@pytest.fixture
+def sshd(testnet: NetNS) -> Iterator[SshServer]:
+    """OpenSSH sshd on 198.51.100.1:22 and 203.0.113.10:2222, root login by test key."""
+    with run_sshd(testnet) as server:
+        yield server
+
+
+@pytest.fixture
+def mining_pool(testnet: NetNS) -> Iterator[MiningPool]:
+    """Stratum pool on 198.51.100.1:3333 logging every request."""
+    with run_mining_pool(testnet) as pool:
+        yield pool
+
+
+@pytest.fixture
+def http_host(testnet: NetNS) -> Iterator[HttpHost]:
+    """Static HTTP server on 198.51.100.1:8000 serving `http_host.root`."""
+    with run_http_host(testnet) as host:
+        yield host
