@@ -76,8 +76,9 @@ def errno_name(err: int) -> str:
 
 
 def is_memfd(exe: bytes) -> bool:
-    """A memfd's executable path is one component named memfd:NAME (d_path adds nothing)."""
-    return exe.startswith(b"/memfd:") and exe.count(b"/") == 1
+    """A memfd's path is its name, memfd:NAME, at the root of an internal mount; the name
+    may itself hold slashes (runc's memfd:runc_cloned:/proc/self/exe)."""
+    return exe.startswith(b"/memfd:")
 
 
 @dataclass(slots=True)
@@ -151,6 +152,9 @@ class Assembler:
     def _process(self, h: Any) -> Process:
         info = self.procs.get(h.pid)
         key = f"{h.pid}@{h.start_ns}"
+        exe, argv = (
+            (info.exe, list(info.argv)) if info is not None and info.key == key else (b"", [])
+        )
         return Process(
             pid=h.pid,
             tid=h.tid,
@@ -161,7 +165,8 @@ class Assembler:
             comm=h.comm.split(b"\0", 1)[0],
             start_ns=h.start_ns,
             key=key,
-            exe=info.exe if info is not None and info.key == key else b"",
+            exe=exe,
+            argv=argv,
             user=self.names.user(h.uid),
             group=self.names.group(h.gid),
             ancestry=self.procs.ancestry(h.pid),

@@ -29,11 +29,15 @@ from collector.pipeline import (
 from collector.proctable import ProcessTable, parse_stat
 from collector.render import TextRenderer, totals_line
 from collector.startup import held_socket_events
+from detect.engine import EgressPolicy, Engine
+from detect.sigma import load_paths
 
 if TYPE_CHECKING:
     from probes.loader import Probes
 
 log = structlog.get_logger("sandtrace")
+
+BUILTIN_RULES = Path(__file__).resolve().parent.parent / "rules"
 
 EXAMPLES_RUN = """examples:
   sudo sandtrace run -- curl -s http://192.0.2.10/
@@ -83,6 +87,21 @@ def _common_args(p: argparse.ArgumentParser) -> None:
         help="do not hook connect(): spares every process on the host the kernel's per-connect "
         "hook cost; TCP connects are still traced, UDP connects are not",
     )
+    d = p.add_argument_group("detection")
+    d.add_argument(
+        "--rules",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="add the Sigma rules in DIR (or a file) to the built-in pack (repeatable)",
+    )
+    d.add_argument("--no-builtin-rules", action="store_true", help="leave the built-in pack out")
+    d.add_argument("--no-detect", action="store_true", help="trace only, raise no alerts")
+    d.add_argument("--alerts", metavar="FILE", help="also append every alert to FILE as JSON")
+    d.add_argument("--alerts-only", action="store_true", help="show only alerts (and losses)")
+    d.add_argument("--egress-allow", action="append", default=None, metavar="NET[:PORTS]",
+                   help="allow connects to NET (CIDR or address, optional ports 80,443); any "
+                   "other destination alerts; repeatable (default: no allow-list)")  # fmt: skip
     p.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")
 
 
@@ -158,10 +177,40 @@ def _color(args: argparse.Namespace) -> bool:
 
 def _sinks(args: argparse.Namespace) -> list[Sink]:
     renderer = None if args.json else TextRenderer(color=_color(args), width=args.width)
-    sinks: list[Sink] = [TerminalSink(sys.stdout, renderer)]
+    sinks: list[Sink] = [TerminalSink(sys.stdout, renderer, alerts_only=args.alerts_only)]
     if args.events:
         sinks.append(JsonFileSink(args.events))
+    if args.alerts:
+        sinks.append(JsonFileSink(args.alerts, alerts_only=True))
     return sinks
+
+
+def _engine(args: argparse.Namespace) -> Engine | None:
+    """The detection engine with the built-in pack and the user's rules; refusals said."""
+    if args.no_detect:
+        return None
+    paths = [] if args.no_builtin_rules else [BUILTIN_RULES]
+    paths += [Path(r) for r in args.rules]
+    for path in paths:
+        if not path.exists():
+            raise SystemExit(f"sandtrace: rules path {path} does not exist")
+    rules = load_paths(paths)
+    for where, why in rules.refused:
+        print(f"sandtrace: rule not loaded: {where}: {why}", file=sys.stderr)
+    try:
+        egress = EgressPolicy.parse(args.egress_allow) if args.egress_allow else None
+    except ValueError as exc:
+        raise SystemExit(f"sandtrace: {exc}") from None
+    return Engine(rules, egress)
+
+
+def _detecting(engine: Engine | None) -> str:
+    """What the startup line says about detection."""
+    if engine is None:
+        return "no detection"
+    rules = engine.rules
+    allow = f", egress allow-list of {len(engine.egress.allowed)}" if engine.egress else ""
+    return f"{len(rules.rules)} rules, {len(rules.correlations)} correlations{allow}"
 
 
 def _load_probes(args: argparse.Namespace, trace_all: bool = False) -> Probes:
@@ -227,11 +276,14 @@ async def _run(args: argparse.Namespace) -> int:
         scopes = [Scope(sandbox.name, [rel])]
         probes.trace_cgroup(sandbox.path, 0)
         assembler = _assembler(root, scopes)
-        pipeline = Pipeline(probes, assembler, [EscapeFollower(probes, root), *_sinks(args)])
+        engine = _engine(args)
+        pipeline = Pipeline(
+            probes, assembler, [EscapeFollower(probes, root), *_sinks(args)], engine=engine
+        )
         stop = asyncio.Event()
         print(
-            f"sandtrace: tracing sandbox {sandbox.name} (cgroup {rel}) running "
-            f"{' '.join(cmd)!r}; Ctrl-C stops",
+            f"sandtrace: tracing sandbox {sandbox.name} (cgroup {rel}, {_detecting(engine)}) "
+            f"running {' '.join(cmd)!r}; Ctrl-C stops",
             file=sys.stderr,
         )
         runner = asyncio.create_task(pipeline.run(stop))
@@ -317,11 +369,17 @@ async def _watch(args: argparse.Namespace) -> int:
             for p in pids:
                 assembler.procs.seed_from_proc(p)
         held = await asyncio.to_thread(held_socket_events, assembler, pids_by_scope, root)
-        pipeline = Pipeline(probes, assembler, [EscapeFollower(probes, root), *_sinks(args)])
+        engine = _engine(args)
+        pipeline = Pipeline(
+            probes, assembler, [EscapeFollower(probes, root), *_sinks(args)], engine=engine
+        )
         stop = asyncio.Event()
         _install_stop(stop)
         what = ", ".join(s.name for s in scopes)
-        print(f"sandtrace: watching {what}; Ctrl-C or SIGTERM stops", file=sys.stderr)
+        print(
+            f"sandtrace: watching {what} ({_detecting(engine)}); Ctrl-C or SIGTERM stops",
+            file=sys.stderr,
+        )
         for event in held:
             pipeline.emit(event)
         totals = await pipeline.run(stop)

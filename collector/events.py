@@ -38,6 +38,7 @@ class Process:
     start_ns: int  # boot-relative start time of the process (with pid: unique key)
     key: str  # unique across pid reuse: "<pid>@<start_ns>"
     exe: bytes = b""  # absolute path of the executable, when known
+    argv: list[bytes] = field(default_factory=list)  # its current argv, when known
     user: str = ""  # user name for uid, when the host knows it
     group: str = ""
     ancestry: list[AncestorRef] = field(default_factory=list)
@@ -181,6 +182,28 @@ class LostEvent:
     errors: dict[str, int]  # kernel map updates that failed
 
 
+@dataclass(slots=True)
+class Alert:
+    """A detection: a rule matched one or more events of one process."""
+
+    kind: ClassVar[str] = "alert"
+
+    alert_id: str
+    rule_id: str
+    title: str
+    level: str  # informational, low, medium, high, critical
+    tags: list[str]
+    description: str
+    time_ns: int  # of the (last) triggering event
+    host: str
+    sandbox: str
+    process: Process  # the acting process, with its ancestry up to the sandbox root
+    events: list[Any]  # the triggering events (AnyEvent)
+    count: int = 1  # events folded into this alert
+    repeat: bool = False  # a summary of repeats folded after the first alert
+    raised_ns: int = 0  # wall clock when the engine raised it (time_ns to here: detection lag)
+
+
 AnyEvent = (
     ExecEvent
     | ForkEvent
@@ -205,18 +228,21 @@ EVENT_TYPES: dict[str, type[Any]] = {
         SocketEvent,
         CgroupMoveEvent,
         LostEvent,
+        Alert,
     )
 }
 
 
-def to_dict(event: AnyEvent) -> dict[str, Any]:
-    """Plain dict of an event, bytes kept as bytes, with its kind."""
+def to_dict(event: AnyEvent | Alert) -> dict[str, Any]:
+    """Plain dict of an event, bytes kept as bytes, with its kind (also nested events')."""
     d = dataclasses.asdict(event)
     d["kind"] = event.kind
+    if isinstance(event, Alert):
+        d["events"] = [to_dict(e) for e in event.events]
     return d
 
 
-def encode(event: AnyEvent) -> bytes:
+def encode(event: AnyEvent | Alert) -> bytes:
     """msgpack of one event, tagged with the wire version."""
     d = to_dict(event)
     d["v"] = WIRE_VERSION
@@ -230,7 +256,7 @@ def _process_from(d: Any) -> Process:
     return Process(**d, ancestry=ancestry)
 
 
-def decode(data: bytes) -> AnyEvent:
+def decode(data: bytes) -> AnyEvent | Alert:
     """Inverse of encode(); raises WireVersionError or EventFormatError (both ValueError) on
     anything it cannot read, whatever the bytes."""
     try:
@@ -244,6 +270,14 @@ def decode(data: bytes) -> AnyEvent:
         raise WireVersionError(
             f"event wire version {version!r} is not supported (this build reads {WIRE_VERSION})"
         )
+    event: AnyEvent | Alert = from_dict(d)
+    return event
+
+
+def from_dict(d: Any) -> Any:
+    """An event (or alert) from its to_dict() form; EventFormatError when it is not one."""
+    if not isinstance(d, dict):
+        raise EventFormatError("encoded event is not a map")
     kind = d.pop("kind", None)
     cls = EVENT_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
@@ -251,6 +285,11 @@ def decode(data: bytes) -> AnyEvent:
     try:
         if "process" in d:
             d["process"] = _process_from(d["process"])
-        return cls(**d)  # type: ignore[no-any-return]
+        if cls is Alert:
+            events = d.get("events")
+            if not isinstance(events, list):
+                raise EventFormatError("alert events is not a list")
+            d["events"] = [from_dict(e) for e in events]
+        return cls(**d)
     except TypeError as exc:  # missing or unknown fields
         raise EventFormatError(f"{kind} event has the wrong fields: {exc}") from None

@@ -17,7 +17,7 @@ import structlog
 
 from collector import records as R
 from collector.assemble import Assembler
-from collector.events import AnyEvent, CgroupMoveEvent, LostEvent
+from collector.events import Alert, AnyEvent, CgroupMoveEvent, LostEvent
 from collector.render import TextRenderer, json_line
 
 log = structlog.get_logger("sandtrace.collector")
@@ -51,24 +51,35 @@ class RecordSource(Protocol):
 
 
 class Sink(Protocol):
-    """Where events go. emit() may buffer; flush() is called once per batch of events."""
+    """Where events and alerts go. emit() may buffer; flush() is called once per batch."""
 
-    def emit(self, event: AnyEvent) -> None: ...
+    def emit(self, event: AnyEvent | Alert) -> None: ...
     def flush(self) -> None: ...
     def close(self) -> None: ...
 
 
 class TerminalSink:
-    """One line per event: text from `renderer`, or JSON lines when it is None."""
+    """One line per event or alert: text from `renderer`, or JSON lines when it is None."""
 
-    def __init__(self, stream: IO[str], renderer: TextRenderer | None) -> None:
+    def __init__(
+        self, stream: IO[str], renderer: TextRenderer | None, *, alerts_only: bool = False
+    ) -> None:
         self.stream = stream
         self.renderer = renderer
+        self.alerts_only = alerts_only
         if renderer is not None:
             stream.write(renderer.header() + "\n")
 
-    def emit(self, event: AnyEvent) -> None:
-        line = json_line(event) if self.renderer is None else self.renderer.line(event)
+    def emit(self, event: AnyEvent | Alert) -> None:
+        is_alert = isinstance(event, Alert)
+        if self.alerts_only and not is_alert and not isinstance(event, LostEvent):
+            return
+        if self.renderer is None:
+            line = json_line(event)
+        elif isinstance(event, Alert):
+            line = self.renderer.alert_line(event)
+        else:
+            line = self.renderer.line(event)
         self.stream.write(line + "\n")
 
     def flush(self) -> None:
@@ -79,10 +90,15 @@ class TerminalSink:
 
 
 class JsonFileSink:
-    def __init__(self, path: str) -> None:
-        self._f = Path(path).open("a", encoding="ascii")  # noqa: SIM115 - closed in close()
+    """JSON lines appended to a file: everything, or only alerts."""
 
-    def emit(self, event: AnyEvent) -> None:
+    def __init__(self, path: str, *, alerts_only: bool = False) -> None:
+        self._f = Path(path).open("a", encoding="ascii")  # noqa: SIM115 - closed in close()
+        self.alerts_only = alerts_only
+
+    def emit(self, event: AnyEvent | Alert) -> None:
+        if self.alerts_only and not isinstance(event, Alert):
+            return
         self._f.write(json_line(event) + "\n")
 
     def flush(self) -> None:
@@ -95,10 +111,10 @@ class JsonFileSink:
 class CallbackSink:
     """Hands each event to a function (used by tests and embedding code)."""
 
-    def __init__(self, fn: Callable[[AnyEvent], object]) -> None:
+    def __init__(self, fn: Callable[[AnyEvent | Alert], object]) -> None:
         self._fn = fn
 
-    def emit(self, event: AnyEvent) -> None:
+    def emit(self, event: AnyEvent | Alert) -> None:
         self._fn(event)
 
     def flush(self) -> None:
@@ -106,6 +122,14 @@ class CallbackSink:
 
     def close(self) -> None:
         return None
+
+
+class Detector(Protocol):
+    """The detection engine as the pipeline uses it (detect.engine.Engine)."""
+
+    def feed(self, event: AnyEvent) -> list[Alert]: ...
+    def expire(self, now_ns: int) -> list[Alert]: ...
+    def flush(self) -> list[Alert]: ...
 
 
 class CgroupAttacher(Protocol):
@@ -125,7 +149,7 @@ class EscapeFollower:
         self.probes = probes
         self.cgroup_root = cgroup_root
 
-    def emit(self, event: AnyEvent) -> None:
+    def emit(self, event: AnyEvent | Alert) -> None:
         if isinstance(event, CgroupMoveEvent) and event.left_sandbox:
             target = self.cgroup_root / event.dst_cgroup_path.lstrip("/")
             try:
@@ -161,7 +185,9 @@ class Pipeline:
         assembler: Assembler,
         sinks: list[Sink],
         loss_interval: float = 1.0,
+        engine: Detector | None = None,
     ) -> None:
+        self.engine = engine
         self.probes = probes
         self.assembler = assembler
         self.sinks = sinks
@@ -172,10 +198,13 @@ class Pipeline:
         self._reported_user = 0
         self._reported_errors: Counter[int] = Counter()
 
-    def emit(self, event: AnyEvent) -> None:
+    def emit(self, event: AnyEvent | Alert) -> None:
         self.totals.events[event.kind] += 1
         for sink in self.sinks:
             sink.emit(event)
+        if self.engine is not None and not isinstance(event, Alert):
+            for alert in self.engine.feed(event):
+                self.emit(alert)
 
     def _process_batches(self) -> None:
         events, errors = self.assembler.feed_batches(self.probes.queue.drain())
@@ -229,6 +258,9 @@ class Pipeline:
                 self._process_batches()
                 for ev in self.assembler.expire():
                     self.emit(ev)
+                if self.engine is not None:
+                    for alert in self.engine.expire(time.time_ns()):
+                        self.emit(alert)
                 if time.monotonic() >= next_loss:
                     self.check_losses()
                     next_loss = time.monotonic() + self.loss_interval
@@ -247,6 +279,9 @@ class Pipeline:
         self._process_batches()
         for ev in self.assembler.flush_all():
             self.emit(ev)
+        if self.engine is not None:
+            for alert in self.engine.flush():
+                self.emit(alert)
         self.check_losses()
         for sink in self.sinks:
             sink.close()

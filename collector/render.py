@@ -35,6 +35,7 @@ from datetime import datetime, tzinfo
 from typing import Any
 
 from collector.events import (
+    Alert,
     AnyEvent,
     BindEvent,
     CgroupMoveEvent,
@@ -80,6 +81,14 @@ _KIND_STYLES = {
 _MARKER_STYLE = "1;33"  # bold yellow: [memfd], [deleted], left sandbox
 _ERROR_STYLE = "31"
 _HEADER_STYLE = "1"
+# Alerts stand out between events: reverse video, coloured by level.
+_ALERT_STYLES = {
+    "critical": "1;7;31",
+    "high": "1;7;31",
+    "medium": "1;7;33",
+    "low": "1;7;36",
+    "informational": "1;7",
+}
 
 # The order of kinds in the totals line; kinds not listed follow, sorted.
 _TOTALS_ORDER = (
@@ -267,6 +276,22 @@ class TextRenderer:
         segments += _detail(event)
         return self._finish(segments)
 
+    def alert_line(self, alert: Alert) -> str:
+        """The one line that shows an alert, highlighted on a colour terminal."""
+        style = _ALERT_STYLES.get(alert.level, "1;7")
+        segments: list[_Segment] = [_plain(self._time(alert.time_ns) + " ")]
+        if self.show_host:
+            segments.append(("", [*_cell(alert.host, _HOST_WIDTH), " "]))
+        label = "ALERT" if not alert.repeat else "REPEAT"
+        segments.append((style, _atoms(label)))
+        segments.append(("", _padded(_atoms(label), _KIND_WIDTH)[len(label) :]))
+        segments.append(_plain(f" {alert.process.pid:<{_PID_WIDTH}} "))
+        segments.append(("", [*_cell(alert.process.comm, _COMM_WIDTH), " "]))
+        count = f" x{alert.count}" if alert.count > 1 else ""
+        text = f"[{alert.level}{count}] {alert.title}"
+        segments.append((style, _atoms(text)))
+        return self._finish(segments)
+
     def _time(self, time_ns: int) -> str:
         seconds, ns = divmod(time_ns, 1_000_000_000)
         try:
@@ -417,7 +442,7 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def json_line(event: AnyEvent) -> str:
+def json_line(event: AnyEvent | Alert) -> str:
     """One JSON object, on one line without its newline; ASCII only (see module docstring)."""
     return json.dumps(_jsonable(to_dict(event)), ensure_ascii=True, separators=(",", ":"))
 

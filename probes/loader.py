@@ -146,6 +146,10 @@ class RecordQueue:
             self._batches.append(batch)
             return was_empty
 
+    def pending(self) -> int:
+        """Records waiting to be drained."""
+        return self._pending
+
     def drain(self) -> list[list[bytes]]:
         with self._lock:
             out = list(self._batches)

@@ -52,3 +52,13 @@ def http_host(testnet: NetNS) -> Iterator[HttpHost]:
     """Static HTTP server on 198.51.100.1:8000 serving `http_host.root`."""
     with run_http_host(testnet) as host:
         yield host
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    from tests.e2e.report import lines  # noqa: PLC0415
+
+    report = lines()
+    if report:
+        terminalreporter.section("time from syscall to alert, per incident scenario")
+        for line in report:
+            terminalreporter.write_line(line)

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from collector.events import (
+    Alert,
     AnyEvent,
     BindEvent,
     CgroupMoveEvent,
@@ -608,6 +609,7 @@ def test_json_line_exact() -> None:
             "start_ns": 99,
             "key": "4242@99",
             "exe": "/usr/bin/curl",
+            "argv": [],
             "user": "alice",
             "group": "alice",
             "ancestry": [],
@@ -648,3 +650,30 @@ def test_totals_line() -> None:
 def test_local_time_by_default() -> None:
     line = TextRenderer(False).line(ForkEvent(**common(), child_pid=1))
     assert re.fullmatch(r"\d\d:\d\d:\d\d\.123 fork    4242    curl             child 1", line)
+
+
+def _alert(**kw: Any) -> Alert:
+    base: dict[str, Any] = {
+        "alert_id": "h-1", "rule_id": "r1", "title": "Reverse SSH tunnel", "level": "high",
+        "tags": ["attack.t1572"], "description": "", "time_ns": T0, "host": "h",
+        "sandbox": "st-1", "process": process(comm=b"ssh\x1b[2J"), "events": [],
+    }  # fmt: skip
+    base.update(kw)
+    return Alert(**base)
+
+
+def test_alert_line_plain_and_escaped() -> None:
+    r = TextRenderer(color=False, tz=UTC)
+    assert r.alert_line(_alert()) == (
+        "22:13:20.123 ALERT   4242    ssh\\x1b[2J       [high] Reverse SSH tunnel"
+    )
+    assert r.alert_line(_alert(count=12, repeat=True)) == (
+        "22:13:20.123 REPEAT  4242    ssh\\x1b[2J       [high x12] Reverse SSH tunnel"
+    )
+
+
+def test_alert_line_is_highlighted_only_in_colour() -> None:
+    line = TextRenderer(color=True, tz=UTC).alert_line(_alert(level="critical"))
+    assert "\x1b[1;7;31mALERT\x1b[0m" in line
+    assert "\x1b[2J" not in line  # the process's bytes stay escaped
+    assert "\x1b" not in TextRenderer(color=False).alert_line(_alert())

@@ -1,0 +1,268 @@
+"""The detection engine: events in, alerts out. Pure: no root, no BCC, no I/O.
+
+The same engine runs embedded in ``sandtrace run``/``watch`` and, later, in the detection
+service. Per event it evaluates the rules of the event's log source, feeds correlation
+windows, checks the sandbox's egress allow-list, and folds repeats of one rule for one
+process into a single alert with a count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import itertools
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from collector.events import Alert, AnyEvent, ConnectEvent, Event
+from detect.fields import category_of, fields_of
+from detect.sigma import Correlation, Rule, RuleSet
+
+EGRESS_RULE_ID = "sandtrace-egress-allow-list"
+
+
+class RuleInfo(Protocol):
+    """What an alert names of its rule (a Rule, a Correlation, or a built-in check)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def title(self) -> str: ...
+    @property
+    def level(self) -> str: ...
+    @property
+    def tags(self) -> list[str]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class BuiltinRule:
+    id: str
+    title: str
+    level: str
+    tags: list[str]
+
+
+EGRESS_RULE = BuiltinRule(
+    EGRESS_RULE_ID,
+    "Connection outside the sandbox's egress allow-list",
+    "high",
+    ["attack.exfiltration", "attack.command_and_control", "attack.t1041"],
+)
+NS = 1_000_000_000
+
+
+@dataclass(slots=True)
+class EgressPolicy:
+    """Destinations a sandbox may connect to: networks, each with optional ports."""
+
+    allowed: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, frozenset[int]]] = field(
+        default_factory=list
+    )
+
+    @classmethod
+    def parse(cls, specs: Iterable[str]) -> EgressPolicy:
+        """Entries like ``192.0.2.0/24``, ``198.51.100.7:443``, ``10.0.0.0/8:80,443``,
+        ``2001:db8::/32`` and, with ports, ``[2001:db8::/32]:53``. ValueError names a bad one."""
+        out = cls()
+        for spec in specs:
+            if spec.startswith("["):
+                net_part, _, rest = spec[1:].partition("]")
+                ports_part = rest.removeprefix(":")
+            elif spec.count(":") == 1:
+                net_part, _, ports_part = spec.partition(":")
+            else:
+                net_part, ports_part = spec, ""
+            try:
+                net = ipaddress.ip_network(net_part, strict=False)
+                ports = frozenset(int(p) for p in ports_part.split(",") if p)
+            except ValueError as exc:
+                raise ValueError(f"egress allow-list entry {spec!r}: {exc}") from None
+            out.allowed.append((net, ports))
+        return out
+
+    def allows(self, addr: str, port: int) -> bool:
+        try:
+            ip = ipaddress.ip_address(addr)
+        except ValueError:
+            return False
+        if ip.is_loopback:
+            return True  # the sandbox talking to itself
+        return any(
+            ip.version == net.version and ip in net and (not ports or port in ports)
+            for net, ports in self.allowed
+        )
+
+
+@dataclass(slots=True)
+class _Fold:
+    alert: Alert
+    until_ns: int
+    extra: int = 0
+    last: Event | None = None
+
+
+class Engine:
+    def __init__(
+        self,
+        rules: RuleSet,
+        egress: EgressPolicy | None = None,
+        fold_seconds: float = 60.0,
+    ) -> None:
+        self.rules = rules
+        self.egress = egress
+        self.fold_ns = int(fold_seconds * NS)
+        self._by_category: dict[str, list[Rule]] = {}
+        for rule in rules.rules:
+            self._by_category.setdefault(rule.category, []).append(rule)
+        # rule id -> the correlations that count it (they refer to rules by name or id)
+        self._correlations_of: dict[str, list[Correlation]] = {}
+        # Rules a correlation counts do not alert on their own, unless it says `generate`
+        # (Sigma's default).
+        self.silent: set[str] = set()  # ids of rules that only feed correlations
+        for corr in rules.correlations:
+            for rule in rules.rules:
+                if rule.name in corr.rules or rule.id in corr.rules:
+                    self._correlations_of.setdefault(rule.id, []).append(corr)
+                    if not corr.generate:
+                        self.silent.add(rule.id)
+        self._windows: dict[tuple[str, tuple[Any, ...]], deque[tuple[int, Any]]] = {}
+        self._window_ns = {c.id: int(c.seconds * NS) for c in rules.correlations}
+        self._folds: dict[tuple[str, str], _Fold] = {}
+        self._ids = itertools.count(1)
+        self.matches = 0
+
+    # -- public -----------------------------------------------------------------------------
+
+    def feed(self, event: AnyEvent) -> list[Alert]:
+        category = category_of(event)
+        if category is None or not isinstance(event, Event):
+            return []
+        out: list[Alert] = []
+        rules = self._by_category.get(category, ())
+        fields = fields_of(event) if rules or self.egress is not None else None
+        if fields is not None:
+            for rule in rules:
+                if not rule.match(fields):
+                    continue
+                self.matches += 1
+                if rule.id not in self.silent:
+                    self._raise(out, rule, rule.description, event)
+                for corr in self._correlations_of.get(rule.id, ()):
+                    self._correlate(out, corr, rule, event, fields)
+        if (
+            self.egress is not None
+            and isinstance(event, ConnectEvent)
+            and not self.egress.allows(event.daddr, event.dport)
+        ):
+            where = f"{event.protocol} {event.daddr}:{event.dport}"
+            self._raise(out, EGRESS_RULE, f"{where} is not on the allow-list", event)
+        return out
+
+    def expire(self, now_ns: int) -> list[Alert]:
+        """Close fold windows that have ended (repeats they folded come out as summaries) and
+        forget correlation windows with nothing recent in them, so memory stays bounded by
+        what is active."""
+        for wkey, window in list(self._windows.items()):
+            if not window or window[-1][0] < now_ns - self._window_ns[wkey[0]]:
+                del self._windows[wkey]
+        out = []
+        for fkey, fold in list(self._folds.items()):
+            if fold.until_ns <= now_ns:
+                del self._folds[fkey]
+                if fold.extra:
+                    out.append(self._summary(fold))
+        return out
+
+    def flush(self) -> list[Alert]:
+        return self.expire(1 << 62)
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _raise(self, out: list[Alert], rule: RuleInfo, description: str, event: Event) -> None:
+        """An alert for `rule` on `event`, or a count on the one already raised for this rule
+        and process within the fold window."""
+        key = (rule.id, event.process.key)
+        fold = self._folds.get(key)
+        if fold is not None and event.time_ns < fold.until_ns:
+            fold.extra += 1
+            fold.last = event
+            return
+        if fold is not None and fold.extra:
+            out.append(self._summary(fold))
+        alert = Alert(
+            alert_id=f"{event.host}-{next(self._ids)}",
+            rule_id=rule.id,
+            title=rule.title,
+            level=rule.level,
+            tags=list(rule.tags),
+            description=description,
+            time_ns=event.time_ns,
+            host=event.host,
+            sandbox=event.sandbox,
+            process=event.process,
+            events=[event],
+            raised_ns=time.time_ns(),
+        )
+        self._folds[key] = _Fold(alert, event.time_ns + self.fold_ns)
+        out.append(alert)
+
+    def _summary(self, fold: _Fold) -> Alert:
+        last = fold.last if fold.last is not None else fold.alert.events[-1]
+        return dataclasses.replace(
+            fold.alert,
+            count=fold.extra + 1,
+            repeat=True,
+            time_ns=getattr(last, "time_ns", fold.alert.time_ns),
+            events=[last],
+            raised_ns=time.time_ns(),
+        )
+
+    def _correlate(self, out: list[Alert], corr: Correlation, rule: Rule, event: Event,
+                   fields: dict[str, Any]) -> None:  # fmt: skip
+        group = tuple(fields.get(g) for g in corr.group_by)
+        window = self._windows.setdefault((corr.id, group), deque())
+        now = event.time_ns
+        if corr.kind == "value_count":
+            window.append((now, fields.get(corr.field or "")))
+        elif corr.kind in ("temporal", "temporal_ordered"):
+            window.append((now, rule.name if rule.name in corr.rules else rule.id))
+        else:
+            window.append((now, None))
+        horizon = now - int(corr.seconds * NS)
+        while window and window[0][0] < horizon:
+            window.popleft()
+        if corr.kind == "value_count":
+            value = len({v for _, v in window if v not in (None, "")})
+        elif corr.kind == "temporal":
+            value = len({v for _, v in window})
+        elif corr.kind == "temporal_ordered":
+            value = _ordered_prefix(corr.rules, [v for _, v in window])
+        else:
+            value = len(window)
+        temporal = corr.kind.startswith("temporal")
+        if _compare(value, corr.op, len(corr.rules) if temporal else corr.count):
+            detail = f"{corr.kind} {value} in {corr.seconds:g}s"
+            self._raise(out, corr, f"{corr.description} ({detail})".strip(), event)
+            window.clear()  # the next alert needs a window of its own
+
+
+def _ordered_prefix(order: list[str], seen: list[str]) -> int:
+    """How many of the rules in `order` matched in that order within the window."""
+    i = 0
+    for name in seen:
+        if i < len(order) and name == order[i]:
+            i += 1
+    return i
+
+
+def _compare(value: int, op: str, ref: int) -> bool:
+    return {
+        "gte": value >= ref,
+        "gt": value > ref,
+        "lte": value <= ref,
+        "lt": value < ref,
+        "eq": value == ref,
+    }.get(op, False)

@@ -1,0 +1,403 @@
+"""Sigma rules, parsed by pySigma and evaluated natively against sandtrace's field dicts.
+
+pySigma turns a rule's detection and condition into a tree of AND/OR/NOT nodes over
+(field, value) tests, with every value modifier already applied: ``contains`` becomes a
+wildcard string, ``windash`` and ``base64offset`` become expansions, ``re`` a regular
+expression, ``cidr`` a network. This module compiles that tree once into Python closures;
+matching an event is then a handful of calls, with no query language in between.
+
+A rule sandtrace cannot evaluate (another log source, a field it does not provide, a
+value type it does not support) is refused with the reason, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import operator
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from sigma.collection import SigmaCollection
+from sigma.conditions import (
+    ConditionAND,
+    ConditionFieldEqualsValueExpression,
+    ConditionNOT,
+    ConditionOR,
+    ConditionValueExpression,
+)
+from sigma.correlations import SigmaCorrelationCondition, SigmaCorrelationRule
+from sigma.exceptions import SigmaError
+from sigma.rule import SigmaRule
+from sigma.types import (
+    SigmaBool,
+    SigmaCasedString,
+    SigmaCIDRExpression,
+    SigmaCompareExpression,
+    SigmaExists,
+    SigmaExpansion,
+    SigmaFieldReference,
+    SigmaNull,
+    SigmaNumber,
+    SigmaRegularExpression,
+    SigmaString,
+    SpecialChars,
+)
+
+from detect.fields import CATEGORY_FIELDS, PRODUCT
+
+Fields = Mapping[str, Any]
+Matcher = Callable[[Fields], bool]
+
+# Keyword rules (no field named) search these fields.
+KEYWORD_FIELDS = ("CommandLine", "Image")
+
+
+class RuleError(ValueError):
+    """A rule sandtrace cannot evaluate; the message says which rule and why."""
+
+
+@dataclass(slots=True)
+class Rule:
+    """One compiled detection rule."""
+
+    id: str
+    name: str  # the rule's `name`, which correlations refer to, or its id
+    title: str
+    level: str
+    category: str
+    description: str
+    tags: list[str]
+    falsepositives: list[str]
+    source: str  # the file it came from
+    match: Matcher
+
+
+@dataclass(slots=True)
+class Correlation:
+    id: str
+    title: str
+    level: str
+    description: str
+    tags: list[str]
+    kind: str  # event_count | value_count | temporal | temporal_ordered
+    rules: list[str]  # names/ids of the rules it counts
+    group_by: list[str]
+    seconds: float
+    op: str  # gte, gt, lte, lt, eq
+    count: int
+    field: str | None  # value_count's field
+    source: str
+    generate: bool = False  # whether the rules it counts also alert on their own
+
+
+@dataclass(slots=True)
+class RuleSet:
+    rules: list[Rule] = field(default_factory=list)
+    correlations: list[Correlation] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)  # (where, why)
+
+
+# -- values ----------------------------------------------------------------------------------
+
+
+def _string_regex(value: SigmaString, cased: bool) -> re.Pattern[str]:
+    parts = []
+    for part in value.s:
+        if part == SpecialChars.WILDCARD_MULTI:
+            parts.append(".*")
+        elif part == SpecialChars.WILDCARD_SINGLE:
+            parts.append(".")
+        elif isinstance(part, str):
+            parts.append(re.escape(part))
+        else:
+            raise RuleError(f"placeholder or special value {part!r} is not supported")
+    flags = re.DOTALL | (0 if cased else re.IGNORECASE)
+    return re.compile("".join(parts), flags)
+
+
+def _string_test(value: SigmaString, cased: bool) -> Callable[[str], bool]:
+    """Fast paths for the common shapes: plain, *x*, x*, *x."""
+    parts = value.s
+    plain = [p for p in parts if isinstance(p, str)]
+    wild = [p for p in parts if p == SpecialChars.WILDCARD_MULTI]
+    if len(plain) + len(wild) == len(parts) and len(plain) <= 1:
+        needle = plain[0] if plain else ""
+        if not cased:
+            needle = needle.lower()
+        norm: Callable[[str], str] = (lambda s: s) if cased else str.lower
+        shape = tuple(p == SpecialChars.WILDCARD_MULTI for p in parts)
+        if shape in ((False,), ()):
+            return lambda s: norm(s) == needle
+        if shape == (True, False, True):
+            return lambda s: needle in norm(s)
+        if shape == (False, True):
+            return lambda s: norm(s).startswith(needle)
+        if shape == (True, False):
+            return lambda s: norm(s).endswith(needle)
+        if shape == (True,):
+            return lambda s: True
+    rx = _string_regex(value, cased)
+    return lambda s: rx.fullmatch(s) is not None
+
+
+def _scalar_test(value: Any) -> Callable[[Any], bool]:
+    """A test for one field value (a string, a number, or absent)."""
+    if isinstance(value, SigmaExpansion):
+        tests = [_scalar_test(v) for v in value.values]
+        return lambda v: any(t(v) for t in tests)
+    if isinstance(value, SigmaCasedString | SigmaString):
+        stest = _string_test(value, cased=isinstance(value, SigmaCasedString))
+        number = None
+        if value.s and all(isinstance(p, str) for p in value.s):
+            try:
+                number = int("".join(value.s))  # type: ignore[arg-type]
+            except ValueError:
+                number = None
+
+        def test_string(v: Any) -> bool:
+            if v is None:
+                return False
+            if isinstance(v, bool):
+                v = "true" if v else "false"
+            if isinstance(v, int):
+                return number is not None and v == number
+            return stest(str(v))
+
+        return test_string
+    if isinstance(value, SigmaNumber):
+        n = value.number
+        return lambda v: v is not None and not isinstance(v, bool) and _num(v) == n
+    if isinstance(value, SigmaBool):
+        want = "true" if value.boolean else "false"
+        return lambda v: v is not None and str(v).lower() == want
+    if isinstance(value, SigmaNull):
+        return lambda v: v is None or v == ""
+    if isinstance(value, SigmaRegularExpression):
+        flags = 0
+        for flag in value.flags:
+            flags |= value.sigma_to_python_flags[flag]
+        try:
+            rx = re.compile(str(value.regexp), flags)
+        except re.error as exc:
+            raise RuleError(f"regular expression {str(value.regexp)!r}: {exc}") from None
+        return lambda v: v is not None and rx.search(str(v)) is not None
+    if isinstance(value, SigmaCIDRExpression):
+        net = value.network
+        return lambda v: _in_network(v, net)
+    if isinstance(value, SigmaCompareExpression):
+        ops: dict[Any, Callable[[float, float], bool]] = {
+            SigmaCompareExpression.CompareOperators.LT: operator.lt,
+            SigmaCompareExpression.CompareOperators.LTE: operator.le,
+            SigmaCompareExpression.CompareOperators.GT: operator.gt,
+            SigmaCompareExpression.CompareOperators.GTE: operator.ge,
+            SigmaCompareExpression.CompareOperators.NEQ: operator.ne,
+        }
+        op = ops[value.op]
+        ref = value.number.number
+        ref_f = float(ref)
+
+        def compare(v: Any) -> bool:
+            n = _num(v)
+            return n is not None and op(n, ref_f)
+
+        return compare
+    raise RuleError(f"value {value!r} ({type(value).__name__}) is not supported")
+
+
+def _num(v: Any) -> float | None:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _in_network(v: Any, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+    if not v:
+        return False
+    try:
+        return ipaddress.ip_address(str(v)) in net
+    except ValueError:
+        return False
+
+
+def _as_keyword(value: Any) -> Any:
+    """Keywords are searched for anywhere in the text, as Sigma's full-text search does."""
+    if isinstance(value, SigmaString) and not isinstance(value, SigmaCasedString):
+        parts = list(value.s)
+        if not parts or parts[0] != SpecialChars.WILDCARD_MULTI:
+            parts.insert(0, SpecialChars.WILDCARD_MULTI)
+        if parts[-1] != SpecialChars.WILDCARD_MULTI:
+            parts.append(SpecialChars.WILDCARD_MULTI)
+        keyword = SigmaString("")
+        keyword.s = parts
+        return keyword
+    if isinstance(value, SigmaExpansion):
+        return SigmaExpansion([_as_keyword(v) for v in value.values])
+    return value
+
+
+def _field_test(name: str, value: Any) -> Matcher:
+    if isinstance(value, SigmaExists):
+        want = value.exists
+        return lambda f: (f.get(name) not in (None, "", [])) == want
+    if isinstance(value, SigmaFieldReference):
+        other = value.field
+        return lambda f: f.get(name) is not None and f.get(name) == f.get(other)
+    test = _scalar_test(value)
+
+    def match(f: Fields) -> bool:
+        v = f.get(name)
+        if isinstance(v, list):
+            return any(test(x) for x in v)
+        return test(v)
+
+    return match
+
+
+def _compile(node: Any, fields: Mapping[str, str], used: set[str]) -> Matcher:
+    if isinstance(node, ConditionAND):
+        parts = [_compile(a, fields, used) for a in node.args]
+        return lambda f: all(p(f) for p in parts)
+    if isinstance(node, ConditionOR):
+        parts = [_compile(a, fields, used) for a in node.args]
+        return lambda f: any(p(f) for p in parts)
+    if isinstance(node, ConditionNOT):
+        inner = _compile(node.args[0], fields, used)
+        return lambda f: not inner(f)
+    if isinstance(node, ConditionFieldEqualsValueExpression):
+        if node.field not in fields:
+            raise RuleError(f"field {node.field!r} is not provided for this log source")
+        used.add(node.field)
+        return _field_test(node.field, node.value)
+    if isinstance(node, ConditionValueExpression):
+        test = _scalar_test(_as_keyword(node.value))
+        return lambda f: any(test(f.get(k)) for k in KEYWORD_FIELDS)
+    raise RuleError(f"condition element {type(node).__name__} is not supported")
+
+
+# -- rules -----------------------------------------------------------------------------------
+
+
+def _level(rule: SigmaRule | SigmaCorrelationRule) -> str:
+    return rule.level.name.lower() if rule.level else "medium"
+
+
+def _tags(rule: SigmaRule | SigmaCorrelationRule) -> list[str]:
+    return [str(t) for t in rule.tags]
+
+
+def compile_rule(rule: SigmaRule, source: str) -> Rule:
+    ls = rule.logsource
+    if ls.product != PRODUCT or ls.category not in CATEGORY_FIELDS or ls.service:
+        raise RuleError(
+            f"log source product={ls.product} category={ls.category} service={ls.service} "
+            f"is not one sandtrace provides (product linux, categories "
+            f"{', '.join(sorted(CATEGORY_FIELDS))})"
+        )
+    fields = CATEGORY_FIELDS[ls.category]
+    used: set[str] = set()
+    try:
+        parts = [_compile(c.parse(), fields, used) for c in rule.detection.parsed_condition]
+    except SigmaError as exc:
+        raise RuleError(str(exc)) from None
+    match: Matcher = parts[0] if len(parts) == 1 else (lambda f: any(p(f) for p in parts))
+    rid = str(rule.id) if rule.id else rule.title
+    return Rule(
+        id=rid,
+        name=rule.name or rid,
+        title=rule.title,
+        level=_level(rule),
+        category=ls.category,
+        description=rule.description or "",
+        tags=_tags(rule),
+        falsepositives=list(rule.falsepositives),
+        source=source,
+        match=match,
+    )
+
+
+def _correlation(rule: SigmaCorrelationRule, source: str) -> Correlation:
+    kind = rule.type.name.lower()
+    if kind not in ("event_count", "value_count", "temporal", "temporal_ordered"):
+        raise RuleError(f"correlation type {kind} is not supported")
+    cond = rule.condition
+    if cond is not None and not isinstance(cond, SigmaCorrelationCondition):
+        raise RuleError("extended correlation conditions are not supported")
+    op = cond.op.name.lower() if cond is not None else "gte"
+    count = cond.count if cond is not None else len(rule.rules or [])
+    fieldref = cond.fieldref if cond is not None else None
+    if isinstance(fieldref, list):
+        if len(fieldref) != 1:
+            raise RuleError("a value_count over several fields is not supported")
+        fieldref = fieldref[0]
+    return Correlation(
+        id=str(rule.id) if rule.id else rule.title,
+        title=rule.title,
+        level=_level(rule),
+        description=rule.description or "",
+        tags=_tags(rule),
+        kind=kind,
+        rules=[r.reference for r in rule.rules or []],
+        group_by=list(rule.group_by or []),
+        seconds=float(rule.timespan.seconds),
+        op=op,
+        count=int(count),
+        field=fieldref,
+        source=source,
+        generate=bool(getattr(rule, "generate", False)),
+    )
+
+
+def load_text(text: str, source: str, into: RuleSet) -> None:
+    """Load the rules of one YAML document stream; refusals are recorded, not raised."""
+    try:
+        collection = SigmaCollection.from_yaml(text, collect_errors=True)
+    except (SigmaError, yaml.YAMLError) as exc:
+        into.refused.append((source, f"not a Sigma rule file: {exc}"))
+        return
+    for item in collection.rules:
+        where = f"{source}: {getattr(item, 'title', '?')}"
+        errors = getattr(item, "errors", [])
+        if errors:
+            into.refused.append((where, "; ".join(str(e) for e in errors)))
+            continue
+        try:
+            if isinstance(item, SigmaCorrelationRule):
+                into.correlations.append(_correlation(item, source))
+            elif isinstance(item, SigmaRule):
+                into.rules.append(compile_rule(item, source))
+        except RuleError as exc:
+            into.refused.append((where, str(exc)))
+
+
+def load_paths(paths: Iterable[Path], into: RuleSet | None = None) -> RuleSet:
+    """Load every .yml/.yaml file under the given files or directories (tests/ excluded)."""
+    out = into if into is not None else RuleSet()
+    for path in paths:
+        files = (
+            sorted(p for p in path.rglob("*.y*ml") if "tests" not in p.relative_to(path).parts)
+            if path.is_dir()
+            else [path]
+        )
+        for file in files:
+            try:
+                load_text(file.read_text(encoding="utf-8"), str(file), out)
+            except (OSError, UnicodeDecodeError) as exc:
+                out.refused.append((str(file), f"cannot read: {exc}"))
+    _mark_correlated(out)
+    return out
+
+
+def _mark_correlated(rules: RuleSet) -> None:
+    """Drop correlations whose rules did not load, saying so."""
+    known = {r.name for r in rules.rules} | {r.id for r in rules.rules}
+    for c in rules.correlations:
+        missing = [ref for ref in c.rules if ref not in known]
+        if missing:
+            rules.refused.append((f"{c.source}: {c.title}",
+                                  f"refers to rules that were not loaded: {missing}"))  # fmt: skip
+    rules.correlations = [c for c in rules.correlations if all(ref in known for ref in c.rules)]

@@ -1,0 +1,135 @@
+"""The engine: folding repeats, correlation windows, the egress allow-list."""
+
+from __future__ import annotations
+
+import pytest
+
+from collector.events import AnyEvent
+from detect.engine import EGRESS_RULE_ID, EgressPolicy, Engine
+from detect.sigma import RuleSet, load_text
+from detect.testing import event_from_fields
+
+BASE = """
+title: connect to pool port
+id: 00000000-0000-4000-8000-0000000000aa
+name: pool_port
+logsource: {product: linux, category: network_connection}
+detection: {s: {DestinationPort: 3333}, condition: s}
+level: high
+"""
+
+
+def engine(extra: str = "", **kw: object) -> Engine:
+    rules = RuleSet()
+    load_text(BASE + extra, "t", rules)
+    assert rules.refused == []
+    return Engine(rules, **kw)  # type: ignore[arg-type]
+
+
+def connect(at: float, ip: str = "198.51.100.1", port: int = 3333, pid: int = 7) -> AnyEvent:
+    return event_from_fields(
+        "network_connection",
+        {"DestinationIp": ip, "DestinationPort": port, "ProcessId": pid, "Image": "/tmp/m"},
+        at,
+    )
+
+
+def test_repeats_fold_into_one_alert_with_a_count() -> None:
+    e = engine(fold_seconds=60)
+    first = [a for i in range(5) for a in e.feed(connect(i))]
+    assert len(first) == 1 and first[0].count == 1 and not first[0].repeat
+    assert first[0].process.pid == 7
+    assert e.expire(first[0].time_ns + 59 * 10**9) == []
+    (summary,) = e.expire(first[0].time_ns + 60 * 10**9)
+    assert (summary.count, summary.repeat, summary.alert_id) == (5, True, first[0].alert_id)
+    assert e.flush() == []
+
+
+def test_other_process_is_not_folded() -> None:
+    e = engine()
+    a = e.feed(connect(0, pid=7))
+    b = e.feed(connect(0, pid=8))
+    assert len(a) == len(b) == 1 and a[0].alert_id != b[0].alert_id
+
+
+VALUE_COUNT = """---
+title: many hosts
+id: 00000000-0000-4000-8000-0000000000bb
+correlation:
+  type: value_count
+  rules: [pool_port]
+  group-by: [ProcessId]
+  timespan: 10s
+  condition: {gte: 4, field: DestinationIp}
+level: high
+"""
+
+
+def test_value_count_correlation_and_its_window() -> None:
+    e = engine(VALUE_COUNT)
+    ids = []
+    for i in range(3):  # three distinct hosts in 10 s: not yet
+        ids += [a.rule_id for a in e.feed(connect(i, ip=f"198.51.100.{20 + i}"))]
+    assert ids == []  # the referenced rule does not alert on its own
+    late = e.feed(connect(20, ip="198.51.100.29"))
+    assert late == []  # the first three fell out of the window
+    burst = [a.rule_id for i in range(4) for a in e.feed(connect(30 + i, ip=f"198.51.100.{i}"))]
+    assert burst == ["00000000-0000-4000-8000-0000000000bb"]
+
+
+def test_event_count_correlation_groups_by_field() -> None:
+    e = engine("""---
+title: bursts
+id: 00000000-0000-4000-8000-0000000000cc
+correlation: {type: event_count, rules: [pool_port], group-by: [ProcessId], timespan: 5s,
+              condition: {gte: 3}}
+level: medium
+""")
+    fired = [a.rule_id for i in range(2) for pid in (1, 2) for a in e.feed(connect(i, pid=pid))]
+    assert fired == []  # two per process
+    assert [a.rule_id for a in e.feed(connect(2, pid=1))] == [
+        "00000000-0000-4000-8000-0000000000cc"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("specs", "ip", "port", "allowed"),
+    [
+        (["198.51.100.0/24"], "198.51.100.7", 22, True),
+        (["198.51.100.0/24:80,443"], "198.51.100.7", 22, False),
+        (["198.51.100.0/24:80,443"], "198.51.100.7", 443, True),
+        (["192.0.2.1"], "192.0.2.2", 80, False),
+        (["[2001:db8::/32]:53"], "2001:db8::1", 53, True),
+        (["[2001:db8::/32]:53"], "2001:db8::1", 80, False),
+        (["2001:db8::/32"], "2001:db8::1", 80, True),
+        (["0.0.0.0/0", "::/0"], "203.0.113.9", 1, True),
+        ([], "127.0.0.1", 8000, True),  # loopback is the sandbox itself
+    ],
+)
+def test_egress_policy(specs: list[str], ip: str, port: int, allowed: bool) -> None:
+    assert EgressPolicy.parse(specs).allows(ip, port) == allowed
+
+
+def test_egress_rule_alerts_outside_the_list_only() -> None:
+    e = engine(egress=EgressPolicy.parse(["198.51.100.0/24:3333"]))
+    inside = e.feed(connect(0, ip="198.51.100.1", port=3333))
+    outside = e.feed(connect(1, ip="203.0.113.9", port=443, pid=9))
+    assert EGRESS_RULE_ID not in {a.rule_id for a in inside}
+    assert [a.rule_id for a in outside] == [EGRESS_RULE_ID]
+    assert "203.0.113.9:443" in outside[0].description
+
+
+def test_bad_egress_entry_is_named() -> None:
+    with pytest.raises(ValueError, match=r"'10\.0\.0\.300/8'"):
+        EgressPolicy.parse(["10.0.0.300/8"])
+
+
+def test_correlation_window_restarts_after_firing_and_idle_windows_go() -> None:
+    e = engine(VALUE_COUNT, fold_seconds=0)
+    first = [a for i in range(4) for a in e.feed(connect(i * 0.1, ip=f"198.51.100.{i}"))]
+    assert len(first) == 1
+    again = [a for i in range(3) for a in e.feed(connect(1 + i * 0.1, ip=f"198.51.100.{i}"))]
+    assert again == []  # three new ones after the alert are not yet four
+    assert e._windows
+    e.expire(first[0].time_ns + 60 * 10**9)
+    assert not e._windows

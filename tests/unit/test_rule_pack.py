@@ -1,0 +1,54 @@
+"""The built-in rule pack: every rule loads, carries its metadata, and passes its cases."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+
+from detect.engine import Engine
+from detect.sigma import Correlation, Rule, RuleSet, load_paths
+from detect.testing import Case, load_cases
+
+RULES = Path(__file__).resolve().parents[2] / "rules"
+
+
+@functools.cache
+def pack() -> RuleSet:
+    """Parsed once: each case gets a fresh engine over the same compiled rules."""
+    return load_paths([RULES])
+
+
+def all_cases() -> list[Case]:
+    return [c for f in sorted((RULES / "tests").glob("*.yml")) for c in load_cases(f)]
+
+
+def test_every_rule_loads() -> None:
+    rules = pack()
+    assert rules.refused == []
+    assert len(rules.rules) >= 20
+
+
+def test_every_rule_has_metadata_and_cases() -> None:
+    rules = pack()
+    cases = all_cases()
+    entries: list[Rule | Correlation] = [*rules.rules, *rules.correlations]
+    for r in entries:
+        where = f"{r.title} ({r.id})"
+        assert r.level in {"informational", "low", "medium", "high", "critical"}, where
+        assert r.description, where
+        assert any(t.startswith("attack.") for t in r.tags), where
+        if r.id not in Engine(rules).silent:
+            mine = [c for c in cases if c.rule == r.id]
+            assert any(c.fire for c in mine), f"{where}: no case that must fire"
+            assert any(not c.fire for c in mine), f"{where}: no near-miss case"
+    for r in rules.rules:
+        assert r.falsepositives, f"{r.title}: no false-positive notes"
+
+
+@pytest.mark.parametrize("case", all_cases(), ids=lambda c: f"{Path(c.source).stem}: {c.name}")
+def test_case(case: Case) -> None:
+    engine = Engine(pack())
+    fired = {a.rule_id for e in case.events for a in engine.feed(e)}
+    assert (case.rule in fired) == case.fire, f"fired: {sorted(fired)}"

@@ -1,0 +1,184 @@
+"""Native Sigma evaluation: modifiers, conditions, refusals, and real SigmaHQ rules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from detect.engine import Engine
+from detect.sigma import RuleSet, load_paths, load_text
+from detect.testing import event_from_fields
+
+SIGMAHQ = Path(__file__).resolve().parents[1] / "data" / "sigmahq"
+
+
+def rule(detection: str, category: str = "process_creation") -> RuleSet:
+    text = f"""
+title: test rule
+id: 00000000-0000-4000-8000-000000000001
+logsource: {{product: linux, category: {category}}}
+detection:
+{detection}
+level: high
+"""
+    rules = RuleSet()
+    load_text(text, "test", rules)
+    return rules
+
+
+def matches(detection: str, fields: dict[str, Any], category: str = "process_creation") -> bool:
+    rules = rule(detection, category)
+    assert rules.refused == []
+    return rules.rules[0].match(fields)
+
+
+@pytest.mark.parametrize(
+    ("detection", "fields", "expected"),
+    [
+        ("  s: {Image|endswith: /ssh}\n  condition: s", {"Image": "/usr/bin/SSH"}, True),
+        ("  s: {Image|endswith: /ssh}\n  condition: s", {"Image": "/usr/bin/sshd"}, False),
+        ("  s: {Image|startswith: /tmp/}\n  condition: s", {"Image": "/tmp/.x/y"}, True),
+        (
+            "  s: {CommandLine|contains: stratum+tcp}\n  condition: s",
+            {"CommandLine": "x -o STRATUM+TCP://h:1"},
+            True,
+        ),
+        (
+            "  s: {CommandLine|contains|all: [' -N', ' -R']}\n  condition: s",
+            {"CommandLine": "ssh -N -R 1:h:2 u@h"},
+            True,
+        ),
+        (
+            "  s: {CommandLine|contains|all: [' -N', ' -R']}\n  condition: s",
+            {"CommandLine": "ssh -N u@h"},
+            False,
+        ),
+        ("  s: {Image|cased: /usr/bin/SSH}\n  condition: s", {"Image": "/usr/bin/ssh"}, False),
+        ("  s: {Image: '/usr/bin/s?h'}\n  condition: s", {"Image": "/usr/bin/ssh"}, True),
+        (
+            "  s: {CommandLine|re: '-[a-zA-Z]*R\\s*[0-9]+:'}\n  condition: s",
+            {"CommandLine": "ssh -NfR 8080:localhost:22 h"},
+            True,
+        ),
+        (
+            "  s: {DestinationIp|cidr: 198.51.100.0/24}\n  condition: s",
+            {"DestinationIp": "198.51.100.9"},
+            True,
+        ),
+        (
+            "  s: {DestinationIp|cidr: 198.51.100.0/24}\n  condition: s",
+            {"DestinationIp": "192.0.2.1"},
+            False,
+        ),
+        (
+            "  s: {DestinationIp|cidr: '2001:db8::/32'}\n  condition: s",
+            {"DestinationIp": "2001:db8::5"},
+            True,
+        ),
+        ("  s: {DestinationPort: 3333}\n  condition: s", {"DestinationPort": 3333}, True),
+        ("  s: {DestinationPort: '3333'}\n  condition: s", {"DestinationPort": 3333}, True),
+        ("  s: {DestinationPort|gte: 1024}\n  condition: s", {"DestinationPort": 80}, False),
+        ("  s: {DestinationPort|lt: 1024}\n  condition: s", {"DestinationPort": 80}, True),
+        (
+            "  s: {CommandLine|windash|contains: ' -R '}\n  condition: s",
+            {"CommandLine": "ssh /R x"},
+            True,
+        ),
+        (
+            "  s: {CommandLine|base64offset|contains: 'stratum+tcp://'}\n  condition: s",
+            {"CommandLine": "echo c3RyYXR1bSt0Y3A6Ly9o | base64 -d | sh"},
+            True,
+        ),
+        ("  s: {SourceIp|exists: false}\n  condition: s", {"SourceIp": ""}, True),
+        ("  s: {Argv: '-R'}\n  condition: s", {"Argv": ["ssh", "-R", "1:h:2"]}, True),
+        (
+            "  s: {ParentImage|fieldref: Image}\n  condition: s",
+            {"Image": "/bin/sh", "ParentImage": "/bin/sh"},
+            True,
+        ),
+        ("  k: [pty.spawn]\n  condition: k", {"CommandLine": "python3 -c 'pty.spawn(1)'"}, True),
+        (
+            "  a: {Image|endswith: /nc}\n  b: {CommandLine|contains: ' -l'}\n"
+            "  condition: a and not b",
+            {"Image": "/bin/nc", "CommandLine": "nc -lvp 1"},
+            False,
+        ),
+        (
+            "  sel_a: {Image|endswith: /nc}\n  sel_b: {Image|endswith: /ncat}\n"
+            "  condition: 1 of sel_*",
+            {"Image": "/usr/bin/ncat"},
+            True,
+        ),
+        (
+            "  sel_a: {Image|endswith: /nc}\n  sel_b: {CommandLine|contains: -e}\n"
+            "  condition: all of sel_*",
+            {"Image": "/usr/bin/nc", "CommandLine": "nc h 1"},
+            False,
+        ),
+    ],
+)
+def test_modifiers_and_conditions(detection: str, fields: dict[str, Any], expected: bool) -> None:
+    category = (
+        "network_connection"
+        if any(k.startswith(("Dest", "Source")) for k in fields)
+        else ("process_creation")
+    )
+    assert matches(detection, fields, category) == expected
+
+
+def test_unknown_field_is_refused_with_the_reason() -> None:
+    rules = rule("  s: {TargetFilename|endswith: .sh}\n  condition: s")
+    assert rules.rules == []
+    ((where, why),) = rules.refused
+    assert "test rule" in where and "TargetFilename" in why and "not provided" in why
+
+
+def test_unknown_log_source_is_refused_with_the_reason() -> None:
+    rules = RuleSet()
+    load_text(
+        """
+title: windows rule
+logsource: {product: windows, category: process_creation}
+detection: {s: {Image|endswith: '\\\\cmd.exe'}, condition: s}
+""",
+        "w",
+        rules,
+    )
+    assert rules.rules == []
+    assert "product=windows" in rules.refused[0][1]
+
+
+def test_broken_yaml_is_refused_not_fatal() -> None:
+    rules = RuleSet()
+    load_text("title: [unclosed", "broken.yml", rules)
+    assert rules.rules == [] and rules.refused and rules.refused[0][0].startswith("broken.yml")
+
+
+def test_real_sigmahq_rules_load_unchanged_and_fire() -> None:
+    rules = load_paths([SIGMAHQ])
+    assert rules.refused == []
+    assert {r.id for r in rules.rules} == {
+        "9069ea3c-b213-4c52-be13-86506a227ab1",
+        "83dcd9f6-9ca8-4af7-a16e-a1c7a6b51871",
+    }
+    engine = Engine(rules)
+    miner = event_from_fields(
+        "process_creation",
+        {
+            "Image": "/tmp/.cache/kworker",
+            "CommandLine": "kworker -o stratum+tcp://198.51.100.1:3333 -u W -p x --donate-level=0",
+        },
+    )
+    shell = event_from_fields(
+        "network_connection",
+        {"Image": "/usr/bin/bash", "DestinationIp": "198.51.100.1", "DestinationPort": 4444},
+    )
+    benign = event_from_fields(
+        "network_connection",
+        {"Image": "/usr/bin/bash", "DestinationIp": "127.0.0.1", "DestinationPort": 8000},
+    )
+    assert [a.rule_id for a in engine.feed(miner)] == ["9069ea3c-b213-4c52-be13-86506a227ab1"]
+    assert [a.rule_id for a in engine.feed(shell)] == ["83dcd9f6-9ca8-4af7-a16e-a1c7a6b51871"]
+    assert engine.feed(benign) == []
