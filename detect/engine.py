@@ -12,14 +12,14 @@ import dataclasses
 import ipaddress
 import itertools
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from collector.events import Alert, AnyEvent, ConnectEvent, Event
-from detect.fields import category_of, fields_of
-from detect.sigma import Correlation, Rule, RuleSet
+from detect.fields import GETTERS, category_of
+from detect.sigma import Correlation, FieldDict, Rule, RuleSet
 
 EGRESS_RULE_ID = "sandtrace-egress-allow-list"
 
@@ -128,7 +128,7 @@ class Engine:
                     self._correlations_of.setdefault(rule.id, []).append(corr)
                     if not corr.generate:
                         self.silent.add(rule.id)
-        self._windows: dict[tuple[str, tuple[Any, ...]], deque[tuple[int, Any]]] = {}
+        self._windows: dict[tuple[str, tuple[Any, ...]], _Window] = {}
         self._window_ns = {c.id: int(c.seconds * NS) for c in rules.correlations}
         self._folds: dict[tuple[str, str], _Fold] = {}
         self._ids = itertools.count(1)
@@ -142,10 +142,10 @@ class Engine:
             return []
         out: list[Alert] = []
         rules = self._by_category.get(category, ())
-        fields = fields_of(event) if rules or self.egress is not None else None
-        if fields is not None:
+        if rules:
+            fields = FieldDict(event=event, getters=GETTERS[type(event)])
             for rule in rules:
-                if not rule.match(fields):
+                if not rule.test(fields):
                     continue
                 self.matches += 1
                 if rule.id not in self.silent:
@@ -166,7 +166,7 @@ class Engine:
         forget correlation windows with nothing recent in them, so memory stays bounded by
         what is active."""
         for wkey, window in list(self._windows.items()):
-            if not window or window[-1][0] < now_ns - self._window_ns[wkey[0]]:
+            if window.last() < now_ns - self._window_ns[wkey[0]]:
                 del self._windows[wkey]
         out = []
         for fkey, fold in list(self._folds.items()):
@@ -221,32 +221,60 @@ class Engine:
         )
 
     def _correlate(self, out: list[Alert], corr: Correlation, rule: Rule, event: Event,
-                   fields: dict[str, Any]) -> None:  # fmt: skip
+                   fields: FieldDict) -> None:  # fmt: skip
         group = tuple(fields.get(g) for g in corr.group_by)
-        window = self._windows.setdefault((corr.id, group), deque())
-        now = event.time_ns
+        window = self._windows.get((corr.id, group))
+        if window is None:
+            window = self._windows[(corr.id, group)] = _Window()
         if corr.kind == "value_count":
-            window.append((now, fields.get(corr.field or "")))
-        elif corr.kind in ("temporal", "temporal_ordered"):
-            window.append((now, rule.name if rule.name in corr.rules else rule.id))
+            value: Any = fields.get(corr.field or "")
+        elif corr.kind.startswith("temporal"):
+            value = rule.name if rule.name in corr.rules else rule.id
         else:
-            window.append((now, None))
-        horizon = now - int(corr.seconds * NS)
-        while window and window[0][0] < horizon:
-            window.popleft()
+            value = None
+        window.add(event.time_ns, value, event.time_ns - int(corr.seconds * NS))
         if corr.kind == "value_count":
-            value = len({v for _, v in window if v not in (None, "")})
+            seen = window.distinct()
         elif corr.kind == "temporal":
-            value = len({v for _, v in window})
+            seen = len(window.values)
         elif corr.kind == "temporal_ordered":
-            value = _ordered_prefix(corr.rules, [v for _, v in window])
+            seen = _ordered_prefix(corr.rules, [v for _, v in window.entries])
         else:
-            value = len(window)
+            seen = len(window.entries)
         temporal = corr.kind.startswith("temporal")
-        if _compare(value, corr.op, len(corr.rules) if temporal else corr.count):
-            detail = f"{corr.kind} {value} in {corr.seconds:g}s"
+        if _compare(seen, corr.op, len(corr.rules) if temporal else corr.count):
+            detail = f"{corr.kind} {seen} in {corr.seconds:g}s"
             self._raise(out, corr, f"{corr.description} ({detail})".strip(), event)
             window.clear()  # the next alert needs a window of its own
+
+
+class _Window:
+    """Entries within a correlation's timespan, with a running count of distinct values."""
+
+    __slots__ = ("entries", "values")
+
+    def __init__(self) -> None:
+        self.entries: deque[tuple[int, Any]] = deque()
+        self.values: Counter[Any] = Counter()
+
+    def add(self, now: int, value: Any, horizon: int) -> None:
+        self.entries.append((now, value))
+        self.values[value] += 1
+        while self.entries[0][0] < horizon:
+            _, old = self.entries.popleft()
+            self.values[old] -= 1
+            if not self.values[old]:
+                del self.values[old]
+
+    def distinct(self) -> int:
+        return len(self.values) - (None in self.values) - ("" in self.values)
+
+    def last(self) -> int:
+        return self.entries[-1][0] if self.entries else 0
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.values.clear()
 
 
 def _ordered_prefix(order: list[str], seen: list[str]) -> int:

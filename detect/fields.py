@@ -11,6 +11,7 @@ escaped as \\xNN); list fields (``Argv``, ``AncestorImages``) match when any ele
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from collector.events import (
@@ -20,7 +21,6 @@ from collector.events import (
     Event,
     ExecEvent,
     ListenEvent,
-    Process,
     SocketEvent,
 )
 
@@ -101,75 +101,104 @@ def category_of(event: AnyEvent) -> str | None:
     return None
 
 
-def _process_fields(event: Event, argv: list[bytes], parent_exe: bytes,
-                    parent_argv: list[bytes]) -> dict[str, Any]:  # fmt: skip
-    p: Process = event.process
-    return {
-        "Image": text(p.exe),
-        "CommandLine": command_line(argv),
-        "Argv": [text(a) for a in argv],
-        "ProcessId": p.pid,
-        "ParentProcessId": p.ppid,
-        "ParentImage": text(parent_exe),
-        "ParentCommandLine": command_line(parent_argv),
-        "AncestorImages": [text(a.exe) for a in p.ancestry],
-        "User": p.user or str(p.uid),
-        "Uid": p.uid,
-        "Comm": text(p.comm),
-        "Sandbox": event.sandbox,
-        "ContainerId": event.container_id,
-        "CgroupPath": event.cgroup_path,
-        "Host": event.host,
-    }
-
-
 def _bool(value: bool) -> str:
     return "true" if value else "false"
 
 
+Getter = Callable[[Any], Any]
+
+
+def _argv(e: Event) -> list[bytes]:
+    return e.argv if isinstance(e, ExecEvent) else e.process.argv
+
+
+def _parent_exe(e: Event) -> bytes:
+    if isinstance(e, ExecEvent):
+        return e.parent_exe
+    return e.process.ancestry[0].exe if e.process.ancestry else b""
+
+
+def _parent_argv(e: Event) -> list[bytes]:
+    if isinstance(e, ExecEvent):
+        return e.parent_argv
+    return e.process.ancestry[0].argv if e.process.ancestry else []
+
+
+# Network events carry the process's current argv and parent from the process table.
+COMMON_GETTERS: dict[str, Getter] = {
+    "Image": lambda e: text(e.process.exe),
+    "CommandLine": lambda e: command_line(_argv(e)),
+    "Argv": lambda e: [text(a) for a in _argv(e)],
+    "ProcessId": lambda e: e.process.pid,
+    "ParentProcessId": lambda e: e.process.ppid,
+    "ParentImage": lambda e: text(_parent_exe(e)),
+    "ParentCommandLine": lambda e: command_line(_parent_argv(e)),
+    "AncestorImages": lambda e: [text(a.exe) for a in e.process.ancestry],
+    "User": lambda e: e.process.user or str(e.process.uid),
+    "Uid": lambda e: e.process.uid,
+    "Comm": lambda e: text(e.process.comm),
+    "Sandbox": lambda e: e.sandbox,
+    "ContainerId": lambda e: e.container_id,
+    "CgroupPath": lambda e: e.cgroup_path,
+    "Host": lambda e: e.host,
+}
+
+GETTERS: dict[type, dict[str, Getter]] = {
+    ExecEvent: {
+        **COMMON_GETTERS,
+        "CurrentDirectory": lambda e: text(e.cwd),
+        "OriginalFileName": lambda e: text(e.filename),
+        "ArgvCount": lambda e: len(e.argv),
+        "ArgvTruncated": lambda e: _bool(e.argv_truncated),
+        "Fileless": lambda e: _bool(e.fileless),
+        "Deleted": lambda e: _bool(e.deleted),
+    },
+    ConnectEvent: {
+        **COMMON_GETTERS,
+        "Initiated": lambda e: "true",
+        "Protocol": lambda e: e.protocol,
+        "DestinationIp": lambda e: e.daddr,
+        "DestinationPort": lambda e: e.dport,
+        "DestinationIsIpv6": lambda e: _bool(e.family == "ipv6"),
+        "SourceIp": lambda e: e.saddr,
+        "SourcePort": lambda e: e.sport,
+        "Outcome": lambda e: e.outcome,
+        "ErrnoName": lambda e: e.errno_name,
+    },
+    BindEvent: {
+        **COMMON_GETTERS,
+        "Action": lambda e: "bind",
+        "Protocol": lambda e: e.protocol,
+        "LocalIp": lambda e: e.addr,
+        "LocalPort": lambda e: e.port,
+        "RequestedPort": lambda e: e.requested_port,
+        "Outcome": lambda e: e.outcome,
+    },
+    ListenEvent: {
+        **COMMON_GETTERS,
+        "Action": lambda e: "listen",
+        "Protocol": lambda e: e.protocol,
+        "LocalIp": lambda e: e.addr,
+        "LocalPort": lambda e: e.port,
+        "Outcome": lambda e: "success",
+    },
+    SocketEvent: {
+        **COMMON_GETTERS,
+        "Action": lambda e: "held",
+        "Protocol": lambda e: e.protocol,
+        "LocalIp": lambda e: e.laddr,
+        "LocalPort": lambda e: e.lport,
+        "State": lambda e: e.state,
+        "Outcome": lambda e: "success",
+    },
+}
+"""Per event type, how each Sigma field is read from the event (on demand: most rules read
+only a few fields of most events)."""
+
+
 def fields_of(event: AnyEvent) -> dict[str, Any] | None:
     """The Sigma field dict of an event, or None for kinds no rule category covers."""
-    if isinstance(event, ExecEvent):
-        f = _process_fields(event, event.argv, event.parent_exe, event.parent_argv)
-        f.update(
-            CurrentDirectory=text(event.cwd),
-            OriginalFileName=text(event.filename),
-            ArgvCount=len(event.argv),
-            ArgvTruncated=_bool(event.argv_truncated),
-            Fileless=_bool(event.fileless),
-            Deleted=_bool(event.deleted),
-        )
-        return f
-    if not isinstance(event, ConnectEvent | BindEvent | ListenEvent | SocketEvent):
+    getters = GETTERS.get(type(event))
+    if getters is None:
         return None
-    # Network events carry the process's current argv and parent from the process table.
-    ancestry = event.process.ancestry
-    parent = ancestry[0] if ancestry else None
-    f = _process_fields(
-        event,
-        event.process.argv,
-        parent.exe if parent else b"",
-        parent.argv if parent else [],
-    )
-    if isinstance(event, ConnectEvent):
-        f.update(
-            Initiated="true",
-            Protocol=event.protocol,
-            DestinationIp=event.daddr,
-            DestinationPort=event.dport,
-            DestinationIsIpv6=_bool(event.family == "ipv6"),
-            SourceIp=event.saddr,
-            SourcePort=event.sport,
-            Outcome=event.outcome,
-            ErrnoName=event.errno_name,
-        )
-    elif isinstance(event, BindEvent):
-        f.update(Action="bind", Protocol=event.protocol, LocalIp=event.addr, LocalPort=event.port,
-                 RequestedPort=event.requested_port, Outcome=event.outcome)  # fmt: skip
-    elif isinstance(event, ListenEvent):
-        f.update(Action="listen", Protocol=event.protocol, LocalIp=event.addr,
-                 LocalPort=event.port, Outcome="success")  # fmt: skip
-    else:
-        f.update(Action="held", Protocol=event.protocol, LocalIp=event.laddr,
-                 LocalPort=event.lport, State=event.state, Outcome="success")  # fmt: skip
-    return f
+    return {name: get(event) for name, get in getters.items()}

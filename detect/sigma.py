@@ -49,8 +49,57 @@ from sigma.types import (
 
 from detect.fields import CATEGORY_FIELDS, PRODUCT
 
-Fields = Mapping[str, Any]
-Matcher = Callable[[Fields], bool]
+
+class FieldDict:
+    """An event's fields as rules read them: each computed on first use, then kept, and
+    lowercased at most once for all the rules that compare it without case."""
+
+    __slots__ = ("_event", "_getters", "_low", "_vals")
+
+    def __init__(
+        self,
+        values: Mapping[str, Any] | None = None,
+        *,
+        event: Any = None,
+        getters: Mapping[str, Callable[[Any], Any]] | None = None,
+    ) -> None:
+        self._vals: dict[str, Any] = dict(values or {})
+        self._event = event
+        self._getters = getters or {}
+        self._low: dict[str, Any] = {}
+
+    def get(self, name: str, default: Any = None) -> Any:
+        try:
+            return self._vals[name]
+        except KeyError:
+            getter = self._getters.get(name)
+            if getter is None:
+                return default
+            value = self._vals[name] = getter(self._event)
+            return value
+
+    def low(self, name: str) -> Any:
+        try:
+            return self._low[name]
+        except KeyError:
+            value = self._low[name] = _lower(self.get(name))
+            return value
+
+
+def _lower(value: Any) -> Any:
+    """The text a case-insensitive comparison sees: str lowercased, numbers as text, lists
+    element by element, None kept."""
+    if value is None:
+        return None
+    if isinstance(value, list):
+        return [_lower(v) for v in value]
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value).lower()
+
+
+Fields = FieldDict
+Matcher = Callable[[FieldDict], bool]
 
 # Keyword rules (no field named) search these fields.
 KEYWORD_FIELDS = ("CommandLine", "Image")
@@ -73,7 +122,11 @@ class Rule:
     tags: list[str]
     falsepositives: list[str]
     source: str  # the file it came from
-    match: Matcher
+    test: Matcher  # over a FieldDict (the engine's hot path)
+
+    def match(self, fields: Mapping[str, Any]) -> bool:
+        """Whether the rule matches an event's fields (any mapping)."""
+        return self.test(fields if isinstance(fields, FieldDict) else FieldDict(fields))
 
 
 @dataclass(slots=True)
@@ -177,13 +230,7 @@ def _scalar_test(value: Any) -> Callable[[Any], bool]:
     if isinstance(value, SigmaNull):
         return lambda v: v is None or v == ""
     if isinstance(value, SigmaRegularExpression):
-        flags = 0
-        for flag in value.flags:
-            flags |= value.sigma_to_python_flags[flag]
-        try:
-            rx = re.compile(str(value.regexp), flags)
-        except re.error as exc:
-            raise RuleError(f"regular expression {str(value.regexp)!r}: {exc}") from None
+        rx = _regex(value)
         return lambda v: v is not None and rx.search(str(v)) is not None
     if isinstance(value, SigmaCIDRExpression):
         net = value.network
@@ -240,7 +287,180 @@ def _as_keyword(value: Any) -> Any:
     return value
 
 
+def _simple(value: Any) -> tuple[str, str] | None:
+    """(shape, lowercased needle) for a case-insensitive string of a common shape:
+    exact, prefix (x*), suffix (*x), contains (*x*); None for anything else."""
+    if not isinstance(value, SigmaString) or isinstance(value, SigmaCasedString):
+        return None
+    parts = list(value.s)
+    wild = SpecialChars.WILDCARD_MULTI
+    texts = [p for p in parts if isinstance(p, str)]
+    if len(texts) != 1 or any(p not in (wild,) and not isinstance(p, str) for p in parts):
+        return None
+    needle = texts[0].lower()
+    shape = tuple(p == wild for p in parts)
+    return {
+        (False,): ("exact", needle),
+        (False, True): ("prefix", needle),
+        (True, False): ("suffix", needle),
+        (True, False, True): ("contains", needle),
+    }.get(shape)
+
+
+def _strings_test(name: str, simple: list[tuple[str, str]]) -> Matcher:
+    """One test for any of several simple strings on one field, all in C-level calls:
+    a set, two tuples for startswith/endswith, one regular expression for substrings."""
+    exact = frozenset(n for shape, n in simple if shape == "exact")
+    prefixes = tuple(n for shape, n in simple if shape == "prefix")
+    suffixes = tuple(n for shape, n in simple if shape == "suffix")
+    needles = [n for shape, n in simple if shape == "contains"]
+    rx = re.compile("|".join(re.escape(n) for n in needles), re.DOTALL) if needles else None
+
+    def one(v: str) -> bool:
+        return (
+            v in exact
+            or (bool(prefixes) and v.startswith(prefixes))
+            or (bool(suffixes) and v.endswith(suffixes))
+            or (rx is not None and rx.search(v) is not None)
+        )
+
+    def match(f: FieldDict) -> bool:
+        v = f.low(name)
+        if v is None:
+            return False
+        if isinstance(v, list):
+            return any(one(x) for x in v)
+        return one(v)
+
+    return match
+
+
+def _numbers_test(name: str, numbers: frozenset[int | float]) -> Matcher:
+    def match(f: FieldDict) -> bool:
+        v = f.get(name)
+        return type(v) is int and v in numbers
+
+    return match
+
+
+def _all(parts: list[Matcher]) -> Matcher:
+    """AND of matchers, as plain nested calls (no generator per event)."""
+    if len(parts) == 1:
+        return parts[0]
+    if len(parts) == 2:
+        a, b = parts
+        return lambda f: a(f) and b(f)
+    head, tail = parts[0], _all(parts[1:])
+    return lambda f: head(f) and tail(f)
+
+
+def _any(parts: list[Matcher]) -> Matcher:
+    """OR of matchers, as plain nested calls."""
+    if len(parts) == 1:
+        return parts[0]
+    if len(parts) == 2:
+        a, b = parts
+        return lambda f: a(f) or b(f)
+    head, tail = parts[0], _any(parts[1:])
+    return lambda f: head(f) or tail(f)
+
+
+def _regex(value: SigmaRegularExpression) -> re.Pattern[str]:
+    flags = 0
+    for flag in value.flags:
+        flags |= value.sigma_to_python_flags[flag]
+    try:
+        return re.compile(str(value.regexp), flags)
+    except re.error as exc:
+        raise RuleError(f"regular expression {str(value.regexp)!r}: {exc}") from None
+
+
+def _required_literals(rx: re.Pattern[str]) -> frozenset[str] | None:
+    """Strings of which any match must contain at least one (lowercased when the pattern
+    ignores case), or None when the pattern guarantees none worth checking. A substring
+    test with these in C turns most events away before the regular expression runs."""
+    try:
+        import importlib  # noqa: PLC0415
+
+        c = importlib.import_module("re._constants")
+        tree = importlib.import_module("re._parser").parse(rx.pattern, rx.flags)
+    except Exception:
+        return None
+    fold = bool(rx.flags & re.IGNORECASE)
+
+    def best(seq: Any) -> frozenset[str] | None:
+        sets: list[frozenset[str]] = []
+        run: list[str] = []
+        for op, av in seq:
+            if op is c.LITERAL:
+                run.append(chr(av))
+                continue
+            if run:
+                sets.append(frozenset(["".join(run)]))
+                run = []
+            if op is c.SUBPATTERN:
+                inner = best(av[3])
+            elif op is c.BRANCH:
+                alts = [best(alt) for alt in av[1]]
+                inner = frozenset().union(*alts) if alts and all(alts) else None  # type: ignore[arg-type]
+            elif op in (c.MAX_REPEAT, c.MIN_REPEAT) and av[0] >= 1:
+                inner = best(av[2])
+            else:
+                inner = None
+            if inner:
+                sets.append(inner)
+        if run:
+            sets.append(frozenset(["".join(run)]))
+        useful = [s for s in sets if min(map(len, s)) >= 3]
+        return max(useful, key=lambda s: min(map(len, s))) if useful else None
+
+    found = best(tree)
+    if found is None:
+        return None
+    return frozenset(x.lower() for x in found) if fold else found
+
+
+def _regex_test(name: str, value: SigmaRegularExpression) -> Matcher:
+    rx = _regex(value)
+    needles = _required_literals(rx)
+    if needles is None:
+        search = rx.search
+
+        def match(f: FieldDict) -> bool:
+            v = f.get(name)
+            if isinstance(v, list):
+                return any(search(str(x)) is not None for x in v)
+            return v is not None and search(str(v)) is not None
+
+        return match
+    fold = bool(rx.flags & re.IGNORECASE)
+    pre = re.compile("|".join(re.escape(n) for n in sorted(needles)))
+
+    def one(raw: Any, low: Any) -> bool:
+        seen = low if fold else str(raw)
+        return pre.search(seen) is not None and rx.search(str(raw)) is not None
+
+    def prefiltered(f: FieldDict) -> bool:
+        v = f.get(name)
+        if v is None:
+            return False
+        lv = f.low(name) if fold else None
+        if isinstance(v, list):
+            return any(one(x, lv[i] if lv else None) for i, x in enumerate(v))
+        return one(v, lv)
+
+    return prefiltered
+
+
 def _field_test(name: str, value: Any) -> Matcher:
+    if isinstance(value, SigmaRegularExpression):
+        return _regex_test(name, value)
+    if type(value) is SigmaNumber:
+        return _numbers_test(name, frozenset([value.number]))
+    if (shape := _simple(value)) is not None:
+        return _strings_test(name, [shape])
+    if isinstance(value, SigmaExpansion) and all(_simple(v) for v in value.values):
+        return _strings_test(name, [_simple(v) for v in value.values])  # type: ignore[misc]
     if isinstance(value, SigmaExists):
         want = value.exists
         return lambda f: (f.get(name) not in (None, "", [])) == want
@@ -261,10 +481,27 @@ def _field_test(name: str, value: Any) -> Matcher:
 def _compile(node: Any, fields: Mapping[str, str], used: set[str]) -> Matcher:
     if isinstance(node, ConditionAND):
         parts = [_compile(a, fields, used) for a in node.args]
-        return lambda f: all(p(f) for p in parts)
+        return _all(parts)
     if isinstance(node, ConditionOR):
-        parts = [_compile(a, fields, used) for a in node.args]
-        return lambda f: any(p(f) for p in parts)
+        # Sigma lists (Image|endswith: [a, b, c]) arrive as ORs of one field: test them at once.
+        by_field: dict[str, list[tuple[str, str]]] = {}
+        numbers: dict[str, set[int | float]] = {}
+        rest = []
+        for arg in node.args:
+            if not isinstance(arg, ConditionFieldEqualsValueExpression) or arg.field not in fields:
+                rest.append(arg)
+            elif (simple := _simple(arg.value)) is not None:
+                by_field.setdefault(arg.field, []).append(simple)
+                used.add(arg.field)
+            elif type(arg.value) is SigmaNumber:
+                numbers.setdefault(arg.field, set()).add(arg.value.number)
+                used.add(arg.field)
+            else:
+                rest.append(arg)
+        parts = [_strings_test(name, simple) for name, simple in by_field.items()]
+        parts += [_numbers_test(name, frozenset(ns)) for name, ns in numbers.items()]
+        parts += [_compile(a, fields, used) for a in rest]
+        return _any(parts)
     if isinstance(node, ConditionNOT):
         inner = _compile(node.args[0], fields, used)
         return lambda f: not inner(f)
@@ -274,8 +511,9 @@ def _compile(node: Any, fields: Mapping[str, str], used: set[str]) -> Matcher:
         used.add(node.field)
         return _field_test(node.field, node.value)
     if isinstance(node, ConditionValueExpression):
-        test = _scalar_test(_as_keyword(node.value))
-        return lambda f: any(test(f.get(k)) for k in KEYWORD_FIELDS)
+        keyword = _as_keyword(node.value)
+        tests = [_field_test(k, keyword) for k in KEYWORD_FIELDS]
+        return _any(tests)
     raise RuleError(f"condition element {type(node).__name__} is not supported")
 
 
@@ -304,7 +542,7 @@ def compile_rule(rule: SigmaRule, source: str) -> Rule:
         parts = [_compile(c.parse(), fields, used) for c in rule.detection.parsed_condition]
     except SigmaError as exc:
         raise RuleError(str(exc)) from None
-    match: Matcher = parts[0] if len(parts) == 1 else (lambda f: any(p(f) for p in parts))
+    match = _any(parts)
     rid = str(rule.id) if rule.id else rule.title
     return Rule(
         id=rid,
@@ -316,7 +554,7 @@ def compile_rule(rule: SigmaRule, source: str) -> Rule:
         tags=_tags(rule),
         falsepositives=list(rule.falsepositives),
         source=source,
-        match=match,
+        test=match,
     )
 
 
