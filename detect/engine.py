@@ -13,13 +13,13 @@ import ipaddress
 import itertools
 import time
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from collector.events import Alert, AnyEvent, ConnectEvent, Event
 from detect.fields import GETTERS, category_of
-from detect.sigma import Correlation, FieldDict, Rule, RuleSet
+from detect.sigma import CodeContext, Correlation, FieldDict, Rule, RuleSet
 
 EGRESS_RULE_ID = "sandtrace-egress-allow-list"
 
@@ -117,6 +117,7 @@ class Engine:
         self._by_category: dict[str, list[Rule]] = {}
         for rule in rules.rules:
             self._by_category.setdefault(rule.category, []).append(rule)
+        self._matchers = {c: generate_matcher(rs) for c, rs in self._by_category.items()}
         # rule id -> the correlations that count it (they refer to rules by name or id)
         self._correlations_of: dict[str, list[Correlation]] = {}
         # Rules a correlation counts do not alert on their own, unless it says `generate`
@@ -144,9 +145,8 @@ class Engine:
         rules = self._by_category.get(category, ())
         if rules:
             fields = FieldDict(event=event, getters=GETTERS[type(event)])
-            for rule in rules:
-                if not rule.test(fields):
-                    continue
+            for index in self._matchers[category](fields):
+                rule = rules[index]
                 self.matches += 1
                 if rule.id not in self.silent:
                     self._raise(out, rule, rule.description, event)
@@ -275,6 +275,26 @@ class _Window:
     def clear(self) -> None:
         self.entries.clear()
         self.values.clear()
+
+
+def generate_matcher(rules: list[Rule]) -> Callable[[FieldDict], list[int]]:
+    """One Python function that tests every rule of a category against an event's fields,
+    returning the indices of those that match. Each field a string test reads is lowered
+    once up front; tests are inlined as C-level str/set/tuple/regex calls; anything else
+    calls the rule's compiled closure. Same semantics as Rule.test, which tests check."""
+    ctx = CodeContext()
+    exprs = [rule.node.code(ctx) for rule in rules]
+    lines = ["def match(f):", "    low = f.low"]
+    lines += [f"    v_{name} = low({name!r})" for name in sorted(ctx.low_fields)]
+    lines += [f"    r_{name} = f.get({name!r})" for name in sorted(ctx.raw_fields)]
+    lines += [f"    j_{name} = f.joined({name!r})" for name in sorted(ctx.joined_fields)]
+    lines.append("    found = []")
+    lines += [f"    if {expr}:\n        found.append({i})" for i, expr in enumerate(exprs)]
+    lines.append("    return found")
+    namespace: dict[str, Any] = dict(ctx.consts)
+    exec(compile("\n".join(lines), "<sandtrace rules>", "exec"), namespace)  # noqa: S102
+    matcher: Callable[[FieldDict], list[int]] = namespace["match"]
+    return matcher
 
 
 def _ordered_prefix(order: list[str], seen: list[str]) -> int:

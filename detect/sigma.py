@@ -85,6 +85,13 @@ class FieldDict:
             value = self._low[name] = _lower(self.get(name))
             return value
 
+    def joined(self, name: str) -> str:
+        """A list field lowered and joined as NUL + e1 + NUL + e2 ... + NUL ("" if absent)."""
+        values = self.low(name)
+        if not values:
+            return ""
+        return "\0" + "\0".join(values) + "\0"
+
 
 def _lower(value: Any) -> Any:
     """The text a case-insensitive comparison sees: str lowercased, numbers as text, lists
@@ -122,7 +129,8 @@ class Rule:
     tags: list[str]
     falsepositives: list[str]
     source: str  # the file it came from
-    test: Matcher  # over a FieldDict (the engine's hot path)
+    test: Matcher  # over a FieldDict
+    node: Node  # the compiled condition (the engine generates code from it)
 
     def match(self, fields: Mapping[str, Any]) -> bool:
         """Whether the rule matches an event's fields (any mapping)."""
@@ -478,10 +486,144 @@ def _field_test(name: str, value: Any) -> Matcher:
     return match
 
 
-def _compile(node: Any, fields: Mapping[str, str], used: set[str]) -> Matcher:
+class Node:
+    """A compiled condition: a closure that tests a FieldDict, and the same test as Python
+    source for the engine's generated per-category matcher (detect.codegen)."""
+
+    test: Matcher
+
+    def code(self, ctx: CodeContext) -> str:
+        raise NotImplementedError
+
+
+class CodeContext:
+    """Constants and preloaded fields a generated matcher refers to."""
+
+    def __init__(self) -> None:
+        self.consts: dict[str, Any] = {}
+        self.low_fields: set[str] = set()
+        self.raw_fields: set[str] = set()
+        self.joined_fields: set[str] = set()
+
+    def const(self, value: Any) -> str:
+        name = f"K{len(self.consts)}"
+        self.consts[name] = value
+        return name
+
+
+def _var(field: str) -> str:
+    return f"v_{field}"
+
+
+class _And(Node):
+    def __init__(self, parts: list[Node]) -> None:
+        self.parts = parts
+        self.test = _all([p.test for p in parts])
+
+    def code(self, ctx: CodeContext) -> str:
+        return "(" + " and ".join(p.code(ctx) for p in self.parts) + ")"
+
+
+class _Or(Node):
+    def __init__(self, parts: list[Node]) -> None:
+        self.parts = parts
+        self.test = _any([p.test for p in parts])
+
+    def code(self, ctx: CodeContext) -> str:
+        return "(" + " or ".join(p.code(ctx) for p in self.parts) + ")"
+
+
+class _Not(Node):
+    def __init__(self, inner: Node) -> None:
+        self.inner = inner
+        self.test = lambda f: not inner.test(f)
+
+    def code(self, ctx: CodeContext) -> str:
+        return f"(not {self.inner.code(ctx)})"
+
+
+class _Strings(Node):
+    def __init__(self, name: str, simple: list[tuple[str, str]]) -> None:
+        self.name = name
+        self.simple = simple
+        self.test = _strings_test(name, simple)
+
+    def code(self, ctx: CodeContext) -> str:
+        if self.name in LIST_FIELDS:
+            # Elements joined with NUL (which no argv element or path holds) turn "any
+            # element equals / starts with / ends with / contains" into one substring search.
+            ctx.joined_fields.add(self.name)
+            wrapped = {"exact": "\0{}\0", "prefix": "\0{}", "suffix": "{}\0", "contains": "{}"}
+            needles = sorted({wrapped[shape].format(n) for shape, n in self.simple})
+            rx = re.compile("|".join(re.escape(n) for n in needles))
+            return f"({ctx.const(rx.search)}(j_{self.name}) is not None)"
+        ctx.low_fields.add(self.name)
+        v = _var(self.name)
+        exact = frozenset(n for shape, n in self.simple if shape == "exact")
+        prefixes = tuple(n for shape, n in self.simple if shape == "prefix")
+        suffixes = tuple(n for shape, n in self.simple if shape == "suffix")
+        needles = [n for shape, n in self.simple if shape == "contains"]
+        terms = []
+        if len(exact) == 1:
+            terms.append(f"{v} == {ctx.const(next(iter(exact)))}")
+        elif exact:
+            terms.append(f"{v} in {ctx.const(exact)}")
+        if prefixes:
+            terms.append(f"{v}.startswith({ctx.const(prefixes)})")
+        if suffixes:
+            terms.append(f"{v}.endswith({ctx.const(suffixes)})")
+        if len(needles) == 1:
+            terms.append(f"{ctx.const(needles[0])} in {v}")
+        elif needles:
+            rx = re.compile("|".join(re.escape(n) for n in needles), re.DOTALL)
+            terms.append(f"{ctx.const(rx.search)}({v}) is not None")
+        return f"({v} is not None and ({' or '.join(terms)}))"
+
+
+class _Regex(Node):
+    """|re on a text field: a substring prefilter in C, then the expression."""
+
+    def __init__(self, name: str, value: SigmaRegularExpression) -> None:
+        self.name = name
+        self.rx = _regex(value)
+        self.needles = _required_literals(self.rx)
+        self.test = _regex_test(name, value)
+
+    def code(self, ctx: CodeContext) -> str:
+        if self.name in LIST_FIELDS:
+            return f"{ctx.const(self.test)}(f)"
+        fold = bool(self.rx.flags & re.IGNORECASE)
+        if fold:  # matching the lowered text ignoring case is the same match
+            ctx.low_fields.add(self.name)
+            v = _var(self.name)
+        else:
+            ctx.raw_fields.add(self.name)
+            v = f"r_{self.name}"
+        terms = [f"{v} is not None"]
+        if self.needles:
+            pre = re.compile("|".join(re.escape(n) for n in sorted(self.needles)))
+            terms.append(f"{ctx.const(pre.search)}({v}) is not None")
+        terms.append(f"{ctx.const(self.rx.search)}({v}) is not None")
+        return "(" + " and ".join(terms) + ")"
+
+
+class _Call(Node):
+    def __init__(self, test: Matcher) -> None:
+        self.test = test
+
+    def code(self, ctx: CodeContext) -> str:
+        return f"{ctx.const(self.test)}(f)"
+
+
+LIST_FIELDS = frozenset({"Argv", "AncestorImages"})
+# Fields whose values are always text (str), so a regex can run on them as they are.
+TEXT_FIELDS = frozenset({"Image", "CommandLine", "ParentImage", "ParentCommandLine",
+                         "CurrentDirectory", "OriginalFileName", "User", "Comm"})  # fmt: skip
+
+
+def _compile(node: Any, fields: Mapping[str, str], used: set[str]) -> Node:
     if isinstance(node, ConditionAND):
-        parts = [_compile(a, fields, used) for a in node.args]
-        return _all(parts)
+        return _And([_compile(a, fields, used) for a in node.args])
     if isinstance(node, ConditionOR):
         # Sigma lists (Image|endswith: [a, b, c]) arrive as ORs of one field: test them at once.
         by_field: dict[str, list[tuple[str, str]]] = {}
@@ -498,22 +640,26 @@ def _compile(node: Any, fields: Mapping[str, str], used: set[str]) -> Matcher:
                 used.add(arg.field)
             else:
                 rest.append(arg)
-        parts = [_strings_test(name, simple) for name, simple in by_field.items()]
-        parts += [_numbers_test(name, frozenset(ns)) for name, ns in numbers.items()]
+        parts: list[Node] = [_Strings(name, simple) for name, simple in by_field.items()]
+        parts += [_Call(_numbers_test(name, frozenset(ns))) for name, ns in numbers.items()]
         parts += [_compile(a, fields, used) for a in rest]
-        return _any(parts)
+        return parts[0] if len(parts) == 1 else _Or(parts)
     if isinstance(node, ConditionNOT):
-        inner = _compile(node.args[0], fields, used)
-        return lambda f: not inner(f)
+        return _Not(_compile(node.args[0], fields, used))
     if isinstance(node, ConditionFieldEqualsValueExpression):
         if node.field not in fields:
             raise RuleError(f"field {node.field!r} is not provided for this log source")
         used.add(node.field)
-        return _field_test(node.field, node.value)
+        if (simple := _simple(node.value)) is not None:
+            return _Strings(node.field, [simple])
+        if isinstance(node.value, SigmaRegularExpression) and node.field in TEXT_FIELDS:
+            return _Regex(node.field, node.value)
+        return _Call(_field_test(node.field, node.value))
     if isinstance(node, ConditionValueExpression):
         keyword = _as_keyword(node.value)
-        tests = [_field_test(k, keyword) for k in KEYWORD_FIELDS]
-        return _any(tests)
+        if (simple := _simple(keyword)) is not None:
+            return _Or([_Strings(k, [simple]) for k in KEYWORD_FIELDS])
+        return _Or([_Call(_field_test(k, keyword)) for k in KEYWORD_FIELDS])
     raise RuleError(f"condition element {type(node).__name__} is not supported")
 
 
@@ -542,7 +688,7 @@ def compile_rule(rule: SigmaRule, source: str) -> Rule:
         parts = [_compile(c.parse(), fields, used) for c in rule.detection.parsed_condition]
     except SigmaError as exc:
         raise RuleError(str(exc)) from None
-    match = _any(parts)
+    node = parts[0] if len(parts) == 1 else _Or(parts)
     rid = str(rule.id) if rule.id else rule.title
     return Rule(
         id=rid,
@@ -554,7 +700,8 @@ def compile_rule(rule: SigmaRule, source: str) -> Rule:
         tags=_tags(rule),
         falsepositives=list(rule.falsepositives),
         source=source,
-        test=match,
+        test=node.test,
+        node=node,
     )
 
 

@@ -52,3 +52,27 @@ def test_case(case: Case) -> None:
     engine = Engine(pack())
     fired = {a.rule_id for e in case.events for a in engine.feed(e)}
     assert (case.rule in fired) == case.fire, f"fired: {sorted(fired)}"
+
+
+def test_generated_matchers_agree_with_the_compiled_rules() -> None:
+    """The engine's generated per-category code and the rules' closures say the same thing,
+    for every case event (including fields that are absent or empty)."""
+    from detect.engine import generate_matcher  # noqa: PLC0415
+    from detect.fields import GETTERS, category_of  # noqa: PLC0415
+    from detect.sigma import FieldDict  # noqa: PLC0415
+
+    rules = pack()
+    by_category: dict[str, list[Rule]] = {}
+    for r in rules.rules:
+        by_category.setdefault(r.category, []).append(r)
+    matchers = {c: generate_matcher(rs) for c, rs in by_category.items()}
+    checked = 0
+    for case in all_cases():
+        for event in case.events:
+            category = category_of(event)
+            assert category is not None
+            fields = FieldDict(event=event, getters=GETTERS[type(event)])
+            expected = [i for i, r in enumerate(by_category[category]) if r.test(fields)]
+            assert matchers[category](fields) == expected, case.name
+            checked += 1
+    assert checked >= 250
