@@ -29,7 +29,7 @@ from collector.pipeline import (
 from collector.proctable import ProcessTable, parse_stat
 from collector.render import TextRenderer, totals_line
 from collector.startup import held_socket_events
-from detect.engine import EgressPolicy, Engine
+from detect.engine import EgressPolicies, Engine
 from detect.sigma import load_paths
 
 if TYPE_CHECKING:
@@ -99,9 +99,11 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--no-detect", action="store_true", help="trace only, raise no alerts")
     d.add_argument("--alerts", metavar="FILE", help="also append every alert to FILE as JSON")
     d.add_argument("--alerts-only", action="store_true", help="show only alerts (and losses)")
-    d.add_argument("--egress-allow", action="append", default=None, metavar="NET[:PORTS]",
-                   help="allow connects to NET (CIDR or address, optional ports 80,443); any "
-                   "other destination alerts; repeatable (default: no allow-list)")  # fmt: skip
+    d.add_argument("--egress-allow", action="append", default=None,
+                   metavar="[SANDBOX=]NET[:PORTS]",
+                   help="allow connects to NET (CIDR or address, optional ports 80,443), for "
+                   "every sandbox or only SANDBOX; any other destination alerts; repeatable "
+                   "(default: no allow-list)")  # fmt: skip
     p.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")
 
 
@@ -198,7 +200,7 @@ def _engine(args: argparse.Namespace) -> Engine | None:
     for where, why in rules.refused:
         print(f"sandtrace: rule not loaded: {where}: {why}", file=sys.stderr)
     try:
-        egress = EgressPolicy.parse(args.egress_allow) if args.egress_allow else None
+        egress = EgressPolicies.parse(args.egress_allow) if args.egress_allow else None
     except ValueError as exc:
         raise SystemExit(f"sandtrace: {exc}") from None
     return Engine(rules, egress)
@@ -209,7 +211,7 @@ def _detecting(engine: Engine | None) -> str:
     if engine is None:
         return "no detection"
     rules = engine.rules
-    allow = f", egress allow-list of {len(engine.egress.allowed)}" if engine.egress else ""
+    allow = f", egress allow-list of {len(engine.egress)}" if engine.egress else ""
     return f"{len(rules.rules)} rules, {len(rules.correlations)} correlations{allow}"
 
 

@@ -97,6 +97,39 @@ class EgressPolicy:
 
 
 @dataclass(slots=True)
+class EgressPolicies:
+    """Egress allow-lists per sandbox, and one for every sandbox not named."""
+
+    default: EgressPolicy | None = None
+    per_sandbox: dict[str, EgressPolicy] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, specs: Iterable[str]) -> EgressPolicies:
+        """Entries as EgressPolicy.parse takes them, each optionally prefixed ``SANDBOX=``
+        (a sandbox id) to apply to that sandbox only; a sandbox named in any entry gets
+        only its own entries."""
+        shared: list[str] = []
+        named: dict[str, list[str]] = {}
+        for spec in specs:
+            sandbox, sep, rest = spec.partition("=")
+            if sep:
+                named.setdefault(sandbox, []).append(rest)
+            else:
+                shared.append(spec)
+        return cls(
+            default=EgressPolicy.parse(shared) if shared else None,
+            per_sandbox={name: EgressPolicy.parse(entries) for name, entries in named.items()},
+        )
+
+    def policy_for(self, sandbox: str) -> EgressPolicy | None:
+        return self.per_sandbox.get(sandbox, self.default)
+
+    def __len__(self) -> int:
+        own = sum(len(p.allowed) for p in self.per_sandbox.values())
+        return own + (len(self.default.allowed) if self.default else 0)
+
+
+@dataclass(slots=True)
 class _Fold:
     alert: Alert
     until_ns: int
@@ -108,11 +141,11 @@ class Engine:
     def __init__(
         self,
         rules: RuleSet,
-        egress: EgressPolicy | None = None,
+        egress: EgressPolicy | EgressPolicies | None = None,
         fold_seconds: float = 60.0,
     ) -> None:
         self.rules = rules
-        self.egress = egress
+        self.egress = EgressPolicies(default=egress) if isinstance(egress, EgressPolicy) else egress
         self.fold_ns = int(fold_seconds * NS)
         self._by_category: dict[str, list[Rule]] = {}
         for rule in rules.rules:
@@ -152,13 +185,11 @@ class Engine:
                     self._raise(out, rule, rule.description, event)
                 for corr in self._correlations_of.get(rule.id, ()):
                     self._correlate(out, corr, rule, event, fields)
-        if (
-            self.egress is not None
-            and isinstance(event, ConnectEvent)
-            and not self.egress.allows(event.daddr, event.dport)
-        ):
-            where = f"{event.protocol} {event.daddr}:{event.dport}"
-            self._raise(out, EGRESS_RULE, f"{where} is not on the allow-list", event)
+        if self.egress is not None and isinstance(event, ConnectEvent):
+            policy = self.egress.policy_for(event.sandbox)
+            if policy is not None and not policy.allows(event.daddr, event.dport):
+                where = f"{event.protocol} {event.daddr}:{event.dport}"
+                self._raise(out, EGRESS_RULE, f"{where} is not on the allow-list", event)
         return out
 
     def expire(self, now_ns: int) -> list[Alert]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from collector.events import AnyEvent
-from detect.engine import EGRESS_RULE_ID, EgressPolicy, Engine
+from detect.engine import EGRESS_RULE_ID, EgressPolicies, EgressPolicy, Engine
 from detect.sigma import RuleSet, load_text
 from detect.testing import event_from_fields
 
@@ -133,3 +133,20 @@ def test_correlation_window_restarts_after_firing_and_idle_windows_go() -> None:
     assert e._windows
     e.expire(first[0].time_ns + 60 * 10**9)
     assert not e._windows
+
+
+def test_egress_allow_lists_per_sandbox() -> None:
+    policies = EgressPolicies.parse(["192.0.2.0/24", "st-web=198.51.100.0/24:443"])
+    e = engine(egress=policies)
+
+    def conn(sandbox: str, pid: int, ip: str) -> AnyEvent:
+        fields = {"Sandbox": sandbox, "ProcessId": pid, "DestinationIp": ip, "DestinationPort": 443}
+        return event_from_fields("network_connection", fields)
+
+    web, other = conn("st-web", 1, "192.0.2.9"), conn("st-job", 2, "192.0.2.9")
+    web_ok = conn("st-web", 3, "198.51.100.4")
+    # st-web has only its own list
+    assert [a.rule_id for a in e.feed(web)] == [EGRESS_RULE_ID]
+    assert e.feed(other) == []  # the shared list allows 192.0.2.0/24
+    assert e.feed(web_ok) == []
+    assert len(policies) == 2
