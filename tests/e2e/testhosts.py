@@ -32,6 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pyroute2 import IPRoute, netns
+from pyroute2 import NetNS as NetNSHandle
+
 PYTHON = "/usr/bin/python3"  # Debian's interpreter: stdlib only, no pyenv shim in the way
 SERVICES_DIR = Path(__file__).resolve().parent / "services"
 POOL_SCRIPT = SERVICES_DIR / "pool.py"
@@ -41,10 +44,6 @@ SSHD = Path("/usr/sbin/sshd")
 START_TIMEOUT = 10.0
 
 Endpoint = tuple[str, int]
-
-
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
 
 
 def netns_pids(ns: str) -> list[int]:
@@ -194,24 +193,36 @@ def make_testnet() -> Iterator[NetNS]:
     )
     made: list[str] = []
     try:
+        # Built with pyroute2 (netlink), as sandtrace itself talks to the kernel.
         for ns in (net.inside, net.outside):
-            ip("netns", "add", ns)
+            netns.create(ns)
             made.append(ns)
-        ip("link", "add", net.inside_dev, "netns", net.inside, "type", "veth",
-           "peer", "name", net.outside_dev, "netns", net.outside)  # fmt: skip
-        ip("-n", net.inside, "addr", "add", f"{net.inside_addr}/24", "dev", net.inside_dev)
-        for addr in (net.outside_addr, net.far_addr, *net.probe_addrs):
-            ip("-n", net.outside, "addr", "add", f"{addr}/24", "dev", net.outside_dev)
-        for ns, dev in ((net.inside, net.inside_dev), (net.outside, net.outside_dev)):
-            ip("-n", ns, "link", "set", "lo", "up")
-            ip("-n", ns, "link", "set", dev, "up")
-        ip("-n", net.inside, "route", "add", "203.0.113.0/24", "via", net.outside_addr)
+        with IPRoute() as host:
+            host.link("add", ifname=net.inside_dev, kind="veth",
+                      peer={"ifname": net.outside_dev, "net_ns_fd": net.outside})  # fmt: skip
+            (index,) = host.link_lookup(ifname=net.inside_dev)
+            host.link("set", index=index, net_ns_fd=net.inside)
+        outside_addrs = (net.outside_addr, net.far_addr, *net.probe_addrs)
+        for ns, dev, addrs in (
+            (net.inside, net.inside_dev, (net.inside_addr,)),
+            (net.outside, net.outside_dev, outside_addrs),
+        ):
+            with NetNSHandle(ns) as handle:
+                (index,) = handle.link_lookup(ifname=dev)
+                for addr in addrs:
+                    handle.addr("add", index=index, address=addr, prefixlen=24)
+                handle.link("set", index=index, state="up")
+                (lo,) = handle.link_lookup(ifname="lo")
+                handle.link("set", index=lo, state="up")
+                if ns == net.inside:
+                    handle.route("add", dst="203.0.113.0/24", gateway=net.outside_addr)
         yield net
     finally:
         for ns in made:
             with contextlib.suppress(RuntimeError):
                 kill_netns_processes(ns)
-            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+            with contextlib.suppress(OSError):
+                netns.remove(ns)
 
 
 # --- sshd ----------------------------------------------------------------------------------
