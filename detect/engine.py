@@ -311,18 +311,19 @@ class _Window:
 def generate_matcher(rules: list[Rule]) -> Callable[[FieldDict], list[int]]:
     """One Python function that tests every rule of a category against an event's fields,
     returning the indices of those that match. Each field a string test reads is lowered
-    once up front; tests are inlined as C-level str/set/tuple/regex calls; anything else
+    once, when first needed; tests are inlined as C-level str/set/tuple/regex calls; anything else
     calls the rule's compiled closure. Same semantics as Rule.test, which tests check."""
     ctx = CodeContext()
     exprs = [rule.node.code(ctx) for rule in rules]
     lines = ["def match(f):", "    low = f.low"]
-    lines += [f"    v_{name} = low({name!r})" for name in sorted(ctx.low_fields)]
-    lines += [f"    r_{name} = f.get({name!r})" for name in sorted(ctx.raw_fields)]
-    lines += [f"    j_{name} = f.joined({name!r})" for name in sorted(ctx.joined_fields)]
+    # Fields load on first use (see detect.sigma._lazy): most rules stop at their first test.
+    lines += [f"    v_{name} = _U" for name in sorted(ctx.low_fields)]
+    lines += [f"    r_{name} = _U" for name in sorted(ctx.raw_fields)]
+    lines += [f"    j_{name} = _U" for name in sorted(ctx.joined_fields)]
     lines.append("    found = []")
     lines += [f"    if {expr}:\n        found.append({i})" for i, expr in enumerate(exprs)]
     lines.append("    return found")
-    namespace: dict[str, Any] = dict(ctx.consts)
+    namespace: dict[str, Any] = {**ctx.consts, "_U": object()}
     exec(compile("\n".join(lines), "<sandtrace rules>", "exec"), namespace)  # noqa: S102
     matcher: Callable[[FieldDict], list[int]] = namespace["match"]
     return matcher

@@ -515,6 +515,12 @@ def _var(field: str) -> str:
     return f"v_{field}"
 
 
+def _lazy(var: str, load: str) -> str:
+    """An expression that loads a field into its local on first use only (the generated
+    function starts every local at the sentinel _U)."""
+    return f"({var} if {var} is not _U else ({var} := {load}))"
+
+
 class _And(Node):
     def __init__(self, parts: list[Node]) -> None:
         self.parts = parts
@@ -553,10 +559,11 @@ class _Strings(Node):
             # Elements joined with NUL (which no argv element or path holds) turn "any
             # element equals / starts with / ends with / contains" into one substring search.
             ctx.joined_fields.add(self.name)
+            joined = _lazy(f"j_{self.name}", f"f.joined({self.name!r})")
             wrapped = {"exact": "\0{}\0", "prefix": "\0{}", "suffix": "{}\0", "contains": "{}"}
             needles = sorted({wrapped[shape].format(n) for shape, n in self.simple})
             rx = re.compile("|".join(re.escape(n) for n in needles))
-            return f"({ctx.const(rx.search)}(j_{self.name}) is not None)"
+            return f"({ctx.const(rx.search)}({joined}) is not None)"
         ctx.low_fields.add(self.name)
         v = _var(self.name)
         exact = frozenset(n for shape, n in self.simple if shape == "exact")
@@ -577,7 +584,7 @@ class _Strings(Node):
         elif needles:
             rx = re.compile("|".join(re.escape(n) for n in needles), re.DOTALL)
             terms.append(f"{ctx.const(rx.search)}({v}) is not None")
-        return f"({v} is not None and ({' or '.join(terms)}))"
+        return f"({_lazy(v, f'low({self.name!r})')} is not None and ({' or '.join(terms)}))"
 
 
 class _Regex(Node):
@@ -596,10 +603,12 @@ class _Regex(Node):
         if fold:  # matching the lowered text ignoring case is the same match
             ctx.low_fields.add(self.name)
             v = _var(self.name)
+            load = f"low({self.name!r})"
         else:
             ctx.raw_fields.add(self.name)
             v = f"r_{self.name}"
-        terms = [f"{v} is not None"]
+            load = f"f.get({self.name!r})"
+        terms = [f"{_lazy(v, load)} is not None"]
         if self.needles:
             pre = re.compile("|".join(re.escape(n) for n in sorted(self.needles)))
             terms.append(f"{ctx.const(pre.search)}({v}) is not None")
