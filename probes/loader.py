@@ -108,7 +108,7 @@ class ProbeConfig:
     ring_pages: int = 1024  # ring buffer size in pages (a power of two); 4 MiB by default
     trace_all: bool = False
     perf_buffer: bool = False  # force the perf buffer even where the ring buffer exists
-    queue_capacity: int = 1 << 20  # records waiting for the event loop before drops
+    queue_bytes: int = 32 << 20  # records waiting for the event loop before drops
     # With any connect hook attached anywhere, the kernel runs its cgroup hook path (socket
     # lock included) on every connect of every process: +200-400 ns per UDP connect here.
     # Without them, TCP connects still come from the TCP state tracepoint; UDP ones do not.
@@ -123,38 +123,49 @@ class LossCounters:
 
 
 class RecordQueue:
-    """Hand-off from the poll thread to the event loop: bounded, every drop counted."""
+    """Hand-off from the poll thread to the event loop, bounded in bytes (so memory stays
+    bounded whatever the records' sizes); every record that does not fit is counted."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity_bytes: int) -> None:
         self._batches: deque[list[bytes]] = deque()
         self._lock = threading.Lock()
-        self._pending = 0
-        self.capacity = capacity
+        self._records = 0
+        self._bytes = 0
+        self.capacity = capacity_bytes
         self.dropped = 0
 
     def put(self, batch: list[bytes]) -> bool:
         """Queue a batch; returns True when the queue was empty before (wake the reader)."""
+        size = sum(map(len, batch))
         with self._lock:
-            room = self.capacity - self._pending
-            if room < len(batch):
-                self.dropped += len(batch) - max(room, 0)
-                batch = batch[: max(room, 0)]
+            if self._bytes + size > self.capacity:
+                kept: list[bytes] = []
+                room = self.capacity - self._bytes
+                for record in batch:
+                    if len(record) > room:
+                        break
+                    kept.append(record)
+                    room -= len(record)
+                self.dropped += len(batch) - len(kept)
+                batch, size = kept, sum(map(len, kept))
             if not batch:
                 return False
-            was_empty = self._pending == 0
-            self._pending += len(batch)
+            was_empty = self._records == 0
+            self._records += len(batch)
+            self._bytes += size
             self._batches.append(batch)
             return was_empty
 
     def pending(self) -> int:
         """Records waiting to be drained."""
-        return self._pending
+        return self._records
 
     def drain(self) -> list[list[bytes]]:
         with self._lock:
             out = list(self._batches)
             self._batches.clear()
-            self._pending = 0
+            self._records = 0
+            self._bytes = 0
             return out
 
 
@@ -197,7 +208,7 @@ class Probes:
         }
         release_compiler_memory()
         self._attached: dict[Path, int] = {}  # cgroup dir -> fd
-        self.queue = RecordQueue(config.queue_capacity)
+        self.queue = RecordQueue(config.queue_bytes)
         self._perf_lost = 0
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()

@@ -1,0 +1,18 @@
+"""The hand-off queue between the ring reader and the event loop is bounded in bytes and
+counts every record it cannot take."""
+
+from __future__ import annotations
+
+from probes.loader import RecordQueue
+
+
+def test_bounded_in_bytes_and_drops_counted() -> None:
+    q = RecordQueue(capacity_bytes=100)
+    assert q.put([b"x" * 40, b"y" * 40]) is True  # was empty: wake the reader
+    assert q.put([b"z" * 15, b"w" * 10, b"v" * 1]) is False
+    assert (q.pending(), q.dropped) == (3, 2)  # 15 fits (95 bytes), the next 10 does not
+    assert [len(r) for batch in q.drain() for r in batch] == [40, 40, 15]
+    assert q.pending() == 0
+    assert q.put([b"a" * 101]) is False  # a record larger than the whole queue
+    assert q.dropped == 3
+    assert q.put([b"b" * 100]) is True
