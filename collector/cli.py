@@ -87,6 +87,12 @@ def _common_args(p: argparse.ArgumentParser) -> None:
         help="do not hook connect(): spares every process on the host the kernel's per-connect "
         "hook cost; TCP connects are still traced, UDP connects are not",
     )
+    p.add_argument(
+        "--no-bind-hook",
+        action="store_true",
+        help="do not hook bind(): spares every process on the host the kernel's per-bind hook "
+        "cost; TCP listeners are still traced, binds (and UDP servers) are not",
+    )
     d = p.add_argument_group("detection")
     d.add_argument(
         "--rules",
@@ -230,6 +236,7 @@ def _load_probes(args: argparse.Namespace, trace_all: bool = False) -> Probes:
             trace_all=trace_all,
             perf_buffer=args.perf_buffer,
             connect_hooks=not args.no_connect_hook,
+            bind_hooks=not args.no_bind_hook,
         ),
         features,
     )

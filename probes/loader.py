@@ -113,6 +113,9 @@ class ProbeConfig:
     # lock included) on every connect of every process: +200-400 ns per UDP connect here.
     # Without them, TCP connects still come from the TCP state tracepoint; UDP ones do not.
     connect_hooks: bool = True
+    # Likewise for bind (the bind and post_bind hooks): without them, TCP listeners are still
+    # seen (listen, from the TCP state tracepoint); binds themselves, and UDP ones, are not.
+    bind_hooks: bool = True
 
 
 @dataclass(slots=True)
@@ -204,7 +207,8 @@ class Probes:
                 attach_type=attach,
             )
             for name, attach in _ATTACH.items()
-            if config.connect_hooks or not name.startswith("connect")
+            if (config.connect_hooks or not name.startswith("connect"))
+            and (config.bind_hooks or "bind" not in name)
         }
         release_compiler_memory()
         self._attached: dict[Path, int] = {}  # cgroup dir -> fd

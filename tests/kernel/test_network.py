@@ -188,3 +188,18 @@ def test_tcp_connect_is_traced_without_connect_hooks(
     assert (ev.daddr, ev.dport, ev.saddr, ev.sport) == (host, port, host, sport)
     assert ev.outcome == "success"
     assert of(events, "connect", udp_pid) == []  # the documented cost of the option
+
+
+def test_listener_is_traced_without_bind_hooks() -> None:
+    """--no-bind-hook: a TCP listener is still seen, from the TCP state tracepoint."""
+    probes = Probes(ProbeConfig(connect_hooks=False, bind_hooks=False), kernel.check())
+    try:
+        t = Tracer(probes, cgroups.find_cgroup2_root())
+        with t.sandbox() as sb:
+            pid, out, events = sb.python(BIND, "127.0.0.1", "0", "tcp")
+    finally:
+        probes.close()
+    port = int(out)
+    assert of(events, "bind", pid) == []  # the documented cost of the option
+    listen = one(events, "listen", pid)
+    assert (listen.addr, listen.port) == ("127.0.0.1", port)
