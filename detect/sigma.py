@@ -521,22 +521,24 @@ def _lazy(var: str, load: str) -> str:
     return f"({var} if {var} is not _U else ({var} := {load}))"
 
 
-class _And(Node):
-    def __init__(self, parts: list[Node]) -> None:
+class _Join(Node):
+    """AND or OR of conditions."""
+
+    def __init__(self, op: str, parts: list[Node]) -> None:
+        self.op = op
         self.parts = parts
-        self.test = _all([p.test for p in parts])
+        self.test = (_all if op == "and" else _any)([p.test for p in parts])
 
     def code(self, ctx: CodeContext) -> str:
-        return "(" + " and ".join(p.code(ctx) for p in self.parts) + ")"
+        return "(" + f" {self.op} ".join(p.code(ctx) for p in self.parts) + ")"
 
 
-class _Or(Node):
-    def __init__(self, parts: list[Node]) -> None:
-        self.parts = parts
-        self.test = _any([p.test for p in parts])
+def _And(parts: list[Node]) -> Node:
+    return _Join("and", parts)
 
-    def code(self, ctx: CodeContext) -> str:
-        return "(" + " or ".join(p.code(ctx) for p in self.parts) + ")"
+
+def _Or(parts: list[Node]) -> Node:
+    return _Join("or", parts)
 
 
 class _Not(Node):
