@@ -85,6 +85,20 @@ class FieldDict:
             value = self._low[name] = _lower(self.get(name))
             return value
 
+    def ip(self, name: str) -> Any:
+        """The field parsed as an IP address once, or None when it is not one."""
+        key = "\0ip:" + name
+        try:
+            return self._low[key]
+        except KeyError:
+            value = self.get(name)
+            try:
+                parsed = ipaddress.ip_address(str(value)) if value else None
+            except ValueError:
+                parsed = None
+            self._low[key] = parsed
+            return parsed
+
     def joined(self, name: str) -> str:
         """A list field lowered and joined as NUL + e1 + NUL + e2 ... + NUL ("" if absent)."""
         values = self.low(name)
@@ -618,6 +632,35 @@ class _Regex(Node):
         return "(" + " and ".join(terms) + ")"
 
 
+class _Cidrs(Node):
+    """|cidr (one or several networks) on an address field, parsed once per event."""
+
+    def __init__(self, name: str, nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network]):
+        self.name = name
+        self.nets = tuple(nets)
+
+        def test(f: FieldDict) -> bool:
+            ip = f.ip(name)
+            return ip is not None and any(ip in net for net in self.nets)
+
+        self.test = test
+
+    def code(self, ctx: CodeContext) -> str:
+        return f"{ctx.const(self.test)}(f)"
+
+
+class _Numbers(Node):
+    def __init__(self, name: str, numbers: frozenset[int | float]) -> None:
+        self.name = name
+        self.numbers = numbers
+        self.test = _numbers_test(name, numbers)
+
+    def code(self, ctx: CodeContext) -> str:
+        ctx.raw_fields.add(self.name)
+        load = _lazy(f"r_{self.name}", f"f.get({self.name!r})")
+        return f"(type({load}) is int and r_{self.name} in {ctx.const(self.numbers)})"
+
+
 class _Call(Node):
     def __init__(self, test: Matcher) -> None:
         self.test = test
@@ -639,6 +682,7 @@ def _compile(node: Any, fields: Mapping[str, str], used: set[str]) -> Node:
         # Sigma lists (Image|endswith: [a, b, c]) arrive as ORs of one field: test them at once.
         by_field: dict[str, list[tuple[str, str]]] = {}
         numbers: dict[str, set[int | float]] = {}
+        cidrs: dict[str, list[Any]] = {}
         rest = []
         for arg in node.args:
             if not isinstance(arg, ConditionFieldEqualsValueExpression) or arg.field not in fields:
@@ -649,10 +693,14 @@ def _compile(node: Any, fields: Mapping[str, str], used: set[str]) -> Node:
             elif type(arg.value) is SigmaNumber:
                 numbers.setdefault(arg.field, set()).add(arg.value.number)
                 used.add(arg.field)
+            elif isinstance(arg.value, SigmaCIDRExpression):
+                cidrs.setdefault(arg.field, []).append(arg.value.network)
+                used.add(arg.field)
             else:
                 rest.append(arg)
         parts: list[Node] = [_Strings(name, simple) for name, simple in by_field.items()]
-        parts += [_Call(_numbers_test(name, frozenset(ns))) for name, ns in numbers.items()]
+        parts += [_Numbers(name, frozenset(ns)) for name, ns in numbers.items()]
+        parts += [_Cidrs(name, nets) for name, nets in cidrs.items()]
         parts += [_compile(a, fields, used) for a in rest]
         return parts[0] if len(parts) == 1 else _Or(parts)
     if isinstance(node, ConditionNOT):
@@ -663,6 +711,10 @@ def _compile(node: Any, fields: Mapping[str, str], used: set[str]) -> Node:
         used.add(node.field)
         if (simple := _simple(node.value)) is not None:
             return _Strings(node.field, [simple])
+        if type(node.value) is SigmaNumber:
+            return _Numbers(node.field, frozenset([node.value.number]))
+        if isinstance(node.value, SigmaCIDRExpression):
+            return _Cidrs(node.field, [node.value.network])
         if isinstance(node.value, SigmaRegularExpression) and node.field in TEXT_FIELDS:
             return _Regex(node.field, node.value)
         return _Call(_field_test(node.field, node.value))
