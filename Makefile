@@ -8,7 +8,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 BPF_SOURCES := $(wildcard bpf/*.c bpf/include/*.h)
-PY_SOURCES := probes collector detect tests $(wildcard bench)
+PY_SOURCES := probes collector detect service tests $(wildcard bench)
 
 .PHONY: help setup venv run test test-unit lint check bench format clean
 

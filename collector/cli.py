@@ -18,6 +18,7 @@ import structlog
 
 from collector import cgroups
 from collector.assemble import Assembler, Scope
+from collector.events import Alert
 from collector.pipeline import (
     EscapeFollower,
     JsonFileSink,
@@ -161,6 +162,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="trace this process and all its descendants (repeatable)",
     )
     watch.add_argument("--all", action="store_true", help="trace every process on the host")
+    serve = sub.add_parser(
+        "serve",
+        help="run the detection service (no root needed)",
+        description="Receive event batches from collectors over HTTP, detect, write alerts.",
+        epilog="examples:\n  sandtrace serve --listen 127.0.0.1:8780 "
+        "--token-file /etc/sandtrace/token --alerts /var/log/sandtrace/alerts.jsonl",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument("--listen", default="127.0.0.1:8780", metavar="HOST:PORT")
+    serve.add_argument("--token-file", metavar="FILE",
+                       help="require 'Authorization: Bearer <the file's content>'")  # fmt: skip
+    serve.add_argument("--rules", action="append", default=[], metavar="DIR")
+    serve.add_argument("--no-builtin-rules", action="store_true")
+    serve.add_argument("--alerts", metavar="FILE", help="append every alert to FILE as JSON")
+    serve.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")
     return parser
 
 
@@ -425,6 +441,47 @@ def _descendants(pid: int) -> set[int]:
     return out
 
 
+async def _serve(args: argparse.Namespace) -> int:
+    from aiohttp import web  # noqa: PLC0415
+
+    from service.app import Ingest, make_app  # noqa: PLC0415
+
+    host, _, port = args.listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise SystemExit(f"sandtrace serve: --listen wants HOST:PORT, not {args.listen!r}")
+    token = None
+    if args.token_file:
+        token = (await asyncio.to_thread(Path(args.token_file).read_text)).strip()
+        if not token:
+            raise SystemExit(f"sandtrace serve: {args.token_file} is empty")
+    paths = ([] if args.no_builtin_rules else [BUILTIN_RULES]) + [Path(r) for r in args.rules]
+    rules = load_paths(paths)
+    for where, why in rules.refused:
+        print(f"sandtrace: rule not loaded: {where}: {why}", file=sys.stderr)
+    sink = JsonFileSink(args.alerts, alerts_only=True) if args.alerts else None
+
+    def on_alert(alert: Alert) -> None:
+        if sink is not None:
+            sink.emit(alert)
+            sink.flush()
+
+    runner = web.AppRunner(make_app(Ingest(rules, on_alert=on_alert), token))
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host.strip("[]"), int(port)).start()
+        stop = asyncio.Event()
+        _install_stop(stop)
+        print(f"sandtrace: serving on {args.listen} ({len(rules.rules)} rules, "
+              f"{'token required' if token else 'no token'}); Ctrl-C or SIGTERM stops",
+              file=sys.stderr)  # fmt: skip
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        if sink is not None:
+            sink.close()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
@@ -434,6 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return asyncio.run(_run(args))
+        if args.command == "serve":
+            return asyncio.run(_serve(args))
         return asyncio.run(_watch(args))
     except (KernelSupportError, ProbeError, cgroups.CgroupError) as exc:
         print(f"sandtrace: {exc}", file=sys.stderr)

@@ -1,0 +1,125 @@
+"""The detection service's ingestion, against a real aiohttp server on loopback."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgpack
+import pytest
+import pytest_asyncio
+from aiohttp.test_utils import TestClient, TestServer
+
+from collector.events import WIRE_VERSION, Alert, to_dict
+from detect.sigma import RuleSet, load_text
+from detect.testing import event_from_fields
+from service.app import CONTENT_TYPE, MAX_BATCH_BYTES, Ingest, make_app
+
+TOKEN = "s3cret-token"  # noqa: S105 - a test token
+RULE = """
+title: miner flags
+id: 00000000-0000-4000-8000-00000000f00d
+logsource: {product: linux, category: process_creation}
+detection: {s: {CommandLine|contains: 'stratum+tcp://'}, condition: s}
+level: high
+"""
+
+
+def miner_event(pid: int = 7) -> dict[str, Any]:
+    fields = {"Image": "/tmp/x", "CommandLine": "x -o stratum+tcp://h:3333", "ProcessId": pid}
+    event = event_from_fields("process_creation", fields)
+    return to_dict(event)
+
+
+def batch(seq: int, events: list[dict[str, Any]], **over: Any) -> bytes:
+    body = {"v": WIRE_VERSION, "collector": "host-a/1", "seq": seq, "events": events, **over}
+    packed: bytes = msgpack.packb(body, use_bin_type=True)
+    return packed
+
+
+@pytest.fixture
+def alerts() -> list[Alert]:
+    return []
+
+
+@pytest_asyncio.fixture
+async def client(alerts: list[Alert]) -> AsyncIterator[TestClient[Any, Any]]:
+    rules = RuleSet()
+    load_text(RULE, "t", rules)
+    ingest = Ingest(rules, on_alert=alerts.append)
+    async with TestClient(TestServer(make_app(ingest, TOKEN))) as c:
+        yield c
+
+
+async def post(client: TestClient[Any, Any], body: bytes, token: str | None = TOKEN,
+               content_type: str = CONTENT_TYPE) -> tuple[int, Any]:  # fmt: skip
+    headers = {"Content-Type": content_type}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    resp = await client.post("/v1/batches", data=io.BytesIO(body), headers=headers)
+    return resp.status, await resp.json()
+
+
+@pytest.mark.asyncio
+async def test_batch_is_handled_once_and_acknowledged(
+    client: TestClient[Any, Any], alerts: list[Alert]
+) -> None:
+    assert await post(client, batch(1, [miner_event()])) == (200, {"ack": 1})
+    assert [a.rule_id for a in alerts] == ["00000000-0000-4000-8000-00000000f00d"]
+    assert alerts[0].process.pid == 7
+    # the same batch again (a retry after a lost ack): acknowledged, not processed twice
+    assert await post(client, batch(1, [miner_event(pid=8)])) == (200, {"ack": 1})
+    assert len(alerts) == 1
+    metrics = await (await client.get("/metrics")).text()
+    assert 'sandtrace_batches_total{result="accepted"} 1' in metrics
+    assert 'sandtrace_batches_total{result="replayed"} 1' in metrics
+    assert 'sandtrace_alerts_total{rule="00000000-0000-4000-8000-00000000f00d"} 1' in metrics
+    assert 'sandtrace_events_received_total{host="testhost"} 1' in metrics
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("body", "status", "reason", "message"),
+    [
+        (b"\xc1\xc1", 400, "malformed", "not msgpack"),
+        (batch(1, [miner_event()])[:-5], 400, "malformed", "not msgpack"),
+        (msgpack.packb([1, 2]), 400, "malformed", "not a map"),
+        (batch(1, [], v=WIRE_VERSION + 1), 409, "version",
+         f"version {WIRE_VERSION + 1} is not supported; this service reads version {WIRE_VERSION}"),
+        (batch(1, [], collector=""), 400, "malformed", "no collector id"),
+        (batch(-1, []), 400, "malformed", "no sequence number"),
+        (batch(1, [{"kind": "exec"}]), 400, "malformed", "event 0"),
+        (batch(1, [{"kind": "nonsense"}]), 400, "malformed", "unknown event kind"),
+    ],
+)  # fmt: skip
+async def test_bad_input_gets_a_clear_4xx(
+    client: TestClient[Any, Any], body: bytes, status: int, reason: str, message: str
+) -> None:
+    got_status, got = await post(client, body)
+    assert (got_status, got["error"]) == (status, reason)
+    assert message in got["message"]
+    # and the service goes on serving others
+    assert await post(client, batch(5, [miner_event()])) == (200, {"ack": 5})
+
+
+@pytest.mark.asyncio
+async def test_token_is_required(client: TestClient[Any, Any]) -> None:
+    assert (await post(client, batch(1, []), token=None))[0] == 401
+    assert (await post(client, batch(1, []), token="wrong"))[0] == 401  # noqa: S106
+    assert (await post(client, batch(1, [])))[0] == 200
+
+
+@pytest.mark.asyncio
+async def test_oversized_and_wrong_type(client: TestClient[Any, Any]) -> None:
+    big = batch(1, [], pad=b"x" * (MAX_BATCH_BYTES + 1))
+    assert (await post(client, big))[0] == 413
+    assert (await post(client, batch(1, []), content_type="application/json"))[0] == 415
+
+
+@pytest.mark.asyncio
+async def test_health_and_readiness(client: TestClient[Any, Any]) -> None:
+    health = await client.get("/healthz")
+    assert health.status == 200 and (await health.json())["status"] == "ok"
+    ready = await client.get("/readyz")
+    assert (await ready.json()) == {"status": "ready", "rules": 1}
