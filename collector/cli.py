@@ -30,6 +30,7 @@ from collector.pipeline import (
 from collector.proctable import ProcessTable, parse_stat
 from collector.render import TextRenderer, totals_line
 from collector.startup import held_socket_events
+from collector.stream import StreamSink
 from detect.engine import EgressPolicies, Engine
 from detect.sigma import load_paths
 
@@ -94,6 +95,11 @@ def _common_args(p: argparse.ArgumentParser) -> None:
         help="do not hook bind(): spares every process on the host the kernel's per-bind hook "
         "cost; TCP listeners are still traced, binds (and UDP servers) are not",
     )
+    p.add_argument("--server", metavar="URL",
+                   help="stream events to a detection service (sandtrace serve) instead of "
+                   "detecting here")  # fmt: skip
+    p.add_argument("--server-token-file", metavar="FILE",
+                   help="bearer token for --server, read from FILE")  # fmt: skip
     d = p.add_argument_group("detection")
     d.add_argument(
         "--rules",
@@ -209,10 +215,17 @@ def _sinks(args: argparse.Namespace) -> list[Sink]:
     return sinks
 
 
+def _stream(args: argparse.Namespace) -> list[Sink]:
+    if not args.server:
+        return []
+    token = Path(args.server_token_file).read_text().strip() if args.server_token_file else None
+    return [StreamSink(args.server, token)]
+
+
 def _engine(args: argparse.Namespace) -> Engine | None:
     """The detection engine with the built-in pack and the user's rules; refusals said."""
-    if args.no_detect:
-        return None
+    if args.no_detect or args.server:
+        return None  # with --server, the service detects
     paths = [] if args.no_builtin_rules else [BUILTIN_RULES]
     paths += [Path(r) for r in args.rules]
     for path in paths:
@@ -228,8 +241,10 @@ def _engine(args: argparse.Namespace) -> Engine | None:
     return Engine(rules, egress)
 
 
-def _detecting(engine: Engine | None) -> str:
+def _detecting(engine: Engine | None, server: str | None = None) -> str:
     """What the startup line says about detection."""
+    if server:
+        return f"streaming to {server}"
     if engine is None:
         return "no detection"
     rules = engine.rules
@@ -303,11 +318,15 @@ async def _run(args: argparse.Namespace) -> int:
         assembler = _assembler(root, scopes)
         engine = _engine(args)
         pipeline = Pipeline(
-            probes, assembler, [EscapeFollower(probes, root), *_sinks(args)], engine=engine
+            probes,
+            assembler,
+            [EscapeFollower(probes, root), *_sinks(args), *_stream(args)],
+            engine=engine,
         )
         stop = asyncio.Event()
         print(
-            f"sandtrace: tracing sandbox {sandbox.name} (cgroup {rel}, {_detecting(engine)}) "
+            f"sandtrace: tracing sandbox {sandbox.name} "
+            f"(cgroup {rel}, {_detecting(engine, args.server)}) "
             f"running {' '.join(cmd)!r}; Ctrl-C stops",
             file=sys.stderr,
         )
@@ -396,13 +415,17 @@ async def _watch(args: argparse.Namespace) -> int:
         held = await asyncio.to_thread(held_socket_events, assembler, pids_by_scope, root)
         engine = _engine(args)
         pipeline = Pipeline(
-            probes, assembler, [EscapeFollower(probes, root), *_sinks(args)], engine=engine
+            probes,
+            assembler,
+            [EscapeFollower(probes, root), *_sinks(args), *_stream(args)],
+            engine=engine,
         )
         stop = asyncio.Event()
         _install_stop(stop)
         what = ", ".join(s.name for s in scopes)
         print(
-            f"sandtrace: watching {what} ({_detecting(engine)}); Ctrl-C or SIGTERM stops",
+            f"sandtrace: watching {what} ({_detecting(engine, args.server)}); "
+            "Ctrl-C or SIGTERM stops",
             file=sys.stderr,
         )
         for event in held:

@@ -284,4 +284,8 @@ class Pipeline:
                 self.emit(alert)
         self.check_losses()
         for sink in self.sinks:
-            sink.close()
+            aclose = getattr(sink, "aclose", None)
+            if aclose is not None:
+                await aclose()  # a network sink delivers what it holds first
+            else:
+                sink.close()

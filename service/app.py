@@ -51,9 +51,11 @@ class Ingest:
         rules: RuleSet,
         on_alert: Callable[[Alert], None] | None = None,
         engine_factory: Callable[[RuleSet], Engine] = Engine,
+        on_batch: Callable[[str, int, list[AnyEvent]], None] | None = None,
     ) -> None:
         self.rules = rules
         self.on_alert = on_alert or (lambda _a: None)
+        self.on_batch = on_batch or (lambda _c, _s, _e: None)
         self._engine_factory = engine_factory
         self.engines: dict[str, Engine] = {}
         self.last_seq: dict[str, int] = {}
@@ -70,6 +72,7 @@ class Ingest:
         if seq <= self.last_seq.get(collector, -1):
             self.stats.batches["replayed"] += 1
             return False
+        self.on_batch(collector, seq, events)
         for event in events:
             host = getattr(event, "host", "")
             self.stats.events_in[host] += 1
