@@ -14,6 +14,7 @@ seq it has seen) is acknowledged again without being processed twice.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 from collections import Counter
@@ -136,7 +137,9 @@ def decode_batch(body: bytes) -> tuple[str, int, list[AnyEvent]]:
     return collector, seq, events
 
 
-def make_app(ingest: Ingest, token: str | None) -> web.Application:
+def make_app(ingest: Ingest, token: str | None, read_timeout: float = 30.0) -> web.Application:
+    """The service; a request body that takes longer than read_timeout to arrive gets a 408
+    (a client sending a byte a second holds one connection, never the service)."""
     app = web.Application(client_max_size=MAX_BATCH_BYTES)
     started = time.monotonic()
 
@@ -158,9 +161,11 @@ def make_app(ingest: Ingest, token: str | None) -> web.Application:
         if request.content_type != CONTENT_TYPE:
             return reject(415, "content_type", f"send {CONTENT_TYPE}, not {request.content_type}")
         try:
-            body = await request.read()
+            body = await asyncio.wait_for(request.read(), read_timeout)
         except web.HTTPRequestEntityTooLarge:
             return reject(413, "too_large", f"batch over {MAX_BATCH_BYTES} bytes")
+        except TimeoutError:
+            return reject(408, "slow", f"body not received within {read_timeout:g} s")
         try:
             collector, seq, events = decode_batch(body)
         except BadBatch as exc:

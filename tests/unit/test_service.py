@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 from collections.abc import AsyncIterator
 from typing import Any
@@ -123,3 +124,25 @@ async def test_health_and_readiness(client: TestClient[Any, Any]) -> None:
     assert health.status == 200 and (await health.json())["status"] == "ok"
     ready = await client.get("/readyz")
     assert (await ready.json()) == {"status": "ready", "rules": 1}
+
+
+@pytest.mark.asyncio
+async def test_a_byte_a_second_client_gets_408_and_others_are_served() -> None:
+    rules = RuleSet()
+    load_text(RULE, "t", rules)
+    async with TestClient(TestServer(make_app(Ingest(rules), TOKEN, read_timeout=0.5))) as c:
+        body = batch(1, [miner_event()])
+        reader, writer = await asyncio.open_connection("127.0.0.1", c.port)
+        writer.write(
+            f"POST /v1/batches HTTP/1.1\r\nHost: x\r\nContent-Type: {CONTENT_TYPE}\r\n"
+            f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        )
+        for byte in body[:3]:  # a trickle
+            writer.write(bytes([byte]))
+            await writer.drain()
+            # meanwhile another client is served at once
+            assert await post(c, batch(byte + 10, [])) == (200, {"ack": byte + 10})
+            await asyncio.sleep(0.25)
+        status_line = await asyncio.wait_for(reader.readline(), 5)
+        assert status_line.startswith(b"HTTP/1.1 408")
+        writer.close()
