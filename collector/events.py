@@ -180,6 +180,8 @@ class LostEvent:
     kernel: dict[str, int]  # ring buffer full, per record kind
     user: int  # dropped in user space (queue full)
     errors: dict[str, int]  # kernel map updates that failed
+    spool: int = 0  # events discarded on the way to the service (spool or buffer full)
+    collector: str = ""  # the collector's id when it streams to a service
 
 
 @dataclass(slots=True)

@@ -21,7 +21,7 @@ import aiohttp
 import structlog
 
 from collector.events import Alert, AnyEvent
-from service.app import CONTENT_TYPE, encode_batch
+from service.wire import CONTENT_TYPE, encode_batch
 
 log = structlog.get_logger("sandtrace.stream")
 

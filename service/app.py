@@ -21,19 +21,15 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import msgpack
 import structlog
 from aiohttp import web
 
-from collector.events import WIRE_VERSION, Alert, AnyEvent, EventFormatError, from_dict, to_dict
+from collector.events import Alert, AnyEvent
 from detect.engine import Engine
 from detect.sigma import RuleSet
+from service.wire import CONTENT_TYPE, MAX_BATCH_BYTES, BadBatch, decode_batch
 
 log = structlog.get_logger("sandtrace.service")
-
-MAX_BATCH_BYTES = 8 << 20
-MAX_BATCH_EVENTS = 50_000
-CONTENT_TYPE = "application/msgpack"
 
 
 @dataclass(slots=True)
@@ -83,58 +79,6 @@ class Ingest:
         self.last_seq[collector] = seq
         self.stats.batches["accepted"] += 1
         return True
-
-
-class BadBatch(Exception):
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
-
-
-def encode_batch(collector: str, seq: int, events: list[AnyEvent]) -> bytes:
-    """A batch as collectors send it (the inverse of decode_batch)."""
-    body = {"v": WIRE_VERSION, "collector": collector, "seq": seq,
-            "events": [to_dict(e) for e in events]}  # fmt: skip
-    packed: bytes = msgpack.packb(body, use_bin_type=True)
-    return packed
-
-
-def decode_batch(body: bytes) -> tuple[str, int, list[AnyEvent]]:
-    """A batch's collector id, sequence number and events; BadBatch says what is wrong."""
-    try:
-        batch = msgpack.unpackb(body, raw=False, strict_map_key=True)
-    except (ValueError, msgpack.UnpackException) as exc:
-        raise BadBatch(400, "malformed", f"body is not msgpack: {exc}") from None
-    if not isinstance(batch, dict):
-        raise BadBatch(400, "malformed", "batch is not a map")
-    version = batch.get("v")
-    if version != WIRE_VERSION:
-        raise BadBatch(
-            409,
-            "version",
-            f"batch wire version {version!r} is not supported; this service reads "
-            f"version {WIRE_VERSION}",
-        )
-    collector, seq, raw = batch.get("collector"), batch.get("seq"), batch.get("events")
-    if not isinstance(collector, str) or not collector:
-        raise BadBatch(400, "malformed", "batch has no collector id")
-    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
-        raise BadBatch(400, "malformed", "batch has no sequence number")
-    if not isinstance(raw, list):
-        raise BadBatch(400, "malformed", "batch events is not a list")
-    if len(raw) > MAX_BATCH_EVENTS:
-        raise BadBatch(413, "too_large", f"batch has {len(raw)} events; at most {MAX_BATCH_EVENTS}")
-    events: list[AnyEvent] = []
-    for i, item in enumerate(raw):
-        try:
-            event = from_dict(item)
-        except EventFormatError as exc:
-            raise BadBatch(400, "malformed", f"event {i}: {exc}") from None
-        if isinstance(event, Alert):
-            raise BadBatch(400, "malformed", f"event {i}: collectors send events, not alerts")
-        events.append(event)
-    return collector, seq, events
 
 
 def make_app(ingest: Ingest, token: str | None, read_timeout: float = 30.0) -> web.Application:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 from detect.testing import event_from_fields
-from service.app import BadBatch, decode_batch, encode_batch
+from service.wire import BadBatch, decode_batch, encode_batch
 
 ROUNDS = 100_000
 

@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 from detect.testing import event_from_fields
-from service.app import CONTENT_TYPE, encode_batch
+from service.wire import CONTENT_TYPE, encode_batch
 
 ROOT_DIR = Path(__file__).resolve().parents[2]
 

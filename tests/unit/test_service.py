@@ -15,7 +15,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from collector.events import WIRE_VERSION, Alert, to_dict
 from detect.sigma import RuleSet, load_text
 from detect.testing import event_from_fields
-from service.app import CONTENT_TYPE, MAX_BATCH_BYTES, Ingest, make_app
+from service.app import Ingest, make_app
+from service.wire import CONTENT_TYPE, MAX_BATCH_BYTES
 
 TOKEN = "s3cret-token"  # noqa: S105 - a test token
 RULE = """
