@@ -442,9 +442,16 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def json_dict(event: AnyEvent | Alert) -> dict[str, Any]:
+    """The object json_line() dumps: to_dict() with every bytes value decoded as described in
+    the module docstring (invalid bytes as lone surrogates)."""
+    d: dict[str, Any] = _jsonable(to_dict(event))
+    return d
+
+
 def json_line(event: AnyEvent | Alert) -> str:
     """One JSON object, on one line without its newline; ASCII only (see module docstring)."""
-    return json.dumps(_jsonable(to_dict(event)), ensure_ascii=True, separators=(",", ":"))
+    return json.dumps(json_dict(event), ensure_ascii=True, separators=(",", ":"))
 
 
 def bytes_from_json(s: str) -> bytes:
