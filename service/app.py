@@ -27,6 +27,7 @@ from aiohttp import web
 from collector.events import Alert, AnyEvent
 from detect.engine import Engine
 from detect.sigma import RuleSet
+from service.tail import TailHub, add_tail_routes
 from service.wire import CONTENT_TYPE, MAX_BATCH_BYTES, BadBatch, decode_batch
 
 log = structlog.get_logger("sandtrace.service")
@@ -81,9 +82,12 @@ class Ingest:
         return True
 
 
-def make_app(ingest: Ingest, token: str | None, read_timeout: float = 30.0) -> web.Application:
+def make_app(
+    ingest: Ingest, token: str | None, read_timeout: float = 30.0, *, tail: TailHub | None = None
+) -> web.Application:
     """The service; a request body that takes longer than read_timeout to arrive gets a 408
-    (a client sending a byte a second holds one connection, never the service)."""
+    (a client sending a byte a second holds one connection, never the service). With tail,
+    GET /v1/tail streams what tail is given (service.tail)."""
     app = web.Application(client_max_size=MAX_BATCH_BYTES)
     started = time.monotonic()
 
@@ -124,12 +128,17 @@ def make_app(ingest: Ingest, token: str | None, read_timeout: float = 30.0) -> w
         return web.json_response({"status": "ready", "rules": len(ingest.rules.rules)})
 
     async def metrics(_request: web.Request) -> web.Response:
-        return web.Response(text=prometheus_text(ingest.stats), content_type="text/plain")
+        text = prometheus_text(ingest.stats)
+        if tail is not None:
+            text += "\n".join(tail.prometheus_lines()) + "\n"
+        return web.Response(text=text, content_type="text/plain")
 
     app.router.add_post("/v1/batches", batches)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    if tail is not None:
+        add_tail_routes(app, tail, token)
     return app
 
 

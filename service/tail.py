@@ -1,0 +1,397 @@
+"""Live tail: events and alerts streamed to clients over a WebSocket, filtered here.
+
+``GET /v1/tail`` upgrades to a WebSocket. The query chooses what the client gets; every
+parameter is optional and anything else is refused with 400 before the upgrade:
+
+    alerts_only=1        alerts (and loss reports) only
+    sandbox=a,b          only these sandbox ids
+    host=h1,h2           only these hosts
+    kind=exec,connect    only these event kinds; an alert passes when one of the events
+                         that raised it is of one of these kinds
+
+Loss reports (LostEvent) say what a collector could not deliver; they pass every filter but
+the host.
+
+Frames, server to client:
+  - binary: one event or alert, exactly collector.events.encode(item) (msgpack, carrying the
+    event wire version in "v");
+  - text: a JSON control message with a "type": first ``hello`` with the server's event
+    wire version and tail protocol version and the filter it applies, then ``dropped``
+    whenever this client fell behind: its queue was full, so ``count`` items were not sent
+    to it (``total`` so far). Nothing is dropped silently.
+
+Publishing never blocks: each subscriber has a bounded queue, and a slow client only loses
+its own items (counted, and told). The hub's counters are exported to Prometheus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import socket
+import stat
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import WSCloseCode, web
+
+from collector.events import EVENT_TYPES, WIRE_VERSION, Alert, AnyEvent, LostEvent, encode
+
+log = structlog.get_logger("sandtrace.tail")
+
+TAIL_PATH = "/v1/tail"
+TAIL_PROTOCOL = 1
+"""Version of the control messages. Bump on any incompatible change."""
+
+DEFAULT_SOCKET = "/run/sandtrace/tail.sock"
+DEFAULT_QUEUE = 4096
+FILTER_KINDS = frozenset(k for k in EVENT_TYPES if k not in {"alert", "lost"})
+PARAMETERS = ("alerts_only", "sandbox", "host", "kind")
+_TRUE, _FALSE = {"1", "true", "yes"}, {"0", "false", "no", ""}
+
+
+class BadFilter(ValueError):
+    """A tail query that cannot be served; the message says what is wrong."""
+
+
+def _names(values: Iterable[str]) -> frozenset[str]:
+    return frozenset(v.strip() for value in values for v in value.split(",") if v.strip())
+
+
+@dataclass(frozen=True, slots=True)
+class TailFilter:
+    """What one client wants; empty sets mean no restriction."""
+
+    alerts_only: bool = False
+    sandboxes: frozenset[str] = frozenset()
+    hosts: frozenset[str] = frozenset()
+    kinds: frozenset[str] = frozenset()
+
+    @classmethod
+    def parse(cls, query: Mapping[str, str] | Iterable[tuple[str, str]]) -> TailFilter:
+        """From query parameters (repeated ones add up); BadFilter says what is wrong."""
+        pairs = list(query.items()) if isinstance(query, Mapping) else list(query)
+        unknown = sorted({k for k, _ in pairs} - set(PARAMETERS))
+        if unknown:
+            known = ", ".join(PARAMETERS)
+            raise BadFilter(f"unknown parameter {', '.join(map(repr, unknown))}; known: {known}")
+        values: dict[str, list[str]] = {}
+        for key, value in pairs:
+            values.setdefault(key, []).append(value)
+        alerts_only = False
+        for value in values.get("alerts_only", []):
+            if value.lower() not in _TRUE | _FALSE:
+                raise BadFilter(f"alerts_only wants 1 or 0, not {value!r}")
+            alerts_only = value.lower() in _TRUE
+        kinds = _names(values.get("kind", []))
+        bad = sorted(kinds - FILTER_KINDS)
+        if bad:
+            known = ", ".join(sorted(FILTER_KINDS))
+            raise BadFilter(f"unknown kind {', '.join(map(repr, bad))}; known: {known}")
+        return cls(
+            alerts_only=alerts_only,
+            sandboxes=_names(values.get("sandbox", [])),
+            hosts=_names(values.get("host", [])),
+            kinds=kinds,
+        )
+
+    def query(self) -> dict[str, str]:
+        """The query parameters that parse() turns back into this filter."""
+        out = {"alerts_only": "1"} if self.alerts_only else {}
+        for key, names in (("sandbox", self.sandboxes), ("host", self.hosts),
+                           ("kind", self.kinds)):  # fmt: skip
+            if names:
+                out[key] = ",".join(sorted(names))
+        return out
+
+    def matches(self, item: AnyEvent | Alert) -> bool:
+        if self.hosts and item.host not in self.hosts:
+            return False
+        if isinstance(item, LostEvent):
+            return True
+        if self.sandboxes and item.sandbox not in self.sandboxes:
+            return False
+        if isinstance(item, Alert):
+            return not self.kinds or any(getattr(e, "kind", "") in self.kinds for e in item.events)
+        return not self.alerts_only and (not self.kinds or item.kind in self.kinds)
+
+
+# --- frames --------------------------------------------------------------------------------
+
+
+def hello_message(flt: TailFilter) -> str:
+    return json.dumps({"type": "hello", "wire_version": WIRE_VERSION,
+                       "tail_version": TAIL_PROTOCOL, "filter": flt.query()})  # fmt: skip
+
+
+def dropped_message(count: int, total: int) -> str:
+    return json.dumps({"type": "dropped", "count": count, "total": total})
+
+
+def parse_control(text: str) -> dict[str, Any]:
+    """A control message; ValueError when the text is not one."""
+    try:
+        message = json.loads(text)
+    except ValueError:
+        raise ValueError(f"control frame is not JSON: {text[:80]!r}") from None
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        raise ValueError(f"control frame has no type: {text[:80]!r}")  # noqa: TRY004
+    return message
+
+
+# --- the hub -------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Dropped:
+    """Queued in place of what a full queue could not take: count items missed here."""
+
+    count: int
+
+
+@dataclass(slots=True)
+class Subscriber:
+    """One client: its filter, its bounded queue of encoded items, and what it missed."""
+
+    filter: TailFilter
+    max_queue: int
+    queue: deque[bytes | Dropped] = field(default_factory=deque)
+    queued: int = 0  # items (not notices) in queue
+    missed: int = 0  # dropped since the last notice was queued
+    dropped: int = 0  # dropped in all
+    closed: bool = False
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def offer(self, frame: bytes) -> bool:
+        """Queue frame unless the queue is full; False when it was dropped."""
+        if self.queued >= self.max_queue:
+            self.missed += 1
+            self.dropped += 1
+            return False
+        if self.missed:  # the notice goes where the gap is
+            self.queue.append(Dropped(self.missed))
+            self.missed = 0
+        self.queue.append(frame)
+        self.queued += 1
+        self.wake.set()
+        return True
+
+    async def next(self) -> bytes | Dropped | None:
+        """The next frame or notice, waiting for one; None once closed and drained."""
+        while True:
+            if self.queue:
+                item = self.queue.popleft()
+                if isinstance(item, bytes):
+                    self.queued -= 1
+                return item
+            if self.missed:
+                notice, self.missed = Dropped(self.missed), 0
+                return notice
+            if self.closed:
+                return None
+            self.wake.clear()
+            await self.wake.wait()
+
+
+class TailHub:
+    """Fans events and alerts out to live-tail subscribers; publish() never blocks."""
+
+    def __init__(self, max_queue: int = DEFAULT_QUEUE) -> None:
+        self.max_queue = max_queue
+        self.subscribers: list[Subscriber] = []
+        self.sent = 0
+        self.dropped = 0
+        self.handlers: set[asyncio.Task[Any]] = set()  # of connected clients
+
+    def subscribe(self, flt: TailFilter) -> Subscriber:
+        sub = Subscriber(flt, self.max_queue)
+        self.subscribers.append(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        sub.closed = True
+        sub.wake.set()
+        if sub in self.subscribers:
+            self.subscribers.remove(sub)
+
+    def publish(self, item: AnyEvent | Alert) -> None:
+        """Queue item for every subscriber whose filter takes it (encoded once, if at all)."""
+        frame: bytes | None = None
+        for sub in self.subscribers:
+            if sub.closed or not sub.filter.matches(item):
+                continue
+            if frame is None:
+                frame = encode(item)
+            if not sub.offer(frame):
+                self.dropped += 1
+
+    def close(self) -> None:
+        """Every subscriber gets what is queued for it, then its stream ends."""
+        for sub in self.subscribers:
+            sub.closed = True
+            sub.wake.set()
+
+    async def aclose(self, grace: float = 2.0) -> None:
+        """close(), then wait (at most grace seconds) for the clients' handlers to finish."""
+        self.close()
+        if self.handlers:
+            await asyncio.wait(set(self.handlers), timeout=grace)
+
+    def prometheus_lines(self) -> list[str]:
+        """The hub's gauge and counters in the Prometheus text exposition format."""
+        return [
+            "# HELP sandtrace_tail_subscribers Live tail clients connected",
+            "# TYPE sandtrace_tail_subscribers gauge",
+            f"sandtrace_tail_subscribers {len(self.subscribers)}",
+            "# HELP sandtrace_tail_sent_total Events and alerts sent to live tail clients",
+            "# TYPE sandtrace_tail_sent_total counter",
+            f"sandtrace_tail_sent_total {self.sent}",
+            "# HELP sandtrace_tail_dropped_total Events and alerts not sent to a live tail "
+            "client that read too slowly (each was told how many)",
+            "# TYPE sandtrace_tail_dropped_total counter",
+            f"sandtrace_tail_dropped_total {self.dropped}",
+        ]
+
+
+# --- the WebSocket endpoint ----------------------------------------------------------------
+
+
+def _refuse(status: int, reason: str, message: str) -> web.Response:
+    log.info("tail refused", status=status, reason=reason, message=message)
+    return web.json_response({"error": reason, "message": message}, status=status)
+
+
+def add_tail_routes(app: web.Application, hub: TailHub, token: str | None) -> None:
+    """GET /v1/tail on app; with a token, it wants 'Authorization: Bearer <token>'."""
+    expected = f"Bearer {token}".encode() if token is not None else None
+
+    async def tail(request: web.Request) -> web.StreamResponse:
+        if expected is not None:
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return _refuse(401, "unauthorized", "missing or wrong bearer token")
+        try:
+            flt = TailFilter.parse(request.query.items())
+        except BadFilter as exc:
+            return _refuse(400, "bad_filter", str(exc))
+        ws = web.WebSocketResponse(heartbeat=20.0)
+        if not ws.can_prepare(request).ok:
+            return _refuse(400, "not_websocket", f"{TAIL_PATH} speaks WebSocket only")
+        await ws.prepare(request)
+        await ws.send_str(hello_message(flt))
+        sub = hub.subscribe(flt)
+        log.info("tail client connected", peer=request.remote, filter=flt.query())
+        task = asyncio.current_task()
+        if task is not None:
+            hub.handlers.add(task)
+        sender = asyncio.create_task(_send(ws, hub, sub))
+        reader = asyncio.create_task(_read_until_closed(ws))
+        try:
+            await asyncio.wait({sender, reader}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (sender, reader):
+                t.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                    await t
+            hub.unsubscribe(sub)
+            if task is not None:
+                hub.handlers.discard(task)
+            log.info("tail client gone", peer=request.remote, dropped=sub.dropped)
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+        return ws
+
+    async def on_shutdown(_app: web.Application) -> None:
+        await hub.aclose()
+
+    app.router.add_get(TAIL_PATH, tail)
+    app.on_shutdown.append(on_shutdown)
+
+
+async def _send(ws: web.WebSocketResponse, hub: TailHub, sub: Subscriber) -> None:
+    while (item := await sub.next()) is not None:
+        if isinstance(item, Dropped):
+            await ws.send_str(dropped_message(item.count, sub.dropped))
+        else:
+            await ws.send_bytes(item)
+            hub.sent += 1
+
+
+async def _read_until_closed(ws: web.WebSocketResponse) -> None:
+    """Reads (and so answers pings and sees the close) until the client goes."""
+    async for _msg in ws:
+        pass  # a client has nothing to say
+
+
+# --- the local socket of `sandtrace watch` -------------------------------------------------
+
+
+class TailSocketError(OSError):
+    """The tail socket cannot be served; the message says why and what to do."""
+
+
+def _bind_private(path: Path) -> socket.socket:
+    """A Unix socket bound at path, mode 0600 before it listens (so before anyone connects)."""
+    try:
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TailSocketError(f"cannot create {path.parent}: {exc.strerror}") from None
+    with contextlib.suppress(FileNotFoundError):
+        mode = path.lstat().st_mode
+        if not stat.S_ISSOCK(mode):
+            raise TailSocketError(f"{path} exists and is not a socket; choose --tail-socket PATH")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except ConnectionRefusedError:
+            path.unlink()  # left behind by a watch that was killed
+        except OSError as exc:
+            raise TailSocketError(f"cannot check {path}: {exc.strerror}") from None
+        else:
+            raise TailSocketError(
+                f"{path} is in use (another sandtrace watch?); choose --tail-socket PATH"
+            )
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        path.chmod(0o600)
+    except OSError as exc:
+        sock.close()
+        raise TailSocketError(f"cannot bind {path}: {exc.strerror}") from None
+    return sock
+
+
+class LocalTail:
+    """/v1/tail served on a Unix socket readable by its owner only (root, for watch)."""
+
+    def __init__(self, hub: TailHub, path: Path) -> None:
+        self.hub = hub
+        self.path = path
+        self._runner: web.AppRunner | None = None
+        self._inode = 0
+
+    async def start(self) -> None:
+        """Listen on path; TailSocketError when that cannot be done."""
+        sock = _bind_private(self.path)
+        self._inode = self.path.stat().st_ino
+        app = web.Application()
+        add_tail_routes(app, self.hub, None)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.SockSite(self._runner, sock, shutdown_timeout=2.0).start()
+
+    async def close(self) -> None:
+        """Clients get what is queued for them, then the socket goes."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        with contextlib.suppress(OSError):
+            if self.path.stat().st_ino == self._inode:  # still ours
+                self.path.unlink()
