@@ -1,29 +1,79 @@
-"""Streaming events to the detection service: batched, acknowledged, retried, bounded.
+"""Streaming events to the detection service: batched, acknowledged, retried, spooled, bounded.
 
-A StreamSink is one more sink of the pipeline. Events wait in a bounded in-memory buffer;
-a background task sends them in order as msgpack batches (by size, or after a short linger),
-each with this collector's id and a sequence number, and drops a batch from the buffer only
-once the service has acknowledged it. While the service is unreachable or failing, it
-retries with exponential backoff; when the buffer is full, the oldest events are discarded
-and counted. (A disk spool for long outages is the next step.)
+A StreamSink is one more sink of the pipeline. Events are sealed into msgpack batches (by
+size, or after a short linger), each with this collector's id and the next sequence number,
+and sent in sequence order; a batch is forgotten only once the service has acknowledged it.
+While the service is unreachable, slow or failing, the collector keeps working:
+
+- sealed batches wait in memory, bounded in bytes;
+- beyond that they go to the disk spool (collector/spool.py), bounded in bytes, which a
+  restarted collector replays under the same id;
+- whatever has to be discarded (spool full, disk full, no spool and memory full, or a batch
+  the service refuses for good) is counted by cause, and the count travels to the service in
+  a LostEvent at the head of the next batch, like the kernel's losses.
+
+Retries back off exponentially. A batch the service can never accept (400 malformed, 413 too
+large) is discarded and counted; a refusal that configuration can fix (401 token, 409 wire
+version, 415) is retried, with an error that says what to fix, and the spool fills meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import secrets
 import socket
-from collections import deque
-from dataclasses import dataclass
+import ssl
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 import structlog
 
-from collector.events import Alert, AnyEvent
+from collector.events import Alert, AnyEvent, LostEvent
+from collector.spool import Spool, SpoolCorrupt
 from service.wire import CONTENT_TYPE, encode_batch
 
 log = structlog.get_logger("sandtrace.stream")
+
+PERMANENT = {400: "the service cannot read this batch", 413: "the batch is too large"}
+FIXABLE = {
+    401: "the service refused the token: check --server-token-file against the service's",
+    403: "the service refused the token: check --server-token-file against the service's",
+    409: "the service reads another wire version: run the same sandtrace version on both",
+    415: "the service does not take this content type: run the same sandtrace version on both",
+}
+
+
+class InsecureURL(ValueError):
+    """A plain-HTTP service address that is not on this host."""
+
+
+def check_url(url: str, insecure: bool = False) -> str:
+    """The service's base URL, checked: http(s) only; plain HTTP only to loopback unless
+    `insecure` (events carry command lines, which may carry secrets)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"service URL {url!r} is not http://HOST:PORT or https://HOST:PORT")
+    if parts.scheme == "http" and not insecure and not _is_loopback(parts.hostname):
+        raise InsecureURL(
+            f"refusing to send events in clear text to {parts.hostname}: use https:// (with "
+            "--server-ca-file if its certificate is private), or --insecure on a trusted network"
+        )
+    return url.rstrip("/")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(slots=True)
@@ -31,7 +81,18 @@ class StreamStats:
     sent_batches: int = 0
     sent_events: int = 0
     retries: int = 0
-    discarded: int = 0  # events dropped because the buffer was full
+    discarded: int = 0  # events that will never reach the service, all causes
+    discarded_by: Counter[str] = field(default_factory=Counter)
+    # memory_full (no spool), spool_full, spool_error (disk), rejected (by the service),
+    # shutdown (no spool, service gone at exit)
+
+
+@dataclass(slots=True)
+class _Batch:
+    seq: int
+    events: int
+    carried: int  # earlier discards reported by the LostEvent inside this batch
+    body: bytes
 
 
 class StreamSink:
@@ -42,44 +103,54 @@ class StreamSink:
         *,
         batch_events: int = 500,
         linger: float = 0.2,
-        max_buffered: int = 200_000,
+        memory_bytes: int = 16 << 20,
+        spool_dir: Path | None = None,
+        spool_bytes: int = 256 << 20,
         max_backoff: float = 8.0,
+        ca_file: str | None = None,
+        insecure: bool = False,
         collector_id: str | None = None,
     ) -> None:
-        self.url = url.rstrip("/") + "/v1/batches"
+        self.base_url = check_url(url, insecure)
+        self.url = self.base_url + "/v1/batches"
         self.token = token
         self.batch_events = batch_events
         self.linger = linger
-        self.max_buffered = max_buffered
+        self.memory_bytes = memory_bytes
         self.max_backoff = max_backoff
-        # A new id per run: sequence numbers start again at 0 with it.
-        self.collector_id = collector_id or f"{socket.gethostname()}/{secrets.token_hex(4)}"
+        self.ca_file = ca_file
+        self.spool = Spool(spool_dir, spool_bytes) if spool_dir is not None else None
+        if self.spool is not None:
+            self.collector_id = self.spool.collector_id
+        else:  # a new id per run: sequence numbers start again at 0 with it
+            self.collector_id = collector_id or f"{socket.gethostname()}/{secrets.token_hex(4)}"
         self.stats = StreamStats()
-        self._buffer: deque[AnyEvent] = deque()
+        self._pending: list[AnyEvent] = []
+        self._pending_since = 0.0
+        self._memory: deque[_Batch] = deque()
+        self._memory_size = 0
         self._seq = 0
-        self._inflight = 0  # events at the head of the buffer in the batch being sent
+        self._inflight: _Batch | None = None
+        self._unreported = 0  # discards not yet carried by a LostEvent
         self._wake = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
+        self._last_warning = 0.0
+        if self.spool is not None and len(self.spool):
+            log.info("replaying spooled batches", batches=len(self.spool), bytes=self.spool.bytes)
 
     # -- Sink -------------------------------------------------------------------------------
 
     def emit(self, event: AnyEvent | Alert) -> None:
         if isinstance(event, Alert):
             return  # the service detects; alerts are its to raise
-        if len(self._buffer) >= self.max_buffered:
-            # The oldest event not in the batch on its way goes (that batch may yet be acked).
-            if len(self._buffer) > self._inflight:
-                del self._buffer[self._inflight]
-                self.stats.discarded += 1
-            else:
-                self.stats.discarded += 1
-                return
-        self._buffer.append(event)
+        if not self._pending:
+            self._pending_since = time.monotonic()
+        self._pending.append(event)
+        if len(self._pending) >= self.batch_events:
+            self._seal()
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())
-        if len(self._buffer) >= self.batch_events:
-            self._wake.set()
 
     def flush(self) -> None:
         return None  # the sender keeps its own pace
@@ -89,8 +160,12 @@ class StreamSink:
         self._wake.set()
 
     async def aclose(self, deadline: float = 10.0) -> None:
-        """Send what is buffered (for at most `deadline` seconds), then stop."""
+        """Send what is held for at most `deadline` seconds; then spool the rest (or count it
+        as discarded when there is no spool) and stop."""
         self.close()
+        self._seal()
+        if self._task is None and (self._memory or (self.spool is not None and len(self.spool))):
+            self._task = asyncio.get_running_loop().create_task(self._run())
         if self._task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), deadline)
@@ -98,9 +173,131 @@ class StreamSink:
                 self._task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
-        if self._buffer:
-            log.warning("events not delivered to the service", count=len(self._buffer),
-                        url=self.url)  # fmt: skip
+        self._inflight = None
+        while self._memory:
+            batch = self._memory.popleft()
+            self._memory_size -= len(batch.body)
+            if self.spool is not None:
+                self._spool_put(batch)
+            else:
+                self._discard(batch.events, batch.carried, "shutdown")
+        left = len(self.spool) if self.spool is not None else 0
+        if left:
+            log.warning("batches left in the spool for the next run", batches=left,
+                        bytes=self.spool.bytes if self.spool else 0)  # fmt: skip
+
+    # -- state -------------------------------------------------------------------------------
+
+    @property
+    def spool_bytes(self) -> int:
+        return self.spool.bytes if self.spool is not None else 0
+
+    @property
+    def spool_batches(self) -> int:
+        return len(self.spool) if self.spool is not None else 0
+
+    @property
+    def held_batches(self) -> int:
+        return len(self._memory) + self.spool_batches
+
+    def _take_seq(self) -> int:
+        if self.spool is not None:
+            return self.spool.take_seq()
+        seq, self._seq = self._seq, self._seq + 1
+        return seq
+
+    def _seal(self) -> None:
+        if not self._pending and not self._unreported:
+            return
+        events: list[AnyEvent] = []
+        carried = self._unreported
+        if carried:
+            host = getattr(self._pending[0], "host", "") if self._pending else ""
+            events.append(LostEvent(time_ns=time.time_ns(), host=host or socket.gethostname(),
+                                    kernel={}, user=0, errors={}, spool=carried,
+                                    collector=self.collector_id))  # fmt: skip
+            self._unreported = 0
+        events.extend(self._pending)
+        self._pending = []
+        seq = self._take_seq()
+        body = encode_batch(self.collector_id, seq, events)
+        self._store(_Batch(seq, len(events), carried, body))
+        self._wake.set()
+
+    def _store(self, batch: _Batch) -> None:
+        size = len(batch.body)
+        if self.spool is None:
+            self._memory.append(batch)
+            self._memory_size += size
+            while self._memory_size > self.memory_bytes and len(self._memory) > 1:
+                # the oldest batch not on its way goes (the one being sent may yet be acked)
+                index = 1 if self._memory[0] is self._inflight else 0
+                old = self._memory[index]
+                del self._memory[index]
+                self._memory_size -= len(old.body)
+                self._discard(old.events, old.carried, "memory_full")
+        elif not len(self.spool) and self._memory_size + size <= self.memory_bytes:
+            self._memory.append(batch)
+            self._memory_size += size
+        else:
+            self._spool_put(batch)
+
+    def _spool_put(self, batch: _Batch) -> None:
+        spool = self.spool
+        if spool is None:
+            raise RuntimeError("no spool")
+        try:
+            dropped = spool.put(batch.seq, batch.events, batch.carried, batch.body)
+        except OSError as exc:
+            self._discard(batch.events, batch.carried, "spool_error")
+            self._warn("spool write failed; batch discarded (free space in the spool "
+                       "directory, or give --spool-max less than it has)",
+                       error=str(exc), spool=str(spool.directory))  # fmt: skip
+            return
+        for old in dropped:
+            self._discard(old.events, old.carried, "spool_full")
+        if dropped:
+            self._warn("spool full; oldest batches discarded (a larger --spool-max keeps more)",
+                       batches=len(dropped), spool_bytes=spool.bytes)  # fmt: skip
+
+    def _discard(self, events: int, carried: int, cause: str) -> None:
+        lost = events - (1 if carried else 0)  # the batch's own LostEvent is not an event
+        self.stats.discarded += lost
+        self.stats.discarded_by[cause] += lost
+        if not self._pending and not self._unreported:
+            self._pending_since = time.monotonic()
+        self._unreported += lost + carried  # reported again in the next batch
+
+    def _warn(self, message: str, **kw: object) -> None:
+        now = time.monotonic()
+        if now - self._last_warning >= 5.0:
+            self._last_warning = now
+            log.warning(message, discarded=self.stats.discarded, **kw)
+
+    def _next(self) -> tuple[_Batch, bool] | None:
+        """The oldest held batch, and whether it is from the spool."""
+        if self._memory:
+            return self._memory[0], False
+        if self.spool is None:
+            return None
+        while True:
+            try:
+                head = self.spool.head()
+            except SpoolCorrupt as exc:
+                self._discard(exc.item.events, exc.item.carried, "spool_error")
+                log.warning(str(exc))
+                continue
+            if head is None:
+                return None
+            item, body = head
+            return _Batch(item.seq, item.events, item.carried, body), True
+
+    def _done(self, batch: _Batch, spooled: bool) -> None:
+        if spooled and self.spool is not None:
+            self.spool.pop()
+        else:
+            self._memory.popleft()
+            self._memory_size -= len(batch.body)
 
     # -- sender -----------------------------------------------------------------------------
 
@@ -108,48 +305,73 @@ class StreamSink:
         headers = {"Content-Type": CONTENT_TYPE}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
+        ssl_ctx: ssl.SSLContext | bool = True
+        if self.url.startswith("https:"):
+            ssl_ctx = ssl.create_default_context(cafile=self.ca_file)
         backoff = 0.25
-        async with aiohttp.ClientSession(headers=headers) as session:
+        connector = aiohttp.TCPConnector(ssl=ssl_ctx)
+        async with aiohttp.ClientSession(headers=headers, connector=connector) as session:
             while True:
-                if not self._buffer:
-                    if self._closing:
+                # a count of discards alone waits until nothing else is held: it must not
+                # push events out of a full memory
+                if (self._pending or (self._unreported and not self.held_batches)) and (
+                    self._closing or time.monotonic() - self._pending_since >= self.linger
+                ):
+                    self._seal()
+                nxt = self._next()
+                if nxt is None:
+                    if self._closing and not self._pending and not self._unreported:
                         return
                     self._wake.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), self.linger)
                     continue
-                if len(self._buffer) < self.batch_events and not self._closing:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), self.linger)
-                    self._wake.clear()
-                batch = [self._buffer[i] for i in range(min(self.batch_events, len(self._buffer)))]
-                self._inflight = len(batch)
-                sent = await self._send(session, batch)
-                self._inflight = 0
-                if sent:
-                    for _ in batch:
-                        self._buffer.popleft()
-                    self._seq += 1
+                batch, spooled = nxt
+                self._inflight = batch
+                result = await self._send(session, batch)
+                self._inflight = None
+                if result == "ok":
+                    self._done(batch, spooled)
                     backoff = 0.25
                     continue
-                self.stats.retries += 1
-                if self._closing and backoff >= self.max_backoff:
-                    return
-                await asyncio.sleep(backoff)
+                if result == "rejected":
+                    self._done(batch, spooled)
+                    self._discard(batch.events, batch.carried, "rejected")
+                    continue
+                self.stats.retries += 1  # at close, aclose's deadline ends the retries
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):  # a close cuts the wait short
+                    await asyncio.wait_for(self._wake.wait(), backoff)
                 backoff = min(backoff * 2, self.max_backoff)
 
-    async def _send(self, session: aiohttp.ClientSession, batch: list[AnyEvent]) -> bool:
-        body = encode_batch(self.collector_id, self._seq, batch)
+    async def _send(self, session: aiohttp.ClientSession, batch: _Batch) -> str:
+        """"ok", "rejected" (never acceptable: discard) or "retry"."""
+        headers = {
+            "Sandtrace-Spool-Bytes": str(self.spool_bytes),
+            "Sandtrace-Held-Batches": str(self.held_batches),
+        }
         try:
-            async with session.post(self.url, data=body,
+            async with session.post(self.url, data=batch.body, headers=headers,
                                     timeout=aiohttp.ClientTimeout(total=10)) as resp:  # fmt: skip
                 if resp.status == 200:
                     self.stats.sent_batches += 1
-                    self.stats.sent_events += len(batch)
-                    return True
-                text = await resp.text()
-                log.warning("service refused a batch", status=resp.status, answer=text[:200])
-                return False
+                    self.stats.sent_events += batch.events
+                    return "ok"
+                text = (await resp.text())[:300]
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            log.debug("service unreachable", url=self.url, error=str(exc))
-            return False
+            if isinstance(exc, aiohttp.ClientConnectorCertificateError | ssl.SSLError):
+                self._warn("the service's TLS certificate is not trusted: give its CA with "
+                           "--server-ca-file", url=self.url, error=str(exc))  # fmt: skip
+            else:
+                log.debug("service unreachable", url=self.url, error=str(exc))
+            return "retry"
+        if resp.status in PERMANENT:
+            log.error("service refused a batch for good; discarded",
+                      status=resp.status, why=PERMANENT[resp.status], seq=batch.seq,
+                      events=batch.events, answer=text)  # fmt: skip
+            return "rejected"
+        if resp.status in FIXABLE:
+            self._warn(FIXABLE[resp.status], status=resp.status, answer=text)
+        else:
+            log.info("service did not take a batch; retrying", status=resp.status, answer=text)
+        return "retry"

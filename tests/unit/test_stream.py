@@ -1,5 +1,5 @@
 """Streaming to a real service on loopback that goes away and comes back: every event
-arrives, in order, none twice."""
+arrives, in order, none twice; what has to be discarded is counted and reported."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from collector.events import AnyEvent, Event
-from collector.stream import StreamSink
+from pathlib import Path
+
+from collector.events import AnyEvent, Event, LostEvent
+from collector.stream import InsecureURL, StreamSink, check_url
 from detect.sigma import RuleSet
 from detect.testing import event_from_fields
 from service.app import Ingest, make_app
@@ -31,9 +33,12 @@ class Service:
         self.port = port
         self.ingest = Ingest(RuleSet(), on_batch=lambda c, s, e: received.append((c, s, e)))
         self.runner: web.AppRunner | None = None
+        self.middlewares: list[Any] = []
 
     async def start(self) -> None:
-        self.runner = web.AppRunner(make_app(self.ingest, "tok"))
+        app = make_app(self.ingest, "tok")
+        app.middlewares.extend(self.middlewares)
+        self.runner = web.AppRunner(app)
         await self.runner.setup()
         await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
 
@@ -75,11 +80,150 @@ async def test_outage_loses_nothing_and_duplicates_nothing() -> None:
     assert sink.stats.sent_events == 2000
 
 
+def delivered(received: list[tuple[str, int, list[AnyEvent]]]) -> list[int]:
+    return [e.process.pid for _, _, batch in received for e in batch if isinstance(e, Event)]
+
+
+def reported_losses(received: list[tuple[str, int, list[AnyEvent]]]) -> int:
+    return sum(e.spool for _, _, batch in received for e in batch if isinstance(e, LostEvent))
+
+
 @pytest.mark.asyncio
-async def test_full_buffer_discards_the_oldest_and_counts_them() -> None:
-    sink = StreamSink("http://127.0.0.1:9", None, max_buffered=50, max_backoff=0.05)
-    for event in events(80):
-        sink.emit(event)
-    assert sink.stats.discarded == 30
-    await sink.aclose(deadline=0.5)  # nothing listens: gives up after its deadline
-    assert sink.stats.sent_events == 0
+async def test_memory_bound_without_spool_discards_oldest_and_reports_them() -> None:
+    received: list[tuple[str, int, list[AnyEvent]]] = []
+    service = Service(free_port(), received)
+    sink = StreamSink(f"http://127.0.0.1:{service.port}", "tok", batch_events=10,
+                      linger=0.05, memory_bytes=20_000, max_backoff=0.2)  # fmt: skip
+    try:
+        for event in events(200):  # nothing listens yet: 20 batches, ~4 fit in memory
+            sink.emit(event)
+        held = sink.held_batches
+        assert 1 <= held < 20
+        assert sink.stats.discarded == 200 - 10 * held
+        assert sink.stats.discarded_by == {"memory_full": 200 - 10 * held}
+        await service.start()
+        await sink.aclose(deadline=10)
+    finally:
+        await service.stop()
+    pids = delivered(received)
+    assert pids == list(range(200 - 10 * held, 200))  # the newest survive, in order
+    assert reported_losses(received) == 200 - 10 * held  # and the service learns the count
+    assert sink.stats.discarded == 200 - len(pids)
+
+
+@pytest.mark.asyncio
+async def test_spool_holds_an_outage_and_replays_in_order(tmp_path: Path) -> None:
+    received: list[tuple[str, int, list[AnyEvent]]] = []
+    service = Service(free_port(), received)
+    sink = StreamSink(f"http://127.0.0.1:{service.port}", "tok", batch_events=50, linger=0.05,
+                      memory_bytes=3000, spool_dir=tmp_path, max_backoff=0.2)  # fmt: skip
+    try:
+        for event in events(1000):
+            sink.emit(event)
+        assert sink.spool_batches >= 15  # most went to disk
+        assert sorted(p.name for p in tmp_path.glob("*.batch"))[0].startswith("0" * 19)
+        await asyncio.sleep(0.3)
+        await service.start()
+        await sink.aclose(deadline=10)
+    finally:
+        await service.stop()
+    assert delivered(received) == list(range(1000))
+    assert sink.stats.discarded == 0 and sink.spool_batches == 0
+    assert not list(tmp_path.glob("*.batch"))
+
+
+@pytest.mark.asyncio
+async def test_full_spool_discards_oldest_counts_and_reports(tmp_path: Path) -> None:
+    received: list[tuple[str, int, list[AnyEvent]]] = []
+    service = Service(free_port(), received)
+    sink = StreamSink(f"http://127.0.0.1:{service.port}", "tok", batch_events=50, linger=0.05,
+                      memory_bytes=1, spool_dir=tmp_path, spool_bytes=100_000,
+                      max_backoff=0.2)  # fmt: skip
+    try:
+        for event in events(2000):
+            sink.emit(event)
+        assert sink.spool_bytes <= 100_000
+        lost = sink.stats.discarded
+        assert lost > 0 and lost % 50 == 0
+        assert sink.stats.discarded_by == {"spool_full": lost}
+        await service.start()
+        await sink.aclose(deadline=10)
+    finally:
+        await service.stop()
+    assert delivered(received) == list(range(lost, 2000))
+    assert reported_losses(received) == lost
+
+
+@pytest.mark.asyncio
+async def test_restarted_collector_replays_its_spool_under_the_same_id(tmp_path: Path) -> None:
+    received: list[tuple[str, int, list[AnyEvent]]] = []
+    service = Service(free_port(), received)
+    url = f"http://127.0.0.1:{service.port}"
+    first = StreamSink(url, "tok", batch_events=20, linger=0.05, spool_dir=tmp_path,
+                       max_backoff=0.2)  # fmt: skip
+    await service.start()
+    try:
+        for event in events(100):
+            first.emit(event)
+        await asyncio.sleep(0.5)
+        await service.stop()  # service gone: the rest stays with the collector
+        for event in events(100, start=100):
+            first.emit(event)
+        await first.aclose(deadline=0.3)  # the collector stops too
+        assert first.spool_batches > 0
+        second = StreamSink(url, "tok", batch_events=20, linger=0.05, spool_dir=tmp_path,
+                            max_backoff=0.2)  # fmt: skip
+        assert second.collector_id == first.collector_id
+        for event in events(100, start=200):
+            second.emit(event)
+        await service.start()
+        await second.aclose(deadline=10)
+    finally:
+        await service.stop()
+    assert delivered(received) == list(range(300))
+    seqs = [seq for _, seq, _ in received]
+    assert seqs == sorted(set(seqs))  # increasing, none reused across the restart
+    assert {c for c, _, _ in received} == {first.collector_id}
+
+
+@pytest.mark.asyncio
+async def test_batch_refused_for_good_is_discarded_counted_and_reported() -> None:
+    received: list[tuple[str, int, list[AnyEvent]]] = []
+    service = Service(free_port(), received)
+    refused = 0
+
+    @web.middleware
+    async def refuse_second(request: web.Request, handler: Any) -> web.StreamResponse:
+        nonlocal refused
+        if request.path == "/v1/batches" and refused == 0 and received:
+            refused += 1
+            await request.read()
+            return web.json_response({"error": "malformed"}, status=400)
+        resp: web.StreamResponse = await handler(request)
+        return resp
+
+    service.middlewares = [refuse_second]
+    await service.start()
+    sink = StreamSink(f"http://127.0.0.1:{service.port}", "tok", batch_events=10, linger=0.05)
+    try:
+        for event in events(30):
+            sink.emit(event)
+        await sink.aclose(deadline=10)
+    finally:
+        await service.stop()
+    assert refused == 1
+    assert delivered(received) == list(range(10)) + list(range(20, 30))
+    assert sink.stats.discarded_by == {"rejected": 10}
+    assert reported_losses(received) == 10
+
+
+def test_plain_http_only_to_loopback_unless_insecure() -> None:
+    assert check_url("http://127.0.0.1:8780/") == "http://127.0.0.1:8780"
+    assert check_url("http://localhost:8780") == "http://localhost:8780"
+    assert check_url("http://[::1]:8780") == "http://[::1]:8780"
+    assert check_url("https://192.0.2.7:8780") == "https://192.0.2.7:8780"
+    with pytest.raises(InsecureURL, match="clear text to 192.0.2.7"):
+        check_url("http://192.0.2.7:8780")
+    assert check_url("http://192.0.2.7:8780", insecure=True) == "http://192.0.2.7:8780"
+    with pytest.raises(ValueError, match="not http"):
+        check_url("ftp://192.0.2.7/")

@@ -1,0 +1,162 @@
+"""The collector's disk spool: sealed batches waiting for the detection service.
+
+One file per batch, named so that a directory listing sorts in sequence order:
+    <seq:020d>-<events>-<carried>.batch
+where `carried` is the number of earlier discards the batch's own LostEvent reports (so that a
+batch discarded in turn hands those back to be reported again). A batch is written to a
+temporary file and renamed, so a crash leaves either the whole batch or nothing.
+
+The spool is bounded in bytes: to make room, the oldest batches are discarded (an attacker
+who floods the spool pushes out their own noise, not what comes after it), and every event
+discarded is counted by the caller. A write that fails (disk full, I/O error) is the caller's
+to count too; the spool itself stays consistent and takes writes again when space returns.
+
+The directory also keeps the collector's identity across restarts: `collector.id`, and
+`seq.lease`, a sequence number above every one this collector has used (leased in blocks,
+so that it is written once per LEASE batches, not per batch). A restarted collector replays
+its spool under the same id and continues above the lease, so the service's replay
+recognition stays correct.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import socket
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+LEASE = 10_000
+_NAME = re.compile(r"^(\d{20})-(\d+)-(\d+)\.batch$")
+
+
+@dataclass(frozen=True, slots=True)
+class Spooled:
+    seq: int
+    events: int
+    carried: int
+    size: int
+    path: Path
+
+
+class Spool:
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        if max_bytes <= 0:
+            raise ValueError("spool size must be positive")
+        self.directory = directory
+        self.max_bytes = max_bytes
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._files: deque[Spooled] = deque()
+        self.bytes = 0
+        found: list[Spooled] = []
+        for entry in directory.iterdir():
+            if entry.name.endswith(".tmp"):
+                entry.unlink(missing_ok=True)  # a write cut short by a crash
+                continue
+            m = _NAME.match(entry.name)
+            if m is None:
+                continue
+            seq, events, carried = (int(g) for g in m.groups())
+            found.append(Spooled(seq, events, carried, entry.stat().st_size, entry))
+        for item in sorted(found, key=lambda s: s.seq):
+            self._files.append(item)
+            self.bytes += item.size
+        self.collector_id = self._identity()
+        self._lease_end = self._read_lease()
+        self.next_seq = max(self._lease_end, self._files[-1].seq + 1 if self._files else 0)
+        self._renew_lease()
+
+    # -- identity and sequence numbers -------------------------------------------------------
+
+    def _identity(self) -> str:
+        path = self.directory / "collector.id"
+        with contextlib.suppress(OSError):
+            text = path.read_text().strip()
+            if text:
+                return text
+        ident = f"{socket.gethostname()}/{secrets.token_hex(4)}"
+        self._write_atomic(path, ident.encode() + b"\n")
+        return ident
+
+    def _read_lease(self) -> int:
+        with contextlib.suppress(OSError, ValueError):
+            return int((self.directory / "seq.lease").read_text().strip())
+        return 0
+
+    def _renew_lease(self) -> None:
+        self._lease_end = self.next_seq + LEASE
+        self._write_atomic(self.directory / "seq.lease", f"{self._lease_end}\n".encode())
+
+    def take_seq(self) -> int:
+        """The next sequence number; never one used before, also across restarts."""
+        seq = self.next_seq
+        self.next_seq += 1
+        if self.next_seq >= self._lease_end:
+            with contextlib.suppress(OSError):  # a full disk: retried at the next seq
+                self._renew_lease()
+        return seq
+
+    # -- batches ----------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def put(self, seq: int, events: int, carried: int, body: bytes) -> list[Spooled]:
+        """Store a batch; returns the batches discarded to make room (oldest first). Raises
+        OSError when the write fails; the spool is unchanged then."""
+        if len(body) > self.max_bytes:
+            raise OSError(f"batch of {len(body)} bytes is larger than the whole spool")
+        discarded: list[Spooled] = []
+        while self._files and self.bytes + len(body) > self.max_bytes:
+            discarded.append(self._drop_head())
+        path = self.directory / f"{seq:020d}-{events}-{carried}.batch"
+        self._write_atomic(path, body)
+        self._files.append(Spooled(seq, events, carried, len(body), path))
+        self.bytes += len(body)
+        return discarded
+
+    def head(self) -> tuple[Spooled, bytes] | None:
+        """The oldest batch and its bytes; an unreadable file is dropped and reported as
+        discarded by raising SpoolCorrupt."""
+        if not self._files:
+            return None
+        item = self._files[0]
+        try:
+            return item, item.path.read_bytes()
+        except OSError as exc:
+            self._drop_head()
+            raise SpoolCorrupt(item, str(exc)) from None
+
+    def pop(self) -> None:
+        """Forget the oldest batch (the service acknowledged it)."""
+        self._drop_head()
+
+    def _drop_head(self) -> Spooled:
+        item = self._files.popleft()
+        self.bytes -= item.size
+        item.path.unlink(missing_ok=True)
+        return item
+
+    def _write_atomic(self, path: Path, data: bytes) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            tmp.replace(path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+class SpoolCorrupt(Exception):
+    def __init__(self, item: Spooled, reason: str) -> None:
+        super().__init__(f"spooled batch {item.path.name} unreadable: {reason}")
+        self.item = item
