@@ -1,0 +1,838 @@
+"""service.schemas: every event type and alerts in native, ECS and OCSF form, field by field;
+OCSF output checked against the required attributes of the real schema (tests/data/ocsf)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from collector.events import (
+    Alert,
+    AncestorRef,
+    AnyEvent,
+    BindEvent,
+    CgroupMoveEvent,
+    ConnectEvent,
+    ExecEvent,
+    ExitEvent,
+    ForkEvent,
+    ListenEvent,
+    LostEvent,
+    Process,
+    SocketEvent,
+)
+from collector.render import json_line
+from service.outputs import sd_escape, syslog_message
+from service.schemas import SCHEMAS, attack_ids, ecs, native, ocsf, rfc3339
+
+T0 = 1_700_000_000_123_456_789  # 2023-11-14T22:13:20.123456789Z
+T0_MS = 1_700_000_000_123
+OCSF_REQUIRED = json.loads(
+    (Path(__file__).parent.parent / "data" / "ocsf" / "required.json").read_text()
+)
+
+
+def process(**kw: Any) -> Process:
+    fields: dict[str, Any] = {
+        "pid": 4242,
+        "tid": 4243,
+        "ns_pid": 7,
+        "ppid": 4000,
+        "uid": 1000,
+        "gid": 1001,
+        "comm": b"curl",
+        "start_ns": 99,
+        "key": "4242@99",
+        "exe": b"/usr/bin/curl",
+        "argv": [b"curl", b"-s", b"http://x/"],
+        "user": "alice",
+        "group": "staff",
+        "ancestry": [
+            AncestorRef(pid=4000, key="4000@50", exe=b"/bin/bash", argv=[b"bash", b"-c", b"x"]),
+            AncestorRef(pid=1, key="1@1", exe=b"/sbin/init", argv=[b"init"]),
+        ],
+    }
+    fields.update(kw)
+    return Process(**fields)
+
+
+def common(**kw: Any) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "time_ns": T0,
+        "mono_ns": 5,
+        "host": "node1",
+        "sandbox": "sb-1",
+        "cgroup_id": 11,
+        "cgroup_path": "/sandboxes/sb-1",
+        "container_id": "c0ffee",
+        "process": process(),
+    }
+    d.update(kw)
+    return d
+
+
+def exec_event(**kw: Any) -> ExecEvent:
+    fields: dict[str, Any] = {
+        "argv": [b"curl", b"-s", b"http://x/"],
+        "argv_size": 20,
+        "cwd": b"/tmp",
+        "filename": b"/usr/bin/curl",
+        "exe_inode": 77,
+        "parent_exe": b"/bin/bash",
+        "parent_argv": [b"bash", b"-c", b"x"],
+    }
+    fields.update(kw)
+    return ExecEvent(**common(), **fields)
+
+
+def connect_event(**kw: Any) -> ConnectEvent:
+    fields: dict[str, Any] = {
+        "protocol": "tcp",
+        "family": "ipv4",
+        "daddr": "203.0.113.10",
+        "dport": 3333,
+        "saddr": "198.51.100.2",
+        "sport": 40000,
+        "outcome": "success",
+    }
+    fields.update(kw)
+    return ConnectEvent(**common(), **fields)
+
+
+def alert(events: list[Any] | None = None, **kw: Any) -> Alert:
+    fields: dict[str, Any] = {
+        "alert_id": "a-1",
+        "rule_id": "r-123",
+        "title": "Miner pool connection",
+        "level": "high",
+        "tags": ["attack.impact", "attack.t1496", "attack.t1059.004", "attack.t1059.006"],
+        "description": "connects to a stratum port",
+        "time_ns": T0,
+        "host": "node1",
+        "sandbox": "sb-1",
+        "process": process(),
+        "events": [connect_event()] if events is None else events,
+        "count": 3,
+        "raised_ns": T0 + 2_000_000,
+    }
+    fields.update(kw)
+    return Alert(**fields)
+
+
+def lost_event() -> LostEvent:
+    return LostEvent(
+        time_ns=T0,
+        host="node1",
+        kernel={"exec": 2, "connect": 1},
+        user=4,
+        errors={"proc_map": 1},
+        spool=5,
+        collector="col-1",
+    )
+
+
+ALL_ITEMS: list[AnyEvent | Alert] = [
+    exec_event(),
+    ForkEvent(**common(), child_pid=5000, child_key="5000@120"),
+    ExitEvent(**common(), exit_code=3),
+    ExitEvent(**common(), signal=9, core_dumped=True),
+    connect_event(),
+    connect_event(outcome="error", errno=111, errno_name="ECONNREFUSED"),
+    connect_event(outcome="error", errno=110, errno_name="ETIMEDOUT"),
+    connect_event(outcome="in_progress", nonblocking=True),
+    BindEvent(
+        **common(),
+        protocol="tcp",
+        family="ipv4",
+        addr="0.0.0.0",
+        port=4444,
+        requested_addr="0.0.0.0",
+        requested_port=4444,
+        outcome="success",
+    ),
+    ListenEvent(**common(), family="ipv6", addr="::", port=4444),
+    SocketEvent(
+        **common(), protocol="tcp", family="ipv4", state="listen", laddr="0.0.0.0", lport=22
+    ),
+    SocketEvent(
+        **common(),
+        protocol="tcp",
+        family="ipv4",
+        state="established",
+        laddr="198.51.100.2",
+        lport=40000,
+        raddr="203.0.113.10",
+        rport=22,
+    ),
+    CgroupMoveEvent(
+        **common(), target_pid=4242, dst_cgroup_id=12, dst_cgroup_path="/x", left_sandbox=True
+    ),
+    lost_event(),
+    alert(),
+    alert(events=[exec_event()], level="critical", tags=[]),
+    alert(events=[], level="informational"),
+]
+
+
+# --- native --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("item", ALL_ITEMS, ids=lambda i: i.kind)
+def test_native_is_json_line_content(item: AnyEvent | Alert) -> None:
+    assert json.dumps(native(item), ensure_ascii=True, separators=(",", ":")) == json_line(item)
+
+
+def test_schemas_table() -> None:
+    assert {"native": native, "ecs": ecs, "ocsf": ocsf} == SCHEMAS
+
+
+@pytest.mark.parametrize("schema", ["native", "ecs", "ocsf"])
+@pytest.mark.parametrize("item", ALL_ITEMS, ids=lambda i: i.kind)
+def test_every_item_dumps_as_ascii_json(schema: str, item: AnyEvent | Alert) -> None:
+    out = json.dumps(SCHEMAS[schema](item), ensure_ascii=True, allow_nan=False)
+    assert out.isascii()
+    assert "\n" not in out
+
+
+def test_rfc3339() -> None:
+    assert rfc3339(T0) == "2023-11-14T22:13:20.123456789Z"
+    assert rfc3339(T0, digits=6) == "2023-11-14T22:13:20.123456Z"
+    assert rfc3339(5) == "1970-01-01T00:00:00.000000005Z"
+
+
+def test_attack_ids() -> None:
+    assert attack_ids(
+        [
+            "attack.t1059.004",
+            "attack.T1059",
+            "attack.command-and-control",
+            "cve.2021",
+            "attack.t1496",
+        ]
+    ) == (
+        ["T1059", "T1496"],
+        ["T1059.004"],
+        ["command-and-control"],
+    )
+
+
+# --- ECS -----------------------------------------------------------------------------------
+
+
+def test_ecs_exec() -> None:
+    d = ecs(exec_event(fileless=True))
+    assert d["@timestamp"] == "2023-11-14T22:13:20.123456789Z"
+    assert d["event"] == {
+        "kind": "event",
+        "module": "sandtrace",
+        "dataset": "sandtrace.exec",
+        "category": ["process"],
+        "type": ["start"],
+        "action": "exec",
+        "outcome": "success",
+    }
+    assert d["host"] == {"name": "node1"}
+    assert d["container"] == {"id": "c0ffee"}
+    assert d["user"] == {"id": "1000", "name": "alice"}
+    assert d["process"] == {
+        "pid": 4242,
+        "vpid": 7,
+        "entity_id": "4242@99",
+        "name": "curl",
+        "thread": {"id": 4243},
+        "user": {"id": "1000", "name": "alice"},
+        "group": {"id": "1001", "name": "staff"},
+        "executable": "/usr/bin/curl",
+        "args": ["curl", "-s", "http://x/"],
+        "args_count": 3,
+        "command_line": "curl -s http://x/",
+        "working_directory": "/tmp",
+        "parent": {
+            "pid": 4000,
+            "entity_id": "4000@50",
+            "executable": "/bin/bash",
+            "args": ["bash", "-c", "x"],
+            "args_count": 3,
+            "command_line": "bash -c x",
+        },
+    }
+    assert d["sandtrace"]["sandbox"] == "sb-1"
+    assert d["sandtrace"]["kind"] == "exec"
+    assert d["sandtrace"]["cgroup"] == {"id": 11, "path": "/sandboxes/sb-1"}
+    assert d["sandtrace"]["exec"] == {
+        "filename": "/usr/bin/curl",
+        "argv_truncated": False,
+        "argv_size": 20,
+        "fileless": True,
+        "deleted": False,
+        "path_truncated": False,
+        "exe_inode": 77,
+    }
+    assert d["sandtrace"]["ancestry"] == [
+        {
+            "pid": 4000,
+            "entity_id": "4000@50",
+            "executable": "/bin/bash",
+            "args": ["bash", "-c", "x"],
+        },
+        {"pid": 1, "entity_id": "1@1", "executable": "/sbin/init", "args": ["init"]},
+    ]
+
+
+def test_ecs_fork_child_is_the_process() -> None:
+    d = ecs(ForkEvent(**common(), child_pid=5000, child_key="5000@120"))
+    assert d["event"]["action"] == "fork"
+    assert d["event"]["type"] == ["start"]
+    assert d["process"]["pid"] == 5000
+    assert d["process"]["entity_id"] == "5000@120"
+    assert d["process"]["parent"] == {
+        "pid": 4242,
+        "vpid": 7,
+        "entity_id": "4242@99",
+        "name": "curl",
+        "executable": "/usr/bin/curl",
+        "args": ["curl", "-s", "http://x/"],
+        "args_count": 3,
+        "command_line": "curl -s http://x/",
+    }
+
+
+def test_ecs_exit() -> None:
+    d = ecs(ExitEvent(**common(), exit_code=3))
+    assert (d["event"]["type"], d["event"]["action"], d["event"]["outcome"]) == (
+        ["end"],
+        "end",
+        "failure",
+    )
+    assert d["process"]["exit_code"] == 3
+    killed = ecs(ExitEvent(**common(), signal=9, core_dumped=True))
+    assert "exit_code" not in killed["process"]
+    assert killed["sandtrace"]["exit"] == {"code": 0, "signal": 9, "core_dumped": True}
+    assert ecs(ExitEvent(**common()))["event"]["outcome"] == "success"
+
+
+def test_ecs_connect() -> None:
+    d = ecs(connect_event())
+    assert d["event"]["category"] == ["network"]
+    assert d["event"]["type"] == ["connection", "start"]
+    assert d["event"]["action"] == "connection_attempted"
+    assert d["event"]["outcome"] == "success"
+    assert d["source"] == {"ip": "198.51.100.2", "address": "198.51.100.2", "port": 40000}
+    assert d["destination"] == {"ip": "203.0.113.10", "address": "203.0.113.10", "port": 3333}
+    assert d["network"] == {
+        "direction": "egress",
+        "transport": "tcp",
+        "iana_number": "6",
+        "type": "ipv4",
+    }
+    assert "error" not in d
+    refused = ecs(connect_event(outcome="error", errno=111, errno_name="ECONNREFUSED"))
+    assert refused["event"]["outcome"] == "failure"
+    assert refused["error"] == {"code": "ECONNREFUSED"}
+    assert ecs(connect_event(outcome="in_progress"))["event"]["outcome"] == "unknown"
+
+
+def test_ecs_bind_listen_socket() -> None:
+    bind = ecs(
+        BindEvent(
+            **common(),
+            protocol="udp",
+            family="ipv6",
+            addr="::1",
+            port=53,
+            requested_addr="::1",
+            requested_port=0,
+            outcome="success",
+        )
+    )
+    assert bind["event"]["action"] == "bound-socket"
+    assert bind["destination"] == {"ip": "::1", "address": "::1", "port": 53}
+    assert bind["network"] == {
+        "direction": "ingress",
+        "transport": "udp",
+        "iana_number": "17",
+        "type": "ipv6",
+    }
+    assert bind["sandtrace"]["bind"] == {"requested_addr": "::1", "requested_port": 0}
+    listen = ecs(ListenEvent(**common(), family="ipv4", addr="0.0.0.0", port=4444))
+    assert listen["event"]["action"] == "listen-for-connections"
+    assert listen["destination"] == {"ip": "0.0.0.0", "address": "0.0.0.0", "port": 4444}
+    assert listen["network"]["direction"] == "ingress"
+    sock = ecs(
+        SocketEvent(
+            **common(),
+            protocol="tcp",
+            family="ipv4",
+            state="established",
+            laddr="10.0.0.1",
+            lport=1,
+            raddr="10.0.0.2",
+            rport=2,
+        )
+    )
+    assert sock["source"] == {"ip": "10.0.0.1", "address": "10.0.0.1", "port": 1}
+    assert sock["destination"] == {"ip": "10.0.0.2", "address": "10.0.0.2", "port": 2}
+    assert sock["network"]["direction"] == "unknown"
+    assert sock["sandtrace"]["socket"] == {"state": "established"}
+
+
+def test_ecs_cgroup_move_and_lost() -> None:
+    move = ecs(
+        CgroupMoveEvent(
+            **common(), target_pid=9, dst_cgroup_id=12, dst_cgroup_path="/x", left_sandbox=True
+        )
+    )
+    assert move["event"]["type"] == ["change"]
+    assert move["event"]["action"] == "cgroup-move"
+    assert move["sandtrace"]["cgroup_move"] == {
+        "target_pid": 9,
+        "dst_cgroup_id": 12,
+        "dst_cgroup_path": "/x",
+        "left_sandbox": True,
+    }
+    lost = ecs(lost_event())
+    assert lost == {
+        "@timestamp": "2023-11-14T22:13:20.123456789Z",
+        "event": {
+            "kind": "metric",
+            "module": "sandtrace",
+            "dataset": "sandtrace.lost",
+            "category": ["host"],
+            "type": ["info"],
+            "action": "events-lost",
+            "outcome": "failure",
+        },
+        "host": {"name": "node1"},
+        "message": "sandtrace lost 12 events",
+        "sandtrace": {
+            "kind": "lost",
+            "lost": {
+                "total": 12,
+                "kernel": {"exec": 2, "connect": 1},
+                "user": 4,
+                "spool": 5,
+                "errors": {"proc_map": 1},
+                "collector": "col-1",
+            },
+        },
+    }
+
+
+def test_ecs_alert() -> None:
+    d = ecs(alert())
+    assert d["event"] == {
+        "kind": "alert",
+        "module": "sandtrace",
+        "dataset": "sandtrace.alert",
+        "id": "a-1",
+        "category": ["network"],
+        "type": ["info"],
+        "action": "connection_attempted",
+        "severity": 73,
+        "risk_score": 73.0,
+        "outcome": "success",
+    }
+    assert d["rule"] == {
+        "id": "r-123",
+        "name": "Miner pool connection",
+        "description": "connects to a stratum port",
+        "ruleset": "sandtrace",
+    }
+    assert d["threat"] == {
+        "framework": "MITRE ATT&CK",
+        "technique": {"id": ["T1496", "T1059"], "subtechnique": {"id": ["T1059.004", "T1059.006"]}},
+        "tactic": {"name": ["impact"]},
+    }
+    assert d["destination"]["ip"] == "203.0.113.10"
+    assert d["process"]["pid"] == 4242
+    assert d["process"]["parent"]["entity_id"] == "4000@50"
+    assert d["message"] == "Miner pool connection"
+    assert d["sandtrace"]["sandbox"] == "sb-1"
+    assert d["sandtrace"]["alert"] == {
+        "id": "a-1",
+        "level": "high",
+        "count": 3,
+        "repeat": False,
+        "raised": "2023-11-14T22:13:20.125456789Z",
+        "events": [
+            {
+                "kind": "connect",
+                "@timestamp": "2023-11-14T22:13:20.123456789Z",
+                "process": {"pid": 4242, "entity_id": "4242@99"},
+            }
+        ],
+    }
+    bare = ecs(alert(events=[], level="critical", tags=[]))
+    assert bare["event"]["severity"] == 99
+    assert bare["event"]["category"] == ["intrusion_detection"]
+    assert "threat" not in bare
+    assert bare["process"]["command_line"] == "curl -s http://x/"
+
+
+# --- OCSF ----------------------------------------------------------------------------------
+
+
+def _required_for(class_uid: int) -> tuple[list[str], list[list[str]]]:
+    name = OCSF_REQUIRED["classes"][str(class_uid)]
+    required: list[str] = []
+    at_least_one: list[list[str]] = []
+    while name:
+        spec = OCSF_REQUIRED["events"][name]
+        required += spec["required"]
+        if "at_least_one" in spec:
+            at_least_one.append(spec["at_least_one"])
+        name = spec.get("extends")
+    return required, at_least_one
+
+
+def _check_objects(value: Any, where: str, problems: list[str]) -> None:
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_objects(v, f"{where}[{i}]", problems)
+        return
+    if not isinstance(value, dict):
+        return
+    for key, sub in value.items():
+        if where.endswith("unmapped") or key == "unmapped":
+            continue
+        obj_type = OCSF_REQUIRED["attribute_objects"].get(key)
+        for obj in sub if isinstance(sub, list) else [sub]:
+            if obj_type and isinstance(obj, dict):
+                spec = OCSF_REQUIRED["objects"][obj_type]
+                problems += [f"{where}.{key}.{a} missing" for a in spec["required"] if a not in obj]
+                if "at_least_one" in spec and not set(spec["at_least_one"]) & set(obj):
+                    problems.append(f"{where}.{key} has none of {spec['at_least_one']}")
+        _check_objects(sub, f"{where}.{key}", problems)
+
+
+@pytest.mark.parametrize("item", ALL_ITEMS, ids=lambda i: i.kind)
+def test_ocsf_required_attributes(item: AnyEvent | Alert) -> None:
+    d = ocsf(item)
+    required, at_least_one = _required_for(d["class_uid"])
+    assert [a for a in required if a not in d] == []
+    for group in at_least_one:
+        assert set(group) & set(d), f"none of {group}"
+    problems: list[str] = []
+    _check_objects(d, "", problems)
+    assert problems == []
+    assert d["type_uid"] == d["class_uid"] * 100 + d["activity_id"]
+    assert d["class_uid"] // 1000 == d["category_uid"]
+    assert d["metadata"] == {
+        "version": "1.8.0",
+        "product": {"name": "sandtrace", "vendor_name": "sandtrace"},
+    }
+
+
+def test_required_extract_is_the_schema_we_claim() -> None:
+    # The extract's own consistency: every class maps to an event with a uid, and the
+    # class_uid is the category's * 1000 + that uid, as the schema defines it.
+    categories = {
+        "process_activity": 1,
+        "network_activity": 4,
+        "detection_finding": 2,
+        "application_error": 6,
+    }
+    for class_uid, name in OCSF_REQUIRED["classes"].items():
+        assert int(class_uid) == categories[name] * 1000 + OCSF_REQUIRED["events"][name]["uid"]
+
+
+def test_ocsf_exec() -> None:
+    d = ocsf(exec_event())
+    assert {
+        k: d[k]
+        for k in (
+            "activity_id",
+            "activity_name",
+            "category_uid",
+            "category_name",
+            "class_uid",
+            "class_name",
+            "type_uid",
+            "type_name",
+            "severity_id",
+            "severity",
+            "time",
+            "status_id",
+            "launch_type_id",
+            "launch_type",
+        )
+    } == {
+        "activity_id": 1,
+        "activity_name": "Launch",
+        "category_uid": 1,
+        "category_name": "System Activity",
+        "class_uid": 1007,
+        "class_name": "Process Activity",
+        "type_uid": 100701,
+        "type_name": "Process Activity: Launch",
+        "severity_id": 1,
+        "severity": "Informational",
+        "time": T0_MS,
+        "status_id": 1,
+        "launch_type_id": 3,
+        "launch_type": "Exec",
+    }
+    assert d["device"] == {"hostname": "node1", "type_id": 0, "type": "Unknown"}
+    parent = {
+        "pid": 4000,
+        "uid": "4000@50",
+        "file": {"name": "bash", "path": "/bin/bash", "type_id": 1, "type": "Regular File"},
+        "cmd_line": "bash -c x",
+    }
+    assert d["process"] == {
+        "pid": 4242,
+        "uid": "4242@99",
+        "name": "curl",
+        "tid": 4243,
+        "namespace_pid": 7,
+        "user": {"uid": "1000", "name": "alice"},
+        "file": {"name": "curl", "path": "/usr/bin/curl", "type_id": 1, "type": "Regular File"},
+        "cmd_line": "curl -s http://x/",
+        "working_directory": "/tmp",
+        "parent_process": parent,
+        "container": {"uid": "c0ffee"},
+    }
+    assert d["actor"] == {"process": parent, "user": {"uid": "1000", "name": "alice"}}
+    assert d["unmapped"]["argv"] == ["curl", "-s", "http://x/"]
+    assert d["unmapped"]["parent_argv"] == ["bash", "-c", "x"]
+    assert d["unmapped"]["sandtrace"]["sandbox"] == "sb-1"
+    assert d["unmapped"]["sandtrace"]["exec"]["filename"] == "/usr/bin/curl"
+
+
+def test_ocsf_fork_exit_move() -> None:
+    fork = ocsf(ForkEvent(**common(), child_pid=5000, child_key="5000@120"))
+    assert (fork["activity_id"], fork["launch_type_id"], fork["launch_type"]) == (1, 2, "Fork")
+    assert fork["process"]["pid"] == 5000
+    assert fork["process"]["uid"] == "5000@120"
+    assert fork["process"]["parent_process"] == {"pid": 4242, "uid": "4242@99"}
+    assert fork["actor"]["process"]["pid"] == 4242
+    exit_ = ocsf(ExitEvent(**common(), signal=9, core_dumped=True))
+    assert (exit_["activity_id"], exit_["activity_name"], exit_["type_uid"]) == (
+        2,
+        "Terminate",
+        100702,
+    )
+    assert exit_["exit_code"] == 137
+    assert exit_["unmapped"]["sandtrace"]["exit"] == {"code": 0, "signal": 9, "core_dumped": True}
+    assert ocsf(ExitEvent(**common(), exit_code=3))["exit_code"] == 3
+    move = ocsf(
+        CgroupMoveEvent(
+            **common(), target_pid=9, dst_cgroup_id=12, dst_cgroup_path="/x", left_sandbox=True
+        )
+    )
+    assert (move["class_uid"], move["activity_id"], move["activity_name"]) == (
+        1007,
+        99,
+        "Cgroup Move",
+    )
+    assert move["unmapped"]["sandtrace"]["cgroup_move"]["left_sandbox"] is True
+
+
+def test_ocsf_connect() -> None:
+    d = ocsf(connect_event())
+    assert (d["class_uid"], d["category_uid"], d["activity_id"], d["type_uid"]) == (
+        4001,
+        4,
+        1,
+        400101,
+    )
+    assert (d["status_id"], d["status"]) == (1, "Success")
+    assert d["src_endpoint"] == {"ip": "198.51.100.2", "address": "198.51.100.2", "port": 40000}
+    assert d["dst_endpoint"] == {"ip": "203.0.113.10", "address": "203.0.113.10", "port": 3333}
+    assert d["connection_info"] == {
+        "direction_id": 2,
+        "direction": "Outbound",
+        "protocol_name": "tcp",
+        "protocol_num": 6,
+        "protocol_ver_id": 4,
+    }
+    assert d["actor"]["process"]["pid"] == 4242
+    assert d["actor"]["process"]["cmd_line"] == "curl -s http://x/"
+    assert "process" not in d
+    refused = ocsf(connect_event(outcome="error", errno=111, errno_name="ECONNREFUSED"))
+    assert (refused["activity_id"], refused["activity_name"], refused["type_uid"]) == (
+        5,
+        "Refuse",
+        400105,
+    )
+    assert (refused["status_id"], refused["status_code"]) == (2, "ECONNREFUSED")
+    failed = ocsf(connect_event(outcome="error", errno=110, errno_name="ETIMEDOUT"))
+    assert (failed["activity_id"], failed["activity_name"]) == (4, "Fail")
+    pending = ocsf(connect_event(outcome="in_progress"))
+    assert (pending["activity_id"], pending["status_id"]) == (1, 0)
+
+
+def test_ocsf_bind_listen_socket() -> None:
+    bind = ocsf(
+        BindEvent(
+            **common(), protocol="tcp", family="ipv4", addr="0.0.0.0", port=4444, outcome="success"
+        )
+    )
+    assert (bind["activity_id"], bind["activity_name"], bind["type_uid"]) == (99, "Bind", 400199)
+    assert bind["dst_endpoint"] == {"ip": "0.0.0.0", "address": "0.0.0.0", "port": 4444}
+    assert bind["connection_info"]["direction_id"] == 1
+    listen = ocsf(ListenEvent(**common(), family="ipv6", addr="::", port=22))
+    assert (listen["activity_id"], listen["activity_name"], listen["type_uid"]) == (
+        7,
+        "Listen",
+        400107,
+    )
+    assert listen["connection_info"] == {
+        "direction_id": 1,
+        "direction": "Inbound",
+        "protocol_name": "tcp",
+        "protocol_num": 6,
+        "protocol_ver_id": 6,
+    }
+    snap = ocsf(
+        SocketEvent(
+            **common(),
+            protocol="tcp",
+            family="ipv4",
+            state="established",
+            laddr="10.0.0.1",
+            lport=1,
+            raddr="10.0.0.2",
+            rport=2,
+        )
+    )
+    assert (snap["activity_id"], snap["activity_name"]) == (6, "Traffic")
+    assert snap["connection_info"]["direction_id"] == 0
+    assert snap["src_endpoint"]["port"] == 1
+    assert snap["dst_endpoint"]["port"] == 2
+
+
+def test_ocsf_lost() -> None:
+    d = ocsf(lost_event())
+    assert (
+        d["class_uid"],
+        d["class_name"],
+        d["category_uid"],
+        d["activity_id"],
+        d["type_uid"],
+    ) == (6008, "Application Error", 6, 1, 600801)
+    assert (d["severity_id"], d["severity"]) == (3, "Medium")
+    assert d["count"] == 12
+    assert d["message"] == "sandtrace lost 12 events: kernel=3 user=4 spool=5"
+    assert d["unmapped"]["sandtrace"]["lost"] == {
+        "total": 12,
+        "kernel": {"exec": 2, "connect": 1},
+        "user": 4,
+        "spool": 5,
+        "errors": {"proc_map": 1},
+        "collector": "col-1",
+    }
+
+
+def test_ocsf_alert() -> None:
+    d = ocsf(alert())
+    assert (d["class_uid"], d["category_uid"], d["activity_id"], d["type_uid"]) == (
+        2004,
+        2,
+        1,
+        200401,
+    )
+    assert (d["severity_id"], d["severity"]) == (4, "High")
+    assert d["time"] == T0_MS + 2  # raised 2 ms after the event
+    assert (d["start_time"], d["end_time"]) == (T0_MS, T0_MS)
+    assert d["is_alert"] is True
+    assert d["finding_info"] == {
+        "uid": "a-1",
+        "title": "Miner pool connection",
+        "desc": "connects to a stratum port",
+        "analytic": {"uid": "r-123", "name": "Miner pool connection", "type_id": 1, "type": "Rule"},
+        "created_time": T0_MS + 2,
+        "related_events_count": 3,
+        "types": ["impact"],
+        "attacks": [
+            {"technique": {"uid": "T1496"}},
+            {"technique": {"uid": "T1059"}, "sub_technique": {"uid": "T1059.004"}},
+            {"technique": {"uid": "T1059"}, "sub_technique": {"uid": "T1059.006"}},
+        ],
+    }
+    (evidence,) = d["evidences"]
+    assert evidence["name"] == "connect"
+    assert evidence["uid"] == f"4242@99/connect/{T0}"
+    assert evidence["dst_endpoint"]["ip"] == "203.0.113.10"
+    assert evidence["connection_info"]["direction_id"] == 2
+    assert evidence["actor"]["process"]["uid"] == "4242@99"
+    assert d["unmapped"]["sandtrace"]["level"] == "high"
+    assert d["unmapped"]["argv"] == ["curl", "-s", "http://x/"]
+    assert [s["uid"] for s in ocsf(alert(events=[exec_event()]))["evidences"][:1]] == [
+        f"4242@99/exec/{T0}"
+    ]
+    for level, sid in (("informational", 1), ("low", 2), ("medium", 3), ("critical", 5)):
+        assert ocsf(alert(level=level))["severity_id"] == sid
+
+
+# --- untrusted bytes -----------------------------------------------------------------------
+
+EVIL_ARG = b'\x1b[31mred\x07 \xff\xfe ok \xe2\x80\xae]"\\'
+EVIL_TEXT = '\x1b[31mred\x07 \\xff\\xfe ok \u202e]"\\'
+
+
+def evil_exec() -> ExecEvent:
+    proc = process(comm=b'e\xffvil]"', exe=b'/tmp/\xff"]x', argv=[b"sh", EVIL_ARG])
+    return ExecEvent(
+        **common(process=proc), argv=[b"sh", EVIL_ARG], cwd=b"/tmp/\xc3(", filename=b'/tmp/\xff"]x'
+    )
+
+
+def test_untrusted_bytes_in_ecs_and_ocsf() -> None:
+    e = ecs(evil_exec())
+    assert e["process"]["args"] == ["sh", EVIL_TEXT]
+    assert e["process"]["command_line"] == "sh " + EVIL_TEXT
+    assert e["process"]["name"] == 'e\\xffvil]"'
+    assert e["process"]["executable"] == '/tmp/\\xff"]x'
+    assert e["process"]["working_directory"] == "/tmp/\\xc3("
+    o = ocsf(evil_exec())
+    assert o["unmapped"]["argv"] == ["sh", EVIL_TEXT]
+    assert o["process"]["file"] == {
+        "name": '\\xff"]x',
+        "path": '/tmp/\\xff"]x',
+        "type_id": 1,
+        "type": "Regular File",
+    }
+    for doc in (e, o):
+        dumped = json.dumps(doc, ensure_ascii=True)
+        assert "\x1b" not in dumped
+        assert json.loads(dumped) == doc
+        # backslashreplace leaves valid Unicode only: a strict UTF-8 encoder accepts it.
+        json.dumps(doc, ensure_ascii=False).encode("utf-8", "strict")
+
+
+def test_untrusted_bytes_in_native_are_lossless() -> None:
+    d = native(evil_exec())
+    assert d["argv"][1].encode("utf-8", "surrogateescape") == EVIL_ARG
+
+
+def test_sd_escape() -> None:
+    assert sd_escape('a"b\\c]d') == 'a\\"b\\\\c\\]d'
+
+
+def test_syslog_message_escapes_structured_data() -> None:
+    msg = syslog_message(evil_exec(), {"x": 1}, facility=16, app_name="sandtrace").decode()
+    assert msg == (
+        "<134>1 2023-11-14T22:13:20.123456Z node1 sandtrace 4242 exec "
+        '[sandtrace@32473 kind="exec" sandbox="sb-1" pid="4242" comm="e\\\\xffvil\\]\\"" '
+        'exe="/tmp/\\\\xff\\"\\]x"] {"x":1}'
+    )
+
+
+def test_syslog_message_alert_and_lost() -> None:
+    a = syslog_message(alert(), {}, facility=1, app_name="st app").decode()
+    assert a.startswith(
+        "<11>1 2023-11-14T22:13:20.123456Z node1 st_app 4242 alert [sandtrace@32473 "
+        'kind="alert" alert_id="a-1" rule_id="r-123" level="high" sandbox="sb-1" pid="4242" '
+        'exe="/usr/bin/curl"] {}'
+    )
+    lost = syslog_message(lost_event(), {}, facility=16, app_name="sandtrace").decode()
+    assert lost == (
+        "<132>1 2023-11-14T22:13:20.123456Z node1 sandtrace - lost "
+        '[sandtrace@32473 kind="lost" kernel="3" user="4" spool="5"] {}'
+    )
+    spaced = syslog_message(ExitEvent(**common(host="bad host\n")), {}, facility=16, app_name="")
+    assert spaced.decode().split(" ")[2:4] == ["bad_host_", "-"]
