@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING
 import structlog
 
 from collector import cgroups
+from collector import tail as tail_command
 from collector.assemble import Assembler, Scope
-from collector.events import Alert
 from collector.pipeline import (
+    CallbackSink,
     EscapeFollower,
     JsonFileSink,
     Pipeline,
@@ -33,6 +34,8 @@ from collector.startup import held_socket_events
 from collector.stream import StreamSink
 from detect.engine import EgressPolicies, Engine
 from detect.sigma import load_paths
+from service import main as serve_command
+from service.tail import DEFAULT_SOCKET, LocalTail, TailHub, TailSocketError
 
 if TYPE_CHECKING:
     from probes.loader import Probes
@@ -40,6 +43,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("sandtrace")
 
 BUILTIN_RULES = Path(__file__).resolve().parent.parent / "rules"
+DEFAULT_SPOOL = Path("/var/lib/sandtrace/spool")
 
 EXAMPLES_RUN = """examples:
   sudo sandtrace run -- curl -s http://192.0.2.10/
@@ -100,6 +104,37 @@ def _common_args(p: argparse.ArgumentParser) -> None:
                    "detecting here")  # fmt: skip
     p.add_argument("--server-token-file", metavar="FILE",
                    help="bearer token for --server, read from FILE")  # fmt: skip
+    p.add_argument(
+        "--server-ca-file",
+        metavar="FILE",
+        help="verify an https:// --server's certificate against the CA in FILE",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow plain http:// to a --server that is not on this host",
+    )
+    p.add_argument(
+        "--spool-dir",
+        metavar="DIR",
+        type=Path,
+        default=DEFAULT_SPOOL,
+        help="keep batches the service has not taken yet in DIR, also across "
+        f"restarts (default {DEFAULT_SPOOL})",
+    )
+    p.add_argument(
+        "--spool-max",
+        metavar="MIB",
+        type=int,
+        default=256,
+        help="size bound of the spool in MiB; beyond it the oldest batches are "
+        "discarded and counted (default 256)",
+    )
+    p.add_argument(
+        "--no-spool",
+        action="store_true",
+        help="hold undelivered batches in memory only (16 MiB, then discard)",
+    )
     d = p.add_argument_group("detection")
     d.add_argument(
         "--rules",
@@ -137,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _common_args(run)
+    _tail_args(run)
     run.add_argument(
         "--wait-all",
         action="store_true",
@@ -152,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _common_args(watch)
+    _tail_args(watch)
     watch.add_argument(
         "--cgroup",
         action="append",
@@ -168,22 +205,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="trace this process and all its descendants (repeatable)",
     )
     watch.add_argument("--all", action="store_true", help="trace every process on the host")
-    serve = sub.add_parser(
-        "serve",
-        help="run the detection service (no root needed)",
-        description="Receive event batches from collectors over HTTP, detect, write alerts.",
-        epilog="examples:\n  sandtrace serve --listen 127.0.0.1:8780 "
-        "--token-file /etc/sandtrace/token --alerts /var/log/sandtrace/alerts.jsonl",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    serve.add_argument("--listen", default="127.0.0.1:8780", metavar="HOST:PORT")
-    serve.add_argument("--token-file", metavar="FILE",
-                       help="require 'Authorization: Bearer <the file's content>'")  # fmt: skip
-    serve.add_argument("--rules", action="append", default=[], metavar="DIR")
-    serve.add_argument("--no-builtin-rules", action="store_true")
-    serve.add_argument("--alerts", metavar="FILE", help="append every alert to FILE as JSON")
-    serve.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")
+    serve_command.add_parser(sub)
+    tail_command.add_parser(sub)
     return parser
+
+
+def _tail_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tail-socket", metavar="PATH", default=DEFAULT_SOCKET,
+                   help=f"serve `sandtrace tail` on this Unix socket, mode 0600 "
+                   f"(default {DEFAULT_SOCKET})")  # fmt: skip
+    p.add_argument("--no-tail", action="store_true", help="serve no live tail")
+
+
+def _tail_sinks(hub: TailHub | None) -> list[Sink]:
+    return [] if hub is None else [CallbackSink(hub.publish)]
+
+
+async def _local_tail(hub: TailHub | None, path: str) -> LocalTail | None:
+    """The live tail on its Unix socket; tracing goes on without it when it cannot be."""
+    if hub is None:
+        return None
+    local = LocalTail(hub, Path(path))
+    try:
+        await local.start()
+    except TailSocketError as exc:
+        log.warning("live tail disabled", reason=str(exc))
+        return None
+    return local
 
 
 @dataclass(slots=True)
@@ -218,8 +266,26 @@ def _sinks(args: argparse.Namespace) -> list[Sink]:
 def _stream(args: argparse.Namespace) -> list[Sink]:
     if not args.server:
         return []
-    token = Path(args.server_token_file).read_text().strip() if args.server_token_file else None
-    return [StreamSink(args.server, token)]
+    token = None
+    if args.server_token_file:
+        try:
+            token = Path(args.server_token_file).read_text().strip()
+        except OSError as exc:
+            raise SystemExit(f"sandtrace: cannot read --server-token-file: {exc}") from None
+    if args.spool_max <= 0:
+        raise SystemExit("sandtrace: --spool-max must be a positive number of MiB")
+    try:
+        return [StreamSink(args.server, token, ca_file=args.server_ca_file,
+                           insecure=args.insecure,
+                           spool_dir=None if args.no_spool else args.spool_dir,
+                           spool_bytes=args.spool_max << 20)]  # fmt: skip
+    except ValueError as exc:
+        raise SystemExit(f"sandtrace: --server: {exc}") from None
+    except OSError as exc:
+        raise SystemExit(
+            f"sandtrace: cannot use the spool directory {args.spool_dir}: {exc} "
+            "(choose another with --spool-dir, or --no-spool)"
+        ) from None
 
 
 def _engine(args: argparse.Namespace) -> Engine | None:
@@ -273,11 +339,19 @@ def _load_probes(args: argparse.Namespace, trace_all: bool = False) -> Probes:
     )
 
 
-def _print_totals(totals: Totals) -> None:
+def _print_totals(totals: Totals, sinks: list[Sink] | None = None) -> None:
     print(
         "sandtrace: " + totals_line(dict(totals.events), totals.lost_kernel, totals.lost_user),
         file=sys.stderr,
     )
+    for sink in sinks or []:
+        if isinstance(sink, StreamSink):
+            st = sink.stats
+            causes = " ".join(f"{k}={v}" for k, v in sorted(st.discarded_by.items()))
+            why = f" ({causes})" if causes else ""
+            print(f"sandtrace: streamed {st.sent_events} events in {st.sent_batches} batches "
+                  f"to {sink.base_url}; discarded {st.discarded}{why}; "
+                  f"{sink.spool_batches} batches left in the spool", file=sys.stderr)  # fmt: skip
     if totals.decode_errors or totals.map_errors:
         print(
             f"sandtrace: {totals.decode_errors} undecodable records, "
@@ -310,6 +384,7 @@ async def _run(args: argparse.Namespace) -> int:
     root = cgroups.find_cgroup2_root()
     probes = _load_probes(args)
     sandbox = None
+    hub, local_tail = (None if args.no_tail else TailHub()), None
     try:
         sandbox = cgroups.create_sandbox(root)
         rel = "/" + str(sandbox.path.relative_to(root))
@@ -320,7 +395,7 @@ async def _run(args: argparse.Namespace) -> int:
         pipeline = Pipeline(
             probes,
             assembler,
-            [EscapeFollower(probes, root), *_sinks(args), *_stream(args)],
+            [EscapeFollower(probes, root), *_sinks(args), *_stream(args), *_tail_sinks(hub)],
             engine=engine,
         )
         stop = asyncio.Event()
@@ -330,6 +405,7 @@ async def _run(args: argparse.Namespace) -> int:
             f"running {' '.join(cmd)!r}; Ctrl-C stops",
             file=sys.stderr,
         )
+        local_tail = await _local_tail(hub, args.tail_socket)
         runner = asyncio.create_task(pipeline.run(stop))
         try:
             child = await asyncio.create_subprocess_exec(*cmd, preexec_fn=sandbox.join)
@@ -347,9 +423,11 @@ async def _run(args: argparse.Namespace) -> int:
         await asyncio.to_thread(sandbox.destroy)
         stop.set()
         totals = await runner
-        _print_totals(totals)
+        _print_totals(totals, pipeline.sinks)
         return code if code >= 0 else 128 - code
     finally:
+        if local_tail is not None:
+            await local_tail.close()
         probes.close()
         if sandbox is not None:
             sandbox.destroy()
@@ -395,6 +473,7 @@ async def _watch(args: argparse.Namespace) -> int:
     pids_by_scope = {index: cgroups.pids_in_subtree(path) for index, path in enumerate(cgroup_dirs)}
     pids_by_scope.update({index: _descendants(pid) for pid, index in pid_scopes})
     probes = _load_probes(args, trace_all=args.all)
+    hub, local_tail = (None if args.no_tail else TailHub()), None
     try:
         for index, path in enumerate(cgroup_dirs):
             if args.all:
@@ -417,7 +496,7 @@ async def _watch(args: argparse.Namespace) -> int:
         pipeline = Pipeline(
             probes,
             assembler,
-            [EscapeFollower(probes, root), *_sinks(args), *_stream(args)],
+            [EscapeFollower(probes, root), *_sinks(args), *_stream(args), *_tail_sinks(hub)],
             engine=engine,
         )
         stop = asyncio.Event()
@@ -428,12 +507,15 @@ async def _watch(args: argparse.Namespace) -> int:
             "Ctrl-C or SIGTERM stops",
             file=sys.stderr,
         )
+        local_tail = await _local_tail(hub, args.tail_socket)
         for event in held:
             pipeline.emit(event)
         totals = await pipeline.run(stop)
-        _print_totals(totals)
+        _print_totals(totals, pipeline.sinks)
         return 0
     finally:
+        if local_tail is not None:
+            await local_tail.close()
         probes.close()
 
 
@@ -464,47 +546,6 @@ def _descendants(pid: int) -> set[int]:
     return out
 
 
-async def _serve(args: argparse.Namespace) -> int:
-    from aiohttp import web  # noqa: PLC0415
-
-    from service.app import Ingest, make_app  # noqa: PLC0415
-
-    host, _, port = args.listen.rpartition(":")
-    if not host or not port.isdigit():
-        raise SystemExit(f"sandtrace serve: --listen wants HOST:PORT, not {args.listen!r}")
-    token = None
-    if args.token_file:
-        token = (await asyncio.to_thread(Path(args.token_file).read_text)).strip()
-        if not token:
-            raise SystemExit(f"sandtrace serve: {args.token_file} is empty")
-    paths = ([] if args.no_builtin_rules else [BUILTIN_RULES]) + [Path(r) for r in args.rules]
-    rules = load_paths(paths)
-    for where, why in rules.refused:
-        print(f"sandtrace: rule not loaded: {where}: {why}", file=sys.stderr)
-    sink = JsonFileSink(args.alerts, alerts_only=True) if args.alerts else None
-
-    def on_alert(alert: Alert) -> None:
-        if sink is not None:
-            sink.emit(alert)
-            sink.flush()
-
-    runner = web.AppRunner(make_app(Ingest(rules, on_alert=on_alert), token))
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host.strip("[]"), int(port)).start()
-        stop = asyncio.Event()
-        _install_stop(stop)
-        print(f"sandtrace: serving on {args.listen} ({len(rules.rules)} rules, "
-              f"{'token required' if token else 'no token'}); Ctrl-C or SIGTERM stops",
-              file=sys.stderr)  # fmt: skip
-        await stop.wait()
-    finally:
-        await runner.cleanup()
-        if sink is not None:
-            sink.close()
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
@@ -515,7 +556,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return asyncio.run(_run(args))
         if args.command == "serve":
-            return asyncio.run(_serve(args))
+            return asyncio.run(serve_command.serve(args))
+        if args.command == "tail":
+            return tail_command.main(args)
         return asyncio.run(_watch(args))
     except (KernelSupportError, ProbeError, cgroups.CgroupError) as exc:
         print(f"sandtrace: {exc}", file=sys.stderr)

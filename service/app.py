@@ -15,16 +15,19 @@ seq it has seen) is acknowledged again without being processed twice.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import hmac
+import json
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import structlog
 from aiohttp import web
 
-from collector.events import Alert, AnyEvent
+from collector.events import Alert, AnyEvent, LostEvent
 from detect.engine import Engine
 from detect.sigma import RuleSet
 from service.tail import TailHub, add_tail_routes
@@ -33,12 +36,70 @@ from service.wire import CONTENT_TYPE, MAX_BATCH_BYTES, BadBatch, decode_batch
 log = structlog.get_logger("sandtrace.service")
 
 
+LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass(slots=True)
+class Lag:
+    """Histogram of end-to-end lag: event time (on its host) to handled by the service."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LAG_BUCKETS) + 1))
+    total: float = 0.0
+    n: int = 0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(LAG_BUCKETS, seconds)] += 1
+        self.total += seconds
+        self.n += 1
+
+
+@dataclass(slots=True)
+class CollectorInfo:
+    host: str = ""
+    last_seq: int = -1
+    spool_bytes: int = 0
+    held_batches: int = 0
+    last_seen: float = 0.0  # wall clock of its last batch
+
+
 @dataclass(slots=True)
 class Stats:
     events_in: Counter[str] = field(default_factory=Counter)  # per host
     batches: Counter[str] = field(default_factory=Counter)  # accepted, replayed, rejected
     alerts: Counter[str] = field(default_factory=Counter)  # per rule id
     rejected: Counter[str] = field(default_factory=Counter)  # per reason
+    collector_lost: Counter[tuple[str, str]] = field(default_factory=Counter)  # (host, cause)
+    collectors: dict[str, CollectorInfo] = field(default_factory=dict)
+    lag: Lag = field(default_factory=Lag)
+
+
+class SeqState:
+    """Each collector's last handled batch, kept in a file so that a restarted service still
+    recognises replays of batches it handled (and does not raise their alerts twice)."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path = directory / "collectors.json"
+
+    def load(self) -> dict[str, int]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("collector state unreadable; replays after the restart may be handled "
+                      "twice", path=str(self.path), error=str(exc))  # fmt: skip
+            return {}
+        seqs = data.get("last_seq", {}) if isinstance(data, dict) else {}
+        return {str(k): int(v) for k, v in seqs.items() if isinstance(v, int)}
+
+    def save(self, last_seq: dict[str, int]) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps({"last_seq": last_seq}))
+            tmp.replace(self.path)
+        except OSError as exc:
+            log.warning("cannot save collector state", path=str(self.path), error=str(exc))
 
 
 class Ingest:
@@ -50,13 +111,15 @@ class Ingest:
         on_alert: Callable[[Alert], None] | None = None,
         engine_factory: Callable[[RuleSet], Engine] = Engine,
         on_batch: Callable[[str, int, list[AnyEvent]], None] | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         self.rules = rules
         self.on_alert = on_alert or (lambda _a: None)
         self.on_batch = on_batch or (lambda _c, _s, _e: None)
         self._engine_factory = engine_factory
         self.engines: dict[str, Engine] = {}
-        self.last_seq: dict[str, int] = {}
+        self.state = SeqState(state_dir) if state_dir is not None else None
+        self.last_seq: dict[str, int] = self.state.load() if self.state is not None else {}
         self.stats = Stats()
 
     def engine_for(self, host: str) -> Engine:
@@ -65,25 +128,67 @@ class Ingest:
             engine = self.engines[host] = self._engine_factory(self.rules)
         return engine
 
+    def note_collector(self, collector: str, spool_bytes: int, held_batches: int) -> None:
+        info = self.stats.collectors.get(collector)
+        if info is None:
+            info = self.stats.collectors[collector] = CollectorInfo()
+        info.spool_bytes, info.held_batches, info.last_seen = spool_bytes, held_batches, time.time()
+
     def handle(self, collector: str, seq: int, events: list[AnyEvent]) -> bool:
         """Process one batch; False when it is a replay of one already handled."""
         if seq <= self.last_seq.get(collector, -1):
             self.stats.batches["replayed"] += 1
             return False
         self.on_batch(collector, seq, events)
+        now = time.time_ns()
+        stats = self.stats
+        host = ""
         for event in events:
-            host = getattr(event, "host", "")
-            self.stats.events_in[host] += 1
+            host = event.host
+            stats.events_in[host] += 1
+            stats.lag.observe(max(now - event.time_ns, 0) / 1e9)
+            if isinstance(event, LostEvent):
+                self._count_losses(event)
+                continue
             for alert in self.engine_for(host).feed(event):
-                self.stats.alerts[alert.rule_id] += 1
+                stats.alerts[alert.rule_id] += 1
                 self.on_alert(alert)
         self.last_seq[collector] = seq
-        self.stats.batches["accepted"] += 1
+        info = stats.collectors.get(collector)
+        if info is None:
+            info = stats.collectors[collector] = CollectorInfo()
+        info.last_seq = seq
+        info.host = host or info.host
+        if self.state is not None:
+            self.state.save(self.last_seq)
+        stats.batches["accepted"] += 1
         return True
+
+    def _count_losses(self, event: LostEvent) -> None:
+        lost = self.stats.collector_lost
+        host = event.host
+        for cause, n in (
+            ("kernel", sum(event.kernel.values())),
+            ("user", event.user),
+            ("map_error", sum(event.errors.values())),
+            ("spool", event.spool),
+        ):
+            if n > 0:
+                lost[host, cause] += n  # fmt: skip
+
+
+def _int_header(request: web.Request, name: str) -> int:
+    value = request.headers.get(name, "")
+    return int(value) if value.isdigit() and len(value) < 20 else 0
 
 
 def make_app(
-    ingest: Ingest, token: str | None, read_timeout: float = 30.0, *, tail: TailHub | None = None
+    ingest: Ingest,
+    token: str | None,
+    read_timeout: float = 30.0,
+    *,
+    tail: TailHub | None = None,
+    extra_metrics: Callable[[], list[str]] | None = None,
 ) -> web.Application:
     """The service; a request body that takes longer than read_timeout to arrive gets a 408
     (a client sending a byte a second holds one connection, never the service). With tail,
@@ -119,6 +224,8 @@ def make_app(
         except BadBatch as exc:
             return reject(exc.status, exc.reason, str(exc))
         ingest.handle(collector, seq, events)
+        ingest.note_collector(collector, _int_header(request, "Sandtrace-Spool-Bytes"),
+                              _int_header(request, "Sandtrace-Held-Batches"))  # fmt: skip
         return web.json_response({"ack": seq})
 
     async def healthz(_request: web.Request) -> web.Response:
@@ -131,6 +238,8 @@ def make_app(
         text = prometheus_text(ingest.stats)
         if tail is not None:
             text += "\n".join(tail.prometheus_lines()) + "\n"
+        if extra_metrics is not None:
+            text += "".join(line + "\n" for line in extra_metrics())
         return web.Response(text=text, content_type="text/plain")
 
     app.router.add_post("/v1/batches", batches)
@@ -149,6 +258,11 @@ def _label(value: str) -> str:
 def prometheus_text(stats: Stats) -> str:
     """The Prometheus text exposition of the service's counters."""
     out: list[str] = []
+
+    def header(name: str, help_text: str, kind: str) -> None:
+        out.append(f"# HELP {name} {help_text}")
+        out.append(f"# TYPE {name} {kind}")
+
     series: dict[str, tuple[str, str, Counter[str]]] = {
         "sandtrace_events_received_total": ("Events received, per host", "host", stats.events_in),
         "sandtrace_batches_total": ("Batches, per result", "result", stats.batches),
@@ -156,8 +270,35 @@ def prometheus_text(stats: Stats) -> str:
         "sandtrace_rejected_total": ("Batches rejected, per reason", "reason", stats.rejected),
     }
     for name, (help_text, label, counter) in series.items():
-        out.append(f"# HELP {name} {help_text}")
-        out.append(f"# TYPE {name} counter")
+        header(name, help_text, "counter")
         for key, value in sorted(counter.items()):
             out.append(f'{name}{{{label}="{_label(key)}"}} {value}')
+    name = "sandtrace_collector_lost_total"
+    header(name, "Events collectors lost before the service got them, per host and cause "
+           "(kernel ring, user queue, map_error, spool)", "counter")  # fmt: skip
+    for (host, cause), value in sorted(stats.collector_lost.items()):
+        out.append(f'{name}{{host="{_label(host)}",cause="{cause}"}} {value}')
+    gauges = {
+        "sandtrace_collector_spool_bytes": ("Bytes in each collector's disk spool", "spool_bytes"),
+        "sandtrace_collector_held_batches": (
+            "Batches each collector holds for the service (memory and spool)", "held_batches"),
+        "sandtrace_collector_last_seq": ("Last batch handled, per collector", "last_seq"),
+        "sandtrace_collector_last_seen_seconds": (
+            "Wall clock of each collector's last batch", "last_seen"),
+    }  # fmt: skip
+    for name, (help_text, attr) in gauges.items():
+        header(name, help_text, "gauge")
+        for cid, info in sorted(stats.collectors.items()):
+            value = getattr(info, attr)
+            shown = f"{value:.3f}" if isinstance(value, float) else str(value)
+            out.append(f'{name}{{collector="{_label(cid)}",host="{_label(info.host)}"}} {shown}')
+    name = "sandtrace_event_lag_seconds"
+    header(name, "Event time on its host to handled by the service", "histogram")
+    cumulative = 0
+    for bound, count in zip((*LAG_BUCKETS, float("inf")), stats.lag.counts, strict=True):
+        cumulative += count
+        le = "+Inf" if bound == float("inf") else f"{bound:g}"
+        out.append(f'{name}_bucket{{le="{le}"}} {cumulative}')
+    out.append(f"{name}_sum {stats.lag.total:.6f}")
+    out.append(f"{name}_count {stats.lag.n}")
     return "\n".join(out) + "\n"

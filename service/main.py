@@ -1,0 +1,246 @@
+"""`sandtrace serve`: the detection service's command line, configuration and lifetime.
+
+Settings come from the built-in defaults, then the TOML file given with --config
+(service/config.py), then the command line. `--check-config` loads and checks everything
+(files, TLS material, rules, outputs) and exits without serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from collector.events import Alert, AnyEvent
+from detect.engine import EgressPolicies, Engine
+from detect.sigma import RuleSet, load_paths
+from service.config import ConfigError, ServiceConfig, check, load, read_token, tls_context
+
+log = structlog.get_logger("sandtrace.service")
+
+BUILTIN_RULES = Path(__file__).resolve().parent.parent / "rules"
+
+EXAMPLES = """examples:
+  sandtrace serve --listen 127.0.0.1:8780 --token-file /etc/sandtrace/token
+  sandtrace serve --config /etc/sandtrace/service.toml
+  sandtrace serve --config /etc/sandtrace/service.toml --check-config
+"""
+
+
+def add_parser(sub: Any) -> None:
+    serve = sub.add_parser(
+        "serve",
+        help="run the detection service (no root needed)",
+        description="Receive event batches from collectors, detect, feed SIEM outputs and the "
+        "live tail. Settings: built-in defaults < --config FILE < command-line options.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument("--config", metavar="FILE", type=Path,
+                       help="TOML configuration (see README, 'Detection service')")  # fmt: skip
+    serve.add_argument(
+        "--check-config",
+        action="store_true",
+        help="check the configuration (files, TLS, rules, outputs), then exit",
+    )
+    serve.add_argument("--listen", metavar="HOST:PORT", help="default 127.0.0.1:8780")
+    serve.add_argument("--token-file", metavar="FILE",
+                       help="require 'Authorization: Bearer <the file's content>'")  # fmt: skip
+    serve.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate")
+    serve.add_argument("--tls-key", metavar="FILE", help="and this private key")
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="allow plain HTTP on an address other than loopback",
+    )
+    serve.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="remember each collector's last batch here, across restarts",
+    )
+    serve.add_argument(
+        "--rules",
+        action="append",
+        default=None,
+        metavar="DIR",
+        help="add the Sigma rules in DIR to the built-in pack (repeatable)",
+    )
+    serve.add_argument("--no-builtin-rules", action="store_true", default=None)
+    serve.add_argument(
+        "--egress-allow",
+        action="append",
+        default=None,
+        metavar="[SANDBOX=]NET[:PORTS]",
+        help="egress allow-list entry",
+    )
+    serve.add_argument(
+        "--alerts", metavar="FILE", help="also append every alert to FILE as JSON lines"
+    )
+    serve.add_argument(
+        "--events", metavar="FILE", help="also append every event to FILE as JSON lines"
+    )
+    serve.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")
+
+
+def build_config(args: argparse.Namespace) -> ServiceConfig:
+    """Defaults, then the file, then the command line."""
+    cfg = load(args.config) if args.config else ServiceConfig()
+    for attr in ("listen", "token_file", "tls_cert", "tls_key", "state_dir", "insecure"):
+        value = getattr(args, attr)
+        if value is not None:
+            setattr(cfg, attr, value)
+    if args.rules:
+        cfg.rules = [*cfg.rules, *args.rules]
+    if args.no_builtin_rules:
+        cfg.builtin_rules = False
+    if args.egress_allow:
+        cfg.egress_allow = [*cfg.egress_allow, *args.egress_allow]
+    for path, what in ((args.alerts, "alerts"), (args.events, "events")):
+        if path:
+            cfg.outputs.append({"type": "jsonl", "path": path, "what": what,
+                                "name": f"--{what}"})  # fmt: skip
+    return cfg
+
+
+def load_rules(cfg: ServiceConfig) -> RuleSet:
+    paths = ([BUILTIN_RULES] if cfg.builtin_rules else []) + [Path(r) for r in cfg.rules]
+    return load_paths(paths)
+
+
+def egress_of(cfg: ServiceConfig) -> EgressPolicies | None:
+    if not cfg.egress_allow:
+        return None
+    try:
+        return EgressPolicies.parse(cfg.egress_allow)
+    except ValueError as exc:
+        raise ConfigError(f"detection.egress_allow: {exc}") from None
+
+
+def build_outputs(cfg: ServiceConfig) -> list[Any]:
+    from service.outputs import OutputConfigError, outputs_from_config  # noqa: PLC0415
+
+    try:
+        return outputs_from_config(cfg.outputs)
+    except OutputConfigError as exc:
+        raise ConfigError(f"output: {exc}") from None
+
+
+def _say(lines: Iterable[str]) -> None:
+    for line in lines:
+        print(f"sandtrace serve: {line}", file=sys.stderr)
+
+
+def check_config(args: argparse.Namespace) -> int:
+    """--check-config: every check the service makes before serving; 0 when all pass."""
+    try:
+        cfg = build_config(args)
+        notes = check(cfg)
+        rules = load_rules(cfg)
+        egress = egress_of(cfg)
+        outputs = build_outputs(cfg)
+    except ConfigError as exc:
+        _say([f"configuration error: {exc}"])
+        return 2
+    _say(f"note: {n}" for n in notes)
+    _say(f"rule not loaded: {where}: {why}" for where, why in rules.refused)
+    host, port = cfg.host_port
+    _say([
+        f"configuration OK ({cfg.source}): listen {host}:{port} "
+        f"{'https' if cfg.tls else 'http'}, {len(rules.rules)} rules, "
+        f"{len(rules.correlations)} correlations, "
+        f"{len(egress) if egress else 0} egress allow-list entries, "
+        f"{len(outputs)} outputs ({', '.join(o.name for o in outputs) or 'none'}), "
+        f"tail {'on' if cfg.tail else 'off'}"
+    ])  # fmt: skip
+    return 0
+
+
+async def serve(args: argparse.Namespace) -> int:
+    from aiohttp import web  # noqa: PLC0415
+
+    from service.app import Ingest, make_app  # noqa: PLC0415
+    from service.tail import TailHub  # noqa: PLC0415
+
+    if args.check_config:
+        return check_config(args)
+    try:
+        cfg = build_config(args)
+        notes = check(cfg)
+        token = read_token(cfg)
+        ssl_ctx = tls_context(cfg)
+        rules = load_rules(cfg)
+        egress = egress_of(cfg)
+        outputs = build_outputs(cfg)
+    except ConfigError as exc:
+        _say([f"configuration error: {exc}", "check it with: sandtrace serve --check-config"])
+        return 2
+    _say(f"note: {n}" for n in notes)
+    _say(f"rule not loaded: {where}: {why}" for where, why in rules.refused)
+    hub = TailHub(max_queue=cfg.tail_queue) if cfg.tail else None
+    alert_outputs = [o for o in outputs if o.what in ("alerts", "both")]
+    event_outputs = [o for o in outputs if o.what in ("events", "both")]
+
+    def on_alert(alert: Alert) -> None:
+        for out in alert_outputs:
+            out.submit(alert)
+        if hub is not None:
+            hub.publish(alert)
+
+    def on_batch(_collector: str, _seq: int, events: list[AnyEvent]) -> None:
+        for out in event_outputs:
+            for event in events:
+                out.submit(event)
+        if hub is not None:
+            for event in events:
+                hub.publish(event)
+
+    def output_metrics() -> list[str]:
+        from service.outputs import prometheus_lines  # noqa: PLC0415
+
+        lines: list[str] = prometheus_lines(outputs)
+        return lines
+
+    state = Path(cfg.state_dir) if cfg.state_dir else None
+    ingest = Ingest(rules, on_alert=on_alert, on_batch=on_batch, state_dir=state,
+                    engine_factory=lambda r: Engine(r, egress))  # fmt: skip
+    app = make_app(ingest, token, cfg.read_timeout, tail=hub, extra_metrics=output_metrics)
+    for out in outputs:
+        await out.start()
+    runner = web.AppRunner(app)
+    await runner.setup()
+    host, port = cfg.host_port
+    try:
+        try:
+            await web.TCPSite(runner, host, port, ssl_context=ssl_ctx).start()
+        except OSError as exc:
+            _say([f"cannot listen on {host}:{port}: {exc.strerror or exc} (is another service "
+                  "running there? choose another with --listen)"])  # fmt: skip
+            return 2
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        scheme = "https" if ssl_ctx else "http"
+        _say([f"serving on {scheme}://{host}:{port} ({len(rules.rules)} rules, "
+              f"{len(outputs)} outputs, {'token required' if token else 'no token'}); "
+              "Ctrl-C or SIGTERM stops"])  # fmt: skip
+        await stop.wait()
+    finally:
+        if hub is not None:
+            with contextlib.suppress(Exception):
+                await hub.aclose()
+        await runner.cleanup()
+        for engine in ingest.engines.values():  # folded repeats still pending
+            for alert in engine.flush():
+                on_alert(alert)
+        for out in outputs:
+            await out.aclose()
+    return 0

@@ -1,0 +1,209 @@
+"""`sandtrace serve` configuration (TOML + command line, --check-config), TLS between the
+collector and the service, and replay state that survives a service restart."""
+
+from __future__ import annotations
+
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from collector.events import AnyEvent, Event, LostEvent
+from collector.stream import StreamSink
+from detect.sigma import RuleSet
+from detect.testing import event_from_fields
+from service.app import Ingest, make_app, prometheus_text
+from service.config import ConfigError, ServiceConfig, check, load, tls_context
+from tests.tlsutil import make_tls
+from tests.unit.test_serve_process import ROOT_DIR, free_port
+
+
+def serve_cmd(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "collector.cli", "serve", *args], check=False,
+                          cwd=ROOT_DIR, capture_output=True, text=True, timeout=60)  # fmt: skip
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_check_config_accepts_a_complete_file(tmp_path: Path) -> None:
+    tls = make_tls(tmp_path / "tls", ["127.0.0.1"])
+    token = write(tmp_path / "token", "s3cret\n")
+    conf = write(
+        tmp_path / "service.toml",
+        f"""
+[server]
+listen = "0.0.0.0:8790"
+token_file = "{token}"
+tls_cert = "{tls.cert}"
+tls_key = "{tls.key}"
+state_dir = "{tmp_path / "state"}"
+
+[detection]
+egress_allow = ["10.0.0.0/8", "box-1=192.0.2.0/24:443"]
+
+[[output]]
+type = "jsonl"
+path = "{tmp_path / "alerts.jsonl"}"
+what = "alerts"
+""",
+    )
+    done = serve_cmd("--config", str(conf), "--check-config")
+    assert done.returncode == 0, done.stderr
+    assert "configuration OK" in done.stderr
+    assert "listen 0.0.0.0:8790 https" in done.stderr
+    assert "2 egress allow-list entries, 1 outputs" in done.stderr
+    assert (tmp_path / "state").is_dir()
+
+
+@pytest.mark.parametrize(("toml", "message"), [
+    ("[server]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n", "unknown key server.lisen"),
+    ("[servr]\n", "unknown section [servr]"),
+    ("[server]\nread_timeout = \"soon\"\n", "server.read_timeout has the wrong type"),
+    ("[server]\nlisten = \"nowhere\"\n", "server.listen: want HOST:PORT"),
+    ("[server]\nlisten = \"192.0.2.1:8780\"\n", "192.0.2.1 is not loopback and there is no TLS"),
+    ("[server]\ntoken_file = \"/nonexistent/token\"\n", "server.token_file: cannot read"),
+    ("[server]\ntls_cert = \"/nonexistent.pem\"\n", "tls_cert and server.tls_key go together"),
+    ("[detection]\negress_allow = [\"not-a-net\"]\n", "detection.egress_allow"),
+    ("[detection]\nrules = [\"/nonexistent/rules\"]\n", "detection.rules: /nonexistent/rules"),
+    ("[[output]]\ntype = \"carrier-pigeon\"\n", "output"),
+    ("server = [\n", "not valid TOML"),
+])  # fmt: skip
+def test_check_config_names_what_is_wrong(tmp_path: Path, toml: str, message: str) -> None:
+    conf = write(tmp_path / "service.toml", toml)
+    done = serve_cmd("--config", str(conf), "--check-config")
+    assert done.returncode == 2
+    assert "configuration error" in done.stderr and message in done.stderr, done.stderr
+
+
+def test_command_line_overrides_the_file(tmp_path: Path) -> None:
+    conf = write(tmp_path / "service.toml", '[server]\nlisten = "192.0.2.1:8780"\n')
+    done = serve_cmd("--config", str(conf), "--listen", "127.0.0.1:8791", "--check-config")
+    assert done.returncode == 0, done.stderr
+    assert "listen 127.0.0.1:8791 http" in done.stderr
+    done = serve_cmd("--config", str(conf), "--insecure", "--check-config")
+    assert done.returncode == 0 and "clear text on 192.0.2.1" in done.stderr
+
+
+def test_config_keys_land_where_they_should(tmp_path: Path) -> None:
+    conf = write(tmp_path / "s.toml", '[server]\nread_timeout = 5\n[tail]\nqueue = 7\n'
+                 '[detection]\nbuiltin_rules = false\n')  # fmt: skip
+    cfg = load(conf)
+    assert (cfg.read_timeout, cfg.tail_queue, cfg.builtin_rules) == (5.0, 7, False)
+    with pytest.raises(ConfigError, match="cannot load"):
+        tls_context(ServiceConfig(tls_cert=str(conf), tls_key=str(conf)))
+    assert check(ServiceConfig()) == [
+        "no token_file: any client that reaches the port may send and tail events",
+        "no state_dir: after a restart, a batch in flight may be handled twice",
+    ]
+
+
+def connect_events(n: int, start: int = 0) -> list[AnyEvent]:
+    return [event_from_fields("network_connection", {"ProcessId": start + i, "DestinationPort": 9})
+            for i in range(n)]  # fmt: skip
+
+
+@pytest.mark.asyncio
+async def test_collector_streams_over_tls_and_refuses_an_unknown_certificate(
+    tmp_path: Path,
+) -> None:
+    tls = make_tls(tmp_path / "ok", ["127.0.0.1"])
+    other = make_tls(tmp_path / "other", ["127.0.0.1"], name="other")
+    received: list[AnyEvent] = []
+    ingest = Ingest(RuleSet(), on_batch=lambda _c, _s, evs: received.extend(evs))
+    runner = web.AppRunner(make_app(ingest, "tok"))
+    await runner.setup()
+    port = free_port()
+    ctx = tls_context(ServiceConfig(tls_cert=str(tls.cert), tls_key=str(tls.key)))
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=ctx).start()
+    try:
+        untrusting = StreamSink(f"https://127.0.0.1:{port}", "tok", linger=0.05,
+                                ca_file=str(other.ca), max_backoff=0.1)  # fmt: skip
+        for event in connect_events(5):
+            untrusting.emit(event)
+        await untrusting.aclose(deadline=1.0)
+        assert received == [] and untrusting.stats.retries > 0
+        assert untrusting.stats.sent_events == 0
+
+        trusting = StreamSink(f"https://127.0.0.1:{port}", "tok", linger=0.05,
+                              ca_file=str(tls.ca))  # fmt: skip
+        for event in connect_events(5, start=100):
+            trusting.emit(event)
+        await trusting.aclose(deadline=10)
+    finally:
+        await runner.cleanup()
+    assert [e.process.pid for e in received if isinstance(e, Event)] == list(range(100, 105))
+
+
+def test_replay_state_survives_a_service_restart(tmp_path: Path) -> None:
+    events = connect_events(3)
+    first = Ingest(RuleSet(), state_dir=tmp_path)
+    assert [first.handle("c1", seq, events) for seq in range(3)] == [True, True, True]
+    assert first.handle("c2", 0, events)
+    second = Ingest(RuleSet(), state_dir=tmp_path)  # the restarted service
+    assert second.handle("c1", 2, events) is False  # a replay of the batch in flight
+    assert second.handle("c2", 0, events) is False
+    assert second.handle("c1", 3, events) is True
+    assert second.stats.batches == {"replayed": 2, "accepted": 1}
+    assert Ingest(RuleSet(), state_dir=tmp_path).last_seq == {"c1": 3, "c2": 0}
+
+
+def test_metrics_show_collector_losses_spool_and_lag() -> None:
+    ingest = Ingest(RuleSet())
+    lost = LostEvent(time_ns=0, host="h1", kernel={"exec": 3, "connect": 4}, user=2, errors={},
+                     spool=50, collector="h1/ab")  # fmt: skip
+    events = connect_events(2)
+    for e in events:
+        if isinstance(e, Event):
+            e.host = "h1"
+            e.time_ns = time.time_ns()
+    assert ingest.handle("h1/ab", 0, [lost, *events])
+    ingest.note_collector("h1/ab", spool_bytes=4096, held_batches=3)
+    text = prometheus_text(ingest.stats)
+    lines = set(text.splitlines())
+    assert 'sandtrace_collector_lost_total{host="h1",cause="kernel"} 7' in lines
+    assert 'sandtrace_collector_lost_total{host="h1",cause="user"} 2' in lines
+    assert 'sandtrace_collector_lost_total{host="h1",cause="spool"} 50' in lines
+    assert 'sandtrace_collector_spool_bytes{collector="h1/ab",host="h1"} 4096' in lines
+    assert 'sandtrace_collector_held_batches{collector="h1/ab",host="h1"} 3' in lines
+    assert 'sandtrace_collector_last_seq{collector="h1/ab",host="h1"} 0' in lines
+    assert 'sandtrace_events_received_total{host="h1"} 3' in lines
+    assert "sandtrace_event_lag_seconds_count 3" in lines
+    # the LostEvent has time 0: a lag over 60 s; the two fresh events are under 1 s
+    assert 'sandtrace_event_lag_seconds_bucket{le="1"} 2' in lines
+    assert 'sandtrace_event_lag_seconds_bucket{le="+Inf"} 3' in lines
+
+
+def test_serve_runs_with_tls_from_config_and_stops(tmp_path: Path) -> None:
+    tls = make_tls(tmp_path / "tls", ["127.0.0.1"])
+    port = free_port()
+    conf = write(tmp_path / "s.toml", f'[server]\nlisten = "127.0.0.1:{port}"\n'
+                 f'tls_cert = "{tls.cert}"\ntls_key = "{tls.key}"\n')  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "collector.cli", "serve", "--config", str(conf)],
+                            cwd=ROOT_DIR, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        line = ""
+        while "serving on" not in line:
+            line = proc.stderr.readline()
+            assert line, "serve exited before serving"
+        assert f"https://127.0.0.1:{port}" in line
+        ctx = ssl.create_default_context(cafile=str(tls.ca))
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}/healthz", context=ctx,
+                                    timeout=10) as resp:  # fmt: skip
+            assert resp.status == 200
+        proc.terminate()
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
