@@ -380,12 +380,17 @@ class LocalTail:
     async def start(self) -> None:
         """Listen on path; TailSocketError when that cannot be done."""
         sock = _bind_private(self.path)
-        self._inode = self.path.stat().st_ino
-        app = web.Application()
-        add_tail_routes(app, self.hub, None)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.SockSite(self._runner, sock, shutdown_timeout=2.0).start()
+        try:
+            self._inode = self.path.stat().st_ino
+            app = web.Application()
+            add_tail_routes(app, self.hub, None)
+            self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+            await self._runner.setup()
+            await web.SockSite(self._runner, sock).start()
+        except BaseException:
+            sock.close()
+            await self.close()
+            raise
 
     async def close(self) -> None:
         """Clients get what is queued for them, then the socket goes."""

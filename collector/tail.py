@@ -1,0 +1,313 @@
+"""``sandtrace tail``: follow the live events and alerts of a ``sandtrace watch`` (over its
+Unix socket) or of the detection service (``--server``), filtered by the server.
+
+Lines look like the local output of watch: compact text, every string a traced process
+controls escaped (collector.render), or JSON lines with ``-o json``. When the server goes
+away, tail says so on stderr and reconnects with backoff; Ctrl-C or SIGTERM ends it (0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import ssl
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import aiohttp
+import structlog
+from yarl import URL
+
+from collector.events import WIRE_VERSION, EventFormatError, WireVersionError, decode
+from collector.pipeline import TerminalSink
+from collector.render import TextRenderer, escape
+from service.tail import (
+    DEFAULT_SOCKET,
+    FILTER_KINDS,
+    TAIL_PATH,
+    TAIL_PROTOCOL,
+    BadFilter,
+    TailFilter,
+    parse_control,
+)
+
+log = structlog.get_logger("sandtrace.tail")
+
+EXAMPLES = f"""examples:
+  sudo sandtrace tail                        # the local `sandtrace watch` ({DEFAULT_SOCKET})
+  sudo sandtrace tail --alerts-only --kind exec
+  sandtrace tail --server https://sandtrace.example:8780 --token-file ~/.sandtrace-token \\
+      --host build-7 -o json
+"""
+MAX_BACKOFF = 8.0
+
+
+class TailError(Exception):
+    """Following cannot go on (refused, incompatible): the message says why; exit 2."""
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "tail",
+        help="follow live events and alerts of a watch or of the detection service",
+        description="Follow the events and alerts of the local `sandtrace watch` (over its "
+        "Unix socket) or of a detection service (--server), filtered by the server, until "
+        "Ctrl-C or SIGTERM. Reconnects when the server goes away.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--server", metavar="URL", help="the detection service (http or https)")
+    p.add_argument("--token-file", metavar="FILE", help="bearer token for --server, from FILE")
+    p.add_argument("--ca-file", metavar="FILE", help="CA certificate(s) to verify an https server")
+    p.add_argument("--socket", metavar="PATH", default=DEFAULT_SOCKET,
+                   help=f"the local watch's Unix socket (default {DEFAULT_SOCKET})")  # fmt: skip
+    p.add_argument("--alerts-only", action="store_true", help="alerts (and losses) only")
+    p.add_argument("--sandbox", action="append", default=[], metavar="ID",
+                   help="only this sandbox (repeatable, or ID,ID)")  # fmt: skip
+    p.add_argument("--host", action="append", default=[], metavar="H",
+                   help="only this host (repeatable, or H,H)")  # fmt: skip
+    p.add_argument("--kind", action="append", default=[], metavar="KINDS",
+                   help=f"only these event kinds, comma-separated "
+                   f"({','.join(sorted(FILTER_KINDS))}); alerts raised by them too")  # fmt: skip
+    p.add_argument("-o", "--output", choices=["compact", "json"], default="compact",
+                   help="compact coloured lines (default) or JSON lines")  # fmt: skip
+    p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+    p.add_argument("--width", type=int, default=80, help="line width of compact output")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")
+
+
+@dataclass(slots=True)
+class Target:
+    """Where to connect: a URL, and the connector options that reach it."""
+
+    url: URL
+    label: str  # what the user is told
+    unix: str | None = None
+    ssl_context: ssl.SSLContext | None = None
+    token: str | None = None
+
+
+def target_of(args: argparse.Namespace) -> Target:
+    if not args.server:
+        if args.token_file or args.ca_file:
+            raise TailError("--token-file and --ca-file go with --server")
+        return Target(URL("http://localhost" + TAIL_PATH), args.socket, unix=args.socket)
+    url = URL(args.server)
+    if url.scheme not in {"http", "https"} or not url.host:
+        raise TailError(f"--server wants an http:// or https:// URL, not {args.server!r}")
+    token = None
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as exc:
+            raise TailError(f"cannot read --token-file {args.token_file}: {exc.strerror}") from None
+        if not token:
+            raise TailError(f"--token-file {args.token_file} is empty")
+    context = None
+    if args.ca_file:
+        if url.scheme != "https":
+            raise TailError("--ca-file goes with an https:// --server")
+        try:
+            context = ssl.create_default_context(cafile=args.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise TailError(f"cannot load --ca-file {args.ca_file}: {exc}") from None
+    base = str(url).rstrip("/")
+    return Target(URL(base + TAIL_PATH), base, ssl_context=context, token=token)
+
+
+def _color(choice: str, stream: IO[str]) -> bool:
+    if choice != "auto":
+        return choice == "always"
+    return stream.isatty() and os.environ.get("NO_COLOR") is None
+
+
+def _say(message: str) -> None:
+    print(f"sandtrace tail: {message}", file=sys.stderr, flush=True)
+
+
+class Follower:
+    """One tail session: connect, render, reconnect, until stopped."""
+
+    def __init__(self, target: Target, flt: TailFilter, out: TerminalSink) -> None:
+        self.target = target
+        self.filter = flt
+        self.out = out
+        self.connected_once = False
+        self.last_problem = ""  # told once, until the next connection
+
+    async def run(self, stop: asyncio.Event) -> None:
+        backoff = 0.5
+        connector: aiohttp.BaseConnector
+        if self.target.unix is not None:
+            connector = aiohttp.UnixConnector(path=self.target.unix)
+        else:
+            connector = aiohttp.TCPConnector(ssl=self.target.ssl_context or True)
+        headers = {"Authorization": f"Bearer {self.target.token}"} if self.target.token else {}
+        async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
+            while not stop.is_set():
+                try:
+                    await self._follow(session)
+                    problem = f"{self.target.label} closed the stream; reconnecting, Ctrl-C stops"
+                    backoff = 0.5
+                except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as exc:
+                    raise TailError(
+                        f"TLS with {self.target.label} failed ({exc}): give its CA with --ca-file"
+                    ) from None
+                except (aiohttp.ClientConnectionError, OSError, TimeoutError) as exc:
+                    problem = self._unreachable(exc)
+                if problem != self.last_problem:
+                    _say(problem)
+                    self.last_problem = problem
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+
+    def _unreachable(self, exc: BaseException) -> str:
+        cause = getattr(exc, "os_error", None) or exc
+        what = getattr(cause, "strerror", None) or str(cause) or type(cause).__name__
+        if self.target.unix is not None:
+            if isinstance(cause, PermissionError):
+                raise TailError(
+                    f"permission denied on {self.target.unix}: the local tail is root's "
+                    "only; run sandtrace tail as root (sudo)"
+                ) from None
+            hint = "is `sandtrace watch` running (without --no-tail)?"
+        else:
+            hint = "is `sandtrace serve` running there?"
+        return f"cannot reach {self.target.label} ({what}); retrying, Ctrl-C stops. {hint}"
+
+    async def _follow(self, session: aiohttp.ClientSession) -> None:
+        try:
+            ws = await session.ws_connect(
+                self.target.url, params=self.filter.query(), heartbeat=20.0, autoclose=True
+            )
+        except aiohttp.WSServerHandshakeError as exc:
+            raise TailError(self._refusal(exc)) from None
+        async with ws:
+            hello = await ws.receive(timeout=10)
+            if hello.type in {aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING,
+                              aiohttp.WSMsgType.CLOSED}:  # fmt: skip
+                return  # going away already
+            if hello.type != aiohttp.WSMsgType.TEXT:
+                raise TailError(f"{self.target.label} did not greet as a sandtrace tail server")
+            self._check_hello(parse_control(hello.data))
+            if not self.connected_once:
+                _say(f"following {self.target.label} ({self._describe()}); Ctrl-C stops")
+            else:
+                _say(f"reconnected to {self.target.label}")
+            self.connected_once = True
+            self.last_problem = ""
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    self._show(msg.data)
+                elif msg.type == aiohttp.WSMsgType.TEXT:
+                    self._notice(parse_control(msg.data))
+                elif msg.type == aiohttp.WSMsgType.ERROR:
+                    raise aiohttp.ClientConnectionError(str(ws.exception()))
+
+    def _refusal(self, exc: aiohttp.WSServerHandshakeError) -> str:
+        label = self.target.label
+        if exc.status == 401:
+            return f"{label} refused the token (401): check --token-file"
+        if exc.status == 404:
+            return f"{label} has no live tail ({TAIL_PATH} not found): is it sandtrace serve?"
+        return f"{label} refused to stream ({exc.status}): {exc.message}"
+
+    def _check_hello(self, hello: dict[str, object]) -> None:
+        if hello.get("type") != "hello":
+            raise TailError(f"{self.target.label} did not greet as a sandtrace tail server")
+        wire, proto = hello.get("wire_version"), hello.get("tail_version")
+        if wire != WIRE_VERSION:
+            raise TailError(
+                f"{self.target.label} sends event wire version {wire}; this sandtrace reads "
+                f"version {WIRE_VERSION}: run the same sandtrace version on both sides"
+            )
+        if proto != TAIL_PROTOCOL:
+            raise TailError(
+                f"{self.target.label} speaks tail protocol {proto}; this sandtrace speaks "
+                f"{TAIL_PROTOCOL}: run the same sandtrace version on both sides"
+            )
+
+    def _show(self, data: bytes) -> None:
+        try:
+            item = decode(data)
+        except WireVersionError as exc:
+            raise TailError(f"{self.target.label}: {exc}") from None
+        except EventFormatError as exc:
+            log.warning("undecodable tail frame", error=str(exc))
+            return
+        self.out.emit(item)
+        self.out.flush()
+
+    def _notice(self, message: dict[str, object]) -> None:
+        if message.get("type") == "dropped":
+            _say(
+                f"missed {message.get('count')} events/alerts (this tail read too slowly; "
+                f"{message.get('total')} missed in all)"
+            )
+        else:
+            log.debug("control message", message=message)
+
+    def _describe(self) -> str:
+        parts = [f"{k}={escape(v)}" for k, v in self.filter.query().items()]
+        return ", ".join(parts) or "everything"
+
+
+async def follow(args: argparse.Namespace) -> int:
+    try:
+        flt = TailFilter.parse(
+            [("kind", k) for k in args.kind]
+            + [("sandbox", s) for s in args.sandbox]
+            + [("host", h) for h in args.host]
+            + ([("alerts_only", "1")] if args.alerts_only else [])
+        )
+        target = target_of(args)
+    except (BadFilter, TailError) as exc:
+        _say(str(exc))
+        return 2
+    renderer = None
+    if args.output == "compact":
+        if args.width < 1:
+            _say("--width must be at least 1")
+            return 2
+        show_host = target.unix is None and len(flt.hosts) != 1
+        renderer = TextRenderer(_color(args.color, sys.stdout), args.width, show_host)
+    out = TerminalSink(sys.stdout, renderer)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    follower = Follower(target, flt, out)
+    task = asyncio.create_task(follower.run(stop))
+    stopped = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()  # its error, if any
+    except TailError as exc:
+        _say(str(exc))
+        return 2
+    except BrokenPipeError:
+        # The reader of stdout went away (e.g. `| head`): no more output, not even the
+        # interpreter's last flush.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    finally:
+        for t in (task, stopped):
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError, TailError, BrokenPipeError):
+                await t
+        with contextlib.suppress(BrokenPipeError):
+            out.close()
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run `sandtrace tail` with parsed arguments."""
+    return asyncio.run(follow(args))

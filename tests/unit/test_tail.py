@@ -1,0 +1,383 @@
+"""Live tail: filters, the hub's bounded queues, frames, the WebSocket endpoint, the local
+Unix socket, and what the client prints for hostile strings."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+import json
+import re
+import socket
+import stat
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import pytest_asyncio
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from yarl import URL
+
+from collector.events import WIRE_VERSION, Alert, AnyEvent, ExecEvent, LostEvent, decode, encode
+from collector.pipeline import TerminalSink
+from collector.render import TextRenderer
+from collector.tail import Follower, TailError, Target
+from detect.testing import event_from_fields
+from service.tail import (
+    BadFilter,
+    Dropped,
+    LocalTail,
+    TailFilter,
+    TailHub,
+    TailSocketError,
+    add_tail_routes,
+    dropped_message,
+    hello_message,
+    parse_control,
+)
+
+TOKEN = "tail-t0ken"  # noqa: S105 - a test token
+SGR = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def exec_event(pid: int = 10, host: str = "h1", sandbox: str = "sb1") -> ExecEvent:
+    fields = {"Image": "/bin/x", "ProcessId": pid, "CommandLine": f"x {pid}", "Sandbox": sandbox}
+    event = event_from_fields("process_creation", fields)
+    assert isinstance(event, ExecEvent)
+    return dataclasses.replace(event, host=host)
+
+
+def connect_event(pid: int = 11, host: str = "h1", sandbox: str = "sb1") -> AnyEvent:
+    event = event_from_fields("network_connection", {"ProcessId": pid, "Sandbox": sandbox})
+    return dataclasses.replace(event, host=host)
+
+
+def alert_on(event: AnyEvent, rule: str = "r1") -> Alert:
+    assert not isinstance(event, LostEvent)
+    return Alert(alert_id=f"a-{rule}", rule_id=rule, title="t", level="high", tags=[],
+                 description="", time_ns=event.time_ns, host=event.host, sandbox=event.sandbox,
+                 process=event.process, events=[event])  # fmt: skip
+
+
+def lost(host: str = "h1") -> LostEvent:
+    return LostEvent(time_ns=1, host=host, kernel={"exec": 2}, user=0, errors={})
+
+
+def pid_of(frame: bytes) -> int:
+    item = decode(frame)
+    assert not isinstance(item, LostEvent)
+    return item.process.pid
+
+
+# --- filters -------------------------------------------------------------------------------
+
+
+def test_filter_parses_lists_and_round_trips() -> None:
+    flt = TailFilter.parse([("kind", "exec,connect"), ("kind", "bind"), ("sandbox", "a, b"),
+                            ("host", "h1"), ("alerts_only", "1")])  # fmt: skip
+    assert flt == TailFilter(True, frozenset({"a", "b"}), frozenset({"h1"}),
+                             frozenset({"exec", "connect", "bind"}))  # fmt: skip
+    assert flt.query() == {"alerts_only": "1", "sandbox": "a,b", "host": "h1",
+                           "kind": "bind,connect,exec"}  # fmt: skip
+    assert TailFilter.parse(flt.query()) == flt
+    assert TailFilter.parse({}) == TailFilter()
+    assert TailFilter().query() == {}
+    assert TailFilter.parse({"alerts_only": "0"}) == TailFilter()
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ({"kind": "exec,exce"}, "unknown kind 'exce'; known: bind, cgroup_move, connect, exec, "
+         "exit, fork, listen, socket"),
+        ({"kind": "alert"}, "unknown kind 'alert'"),
+        ({"hots": "h1", "x": "1"}, "unknown parameter 'hots', 'x'; known: alerts_only, sandbox, "
+         "host, kind"),
+        ({"alerts_only": "maybe"}, "alerts_only wants 1 or 0, not 'maybe'"),
+    ],
+)  # fmt: skip
+def test_filter_refuses_what_it_does_not_know(query: dict[str, str], message: str) -> None:
+    with pytest.raises(BadFilter) as info:
+        TailFilter.parse(query)
+    assert str(info.value).startswith(message)
+
+
+def test_filter_matching() -> None:
+    ex, co = exec_event(), connect_event()
+    other_host, other_box = exec_event(host="h2"), exec_event(sandbox="sb2")
+    ex_alert, co_alert = alert_on(ex), alert_on(co)
+    items: list[AnyEvent | Alert] = [ex, co, other_host, other_box, ex_alert, co_alert, lost(),
+                                     lost("h2")]  # fmt: skip
+
+    def passing(**query: str) -> list[int]:
+        flt = TailFilter.parse(query)
+        return [i for i, item in enumerate(items) if flt.matches(item)]
+
+    assert passing() == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert passing(alerts_only="1") == [4, 5, 6, 7]
+    assert passing(host="h1") == [0, 1, 3, 4, 5, 6]
+    assert passing(sandbox="sb1") == [0, 1, 2, 4, 5, 6, 7]
+    assert passing(kind="connect") == [1, 5, 6, 7]
+    assert passing(kind="exec", alerts_only="1", host="h1") == [4, 6]
+
+
+# --- the hub -------------------------------------------------------------------------------
+
+
+def test_hub_counts_what_a_full_queue_drops_and_says_where() -> None:
+    async def scenario() -> None:
+        hub = TailHub(max_queue=3)
+        slow = hub.subscribe(TailFilter())
+        execs = hub.subscribe(TailFilter(kinds=frozenset({"exec"})))
+        events = [exec_event(pid=100 + i) for i in range(5)]
+        for event in events:
+            hub.publish(event)
+        hub.publish(connect_event())  # only for slow, whose queue is full
+        assert (slow.queued, slow.missed, slow.dropped) == (3, 3, 3)
+        assert (execs.queued, execs.missed, execs.dropped) == (3, 2, 2)
+        assert hub.dropped == 5
+        first = await slow.next()
+        assert isinstance(first, bytes) and decode(first) == events[0]
+        hub.publish(events[0])  # room for one again: the gap is marked before it
+        got = [await slow.next() for _ in range(4)]
+        assert [pid_of(g) if isinstance(g, bytes) else g for g in got] == [
+            101,
+            102,
+            Dropped(3),
+            100,
+        ]
+        # execs was full for that one too; its notice comes after what it has
+        assert [await execs.next() for _ in range(4)][3] == Dropped(3)
+        hub.close()
+        assert await slow.next() is None
+        assert await execs.next() is None
+        assert hub.prometheus_lines()[2::3] == [
+            "sandtrace_tail_subscribers 2",
+            "sandtrace_tail_sent_total 0",
+            "sandtrace_tail_dropped_total 6",
+        ]
+        hub.unsubscribe(slow)
+        assert hub.prometheus_lines()[2] == "sandtrace_tail_subscribers 1"
+
+    asyncio.run(scenario())
+
+
+def test_hub_encodes_once_and_only_when_someone_listens(monkeypatch: pytest.MonkeyPatch) -> None:
+    import service.tail  # noqa: PLC0415
+
+    calls: list[Any] = []
+
+    def counting(item: Any) -> bytes:
+        calls.append(item)
+        return b"x"
+
+    monkeypatch.setattr(service.tail, "encode", counting)
+    hub = TailHub()
+    hub.publish(exec_event())
+    assert calls == []
+    hub.subscribe(TailFilter())
+    hub.subscribe(TailFilter())
+    hub.subscribe(TailFilter(kinds=frozenset({"bind"})))
+    hub.publish(exec_event())
+    assert len(calls) == 1
+
+
+# --- frames --------------------------------------------------------------------------------
+
+
+def test_control_frames() -> None:
+    hello = parse_control(hello_message(TailFilter(kinds=frozenset({"exec"}))))
+    assert hello == {"type": "hello", "wire_version": WIRE_VERSION, "tail_version": 1,
+                     "filter": {"kind": "exec"}}  # fmt: skip
+    assert parse_control(dropped_message(7, 9)) == {"type": "dropped", "count": 7, "total": 9}
+    for bad in ("nope", "[1]", '{"count": 1}'):
+        with pytest.raises(ValueError, match="control frame"):
+            parse_control(bad)
+
+
+# --- the endpoint --------------------------------------------------------------------------
+
+
+@pytest_asyncio.fixture
+async def served() -> AsyncIterator[tuple[TailHub, TestClient[Any, Any]]]:
+    hub = TailHub(max_queue=2)
+    app = web.Application()
+    add_tail_routes(app, hub, TOKEN)
+    async with TestClient(TestServer(app)) as client:
+        yield hub, client
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+async def wait_subscribers(hub: TailHub, count: int) -> None:
+    for _ in range(200):
+        if len(hub.subscribers) == count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{len(hub.subscribers)} subscribers, not {count}")
+
+
+@pytest.mark.asyncio
+async def test_endpoint_refuses_before_upgrading(
+    served: tuple[TailHub, TestClient[Any, Any]],
+) -> None:
+    hub, client = served
+    resp = await client.get("/v1/tail", params={"kind": "exce"}, headers=AUTH)
+    assert resp.status == 400
+    assert (await resp.json())["message"].startswith("unknown kind 'exce'")
+    resp = await client.get("/v1/tail", headers={"Authorization": "Bearer wrong"})
+    assert (resp.status, (await resp.json())["error"]) == (401, "unauthorized")
+    resp = await client.get("/v1/tail", headers=AUTH)  # no upgrade asked
+    assert (resp.status, (await resp.json())["error"]) == (400, "not_websocket")
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+        await client.ws_connect("/v1/tail")
+    assert info.value.status == 401
+    assert hub.subscribers == []
+
+
+@pytest.mark.asyncio
+async def test_endpoint_streams_filtered_frames_and_drop_notices(
+    served: tuple[TailHub, TestClient[Any, Any]],
+) -> None:
+    hub, client = served
+    ws = await client.ws_connect("/v1/tail", params={"host": "h1", "kind": "exec"},
+                                 headers=AUTH)  # fmt: skip
+    hello = parse_control(await ws.receive_str(timeout=5))
+    assert hello["filter"] == {"host": "h1", "kind": "exec"}
+    await wait_subscribers(hub, 1)
+    mine = exec_event(pid=1)
+    for item in (exec_event(pid=2, host="h2"), connect_event(), mine):
+        hub.publish(item)
+    assert decode(await ws.receive_bytes(timeout=5)) == mine
+    # a burst larger than the queue, published without yielding: two go, three are counted
+    for pid in range(20, 25):
+        hub.publish(exec_event(pid=pid))
+    got = [pid_of(await ws.receive_bytes(timeout=5)) for _ in range(2)]
+    assert got == [20, 21]
+    assert parse_control(await ws.receive_str(timeout=5)) == {"type": "dropped", "count": 3,
+                                                              "total": 3}  # fmt: skip
+    assert (hub.sent, hub.dropped) == (3, 3)
+    closing = asyncio.create_task(ws.receive(timeout=5))  # a client reads all the time
+    await hub.aclose()
+    msg = await closing
+    assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, aiohttp.WSCloseCode.GOING_AWAY)
+    await ws.close()
+
+
+@pytest.mark.asyncio
+async def test_endpoint_forgets_a_client_that_leaves(
+    served: tuple[TailHub, TestClient[Any, Any]],
+) -> None:
+    hub, client = served
+    ws = await client.ws_connect("/v1/tail", headers=AUTH)
+    await ws.receive_str(timeout=5)
+    await wait_subscribers(hub, 1)
+    await ws.close()
+    await wait_subscribers(hub, 0)
+    hub.publish(exec_event())
+    assert (hub.sent, hub.dropped) == (0, 0)
+
+
+# --- the local socket ----------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_local_socket_is_private_and_removed(tmp_path: Path) -> None:
+    path = tmp_path / "run" / "tail.sock"
+    local = LocalTail(TailHub(), path)
+    await local.start()
+    try:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert stat.S_ISSOCK(path.stat().st_mode)
+        other = LocalTail(TailHub(), path)
+        with pytest.raises(TailSocketError, match="is in use"):
+            await other.start()
+        connector = aiohttp.UnixConnector(path=str(path))
+        async with (
+            aiohttp.ClientSession(connector=connector) as session,
+            session.ws_connect("http://localhost/v1/tail") as ws,
+        ):
+            assert parse_control(await ws.receive_str(timeout=5))["type"] == "hello"
+    finally:
+        await local.close()
+    assert not path.exists()
+
+
+@pytest.mark.asyncio
+async def test_local_socket_replaces_a_stale_one_and_keeps_other_files(tmp_path: Path) -> None:
+    path = tmp_path / "tail.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()  # bound, never listening: what a killed watch leaves behind
+    local = LocalTail(TailHub(), path)
+    await local.start()
+    await local.close()
+    assert not path.exists()
+    path.write_text("not a socket")
+    with pytest.raises(TailSocketError, match="exists and is not a socket"):
+        await LocalTail(TailHub(), path).start()
+    assert path.read_text() == "not a socket"
+    with pytest.raises(TailSocketError, match="cannot create"):
+        await LocalTail(TailHub(), path / "sub" / "tail.sock").start()
+
+
+# --- what the client prints ----------------------------------------------------------------
+
+HOSTILE_ARGV = [b"/bin/sh", b"\x1b[2J\x1b]0;owned\x07", b"two\nlines", b"bad\xff\xfeutf8",
+                b"\xe2\x80\xaeevil"]  # fmt: skip
+
+
+def hostile_exec() -> ExecEvent:
+    event = exec_event(pid=4242)
+    process = dataclasses.replace(event.process, comm=b"\x1b[31mred", exe=b"/bin/sh")
+    return dataclasses.replace(event, process=process, argv=HOSTILE_ARGV)
+
+
+def shown(item: AnyEvent | Alert, color: bool, output: str = "compact") -> str:
+    out = io.StringIO()
+    renderer = TextRenderer(color, 200) if output == "compact" else None
+    follower = Follower(Target(URL("http://localhost/v1/tail"), "test"), TailFilter(),
+                        TerminalSink(out, renderer))  # fmt: skip
+    follower._show(encode(item))
+    lines = out.getvalue().splitlines()
+    return lines[-1]
+
+
+@pytest.mark.parametrize("color", [False, True])
+def test_compact_lines_escape_every_traced_string(color: bool) -> None:
+    event = hostile_exec()
+    for item in (event, alert_on(event)):
+        line = shown(item, color)
+        plain = SGR.sub("", line)
+        assert "\x1b" not in plain and "\n" not in line and "\x07" not in plain
+        assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in plain)
+        assert "\u202e" not in plain
+        assert "\\x1b[31mred" in plain
+    exec_line = SGR.sub("", shown(event, color))
+    assert exec_line.endswith(
+        "4242    \\x1b[31mred      /bin/sh '\\x1b[2J\\x1b]0;owned\\x07' 'two\\nlines' "
+        "'bad\\xff\\xfeutf8' '\\u{202e}evil'"
+    )
+
+
+def test_json_lines_carry_the_exact_bytes() -> None:
+    line = shown(hostile_exec(), color=False, output="json")
+    assert "\x1b" not in line and "\n" not in line
+    parsed = json.loads(line)
+    assert parsed["process"]["pid"] == 4242
+    assert [a.encode("utf-8", "surrogateescape") for a in parsed["argv"]] == HOSTILE_ARGV
+
+
+def test_client_names_both_wire_versions() -> None:
+    follower = Follower(Target(URL("http://x/v1/tail"), "http://x"), TailFilter(),
+                        TerminalSink(io.StringIO(), None))  # fmt: skip
+    with pytest.raises(TailError) as info:
+        follower._check_hello({"type": "hello", "wire_version": 99, "tail_version": 1})
+    assert str(info.value) == (
+        f"http://x sends event wire version 99; this sandtrace reads version {WIRE_VERSION}: "
+        "run the same sandtrace version on both sides"
+    )
