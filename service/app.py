@@ -20,7 +20,7 @@ import hmac
 import json
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -189,6 +189,7 @@ def make_app(
     *,
     tail: TailHub | None = None,
     extra_metrics: Callable[[], list[str]] | None = None,
+    settle: Callable[[], Awaitable[None]] | None = None,
 ) -> web.Application:
     """The service; a request body that takes longer than read_timeout to arrive gets a 408
     (a client sending a byte a second holds one connection, never the service). With tail,
@@ -223,7 +224,8 @@ def make_app(
             collector, seq, events = decode_batch(body)
         except BadBatch as exc:
             return reject(exc.status, exc.reason, str(exc))
-        ingest.handle(collector, seq, events)
+        if ingest.handle(collector, seq, events) and settle is not None:
+            await settle()  # the outputs that keep up have what this batch gave them
         ingest.note_collector(collector, _int_header(request, "Sandtrace-Spool-Bytes"),
                               _int_header(request, "Sandtrace-Held-Batches"))  # fmt: skip
         return web.json_response({"ack": seq})

@@ -133,6 +133,59 @@ def build_outputs(cfg: ServiceConfig) -> list[Any]:
         raise ConfigError(f"output: {exc}") from None
 
 
+class OutputGate:
+    """Acknowledge a batch once the outputs that keep up have delivered what it gave them.
+
+    Every item submitted to an output ends up sent or dropped (and counted). Before the
+    service acknowledges a batch, it waits until each output's sent + dropped reaches what
+    had been submitted to it, so that a service killed right after an acknowledgement has
+    already written the batch's events and alerts to those outputs. An output that does not
+    catch up within `wait` seconds (a slow SIEM, an unreachable host) is not waited on again
+    until it has caught up on its own: a failing output never holds up ingestion for longer
+    than one `wait`, and its queue and drop counters say what happens to its items.
+    """
+
+    def __init__(self, outputs: list[Any], wait: float = 1.0) -> None:
+        self.outputs = outputs
+        self.wait = wait
+        self.submitted = [0] * len(outputs)
+        self.lagging = [False] * len(outputs)
+
+    def submit(self, item: Alert | AnyEvent) -> None:
+        for i, out in enumerate(self.outputs):
+            if out.wants(item):
+                self.submitted[i] += 1
+                out.submit(item)
+
+    def _done(self, i: int) -> int:
+        st = self.outputs[i].stats
+        done: int = st.sent + sum(st.dropped.values())
+        return done
+
+    async def settle(self) -> None:
+        marks = list(self.submitted)
+        deadline = asyncio.get_running_loop().time() + self.wait
+        delay = 0.0005
+        while True:
+            behind = False
+            for i, mark in enumerate(marks):
+                if self._done(i) >= mark:
+                    self.lagging[i] = False
+                elif not self.lagging[i]:
+                    behind = True
+            if not behind:
+                return
+            if asyncio.get_running_loop().time() >= deadline:
+                for i, mark in enumerate(marks):
+                    if self._done(i) < mark and not self.lagging[i]:
+                        self.lagging[i] = True
+                        log.warning("output falls behind; batches are acknowledged without "
+                                    "waiting for it", output=self.outputs[i].name)  # fmt: skip
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.01)
+
+
 def _say(lines: Iterable[str]) -> None:
     for line in lines:
         print(f"sandtrace serve: {line}", file=sys.stderr)
@@ -185,19 +238,16 @@ async def serve(args: argparse.Namespace) -> int:
     _say(f"note: {n}" for n in notes)
     _say(f"rule not loaded: {where}: {why}" for where, why in rules.refused)
     hub = TailHub(max_queue=cfg.tail_queue) if cfg.tail else None
-    alert_outputs = [o for o in outputs if o.what in ("alerts", "both")]
-    event_outputs = [o for o in outputs if o.what in ("events", "both")]
+    gate = OutputGate(outputs)
 
     def on_alert(alert: Alert) -> None:
-        for out in alert_outputs:
-            out.submit(alert)
+        gate.submit(alert)
         if hub is not None:
             hub.publish(alert)
 
     def on_batch(_collector: str, _seq: int, events: list[AnyEvent]) -> None:
-        for out in event_outputs:
-            for event in events:
-                out.submit(event)
+        for event in events:
+            gate.submit(event)
         if hub is not None:
             for event in events:
                 hub.publish(event)
@@ -211,7 +261,8 @@ async def serve(args: argparse.Namespace) -> int:
     state = Path(cfg.state_dir) if cfg.state_dir else None
     ingest = Ingest(rules, on_alert=on_alert, on_batch=on_batch, state_dir=state,
                     engine_factory=lambda r: Engine(r, egress))  # fmt: skip
-    app = make_app(ingest, token, cfg.read_timeout, tail=hub, extra_metrics=output_metrics)
+    app = make_app(ingest, token, cfg.read_timeout, tail=hub, extra_metrics=output_metrics,
+                   settle=gate.settle if outputs else None)  # fmt: skip
     for out in outputs:
         await out.start()
     runner = web.AppRunner(app)

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.unit.test_serve_process import free_port
+from tests.serving import free_port
 
 ROOT_DIR = Path(__file__).resolve().parents[2]
 

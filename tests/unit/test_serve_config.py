@@ -19,8 +19,8 @@ from detect.sigma import RuleSet
 from detect.testing import event_from_fields
 from service.app import Ingest, make_app, prometheus_text
 from service.config import ConfigError, ServiceConfig, check, load, tls_context
+from tests.serving import ROOT_DIR, free_port, serving
 from tests.tlsutil import make_tls
-from tests.unit.test_serve_process import ROOT_DIR, free_port
 
 
 def serve_cmd(*args: str) -> subprocess.CompletedProcess[str]:
@@ -183,27 +183,11 @@ def test_metrics_show_collector_losses_spool_and_lag() -> None:
 
 def test_serve_runs_with_tls_from_config_and_stops(tmp_path: Path) -> None:
     tls = make_tls(tmp_path / "tls", ["127.0.0.1"])
-    port = free_port()
-    conf = write(tmp_path / "s.toml", f'[server]\nlisten = "127.0.0.1:{port}"\n'
-                 f'tls_cert = "{tls.cert}"\ntls_key = "{tls.key}"\n')  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "collector.cli", "serve", "--config", str(conf)],
-                            cwd=ROOT_DIR, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        assert proc.stderr is not None
-        line = ""
-        while "serving on" not in line:
-            line = proc.stderr.readline()
-            assert line, "serve exited before serving"
-        assert f"https://127.0.0.1:{port}" in line
+    conf = write(tmp_path / "s.toml", f'[server]\ntls_cert = "{tls.cert}"\n'
+                 f'tls_key = "{tls.key}"\n')  # fmt: skip
+    with serving(["--config", str(conf)], scheme="https") as svc:
+        assert f"serving on https://127.0.0.1:{svc.port}" in svc.log()
         ctx = ssl.create_default_context(cafile=str(tls.ca))
-        with urllib.request.urlopen(f"https://127.0.0.1:{port}/healthz", context=ctx,
-                                    timeout=10) as resp:  # fmt: skip
+        with urllib.request.urlopen(f"{svc.url}/healthz", context=ctx, timeout=10) as resp:  # noqa: S310
             assert resp.status == 200
-        proc.terminate()
-        assert proc.wait(timeout=20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
+        assert svc.stop() == 0
