@@ -133,10 +133,14 @@ def _say(message: str) -> None:
 class Follower:
     """One tail session: connect, render, reconnect, until stopped."""
 
-    def __init__(self, target: Target, flt: TailFilter, out: TerminalSink) -> None:
+    def __init__(
+        self, target: Target, flt: TailFilter, stream: IO[str], renderer: TextRenderer | None
+    ) -> None:
         self.target = target
         self.filter = flt
-        self.out = out
+        self.stream = stream
+        self.renderer = renderer
+        self.out: TerminalSink | None = None  # made (header printed) once connected
         self.connected_once = False
         self.last_problem = ""  # told once, until the next connection
 
@@ -196,6 +200,7 @@ class Follower:
             if hello.type != aiohttp.WSMsgType.TEXT:
                 raise TailError(f"{self.target.label} did not greet as a sandtrace tail server")
             self._check_hello(parse_control(hello.data))
+            self._sink()
             if not self.connected_once:
                 _say(f"following {self.target.label} ({self._describe()}); Ctrl-C stops")
             else:
@@ -241,8 +246,14 @@ class Follower:
         except EventFormatError as exc:
             log.warning("undecodable tail frame", error=str(exc))
             return
-        self.out.emit(item)
-        self.out.flush()
+        out = self._sink()
+        out.emit(item)
+        out.flush()
+
+    def _sink(self) -> TerminalSink:
+        if self.out is None:
+            self.out = TerminalSink(self.stream, self.renderer)
+        return self.out
 
     def _notice(self, message: dict[str, object]) -> None:
         if message.get("type") == "dropped":
@@ -277,12 +288,11 @@ async def follow(args: argparse.Namespace) -> int:
             return 2
         show_host = target.unix is None and len(flt.hosts) != 1
         renderer = TextRenderer(_color(args.color, sys.stdout), args.width, show_host)
-    out = TerminalSink(sys.stdout, renderer)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    follower = Follower(target, flt, out)
+    follower = Follower(target, flt, sys.stdout, renderer)
     task = asyncio.create_task(follower.run(stop))
     stopped = asyncio.create_task(stop.wait())
     try:
@@ -303,8 +313,9 @@ async def follow(args: argparse.Namespace) -> int:
             t.cancel()
             with contextlib.suppress(asyncio.CancelledError, TailError, BrokenPipeError):
                 await t
-        with contextlib.suppress(BrokenPipeError):
-            out.close()
+        if follower.out is not None:
+            with contextlib.suppress(BrokenPipeError):
+                follower.out.close()
     return 0
 
 

@@ -284,18 +284,21 @@ def add_tail_routes(app: web.Application, hub: TailHub, token: str | None) -> No
         if not ws.can_prepare(request).ok:
             return _refuse(400, "not_websocket", f"{TAIL_PATH} speaks WebSocket only")
         await ws.prepare(request)
-        await ws.send_str(hello_message(flt))
+        # Subscribed before the hello goes, so what is published once the client has it
+        # reaches it; the sender starts after the hello, so the hello comes first.
         sub = hub.subscribe(flt)
         log.info("tail client connected", peer=request.remote, filter=flt.query())
         task = asyncio.current_task()
         if task is not None:
             hub.handlers.add(task)
-        sender = asyncio.create_task(_send(ws, hub, sub))
-        reader = asyncio.create_task(_read_until_closed(ws))
+        tasks: list[asyncio.Task[None]] = []
         try:
-            await asyncio.wait({sender, reader}, return_when=asyncio.FIRST_COMPLETED)
+            await ws.send_str(hello_message(flt))
+            tasks = [asyncio.create_task(_send(ws, hub, sub)),
+                     asyncio.create_task(_read_until_closed(ws))]  # fmt: skip
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for t in (sender, reader):
+            for t in tasks:
                 t.cancel()
                 with contextlib.suppress(asyncio.CancelledError, ConnectionError):
                     await t

@@ -22,7 +22,6 @@ from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
 from collector.events import WIRE_VERSION, Alert, AnyEvent, ExecEvent, LostEvent, decode, encode
-from collector.pipeline import TerminalSink
 from collector.render import TextRenderer
 from collector.tail import Follower, TailError, Target
 from detect.testing import event_from_fields
@@ -340,8 +339,8 @@ def hostile_exec() -> ExecEvent:
 def shown(item: AnyEvent | Alert, color: bool, output: str = "compact") -> str:
     out = io.StringIO()
     renderer = TextRenderer(color, 200) if output == "compact" else None
-    follower = Follower(Target(URL("http://localhost/v1/tail"), "test"), TailFilter(),
-                        TerminalSink(out, renderer))  # fmt: skip
+    target = Target(URL("http://localhost/v1/tail"), "test")
+    follower = Follower(target, TailFilter(), out, renderer)
     follower._show(encode(item))
     lines = out.getvalue().splitlines()
     return lines[-1]
@@ -373,8 +372,9 @@ def test_json_lines_carry_the_exact_bytes() -> None:
 
 
 def test_client_names_both_wire_versions() -> None:
-    follower = Follower(Target(URL("http://x/v1/tail"), "http://x"), TailFilter(),
-                        TerminalSink(io.StringIO(), None))  # fmt: skip
+    follower = Follower(
+        Target(URL("http://x/v1/tail"), "http://x"), TailFilter(), io.StringIO(), None
+    )
     with pytest.raises(TailError) as info:
         follower._check_hello({"type": "hello", "wire_version": 99, "tail_version": 1})
     assert str(info.value) == (

@@ -1,0 +1,231 @@
+"""`sandtrace tail --server` as real processes against a real `sandtrace serve` on loopback:
+filters applied by the service, compact and JSON lines, refusals, and reconnection."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from collector.events import AnyEvent
+from collector.render import bytes_from_json
+from detect.testing import T0, event_from_fields
+from service.wire import encode_batch
+from tests.unit.test_serve_process import free_port, post
+
+ROOT_DIR = Path(__file__).resolve().parents[2]
+TOKEN = "t0ken"  # noqa: S105 - a test token
+RULE = """
+title: miner flags
+id: 00000000-0000-4000-8000-00000000f00d
+logsource: {product: linux, category: process_creation}
+detection: {s: {CommandLine|contains: 'stratum+tcp://'}, condition: s}
+level: high
+"""
+
+
+class Lines:
+    """The lines a process writes to a pipe, read with a deadline (never blocks a test)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], stream: str) -> None:
+        self.proc = proc
+        pipe = getattr(proc, stream)
+        assert pipe is not None
+        self.fd: int = pipe.fileno()
+        self.buf = b""
+        self.seen: list[str] = []
+
+    def next(self, timeout: float = 15.0) -> str:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no line within {timeout}s; saw {self.seen!r}")
+            ready, _, _ = select.select([self.fd], [], [], left)
+            if ready:
+                chunk = os.read(self.fd, 65536)
+                if not chunk:
+                    raise AssertionError(f"stream ended; saw {self.seen!r}")
+                self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        text = line.decode("utf-8", "surrogateescape")
+        self.seen.append(text)
+        return text
+
+    def until(self, fragment: str, timeout: float = 15.0) -> str:
+        while True:
+            line = self.next(timeout)
+            if fragment in line:
+                return line
+
+    def quiet(self, seconds: float) -> bool:
+        """True when nothing more is written within seconds."""
+        if self.buf:
+            return False
+        ready, _, _ = select.select([self.fd], [], [], seconds)
+        return not ready
+
+
+def sandtrace(*args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "collector.cli", *args],
+        cwd=ROOT_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
+
+
+@contextlib.contextmanager
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            stop(proc)
+
+
+def serve(procs: list[subprocess.Popen[bytes]], tmp: Path, port: int) -> Lines:
+    (tmp / "token").write_text(TOKEN + "\n")
+    (tmp / "rule.yml").write_text(RULE)
+    proc = sandtrace("serve", "--listen", f"127.0.0.1:{port}", "--token-file", str(tmp / "token"),
+                     "--no-builtin-rules", "--rules", str(tmp / "rule.yml"))  # fmt: skip
+    procs.append(proc)
+    err = Lines(proc, "stderr")
+    err.until("serving on")
+    return err
+
+
+def tail(
+    procs: list[subprocess.Popen[bytes]], tmp: Path, port: int, *args: str
+) -> tuple[Lines, Lines]:
+    """A tail process's stdout and stderr, once it follows."""
+    proc = sandtrace("tail", "--server", f"http://127.0.0.1:{port}", "--token-file",
+                     str(tmp / "token"), "--color", "never", *args)  # fmt: skip
+    procs.append(proc)
+    err = Lines(proc, "stderr")
+    err.until("following")
+    return Lines(proc, "stdout"), err
+
+
+def miner(pid: int, host: str, sandbox: str) -> AnyEvent:
+    event = event_from_fields("process_creation", {
+        "Image": "/tmp/.x/kworker", "ProcessId": pid, "Sandbox": sandbox,
+        "Argv": ["kworker", "-o", "stratum+tcp://198.51.100.1:3333", "\x1b[2J"]})  # fmt: skip
+    return dataclasses.replace(event, host=host)
+
+
+def connect(pid: int, host: str, sandbox: str) -> AnyEvent:
+    event = event_from_fields("network_connection", {"ProcessId": pid, "Sandbox": sandbox,
+                                                     "DestinationPort": 3333})  # fmt: skip
+    return dataclasses.replace(event, host=host)
+
+
+def send(port: int, seq: int, events: list[AnyEvent]) -> None:
+    url = f"http://127.0.0.1:{port}/v1/batches"
+    assert post(url, encode_batch("c1", seq, events), TOKEN) == (200, {"ack": seq})
+
+
+def alert_line(pid: int, host: str | None = None) -> str:
+    hms = datetime.fromtimestamp(T0 // 1_000_000_000).strftime("%H:%M:%S")
+    host_column = "" if host is None else f"{host:<12} "
+    return f"{hms}.000 {host_column}ALERT   {pid:<7} test             [high] miner flags"
+
+
+def kinds_pids(lines: list[str]) -> list[tuple[str, int]]:
+    out = []
+    for line in lines:
+        item: dict[str, Any] = json.loads(line)
+        out.append((item["kind"], item["process"]["pid"]))
+    return out
+
+
+def test_tail_shows_what_its_filters_let_through(tmp_path: Path) -> None:
+    port = free_port()
+    with processes() as procs:
+        serve(procs, tmp_path, port)
+        alerts, _ = tail(procs, tmp_path, port, "--alerts-only", "--host", "H")
+        connects, _ = tail(procs, tmp_path, port, "--kind", "connect", "-o", "json")
+        box, _ = tail(procs, tmp_path, port, "--sandbox", "sbX", "-o", "json")
+        send(port, 0, [miner(4321, "H", "sbX"), miner(4322, "H2", "sbY"),
+                       connect(5000, "H", "sbX"), connect(5001, "H2", "sbY")])  # fmt: skip
+        # the last batch marks the end: what each tail shows before it is all it got
+        send(port, 1, [miner(4323, "H", "sbY"), connect(5002, "H", "sbY"),
+                       connect(5003, "H2", "sbX")])  # fmt: skip
+
+        assert alerts.next().startswith("TIME         KIND    PID")  # the header, no HOST column
+        assert [alerts.next(), alerts.next()] == [alert_line(4321), alert_line(4323)]
+        assert kinds_pids([connects.next() for _ in range(4)]) == [
+            ("connect", 5000), ("connect", 5001), ("connect", 5002), ("connect", 5003)]  # fmt: skip
+        got = [box.next() for _ in range(4)]
+        assert kinds_pids(got) == [("exec", 4321), ("connect", 5000), ("alert", 4321),
+                                   ("connect", 5003)]  # fmt: skip
+        exec_line = json.loads(got[0])
+        assert [bytes_from_json(a) for a in exec_line["argv"]] == [
+            b"kworker", b"-o", b"stratum+tcp://198.51.100.1:3333", b"\x1b[2J"]  # fmt: skip
+        assert json.loads(got[2])["events"][0]["process"]["pid"] == 4321
+        for lines in (alerts, connects, box):
+            assert lines.quiet(0.5), lines.buf
+            lines.proc.send_signal(signal.SIGTERM)
+            assert lines.proc.wait(timeout=10) == 0
+
+
+def test_tail_refusals_exit_2_with_a_clear_message(tmp_path: Path) -> None:
+    port = free_port()
+    with processes() as procs:
+        serve(procs, tmp_path, port)
+        (tmp_path / "wrong").write_text("nope")
+        refused = subprocess.run(
+            [sys.executable, "-m", "collector.cli", "tail", "--server", f"http://127.0.0.1:{port}",
+             "--token-file", str(tmp_path / "wrong")],
+            cwd=ROOT_DIR, capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert (refused.returncode, refused.stdout) == (2, "")
+        assert refused.stderr == (
+            f"sandtrace tail: http://127.0.0.1:{port} refused the token (401): check --token-file\n"
+        )
+        bad_kind = subprocess.run(
+            [sys.executable, "-m", "collector.cli", "tail", "--server", f"http://127.0.0.1:{port}",
+             "--kind", "exec,exce"],
+            cwd=ROOT_DIR, capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert bad_kind.returncode == 2
+        assert bad_kind.stderr.startswith("sandtrace tail: unknown kind 'exce'; known: bind,")
+
+
+def test_tail_reconnects_when_the_service_comes_back(tmp_path: Path) -> None:
+    port = free_port()
+    with processes() as procs:
+        first = serve(procs, tmp_path, port)
+        out, err = tail(procs, tmp_path, port, "--alerts-only")
+        procs[0].send_signal(signal.SIGTERM)
+        assert procs[0].wait(timeout=20) == 0, first.seen
+        assert err.next() == (
+            f"sandtrace tail: http://127.0.0.1:{port} closed the stream; reconnecting, Ctrl-C stops"
+        )
+        assert err.next().startswith(f"sandtrace tail: cannot reach http://127.0.0.1:{port} (")
+        assert err.seen[-1].endswith("retrying, Ctrl-C stops. is `sandtrace serve` running there?")
+        serve(procs, tmp_path, port)
+        assert err.next(timeout=20) == f"sandtrace tail: reconnected to http://127.0.0.1:{port}"
+        send(port, 0, [miner(4400, "H", "sbX")])
+        assert out.next().startswith("TIME         HOST         KIND")  # once only
+        assert out.next() == alert_line(4400, "H")
+        out.proc.send_signal(signal.SIGINT)
+        assert out.proc.wait(timeout=10) == 0
