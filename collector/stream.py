@@ -5,7 +5,7 @@ size, or after a short linger), each with this collector's id and the next seque
 and sent in sequence order; a batch is forgotten only once the service has acknowledged it.
 While the service is unreachable, slow or failing, the collector keeps working:
 
-- sealed batches wait in memory, bounded in bytes;
+- sealed batches wait in memory, bounded in bytes (16 MiB; 1 MiB when there is a spool);
 - beyond that they go to the disk spool (collector/spool.py), bounded in bytes, which a
   restarted collector replays under the same id;
 - whatever has to be discarded (spool full, disk full, no spool and memory full, or a batch
@@ -103,7 +103,7 @@ class StreamSink:
         *,
         batch_events: int = 500,
         linger: float = 0.2,
-        memory_bytes: int = 16 << 20,
+        memory_bytes: int | None = None,
         spool_dir: Path | None = None,
         spool_bytes: int = 256 << 20,
         max_backoff: float = 8.0,
@@ -116,7 +116,8 @@ class StreamSink:
         self.token = token
         self.batch_events = batch_events
         self.linger = linger
-        self.memory_bytes = memory_bytes
+        # without a spool, memory is all there is; with one, the spool is the buffer
+        self.memory_bytes = memory_bytes or ((1 << 20) if spool_dir is not None else (16 << 20))
         self.max_backoff = max_backoff
         self.ca_file = ca_file
         self.spool = Spool(spool_dir, spool_bytes) if spool_dir is not None else None
@@ -159,9 +160,12 @@ class StreamSink:
         self._closing = True
         self._wake.set()
 
-    async def aclose(self, deadline: float = 10.0) -> None:
-        """Send what is held for at most `deadline` seconds; then spool the rest (or count it
-        as discarded when there is no spool) and stop."""
+    async def aclose(self, deadline: float | None = None) -> None:
+        """Send what is held for at most `deadline` seconds (default: 2 with a spool, which
+        keeps the rest for the next run; 10 without, after which the rest is discarded and
+        counted), then stop."""
+        if deadline is None:
+            deadline = 2.0 if self.spool is not None else 10.0
         self.close()
         self._seal()
         if self._task is None and (self._memory or (self.spool is not None and len(self.spool))):

@@ -9,7 +9,10 @@ namespace and temporary directory is removed after the test, also when it fails.
 
 from __future__ import annotations
 
+import secrets
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +28,18 @@ from tests.e2e.testhosts import (
 )
 
 __all__ = ["HttpHost", "MiningPool", "NetNS", "SshServer"]
+
+
+@pytest.fixture
+def work() -> Iterator[Path]:
+    """A sandbox's working directory: a project directory, not a staging location such as
+    /tmp (running a program from /tmp is itself one of the behaviours the rules flag)."""
+    path = Path("/srv") / f"sandtrace-e2e-{secrets.token_hex(4)}"
+    path.mkdir(parents=True)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

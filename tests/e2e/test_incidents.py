@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,18 +91,6 @@ def expect(run: Run, scenario: str, theme: str) -> list[dict[str, Any]]:
         assert lag < 1.0, f"{scenario}: {alert['title']} came {lag:.3f} s after the syscall"
         LATENCIES.setdefault(scenario, []).append(lag)
     return found
-
-
-@pytest.fixture
-def work() -> Iterator[Path]:
-    """The sandbox's working directory: a project directory, not a staging location such as
-    /tmp (running a program from /tmp is itself one of the behaviours the rules flag)."""
-    path = Path("/srv") / f"sandtrace-e2e-{secrets.token_hex(4)}"
-    path.mkdir(parents=True)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 # -- hostile -----------------------------------------------------------------------------------
