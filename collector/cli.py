@@ -221,17 +221,22 @@ def _tail_sinks(hub: TailHub | None) -> list[Sink]:
     return [] if hub is None else [CallbackSink(hub.publish)]
 
 
-async def _local_tail(hub: TailHub | None, path: str) -> LocalTail | None:
-    """The live tail on its Unix socket; tracing goes on without it when it cannot be."""
+async def _local_tail(hub: TailHub | None, path: str) -> tuple[LocalTail | None, str]:
+    """The live tail on its Unix socket, before the startup line, so that a tail started
+    after that line connects; or why not (said after that line: tracing goes on)."""
     if hub is None:
-        return None
+        return None, ""
     local = LocalTail(hub, Path(path))
     try:
         await local.start()
     except TailSocketError as exc:
-        log.warning("live tail disabled", reason=str(exc))
-        return None
-    return local
+        return None, str(exc)
+    return local, ""
+
+
+def _say_no_tail(why: str) -> None:
+    if why:
+        log.warning("live tail disabled", reason=why)
 
 
 @dataclass(slots=True)
@@ -399,13 +404,14 @@ async def _run(args: argparse.Namespace) -> int:
             engine=engine,
         )
         stop = asyncio.Event()
+        local_tail, why_no_tail = await _local_tail(hub, args.tail_socket)
         print(
             f"sandtrace: tracing sandbox {sandbox.name} "
             f"(cgroup {rel}, {_detecting(engine, args.server)}) "
             f"running {' '.join(cmd)!r}; Ctrl-C stops",
             file=sys.stderr,
         )
-        local_tail = await _local_tail(hub, args.tail_socket)
+        _say_no_tail(why_no_tail)
         runner = asyncio.create_task(pipeline.run(stop))
         try:
             child = await asyncio.create_subprocess_exec(*cmd, preexec_fn=sandbox.join)
@@ -502,12 +508,13 @@ async def _watch(args: argparse.Namespace) -> int:
         stop = asyncio.Event()
         _install_stop(stop)
         what = ", ".join(s.name for s in scopes)
+        local_tail, why_no_tail = await _local_tail(hub, args.tail_socket)
         print(
             f"sandtrace: watching {what} ({_detecting(engine, args.server)}); "
             "Ctrl-C or SIGTERM stops",
             file=sys.stderr,
         )
-        local_tail = await _local_tail(hub, args.tail_socket)
+        _say_no_tail(why_no_tail)
         for event in held:
             pipeline.emit(event)
         totals = await pipeline.run(stop)

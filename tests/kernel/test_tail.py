@@ -1,0 +1,101 @@
+"""`sandtrace tail` against a real `sandtrace watch`, over the watch's Unix socket: what a
+process in the traced cgroup does shows up with its exact pid and argv, filtered by kind."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import stat
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from collector import cgroups
+from collector.render import bytes_from_json, format_argv
+from tests.kernel.tracer import PYTHON, python_exe
+from tests.unit.test_tail_service import Lines, processes, sandtrace
+
+CONNECTOR = "import socket, sys; socket.create_connection(('127.0.0.1', int(sys.argv[1]))).close()"
+
+
+def parsed(lines: Lines, count: int) -> list[dict[str, Any]]:
+    return [json.loads(lines.next()) for _ in range(count)]
+
+
+def test_tail_follows_a_watch_over_its_socket(tmp_path: Path) -> None:
+    sock_path = tmp_path / "run" / "tail.sock"
+    box = cgroups.create_sandbox(cgroups.find_cgroup2_root())
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    try:
+        with processes() as procs:
+            watch = sandtrace("watch", "--json", "--no-detect", "--cgroup", str(box.path),
+                              "--tail-socket", str(sock_path))  # fmt: skip
+            procs.append(watch)
+            watch_err = Lines(watch, "stderr")
+            watch_err.until("watching", timeout=120)
+            assert stat.S_IMODE(sock_path.stat().st_mode) == 0o600
+            tails = {}
+            for name, args in (
+                ("all", ["-o", "json"]),
+                ("exec", ["-o", "json", "--kind", "exec"]),
+                ("compact", ["--color", "never", "--width", "400", "--kind", "exec"]),
+            ):
+                proc = sandtrace("tail", "--socket", str(sock_path), *args)
+                procs.append(proc)
+                err = Lines(proc, "stderr")
+                what = "everything" if name == "all" else "kind=exec"
+                assert err.next() == f"sandtrace tail: following {sock_path} ({what}); Ctrl-C stops"
+                tails[name] = (Lines(proc, "stdout"), err)
+
+            argv = [PYTHON, "-c", CONNECTOR, str(port), "\x1b[31mred"]
+            subprocess.run(argv, preexec_fn=box.join, check=True, timeout=30)
+            subprocess.run(["/bin/true", "end"], preexec_fn=box.join, check=True)
+
+            # exactly the two execs, in order, each with its pid and argv
+            execs = parsed(tails["exec"][0], 2)
+            assert [(e["kind"], [bytes_from_json(a) for a in e["argv"]]) for e in execs] == [
+                ("exec", [a.encode() for a in argv]),
+                ("exec", [b"/bin/true", b"end"]),
+            ]
+            pids = [e["process"]["pid"] for e in execs]
+            assert tails["exec"][0].quiet(0.5)
+
+            everything: list[dict[str, Any]] = []
+            while not any(
+                e["kind"] == "exit" and e["process"]["pid"] == pids[1] for e in everything
+            ):
+                everything.append(json.loads(tails["all"][0].next()))
+            assert "lost" not in {e["kind"] for e in everything}
+            # a connect may wait for its outcome, so only the execs' order is certain here
+            mine = sorted((e["process"]["pid"], e["kind"]) for e in everything)
+            assert mine == sorted([(pids[0], "exec"), (pids[0], "connect"), (pids[0], "exit"),
+                                   (pids[1], "exec"), (pids[1], "exit")])  # fmt: skip
+            conn = next(e for e in everything if e["kind"] == "connect")
+            assert (conn["daddr"], conn["dport"], conn["outcome"]) == ("127.0.0.1", port, "success")
+
+            compact, _ = tails["compact"]
+            assert compact.next().startswith("TIME         KIND    PID")
+            detail = format_argv([python_exe(), *[a.encode() for a in argv[1:]]])
+            line = compact.next()
+            assert "\x1b" not in line
+            assert line.endswith(f" exec    {pids[0]:<7} python3          {detail}"), line
+            assert "'\\x1b[31mred'" in detail
+
+            # watch stops: each tail says so and keeps trying; SIGTERM ends it with 0
+            watch.send_signal(signal.SIGTERM)
+            assert watch.wait(timeout=60) == 0
+            assert not sock_path.exists()
+            for out, err in tails.values():
+                assert err.next() == (
+                    f"sandtrace tail: {sock_path} closed the stream; reconnecting, Ctrl-C stops"
+                )
+                assert err.next().endswith(
+                    "retrying, Ctrl-C stops. is `sandtrace watch` running (without --no-tail)?"
+                )
+                out.proc.send_signal(signal.SIGTERM)
+                assert out.proc.wait(timeout=10) == 0
+    finally:
+        listener.close()
+        box.destroy()
