@@ -9,9 +9,11 @@ import json
 import os
 import select
 import signal
+import ssl
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -20,7 +22,8 @@ from typing import Any
 from collector.events import AnyEvent
 from collector.render import bytes_from_json
 from detect.testing import T0, event_from_fields
-from service.wire import encode_batch
+from service.wire import CONTENT_TYPE, encode_batch
+from tests.tlsutil import make_tls
 from tests.unit.test_serve_process import free_port, post
 
 ROOT_DIR = Path(__file__).resolve().parents[2]
@@ -102,11 +105,11 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
             stop(proc)
 
 
-def serve(procs: list[subprocess.Popen[bytes]], tmp: Path, port: int) -> Lines:
+def serve(procs: list[subprocess.Popen[bytes]], tmp: Path, port: int, *args: str) -> Lines:
     (tmp / "token").write_text(TOKEN + "\n")
     (tmp / "rule.yml").write_text(RULE)
     proc = sandtrace("serve", "--listen", f"127.0.0.1:{port}", "--token-file", str(tmp / "token"),
-                     "--no-builtin-rules", "--rules", str(tmp / "rule.yml"))  # fmt: skip
+                     "--no-builtin-rules", "--rules", str(tmp / "rule.yml"), *args)  # fmt: skip
     procs.append(proc)
     err = Lines(proc, "stderr")
     err.until("serving on")
@@ -114,10 +117,10 @@ def serve(procs: list[subprocess.Popen[bytes]], tmp: Path, port: int) -> Lines:
 
 
 def tail(
-    procs: list[subprocess.Popen[bytes]], tmp: Path, port: int, *args: str
+    procs: list[subprocess.Popen[bytes]], tmp: Path, port: int, *args: str, scheme: str = "http"
 ) -> tuple[Lines, Lines]:
     """A tail process's stdout and stderr, once it follows."""
-    proc = sandtrace("tail", "--server", f"http://127.0.0.1:{port}", "--token-file",
+    proc = sandtrace("tail", "--server", f"{scheme}://127.0.0.1:{port}", "--token-file",
                      str(tmp / "token"), "--color", "never", *args)  # fmt: skip
     procs.append(proc)
     err = Lines(proc, "stderr")
@@ -229,3 +232,32 @@ def test_tail_reconnects_when_the_service_comes_back(tmp_path: Path) -> None:
         assert out.next() == alert_line(4400, "H")
         out.proc.send_signal(signal.SIGINT)
         assert out.proc.wait(timeout=10) == 0
+
+
+def test_tail_over_https_checks_the_certificate(tmp_path: Path) -> None:
+    tls, other = make_tls(tmp_path / "tls", ["127.0.0.1"]), make_tls(tmp_path / "o", ["x"], "other")
+    port = free_port()
+    with processes() as procs:
+        serve(procs, tmp_path, port, "--tls-cert", str(tls.cert), "--tls-key", str(tls.key))
+        out, _ = tail(procs, tmp_path, port, "--host", "H", "--ca-file", str(tls.ca),
+                      scheme="https")  # fmt: skip
+        body = encode_batch("c1", 0, [miner(4500, "H", "sbX")])
+        request = urllib.request.Request(f"https://127.0.0.1:{port}/v1/batches", data=body,
+                                         method="POST", headers={"Content-Type": CONTENT_TYPE,
+                                         "Authorization": f"Bearer {TOKEN}"})  # fmt: skip
+        context = ssl.create_default_context(cafile=str(tls.ca))
+        with urllib.request.urlopen(request, timeout=10, context=context) as resp:  # noqa: S310
+            assert resp.status == 200
+        out.next()  # the header
+        assert out.next().split()[1:3] == ["exec", "4500"]
+        assert out.next() == alert_line(4500)
+        refused = subprocess.run(
+            [sys.executable, "-m", "collector.cli", "tail", "--server", f"https://127.0.0.1:{port}",
+             "--token-file", str(tmp_path / "token"), "--ca-file", str(other.ca)],
+            cwd=ROOT_DIR, capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert refused.returncode == 2
+        assert refused.stderr.startswith(
+            f"sandtrace tail: TLS with https://127.0.0.1:{port} failed"
+        )
+        assert refused.stderr.endswith("give its CA with --ca-file\n")
