@@ -342,6 +342,8 @@ def _bind_private(path: Path) -> socket.socket:
     """A Unix socket bound at path, mode 0600 before it listens (so before anyone connects)."""
     try:
         path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    except FileExistsError:
+        raise TailSocketError(f"cannot create {path.parent}: a file is in the way") from None
     except OSError as exc:
         raise TailSocketError(f"cannot create {path.parent}: {exc.strerror}") from None
     with contextlib.suppress(FileNotFoundError):

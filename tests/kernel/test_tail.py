@@ -99,3 +99,31 @@ def test_tail_follows_a_watch_over_its_socket(tmp_path: Path) -> None:
     finally:
         listener.close()
         box.destroy()
+
+
+def test_watch_goes_on_without_a_tail_socket_it_cannot_create(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    sock_path = tmp_path / "file" / "tail.sock"  # its directory is a file
+    box = cgroups.create_sandbox(cgroups.find_cgroup2_root())
+    try:
+        with processes() as procs:
+            watch = sandtrace("watch", "--json", "--no-detect", "--cgroup", str(box.path),
+                              "--tail-socket", str(sock_path))  # fmt: skip
+            procs.append(watch)
+            err = Lines(watch, "stderr")
+            err.until("watching", timeout=120)
+            warning = err.next()
+            assert "live tail disabled" in warning
+            assert f"cannot create {sock_path.parent}: a file is in the way" in warning
+            subprocess.run(["/bin/true", "still", "traced"], preexec_fn=box.join, check=True)
+            out = Lines(watch, "stdout")
+            event = json.loads(out.until('"kind":"exec"'))
+            assert [bytes_from_json(a) for a in event["argv"]] == [
+                b"/bin/true",
+                b"still",
+                b"traced",
+            ]
+            watch.send_signal(signal.SIGTERM)
+            assert watch.wait(timeout=60) == 0
+    finally:
+        box.destroy()
