@@ -51,6 +51,10 @@ class TailError(Exception):
     """Following cannot go on (refused, incompatible): the message says why; exit 2."""
 
 
+class OutputClosed(Exception):
+    """Whoever read stdout went away (e.g. `| head`); not an OSError, so never retried."""
+
+
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "tail",
@@ -247,12 +251,18 @@ class Follower:
             log.warning("undecodable tail frame", error=str(exc))
             return
         out = self._sink()
-        out.emit(item)
-        out.flush()
+        try:
+            out.emit(item)
+            out.flush()
+        except BrokenPipeError:
+            raise OutputClosed from None
 
     def _sink(self) -> TerminalSink:
         if self.out is None:
-            self.out = TerminalSink(self.stream, self.renderer)
+            try:
+                self.out = TerminalSink(self.stream, self.renderer)  # prints the header
+            except BrokenPipeError:
+                raise OutputClosed from None
         return self.out
 
     def _notice(self, message: dict[str, object]) -> None:
@@ -302,7 +312,7 @@ async def follow(args: argparse.Namespace) -> int:
     except TailError as exc:
         _say(str(exc))
         return 2
-    except BrokenPipeError:
+    except OutputClosed:
         # The reader of stdout went away (e.g. `| head`): no more output, not even the
         # interpreter's last flush.
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -311,7 +321,7 @@ async def follow(args: argparse.Namespace) -> int:
     finally:
         for t in (task, stopped):
             t.cancel()
-            with contextlib.suppress(asyncio.CancelledError, TailError, BrokenPipeError):
+            with contextlib.suppress(asyncio.CancelledError, TailError, OutputClosed):
                 await t
         if follower.out is not None:
             with contextlib.suppress(BrokenPipeError):

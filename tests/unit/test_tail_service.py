@@ -261,3 +261,17 @@ def test_tail_over_https_checks_the_certificate(tmp_path: Path) -> None:
             f"sandtrace tail: TLS with https://127.0.0.1:{port} failed"
         )
         assert refused.stderr.endswith("give its CA with --ca-file\n")
+
+
+def test_tail_ends_quietly_when_its_reader_goes(tmp_path: Path) -> None:
+    port = free_port()
+    with processes() as procs:
+        serve(procs, tmp_path, port)
+        out, err = tail(procs, tmp_path, port)
+        assert out.next().startswith("TIME")
+        assert out.proc.stdout is not None
+        out.proc.stdout.close()  # as `sandtrace tail | head -1` does after its line
+        send(port, 0, [miner(4600, "H", "sbX")])
+        assert out.proc.wait(timeout=10) == 0
+        assert err.proc.stderr is not None
+        assert err.buf + err.proc.stderr.read() == b""
