@@ -77,7 +77,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="only this host (repeatable, or H,H)")  # fmt: skip
     p.add_argument("--kind", action="append", default=[], metavar="KINDS",
                    help=f"only these event kinds, comma-separated "
-                   f"({','.join(sorted(FILTER_KINDS))}); alerts raised by them too")  # fmt: skip
+                   f"({', '.join(sorted(FILTER_KINDS))}); alerts raised by them too")  # fmt: skip
     p.add_argument("-o", "--output", choices=["compact", "json"], default="compact",
                    help="compact coloured lines (default) or JSON lines")  # fmt: skip
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto")

@@ -381,3 +381,13 @@ def test_client_names_both_wire_versions() -> None:
         f"http://x sends event wire version 99; this sandtrace reads version {WIRE_VERSION}: "
         "run the same sandtrace version on both sides"
     )
+
+
+def test_client_says_how_many_it_missed(capsys: pytest.CaptureFixture[str]) -> None:
+    follower = Follower(
+        Target(URL("http://x/v1/tail"), "http://x"), TailFilter(), io.StringIO(), None
+    )
+    follower._notice(parse_control(dropped_message(3, 10)))
+    assert capsys.readouterr().err == (
+        "sandtrace tail: missed 3 events/alerts (this tail read too slowly; 10 missed in all)\n"
+    )
