@@ -207,10 +207,11 @@ class TailHub:
         self.subscribers: list[Subscriber] = []
         self.sent = 0
         self.dropped = 0
+        self.closed = False
         self.handlers: set[asyncio.Task[Any]] = set()  # of connected clients
 
     def subscribe(self, flt: TailFilter) -> Subscriber:
-        sub = Subscriber(flt, self.max_queue)
+        sub = Subscriber(flt, self.max_queue, closed=self.closed)  # none after close()
         self.subscribers.append(sub)
         return sub
 
@@ -233,6 +234,7 @@ class TailHub:
 
     def close(self) -> None:
         """Every subscriber gets what is queued for it, then its stream ends."""
+        self.closed = True
         for sub in self.subscribers:
             sub.closed = True
             sub.wake.set()

@@ -153,6 +153,8 @@ def test_hub_counts_what_a_full_queue_drops_and_says_where() -> None:
         hub.close()
         assert await slow.next() is None
         assert await execs.next() is None
+        assert await hub.subscribe(TailFilter()).next() is None  # too late
+        hub.unsubscribe(hub.subscribers[-1])
         assert hub.prometheus_lines()[2::3] == [
             "sandtrace_tail_subscribers 2",
             "sandtrace_tail_sent_total 0",
