@@ -35,7 +35,7 @@ from collector.stream import StreamSink
 from detect.engine import EgressPolicies, Engine
 from detect.sigma import load_paths
 from service import main as serve_command
-from service.tail import DEFAULT_SOCKET, LocalTail, TailHub, TailSocketError
+from service.tail import DEFAULT_SOCKET, LocalTail, TailHub, TailSocketBusy, TailSocketError
 
 if TYPE_CHECKING:
     from probes.loader import Probes
@@ -221,22 +221,30 @@ def _tail_sinks(hub: TailHub | None) -> list[Sink]:
     return [] if hub is None else [CallbackSink(hub.publish)]
 
 
-async def _local_tail(hub: TailHub | None, path: str) -> tuple[LocalTail | None, str]:
+async def _local_tail(
+    hub: TailHub | None, path: str
+) -> tuple[LocalTail | None, TailSocketError | None]:
     """The live tail on its Unix socket, before the startup line, so that a tail started
     after that line connects; or why not (said after that line: tracing goes on)."""
     if hub is None:
-        return None, ""
+        return None, None
     local = LocalTail(hub, Path(path))
     try:
         await local.start()
     except TailSocketError as exc:
-        return None, str(exc)
-    return local, ""
+        return None, exc
+    return local, None
 
 
-def _say_no_tail(why: str) -> None:
-    if why:
-        log.warning("live tail disabled", reason=why)
+def _say_no_tail(why: TailSocketError | None, *, busy_is_normal: bool = False) -> None:
+    """Warn that there is no live tail; but several `run`s at once are normal, and the
+    first one to start serves the socket (a debug log says so for the others)."""
+    if why is None:
+        return
+    if busy_is_normal and isinstance(why, TailSocketBusy):
+        log.debug("live tail served by another sandtrace", reason=str(why))
+    else:
+        log.warning("live tail disabled", reason=str(why))
 
 
 @dataclass(slots=True)
@@ -411,7 +419,7 @@ async def _run(args: argparse.Namespace) -> int:
             f"running {' '.join(cmd)!r}; Ctrl-C stops",
             file=sys.stderr,
         )
-        _say_no_tail(why_no_tail)
+        _say_no_tail(why_no_tail, busy_is_normal=True)
         runner = asyncio.create_task(pipeline.run(stop))
         try:
             child = await asyncio.create_subprocess_exec(*cmd, preexec_fn=sandbox.join)

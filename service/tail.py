@@ -340,6 +340,10 @@ class TailSocketError(OSError):
     """The tail socket cannot be served; the message says why and what to do."""
 
 
+class TailSocketBusy(TailSocketError):
+    """Another process serves the tail socket."""
+
+
 def _bind_private(path: Path) -> socket.socket:
     """A Unix socket bound at path, mode 0600 before it listens (so before anyone connects)."""
     try:
@@ -360,7 +364,7 @@ def _bind_private(path: Path) -> socket.socket:
         except OSError as exc:
             raise TailSocketError(f"cannot check {path}: {exc.strerror}") from None
         else:
-            raise TailSocketError(
+            raise TailSocketBusy(
                 f"{path} is in use (another sandtrace watch?); choose --tail-socket PATH"
             )
         finally:

@@ -31,6 +31,7 @@ from service.tail import (
     LocalTail,
     TailFilter,
     TailHub,
+    TailSocketBusy,
     TailSocketError,
     add_tail_routes,
     dropped_message,
@@ -295,7 +296,7 @@ async def test_local_socket_is_private_and_removed(tmp_path: Path) -> None:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         assert stat.S_ISSOCK(path.stat().st_mode)
         other = LocalTail(TailHub(), path)
-        with pytest.raises(TailSocketError, match="is in use"):
+        with pytest.raises(TailSocketBusy, match="is in use"):
             await other.start()
         connector = aiohttp.UnixConnector(path=str(path))
         async with (
