@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hmac
 import json
 import socket
@@ -375,6 +376,8 @@ def _bind_private(path: Path) -> socket.socket:
         path.chmod(0o600)
     except OSError as exc:
         sock.close()
+        if isinstance(exc, FileExistsError) or exc.errno == errno.EADDRINUSE:  # bound meanwhile
+            raise TailSocketBusy(f"{path} is in use; choose --tail-socket PATH") from None
         raise TailSocketError(f"cannot bind {path}: {exc.strerror}") from None
     return sock
 
