@@ -26,6 +26,7 @@ from yarl import URL
 from collector.events import WIRE_VERSION, EventFormatError, WireVersionError, decode
 from collector.pipeline import TerminalSink
 from collector.render import TextRenderer, escape
+from collector.stream import InsecureURL, check_url
 from service.tail import (
     DEFAULT_SOCKET,
     FILTER_KINDS,
@@ -68,6 +69,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--server", metavar="URL", help="the detection service (http or https)")
     p.add_argument("--token-file", metavar="FILE", help="bearer token for --server, from FILE")
     p.add_argument("--ca-file", metavar="FILE", help="CA certificate(s) to verify an https server")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow plain http:// to a --server that is not on this host")  # fmt: skip
     p.add_argument("--socket", metavar="PATH", default=DEFAULT_SOCKET,
                    help=f"the local watch's Unix socket (default {DEFAULT_SOCKET})")  # fmt: skip
     p.add_argument("--alerts-only", action="store_true", help="alerts (and losses) only")
@@ -98,12 +101,20 @@ class Target:
 
 def target_of(args: argparse.Namespace) -> Target:
     if not args.server:
-        if args.token_file or args.ca_file:
-            raise TailError("--token-file and --ca-file go with --server")
+        if args.token_file or args.ca_file or args.insecure:
+            raise TailError("--token-file, --ca-file and --insecure go with --server")
         return Target(URL("http://localhost" + TAIL_PATH), args.socket, unix=args.socket)
-    url = URL(args.server)
-    if url.scheme not in {"http", "https"} or not url.host:
-        raise TailError(f"--server wants an http:// or https:// URL, not {args.server!r}")
+    try:
+        url = URL(check_url(args.server, args.insecure))
+    except InsecureURL:
+        host = URL(args.server).host
+        raise TailError(
+            f"refusing to send the token and read events in clear text from {host}: use "
+            "https:// (with --ca-file if its certificate is private), or --insecure on a "
+            "trusted network"
+        ) from None
+    except ValueError:
+        raise TailError(f"--server wants an http:// or https:// URL, not {args.server!r}") from None
     token = None
     if args.token_file:
         try:
@@ -120,7 +131,7 @@ def target_of(args: argparse.Namespace) -> Target:
             context = ssl.create_default_context(cafile=args.ca_file)
         except (OSError, ssl.SSLError) as exc:
             raise TailError(f"cannot load --ca-file {args.ca_file}: {exc}") from None
-    base = str(url).rstrip("/")
+    base = str(url)
     return Target(URL(base + TAIL_PATH), base, ssl_context=context, token=token)
 
 

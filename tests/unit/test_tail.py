@@ -3,6 +3,7 @@ Unix socket, and what the client prints for hostile strings."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
 import io
@@ -23,7 +24,7 @@ from yarl import URL
 
 from collector.events import WIRE_VERSION, Alert, AnyEvent, ExecEvent, LostEvent, decode, encode
 from collector.render import TextRenderer
-from collector.tail import Follower, TailError, Target
+from collector.tail import Follower, TailError, Target, add_parser, target_of
 from detect.testing import event_from_fields
 from service.tail import (
     BadFilter,
@@ -394,3 +395,33 @@ def test_client_says_how_many_it_missed(capsys: pytest.CaptureFixture[str]) -> N
     assert capsys.readouterr().err == (
         "sandtrace tail: missed 3 events/alerts (this tail read too slowly; 10 missed in all)\n"
     )
+
+
+def tail_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    return parser.parse_args(["tail", *argv])
+
+
+def test_targets() -> None:
+    local = target_of(tail_args("--socket", "/tmp/t.sock"))
+    assert (str(local.url), local.unix, local.label) == (
+        "http://localhost/v1/tail", "/tmp/t.sock", "/tmp/t.sock")  # fmt: skip
+    server = target_of(tail_args("--server", "http://127.0.0.1:8780/"))
+    assert (str(server.url), server.unix, server.label) == (
+        "http://127.0.0.1:8780/v1/tail", None, "http://127.0.0.1:8780")  # fmt: skip
+    remote = target_of(tail_args("--server", "http://192.0.2.7:8780", "--insecure"))
+    assert str(remote.url) == "http://192.0.2.7:8780/v1/tail"
+    for argv, message in (
+        (["--server", "http://192.0.2.7:8780"], "refusing to send the token and read events in "
+         "clear text from 192.0.2.7: use https://"),
+        (["--server", "ftp://h"], "--server wants an http:// or https:// URL, not 'ftp://h'"),
+        (["--token-file", "/x"], "--token-file, --ca-file and --insecure go with --server"),
+        (["--server", "http://127.0.0.1:1", "--ca-file", "/x"],
+         "--ca-file goes with an https:// --server"),
+        (["--server", "https://h", "--token-file", "/nonexistent"],
+         "cannot read --token-file /nonexistent: No such file or directory"),
+    ):  # fmt: skip
+        with pytest.raises(TailError) as info:
+            target_of(tail_args(*argv))
+        assert str(info.value).startswith(message)
