@@ -3,6 +3,7 @@ filters applied by the service, compact and JSON lines, refusals, and reconnecti
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -19,7 +20,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from collector.events import AnyEvent
+from aiohttp import web
+
+from collector.events import WIRE_VERSION, AnyEvent
 from collector.render import bytes_from_json
 from detect.testing import T0, event_from_fields
 from service.wire import CONTENT_TYPE, encode_batch
@@ -275,3 +278,39 @@ def test_tail_ends_quietly_when_its_reader_goes(tmp_path: Path) -> None:
         assert out.proc.wait(timeout=10) == 0
         assert err.proc.stderr is not None
         assert err.buf + err.proc.stderr.read() == b""
+
+
+def test_tail_names_both_wire_versions_when_they_differ(tmp_path: Path) -> None:
+    """A server from another sandtrace version: tail exits 2 and says what each side speaks."""
+    path = tmp_path / "tail.sock"
+
+    async def newer(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_str(json.dumps({"type": "hello", "wire_version": WIRE_VERSION + 1,
+                                      "tail_version": 1, "filter": {}}))  # fmt: skip
+        await ws.receive()
+        return ws
+
+    async def scenario() -> tuple[int | None, bytes, bytes]:
+        app = web.Application()
+        app.router.add_get("/v1/tail", newer)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.UnixSite(runner, str(path)).start()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "collector.cli", "tail", "--socket", str(path),
+                cwd=ROOT_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            )  # fmt: skip
+            out, err = await asyncio.wait_for(proc.communicate(), 30)
+            return proc.returncode, out, err
+        finally:
+            await runner.cleanup()
+
+    code, out, err = asyncio.run(scenario())
+    assert (code, out) == (2, b"")
+    assert err.decode() == (
+        f"sandtrace tail: {path} sends event wire version {WIRE_VERSION + 1}; this sandtrace "
+        f"reads version {WIRE_VERSION}: run the same sandtrace version on both sides\n"
+    )
