@@ -352,7 +352,7 @@ def _bind_private(path: Path) -> socket.socket:
     except FileExistsError:
         raise TailSocketError(f"cannot create {path.parent}: a file is in the way") from None
     except OSError as exc:
-        raise TailSocketError(f"cannot create {path.parent}: {exc.strerror}") from None
+        raise TailSocketError(f"cannot create {path.parent}: {exc.strerror or exc}") from None
     with contextlib.suppress(FileNotFoundError):
         mode = path.lstat().st_mode
         if not stat.S_ISSOCK(mode):
@@ -363,7 +363,7 @@ def _bind_private(path: Path) -> socket.socket:
         except ConnectionRefusedError:
             path.unlink()  # left behind by a watch that was killed
         except OSError as exc:
-            raise TailSocketError(f"cannot check {path}: {exc.strerror}") from None
+            raise TailSocketError(f"cannot check {path}: {exc.strerror or exc}") from None
         else:
             raise TailSocketBusy(
                 f"{path} is in use (another sandtrace watch?); choose --tail-socket PATH"
@@ -378,7 +378,7 @@ def _bind_private(path: Path) -> socket.socket:
         sock.close()
         if isinstance(exc, FileExistsError) or exc.errno == errno.EADDRINUSE:  # bound meanwhile
             raise TailSocketBusy(f"{path} is in use; choose --tail-socket PATH") from None
-        raise TailSocketError(f"cannot bind {path}: {exc.strerror}") from None
+        raise TailSocketError(f"cannot bind {path}: {exc.strerror or exc}") from None
     return sock
 
 
