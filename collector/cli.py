@@ -115,12 +115,18 @@ def _common_args(p: argparse.ArgumentParser) -> None:
         help="allow plain http:// to a --server that is not on this host",
     )
     p.add_argument(
+        "--server-transport",
+        choices=["http", "websocket"],
+        default="http",
+        help="one POST per batch (default), or one WebSocket for all of them",
+    )
+    p.add_argument(
         "--spool-dir",
         metavar="DIR",
         type=Path,
-        default=DEFAULT_SPOOL,
-        help="keep batches the service has not taken yet in DIR, also across "
-        f"restarts (default {DEFAULT_SPOOL})",
+        default=None,
+        help="keep batches the service has not taken yet in DIR, also across restarts "
+        f"(watch: default {DEFAULT_SPOOL}; run: no spool unless given)",
     )
     p.add_argument(
         "--spool-max",
@@ -287,16 +293,19 @@ def _stream(args: argparse.Namespace) -> list[Sink]:
             raise SystemExit(f"sandtrace: cannot read --server-token-file: {exc}") from None
     if args.spool_max <= 0:
         raise SystemExit("sandtrace: --spool-max must be a positive number of MiB")
+    spool = args.spool_dir
+    if spool is None and args.command == "watch":
+        spool = DEFAULT_SPOOL  # a long-running collector; a run is one command's life
     try:
         return [StreamSink(args.server, token, ca_file=args.server_ca_file,
-                           insecure=args.insecure,
-                           spool_dir=None if args.no_spool else args.spool_dir,
+                           insecure=args.insecure, transport=args.server_transport,
+                           spool_dir=None if args.no_spool else spool,
                            spool_bytes=args.spool_max << 20)]  # fmt: skip
     except ValueError as exc:
         raise SystemExit(f"sandtrace: --server: {exc}") from None
     except OSError as exc:
         raise SystemExit(
-            f"sandtrace: cannot use the spool directory {args.spool_dir}: {exc} "
+            f"sandtrace: cannot use the spool directory {spool}: {exc} "
             "(choose another with --spool-dir, or --no-spool)"
         ) from None
 

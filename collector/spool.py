@@ -21,6 +21,7 @@ recognition stays correct.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import secrets
@@ -49,6 +50,7 @@ class Spool:
         self.directory = directory
         self.max_bytes = max_bytes
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock = _lock(directory)
         self._files: deque[Spooled] = deque()
         self.bytes = 0
         found: list[Spooled] = []
@@ -68,6 +70,12 @@ class Spool:
         self._lease_end = self._read_lease()
         self.next_seq = max(self._lease_end, self._files[-1].seq + 1 if self._files else 0)
         self._renew_lease()
+
+    def close(self) -> None:
+        """Let another collector use the directory (the batches stay for it)."""
+        if self._lock >= 0:
+            os.close(self._lock)
+            self._lock = -1
 
     # -- identity and sequence numbers -------------------------------------------------------
 
@@ -154,6 +162,23 @@ class Spool:
         except OSError:
             tmp.unlink(missing_ok=True)
             raise
+
+
+class SpoolBusy(OSError):
+    """Another collector holds the spool directory."""
+
+
+def _lock(directory: Path) -> int:
+    """An exclusive lock on the directory for this collector's life: two collectors on one
+    spool would replay each other's batches under one id."""
+    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SpoolBusy(f"spool directory {directory} is in use by another collector: "
+                        "give this one its own --spool-dir") from None  # fmt: skip
+    return fd
 
 
 class SpoolCorrupt(Exception):

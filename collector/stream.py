@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import secrets
 import socket
 import ssl
@@ -110,7 +111,11 @@ class StreamSink:
         ca_file: str | None = None,
         insecure: bool = False,
         collector_id: str | None = None,
+        transport: str = "http",
     ) -> None:
+        if transport not in ("http", "websocket"):
+            raise ValueError(f"transport is http or websocket, not {transport!r}")
+        self.transport = transport
         self.base_url = check_url(url, insecure)
         self.url = self.base_url + "/v1/batches"
         self.token = token
@@ -186,6 +191,8 @@ class StreamSink:
             else:
                 self._discard(batch.events, batch.carried, "shutdown")
         left = len(self.spool) if self.spool is not None else 0
+        if self.spool is not None:
+            self.spool.close()
         if left:
             log.warning("batches left in the spool for the next run", batches=left,
                         bytes=self.spool.bytes if self.spool else 0)  # fmt: skip
@@ -306,76 +313,145 @@ class StreamSink:
     # -- sender -----------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        headers = {"Content-Type": CONTENT_TYPE}
+        headers = {}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         ssl_ctx: ssl.SSLContext | bool = True
-        if self.url.startswith("https:"):
+        if self.base_url.startswith("https:"):
             ssl_ctx = ssl.create_default_context(cafile=self.ca_file)
         backoff = 0.25
         connector = aiohttp.TCPConnector(ssl=ssl_ctx)
         async with aiohttp.ClientSession(headers=headers, connector=connector) as session:
-            while True:
-                # a count of discards alone waits until nothing else is held: it must not
-                # push events out of a full memory
-                if (self._pending or (self._unreported and not self.held_batches)) and (
-                    self._closing or time.monotonic() - self._pending_since >= self.linger
-                ):
-                    self._seal()
-                nxt = self._next()
-                if nxt is None:
-                    if self._closing and not self._pending and not self._unreported:
-                        return
+            transport: _Transport = (_WebSocket(session, self.base_url + "/v1/stream")
+                                     if self.transport == "websocket"
+                                     else _Http(session, self.url))  # fmt: skip
+            try:
+                while True:
+                    # a count of discards alone waits until nothing else is held: it must
+                    # not push events out of a full memory
+                    if (self._pending or (self._unreported and not self.held_batches)) and (
+                        self._closing or time.monotonic() - self._pending_since >= self.linger
+                    ):
+                        self._seal()
+                    nxt = self._next()
+                    if nxt is None:
+                        if self._closing and not self._pending and not self._unreported:
+                            return
+                        self._wake.clear()
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._wake.wait(), self.linger)
+                        continue
+                    batch, spooled = nxt
+                    self._inflight = batch
+                    result = await self._send(transport, batch)
+                    self._inflight = None
+                    if result == "ok":
+                        self._done(batch, spooled)
+                        backoff = 0.25
+                        continue
+                    if result == "rejected":
+                        self._done(batch, spooled)
+                        self._discard(batch.events, batch.carried, "rejected")
+                        continue
+                    self.stats.retries += 1  # at close, aclose's deadline ends the retries
                     self._wake.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), self.linger)
-                    continue
-                batch, spooled = nxt
-                self._inflight = batch
-                result = await self._send(session, batch)
-                self._inflight = None
-                if result == "ok":
-                    self._done(batch, spooled)
-                    backoff = 0.25
-                    continue
-                if result == "rejected":
-                    self._done(batch, spooled)
-                    self._discard(batch.events, batch.carried, "rejected")
-                    continue
-                self.stats.retries += 1  # at close, aclose's deadline ends the retries
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):  # a close cuts the wait short
-                    await asyncio.wait_for(self._wake.wait(), backoff)
-                backoff = min(backoff * 2, self.max_backoff)
+                    with contextlib.suppress(TimeoutError):  # a close cuts the wait short
+                        await asyncio.wait_for(self._wake.wait(), backoff)
+                    backoff = min(backoff * 2, self.max_backoff)
+            finally:
+                await transport.close()
 
-    async def _send(self, session: aiohttp.ClientSession, batch: _Batch) -> str:
-        """"ok", "rejected" (never acceptable: discard) or "retry"."""
-        headers = {
-            "Sandtrace-Spool-Bytes": str(self.spool_bytes),
-            "Sandtrace-Held-Batches": str(self.held_batches),
-        }
+    async def _send(self, transport: _Transport, batch: _Batch) -> str:
+        """ "ok", "rejected" (never acceptable: discard) or "retry"."""
         try:
-            async with session.post(self.url, data=batch.body, headers=headers,
-                                    timeout=aiohttp.ClientTimeout(total=10)) as resp:  # fmt: skip
-                if resp.status == 200:
-                    self.stats.sent_batches += 1
-                    self.stats.sent_events += batch.events
-                    return "ok"
-                text = (await resp.text())[:300]
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            status, text = await transport.send(batch.body, self.spool_bytes, self.held_batches)
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
             if isinstance(exc, aiohttp.ClientConnectorCertificateError | ssl.SSLError):
                 self._warn("the service's TLS certificate is not trusted: give its CA with "
-                           "--server-ca-file", url=self.url, error=str(exc))  # fmt: skip
+                           "--server-ca-file", url=self.base_url, error=str(exc))  # fmt: skip
             else:
-                log.debug("service unreachable", url=self.url, error=str(exc))
+                log.debug("service unreachable", url=self.base_url, error=str(exc))
+            await transport.reset()
             return "retry"
-        if resp.status in PERMANENT:
+        if status == 200:
+            self.stats.sent_batches += 1
+            self.stats.sent_events += batch.events
+            return "ok"
+        text = text[:300]
+        if status in PERMANENT:
             log.error("service refused a batch for good; discarded",
-                      status=resp.status, why=PERMANENT[resp.status], seq=batch.seq,
+                      status=status, why=PERMANENT[status], seq=batch.seq,
                       events=batch.events, answer=text)  # fmt: skip
             return "rejected"
-        if resp.status in FIXABLE:
-            self._warn(FIXABLE[resp.status], status=resp.status, answer=text)
+        if status in FIXABLE:
+            self._warn(FIXABLE[status], status=status, answer=text)
         else:
-            log.info("service did not take a batch; retrying", status=resp.status, answer=text)
+            log.info("service did not take a batch; retrying", status=status, answer=text)
         return "retry"
+
+
+SEND_TIMEOUT = 10.0
+
+
+class _Transport:
+    """Sends one batch and returns the service's HTTP-style status and answer text."""
+
+    async def send(self, body: bytes, spool_bytes: int, held: int) -> tuple[int, str]:
+        raise NotImplementedError
+
+    async def reset(self) -> None:
+        """Forget the connection after an error; the next send opens a new one."""
+
+    async def close(self) -> None:
+        await self.reset()
+
+
+class _Http(_Transport):
+    """POST /v1/batches, one request per batch (on a kept-alive connection)."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str) -> None:
+        self.session = session
+        self.url = url
+
+    async def send(self, body: bytes, spool_bytes: int, held: int) -> tuple[int, str]:
+        headers = {"Content-Type": CONTENT_TYPE, "Sandtrace-Spool-Bytes": str(spool_bytes),
+                   "Sandtrace-Held-Batches": str(held)}  # fmt: skip
+        timeout = aiohttp.ClientTimeout(total=SEND_TIMEOUT)
+        async with self.session.post(self.url, data=body, headers=headers,
+                                     timeout=timeout) as resp:  # fmt: skip
+            return resp.status, "" if resp.status == 200 else await resp.text()
+
+
+class _WebSocket(_Transport):
+    """GET /v1/stream upgraded to a WebSocket: a batch is a binary frame, its answer a text
+    frame; the counters travel in a text frame before it."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str) -> None:
+        self.session = session
+        self.url = url
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
+
+    async def send(self, body: bytes, spool_bytes: int, held: int) -> tuple[int, str]:
+        if self.ws is None or self.ws.closed:
+            try:
+                self.ws = await self.session.ws_connect(
+                    self.url, timeout=aiohttp.ClientWSTimeout(ws_close=SEND_TIMEOUT),
+                    max_msg_size=1 << 20, heartbeat=30.0)  # fmt: skip
+            except aiohttp.WSServerHandshakeError as exc:
+                return exc.status, exc.message
+        ws = self.ws
+        await ws.send_str(json.dumps({"spool_bytes": spool_bytes, "held_batches": held}))
+        await ws.send_bytes(body)
+        msg = await ws.receive(timeout=SEND_TIMEOUT)
+        if msg.type != aiohttp.WSMsgType.TEXT:
+            raise aiohttp.ClientError(f"service closed the stream ({msg.type.name}, {msg.extra})")
+        answer = json.loads(msg.data)
+        if "ack" in answer:
+            return 200, ""
+        return int(answer.get("status", 400)), str(answer.get("message", answer))
+
+    async def reset(self) -> None:
+        if self.ws is not None:
+            with contextlib.suppress(Exception):
+                await self.ws.close()
+            self.ws = None

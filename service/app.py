@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
-from aiohttp import web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from collector.events import Alert, AnyEvent, LostEvent
 from detect.engine import Engine
@@ -230,6 +230,69 @@ def make_app(
                               _int_header(request, "Sandtrace-Held-Batches"))  # fmt: skip
         return web.json_response({"ack": seq})
 
+    async def stream(request: web.Request) -> web.StreamResponse:
+        """The same batches over one WebSocket: binary frames are batches, each answered
+        with a text frame {"ack": seq} or {"error", "status", "message"}; a text frame
+        {"spool_bytes", "held_batches"} may come before a batch."""
+        if not authorized(request):
+            return reject(401, "unauthorized", "missing or wrong bearer token")
+        ws = web.WebSocketResponse(max_msg_size=MAX_BATCH_BYTES, heartbeat=read_timeout)
+        await ws.prepare(request)
+        streams.add(ws)
+        try:
+            await _stream_batches(ws)
+        finally:
+            streams.discard(ws)
+        return ws
+
+    async def _stream_batches(ws: web.WebSocketResponse) -> None:
+        spool_bytes = held = 0
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                try:
+                    meta = json.loads(msg.data)
+                    spool_bytes = int(meta.get("spool_bytes", 0))
+                    held = int(meta.get("held_batches", 0))
+                except (ValueError, TypeError, AttributeError):
+                    await ws.send_json(
+                        {
+                            "error": "malformed",
+                            "status": 400,
+                            "message": "text frames are JSON maps of counters",
+                        }
+                    )
+                continue
+            if msg.type == WSMsgType.ERROR:  # a frame over the size limit, a broken frame
+                exc = ws.exception()
+                too_big = getattr(exc, "code", None) == WSCloseCode.MESSAGE_TOO_BIG
+                reason = "too_large" if too_big else "malformed"
+                ingest.stats.rejected[reason] += 1
+                ingest.stats.batches["rejected"] += 1
+                log.info("stream closed", reason=reason, error=str(exc))
+                break
+            if msg.type != WSMsgType.BINARY:
+                break
+            try:
+                collector, seq, events = decode_batch(msg.data)
+            except BadBatch as exc:
+                ingest.stats.rejected[exc.reason] += 1
+                ingest.stats.batches["rejected"] += 1
+                log.info("batch rejected", status=exc.status, reason=exc.reason, message=str(exc))
+                await ws.send_json({"error": exc.reason, "status": exc.status,
+                                    "message": str(exc)})  # fmt: skip
+                continue
+            if ingest.handle(collector, seq, events) and settle is not None:
+                await settle()
+            ingest.note_collector(collector, spool_bytes, held)
+            await ws.send_json({"ack": seq})
+
+    streams: set[web.WebSocketResponse] = set()
+
+    async def close_streams(_app: web.Application) -> None:
+        """At shutdown, collectors' streams end at once (they reconnect to the next service)."""
+        for ws in list(streams):
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"service stopping")
+
     async def healthz(_request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "uptime_s": round(time.monotonic() - started)})
 
@@ -245,6 +308,8 @@ def make_app(
         return web.Response(text=text, content_type="text/plain")
 
     app.router.add_post("/v1/batches", batches)
+    app.router.add_get("/v1/stream", stream)
+    app.on_shutdown.append(close_streams)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -4,18 +4,24 @@ arrives, in order, none twice; what has to be discarded is counted and reported.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 
 from collector.events import AnyEvent, Event, LostEvent
+from collector.spool import SpoolBusy
 from collector.stream import InsecureURL, StreamSink, check_url
 from detect.sigma import RuleSet
 from detect.testing import event_from_fields
 from service.app import Ingest, make_app
+from service.wire import MAX_BATCH_BYTES, encode_batch
+
+TRANSPORTS = pytest.mark.parametrize("transport", ["http", "websocket"])
 
 
 def free_port() -> int:
@@ -53,12 +59,19 @@ def events(n: int, start: int = 0) -> list[Any]:
 
 
 @pytest.mark.asyncio
-async def test_outage_loses_nothing_and_duplicates_nothing() -> None:
+@TRANSPORTS
+async def test_outage_loses_nothing_and_duplicates_nothing(transport: str) -> None:
     received: list[tuple[str, int, list[AnyEvent]]] = []
     service = Service(free_port(), received)
     await service.start()
-    sink = StreamSink(f"http://127.0.0.1:{service.port}", "tok", batch_events=100, linger=0.05,
-                      max_backoff=0.5)  # fmt: skip
+    sink = StreamSink(
+        f"http://127.0.0.1:{service.port}",
+        "tok",
+        transport=transport,
+        batch_events=100,
+        linger=0.05,
+        max_backoff=0.5,
+    )
     try:
         for event in events(1000):
             sink.emit(event)
@@ -92,11 +105,19 @@ def reported_losses(received: list[tuple[str, int, list[AnyEvent]]]) -> int:
 
 
 @pytest.mark.asyncio
-async def test_memory_bound_without_spool_discards_oldest_and_reports_them() -> None:
+@TRANSPORTS
+async def test_memory_bound_without_spool_discards_oldest_and_reports_them(transport: str) -> None:
     received: list[tuple[str, int, list[AnyEvent]]] = []
     service = Service(free_port(), received)
-    sink = StreamSink(f"http://127.0.0.1:{service.port}", "tok", batch_events=10,
-                      linger=0.05, memory_bytes=20_000, max_backoff=0.2)  # fmt: skip
+    sink = StreamSink(
+        f"http://127.0.0.1:{service.port}",
+        "tok",
+        transport=transport,
+        batch_events=10,
+        linger=0.05,
+        memory_bytes=20_000,
+        max_backoff=0.2,
+    )
     try:
         for event in events(200):  # nothing listens yet: 20 batches, ~4 fit in memory
             sink.emit(event)
@@ -115,11 +136,20 @@ async def test_memory_bound_without_spool_discards_oldest_and_reports_them() -> 
 
 
 @pytest.mark.asyncio
-async def test_spool_holds_an_outage_and_replays_in_order(tmp_path: Path) -> None:
+@TRANSPORTS
+async def test_spool_holds_an_outage_and_replays_in_order(transport: str, tmp_path: Path) -> None:
     received: list[tuple[str, int, list[AnyEvent]]] = []
     service = Service(free_port(), received)
-    sink = StreamSink(f"http://127.0.0.1:{service.port}", "tok", batch_events=50, linger=0.05,
-                      memory_bytes=3000, spool_dir=tmp_path, max_backoff=0.2)  # fmt: skip
+    sink = StreamSink(
+        f"http://127.0.0.1:{service.port}",
+        "tok",
+        transport=transport,
+        batch_events=50,
+        linger=0.05,
+        memory_bytes=3000,
+        spool_dir=tmp_path,
+        max_backoff=0.2,
+    )
     try:
         for event in events(1000):
             sink.emit(event)
@@ -136,12 +166,23 @@ async def test_spool_holds_an_outage_and_replays_in_order(tmp_path: Path) -> Non
 
 
 @pytest.mark.asyncio
-async def test_full_spool_discards_oldest_counts_and_reports(tmp_path: Path) -> None:
+@TRANSPORTS
+async def test_full_spool_discards_oldest_counts_and_reports(
+    transport: str, tmp_path: Path
+) -> None:
     received: list[tuple[str, int, list[AnyEvent]]] = []
     service = Service(free_port(), received)
-    sink = StreamSink(f"http://127.0.0.1:{service.port}", "tok", batch_events=50, linger=0.05,
-                      memory_bytes=1, spool_dir=tmp_path, spool_bytes=100_000,
-                      max_backoff=0.2)  # fmt: skip
+    sink = StreamSink(
+        f"http://127.0.0.1:{service.port}",
+        "tok",
+        transport=transport,
+        batch_events=50,
+        linger=0.05,
+        memory_bytes=1,
+        spool_dir=tmp_path,
+        spool_bytes=100_000,
+        max_backoff=0.2,
+    )
     try:
         for event in events(2000):
             sink.emit(event)
@@ -158,12 +199,22 @@ async def test_full_spool_discards_oldest_counts_and_reports(tmp_path: Path) -> 
 
 
 @pytest.mark.asyncio
-async def test_restarted_collector_replays_its_spool_under_the_same_id(tmp_path: Path) -> None:
+@TRANSPORTS
+async def test_restarted_collector_replays_its_spool_under_the_same_id(
+    transport: str, tmp_path: Path
+) -> None:
     received: list[tuple[str, int, list[AnyEvent]]] = []
     service = Service(free_port(), received)
     url = f"http://127.0.0.1:{service.port}"
-    first = StreamSink(url, "tok", batch_events=20, linger=0.05, spool_dir=tmp_path,
-                       max_backoff=0.2)  # fmt: skip
+    first = StreamSink(
+        url,
+        "tok",
+        transport=transport,
+        batch_events=20,
+        linger=0.05,
+        spool_dir=tmp_path,
+        max_backoff=0.2,
+    )
     await service.start()
     try:
         for event in events(100):
@@ -174,9 +225,18 @@ async def test_restarted_collector_replays_its_spool_under_the_same_id(tmp_path:
             first.emit(event)
         await first.aclose(deadline=0.3)  # the collector stops too
         assert first.spool_batches > 0
-        second = StreamSink(url, "tok", batch_events=20, linger=0.05, spool_dir=tmp_path,
-                            max_backoff=0.2)  # fmt: skip
+        second = StreamSink(
+            url,
+            "tok",
+            transport=transport,
+            batch_events=20,
+            linger=0.05,
+            spool_dir=tmp_path,
+            max_backoff=0.2,
+        )
         assert second.collector_id == first.collector_id
+        with pytest.raises(SpoolBusy, match="in use by another collector"):
+            StreamSink(url, "tok", spool_dir=tmp_path)  # while the second holds it
         for event in events(100, start=200):
             second.emit(event)
         await service.start()
@@ -230,3 +290,40 @@ def test_plain_http_only_to_loopback_unless_insecure() -> None:
     assert check_url("http://192.0.2.7:8780", insecure=True) == "http://192.0.2.7:8780"
     with pytest.raises(ValueError, match="not http"):
         check_url("ftp://192.0.2.7/")
+
+
+@pytest.mark.asyncio
+async def test_websocket_stream_answers_each_frame_and_keeps_serving() -> None:
+    received: list[tuple[str, int, list[AnyEvent]]] = []
+    service = Service(free_port(), received)
+    await service.start()
+    url = f"http://127.0.0.1:{service.port}/v1/stream"
+    try:
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await session.ws_connect(url, headers={"Authorization": "Bearer wrong"})
+            assert refused.value.status == 401
+            auth = {"Authorization": "Bearer tok"}
+            async with session.ws_connect(url, headers=auth) as ws:
+                await ws.send_bytes(b"\xc1 not msgpack")
+                bad = await ws.receive_json(timeout=5)
+                assert (bad["status"], bad["error"]) == (400, "malformed")
+                await ws.send_bytes(encode_batch("c9", 0, events(3)))
+                assert await ws.receive_json(timeout=5) == {"ack": 0}
+                await ws.send_bytes(encode_batch("c9", 0, events(3)))  # a replay
+                assert await ws.receive_json(timeout=5) == {"ack": 0}
+                await ws.send_str('{"spool_bytes": 4096, "held_batches": 2}')
+                await ws.send_bytes(encode_batch("c9", 1, events(2, start=3)))
+                assert await ws.receive_json(timeout=5) == {"ack": 1}
+            async with session.ws_connect(url, headers=auth) as ws:
+                with contextlib.suppress(ConnectionError):  # closed while still sending
+                    await ws.send_bytes(b"x" * (MAX_BATCH_BYTES + 1))
+                closed = await ws.receive(timeout=5)
+                assert closed.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                                       aiohttp.WSMsgType.ERROR)  # fmt: skip
+    finally:
+        await service.stop()
+    assert delivered(received) == [0, 1, 2, 3, 4]
+    info = service.ingest.stats.collectors["c9"]
+    assert (info.spool_bytes, info.held_batches, info.last_seq) == (4096, 2, 1)
+    assert service.ingest.stats.rejected == {"unauthorized": 1, "malformed": 1, "too_large": 1}
