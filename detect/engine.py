@@ -11,15 +11,16 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import itertools
+import operator
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from collector.events import Alert, AnyEvent, ConnectEvent, Event
-from detect.fields import GETTERS, category_of
-from detect.sigma import CodeContext, Correlation, FieldDict, Rule, RuleSet
+from detect.fields import GETTERS, category_of_type
+from detect.sigma import CodeContext, Correlation, FieldDict, Rule, RuleSet, ip_address
 
 EGRESS_RULE_ID = "sandtrace-egress-allow-list"
 
@@ -85,7 +86,7 @@ class EgressPolicy:
 
     def allows(self, addr: str, port: int) -> bool:
         try:
-            ip = ipaddress.ip_address(addr)
+            ip = ip_address(addr)
         except ValueError:
             return False
         if ip.is_loopback:
@@ -150,16 +151,24 @@ class Engine:
         self._by_category: dict[str, list[Rule]] = {}
         for rule in rules.rules:
             self._by_category.setdefault(rule.category, []).append(rule)
-        self._matchers = {c: generate_matcher(rs) for c, rs in self._by_category.items()}
-        # rule id -> the correlations that count it (they refer to rules by name or id)
-        self._correlations_of: dict[str, list[Correlation]] = {}
+        # event type -> its category's rules, a matcher generated for its fields, its getters
+        self._plan: dict[type, tuple[list[Rule], Callable[[FieldDict], list[int]], Any]] = {}
+        for etype, getters in GETTERS.items():
+            category = category_of_type(etype)
+            if category in self._by_category:
+                rs = self._by_category[category]
+                self._plan[etype] = (rs, generate_matcher(rs, getters), getters)
+        # rule id -> the correlations that count it (they refer to rules by name or id), each
+        # with what it counts of that rule's events
+        self._correlations_of: dict[str, list[tuple[Correlation, _Counting]]] = {}
         # Rules a correlation counts do not alert on their own, unless it says `generate`
         # (Sigma's default).
         self.silent: set[str] = set()  # ids of rules that only feed correlations
         for corr in rules.correlations:
             for rule in rules.rules:
                 if rule.name in corr.rules or rule.id in corr.rules:
-                    self._correlations_of.setdefault(rule.id, []).append(corr)
+                    counting = _Counting(corr, rule)
+                    self._correlations_of.setdefault(rule.id, []).append((corr, counting))
                     if not corr.generate:
                         self.silent.add(rule.id)
         self._windows: dict[tuple[str, tuple[Any, ...]], _Window] = {}
@@ -171,20 +180,18 @@ class Engine:
     # -- public -----------------------------------------------------------------------------
 
     def feed(self, event: AnyEvent) -> list[Alert]:
-        category = category_of(event)
-        if category is None or not isinstance(event, Event):
-            return []
         out: list[Alert] = []
-        rules = self._by_category.get(category, ())
-        if rules:
-            fields = FieldDict(event=event, getters=GETTERS[type(event)])
-            for index in self._matchers[category](fields):
+        plan = self._plan.get(type(event))
+        if plan is not None:
+            rules, matcher, getters = plan
+            fields = FieldDict.of(event, getters)
+            for index in matcher(fields):
                 rule = rules[index]
                 self.matches += 1
                 if rule.id not in self.silent:
-                    self._raise(out, rule, rule.description, event)
-                for corr in self._correlations_of.get(rule.id, ()):
-                    self._correlate(out, corr, rule, event, fields)
+                    self._raise(out, rule, rule.description, event)  # type: ignore[arg-type]
+                for corr, counting in self._correlations_of.get(rule.id, ()):
+                    self._correlate(out, corr, counting, event, fields)  # type: ignore[arg-type]
         if self.egress is not None and isinstance(event, ConnectEvent):
             policy = self.egress.policy_for(event.sandbox)
             if policy is not None and not policy.allows(event.daddr, event.dport):
@@ -251,32 +258,49 @@ class Engine:
             raised_ns=time.time_ns(),
         )
 
-    def _correlate(self, out: list[Alert], corr: Correlation, rule: Rule, event: Event,
-                   fields: FieldDict) -> None:  # fmt: skip
-        group = tuple(fields.get(g) for g in corr.group_by)
-        window = self._windows.get((corr.id, group))
+    def _correlate(self, out: list[Alert], corr: Correlation, counting: _Counting,
+                   event: Event, fields: FieldDict) -> None:  # fmt: skip
+        get = fields.get
+        key = (corr.id, tuple([get(g) for g in counting.group_by]))
+        window = self._windows.get(key)
         if window is None:
-            window = self._windows[(corr.id, group)] = _Window()
-        if corr.kind == "value_count":
-            value: Any = fields.get(corr.field or "")
-        elif corr.kind.startswith("temporal"):
-            value = rule.name if rule.name in corr.rules else rule.id
-        else:
-            value = None
-        window.add(event.time_ns, value, event.time_ns - int(corr.seconds * NS))
-        if corr.kind == "value_count":
+            window = self._windows[key] = _Window()
+        value = get(counting.field) if counting.field is not None else counting.value
+        window.add(event.time_ns, value, event.time_ns - counting.window_ns)
+        kind = corr.kind
+        if kind == "value_count":
             seen = window.distinct()
-        elif corr.kind == "temporal":
+        elif kind == "temporal":
             seen = len(window.values)
-        elif corr.kind == "temporal_ordered":
+        elif kind == "temporal_ordered":
             seen = _ordered_prefix(corr.rules, [v for _, v in window.entries])
         else:
             seen = len(window.entries)
-        temporal = corr.kind.startswith("temporal")
-        if _compare(seen, corr.op, len(corr.rules) if temporal else corr.count):
-            detail = f"{corr.kind} {seen} in {corr.seconds:g}s"
+        if counting.fires(seen):
+            detail = f"{kind} {seen} in {corr.seconds:g}s"
             self._raise(out, corr, f"{corr.description} ({detail})".strip(), event)
             window.clear()  # the next alert needs a window of its own
+
+
+class _Counting:
+    """What a correlation counts of one of its rules' events, worked out once."""
+
+    __slots__ = ("field", "group_by", "op", "ref", "value", "window_ns")
+
+    def __init__(self, corr: Correlation, rule: Rule) -> None:
+        self.group_by = tuple(corr.group_by)
+        self.window_ns = int(corr.seconds * NS)
+        temporal = corr.kind.startswith("temporal")
+        # value_count counts distinct values of a field; temporal ones, distinct rules
+        self.field = (corr.field or "") if corr.kind == "value_count" else None
+        self.value: Any = None
+        if temporal:
+            self.value = rule.name if rule.name in corr.rules else rule.id
+        self.op = _OPS.get(corr.op)
+        self.ref = len(corr.rules) if temporal else corr.count
+
+    def fires(self, seen: int) -> bool:
+        return self.op is not None and self.op(seen, self.ref)
 
 
 class _Window:
@@ -308,22 +332,66 @@ class _Window:
         self.values.clear()
 
 
-def generate_matcher(rules: list[Rule]) -> Callable[[FieldDict], list[int]]:
+def generate_matcher(
+    rules: list[Rule], getters: Mapping[str, Callable[[Any], Any]] | None = None
+) -> Callable[[FieldDict], list[int]]:
     """One Python function that tests every rule of a category against an event's fields,
     returning the indices of those that match. Each field a string test reads is lowered
     once, when first needed; tests are inlined as C-level str/set/tuple/regex calls; anything else
-    calls the rule's compiled closure. Same semantics as Rule.test, which tests check."""
-    ctx = CodeContext()
+    calls the rule's compiled closure. Same semantics as Rule.test, which tests check.
+
+    Rules are indexed by their guards (see detect.sigma.Node.guard): the function first looks
+    the event up by the last path element of a field, the needles its text contains (one
+    Aho-Corasick pass per text) and its numbers, and enters only the rules one of whose
+    atoms holds, plus those without a guard.
+
+    With `getters` (those of the one event type it will see), fields are read straight from
+    the event (FieldDict.event)."""
+    ctx = CodeContext(getters)
     exprs = [rule.node.code(ctx) for rule in rules]
-    lines = ["def match(f):", "    low = f.low"]
+    always = 0
+    index: dict[tuple[str, str], dict[Any, int]] = {}
+    for i, rule in enumerate(rules):
+        guard = rule.node.guard()
+        if guard is None:
+            always |= 1 << i
+            continue
+        for kind, var, key in guard:
+            table = index.setdefault((kind, var), {})
+            table[key] = table.get(key, 0) | 1 << i
+            if kind == "needle":
+                ctx.needles.setdefault(var, set()).add(key)
+    lines = ["def match(f):", "    low = f.low", "    e = f.event"]
     # Fields load on first use (see detect.sigma._lazy): most rules stop at their first test.
     lines += [f"    v_{name} = _U" for name in sorted(ctx.low_fields)]
     lines += [f"    r_{name} = _U" for name in sorted(ctx.raw_fields)]
     lines += [f"    j_{name} = _U" for name in sorted(ctx.joined_fields)]
+    lines += [f"    p_{var} = _U" for var in sorted(ctx.needles)]
+    lines.append(f"    cand = {always}")
+    for var in sorted({var for _, var in index}):
+        lines.append(f"    {var} = {ctx.load(var)}")
+    namespace: dict[str, Any] = {}
+    for n, ((kind, var), table) in enumerate(sorted(index.items())):
+        namespace[f"T{n}"] = table
+        if kind == "base":
+            lines.append(f"    if {var} is not None:")
+            lines.append(f"        cand |= T{n}.get({var}.rpartition('/')[2], 0)")
+        elif kind == "num":
+            lines.append(f"    if type({var}) is int:")
+            lines.append(f"        cand |= T{n}.get({var}, 0)")
+        else:
+            lines.append(f"    if {var} is not None:")
+            lines.append(f"        p_{var} = F_{var}({var})")
+            lines.append(f"        for n in p_{var}:")
+            lines.append(f"            cand |= T{n}.get(n, 0)")
     lines.append("    found = []")
-    lines += [f"    if {expr}:\n        found.append({i})" for i, expr in enumerate(exprs)]
+    lines += [
+        f"    if cand & {1 << i} and {expr}:\n        found.append({i})"
+        for i, expr in enumerate(exprs)
+    ]
     lines.append("    return found")
-    namespace: dict[str, Any] = {**ctx.consts, "_U": object()}
+    namespace.update(ctx.namespace())
+    namespace["_U"] = object()
     exec(compile("\n".join(lines), "<sandtrace rules>", "exec"), namespace)  # noqa: S102
     matcher: Callable[[FieldDict], list[int]] = namespace["match"]
     return matcher
@@ -338,11 +406,10 @@ def _ordered_prefix(order: list[str], seen: list[str]) -> int:
     return i
 
 
-def _compare(value: int, op: str, ref: int) -> bool:
-    return {
-        "gte": value >= ref,
-        "gt": value > ref,
-        "lte": value <= ref,
-        "lt": value < ref,
-        "eq": value == ref,
-    }.get(op, False)
+_OPS: dict[str, Callable[[int, int], bool]] = {
+    "gte": operator.ge,
+    "gt": operator.gt,
+    "lte": operator.le,
+    "lt": operator.lt,
+    "eq": operator.eq,
+}

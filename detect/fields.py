@@ -92,11 +92,15 @@ def command_line(argv: list[bytes]) -> str:
 
 
 def category_of(event: AnyEvent) -> str | None:
-    if isinstance(event, ExecEvent):
+    return category_of_type(type(event))
+
+
+def category_of_type(etype: type) -> str | None:
+    if issubclass(etype, ExecEvent):
         return PROCESS_CREATION
-    if isinstance(event, ConnectEvent):
+    if issubclass(etype, ConnectEvent):
         return NETWORK_CONNECTION
-    if isinstance(event, BindEvent | ListenEvent | SocketEvent):
+    if issubclass(etype, BindEvent | ListenEvent | SocketEvent):
         return NETWORK_LISTEN
     return None
 

@@ -15,11 +15,13 @@ from __future__ import annotations
 import ipaddress
 import operator
 import re
+import socket
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ahocorasick  # type: ignore[import-not-found]
 import yaml
 from sigma.collection import SigmaCollection
 from sigma.conditions import (
@@ -49,12 +51,14 @@ from sigma.types import (
 
 from detect.fields import CATEGORY_FIELDS, PRODUCT
 
+_MISSING: Any = object()
+
 
 class FieldDict:
     """An event's fields as rules read them: each computed on first use, then kept, and
     lowercased at most once for all the rules that compare it without case."""
 
-    __slots__ = ("_event", "_getters", "_low", "_vals")
+    __slots__ = ("_getters", "_low", "_vals", "event")
 
     def __init__(
         self,
@@ -64,26 +68,35 @@ class FieldDict:
         getters: Mapping[str, Callable[[Any], Any]] | None = None,
     ) -> None:
         self._vals: dict[str, Any] = dict(values or {})
-        self._event = event
+        self.event = event
         self._getters = getters or {}
         self._low: dict[str, Any] = {}
 
+    @classmethod
+    def of(cls, event: Any, getters: Mapping[str, Callable[[Any], Any]]) -> FieldDict:
+        """The fields of `event`, each read by its getter on first use (the engine's path)."""
+        out = cls.__new__(cls)
+        out._vals = {}
+        out.event = event
+        out._getters = getters
+        out._low = {}
+        return out
+
+    # A miss is the first read of every field: a sentinel, not a KeyError, marks it.
     def get(self, name: str, default: Any = None) -> Any:
-        try:
-            return self._vals[name]
-        except KeyError:
+        value = self._vals.get(name, _MISSING)
+        if value is _MISSING:
             getter = self._getters.get(name)
             if getter is None:
                 return default
-            value = self._vals[name] = getter(self._event)
-            return value
+            value = self._vals[name] = getter(self.event)
+        return value
 
     def low(self, name: str) -> Any:
-        try:
-            return self._low[name]
-        except KeyError:
+        value = self._low.get(name, _MISSING)
+        if value is _MISSING:
             value = self._low[name] = _lower(self.get(name))
-            return value
+        return value
 
     def ip(self, name: str) -> Any:
         """The field parsed as an IP address once, or None when it is not one."""
@@ -93,7 +106,7 @@ class FieldDict:
         except KeyError:
             value = self.get(name)
             try:
-                parsed = ipaddress.ip_address(str(value)) if value else None
+                parsed = ip_address(str(value)) if value else None
             except ValueError:
                 parsed = None
             self._low[key] = parsed
@@ -101,15 +114,34 @@ class FieldDict:
 
     def joined(self, name: str) -> str:
         """A list field lowered and joined as NUL + e1 + NUL + e2 ... + NUL ("" if absent)."""
-        values = self.low(name)
-        if not values:
-            return ""
-        return "\0" + "\0".join(values) + "\0"
+        return _joined(self.low(name))
+
+
+def _joined(values: Any) -> str:
+    if not values:
+        return ""
+    return "\0" + "\0".join(values) + "\0"
+
+
+def ip_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """ipaddress.ip_address(text), parsed in C by inet_pton when it can be (which accepts
+    exactly the strings ipaddress accepts, scoped IPv6 addresses aside); ValueError when
+    `text` is not an address."""
+    try:
+        return ipaddress.IPv4Address(int.from_bytes(socket.inet_pton(socket.AF_INET, text)))
+    except (OSError, ValueError):
+        pass
+    try:
+        return ipaddress.IPv6Address(int.from_bytes(socket.inet_pton(socket.AF_INET6, text)))
+    except (OSError, ValueError):
+        return ipaddress.ip_address(text)
 
 
 def _lower(value: Any) -> Any:
     """The text a case-insensitive comparison sees: str lowercased, numbers as text, lists
     element by element, None kept."""
+    if type(value) is str:
+        return value.lower()
     if value is None:
         return None
     if isinstance(value, list):
@@ -288,7 +320,7 @@ def _in_network(v: Any, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> b
     if not v:
         return False
     try:
-        return ipaddress.ip_address(str(v)) in net
+        return ip_address(str(v)) in net
     except ValueError:
         return False
 
@@ -433,7 +465,7 @@ def _required_literals(rx: re.Pattern[str]) -> frozenset[str] | None:
                 sets.append(inner)
         if run:
             sets.append(frozenset(["".join(run)]))
-        useful = [s for s in sets if min(map(len, s)) >= 3]
+        useful = [s for s in sets if min(map(len, s)) >= 2]
         return max(useful, key=lambda s: min(map(len, s))) if useful else None
 
     found = best(tree)
@@ -509,20 +541,88 @@ class Node:
     def code(self, ctx: CodeContext) -> str:
         raise NotImplementedError
 
+    def guard(self) -> list[Atom] | None:
+        """Atoms of which at least one holds whenever this condition does (None when there
+        is no such list): the engine indexes rules by them, so that an event enters only
+        the rules one of whose atoms it satisfies."""
+        return None
+
+
+Atom = tuple[str, str, Any]
+"""(kind, local, key) over a generated matcher's local holding a field: ("base", v_X, name)
+when the lowered text's last path element is `name`; ("needle", v_X/r_X/j_X, text) when
+the text contains `text`; ("num", r_X, n) when the number is `n`."""
+ATOM_COST = {"base": 0, "num": 1, "needle": 2}
+
 
 class CodeContext:
-    """Constants and preloaded fields a generated matcher refers to."""
+    """Constants and preloaded fields a generated matcher refers to.
 
-    def __init__(self) -> None:
+    With `getters` (one event type's, see detect.fields.GETTERS), the generated code reads
+    fields straight from the event (local `e`), a call per field instead of a walk through
+    FieldDict's caches; closures it calls still read the FieldDict."""
+
+    def __init__(self, getters: Mapping[str, Callable[[Any], Any]] | None = None) -> None:
+        self.getters = getters
         self.consts: dict[str, Any] = {}
         self.low_fields: set[str] = set()
         self.raw_fields: set[str] = set()
         self.joined_fields: set[str] = set()
+        # local holding a text -> every needle any rule looks for in that text
+        self.needles: dict[str, set[str]] = {}
 
     def const(self, value: Any) -> str:
         name = f"K{len(self.consts)}"
         self.consts[name] = value
         return name
+
+    def load(self, var: str) -> str:
+        """Code that reads the field behind local `var`: v_X lowered, r_X as is, j_X as
+        FieldDict.joined gives it."""
+        kind, name = var[0], var[2:]
+        if self.getters is None:
+            return {"v": "low({!r})", "r": "f.get({!r})", "j": "f.joined({!r})"}[kind].format(name)
+        getter = self.getters.get(name)
+        if getter is None:  # not a field of this event type: FieldDict would give None
+            return {"v": "None", "r": "None", "j": '""'}[kind]
+        if kind == "r":
+            return f"{self.const(getter)}(e)"
+        lowered = f"{self.const(_lower)}({self.const(getter)}(e))"
+        return lowered if kind == "v" else f"{self.const(_joined)}({lowered})"
+
+    def contains_any(self, var: str, needles: Iterable[str]) -> str:
+        """Code true when the text in local `var` (already loaded, not None) contains any of
+        `needles`. Every needle of every rule on that text goes into one Aho-Corasick
+        automaton, run once per event: the tests become set intersections, where one
+        regular expression per test would scan the text again."""
+        wanted = frozenset(needles)
+        if not wanted or "" in wanted:  # an automaton has no empty word; a regex does
+            rx = re.compile("|".join(re.escape(n) for n in sorted(wanted)), re.DOTALL)
+            return f"({self.const(rx.search)}({var}) is not None)"
+        self.needles.setdefault(var, set()).update(wanted)
+        found = _lazy(f"p_{var}", f"F_{var}({var})")
+        return f"(not {found}.isdisjoint({self.const(wanted)}))"
+
+    def namespace(self) -> dict[str, Any]:
+        """The constants and needle finders the generated code refers to."""
+        out = dict(self.consts)
+        for var, needles in self.needles.items():
+            out[f"F_{var}"] = needle_finder(needles)
+        return out
+
+
+def needle_finder(needles: Iterable[str]) -> Callable[[str], frozenset[str]]:
+    """A function returning which of `needles` occur in a text (overlapping ones included)."""
+    automaton = ahocorasick.Automaton()
+    for needle in needles:
+        automaton.add_word(needle, needle)
+    automaton.make_automaton()
+    search = automaton.iter
+
+    def found(text: str) -> frozenset[str]:
+        return frozenset([n for _, n in search(text)])
+
+    return found
 
 
 def _var(field: str) -> str:
@@ -545,6 +645,18 @@ class _Join(Node):
 
     def code(self, ctx: CodeContext) -> str:
         return "(" + f" {self.op} ".join(p.code(ctx) for p in self.parts) + ")"
+
+    def guard(self) -> list[Atom] | None:
+        guards = [p.guard() for p in self.parts]
+        if self.op == "or":
+            if any(g is None for g in guards):
+                return None
+            return [a for g in guards for a in g]  # type: ignore[union-attr]
+        known = [g for g in guards if g]
+        if not known:
+            return None
+        # AND: any one part's atoms will do; take the cheapest to look up, then the fewest.
+        return min(known, key=lambda g: (max(ATOM_COST[a[0]] for a in g), len(g)))
 
 
 def _And(parts: list[Node]) -> Node:
@@ -575,11 +687,10 @@ class _Strings(Node):
             # Elements joined with NUL (which no argv element or path holds) turn "any
             # element equals / starts with / ends with / contains" into one substring search.
             ctx.joined_fields.add(self.name)
-            joined = _lazy(f"j_{self.name}", f"f.joined({self.name!r})")
+            joined = _lazy(f"j_{self.name}", ctx.load(f"j_{self.name}"))
             wrapped = {"exact": "\0{}\0", "prefix": "\0{}", "suffix": "{}\0", "contains": "{}"}
-            needles = sorted({wrapped[shape].format(n) for shape, n in self.simple})
-            rx = re.compile("|".join(re.escape(n) for n in needles))
-            return f"({ctx.const(rx.search)}({joined}) is not None)"
+            wanted = {wrapped[shape].format(n) for shape, n in self.simple}
+            return f"({joined} is not None and {ctx.contains_any(f'j_{self.name}', wanted)})"
         ctx.low_fields.add(self.name)
         v = _var(self.name)
         exact = frozenset(n for shape, n in self.simple if shape == "exact")
@@ -598,9 +709,23 @@ class _Strings(Node):
         if len(needles) == 1:
             terms.append(f"{ctx.const(needles[0])} in {v}")
         elif needles:
-            rx = re.compile("|".join(re.escape(n) for n in needles), re.DOTALL)
-            terms.append(f"{ctx.const(rx.search)}({v}) is not None")
-        return f"({_lazy(v, f'low({self.name!r})')} is not None and ({' or '.join(terms)}))"
+            terms.append(ctx.contains_any(v, needles))
+        return f"({_lazy(v, ctx.load(v))} is not None and ({' or '.join(terms)}))"
+
+    def guard(self) -> list[Atom] | None:
+        if self.name in LIST_FIELDS:
+            wrapped = {"exact": "\0{}\0", "prefix": "\0{}", "suffix": "{}\0", "contains": "{}"}
+            needles = {wrapped[shape].format(n) for shape, n in self.simple}
+            return [("needle", f"j_{self.name}", n) for n in sorted(needles)]
+        out: list[Atom] = []
+        for shape, n in self.simple:
+            if shape == "suffix" and n.startswith("/") and len(n) > 1 and "/" not in n[1:]:
+                out.append(("base", _var(self.name), n[1:]))
+            elif shape == "contains" and n:
+                out.append(("needle", _var(self.name), n))
+            else:
+                return None
+        return out
 
 
 class _Regex(Node):
@@ -619,17 +744,23 @@ class _Regex(Node):
         if fold:  # matching the lowered text ignoring case is the same match
             ctx.low_fields.add(self.name)
             v = _var(self.name)
-            load = f"low({self.name!r})"
+            load = ctx.load(v)
         else:
             ctx.raw_fields.add(self.name)
             v = f"r_{self.name}"
-            load = f"f.get({self.name!r})"
+            load = ctx.load(v)
         terms = [f"{_lazy(v, load)} is not None"]
         if self.needles:
-            pre = re.compile("|".join(re.escape(n) for n in sorted(self.needles)))
-            terms.append(f"{ctx.const(pre.search)}({v}) is not None")
+            terms.append(ctx.contains_any(v, self.needles))
         terms.append(f"{ctx.const(self.rx.search)}({v}) is not None")
         return "(" + " and ".join(terms) + ")"
+
+    def guard(self) -> list[Atom] | None:
+        if self.name in LIST_FIELDS or not self.needles:
+            return None
+        fold = bool(self.rx.flags & re.IGNORECASE)
+        var = _var(self.name) if fold else f"r_{self.name}"
+        return [("needle", var, n) for n in sorted(self.needles)]
 
 
 class _Cidrs(Node):
@@ -657,8 +788,11 @@ class _Numbers(Node):
 
     def code(self, ctx: CodeContext) -> str:
         ctx.raw_fields.add(self.name)
-        load = _lazy(f"r_{self.name}", f"f.get({self.name!r})")
+        load = _lazy(f"r_{self.name}", ctx.load(f"r_{self.name}"))
         return f"(type({load}) is int and r_{self.name} in {ctx.const(self.numbers)})"
+
+    def guard(self) -> list[Atom] | None:
+        return [("num", f"r_{self.name}", n) for n in sorted(self.numbers)]
 
 
 class _Call(Node):
@@ -715,6 +849,8 @@ def _compile(node: Any, fields: Mapping[str, str], used: set[str]) -> Node:
             return _Numbers(node.field, frozenset([node.value.number]))
         if isinstance(node.value, SigmaCIDRExpression):
             return _Cidrs(node.field, [node.value.network])
+        if isinstance(node.value, SigmaExpansion) and all(_simple(v) for v in node.value.values):
+            return _Strings(node.field, [_simple(v) for v in node.value.values])  # type: ignore[misc]
         if isinstance(node.value, SigmaRegularExpression) and node.field in TEXT_FIELDS:
             return _Regex(node.field, node.value)
         return _Call(_field_test(node.field, node.value))

@@ -55,10 +55,12 @@ def test_case(case: Case) -> None:
 
 
 def test_generated_matchers_agree_with_the_compiled_rules() -> None:
-    """The engine's generated per-category code and the rules' closures say the same thing,
-    for every case event (including fields that are absent or empty)."""
+    """The engine's generated code (per category over a FieldDict, and per event type reading
+    the event itself, rule index included) and the rules' closures say the same thing, for
+    every case event (including fields that are absent or empty). Each side gets a fresh
+    FieldDict, so none reads what another cached."""
     from detect.engine import generate_matcher  # noqa: PLC0415
-    from detect.fields import GETTERS, category_of  # noqa: PLC0415
+    from detect.fields import GETTERS, category_of, category_of_type  # noqa: PLC0415
     from detect.sigma import FieldDict  # noqa: PLC0415
 
     rules = pack()
@@ -66,13 +68,23 @@ def test_generated_matchers_agree_with_the_compiled_rules() -> None:
     for r in rules.rules:
         by_category.setdefault(r.category, []).append(r)
     matchers = {c: generate_matcher(rs) for c, rs in by_category.items()}
+    typed = {
+        t: generate_matcher(by_category[c], getters)
+        for t, getters in GETTERS.items()
+        if (c := category_of_type(t)) is not None
+    }
     checked = 0
     for case in all_cases():
         for event in case.events:
             category = category_of(event)
             assert category is not None
-            fields = FieldDict(event=event, getters=GETTERS[type(event)])
-            expected = [i for i, r in enumerate(by_category[category]) if r.test(fields)]
-            assert matchers[category](fields) == expected, case.name
+            getters = GETTERS[type(event)]
+            expected = [
+                i
+                for i, r in enumerate(by_category[category])
+                if r.test(FieldDict(event=event, getters=getters))
+            ]
+            assert matchers[category](FieldDict(event=event, getters=getters)) == expected
+            assert typed[type(event)](FieldDict.of(event, getters)) == expected, case.name
             checked += 1
     assert checked >= 250
