@@ -118,7 +118,8 @@ class Output:
         self._queue: asyncio.Queue[Item] = asyncio.Queue(maxsize=self.queue_size)
         self._inflight: list[_Pending] = []
         self._task: asyncio.Task[None] | None = None
-        self._closing = False
+        self._closing = False  # no more submits
+        self._stopping = False  # the sender must end
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -174,10 +175,15 @@ class Output:
         self._closing = True
         if self._task is not None and not self._task.done():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), timeout=deadline)
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                async with asyncio.timeout(deadline):
+                    await self._idle.wait()
+            self._stopping = True
+            # Cancel until the task ends: a cancellation that lands as an awaited operation
+            # completes can be lost (asyncio.wait_for in 3.11, SSL handshakes), and the
+            # _stopping flag ends the task at its next step anyway.
+            while not self._task.done():
+                self._task.cancel()
+                await asyncio.wait({self._task}, timeout=0.5)
         left = self.depth()
         if left:
             self.stats.dropped["shutdown"] += left
@@ -191,7 +197,7 @@ class Output:
     # --- the sender ------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             if self._queue.empty() and not self._inflight:
                 self._idle.set()
             item = await self._queue.get()
@@ -248,6 +254,8 @@ class Output:
             )
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.backoff_max)
+            if self._stopping:
+                return
 
     def _reject(self, pending: list[_Pending], reason: str) -> None:
         self.stats.dropped["rejected"] += len(pending)
@@ -414,6 +422,8 @@ class JsonlOutput(Output):
             )
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.backoff_max)
+            if self._stopping:
+                return
 
     async def _close(self) -> None:
         if self._fd is not None:
@@ -531,15 +541,13 @@ class SyslogOutput(Output):
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(
+            async with asyncio.timeout(self.connect_timeout):
+                reader, writer = await asyncio.open_connection(
                     self.host,
                     self.port,
                     ssl=self.ssl,
                     server_hostname=self.host if self.ssl else None,
-                ),
-                timeout=self.connect_timeout,
-            )
+                )
         except ssl.SSLCertVerificationError as exc:
             raise RetryableError("tls_verify", exc.verify_message or str(exc)) from exc
         except ssl.SSLError as exc:
@@ -563,7 +571,8 @@ class SyslogOutput(Output):
         if self._writer is None or self._writer.is_closing():
             self._reader, self._writer = await self._connect()
         self._writer.write(b"".join(p.payload for p in pending))
-        await asyncio.wait_for(self._writer.drain(), timeout=self.connect_timeout)
+        async with asyncio.timeout(self.connect_timeout):
+            await self._writer.drain()
         self.stats.sent += len(pending)
         return []
 
@@ -575,7 +584,8 @@ class SyslogOutput(Output):
         if writer is not None:
             writer.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), timeout=1.0)
+                async with asyncio.timeout(1.0):
+                    await writer.wait_closed()
 
 
 # --- HTTP (Splunk HEC, Elasticsearch) ------------------------------------------------------
