@@ -817,10 +817,11 @@ def outputs_from_config(sections: list[dict[str, Any]]) -> list[Output]:
             raise OutputConfigError(f"output {index}: is not a table")
         _check_section(section, index)
     outputs = [OUTPUT_TYPES[s["type"]](s, i) for i, s in enumerate(sections)]
-    names = Counter(o.name for o in outputs)
+    seen: set[str] = set()
     for index, o in enumerate(outputs):
-        if names[o.name] > 1:
+        if o.name in seen:
             raise OutputConfigError(f"output {index} ({o.name}): name: used by another output")
+        seen.add(o.name)
     return outputs
 
 

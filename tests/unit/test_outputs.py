@@ -1,0 +1,211 @@
+"""service.outputs without receivers: configuration, what each output takes, queue limits,
+metrics. (Delivery to real receivers is in tests/e2e/test_siem_outputs.py.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from collector.events import Alert, AnyEvent, LostEvent
+from service.outputs import (
+    ElasticsearchOutput,
+    JsonlOutput,
+    OutputConfigError,
+    SplunkHecOutput,
+    SyslogOutput,
+    outputs_from_config,
+    prometheus_lines,
+)
+from tests.unit.test_schemas import alert, exec_event, lost_event
+
+
+@pytest.fixture
+def secret(tmp_path: Path) -> str:
+    path = tmp_path / "token"
+    path.write_text("s3cret\n")
+    return str(path)
+
+
+def test_defaults(tmp_path: Path, secret: str) -> None:
+    outs = outputs_from_config(
+        [
+            {"type": "jsonl", "path": str(tmp_path / "a.jsonl")},
+            {"type": "syslog", "address": "127.0.0.1:6514"},
+            {
+                "type": "splunk_hec",
+                "url": "https://h/services/collector/event",
+                "token_file": secret,
+            },
+            {
+                "type": "elasticsearch",
+                "url": "https://es:9200/",
+                "index": "st",
+                "api_key_file": secret,
+            },
+        ]
+    )
+    jsonl, syslog, hec, es = outs
+    assert [o.name for o in outs] == ["jsonl0", "syslog1", "splunk_hec2", "elasticsearch3"]
+    assert [o.what for o in outs] == ["both"] * 4
+    assert [o.schema_name for o in outs] == ["native"] * 4
+    assert [o.queue_size for o in outs] == [10000] * 4
+    assert isinstance(jsonl, JsonlOutput)
+    assert (jsonl.max_bytes, jsonl.backups) == (0, 5)
+    assert isinstance(syslog, SyslogOutput)
+    assert (syslog.host, syslog.port, syslog.app_name, syslog.facility) == (
+        "127.0.0.1",
+        6514,
+        "sandtrace",
+        1,
+    )
+    assert syslog.ssl is None
+    assert isinstance(hec, SplunkHecOutput)
+    assert hec.headers == {"Content-Type": "application/json", "Authorization": "Splunk s3cret"}
+    assert (hec.sourcetype, hec.index) == ("sandtrace", None)
+    assert isinstance(es, ElasticsearchOutput)
+    assert es.url == "https://es:9200/_bulk"
+    assert es.headers == {"Content-Type": "application/x-ndjson", "Authorization": "ApiKey s3cret"}
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        (
+            {"type": "kafka"},
+            "output 0: type: 'kafka' is not one of elasticsearch, jsonl, splunk_hec, syslog",
+        ),
+        (
+            {"type": "jsonl", "name": "f", "path": "/tmp/x", "colour": 1},
+            "output 0 (f): colour: unknown key for a jsonl output",
+        ),
+        ({"type": "jsonl"}, "output 0: path: missing (required for a jsonl output)"),
+        (
+            {"type": "jsonl", "path": "/tmp/x", "what": "all"},
+            "output 0: what: 'all' must be one of events, alerts, both",
+        ),
+        (
+            {"type": "jsonl", "path": "/tmp/x", "schema": "cef"},
+            "output 0: schema: 'cef' must be one of native, ecs, ocsf",
+        ),
+        ({"type": "jsonl", "path": "/tmp/x", "queue": 0}, "output 0: queue: 0 must be at least 1"),
+        (
+            {"type": "jsonl", "path": "/tmp/x", "queue": "10"},
+            "output 0: queue: '10' has the wrong type",
+        ),
+        (
+            {"type": "jsonl", "path": "/tmp/x", "queue": True},
+            "output 0: queue: True has the wrong type",
+        ),
+        (
+            {"type": "jsonl", "path": "/nonexistent/dir/x"},
+            "output 0: path: directory /nonexistent/dir does not exist",
+        ),
+        (
+            {"type": "syslog", "address": "localhost"},
+            "output 0: address: 'localhost' must be HOST:PORT",
+        ),
+        (
+            {"type": "syslog", "address": "h:514", "facility": "local9"},
+            "output 0: facility: 'local9' must be a facility name (e.g. local0) or 0-23",
+        ),
+        (
+            {"type": "syslog", "address": "h:514", "ca_file": "/etc/hostname"},
+            "output 0: ca_file: '/etc/hostname' needs tls = true",
+        ),
+        (
+            {"type": "syslog", "address": "h:514", "tls": True, "ca_file": "/nonexistent"},
+            "output 0: ca_file: /nonexistent is not a readable file",
+        ),
+        (
+            {"type": "splunk_hec", "url": "h:8088", "token_file": "/etc/hostname"},
+            "output 0: url: 'h:8088' must be http(s)://...",
+        ),
+        (
+            {"type": "splunk_hec", "url": "http://h"},
+            "output 0: token_file: missing (required for a splunk_hec output)",
+        ),
+        (
+            {"type": "elasticsearch", "url": "http://h"},
+            "output 0: index: missing (required for a elasticsearch output)",
+        ),
+    ],
+)
+def test_config_errors_name_output_and_key(section: dict[str, Any], message: str) -> None:
+    with pytest.raises(OutputConfigError) as info:
+        outputs_from_config([section])
+    assert str(info.value) == message
+
+
+def test_config_error_names_the_index_of_the_bad_output(tmp_path: Path) -> None:
+    ok = {"type": "jsonl", "path": str(tmp_path / "a")}
+    with pytest.raises(OutputConfigError, match=r"^output 2: batch: 0 must be at least 1$"):
+        outputs_from_config([ok, {**ok, "name": "b"}, {**ok, "batch": 0}])
+    with pytest.raises(OutputConfigError, match=r"^output 1 \(x\): name: used by another"):
+        outputs_from_config([{**ok, "name": "x"}, {**ok, "name": "x"}])
+
+
+def test_wants(tmp_path: Path) -> None:
+    events, alerts, both = outputs_from_config(
+        [
+            {"type": "jsonl", "path": str(tmp_path / w), "what": w}
+            for w in ("events", "alerts", "both")
+        ]
+    )
+    items: list[AnyEvent | Alert] = [exec_event(), lost_event(), alert()]
+    assert [events.wants(i) for i in items] == [True, True, False]
+    assert [alerts.wants(i) for i in items] == [False, False, True]
+    assert [both.wants(i) for i in items] == [True, True, True]
+
+
+def test_submit_never_blocks_and_counts_drops(tmp_path: Path) -> None:
+    (out,) = outputs_from_config(
+        [{"type": "jsonl", "name": "f", "path": str(tmp_path / "x"), "queue": 3, "what": "events"}]
+    )
+    for _ in range(5):
+        out.submit(exec_event())
+    out.submit(alert())  # not wanted: neither queued nor dropped
+    assert out.depth() == 3
+    assert out.stats.queued == 3
+    assert out.stats.dropped == {"queue_full": 2}
+    lines = prometheus_lines([out])
+    assert lines == [
+        "# HELP sandtrace_output_sent_total Items delivered, per output",
+        "# TYPE sandtrace_output_sent_total counter",
+        'sandtrace_output_sent_total{output="f"} 0',
+        "# HELP sandtrace_output_dropped_total Items lost, per output and cause",
+        "# TYPE sandtrace_output_dropped_total counter",
+        'sandtrace_output_dropped_total{output="f",cause="format_error"} 0',
+        'sandtrace_output_dropped_total{output="f",cause="queue_full"} 2',
+        'sandtrace_output_dropped_total{output="f",cause="rejected"} 0',
+        'sandtrace_output_dropped_total{output="f",cause="shutdown"} 0',
+        "# HELP sandtrace_output_retries_total Failed deliveries retried, per output",
+        "# TYPE sandtrace_output_retries_total counter",
+        'sandtrace_output_retries_total{output="f"} 0',
+        "# HELP sandtrace_output_queue Items waiting or in delivery, per output",
+        "# TYPE sandtrace_output_queue gauge",
+        'sandtrace_output_queue{output="f"} 3',
+    ]
+
+
+def test_metric_labels_are_escaped(tmp_path: Path) -> None:
+    (out,) = outputs_from_config([{"type": "jsonl", "name": 'a"b\\', "path": str(tmp_path / "x")}])
+    assert 'sandtrace_output_sent_total{output="a\\"b\\\\"} 0' in prometheus_lines([out])
+
+
+@pytest.mark.asyncio
+async def test_jsonl_to_file_and_close(tmp_path: Path) -> None:
+    path = tmp_path / "x.jsonl"
+    (out,) = outputs_from_config([{"type": "jsonl", "path": str(path), "schema": "ocsf"}])
+    await out.start()
+    lost = LostEvent(time_ns=1, host="h", kernel={}, user=0, errors={})
+    out.submit(lost)
+    await out.aclose(deadline=5)
+    assert out.stats.sent == 1
+    assert out.stats.dropped == {}
+    (line,) = path.read_text().splitlines()
+    assert json.loads(line)["class_uid"] == 6008
+    out.submit(lost)  # after close: counted, not queued
+    assert out.stats.dropped == {"shutdown": 1}
