@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -647,6 +648,63 @@ async def test_elasticsearch_bulk(tmp_path: Path, receiver: Receiver, started: S
         {"create": {"_index": "sandtrace-events"}},
         dumped(ecs(items[1])),
     ]
+
+
+@pytest.mark.asyncio
+async def test_https_receivers_verify_the_ca(tmp_path: Path, tls: TLSFiles, started: Start) -> None:
+    other = make_tls(tmp_path / "other", hosts=["127.0.0.1"], name="other")
+    token = tmp_path / "hec.token"
+    token.write_text("t0k")
+    bodies: list[bytes] = []
+
+    async def hec(request: web.Request) -> web.Response:
+        bodies.append(await request.read())
+        return web.json_response({"text": "Success", "code": 0})
+
+    app = web.Application()
+    app.router.add_post("/services/collector/event", hec)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls.cert, tls.key)
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    url = f"https://127.0.0.1:{runner.addresses[0][1]}/services/collector/event"
+    try:
+        good, wrong_ca = await started(
+            [
+                {
+                    "type": "splunk_hec",
+                    "name": "ok",
+                    "url": url,
+                    "token_file": str(token),
+                    "ca_file": str(tls.ca),
+                },
+                {
+                    "type": "splunk_hec",
+                    "name": "wrong-ca",
+                    "url": url,
+                    "token_file": str(token),
+                    "ca_file": str(other.ca),
+                    "backoff": 0.05,
+                    "backoff_max": 0.1,
+                },
+            ]
+        )
+        for o in (good, wrong_ca):
+            o.submit(exec_event(77))
+        await wait_for(lambda: good.stats.sent == 1, what="the event over HTTPS")
+        await wait_for(
+            lambda: wrong_ca.stats.errors["ClientConnectorCertificateError"] >= 2,
+            what="certificate refused",
+        )
+    finally:
+        await runner.cleanup()
+    assert len(bodies) == 1
+    (obj,) = hec_objects(bodies[0])
+    assert obj["event"] == dumped(native(exec_event(77)))
+    assert wrong_ca.stats.sent == 0
+    assert wrong_ca.depth() == 1
 
 
 # --- a failing output does not hold the others back ----------------------------------------
