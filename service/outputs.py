@@ -18,6 +18,9 @@ good (HTTP 4xx other than 429, per item for Elasticsearch) is dropped with cause
 and counts the rest as dropped with cause "shutdown". Nothing is lost without a count in
 OutputStats, exported by prometheus_lines().
 
+submit() must be called on the event loop's thread (the aiohttp handlers are). Each output
+has its own aiohttp session (HTTP outputs differ in TLS settings), made in start().
+
 Delivery is at least once: an item whose delivery failed midway is sent again whole (a
 syslog connection that broke after a write, an HTTP request that timed out).
 """
@@ -80,7 +83,7 @@ class OutputStats:
     retries: int = 0  # delivery attempts that failed and were retried
     dropped: Counter[str] = field(default_factory=Counter)  # items lost, per cause
     errors: Counter[str] = field(default_factory=Counter)  # failed attempts, per cause
-    queued: int = 0  # items waiting or being delivered now
+    queued: int = 0  # items waiting or being delivered, as of the last submit or batch
 
 
 @dataclass(slots=True)
