@@ -12,6 +12,7 @@ import dataclasses
 import ipaddress
 import itertools
 import operator
+import socket
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
@@ -20,7 +21,7 @@ from typing import Any, Protocol
 
 from collector.events import Alert, AnyEvent, ConnectEvent, Event
 from detect.fields import GETTERS, category_of_type
-from detect.sigma import CodeContext, Correlation, FieldDict, Rule, RuleSet, ip_address
+from detect.sigma import CodeContext, Correlation, FieldDict, Rule, RuleSet
 
 EGRESS_RULE_ID = "sandtrace-egress-allow-list"
 
@@ -62,6 +63,10 @@ class EgressPolicy:
     allowed: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, frozenset[int]]] = field(
         default_factory=list
     )
+    # `allowed` as (version, netmask, network, ports) integers, rebuilt when it grows
+    _ints: list[tuple[int, int, int, frozenset[int]]] = field(
+        default_factory=list, repr=False, compare=False
+    )
 
     @classmethod
     def parse(cls, specs: Iterable[str]) -> EgressPolicy:
@@ -85,16 +90,40 @@ class EgressPolicy:
         return out
 
     def allows(self, addr: str, port: int) -> bool:
-        try:
-            ip = ip_address(addr)
-        except ValueError:
+        parsed = _ip_int(addr)
+        if parsed is None:
             return False
-        if ip.is_loopback:
-            return True  # the sandbox talking to itself
-        return any(
-            ip.version == net.version and ip in net and (not ports or port in ports)
-            for net, ports in self.allowed
-        )
+        # Integer compares, in the order of the list: ipaddress's `in` and is_loopback cost
+        # more than all the rest of the check.
+        version, value = parsed
+        if value >> 24 == 127 if version == 4 else value == 1:
+            return True  # the sandbox talking to itself (127.0.0.0/8, ::1)
+        if len(self._ints) != len(self.allowed):
+            self._ints = [
+                (net.version, int(net.netmask), int(net.network_address), ports)
+                for net, ports in self.allowed
+            ]
+        for net_version, mask, network, ports in self._ints:
+            if net_version == version and value & mask == network and (not ports or port in ports):
+                return True
+        return False
+
+
+def _ip_int(addr: str) -> tuple[int, int] | None:
+    """(version, address as an integer), or None when `addr` is not an IP address."""
+    try:
+        return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, addr))
+    except (OSError, ValueError):
+        pass
+    try:
+        return 6, int.from_bytes(socket.inet_pton(socket.AF_INET6, addr))
+    except (OSError, ValueError):
+        pass
+    try:
+        ip = ipaddress.ip_address(addr)  # scoped IPv6 addresses, which inet_pton refuses
+    except ValueError:
+        return None
+    return ip.version, int(ip)
 
 
 @dataclass(slots=True)
@@ -361,6 +390,7 @@ def generate_matcher(
             table[key] = table.get(key, 0) | 1 << i
             if kind == "needle":
                 ctx.needles.setdefault(var, set()).add(key)
+    loads = [f"    {var} = {ctx.load(var)}" for var in sorted({var for _, var in index})]
     lines = ["def match(f):", "    low = f.low", "    e = f.event"]
     # Fields load on first use (see detect.sigma._lazy): most rules stop at their first test.
     lines += [f"    v_{name} = _U" for name in sorted(ctx.low_fields)]
@@ -368,8 +398,7 @@ def generate_matcher(
     lines += [f"    j_{name} = _U" for name in sorted(ctx.joined_fields)]
     lines += [f"    p_{var} = _U" for var in sorted(ctx.needles)]
     lines.append(f"    cand = {always}")
-    for var in sorted({var for _, var in index}):
-        lines.append(f"    {var} = {ctx.load(var)}")
+    lines += loads
     namespace: dict[str, Any] = {}
     for n, ((kind, var), table) in enumerate(sorted(index.items())):
         namespace[f"T{n}"] = table

@@ -474,6 +474,17 @@ def _required_literals(rx: re.Pattern[str]) -> frozenset[str] | None:
     return frozenset(x.lower() for x in found) if fold else found
 
 
+def _min_width(rx: re.Pattern[str]) -> int:
+    """The fewest characters any match of `rx` spans (0 when unknown)."""
+    try:
+        import importlib  # noqa: PLC0415
+
+        tree = importlib.import_module("re._parser").parse(rx.pattern, rx.flags)
+        return int(tree.getwidth()[0])
+    except Exception:
+        return 0
+
+
 def _regex_test(name: str, value: SigmaRegularExpression) -> Matcher:
     rx = _regex(value)
     needles = _required_literals(rx)
@@ -585,9 +596,12 @@ class CodeContext:
         getter = self.getters.get(name)
         if getter is None:  # not a field of this event type: FieldDict would give None
             return {"v": "None", "r": "None", "j": '""'}[kind]
+        raw = f"{self.const(getter)}(e)"
         if kind == "r":
-            return f"{self.const(getter)}(e)"
-        lowered = f"{self.const(_lower)}({self.const(getter)}(e))"
+            return raw
+        # The lowered and joined forms start from the raw value, read once for all three.
+        self.raw_fields.add(name)
+        lowered = f"{self.const(_lower)}({_lazy(f'r_{name}', raw)})"
         return lowered if kind == "v" else f"{self.const(_joined)}({lowered})"
 
     def contains_any(self, var: str, needles: Iterable[str]) -> str:
@@ -735,6 +749,7 @@ class _Regex(Node):
         self.name = name
         self.rx = _regex(value)
         self.needles = _required_literals(self.rx)
+        self.min_width = _min_width(self.rx)
         self.test = _regex_test(name, value)
 
     def code(self, ctx: CodeContext) -> str:
@@ -750,6 +765,8 @@ class _Regex(Node):
             v = f"r_{self.name}"
             load = ctx.load(v)
         terms = [f"{_lazy(v, load)} is not None"]
+        if self.min_width > 1:  # a text shorter than any match cannot hold one
+            terms.append(f"len({v}) >= {self.min_width}")
         if self.needles:
             terms.append(ctx.contains_any(v, self.needles))
         terms.append(f"{ctx.const(self.rx.search)}({v}) is not None")
