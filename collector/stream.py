@@ -142,6 +142,7 @@ class StreamSink:
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._last_warning = 0.0
+        self._last_failure = -10.0
         if self.spool is not None and len(self.spool):
             log.info("replaying spooled batches", batches=len(self.spool), bytes=self.spool.bytes)
 
@@ -156,10 +157,27 @@ class StreamSink:
         if len(self._pending) >= self.batch_events:
             self._seal()
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            self._start_sender()
 
     def flush(self) -> None:
         return None  # the sender keeps its own pace
+
+    def _start_sender(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="stream sender")
+        self._task.add_done_callback(self._sender_done)
+
+    def _sender_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        # a bug, not an outage (those are retried): say so loudly (at most every 5 s); what
+        # is held stays held (and is spooled at exit); the next event starts a new sender
+        now = time.monotonic()
+        if now - self._last_failure >= 5.0:
+            self._last_failure = now
+            log.error("stream sender failed; restarting it", error=repr(exc), exc_info=exc,
+                      held_batches=self.held_batches)  # fmt: skip
+        self._task = None
 
     def close(self) -> None:
         self._closing = True
@@ -174,7 +192,7 @@ class StreamSink:
         self.close()
         self._seal()
         if self._task is None and (self._memory or (self.spool is not None and len(self.spool))):
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            self._start_sender()
         if self._task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), deadline)
@@ -343,7 +361,7 @@ class StreamSink:
                         continue
                     batch, spooled = nxt
                     self._inflight = batch
-                    result = await self._send(transport, batch)
+                    result = await self._send(transport, batch, spooled)
                     self._inflight = None
                     if result == "ok":
                         self._done(batch, spooled)
@@ -361,10 +379,12 @@ class StreamSink:
             finally:
                 await transport.close()
 
-    async def _send(self, transport: _Transport, batch: _Batch) -> str:
-        """ "ok", "rejected" (never acceptable: discard) or "retry"."""
+    async def _send(self, transport: _Transport, batch: _Batch, spooled: bool) -> str:
+        """Send one batch: "ok", "rejected" (never acceptable: discard) or "retry"."""
+        # what this collector still holds once this batch is taken
+        behind_bytes = self.spool_bytes - (len(batch.body) if spooled else 0)
         try:
-            status, text = await transport.send(batch.body, self.spool_bytes, self.held_batches)
+            status, text = await transport.send(batch.body, behind_bytes, self.held_batches - 1)
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
             if isinstance(exc, aiohttp.ClientConnectorCertificateError | ssl.SSLError):
                 self._warn("the service's TLS certificate is not trusted: give its CA with "

@@ -282,6 +282,8 @@ def test_full_disk_under_the_spool_is_counted_and_recovers(
     got = markers(read_jsonl(setup["events"]))
     assert discarded > 0  # the disk did fill
     assert reported == discarded  # and the service was told exactly how many
+    told = sum(e["spool"] for e in read_jsonl(setup["events"]) if e["kind"] == "lost")
+    assert told == discarded  # and its event output (the SIEM stream) carries the count
     sent_kinds = [e for e in local if e["kind"] != "lost"]
     arrived = [e for e in read_jsonl(setup["events"]) if e["kind"] != "lost"]
     assert len(sent_kinds) - len(arrived) == discarded  # every event arrived or is counted
