@@ -292,6 +292,6 @@ async def serve(args: argparse.Namespace) -> int:
         for engine in ingest.engines.values():  # folded repeats still pending
             for alert in engine.flush():
                 on_alert(alert)
-        for out in outputs:
-            await out.aclose()
+        # each output gets the same few seconds to deliver what it holds, at the same time
+        await asyncio.gather(*(out.aclose(5.0) for out in outputs))
     return 0
