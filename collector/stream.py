@@ -60,7 +60,7 @@ def check_url(url: str, insecure: bool = False) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"service URL {url!r} is not http://HOST:PORT or https://HOST:PORT")
-    if parts.scheme == "http" and not insecure and not _is_loopback(parts.hostname):
+    if parts.scheme == "http" and not insecure and not is_loopback(parts.hostname):
         raise InsecureURL(
             f"refusing to send events in clear text to {parts.hostname}: use https:// (with "
             "--server-ca-file if its certificate is private), or --insecure on a trusted network"
@@ -68,7 +68,8 @@ def check_url(url: str, insecure: bool = False) -> str:
     return url.rstrip("/")
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether host (a name or an address) is this machine's loopback."""
     if host == "localhost":
         return True
     try:

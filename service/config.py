@@ -30,12 +30,13 @@ that names the file, the key and what to do, before the service starts (and with
 
 from __future__ import annotations
 
-import ipaddress
 import ssl
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from collector.stream import is_loopback
 
 
 class ConfigError(ValueError):
@@ -129,15 +130,6 @@ def load(path: Path) -> ServiceConfig:
     return cfg
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def read_token(cfg: ServiceConfig) -> str | None:
     if not cfg.token_file:
         return None
@@ -177,7 +169,7 @@ def check(cfg: ServiceConfig) -> list[str]:
         raise ConfigError("tail.queue must be positive")
     read_token(cfg)
     tls_context(cfg)
-    if not cfg.tls and not _is_loopback(host):
+    if not cfg.tls and not is_loopback(host):
         if not cfg.insecure:
             raise ConfigError(
                 f"server.listen: {host} is not loopback and there is no TLS: give tls_cert and "

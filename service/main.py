@@ -11,8 +11,10 @@ import argparse
 import asyncio
 import contextlib
 import signal
+import ssl
 import sys
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -191,27 +193,44 @@ def _say(lines: Iterable[str]) -> None:
         print(f"sandtrace serve: {line}", file=sys.stderr)
 
 
+@dataclass(slots=True)
+class Prepared:
+    """Everything the service needs, loaded and checked; nothing started yet."""
+
+    cfg: ServiceConfig
+    notes: list[str]
+    token: str | None
+    ssl_ctx: ssl.SSLContext | None
+    rules: RuleSet
+    egress: EgressPolicies | None
+    outputs: list[Any]
+
+
+def prepare(args: argparse.Namespace) -> Prepared:
+    """The configuration and all it names, checked; ConfigError on the first problem."""
+    cfg = build_config(args)
+    notes = check(cfg)
+    return Prepared(cfg, notes, read_token(cfg), tls_context(cfg), load_rules(cfg),
+                    egress_of(cfg), build_outputs(cfg))  # fmt: skip
+
+
 def check_config(args: argparse.Namespace) -> int:
     """--check-config: every check the service makes before serving; 0 when all pass."""
     try:
-        cfg = build_config(args)
-        notes = check(cfg)
-        rules = load_rules(cfg)
-        egress = egress_of(cfg)
-        outputs = build_outputs(cfg)
+        p = prepare(args)
     except ConfigError as exc:
         _say([f"configuration error: {exc}"])
         return 2
-    _say(f"note: {n}" for n in notes)
-    _say(f"rule not loaded: {where}: {why}" for where, why in rules.refused)
-    host, port = cfg.host_port
+    _say(f"note: {n}" for n in p.notes)
+    _say(f"rule not loaded: {where}: {why}" for where, why in p.rules.refused)
+    host, port = p.cfg.host_port
     _say([
-        f"configuration OK ({cfg.source}): listen {host}:{port} "
-        f"{'https' if cfg.tls else 'http'}, {len(rules.rules)} rules, "
-        f"{len(rules.correlations)} correlations, "
-        f"{len(egress) if egress else 0} egress allow-list entries, "
-        f"{len(outputs)} outputs ({', '.join(o.name for o in outputs) or 'none'}), "
-        f"tail {'on' if cfg.tail else 'off'}"
+        f"configuration OK ({p.cfg.source}): listen {host}:{port} "
+        f"{'https' if p.cfg.tls else 'http'}, {len(p.rules.rules)} rules, "
+        f"{len(p.rules.correlations)} correlations, "
+        f"{len(p.egress) if p.egress else 0} egress allow-list entries, "
+        f"{len(p.outputs)} outputs ({', '.join(o.name for o in p.outputs) or 'none'}), "
+        f"tail {'on' if p.cfg.tail else 'off'}"
     ])  # fmt: skip
     return 0
 
@@ -225,18 +244,14 @@ async def serve(args: argparse.Namespace) -> int:
     if args.check_config:
         return check_config(args)
     try:
-        cfg = build_config(args)
-        notes = check(cfg)
-        token = read_token(cfg)
-        ssl_ctx = tls_context(cfg)
-        rules = load_rules(cfg)
-        egress = egress_of(cfg)
-        outputs = build_outputs(cfg)
+        p = prepare(args)
     except ConfigError as exc:
         _say([f"configuration error: {exc}", "check it with: sandtrace serve --check-config"])
         return 2
-    _say(f"note: {n}" for n in notes)
-    _say(f"rule not loaded: {where}: {why}" for where, why in rules.refused)
+    _say(f"note: {n}" for n in p.notes)
+    _say(f"rule not loaded: {where}: {why}" for where, why in p.rules.refused)
+    cfg, token, ssl_ctx, rules, egress, outputs = (p.cfg, p.token, p.ssl_ctx, p.rules,
+                                                   p.egress, p.outputs)  # fmt: skip
     hub = TailHub(max_queue=cfg.tail_queue) if cfg.tail else None
     gate = OutputGate(outputs)
 
