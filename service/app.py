@@ -31,7 +31,7 @@ from collector.events import Alert, AnyEvent, LostEvent
 from detect.engine import Engine
 from detect.sigma import RuleSet
 from service.tail import TailHub, add_tail_routes
-from service.wire import CONTENT_TYPE, MAX_BATCH_BYTES, BadBatch, decode_batch
+from service.wire import CONTENT_TYPES, MAX_BATCH_BYTES, BadBatch, decode_batch
 
 log = structlog.get_logger("sandtrace.service")
 
@@ -212,8 +212,9 @@ def make_app(
     async def batches(request: web.Request) -> web.Response:
         if not authorized(request):
             return reject(401, "unauthorized", "missing or wrong bearer token")
-        if request.content_type != CONTENT_TYPE:
-            return reject(415, "content_type", f"send {CONTENT_TYPE}, not {request.content_type}")
+        if request.content_type not in CONTENT_TYPES:
+            wanted = " or ".join(CONTENT_TYPES)
+            return reject(415, "content_type", f"send {wanted}, not {request.content_type}")
         try:
             body = await asyncio.wait_for(request.read(), read_timeout)
         except web.HTTPRequestEntityTooLarge:
@@ -221,7 +222,7 @@ def make_app(
         except TimeoutError:
             return reject(408, "slow", f"body not received within {read_timeout:g} s")
         try:
-            collector, seq, events = decode_batch(body)
+            collector, seq, events = decode_batch(body, request.content_type)
         except BadBatch as exc:
             return reject(exc.status, exc.reason, str(exc))
         if ingest.handle(collector, seq, events) and settle is not None:

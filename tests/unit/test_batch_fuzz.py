@@ -1,12 +1,16 @@
-"""The service's batch decoder against 100,000 mutated and random inputs: it returns a batch
-or raises BadBatch, and nothing else (no crash, no other exception)."""
+"""The service's batch decoder against 100,000 mutated and random inputs per format (msgpack
+and JSON): it returns a batch or raises BadBatch, and nothing else (no crash, no other
+exception); and the JSON format's own checks."""
 
 from __future__ import annotations
 
 import random
 
+import pytest
+
+from collector.events import ExecEvent
 from detect.testing import event_from_fields
-from service.wire import BadBatch, decode_batch, encode_batch
+from service.wire import CONTENT_TYPE, JSON_CONTENT_TYPE, BadBatch, decode_batch, encode_batch
 
 ROUNDS = 100_000
 
@@ -26,20 +30,71 @@ def mutate(rng: random.Random, data: bytes) -> bytes:
     return bytes(b)
 
 
-def test_decoder_survives_mutations_and_noise() -> None:
+def seeds(fmt: str) -> list[bytes]:
+    return [
+        encode_batch("c", 1, [event_from_fields("process_creation", {"CommandLine": "a b"})], fmt),
+        encode_batch("c", 2, [event_from_fields("network_connection", {"DestinationPort": 22})],
+                     fmt),
+        encode_batch("c", 3, [], fmt),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("content_type", [CONTENT_TYPE, JSON_CONTENT_TYPE])
+def test_decoder_survives_mutations_and_noise(content_type: str) -> None:
     rng = random.Random(20261127)
-    seeds = [
-        encode_batch("c", 1, [event_from_fields("process_creation", {"CommandLine": "a b"})]),
-        encode_batch("c", 2, [event_from_fields("network_connection", {"DestinationPort": 22})]),
-        encode_batch("c", 3, []),
-    ]
+    inputs = seeds("json" if content_type == JSON_CONTENT_TYPE else "msgpack")
     decoded = rejected = 0
     for i in range(ROUNDS):
-        data = rng.randbytes(rng.randint(0, 64)) if i % 10 == 0 else mutate(rng, rng.choice(seeds))
+        data = rng.randbytes(rng.randint(0, 64)) if i % 10 == 0 else mutate(rng, rng.choice(inputs))
         try:
-            decode_batch(data)
+            decode_batch(data, content_type)
             decoded += 1
-        except BadBatch:
+        except BadBatch as exc:
+            assert exc.status in (400, 409, 413), exc
             rejected += 1
     assert decoded + rejected == ROUNDS
     assert rejected > ROUNDS // 2  # the mutations really broke most inputs
+
+
+def test_json_batches_mean_what_msgpack_batches_do() -> None:
+    """Same events both ways, including bytes that are not UTF-8 (argv, paths)."""
+    exe = event_from_fields("process_creation", {"Image": "/tmp/x", "CommandLine": "a b"})
+    assert isinstance(exe, ExecEvent)
+    exe.argv = [b"a\xff\x00b", b"\xe2\x82"]
+    exe.process.exe = b"/tmp/\xfe\xed"
+    events = [exe, event_from_fields("network_connection", {"DestinationPort": 22})]
+    via_json = decode_batch(encode_batch("c", 5, events, "json"), JSON_CONTENT_TYPE)
+    via_msgpack = decode_batch(encode_batch("c", 5, events), CONTENT_TYPE)
+    assert via_json == via_msgpack == ("c", 5, events)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "says"),
+    [
+        (b'{"v": 2, "collector": "c", "seq": 1, "events": []}', 409, "version 2"),
+        (b'{"v": 1, "collector": "c", "seq": 1, "events": [{"kind": "nope"}]}', 400, "nope"),
+        (b'{"v": 1, "collector": "c", "seq": -1, "events": []}', 400, "sequence"),
+        (b"[" * 100_000, 400, "not JSON"),
+        (b'{"v": 1, "collector": "c", "seq": 1, "events": [{"kind": "exec", "argv": 7}]}',
+         400, "not text"),
+        (b'{"v": 1, "collector": "c", "seq": 1, "events": [{"kind": "exec", "cwd": "\\ud800"}]}',
+         400, "not text"),
+    ],
+)  # fmt: skip
+def test_bad_json_batches(body: bytes, status: int, says: str) -> None:
+    with pytest.raises(BadBatch) as caught:
+        decode_batch(body, JSON_CONTENT_TYPE)
+    assert caught.value.status == status
+    assert says in str(caught.value)
+
+
+def test_too_many_events_and_unknown_type() -> None:
+    many = b'{"v": 1, "collector": "c", "seq": 1, "events": [' + b",".join([b"{}"] * 50_001)
+    with pytest.raises(BadBatch) as caught:
+        decode_batch(many + b"]}", JSON_CONTENT_TYPE)
+    assert caught.value.status == 413
+    with pytest.raises(BadBatch) as caught:
+        decode_batch(b"{}", "text/plain")
+    assert caught.value.status == 415
+    with pytest.raises(ValueError, match="msgpack or json"):
+        encode_batch("c", 1, [], "xml")

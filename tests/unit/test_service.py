@@ -16,7 +16,7 @@ from collector.events import WIRE_VERSION, Alert, to_dict
 from detect.sigma import RuleSet, load_text
 from detect.testing import event_from_fields
 from service.app import Ingest, make_app
-from service.wire import CONTENT_TYPE, MAX_BATCH_BYTES
+from service.wire import CONTENT_TYPE, MAX_BATCH_BYTES, encode_batch
 
 TOKEN = "s3cret-token"  # noqa: S105 - a test token
 RULE = """
@@ -116,7 +116,11 @@ async def test_token_is_required(client: TestClient[Any, Any]) -> None:
 async def test_oversized_and_wrong_type(client: TestClient[Any, Any]) -> None:
     big = batch(1, [], pad=b"x" * (MAX_BATCH_BYTES + 1))
     assert (await post(client, big))[0] == 413
-    assert (await post(client, batch(1, []), content_type="application/json"))[0] == 415
+    assert (await post(client, batch(1, []), content_type="text/plain"))[0] == 415
+    # JSON is accepted, and a msgpack body sent as JSON is malformed JSON
+    assert (await post(client, batch(1, []), content_type="application/json"))[0] == 400
+    json_batch = encode_batch("c1", 1, [], fmt="json")
+    assert await post(client, json_batch, content_type="application/json") == (200, {"ack": 1})
 
 
 @pytest.mark.asyncio
