@@ -5,7 +5,9 @@
    no loss, and the loss accounting at twice that rate;
 3. latency from the syscall to the decoded event at 1,000 events per second;
 4. resident memory of a real `sandtrace watch` in steady state, and its time from start to
-   the first event.
+   the first event;
+5. detection-service ingest: a real `sandtrace serve` on one core fed by collector processes,
+   msgpack and JSON (bench/service.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from bench.service import service_ingest
 from collector import cgroups
 from collector import records as R
 from collector.assemble import Assembler, Scope
@@ -325,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rounds", type=int, default=7, help="host overhead rounds each way")
     parser.add_argument(
-        "--only", choices=["host", "throughput", "memory", "detect"], action="append"
+        "--only", choices=["host", "throughput", "memory", "detect", "service"], action="append"
     )
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -333,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     features = kernel.check()
     root = cgroups.find_cgroup2_root()
-    only = set(args.only or ["host", "throughput", "memory", "detect"])
+    only = set(args.only or ["host", "throughput", "memory", "detect", "service"])
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmpdir:
         exe = Path(tmpdir) / "micro"
@@ -348,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows += watch_memory(exe, sandbox)
             if "detect" in only:
                 rows += detection(exe, features, sandbox)
+            if "service" in only:
+                rows += service_ingest()
         finally:
             sandbox.destroy()
 
