@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import http.client
 import json
 import os
@@ -49,11 +50,18 @@ def progress(msg: str) -> None:
     print(f"bench: {msg}", file=sys.stderr, flush=True)
 
 
+@functools.cache
+def pack_events() -> tuple[list[AnyEvent], list[AnyEvent]]:
+    """The rule pack's case events: (hostile, benign)."""
+    cases = [c for f in sorted((RULES / "tests").glob("*.yml")) for c in load_cases(f)]
+    return [e for c in cases if c.fire for e in c.events], [
+        e for c in cases if not c.fire for e in c.events
+    ]
+
+
 def mix(offset: int, count: int) -> list[AnyEvent]:
     """`count` events of the engine bench's recorded mix, starting at `offset`."""
-    cases = [c for f in sorted((RULES / "tests").glob("*.yml")) for c in load_cases(f)]
-    hostile = [e for c in cases if c.fire for e in c.events]
-    benign = [e for c in cases if not c.fire for e in c.events]
+    hostile, benign = pack_events()
     return [
         benign[i % len(benign)] if i % 10 else hostile[i % len(hostile)]
         for i in range(offset, offset + count)
