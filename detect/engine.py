@@ -14,7 +14,7 @@ import itertools
 import operator
 import socket
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -289,23 +289,31 @@ class Engine:
 
     def _correlate(self, out: list[Alert], corr: Correlation, counting: _Counting,
                    event: Event, fields: FieldDict) -> None:  # fmt: skip
+        # Every TCP connect passes here twice with the built-in pack: kept to plain dict and
+        # deque operations, no method calls of our own on the common path.
         get = fields.get
-        key = (corr.id, tuple([get(g) for g in counting.group_by]))
+        key = (corr.id, *map(get, counting.group_by))
         window = self._windows.get(key)
         if window is None:
             window = self._windows[key] = _Window()
         value = get(counting.field) if counting.field is not None else counting.value
-        window.add(event.time_ns, value, event.time_ns - counting.window_ns)
+        now = event.time_ns
+        entries, values = window.entries, window.values
+        entries.append((now, value))
+        values[value] = values.get(value, 0) + 1
+        horizon = now - counting.window_ns
+        if entries[0][0] < horizon:
+            window.forget(horizon)
         kind = corr.kind
         if kind == "value_count":
-            seen = window.distinct()
+            seen = len(values) - (None in values) - ("" in values)
         elif kind == "temporal":
-            seen = len(window.values)
+            seen = len(values)
         elif kind == "temporal_ordered":
-            seen = _ordered_prefix(corr.rules, [v for _, v in window.entries])
+            seen = _ordered_prefix(corr.rules, [v for _, v in entries])
         else:
-            seen = len(window.entries)
-        if counting.fires(seen):
+            seen = len(entries)
+        if counting.op is not None and counting.op(seen, counting.ref):
             detail = f"{kind} {seen} in {corr.seconds:g}s"
             self._raise(out, corr, f"{corr.description} ({detail})".strip(), event)
             window.clear()  # the next alert needs a window of its own
@@ -328,9 +336,6 @@ class _Counting:
         self.op = _OPS.get(corr.op)
         self.ref = len(corr.rules) if temporal else corr.count
 
-    def fires(self, seen: int) -> bool:
-        return self.op is not None and self.op(seen, self.ref)
-
 
 class _Window:
     """Entries within a correlation's timespan, with a running count of distinct values."""
@@ -339,19 +344,15 @@ class _Window:
 
     def __init__(self) -> None:
         self.entries: deque[tuple[int, Any]] = deque()
-        self.values: Counter[Any] = Counter()
+        self.values: dict[Any, int] = {}  # value -> entries holding it
 
-    def add(self, now: int, value: Any, horizon: int) -> None:
-        self.entries.append((now, value))
-        self.values[value] += 1
+    def forget(self, horizon: int) -> None:
+        """Drop the entries older than `horizon` (the newest always stays)."""
         while self.entries[0][0] < horizon:
             _, old = self.entries.popleft()
             self.values[old] -= 1
             if not self.values[old]:
                 del self.values[old]
-
-    def distinct(self) -> int:
-        return len(self.values) - (None in self.values) - ("" in self.values)
 
     def last(self) -> int:
         return self.entries[-1][0] if self.entries else 0
@@ -408,18 +409,20 @@ def generate_matcher(
         elif kind == "num":
             lines.append(f"    if type({var}) is int:")
             lines.append(f"        cand |= T{n}.get({var}, 0)")
-        else:
+        else:  # the automaton's values carry each needle's rules: one loop sets both
             lines.append(f"    if {var} is not None:")
-            lines.append(f"        p_{var} = F_{var}({var})")
-            lines.append(f"        for n in p_{var}:")
-            lines.append(f"            cand |= T{n}.get(n, 0)")
+            lines.append(f"        p_{var} = set()")
+            lines.append(f"        for _, (n, m) in S_{var}({var}):")
+            lines.append(f"            p_{var}.add(n)")
+            lines.append("            cand |= m")
     lines.append("    found = []")
     lines += [
         f"    if cand & {1 << i} and {expr}:\n        found.append({i})"
         for i, expr in enumerate(exprs)
     ]
     lines.append("    return found")
-    namespace.update(ctx.namespace())
+    masks = {var: table for (kind, var), table in index.items() if kind == "needle"}
+    namespace.update(ctx.namespace(masks))
     namespace["_U"] = object()
     exec(compile("\n".join(lines), "<sandtrace rules>", "exec"), namespace)  # noqa: S102
     matcher: Callable[[FieldDict], list[int]] = namespace["match"]

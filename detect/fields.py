@@ -88,7 +88,7 @@ def text(value: bytes) -> str:
 
 
 def command_line(argv: list[bytes]) -> str:
-    return " ".join(text(a) for a in argv)
+    return " ".join([a.decode("utf-8", "backslashreplace") for a in argv])
 
 
 def category_of(event: AnyEvent) -> str | None:
@@ -132,7 +132,7 @@ def _parent_argv(e: Event) -> list[bytes]:
 COMMON_GETTERS: dict[str, Getter] = {
     "Image": lambda e: text(e.process.exe),
     "CommandLine": lambda e: command_line(_argv(e)),
-    "Argv": lambda e: [text(a) for a in _argv(e)],
+    "Argv": lambda e: [a.decode("utf-8", "backslashreplace") for a in _argv(e)],
     "ProcessId": lambda e: e.process.pid,
     "ParentProcessId": lambda e: e.process.ppid,
     "ParentImage": lambda e: text(_parent_exe(e)),

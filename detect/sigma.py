@@ -145,7 +145,7 @@ def _lower(value: Any) -> Any:
     if value is None:
         return None
     if isinstance(value, list):
-        return [_lower(v) for v in value]
+        return [v.lower() if type(v) is str else _lower(v) for v in value]
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value).lower()
@@ -617,26 +617,31 @@ class CodeContext:
         found = _lazy(f"p_{var}", f"F_{var}({var})")
         return f"(not {found}.isdisjoint({self.const(wanted)}))"
 
-    def namespace(self) -> dict[str, Any]:
-        """The constants and needle finders the generated code refers to."""
+    def namespace(self, masks: Mapping[str, Mapping[str, int]] | None = None) -> dict[str, Any]:
+        """The constants and needle finders the generated code refers to: per text local
+        `x`, F_x(text) gives the needles in the text and S_x(text) iterates over
+        (end, (needle, mask)) for each occurrence, `mask` from `masks[x]` (0 if absent)."""
         out = dict(self.consts)
         for var, needles in self.needles.items():
-            out[f"F_{var}"] = needle_finder(needles)
+            out[f"F_{var}"], out[f"S_{var}"] = needle_finder(needles, (masks or {}).get(var, {}))
         return out
 
 
-def needle_finder(needles: Iterable[str]) -> Callable[[str], frozenset[str]]:
-    """A function returning which of `needles` occur in a text (overlapping ones included)."""
+def needle_finder(
+    needles: Iterable[str], masks: Mapping[str, int]
+) -> tuple[Callable[[str], frozenset[str]], Callable[[str], Any]]:
+    """Which of `needles` occur in a text (overlapping ones included), and the automaton's
+    own iterator over their occurrences with their masks."""
     automaton = ahocorasick.Automaton()
     for needle in needles:
-        automaton.add_word(needle, needle)
+        automaton.add_word(needle, (needle, masks.get(needle, 0)))
     automaton.make_automaton()
     search = automaton.iter
 
     def found(text: str) -> frozenset[str]:
-        return frozenset([n for _, n in search(text)])
+        return frozenset([n for _, (n, _mask) in search(text)])
 
-    return found
+    return found, search
 
 
 def _var(field: str) -> str:
@@ -775,9 +780,11 @@ class _Regex(Node):
     def guard(self) -> list[Atom] | None:
         if self.name in LIST_FIELDS or not self.needles:
             return None
-        fold = bool(self.rx.flags & re.IGNORECASE)
-        var = _var(self.name) if fold else f"r_{self.name}"
-        return [("needle", var, n) for n in sorted(self.needles)]
+        if bool(self.rx.flags & re.IGNORECASE) or all(n.isascii() for n in self.needles):
+            # An ASCII needle in the text is its lowercase in the lowered text (ASCII letters
+            # lower one by one, whatever surrounds them): one automaton pass serves both.
+            return [("needle", _var(self.name), n.lower()) for n in sorted(self.needles)]
+        return [("needle", f"r_{self.name}", n) for n in sorted(self.needles)]
 
 
 class _Cidrs(Node):
