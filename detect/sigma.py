@@ -486,13 +486,17 @@ def _min_width(rx: re.Pattern[str]) -> int:
 
 
 def _regex_test(name: str, value: SigmaRegularExpression) -> Matcher:
-    rx = _regex(value)
+    test = _regex_value_test(_regex(value))
+    return lambda f: test(f.get(name))
+
+
+def _regex_value_test(rx: re.Pattern[str]) -> Callable[[Any], bool]:
+    """|re over a field's value (text, number, list of either, or None)."""
     needles = _required_literals(rx)
     if needles is None:
         search = rx.search
 
-        def match(f: FieldDict) -> bool:
-            v = f.get(name)
+        def match(v: Any) -> bool:
             if isinstance(v, list):
                 return any(search(str(x)) is not None for x in v)
             return v is not None and search(str(v)) is not None
@@ -505,11 +509,10 @@ def _regex_test(name: str, value: SigmaRegularExpression) -> Matcher:
         seen = low if fold else str(raw)
         return pre.search(seen) is not None and rx.search(str(raw)) is not None
 
-    def prefiltered(f: FieldDict) -> bool:
-        v = f.get(name)
+    def prefiltered(v: Any) -> bool:
         if v is None:
             return False
-        lv = f.low(name) if fold else None
+        lv = _lower(v) if fold else None
         if isinstance(v, list):
             return any(one(x, lv[i] if lv else None) for i, x in enumerate(v))
         return one(v, lv)
@@ -748,18 +751,22 @@ class _Strings(Node):
 
 
 class _Regex(Node):
-    """|re on a text field: a substring prefilter in C, then the expression."""
+    """|re: on a text field, a length check and a substring prefilter in C, then the
+    expression; on other fields, the expression over the value the matcher read."""
 
     def __init__(self, name: str, value: SigmaRegularExpression) -> None:
         self.name = name
         self.rx = _regex(value)
         self.needles = _required_literals(self.rx)
         self.min_width = _min_width(self.rx)
+        self.value_test = _regex_value_test(self.rx)
         self.test = _regex_test(name, value)
 
     def code(self, ctx: CodeContext) -> str:
-        if self.name in LIST_FIELDS:
-            return f"{ctx.const(self.test)}(f)"
+        if self.name not in TEXT_FIELDS:  # lists element by element, numbers as text
+            ctx.raw_fields.add(self.name)
+            raw = _lazy(f"r_{self.name}", ctx.load(f"r_{self.name}"))
+            return f"{ctx.const(self.value_test)}({raw})"
         fold = bool(self.rx.flags & re.IGNORECASE)
         if fold:  # matching the lowered text ignoring case is the same match
             ctx.low_fields.add(self.name)
@@ -778,7 +785,7 @@ class _Regex(Node):
         return "(" + " and ".join(terms) + ")"
 
     def guard(self) -> list[Atom] | None:
-        if self.name in LIST_FIELDS or not self.needles:
+        if self.name not in TEXT_FIELDS or not self.needles:
             return None
         if bool(self.rx.flags & re.IGNORECASE) or all(n.isascii() for n in self.needles):
             # An ASCII needle in the text is its lowercase in the lowered text (ASCII letters
@@ -875,7 +882,7 @@ def _compile(node: Any, fields: Mapping[str, str], used: set[str]) -> Node:
             return _Cidrs(node.field, [node.value.network])
         if isinstance(node.value, SigmaExpansion) and all(_simple(v) for v in node.value.values):
             return _Strings(node.field, [_simple(v) for v in node.value.values])  # type: ignore[misc]
-        if isinstance(node.value, SigmaRegularExpression) and node.field in TEXT_FIELDS:
+        if isinstance(node.value, SigmaRegularExpression):
             return _Regex(node.field, node.value)
         return _Call(_field_test(node.field, node.value))
     if isinstance(node, ConditionValueExpression):
