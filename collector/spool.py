@@ -112,14 +112,19 @@ class Spool:
     def __len__(self) -> int:
         return len(self._files)
 
-    def put(self, seq: int, events: int, carried: int, body: bytes) -> list[Spooled]:
-        """Store a batch; returns the batches discarded to make room (oldest first). Raises
-        OSError when the write fails; the spool is unchanged then."""
+    def put(self, seq: int, events: int, carried: int, body: bytes,
+            keep: int | None = None) -> list[Spooled]:  # fmt: skip
+        """Store a batch; returns the batches discarded to make room (oldest first, never
+        the one with sequence `keep`: it is on its way to the service). Raises OSError when
+        the write fails; the spool is unchanged then."""
         if len(body) > self.max_bytes:
             raise OSError(f"batch of {len(body)} bytes is larger than the whole spool")
         discarded: list[Spooled] = []
-        while self._files and self.bytes + len(body) > self.max_bytes:
-            discarded.append(self._drop_head())
+        while self.bytes + len(body) > self.max_bytes:
+            index = 1 if self._files and self._files[0].seq == keep else 0
+            if index >= len(self._files):
+                raise OSError("no room in the spool beside the batch being sent")
+            discarded.append(self._drop(index))
         path = self.directory / f"{seq:020d}-{events}-{carried}.batch"
         self._write_atomic(path, body)
         self._files.append(Spooled(seq, events, carried, len(body), path))
@@ -138,14 +143,22 @@ class Spool:
             self._drop_head()
             raise SpoolCorrupt(item, str(exc)) from None
 
-    def pop(self) -> None:
-        """Forget the oldest batch (the service acknowledged it)."""
-        self._drop_head()
+    def pop(self, seq: int) -> None:
+        """Forget the batch with this sequence number (the service acknowledged it)."""
+        for index, item in enumerate(self._files):
+            if item.seq == seq:
+                self._drop(index)
+                return
 
     def _drop_head(self) -> Spooled:
-        item = self._files.popleft()
+        return self._drop(0)
+
+    def _drop(self, index: int) -> Spooled:
+        item = self._files[index]
+        del self._files[index]
         self.bytes -= item.size
-        item.path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # left behind, it is a replay the service skips
+            item.path.unlink(missing_ok=True)
         return item
 
     def _write_atomic(self, path: Path, data: bytes) -> None:

@@ -277,7 +277,8 @@ class StreamSink:
         if spool is None:
             raise RuntimeError("no spool")
         try:
-            dropped = spool.put(batch.seq, batch.events, batch.carried, batch.body)
+            inflight = self._inflight.seq if self._inflight is not None else None
+            dropped = spool.put(batch.seq, batch.events, batch.carried, batch.body, keep=inflight)
         except OSError as exc:
             self._discard(batch.events, batch.carried, "spool_error")
             self._warn("spool write failed; batch discarded (free space in the spool "
@@ -324,7 +325,7 @@ class StreamSink:
 
     def _done(self, batch: _Batch, spooled: bool) -> None:
         if spooled and self.spool is not None:
-            self.spool.pop()
+            self.spool.pop(batch.seq)
         else:
             self._memory.popleft()
             self._memory_size -= len(batch.body)
