@@ -20,6 +20,7 @@ recognition stays correct.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import fcntl
 import os
@@ -127,7 +128,11 @@ class Spool:
             discarded.append(self._drop(index))
         path = self.directory / f"{seq:020d}-{events}-{carried}.batch"
         self._write_atomic(path, body)
-        self._files.append(Spooled(seq, events, carried, len(body), path))
+        item = Spooled(seq, events, carried, len(body), path)
+        if self._files and self._files[-1].seq > seq:  # older than some spooled (at exit)
+            self._files.insert(bisect.bisect([f.seq for f in self._files], seq), item)
+        else:
+            self._files.append(item)
         self.bytes += len(body)
         return discarded
 

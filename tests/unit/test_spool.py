@@ -80,3 +80,14 @@ def test_one_collector_per_spool_directory(tmp_path: Path) -> None:
         Spool(tmp_path, 1000)
     spool.close()
     Spool(tmp_path, 1000).close()
+
+
+def test_an_older_batch_spooled_late_still_comes_first(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, 10_000)
+    fill(spool, range(5, 8))
+    fill(spool, range(2, 4))  # held in memory until exit, spooled after newer ones
+    order = []
+    while (head := spool.head()) is not None:
+        order.append(head[0].seq)
+        spool.pop(head[0].seq)
+    assert order == [2, 3, 5, 6, 7]
