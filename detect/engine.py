@@ -378,7 +378,6 @@ def generate_matcher(
     With `getters` (those of the one event type it will see), fields are read straight from
     the event (FieldDict.event)."""
     ctx = CodeContext(getters)
-    exprs = [rule.node.code(ctx) for rule in rules]
     always = 0
     index: dict[tuple[str, str], dict[Any, int]] = {}
     for i, rule in enumerate(rules):
@@ -392,6 +391,12 @@ def generate_matcher(
             if kind == "needle":
                 ctx.needles.setdefault(var, set()).add(key)
     loads = [f"    {var} = {ctx.load(var)}" for var in sorted({var for _, var in index})]
+    # Every rule is tested after the index has read its fields: no first-use checks for those.
+    ctx.preloaded = {var for _, var in index}
+    ctx.preloaded |= {f"p_{var}" for kind, var in index if kind == "needle"}
+    if getters is not None:  # lowered and joined forms read the raw value on the way
+        ctx.preloaded |= {f"r_{var[2:]}" for _, var in index if var[2:] in getters}
+    exprs = [rule.node.code(ctx) for rule in rules]
     lines = ["def match(f):", "    low = f.low", "    e = f.event"]
     # Fields load on first use (see detect.sigma._lazy): most rules stop at their first test.
     lines += [f"    v_{name} = _U" for name in sorted(ctx.low_fields)]

@@ -584,11 +584,17 @@ class CodeContext:
         self.joined_fields: set[str] = set()
         # local holding a text -> every needle any rule looks for in that text
         self.needles: dict[str, set[str]] = {}
+        # locals the matcher sets before it tests any rule: read as they are
+        self.preloaded: set[str] = set()
 
     def const(self, value: Any) -> str:
         name = f"K{len(self.consts)}"
         self.consts[name] = value
         return name
+
+    def lazy(self, var: str, load: str) -> str:
+        """`var`, loaded by `load` on first use unless the matcher preloads it."""
+        return var if var in self.preloaded else _lazy(var, load)
 
     def load(self, var: str) -> str:
         """Code that reads the field behind local `var`: v_X lowered, r_X as is, j_X as
@@ -617,7 +623,7 @@ class CodeContext:
             rx = re.compile("|".join(re.escape(n) for n in sorted(wanted)), re.DOTALL)
             return f"({self.const(rx.search)}({var}) is not None)"
         self.needles.setdefault(var, set()).update(wanted)
-        found = _lazy(f"p_{var}", f"F_{var}({var})")
+        found = self.lazy(f"p_{var}", f"F_{var}({var})")
         return f"(not {found}.isdisjoint({self.const(wanted)}))"
 
     def namespace(self, masks: Mapping[str, Mapping[str, int]] | None = None) -> dict[str, Any]:
@@ -709,7 +715,7 @@ class _Strings(Node):
             # Elements joined with NUL (which no argv element or path holds) turn "any
             # element equals / starts with / ends with / contains" into one substring search.
             ctx.joined_fields.add(self.name)
-            joined = _lazy(f"j_{self.name}", ctx.load(f"j_{self.name}"))
+            joined = ctx.lazy(f"j_{self.name}", ctx.load(f"j_{self.name}"))
             wrapped = {"exact": "\0{}\0", "prefix": "\0{}", "suffix": "{}\0", "contains": "{}"}
             wanted = {wrapped[shape].format(n) for shape, n in self.simple}
             return f"({joined} is not None and {ctx.contains_any(f'j_{self.name}', wanted)})"
@@ -732,7 +738,7 @@ class _Strings(Node):
             terms.append(f"{ctx.const(needles[0])} in {v}")
         elif needles:
             terms.append(ctx.contains_any(v, needles))
-        return f"({_lazy(v, ctx.load(v))} is not None and ({' or '.join(terms)}))"
+        return f"({ctx.lazy(v, ctx.load(v))} is not None and ({' or '.join(terms)}))"
 
     def guard(self) -> list[Atom] | None:
         if self.name in LIST_FIELDS:
@@ -765,7 +771,7 @@ class _Regex(Node):
     def code(self, ctx: CodeContext) -> str:
         if self.name not in TEXT_FIELDS:  # lists element by element, numbers as text
             ctx.raw_fields.add(self.name)
-            raw = _lazy(f"r_{self.name}", ctx.load(f"r_{self.name}"))
+            raw = ctx.lazy(f"r_{self.name}", ctx.load(f"r_{self.name}"))
             return f"{ctx.const(self.value_test)}({raw})"
         fold = bool(self.rx.flags & re.IGNORECASE)
         if fold:  # matching the lowered text ignoring case is the same match
@@ -776,7 +782,7 @@ class _Regex(Node):
             ctx.raw_fields.add(self.name)
             v = f"r_{self.name}"
             load = ctx.load(v)
-        terms = [f"{_lazy(v, load)} is not None"]
+        terms = [f"{ctx.lazy(v, load)} is not None"]
         if self.min_width > 1:  # a text shorter than any match cannot hold one
             terms.append(f"len({v}) >= {self.min_width}")
         if self.needles:
@@ -819,7 +825,7 @@ class _Numbers(Node):
 
     def code(self, ctx: CodeContext) -> str:
         ctx.raw_fields.add(self.name)
-        load = _lazy(f"r_{self.name}", ctx.load(f"r_{self.name}"))
+        load = ctx.lazy(f"r_{self.name}", ctx.load(f"r_{self.name}"))
         return f"(type({load}) is int and r_{self.name} in {ctx.const(self.numbers)})"
 
     def guard(self) -> list[Atom] | None:

@@ -88,3 +88,51 @@ def test_generated_matchers_agree_with_the_compiled_rules() -> None:
             assert typed[type(event)](FieldDict.of(event, getters)) == expected, case.name
             checked += 1
     assert checked >= 250
+
+
+def test_rule_index_agrees_on_variants_of_the_cases() -> None:
+    """The guards that index rules must never hide a match: case events with their texts
+    upper-cased, traded between events, emptied or swapped for non-UTF-8 bytes still get
+    from the generated matchers exactly what the rules' closures say."""
+    import dataclasses  # noqa: PLC0415
+    import random  # noqa: PLC0415
+
+    from collector.events import Event, ExecEvent  # noqa: PLC0415
+    from detect.engine import generate_matcher  # noqa: PLC0415
+    from detect.fields import GETTERS, category_of, category_of_type  # noqa: PLC0415
+    from detect.sigma import FieldDict  # noqa: PLC0415
+
+    rules = pack()
+    by_category: dict[str, list[Rule]] = {}
+    for r in rules.rules:
+        by_category.setdefault(r.category, []).append(r)
+    typed = {
+        t: generate_matcher(by_category[c], getters)
+        for t, getters in GETTERS.items()
+        if (c := category_of_type(t)) is not None
+    }
+    events = [e for case in all_cases() for e in case.events if isinstance(e, Event)]
+    exes = [e.process.exe for e in events] + [b"", b"/TMP/.X", b"/usr/bin/\xff\xfe"]
+    argvs = [e.argv for e in events if isinstance(e, ExecEvent)] + [[], [b"\xc3"]]
+    rng = random.Random(7)
+    checked = 0
+    for event in events:
+        for _ in range(8):
+            process = dataclasses.replace(event.process, exe=rng.choice(exes))
+            variant = dataclasses.replace(event, process=process)
+            if isinstance(variant, ExecEvent):
+                argv = rng.choice(argvs)
+                variant.argv = [a.upper() for a in argv] if rng.random() < 0.5 else argv
+            if rng.random() < 0.3:
+                variant.process.exe = variant.process.exe.upper()
+            category = category_of(variant)
+            assert category is not None
+            getters = GETTERS[type(variant)]
+            expected = [
+                i
+                for i, r in enumerate(by_category[category])
+                if r.test(FieldDict(event=variant, getters=getters))
+            ]
+            assert typed[type(variant)](FieldDict.of(variant, getters)) == expected
+            checked += 1
+    assert checked >= 2000
