@@ -610,7 +610,9 @@ class CodeContext:
             return raw
         # The lowered and joined forms start from the raw value, read once for all three.
         self.raw_fields.add(name)
-        lowered = f"{self.const(_lower)}({_lazy(f'r_{name}', raw)})"
+        raw = _lazy(f"r_{name}", raw)
+        # text fields are always str: lowered in place, without _lower's checks
+        lowered = f"{raw}.lower()" if name in TEXT_FIELDS else f"{self.const(_lower)}({raw})"
         return lowered if kind == "v" else f"{self.const(_joined)}({lowered})"
 
     def contains_any(self, var: str, needles: Iterable[str]) -> str:
