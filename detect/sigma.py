@@ -465,7 +465,7 @@ def _required_literals(rx: re.Pattern[str]) -> frozenset[str] | None:
                 sets.append(inner)
         if run:
             sets.append(frozenset(["".join(run)]))
-        useful = [s for s in sets if min(map(len, s)) >= 2]
+        useful = [s for s in sets if min(map(len, s)) >= 1]
         return max(useful, key=lambda s: min(map(len, s))) if useful else None
 
     found = best(tree)
@@ -621,7 +621,11 @@ class CodeContext:
         automaton, run once per event: the tests become set intersections, where one
         regular expression per test would scan the text again."""
         wanted = frozenset(needles)
-        if not wanted or "" in wanted:  # an automaton has no empty word; a regex does
+        if len(wanted) == 1:
+            return f"({self.const(next(iter(wanted)))} in {var})"
+        # An automaton has no empty word, and single characters would make its every pass
+        # long: a regular expression takes those.
+        if not wanted or min(map(len, wanted)) < 2:
             rx = re.compile("|".join(re.escape(n) for n in sorted(wanted)), re.DOTALL)
             return f"({self.const(rx.search)}({var}) is not None)"
         self.needles.setdefault(var, set()).update(wanted)
@@ -794,6 +798,8 @@ class _Regex(Node):
 
     def guard(self) -> list[Atom] | None:
         if self.name not in TEXT_FIELDS or not self.needles:
+            return None
+        if min(map(len, self.needles)) < 2:  # a single character selects nothing
             return None
         if bool(self.rx.flags & re.IGNORECASE) or all(n.isascii() for n in self.needles):
             # An ASCII needle in the text is its lowercase in the lowered text (ASCII letters
