@@ -433,16 +433,27 @@ def _required_literals(rx: re.Pattern[str]) -> frozenset[str] | None:
     """Strings of which any match must contain at least one (lowercased when the pattern
     ignores case), or None when the pattern guarantees none worth checking. A substring
     test with these in C turns most events away before the regular expression runs."""
+    sets = _required_literal_sets(rx)
+    return max(sets, key=lambda s: min(map(len, s))) if sets else None
+
+
+def _required_literal_sets(rx: re.Pattern[str]) -> list[frozenset[str]]:
+    """Sets of strings such that any match contains at least one string of every set
+    (lowercased when the pattern ignores case), in the pattern's order."""
     try:
         import importlib  # noqa: PLC0415
 
         c = importlib.import_module("re._constants")
         tree = importlib.import_module("re._parser").parse(rx.pattern, rx.flags)
     except Exception:
-        return None
+        return []
     fold = bool(rx.flags & re.IGNORECASE)
 
     def best(seq: Any) -> frozenset[str] | None:
+        useful = required(seq)
+        return max(useful, key=lambda s: min(map(len, s))) if useful else None
+
+    def required(seq: Any) -> list[frozenset[str]]:
         sets: list[frozenset[str]] = []
         run: list[str] = []
         for op, av in seq:
@@ -465,13 +476,10 @@ def _required_literals(rx: re.Pattern[str]) -> frozenset[str] | None:
                 sets.append(inner)
         if run:
             sets.append(frozenset(["".join(run)]))
-        useful = [s for s in sets if min(map(len, s)) >= 1]
-        return max(useful, key=lambda s: min(map(len, s))) if useful else None
+        return [s for s in sets if min(map(len, s)) >= 1]
 
-    found = best(tree)
-    if found is None:
-        return None
-    return frozenset(x.lower() for x in found) if fold else found
+    found = required(tree)
+    return [frozenset(x.lower() for x in s) for s in found] if fold else found
 
 
 def _min_width(rx: re.Pattern[str]) -> int:
@@ -770,6 +778,10 @@ class _Regex(Node):
         self.name = name
         self.rx = _regex(value)
         self.needles = _required_literals(self.rx)
+        # single characters every match holds besides the needles: `in` tests, nearly free
+        self.chars = sorted(
+            {next(iter(s)) for s in _required_literal_sets(self.rx) if len(s) == 1} - {""}
+        )
         self.min_width = _min_width(self.rx)
         self.value_test = _regex_value_test(self.rx)
         self.test = _regex_test(name, value)
@@ -793,6 +805,7 @@ class _Regex(Node):
             terms.append(f"len({v}) >= {self.min_width}")
         if self.needles:
             terms.append(ctx.contains_any(v, self.needles))
+        terms += [f"{ctx.const(ch)} in {v}" for ch in self.chars if {ch} != self.needles]
         terms.append(f"{ctx.const(self.rx.search)}({v}) is not None")
         return "(" + " and ".join(terms) + ")"
 
