@@ -805,7 +805,7 @@ class _Regex(Node):
             terms.append(f"len({v}) >= {self.min_width}")
         if self.needles:
             terms.append(ctx.contains_any(v, self.needles))
-        terms += [f"{ctx.const(ch)} in {v}" for ch in self.chars if {ch} != self.needles]
+        terms += [f"{ctx.const(ch)} in {v}" for ch in self.chars if self.needles != frozenset(ch)]
         terms.append(f"{ctx.const(self.rx.search)}({v}) is not None")
         return "(" + " and ".join(terms) + ")"
 
