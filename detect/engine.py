@@ -180,13 +180,11 @@ class Engine:
         self._by_category: dict[str, list[Rule]] = {}
         for rule in rules.rules:
             self._by_category.setdefault(rule.category, []).append(rule)
-        # event type -> its category's rules, a matcher generated for its fields, its getters
-        self._plan: dict[type, tuple[list[Rule], Callable[[FieldDict], list[int]], Any]] = {}
-        for etype, getters in GETTERS.items():
-            category = category_of_type(etype)
-            if category in self._by_category:
-                rs = self._by_category[category]
-                self._plan[etype] = (rs, generate_matcher(rs, getters), getters)
+        self._windows: dict[tuple[Any, ...], _Window] = {}
+        self._window_ns = {c.id: int(c.seconds * NS) for c in rules.correlations}
+        self._folds: dict[tuple[str, str], _Fold] = {}
+        self._ids = itertools.count(1)
+        self.matches = 0
         # rule id -> the correlations that count it (they refer to rules by name or id), each
         # with what it counts of that rule's events
         self._correlations_of: dict[str, list[tuple[Correlation, _Counting]]] = {}
@@ -200,11 +198,17 @@ class Engine:
                     self._correlations_of.setdefault(rule.id, []).append((corr, counting))
                     if not corr.generate:
                         self.silent.add(rule.id)
-        self._windows: dict[tuple[str, tuple[Any, ...]], _Window] = {}
-        self._window_ns = {c.id: int(c.seconds * NS) for c in rules.correlations}
-        self._folds: dict[tuple[str, str], _Fold] = {}
-        self._ids = itertools.count(1)
-        self.matches = 0
+        # event type -> a matcher generated for its fields, its getters, and per rule of its
+        # category what a match does: (rule, whether it alerts, the correlations it feeds)
+        self._plan: dict[type, tuple[Callable[[FieldDict], list[int]], Any, list[_Action]]] = {}
+        for etype, getters in GETTERS.items():
+            category = category_of_type(etype)
+            if category in self._by_category:
+                rs = self._by_category[category]
+                actions = [
+                    (r, r.id not in self.silent, self._correlations_of.get(r.id, [])) for r in rs
+                ]
+                self._plan[etype] = (generate_matcher(rs, getters), getters, actions)
 
     # -- public -----------------------------------------------------------------------------
 
@@ -212,14 +216,14 @@ class Engine:
         out: list[Alert] = []
         plan = self._plan.get(type(event))
         if plan is not None:
-            rules, matcher, getters = plan
+            matcher, getters, actions = plan
             fields = FieldDict.of(event, getters)
             for index in matcher(fields):
-                rule = rules[index]
+                rule, alerts, correlations = actions[index]
                 self.matches += 1
-                if rule.id not in self.silent:
+                if alerts:
                     self._raise(out, rule, rule.description, event)  # type: ignore[arg-type]
-                for corr, counting in self._correlations_of.get(rule.id, ()):
+                for corr, counting in correlations:
                     self._correlate(out, corr, counting, event, fields)  # type: ignore[arg-type]
         if self.egress is not None and isinstance(event, ConnectEvent):
             policy = self.egress.policy_for(event.sandbox)
@@ -335,6 +339,9 @@ class _Counting:
             self.value = rule.name if rule.name in corr.rules else rule.id
         self.op = _OPS.get(corr.op)
         self.ref = len(corr.rules) if temporal else corr.count
+
+
+_Action = tuple[Rule, bool, list[tuple[Correlation, "_Counting"]]]
 
 
 class _Window:
