@@ -136,28 +136,37 @@ def build_outputs(cfg: ServiceConfig) -> list[Any]:
 
 
 class OutputGate:
-    """Acknowledge a batch once the outputs that keep up have delivered what it gave them.
+    """Acknowledge a batch once the file outputs that keep up have written what it gave them.
 
     Every item submitted to an output ends up sent or dropped (and counted). Before the
-    service acknowledges a batch, it waits until each output's sent + dropped reaches what
-    had been submitted to it, so that a service killed right after an acknowledgement has
-    already written the batch's events and alerts to those outputs. An output that does not
-    catch up within `wait` seconds (a slow SIEM, an unreachable host) is not waited on again
-    until it has caught up on its own: a failing output never holds up ingestion for longer
-    than one `wait`, and its queue and drop counters say what happens to its items.
+    service acknowledges a batch, it waits until each file output's sent + dropped reaches
+    what had been submitted to it, so that a service killed right after an acknowledgement
+    has already written the batch's events and alerts to its files. A file output that does
+    not catch up within `wait` seconds (a full disk) is not waited on again until it has
+    caught up on its own, so it holds ingestion up for one `wait` at most. Network outputs
+    (syslog, HEC, Elasticsearch) are not waited on: a round trip to a SIEM per batch would
+    bound every collector's rate by the SIEM's latency. Their bounded queues, retries and
+    drop counters account for their items.
     """
 
+    WAITED_ON = frozenset({"jsonl"})
+
     def __init__(self, outputs: list[Any], wait: float = 1.0) -> None:
-        self.outputs = outputs
+        self.all = outputs
+        self.outputs = [o for o in outputs if o.output_type in self.WAITED_ON]
         self.wait = wait
-        self.submitted = [0] * len(outputs)
-        self.lagging = [False] * len(outputs)
+        self.submitted = [0] * len(self.outputs)
+        self.lagging = [False] * len(self.outputs)
+
+    def __bool__(self) -> bool:
+        return bool(self.outputs)
 
     def submit(self, item: Alert | AnyEvent) -> None:
+        for out in self.all:
+            out.submit(item)
         for i, out in enumerate(self.outputs):
             if out.wants(item):
                 self.submitted[i] += 1
-                out.submit(item)
 
     def _done(self, i: int) -> int:
         st = self.outputs[i].stats
@@ -277,7 +286,7 @@ async def serve(args: argparse.Namespace) -> int:
     ingest = Ingest(rules, on_alert=on_alert, on_batch=on_batch, state_dir=state,
                     engine_factory=lambda r: Engine(r, egress))  # fmt: skip
     app = make_app(ingest, token, cfg.read_timeout, tail=hub, extra_metrics=output_metrics,
-                   settle=gate.settle if outputs else None)  # fmt: skip
+                   settle=gate.settle if gate else None)  # fmt: skip
     for out in outputs:
         await out.start()
     runner = web.AppRunner(app)
