@@ -16,6 +16,7 @@ import argparse
 import os
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,6 +41,7 @@ from probes.loader import ProbeConfig, Probes
 HERE = Path(__file__).resolve().parent
 RULES = HERE.parent / "rules"
 HOST_OPS = {"getppid": 2_000_000, "connect": 300_000, "bind": 100_000, "forkexec": 400}
+DETECT_ROUNDS = 5
 RATES = [50_000, 100_000, 150_000, 200_000, 250_000, 300_000, 400_000]
 Row = tuple[str, str, str, str]
 
@@ -229,13 +231,19 @@ def detection(exe: Path, features: kernel.KernelFeatures,
     # A recorded mix: nine benign events to one hostile, 200,000 in all.
     mix = [benign[i % len(benign)] if i % 10 else hostile[i % len(hostile)]
            for i in range(200_000)]  # fmt: skip
-    engine = Engine(pack, EgressPolicy.parse(["0.0.0.0/0", "::/0"]))
-    cpu0 = time.process_time()
-    alerts = sum(len(engine.feed(e)) for e in mix)
-    cpu = time.process_time() - cpu0
+    # Rounds with a fresh engine each: on a shared 2-core VM one figure says little, so
+    # the best and the median are reported.
+    rates = []
+    for r in range(DETECT_ROUNDS):
+        engine = Engine(pack, EgressPolicy.parse(["0.0.0.0/0", "::/0"]))
+        cpu0 = time.process_time()
+        alerts = sum(len(engine.feed(e)) for e in mix)
+        rates.append(len(mix) / (time.process_time() - cpu0))
+        progress(f"engine round {r + 1}/{DETECT_ROUNDS}: {rates[-1]:,.0f} events/s")
     rows: list[Row] = [(
         f"engine, {len(pack.rules)} rules + {len(pack.correlations)} corr. (events/s/core)",
-        "", f"{len(mix) / cpu:,.0f}", f"{alerts:,} alerts; target >= 50,000",
+        "", f"{max(rates):,.0f}",
+        f"median {statistics.median(rates):,.0f}; {alerts:,} alerts; target >= 50,000",
     )]  # fmt: skip
 
     # Latency from the syscall to the alert, embedded, at 1,000 events per second: a rule
