@@ -98,3 +98,18 @@ def test_too_many_events_and_unknown_type() -> None:
     assert caught.value.status == 415
     with pytest.raises(ValueError, match="msgpack or json"):
         encode_batch("c", 1, [], "xml")
+
+
+@pytest.mark.parametrize("fmt", ["msgpack", "json"])
+def test_the_service_bench_sends_what_encode_batch_would(fmt: str) -> None:
+    """bench/service.py splices a header before events encoded once; the bytes must decode
+    as the batch encode_batch makes."""
+    from bench.service import batch_body, encoded_events, mix  # noqa: PLC0415
+
+    events = mix(0, 30)
+    body = batch_body("bench-collector-0", 7, encoded_events(events, fmt), fmt)
+    content_type = JSON_CONTENT_TYPE if fmt == "json" else CONTENT_TYPE
+    assert decode_batch(body, content_type) == decode_batch(
+        encode_batch("bench-collector-0", 7, events, fmt), content_type
+    )
+    assert decode_batch(body, content_type) == ("bench-collector-0", 7, events)
