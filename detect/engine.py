@@ -414,7 +414,8 @@ def generate_matcher(
     lines += loads
     namespace: dict[str, Any] = {}
     for n, ((kind, var), table) in enumerate(sorted(index.items())):
-        namespace[f"T{n}"] = table
+        if kind != "needle":  # needles' rules ride in their automaton's values
+            namespace[f"T{n}"] = table
         if kind == "base":
             lines.append(f"    if {var} is not None:")
             lines.append(f"        cand |= T{n}.get({var}.rpartition('/')[2], 0)")
