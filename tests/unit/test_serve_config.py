@@ -175,10 +175,14 @@ def test_metrics_show_collector_losses_spool_and_lag() -> None:
     assert 'sandtrace_collector_held_batches{collector="h1/ab",host="h1"} 3' in lines
     assert 'sandtrace_collector_last_seq{collector="h1/ab",host="h1"} 0' in lines
     assert 'sandtrace_events_received_total{host="h1"} 3' in lines
-    assert "sandtrace_event_lag_seconds_count 3" in lines
-    # the LostEvent has time 0: a lag over 60 s; the two fresh events are under 1 s
-    assert 'sandtrace_event_lag_seconds_bucket{le="1"} 2' in lines
-    assert 'sandtrace_event_lag_seconds_bucket{le="+Inf"} 3' in lines
+    # one batch; its oldest event (the LostEvent, time 0) is decades old
+    assert "sandtrace_batch_lag_seconds_count 1" in lines
+    assert 'sandtrace_batch_lag_seconds_bucket{le="60"} 0' in lines
+    assert 'sandtrace_batch_lag_seconds_bucket{le="+Inf"} 1' in lines
+    assert ingest.handle("h1/ab", 1, events)  # fresh events: under a second old
+    lines = set(prometheus_text(ingest.stats).splitlines())
+    assert 'sandtrace_batch_lag_seconds_bucket{le="1"} 1' in lines
+    assert "sandtrace_batch_lag_seconds_count 2" in lines
 
 
 def test_serve_runs_with_tls_from_config_and_stops(tmp_path: Path) -> None:
