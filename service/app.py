@@ -170,10 +170,16 @@ class Ingest:
             info = stats.collectors[collector] = CollectorInfo()
         info.last_seq = seq
         info.host = host or info.host
-        if self.state is not None:
-            self.state.save(self.last_seq)
         stats.batches["accepted"] += 1
         return True
+
+    def commit(self) -> None:
+        """Persist which batches are handled. Called once the outputs have what the batches
+        gave them, just before acknowledging: a service that dies before this handles the
+        batch again when it is replayed (at least once) rather than skipping a batch its
+        outputs never got."""
+        if self.state is not None:
+            self.state.save(self.last_seq)
 
     def _count_losses(self, event: LostEvent) -> None:
         lost = self.stats.collector_lost
@@ -236,8 +242,10 @@ def make_app(
             collector, seq, events = decode_batch(body, request.content_type)
         except BadBatch as exc:
             return reject(exc.status, exc.reason, str(exc))
-        if ingest.handle(collector, seq, events) and settle is not None:
-            await settle()  # the outputs that keep up have what this batch gave them
+        if ingest.handle(collector, seq, events):
+            if settle is not None:
+                await settle()  # the file outputs have what this batch gave them
+            ingest.commit()
         ingest.note_collector(collector, _int_header(request, "Sandtrace-Spool-Bytes"),
                               _int_header(request, "Sandtrace-Held-Batches"))  # fmt: skip
         return web.json_response({"ack": seq})
@@ -293,8 +301,10 @@ def make_app(
                 await ws.send_json({"error": exc.reason, "status": exc.status,
                                     "message": str(exc)})  # fmt: skip
                 continue
-            if ingest.handle(collector, seq, events) and settle is not None:
-                await settle()
+            if ingest.handle(collector, seq, events):
+                if settle is not None:
+                    await settle()
+                ingest.commit()
             ingest.note_collector(collector, spool_bytes, held)
             await ws.send_json({"ack": seq})
 

@@ -195,7 +195,7 @@ class OutputGate:
                                     "waiting for it", output=self.outputs[i].name)  # fmt: skip
                 return
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.01)
+            delay = min(delay * 2, 0.001)
 
 
 def _say(lines: Iterable[str]) -> None:

@@ -147,10 +147,13 @@ def test_replay_state_survives_a_service_restart(tmp_path: Path) -> None:
     first = Ingest(RuleSet(), state_dir=tmp_path)
     assert [first.handle("c1", seq, events) for seq in range(3)] == [True, True, True]
     assert first.handle("c2", 0, events)
+    first.commit()
     second = Ingest(RuleSet(), state_dir=tmp_path)  # the restarted service
     assert second.handle("c1", 2, events) is False  # a replay of the batch in flight
     assert second.handle("c2", 0, events) is False
     assert second.handle("c1", 3, events) is True
+    assert Ingest(RuleSet(), state_dir=tmp_path).last_seq == {"c1": 2, "c2": 0}  # not committed
+    second.commit()
     assert second.stats.batches == {"replayed": 2, "accepted": 1}
     assert Ingest(RuleSet(), state_dir=tmp_path).last_seq == {"c1": 3, "c2": 0}
 
