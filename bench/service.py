@@ -32,9 +32,10 @@ from pathlib import Path
 
 import msgpack
 
-from collector.events import WIRE_VERSION, AnyEvent
+from collector.events import AnyEvent
 from collector.render import json_line
 from detect.testing import load_cases
+from service.wire import BATCH_VERSION
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -72,15 +73,15 @@ def encoded_events(events: list[AnyEvent], fmt: str) -> bytes:
     """The "events" value of a batch, encoded once; batch_body() puts a header before it."""
     if fmt == "json":
         return ("[" + ",".join(map(json_line, events)) + "]").encode()
-    from collector.events import to_dict  # noqa: PLC0415
+    from collector.events import to_row  # noqa: PLC0415
 
-    packed: bytes = msgpack.packb([to_dict(e) for e in events], use_bin_type=True)
+    packed: bytes = msgpack.packb([to_row(e) for e in events], use_bin_type=True)
     return packed
 
 
 def batch_body(collector: str, seq: int, events: bytes, fmt: str) -> bytes:
     """The same bytes as service.wire.encode_batch, from events already encoded."""
-    head = {"v": WIRE_VERSION, "collector": collector, "seq": seq}
+    head = {"v": 1 if fmt == "json" else BATCH_VERSION, "collector": collector, "seq": seq}
     if fmt == "json":
         return json.dumps(head)[:-1].encode() + b', "events": ' + events + b"}"
     packed: bytes = msgpack.packb(head, use_bin_type=True)

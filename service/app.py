@@ -122,6 +122,7 @@ class Ingest:
         self.state = SeqState(state_dir) if state_dir is not None else None
         self.last_seq: dict[str, int] = self.state.load() if self.state is not None else {}
         self.stats = Stats()
+        self._failures: set[str] = set()
 
     def engine_for(self, host: str) -> Engine:
         engine = self.engines.get(host)
@@ -154,7 +155,11 @@ class Ingest:
             if event.__class__ is LostEvent:
                 self._count_losses(event)
                 continue
-            alerts = feed(event)  # type: ignore[misc]
+            try:
+                alerts = feed(event)  # type: ignore[misc]
+            except Exception as exc:  # a bug the decoder's type checks did not keep out
+                self._unprocessable(event, exc)
+                continue
             if alerts:
                 for alert in alerts:
                     stats.alerts[alert.rule_id] += 1
@@ -180,6 +185,16 @@ class Ingest:
         outputs never got."""
         if self.state is not None:
             self.state.save(self.last_seq)
+
+    def _unprocessable(self, event: AnyEvent, exc: Exception) -> None:
+        """Counted and logged (the first of each kind of failure with its traceback); the
+        rest of the batch is still handled."""
+        self.stats.rejected["unprocessable_event"] += 1
+        key = f"{event.kind}:{type(exc).__name__}"
+        if key not in self._failures:
+            self._failures.add(key)
+            log.error("the engine failed on an event; it is counted and skipped",
+                      kind=event.kind, error=repr(exc), exc_info=exc)  # fmt: skip
 
     def _count_losses(self, event: LostEvent) -> None:
         lost = self.stats.collector_lost

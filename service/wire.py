@@ -1,12 +1,14 @@
 """The batch wire format between collectors and the detection service.
 
 A batch is a map:
-    {"v": WIRE_VERSION, "collector": "<id>", "seq": <int>, "events": [<event map>, ...]}
-where each event map is collector.events.to_dict() of an event. It travels as msgpack
-(``application/msgpack``, bytes fields as bin) or as JSON (``application/json``, bytes fields
-as strings the way collector.render.json_line writes them, read back with bytes_from_json).
-decode_batch() accepts any bytes and either returns the batch or raises BadBatch with the
-HTTP status and a reason, whichever the format.
+    {"v": <batch version>, "collector": "<id>", "seq": <int>, "events": [...]}
+Version 2 (what collectors send, msgpack ``application/msgpack``): each event is a row,
+collector.events.to_row(): its kind, then its fields in order, bytes as bin. Version 1: each
+event is a map, collector.events.to_dict(), in msgpack or in JSON (``application/json``,
+bytes fields as strings the way collector.render.json_line writes them, read back with
+bytes_from_json); JSON batches are always version 1, the readable form for other producers.
+decode_batch() accepts any bytes and either returns the batch, every event's field types
+checked, or raises BadBatch with the HTTP status and a reason, whichever the format.
 """
 
 from __future__ import annotations
@@ -19,17 +21,19 @@ import msgpack
 
 from collector.events import (
     EVENT_TYPES,
-    WIRE_VERSION,
     Alert,
     AncestorRef,
     AnyEvent,
     EventFormatError,
     Process,
     from_dict,
-    to_dict,
+    from_row,
+    to_row,
 )
 from collector.render import bytes_from_json, json_line
 
+BATCH_VERSION = 2  # rows; version 1 (maps) is still read
+BATCH_VERSIONS = (1, 2)
 MAX_BATCH_BYTES = 8 << 20
 MAX_BATCH_EVENTS = 50_000
 CONTENT_TYPE = "application/msgpack"
@@ -47,12 +51,12 @@ class BadBatch(Exception):
 def encode_batch(collector: str, seq: int, events: list[AnyEvent], fmt: str = "msgpack") -> bytes:
     """A batch as collectors send it (the inverse of decode_batch), as "msgpack" or "json"."""
     if fmt == "json":
-        head = json.dumps({"v": WIRE_VERSION, "collector": collector, "seq": seq})
+        head = json.dumps({"v": 1, "collector": collector, "seq": seq})
         return f'{head[:-1]}, "events": [{",".join(map(json_line, events))}]}}'.encode()
     if fmt != "msgpack":
         raise ValueError(f"batch format {fmt!r}: msgpack or json")
-    body = {"v": WIRE_VERSION, "collector": collector, "seq": seq,
-            "events": [to_dict(e) for e in events]}  # fmt: skip
+    body = {"v": BATCH_VERSION, "collector": collector, "seq": seq,
+            "events": [to_row(e) for e in events]}  # fmt: skip
     packed: bytes = msgpack.packb(body, use_bin_type=True)
     return packed
 
@@ -76,12 +80,13 @@ def decode_batch(body: bytes, content_type: str = CONTENT_TYPE) -> tuple[str, in
     if not isinstance(batch, dict):
         raise BadBatch(400, "malformed", "batch is not a map")
     version = batch.get("v")
-    if version != WIRE_VERSION:
+    if version not in BATCH_VERSIONS or (from_json and version != 1):
+        readable = "version 1" if from_json else "versions 1 and 2"
         raise BadBatch(
             409,
             "version",
             f"batch wire version {version!r} is not supported; this service reads "
-            f"version {WIRE_VERSION}",
+            f"{readable}{' of JSON batches' if from_json else ''}",
         )
     collector, seq, raw = batch.get("collector"), batch.get("seq"), batch.get("events")
     if not isinstance(collector, str) or not collector:
@@ -92,7 +97,17 @@ def decode_batch(body: bytes, content_type: str = CONTENT_TYPE) -> tuple[str, in
         raise BadBatch(400, "malformed", "batch events is not a list")
     if len(raw) > MAX_BATCH_EVENTS:
         raise BadBatch(413, "too_large", f"batch has {len(raw)} events; at most {MAX_BATCH_EVENTS}")
-    events: list[AnyEvent] = []
+    if version == 2:
+        try:
+            return collector, seq, [from_row(item) for item in raw]
+        except EventFormatError:
+            events = []  # find which event, for the message
+            for i, item in enumerate(raw):
+                try:
+                    events.append(from_row(item))
+                except EventFormatError as exc:
+                    raise BadBatch(400, "malformed", f"event {i}: {exc}") from None
+    events = []
     for i, item in enumerate(raw):
         try:
             event = from_dict(_bytes_back(item) if from_json else item)

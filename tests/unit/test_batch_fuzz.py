@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import random
 
+import msgpack
 import pytest
 
-from collector.events import ExecEvent
+from collector.events import ExecEvent, to_dict
 from detect.testing import event_from_fields
 from service.wire import CONTENT_TYPE, JSON_CONTENT_TYPE, BadBatch, decode_batch, encode_batch
 
@@ -31,7 +32,10 @@ def mutate(rng: random.Random, data: bytes) -> bytes:
 
 
 def seeds(fmt: str) -> list[bytes]:
-    return [
+    exec_map = to_dict(event_from_fields("process_creation", {"CommandLine": "a b"}))
+    version_1 = msgpack.packb({"v": 1, "collector": "c", "seq": 4, "events": [exec_map]},
+                              use_bin_type=True)  # fmt: skip
+    return ([version_1] if fmt == "msgpack" else []) + [
         encode_batch("c", 1, [event_from_fields("process_creation", {"CommandLine": "a b"})], fmt),
         encode_batch("c", 2, [event_from_fields("network_connection", {"DestinationPort": 22})],
                      fmt),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Any
 
 import msgpack
@@ -23,6 +24,10 @@ from collector.events import (
     WireVersionError,
     decode,
     encode,
+    from_dict,
+    from_row,
+    to_dict,
+    to_row,
 )
 
 
@@ -124,3 +129,34 @@ def test_decoder_never_crashes_on_corrupted_events(pos: int, byte: int) -> None:
     data[pos] = byte
     with contextlib.suppress(ValueError):
         decode(bytes(data))
+
+
+@pytest.mark.parametrize("event", EVENTS, ids=lambda e: e.kind)
+def test_row_round_trip_is_exact(event: AnyEvent) -> None:
+    row = to_row(event)
+    assert row[0] == event.kind
+    assert from_row(msgpack.unpackb(msgpack.packb(row, use_bin_type=True), raw=False)) == event
+
+
+@pytest.mark.parametrize(("mangle", "message"), [
+    (lambda r: [*r, 1], "row has"),
+    (lambda r: [7, *r[1:]], "not a list starting with its kind"),
+    (lambda r: ["exce", *r[1:]], "unknown event kind 'exce'"),
+    (lambda r: [*r[:1], "now", *r[2:]], "time_ns is not int (str)"),
+    (lambda r: [*r[:8], [*r[8][:6], "comm", *r[8][7:]], *r[9:]],
+     "process: comm is not bytes (str)"),
+    (lambda r: [*r[:8], [*r[8][:13], [[1, "k", b"", [b"a", None]]]], *r[9:]],
+     "process: ancestry is not list[AncestorRef]"),
+])  # fmt: skip
+def test_rows_with_wrong_shapes_or_types_are_refused(mangle: Any, message: str) -> None:
+    exec_event = next(e for e in EVENTS if isinstance(e, ExecEvent))
+    with pytest.raises(EventFormatError, match=re.escape(message)):
+        from_row(mangle(to_row(exec_event)))
+
+
+def test_maps_with_wrong_types_are_refused() -> None:
+    exec_event = next(e for e in EVENTS if isinstance(e, ExecEvent))
+    d = to_dict(exec_event)
+    d["argv"] = [b"ok", 5]
+    with pytest.raises(EventFormatError, match=re.escape("argv is not list[bytes]")):
+        from_dict(d)

@@ -9,16 +9,19 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
 
 from collector.events import AnyEvent, Event, LostEvent
 from collector.stream import StreamSink
-from detect.sigma import RuleSet
+from detect.engine import Engine
+from detect.sigma import RuleSet, load_paths
 from detect.testing import event_from_fields
 from service.app import Ingest, make_app, prometheus_text
 from service.config import ConfigError, ServiceConfig, check, load, tls_context
+from service.main import BUILTIN_RULES
 from tests.serving import ROOT_DIR, free_port, serving
 from tests.tlsutil import make_tls
 
@@ -198,3 +201,21 @@ def test_serve_runs_with_tls_from_config_and_stops(tmp_path: Path) -> None:
         with urllib.request.urlopen(f"{svc.url}/healthz", context=ctx, timeout=10) as resp:  # noqa: S310
             assert resp.status == 200
         assert svc.stop() == 0
+
+
+def test_an_event_the_engine_fails_on_is_counted_and_the_batch_goes_on() -> None:
+    class Fragile(Engine):
+        def feed(self, event: AnyEvent) -> list[Any]:
+            if isinstance(event, Event) and event.process.pid == 1:
+                raise RuntimeError("boom")
+            return super().feed(event)
+
+    seen: list[int] = []
+    ingest = Ingest(load_paths([BUILTIN_RULES]), engine_factory=Fragile,
+                    on_alert=lambda a: seen.append(a.process.pid))  # fmt: skip
+    miners = [event_from_fields("process_creation", {
+        "Image": "/tmp/x", "ProcessId": pid,
+        "CommandLine": "x -o stratum+tcp://192.0.2.1:3333"}) for pid in range(3)]  # fmt: skip
+    assert ingest.handle("c", 0, miners)
+    assert ingest.stats.rejected == {"unprocessable_event": 1}
+    assert sorted(set(seen)) == [0, 2]  # the events around the bad one were detected

@@ -12,7 +12,7 @@ import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
 
-from collector.events import WIRE_VERSION, Alert, to_dict
+from collector.events import WIRE_VERSION, Alert, to_dict, to_row
 from detect.sigma import RuleSet, load_text
 from detect.testing import event_from_fields
 from service.app import Ingest, make_app
@@ -34,7 +34,10 @@ def miner_event(pid: int = 7) -> dict[str, Any]:
     return to_dict(event)
 
 
-def batch(seq: int, events: list[dict[str, Any]], **over: Any) -> bytes:
+EXEC = event_from_fields("process_creation", {"Image": "/bin/x", "ProcessId": 9})
+
+
+def batch(seq: int, events: list[Any], **over: Any) -> bytes:
     body = {"v": WIRE_VERSION, "collector": "host-a/1", "seq": seq, "events": events, **over}
     packed: bytes = msgpack.packb(body, use_bin_type=True)
     return packed
@@ -87,8 +90,15 @@ async def test_batch_is_handled_once_and_acknowledged(
         (b"\xc1\xc1", 400, "malformed", "not msgpack"),
         (batch(1, [miner_event()])[:-5], 400, "malformed", "not msgpack"),
         (msgpack.packb([1, 2]), 400, "malformed", "not a map"),
-        (batch(1, [], v=WIRE_VERSION + 1), 409, "version",
-         f"version {WIRE_VERSION + 1} is not supported; this service reads version {WIRE_VERSION}"),
+        (batch(1, [], v=3), 409, "version",
+         "version 3 is not supported; this service reads versions 1 and 2"),
+        (batch(1, [{**miner_event(), "argv": [b"x", 5]}]), 400, "malformed",
+         "event 0: exec event: argv is not list[bytes] (list)"),
+        (batch(1, [to_row(EXEC)[:5]], v=2), 400, "malformed",
+         "event 0: exec event row has 4 fields"),
+        (batch(1, [to_row(EXEC), [*to_row(EXEC)[:8], [1] * 14, *to_row(EXEC)[9:]]], v=2), 400,
+         "malformed", "event 1: process ancestry is not a list"),
+        (batch(1, [["alert"]], v=2), 400, "malformed", "unknown event kind 'alert'"),
         (batch(1, [], collector=""), 400, "malformed", "no collector id"),
         (batch(-1, []), 400, "malformed", "no sequence number"),
         (batch(1, [{"kind": "exec"}]), 400, "malformed", "event 0"),
