@@ -1,15 +1,14 @@
-"""The detection service: collectors post batches of events, the engine raises alerts.
+"""The detection service's HTTP side: collectors' batches in, the engine per host, metrics out.
 
-This is the ingestion core (the first part of the detection-service issue): an aiohttp
-application that accepts msgpack batches, checks their wire version and the bearer token,
-recognises replays, runs the detection engine per host, and reports health and Prometheus
-metrics. It needs neither root nor BCC.
+An aiohttp application (service/main.py builds and runs it): POST /v1/batches takes one batch
+per request, GET /v1/stream takes them as WebSocket frames (service/wire.py has the format),
+GET /v1/tail streams events and alerts to live-tail clients (service/tail.py), and /healthz,
+/readyz and /metrics report. It needs neither root nor BCC.
 
-Batch wire format (msgpack map):
-    {"v": WIRE_VERSION, "collector": "<id>", "seq": <int>, "events": [<event map>, ...]}
-where each event map is collector.events.to_dict() of an event. The service answers
-200 {"ack": seq} once the batch is handled; a batch already handled (same collector and a
-seq it has seen) is acknowledged again without being processed twice.
+The service answers {"ack": seq} once a batch is handled: the engine has seen it, the file
+outputs have written it, and, with a state directory, the replay state says so. A batch
+already handled (same collector, a sequence number it has seen) is acknowledged again without
+being handled twice. Bad input gets a 4xx with a reason, counted per reason.
 """
 
 from __future__ import annotations
