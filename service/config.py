@@ -17,6 +17,7 @@
     [tail]
     enabled = true
     queue = 10000                        # items held per tail client before it misses some
+    clients = 64                         # tail clients at once; more get a 503
 
     [[output]]                           # any number; see service/outputs.py
     type = "jsonl"
@@ -57,6 +58,7 @@ class ServiceConfig:
     egress_allow: list[str] = field(default_factory=list)
     tail: bool = True
     tail_queue: int = 10_000
+    tail_clients: int = 64
     outputs: list[dict[str, Any]] = field(default_factory=list)
     source: str = "defaults"
 
@@ -88,7 +90,11 @@ _SECTIONS: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
         "builtin_rules": ("builtin_rules", bool),
         "egress_allow": ("egress_allow", list),
     },
-    "tail": {"enabled": ("tail", bool), "queue": ("tail_queue", int)},
+    "tail": {
+        "enabled": ("tail", bool),
+        "queue": ("tail_queue", int),
+        "clients": ("tail_clients", int),
+    },
 }
 
 
@@ -167,6 +173,8 @@ def check(cfg: ServiceConfig) -> list[str]:
         raise ConfigError("server.read_timeout must be positive")
     if cfg.tail_queue <= 0:
         raise ConfigError("tail.queue must be positive")
+    if cfg.tail_clients <= 0:
+        raise ConfigError("tail.clients must be positive")
     read_token(cfg)
     tls_context(cfg)
     if not cfg.tls and not is_loopback(host):

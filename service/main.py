@@ -262,7 +262,7 @@ async def serve(args: argparse.Namespace) -> int:
     _say(f"rule not loaded: {where}: {why}" for where, why in p.rules.refused)
     cfg, token, ssl_ctx, rules, egress, outputs = (p.cfg, p.token, p.ssl_ctx, p.rules,
                                                    p.egress, p.outputs)  # fmt: skip
-    hub = TailHub(max_queue=cfg.tail_queue) if cfg.tail else None
+    hub = TailHub(max_queue=cfg.tail_queue, max_clients=cfg.tail_clients) if cfg.tail else None
     gate = OutputGate(outputs)
 
     def on_alert(alert: Alert) -> None:

@@ -52,6 +52,7 @@ TAIL_PROTOCOL = 1
 
 DEFAULT_SOCKET = "/run/sandtrace/tail.sock"
 DEFAULT_QUEUE = 4096
+MAX_CLIENTS = 64
 FILTER_KINDS = frozenset(k for k in EVENT_TYPES if k not in {"alert", "lost"})
 PARAMETERS = ("alerts_only", "sandbox", "host", "kind")
 _TRUE, _FALSE = {"1", "true", "yes"}, {"0", "false", "no", ""}
@@ -203,8 +204,10 @@ class Subscriber:
 class TailHub:
     """Fans events and alerts out to live-tail subscribers; publish() never blocks."""
 
-    def __init__(self, max_queue: int = DEFAULT_QUEUE) -> None:
+    def __init__(self, max_queue: int = DEFAULT_QUEUE, max_clients: int = MAX_CLIENTS) -> None:
         self.max_queue = max_queue
+        self.max_clients = max_clients  # each holds up to max_queue frames: memory stays bounded
+        self.refused = 0
         self.subscribers: list[Subscriber] = []
         self.sent = 0
         self.dropped = 0
@@ -259,6 +262,10 @@ class TailHub:
             "client that read too slowly (each was told how many)",
             "# TYPE sandtrace_tail_dropped_total counter",
             f"sandtrace_tail_dropped_total {self.dropped}",
+            "# HELP sandtrace_tail_refused_total Tail clients refused: as many as allowed were "
+            "connected",
+            "# TYPE sandtrace_tail_refused_total counter",
+            f"sandtrace_tail_refused_total {self.refused}",
         ]
 
 
@@ -283,6 +290,11 @@ def add_tail_routes(app: web.Application, hub: TailHub, token: str | None) -> No
             flt = TailFilter.parse(request.query.items())
         except BadFilter as exc:
             return _refuse(400, "bad_filter", str(exc))
+        if len(hub.subscribers) >= hub.max_clients:
+            hub.refused += 1
+            return _refuse(503, "too_many_clients",
+                           f"{hub.max_clients} tail clients are connected already; try again "
+                           "when one has gone")  # fmt: skip
         ws = web.WebSocketResponse(heartbeat=20.0)
         if not ws.can_prepare(request).ok:
             return _refuse(400, "not_websocket", f"{TAIL_PATH} speaks WebSocket only")

@@ -97,9 +97,10 @@ def test_command_line_overrides_the_file(tmp_path: Path) -> None:
 
 def test_config_keys_land_where_they_should(tmp_path: Path) -> None:
     conf = write(tmp_path / "s.toml", '[server]\nread_timeout = 5\n[tail]\nqueue = 7\n'
-                 '[detection]\nbuiltin_rules = false\n')  # fmt: skip
+                 'clients = 3\n[detection]\nbuiltin_rules = false\n')  # fmt: skip
     cfg = load(conf)
-    assert (cfg.read_timeout, cfg.tail_queue, cfg.builtin_rules) == (5.0, 7, False)
+    assert (cfg.read_timeout, cfg.tail_queue, cfg.tail_clients, cfg.builtin_rules) == (
+        5.0, 7, 3, False)  # fmt: skip
     with pytest.raises(ConfigError, match="cannot load"):
         tls_context(ServiceConfig(tls_cert=str(conf), tls_key=str(conf)))
     assert check(ServiceConfig()) == [

@@ -161,6 +161,7 @@ def test_hub_counts_what_a_full_queue_drops_and_says_where() -> None:
             "sandtrace_tail_subscribers 2",
             "sandtrace_tail_sent_total 0",
             "sandtrace_tail_dropped_total 6",
+            "sandtrace_tail_refused_total 0",
         ]
         hub.unsubscribe(slow)
         assert hub.prometheus_lines()[2] == "sandtrace_tail_subscribers 1"
@@ -425,3 +426,28 @@ def test_targets() -> None:
         with pytest.raises(TailError) as info:
             target_of(tail_args(*argv))
         assert str(info.value).startswith(message)
+
+
+@pytest.mark.asyncio
+async def test_clients_beyond_the_limit_are_refused_and_counted(
+    served: tuple[TailHub, TestClient[Any, Any]],
+) -> None:
+    hub, client = served
+    hub.max_clients = 2
+    first = await client.ws_connect("/v1/tail", headers=AUTH)
+    second = await client.ws_connect("/v1/tail", headers=AUTH)
+    for ws in (first, second):
+        assert parse_control(await ws.receive_str(timeout=5))["type"] == "hello"
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+        await client.ws_connect("/v1/tail", headers=AUTH)
+    assert info.value.status == 503
+    assert hub.refused == 1 and "sandtrace_tail_refused_total 1" in hub.prometheus_lines()
+    await first.close()
+    for _ in range(100):  # the server notices the close
+        if len(hub.subscribers) < 2:
+            break
+        await asyncio.sleep(0.02)
+    third = await client.ws_connect("/v1/tail", headers=AUTH)  # room again
+    assert parse_control(await third.receive_str(timeout=5))["type"] == "hello"
+    await second.close()
+    await third.close()
