@@ -301,8 +301,10 @@ def _dumps(doc: Any) -> str:
 class JsonlOutput(Output):
     """One JSON object per line, to a file (rotated by size) or to stdout (path "-").
 
-    Every write is of whole lines: a write that fails midway (disk full) is cut back to where
-    it started, so a reader never sees a partial line, and is tried again later."""
+    A file moved or removed by someone else (logrotate) is noticed at the next write, and the
+    path is opened anew. Every write is of whole lines: a write that fails midway (disk full)
+    is cut back to where it started, so a reader never sees a partial line, and is tried
+    again later."""
 
     output_type = "jsonl"
     keys: ClassVar[dict[str, _KeyType]] = {
@@ -344,6 +346,17 @@ class JsonlOutput(Output):
             base.unlink(missing_ok=True)
         self._open_file()
 
+    def _moved(self) -> bool:
+        """Whether the path no longer names the file this output has open."""
+        if self._fd is None:
+            return False
+        try:
+            st = Path(self.path).stat()
+        except FileNotFoundError:
+            return True
+        mine = os.fstat(self._fd)
+        return (st.st_dev, st.st_ino) != (mine.st_dev, mine.st_ino)
+
     def _fd_or_raise(self) -> int:
         if self._fd is None:
             raise OSError(errno.EBADF, f"{self.path} is not open")
@@ -368,6 +381,9 @@ class JsonlOutput(Output):
             return len(lines)
         written = 0
         try:
+            if self._fd is not None and self._moved():
+                os.close(self._fd)  # logrotate (or a person) moved or removed the file
+                self._fd = None
             if self._fd is None:
                 self._open_file()
             while written < len(lines):

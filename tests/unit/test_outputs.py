@@ -3,6 +3,7 @@ metrics. (Delivery to real receivers is in tests/e2e/test_siem_outputs.py.)"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -209,3 +210,32 @@ async def test_jsonl_to_file_and_close(tmp_path: Path) -> None:
     assert json.loads(line)["class_uid"] == 6008
     out.submit(lost)  # after close: counted, not queued
     assert out.stats.dropped == {"shutdown": 1}
+
+
+def _lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+@pytest.mark.asyncio
+async def test_jsonl_follows_a_file_moved_away_by_logrotate(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    (out,) = outputs_from_config([{"type": "jsonl", "path": str(path)}])
+    await out.start()
+    lost = LostEvent(time_ns=1, host="h", kernel={}, user=0, errors={})
+    try:
+        out.submit(lost)
+        for _ in range(200):
+            if out.stats.sent == 1:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(path.rename, tmp_path / "events.jsonl.1")  # logrotate's move
+        out.submit(lost)
+        out.submit(lost)
+        for _ in range(200):
+            if out.stats.sent == 3:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await out.aclose(deadline=5)
+    counts = await asyncio.to_thread(lambda: (_lines(tmp_path / "events.jsonl.1"), _lines(path)))
+    assert counts == (1, 2)  # the old file kept its line, the new one has the rest
