@@ -5,7 +5,7 @@
    no loss, and the loss accounting at twice that rate;
 3. latency from the syscall to the decoded event at 1,000 events per second;
 4. resident memory of a real `sandtrace watch` in steady state, and its time from start to
-   the first event;
+   the first event; and with its detection service down (memory stays flat, the spool bounded);
 5. detection-service ingest: a real `sandtrace serve` on one core fed by collector processes,
    msgpack and JSON (bench/service.py).
 """
@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -328,6 +330,56 @@ def watch_memory(exe: Path, sandbox: cgroups.SandboxCgroup) -> list[Row]:
     ]
 
 
+def rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(ln for ln in status.splitlines() if ln.startswith("VmRSS:")).split()[1])
+
+
+def watch_memory_service_down(exe: Path, sandbox: cgroups.SandboxCgroup) -> list[Row]:
+    """A real `sandtrace watch --server --alerts-only` (as deploy/ runs it) whose service never
+    answers, at 20,000 events/s for 30 s: its resident memory stays flat (1 MiB of batches in
+    memory, the rest to a 32 MiB spool, then the oldest spooled batches discarded, counted)."""
+    with tempfile.TemporaryDirectory() as spool:
+        with socket.socket() as s:  # a port nothing listens on
+            s.bind(("127.0.0.1", 0))
+            dead = s.getsockname()[1]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "collector.cli", "watch", "--alerts-only", "--no-tail",
+             "--cgroup", str(sandbox.path), "--server", f"http://127.0.0.1:{dead}",
+             "--spool-dir", spool, "--spool-max", "32"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=HERE.parent,
+        )  # fmt: skip
+        if proc.stderr is None:
+            raise RuntimeError("watch was started without a pipe")
+        samples: list[int] = []
+        try:
+            proc.stderr.readline()  # "watching ...": the probes are attached
+            load = threading.Thread(
+                target=micro, args=(exe, "connect-rate", 600_000, 20_000),
+                kwargs={"sandbox": sandbox}, daemon=True)  # fmt: skip
+            load.start()
+            while load.is_alive():
+                time.sleep(1.0)
+                samples.append(rss_kib(proc.pid))
+            spooled = sum(f.stat().st_size for f in Path(spool).glob("*.batch"))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=60)
+        m = re.search(r"discarded (\d+)", err)
+        discarded = m.group(1) if m else "?"
+    progress(f"watch RSS with the service down, per second (KiB): {samples}")
+    steady = samples[len(samples) // 3 :]
+    return [
+        (
+            "watch RSS, service down, 20,000/s for 30 s (MB)",
+            f"{samples[0] / 1024:.0f}",
+            f"{max(steady) / 1024:.0f}",
+            f"first s vs max of the last 2/3; spool {spooled / 2**20:.0f} MiB of 32, "
+            f"{discarded} discarded (counted)",
+        ),
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
@@ -357,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows += throughput(exe, features, sandbox)
             if "memory" in only:
                 rows += watch_memory(exe, sandbox)
+                rows += watch_memory_service_down(exe, sandbox)
             if "detect" in only:
                 rows += detection(exe, features, sandbox)
             if "service" in only:

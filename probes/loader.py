@@ -127,9 +127,16 @@ class LossCounters:
 
 class RecordQueue:
     """Hand-off from the poll thread to the event loop, bounded in bytes (so memory stays
-    bounded whatever the records' sizes); every record that does not fit is counted."""
+    bounded whatever the records' sizes); every record that does not fit is counted.
 
-    def __init__(self, capacity_bytes: int) -> None:
+    A record costs its payload plus `overhead` bytes: the Python bytes object around it and
+    its list slot (sys.getsizeof(b"") is 33, the slot 8, malloc rounds up), so that the bound
+    is the memory the queue really holds, not only the payload."""
+
+    RECORD_OVERHEAD = 48
+
+    def __init__(self, capacity_bytes: int, overhead: int = RECORD_OVERHEAD) -> None:
+        self.overhead = overhead
         self._batches: deque[list[bytes]] = deque()
         self._lock = threading.Lock()
         self._records = 0
@@ -139,18 +146,19 @@ class RecordQueue:
 
     def put(self, batch: list[bytes]) -> bool:
         """Queue a batch; returns True when the queue was empty before (wake the reader)."""
-        size = sum(map(len, batch))
+        over = self.overhead
+        size = sum(map(len, batch)) + over * len(batch)
         with self._lock:
             if self._bytes + size > self.capacity:
                 kept: list[bytes] = []
                 room = self.capacity - self._bytes
                 for record in batch:
-                    if len(record) > room:
+                    if len(record) + over > room:
                         break
                     kept.append(record)
-                    room -= len(record)
+                    room -= len(record) + over
                 self.dropped += len(batch) - len(kept)
-                batch, size = kept, sum(map(len, kept))
+                batch, size = kept, sum(map(len, kept)) + over * len(kept)
             if not batch:
                 return False
             was_empty = self._records == 0
