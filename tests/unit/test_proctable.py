@@ -222,9 +222,12 @@ def test_kernel_start_time_refines_a_seeded_entry(tmp_path: Path) -> None:
 
 
 def test_seed_from_a_real_child_process() -> None:
-    argv = [sys.executable, "-c", "import sys; sys.stdin.read()", "", "two words", "\u00e9"]
-    child = subprocess.Popen(argv, stdin=subprocess.PIPE)
+    argv = [sys.executable, "-c", "import sys; print(flush=True); sys.stdin.read()", "",
+            "two words", "\u00e9"]  # fmt: skip
+    child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
+        assert child.stdout is not None
+        child.stdout.readline()  # it runs: its exec is done, /proc shows its own argv
         table = ProcessTable()
         info = table.seed_from_proc(child.pid)
         assert info is not None
@@ -242,10 +245,11 @@ def test_seed_from_a_real_child_process() -> None:
         table.seed_from_proc(os.getpid())
         assert [a.pid for a in table.ancestry(child.pid)][:1] == [os.getpid()]
     finally:
-        assert child.stdin is not None
+        assert child.stdin is not None and child.stdout is not None
         child.stdin.close()
         child.kill()
         child.wait(timeout=10)
+        child.stdout.close()
     assert ProcessTable().seed_from_proc(child.pid) is None
 
 
