@@ -237,12 +237,41 @@ EVENT_TYPES: dict[str, type[Any]] = {
 
 
 def to_dict(event: AnyEvent | Alert) -> dict[str, Any]:
-    """Plain dict of an event, bytes kept as bytes, with its kind (also nested events')."""
-    d = dataclasses.asdict(event)
-    d["kind"] = event.kind
-    if isinstance(event, Alert):
-        d["events"] = [to_dict(e) for e in event.events]
-    return d
+    """Plain dict of an event, bytes kept as bytes, with its kind (also nested events'): what
+    dataclasses.asdict() gives plus "kind", built by one generated function per event type
+    (asdict's generic deep copy cost ~60 us per event)."""
+    return _TO_DICT[type(event)](event)
+
+
+def _dict_expr(name: str, t: str, var: str) -> str:
+    v = f"{var}.{name}"
+    if t == "Process":
+        return f"_pdict({v})"
+    if t == "list[AncestorRef]":
+        return f"[_adict(a) for a in {v}]"
+    if t == "list[Any]":  # an alert's events
+        return f"[to_dict(x) for x in {v}]"
+    if t.startswith("list["):
+        return f"list({v})"
+    if t.startswith("dict["):
+        return f"dict({v})"
+    return v
+
+
+def _dict_function(cls: type, fname: str, kind: bool) -> Callable[[Any], dict[str, Any]]:
+    items = [f"{f.name!r}: {_dict_expr(f.name, str(f.type), 'e')}" for f in dataclasses.fields(cls)]
+    if kind:
+        items.append(f"'kind': {cls.kind!r}")  # type: ignore[attr-defined]
+    src = f"def {fname}(e):\n    return {{{', '.join(items)}}}\n"
+    exec(compile(src, f"<dict {cls.__name__}>", "exec"), _DICT_SCOPE)  # noqa: S102 - our source
+    fn: Callable[[Any], dict[str, Any]] = _DICT_SCOPE[fname]
+    return fn
+
+
+_DICT_SCOPE: dict[str, Any] = {"to_dict": to_dict}
+_DICT_SCOPE["_adict"] = _dict_function(AncestorRef, "_adict", kind=False)
+_DICT_SCOPE["_pdict"] = _dict_function(Process, "_pdict", kind=False)
+_TO_DICT = {cls: _dict_function(cls, f"to_dict_{k}", kind=True) for k, cls in EVENT_TYPES.items()}
 
 
 def encode(event: AnyEvent | Alert) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 from typing import Any
 
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 
 from collector.events import (
     WIRE_VERSION,
+    Alert,
     AncestorRef,
     AnyEvent,
     ConnectEvent,
@@ -160,3 +162,31 @@ def test_maps_with_wrong_types_are_refused() -> None:
     d["argv"] = [b"ok", 5]
     with pytest.raises(EventFormatError, match=re.escape("argv is not list[bytes]")):
         from_dict(d)
+
+
+def _asdict(event: Any) -> dict[str, Any]:
+    """The reference: dataclasses.asdict() plus the kinds."""
+    d = dataclasses.asdict(event)
+    d["kind"] = event.kind
+    if "events" in d:
+        d["events"] = [_asdict(e) for e in event.events]
+    return d
+
+
+@pytest.mark.parametrize("event", EVENTS, ids=lambda e: e.kind)
+def test_to_dict_is_asdict_with_the_kind(event: AnyEvent) -> None:
+    d = to_dict(event)
+    assert d == _asdict(event)
+    assert list(d) == list(_asdict(event))  # same key order: JSON lines look the same
+    if "process" in d:  # copies, not the event's own lists
+        d["process"]["argv"].append(b"x")
+        assert to_dict(event) == _asdict(event)
+
+
+def test_alert_to_dict_nests_its_events_with_their_kinds() -> None:
+    exec_event = next(e for e in EVENTS if isinstance(e, ExecEvent))
+    alert = Alert(alert_id="h-1", rule_id="r", title="t", level="high", tags=["a"],
+                  description="d", time_ns=1, host="h", sandbox="s",
+                  process=exec_event.process, events=[exec_event])  # fmt: skip
+    d = to_dict(alert)
+    assert d == _asdict(alert) and d["events"][0]["kind"] == "exec" and d["kind"] == "alert"
