@@ -158,6 +158,9 @@ class OutputGate:
         self.wait = wait
         self.submitted = [0] * len(self.outputs)
         self.lagging = [False] * len(self.outputs)
+        self.progress = asyncio.Event()
+        for out in self.outputs:
+            out.on_progress = self.progress.set
 
     def __bool__(self) -> bool:
         return bool(self.outputs)
@@ -176,9 +179,10 @@ class OutputGate:
 
     async def settle(self) -> None:
         marks = list(self.submitted)
-        deadline = asyncio.get_running_loop().time() + self.wait
-        delay = 0.0005
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait
         while True:
+            self.progress.clear()  # before looking: progress made after this still wakes us
             behind = False
             for i, mark in enumerate(marks):
                 if self._done(i) >= mark:
@@ -187,15 +191,16 @@ class OutputGate:
                     behind = True
             if not behind:
                 return
-            if asyncio.get_running_loop().time() >= deadline:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
                 for i, mark in enumerate(marks):
                     if self._done(i) < mark and not self.lagging[i]:
                         self.lagging[i] = True
                         log.warning("output falls behind; batches are acknowledged without "
                                     "waiting for it", output=self.outputs[i].name)  # fmt: skip
                 return
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.001)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.progress.wait(), remaining)
 
 
 def _say(lines: Iterable[str]) -> None:

@@ -35,6 +35,7 @@ import os
 import ssl
 import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -125,6 +126,7 @@ class Output:
         self._stopping = False  # the sender must end
         self._idle = asyncio.Event()
         self._idle.set()
+        self.on_progress: Callable[[], None] = lambda: None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} what={self.what} schema={self.schema_name}>"
@@ -210,6 +212,7 @@ class Output:
             self._inflight = self._render(batch)
             await self._deliver_inflight()
             self.stats.queued = self.depth()
+            self.on_progress()  # sent or dropped moved: whoever waits on them looks again
 
     def _render(self, items: list[Item]) -> list[_Pending]:
         pending = []
