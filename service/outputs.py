@@ -71,11 +71,13 @@ class OutputConfigError(ValueError):
 
 
 class RetryableError(Exception):
-    """A delivery that failed for now (connection lost, 5xx, disk full): try again later."""
+    """A delivery that failed for now (connection lost, 5xx, disk full): try again later,
+    with `rest` when only those items are left to send (the others got through)."""
 
-    def __init__(self, cause: str, detail: str) -> None:
+    def __init__(self, cause: str, detail: str, rest: list[Any] | None = None) -> None:
         super().__init__(f"{cause}: {detail}")
         self.cause = cause
+        self.rest = rest
 
 
 @dataclass(slots=True)
@@ -239,6 +241,8 @@ class Output:
                 cause, detail = "partial", "some items must be sent again"
             except RetryableError as exc:
                 cause, detail = exc.cause, str(exc)
+                if exc.rest is not None:
+                    self._inflight = exc.rest
             except (OSError, aiohttp.ClientError, TimeoutError) as exc:
                 cause, detail = type(exc).__name__, str(exc) or repr(exc)
                 await self._reset()
@@ -413,39 +417,9 @@ class JsonlOutput(Output):
         except _PartialWrite as exc:
             self.stats.sent += exc.written
             cause = errno.errorcode.get(exc.error.errno or 0, "OSError")
-            raise _RetryRest(pending[exc.written :], cause, str(exc.error)) from exc
+            raise RetryableError(cause, str(exc.error), rest=pending[exc.written :]) from exc
         self.stats.sent += n
         return []
-
-    async def _deliver_inflight(self) -> None:
-        # As the base, but a write that failed midway keeps only the lines not yet written.
-        delay = self.backoff
-        while self._inflight:
-            try:
-                self._inflight = await self._deliver(self._inflight)
-            except _RetryRest as exc:
-                self._inflight = exc.rest
-                cause, detail = exc.cause, exc.detail
-            except Exception as exc:  # unexpected: keep the lines, go on
-                cause, detail = type(exc).__name__, repr(exc)
-                log.exception("output write failed unexpectedly", output=self.name)
-            else:
-                return
-            self.stats.retries += 1
-            self.stats.errors[cause] += 1
-            self.stats.queued = self.depth()
-            log.warning(
-                "output write failed, will retry",
-                output=self.name,
-                cause=cause,
-                detail=detail,
-                items=len(self._inflight),
-                retry_in=delay,
-            )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self.backoff_max)
-            if self._stopping:
-                return
 
     async def _close(self) -> None:
         if self._fd is not None:
@@ -458,14 +432,6 @@ class _PartialWrite(Exception):
         super().__init__(written, error)
         self.written = written
         self.error = error
-
-
-class _RetryRest(Exception):
-    def __init__(self, rest: list[_Pending], cause: str, detail: str) -> None:
-        super().__init__(cause, detail)
-        self.rest = rest
-        self.cause = cause
-        self.detail = detail
 
 
 # --- syslog --------------------------------------------------------------------------------
