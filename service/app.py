@@ -234,11 +234,15 @@ def make_app(
         given = request.headers.get("Authorization", "")
         return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
 
-    def reject(status: int, reason: str, message: str) -> web.Response:
+    def rejected(status: int, reason: str, message: str) -> dict[str, object]:
+        """Count and log a refused batch; the answer's body (HTTP or WebSocket)."""
         ingest.stats.rejected[reason] += 1
         ingest.stats.batches["rejected"] += 1
         log.info("batch rejected", status=status, reason=reason, message=message)
-        return web.json_response({"error": reason, "message": message}, status=status)
+        return {"error": reason, "status": status, "message": message}
+
+    def reject(status: int, reason: str, message: str) -> web.Response:
+        return web.json_response(rejected(status, reason, message), status=status)
 
     async def batches(request: web.Request) -> web.Response:
         if not authorized(request):
@@ -299,21 +303,15 @@ def make_app(
             if msg.type == WSMsgType.ERROR:  # a frame over the size limit, a broken frame
                 exc = ws.exception()
                 too_big = getattr(exc, "code", None) == WSCloseCode.MESSAGE_TOO_BIG
-                reason = "too_large" if too_big else "malformed"
-                ingest.stats.rejected[reason] += 1
-                ingest.stats.batches["rejected"] += 1
-                log.info("stream closed", reason=reason, error=str(exc))
+                rejected(1009 if too_big else 400, "too_large" if too_big else "malformed",
+                         f"stream closed: {exc}")  # fmt: skip
                 break
             if msg.type != WSMsgType.BINARY:
                 break
             try:
                 collector, seq, events = decode_batch(msg.data)
             except BadBatch as exc:
-                ingest.stats.rejected[exc.reason] += 1
-                ingest.stats.batches["rejected"] += 1
-                log.info("batch rejected", status=exc.status, reason=exc.reason, message=str(exc))
-                await ws.send_json({"error": exc.reason, "status": exc.status,
-                                    "message": str(exc)})  # fmt: skip
+                await ws.send_json(rejected(exc.status, exc.reason, str(exc)))
                 continue
             if ingest.handle(collector, seq, events):
                 if settle is not None:

@@ -65,6 +65,9 @@ _TECHNIQUE_TAG = re.compile(r"^attack\.(t\d{4})(?:\.(\d{3}))?$", re.IGNORECASE)
 _TACTIC_TAG = re.compile(r"^attack\.([a-z][a-z-]*)$", re.IGNORECASE)
 
 
+_ECS_OUTCOME = {"success": "success", "error": "failure"}  # sandtrace outcome -> ECS
+
+
 def text(value: bytes | str) -> str:
     """Untrusted bytes as text: invalid UTF-8 bytes become ``\\xNN`` (see module docstring)."""
     if isinstance(value, bytes):
@@ -272,7 +275,7 @@ def _ecs_event(event: Event) -> dict[str, Any]:
             "core_dumped": event.core_dumped,
         }
     elif isinstance(event, ConnectEvent):
-        outcome = {"success": "success", "error": "failure"}.get(event.outcome, "unknown")
+        outcome = _ECS_OUTCOME.get(event.outcome, "unknown")
         ev |= {
             "category": ["network"],
             "type": ["connection", "start"],
@@ -290,7 +293,7 @@ def _ecs_event(event: Event) -> dict[str, Any]:
             "nonblocking": event.nonblocking,
         }
     elif isinstance(event, BindEvent):
-        outcome = {"success": "success", "error": "failure"}.get(event.outcome, "unknown")
+        outcome = _ECS_OUTCOME.get(event.outcome, "unknown")
         ev |= {
             "category": ["network"],
             "type": ["start"],
