@@ -31,7 +31,7 @@ from collector.pipeline import (
 from collector.proctable import ProcessTable, parse_stat
 from collector.render import TextRenderer, totals_line
 from collector.startup import held_socket_events
-from collector.stream import StreamSink
+from collector.stream import StreamSink, read_token_file
 from detect.engine import EgressPolicies, Engine
 from detect.sigma import load_paths
 from service import main as serve_command
@@ -288,9 +288,9 @@ def _stream(args: argparse.Namespace) -> list[Sink]:
     token = None
     if args.server_token_file:
         try:
-            token = Path(args.server_token_file).read_text().strip()
-        except OSError as exc:
-            raise SystemExit(f"sandtrace: cannot read --server-token-file: {exc}") from None
+            token = read_token_file(args.server_token_file)
+        except ValueError as exc:
+            raise SystemExit(f"sandtrace: --server-token-file: {exc}") from None
     if args.spool_max <= 0:
         raise SystemExit("sandtrace: --spool-max must be a positive number of MiB")
     spool = args.spool_dir

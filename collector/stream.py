@@ -68,6 +68,19 @@ def check_url(url: str, insecure: bool = False) -> str:
     return url.rstrip("/")
 
 
+def read_token_file(path: str) -> str:
+    """The bearer token in a file (surrounding whitespace dropped); ValueError saying why
+    when it cannot be read or is empty. The collector, `sandtrace tail` and the service all
+    read theirs with it."""
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not token:
+        raise ValueError(f"{path} is empty")
+    return token
+
+
 def is_loopback(host: str) -> bool:
     """Whether host (a name or an address) is this machine's loopback."""
     if host == "localhost":

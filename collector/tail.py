@@ -16,7 +16,6 @@ import signal
 import ssl
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO
 
 import aiohttp
@@ -26,7 +25,7 @@ from yarl import URL
 from collector.events import WIRE_VERSION, EventFormatError, WireVersionError, decode
 from collector.pipeline import TerminalSink
 from collector.render import TextRenderer, escape
-from collector.stream import InsecureURL, check_url
+from collector.stream import InsecureURL, check_url, read_token_file
 from service.tail import (
     DEFAULT_SOCKET,
     FILTER_KINDS,
@@ -118,11 +117,9 @@ def target_of(args: argparse.Namespace) -> Target:
     token = None
     if args.token_file:
         try:
-            token = Path(args.token_file).read_text().strip()
-        except OSError as exc:
-            raise TailError(f"cannot read --token-file {args.token_file}: {exc.strerror}") from None
-        if not token:
-            raise TailError(f"--token-file {args.token_file} is empty")
+            token = read_token_file(args.token_file)
+        except ValueError as exc:
+            raise TailError(f"--token-file: {exc}") from None
     context = None
     if args.ca_file:
         if url.scheme != "https":

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from collector.stream import is_loopback
+from collector.stream import is_loopback, read_token_file
 
 
 class ConfigError(ValueError):
@@ -140,13 +140,9 @@ def read_token(cfg: ServiceConfig) -> str | None:
     if not cfg.token_file:
         return None
     try:
-        token = Path(cfg.token_file).read_text().strip()
-    except OSError as exc:
-        raise ConfigError(f"server.token_file: cannot read {cfg.token_file}: "
-                          f"{exc.strerror or exc}") from None  # fmt: skip
-    if not token:
-        raise ConfigError(f"server.token_file: {cfg.token_file} is empty")
-    return token
+        return read_token_file(cfg.token_file)
+    except ValueError as exc:
+        raise ConfigError(f"server.token_file: {exc}") from None
 
 
 def tls_context(cfg: ServiceConfig) -> ssl.SSLContext | None:

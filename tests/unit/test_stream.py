@@ -15,7 +15,7 @@ from aiohttp import web
 
 from collector.events import AnyEvent, Event, LostEvent
 from collector.spool import SpoolBusy
-from collector.stream import InsecureURL, StreamSink, check_url
+from collector.stream import InsecureURL, StreamSink, check_url, read_token_file
 from detect.sigma import RuleSet
 from detect.testing import event_from_fields
 from service.app import Ingest, make_app
@@ -327,3 +327,14 @@ async def test_websocket_stream_answers_each_frame_and_keeps_serving() -> None:
     info = service.ingest.stats.collectors["c9"]
     assert (info.spool_bytes, info.held_batches, info.last_seq) == (4096, 2, 1)
     assert service.ingest.stats.rejected == {"unauthorized": 1, "malformed": 1, "too_large": 1}
+
+
+def test_token_files_are_read_one_way(tmp_path: Path) -> None:
+    good, empty = tmp_path / "t", tmp_path / "e"
+    good.write_text("  s3cret\n")
+    empty.write_text("\n")
+    assert read_token_file(str(good)) == "s3cret"
+    with pytest.raises(ValueError, match=r"^.*/e is empty$"):
+        read_token_file(str(empty))
+    with pytest.raises(ValueError, match=r"cannot read .*/missing: No such file or directory"):
+        read_token_file(str(tmp_path / "missing"))

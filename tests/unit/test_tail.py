@@ -421,7 +421,7 @@ def test_targets() -> None:
         (["--server", "http://127.0.0.1:1", "--ca-file", "/x"],
          "--ca-file goes with an https:// --server"),
         (["--server", "https://h", "--token-file", "/nonexistent"],
-         "cannot read --token-file /nonexistent: No such file or directory"),
+         "--token-file: cannot read /nonexistent: No such file or directory"),
     ):  # fmt: skip
         with pytest.raises(TailError) as info:
             target_of(tail_args(*argv))
