@@ -15,7 +15,6 @@ Also runnable alone, as root or not: `python -m bench.service [--rounds N] [--se
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import http.client
 import json
@@ -31,6 +30,7 @@ import urllib.request
 from pathlib import Path
 
 import msgpack
+import msgspec.structs
 
 from collector.events import AnyEvent
 from collector.render import json_line
@@ -102,7 +102,7 @@ def client(argv: list[str]) -> int:
     bodies = []
     for v in range(VARIANTS):
         events = mix((args.id * VARIANTS + v) * BATCH_EVENTS, BATCH_EVENTS)
-        events = [dataclasses.replace(e, host=host) for e in events]
+        events = [msgspec.structs.replace(e, host=host) for e in events]
         bodies.append(encoded_events(events, args.fmt))
     headers = {"Content-Type": FORMATS[args.fmt], "Authorization": f"Bearer {args.token}"}
     print("ready", flush=True)

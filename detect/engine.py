@@ -8,7 +8,6 @@ process into a single alert with a count.
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import itertools
 import operator
@@ -18,6 +17,8 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+import msgspec.structs
 
 from collector.events import Alert, AnyEvent, ConnectEvent, Event
 from detect.fields import GETTERS, category_of_type
@@ -282,7 +283,7 @@ class Engine:
 
     def _summary(self, fold: _Fold) -> Alert:
         last = fold.last if fold.last is not None else fold.alert.events[-1]
-        return dataclasses.replace(
+        return msgspec.structs.replace(
             fold.alert,
             count=fold.extra + 1,
             repeat=True,

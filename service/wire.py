@@ -13,11 +13,12 @@ checked, or raises BadBatch with the HTTP status and a reason, whichever the for
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import re
 from typing import Any
 
 import msgpack
+import msgspec
 
 from collector.events import (
     EVENT_TYPES,
@@ -26,9 +27,10 @@ from collector.events import (
     AnyEvent,
     EventFormatError,
     Process,
+    RowEvent,
+    explain_row_error,
+    fields_of,
     from_dict,
-    from_row,
-    to_row,
 )
 from collector.render import bytes_from_json, json_line
 
@@ -48,6 +50,20 @@ class BadBatch(Exception):
         self.reason = reason
 
 
+class _Head(msgspec.Struct, gc=False):
+    """A msgpack batch's map, its events left undecoded until the version is known."""
+
+    v: Any = None
+    collector: Any = None
+    seq: Any = None
+    events: msgspec.Raw = msgspec.Raw()
+
+
+_HEAD = msgspec.msgpack.Decoder(_Head)
+_ROWS = msgspec.msgpack.Decoder(list[RowEvent])
+_ENCODER = msgspec.msgpack.Encoder()
+
+
 def encode_batch(collector: str, seq: int, events: list[AnyEvent], fmt: str = "msgpack") -> bytes:
     """A batch as collectors send it (the inverse of decode_batch), as "msgpack" or "json"."""
     if fmt == "json":
@@ -55,10 +71,9 @@ def encode_batch(collector: str, seq: int, events: list[AnyEvent], fmt: str = "m
         return f'{head[:-1]}, "events": [{",".join(map(json_line, events))}]}}'.encode()
     if fmt != "msgpack":
         raise ValueError(f"batch format {fmt!r}: msgpack or json")
-    body = {"v": BATCH_VERSION, "collector": collector, "seq": seq,
-            "events": [to_row(e) for e in events]}  # fmt: skip
-    packed: bytes = msgpack.packb(body, use_bin_type=True)
-    return packed
+    # events encode as their rows (collector.events: a record's encoding is its row)
+    body = {"v": BATCH_VERSION, "collector": collector, "seq": seq, "events": events}
+    return _ENCODER.encode(body)
 
 
 def decode_batch(body: bytes, content_type: str = CONTENT_TYPE) -> tuple[str, int, list[AnyEvent]]:
@@ -69,17 +84,22 @@ def decode_batch(body: bytes, content_type: str = CONTENT_TYPE) -> tuple[str, in
             batch = json.loads(body)
         except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
             raise BadBatch(400, "malformed", f"body is not JSON: {exc}") from None
+        if not isinstance(batch, dict):
+            raise BadBatch(400, "malformed", "batch is not a map")
+        version, collector, seq, raw = (batch.get("v"), batch.get("collector"), batch.get("seq"),
+                                        batch.get("events"))  # fmt: skip
     elif content_type == CONTENT_TYPE:
         try:
-            batch = msgpack.unpackb(body, raw=False, strict_map_key=True)
-        except (ValueError, msgpack.UnpackException) as exc:
+            head = _HEAD.decode(body)
+        except msgspec.ValidationError:
+            raise BadBatch(400, "malformed", "batch is not a map of v, collector, seq and "
+                           "events") from None  # fmt: skip
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise BadBatch(400, "malformed", f"body is not msgpack: {exc}") from None
+        version, collector, seq, raw = head.v, head.collector, head.seq, head.events
     else:
         wanted = " or ".join(CONTENT_TYPES)
         raise BadBatch(415, "content_type", f"send {wanted}, not {content_type}")
-    if not isinstance(batch, dict):
-        raise BadBatch(400, "malformed", "batch is not a map")
-    version = batch.get("v")
     if version not in BATCH_VERSIONS or (from_json and version != 1):
         readable = "version 1" if from_json else "versions 1 and 2"
         raise BadBatch(
@@ -88,25 +108,27 @@ def decode_batch(body: bytes, content_type: str = CONTENT_TYPE) -> tuple[str, in
             f"batch wire version {version!r} is not supported; this service reads "
             f"{readable}{' of JSON batches' if from_json else ''}",
         )
-    collector, seq, raw = batch.get("collector"), batch.get("seq"), batch.get("events")
     if not isinstance(collector, str) or not collector:
         raise BadBatch(400, "malformed", "batch has no collector id")
     if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
         raise BadBatch(400, "malformed", "batch has no sequence number")
+    if version == 2:
+        if not isinstance(raw, msgspec.Raw) or not raw:
+            raise BadBatch(400, "malformed", "batch events is not a list")
+        try:
+            events: list[AnyEvent] = _ROWS.decode(raw)
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+            raise BadBatch(400, "malformed", _row_error(str(exc), raw)) from None
+        _check_count(len(events))
+        return collector, seq, events
+    if isinstance(raw, msgspec.Raw):  # version 1 in msgpack: maps
+        try:
+            raw = msgpack.unpackb(raw, raw=False, strict_map_key=True) if raw else None
+        except (ValueError, msgpack.UnpackException) as exc:
+            raise BadBatch(400, "malformed", f"batch events are not msgpack: {exc}") from None
     if not isinstance(raw, list):
         raise BadBatch(400, "malformed", "batch events is not a list")
-    if len(raw) > MAX_BATCH_EVENTS:
-        raise BadBatch(413, "too_large", f"batch has {len(raw)} events; at most {MAX_BATCH_EVENTS}")
-    if version == 2:
-        try:
-            return collector, seq, [from_row(item) for item in raw]
-        except EventFormatError:
-            events = []  # find which event, for the message
-            for i, item in enumerate(raw):
-                try:
-                    events.append(from_row(item))
-                except EventFormatError as exc:
-                    raise BadBatch(400, "malformed", f"event {i}: {exc}") from None
+    _check_count(len(raw))
     events = []
     for i, item in enumerate(raw):
         try:
@@ -119,12 +141,32 @@ def decode_batch(body: bytes, content_type: str = CONTENT_TYPE) -> tuple[str, in
     return collector, seq, events
 
 
+def _row_error(message: str, raw: msgspec.Raw) -> str:
+    """Which event of the batch, and which of its fields, msgspec's message is about."""
+    m = re.match(r"(.*) - at `\$\[(\d+)\]((?:\[\d+\])*)`$", message, re.DOTALL)
+    if m is None:
+        return f"batch events: {message}"
+    i = int(m.group(2))
+    try:
+        rows = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+        row = rows[i] if isinstance(rows, list) and i < len(rows) else None
+    except (ValueError, TypeError, msgpack.UnpackException):
+        row = None
+    rest = f"{m.group(1)} - at `${m.group(3)}`" if m.group(3) else m.group(1)
+    return f"event {i}: {explain_row_error(rest, row)}"
+
+
+def _check_count(n: int) -> None:
+    if n > MAX_BATCH_EVENTS:
+        raise BadBatch(413, "too_large", f"batch has {n} events; at most {MAX_BATCH_EVENTS}")
+
+
 def _bytes_fields(cls: type) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """A dataclass's fields of type bytes, and of type list[bytes]."""
-    fields = dataclasses.fields(cls)
+    fields = fields_of(cls)
     return (
-        tuple(f.name for f in fields if f.type in ("bytes", bytes)),
-        tuple(f.name for f in fields if f.type in ("list[bytes]", list[bytes])),
+        tuple(f.name for f in fields if f.type is bytes),
+        tuple(f.name for f in fields if f.type == list[bytes]),
     )
 
 

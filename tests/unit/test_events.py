@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import re
 from typing import Any
 
 import msgpack
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -105,8 +105,14 @@ def test_wrong_version_names_both_versions() -> None:
     [
         (msgpack.packb([1, 2]), "not a map"),
         (msgpack.packb({"v": WIRE_VERSION, "kind": "bogus"}), "unknown event kind"),
-        (msgpack.packb({"v": WIRE_VERSION, "kind": "lost", "host": "h"}), "wrong fields"),
-        (msgpack.packb({"v": WIRE_VERSION, "kind": "exit", **COMMON, "process": 3}), "process"),
+        (
+            msgpack.packb({"v": WIRE_VERSION, "kind": "lost", "host": "h"}),
+            "lost event has no time_ns",
+        ),
+        (
+            msgpack.packb({"v": WIRE_VERSION, "kind": "exit", **COMMON, "process": 3}),
+            "exit event: process: Expected `array`, got `int`",
+        ),
         (b"\xc1", "not a msgpack event"),
         (encode(EVENTS[0])[:-3], "not a msgpack event"),
     ],
@@ -141,14 +147,17 @@ def test_row_round_trip_is_exact(event: AnyEvent) -> None:
 
 
 @pytest.mark.parametrize(("mangle", "message"), [
-    (lambda r: [*r, 1], "row has"),
-    (lambda r: [7, *r[1:]], "not a list starting with its kind"),
-    (lambda r: ["exce", *r[1:]], "unknown event kind 'exce'"),
-    (lambda r: [*r[:1], "now", *r[2:]], "time_ns is not int (str)"),
+    (lambda r: [*r, 1], "exec event row: Expected `array` of at most length"),
+    (lambda r: r[:5], "exec event row: Expected `array` of at least length"),
+    (lambda r: [7, *r[1:]], "event row: Expected `str`, got `int`"),
+    (lambda r: ["exce", *r[1:]], "unknown event kind 'exce' in a row"),
+    (lambda r: ["alert"], "unknown event kind 'alert' in a row"),
+    (lambda r: [*r[:1], "now", *r[2:]], "exec event: time_ns: Expected `int`, got `str`"),
+    (lambda r: [*r[:1], True, *r[2:]], "exec event: time_ns: Expected `int`, got `bool`"),
     (lambda r: [*r[:8], [*r[8][:6], "comm", *r[8][7:]], *r[9:]],
-     "process: comm is not bytes (str)"),
+     "exec event: process.comm: Expected `bytes`, got `str`"),
     (lambda r: [*r[:8], [*r[8][:13], [[1, "k", b"", [b"a", None]]]], *r[9:]],
-     "process: ancestry is not list[AncestorRef]"),
+     "exec event: process.ancestry[0].argv[1]: Expected `bytes`, got `None`"),
 ])  # fmt: skip
 def test_rows_with_wrong_shapes_or_types_are_refused(mangle: Any, message: str) -> None:
     exec_event = next(e for e in EVENTS if isinstance(e, ExecEvent))
@@ -160,16 +169,35 @@ def test_maps_with_wrong_types_are_refused() -> None:
     exec_event = next(e for e in EVENTS if isinstance(e, ExecEvent))
     d = to_dict(exec_event)
     d["argv"] = [b"ok", 5]
-    with pytest.raises(EventFormatError, match=re.escape("argv is not list[bytes]")):
+    with pytest.raises(EventFormatError, match=re.escape("Expected `bytes`, got `int`")):
+        from_dict(d)
+    d = to_dict(exec_event)
+    d["process"]["comm"] = "text"  # text where bytes belong: refused, not base64-decoded
+    with pytest.raises(EventFormatError, match=re.escape("Expected `bytes`, got `str`")):
+        from_dict(d)
+    d = to_dict(exec_event)
+    d["surplus"] = 1
+    with pytest.raises(EventFormatError, match="unknown fields: surplus"):
         from_dict(d)
 
 
 def _asdict(event: Any) -> dict[str, Any]:
-    """The reference: dataclasses.asdict() plus the kinds."""
-    d = dataclasses.asdict(event)
-    d["kind"] = event.kind
-    if "events" in d:
-        d["events"] = [_asdict(e) for e in event.events]
+    """The reference, field by field through msgspec's own view of the record: nested
+    records as maps, lists copied, with the kinds of events."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, msgspec.Struct):
+            d = {f: plain(getattr(value, f)) for f in value.__struct_fields__}
+            if value.__struct_config__.tag is not None:
+                d["kind"] = value.__struct_config__.tag
+            return d
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    d: dict[str, Any] = plain(event)
     return d
 
 

@@ -94,8 +94,9 @@ def test_rule_index_agrees_on_variants_of_the_cases() -> None:
     """The guards that index rules must never hide a match: case events with their texts
     upper-cased, traded between events, emptied or swapped for non-UTF-8 bytes still get
     from the generated matchers exactly what the rules' closures say."""
-    import dataclasses  # noqa: PLC0415
     import random  # noqa: PLC0415
+
+    import msgspec.structs  # noqa: PLC0415
 
     from collector.events import Event, ExecEvent  # noqa: PLC0415
     from detect.engine import generate_matcher  # noqa: PLC0415
@@ -118,8 +119,8 @@ def test_rule_index_agrees_on_variants_of_the_cases() -> None:
     checked = 0
     for event in events:
         for _ in range(8):
-            process = dataclasses.replace(event.process, exe=rng.choice(exes))
-            variant = dataclasses.replace(event, process=process)
+            process = msgspec.structs.replace(event.process, exe=rng.choice(exes))
+            variant = msgspec.structs.replace(event, process=process)
             if isinstance(variant, ExecEvent):
                 argv = rng.choice(argvs)
                 variant.argv = [a.upper() for a in argv] if rng.random() < 0.5 else argv

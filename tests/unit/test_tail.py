@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import io
 import json
 import re
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec.structs
 import pytest
 import pytest_asyncio
 from aiohttp import web
@@ -48,12 +48,12 @@ def exec_event(pid: int = 10, host: str = "h1", sandbox: str = "sb1") -> ExecEve
     fields = {"Image": "/bin/x", "ProcessId": pid, "CommandLine": f"x {pid}", "Sandbox": sandbox}
     event = event_from_fields("process_creation", fields)
     assert isinstance(event, ExecEvent)
-    return dataclasses.replace(event, host=host)
+    return msgspec.structs.replace(event, host=host)
 
 
 def connect_event(pid: int = 11, host: str = "h1", sandbox: str = "sb1") -> AnyEvent:
     event = event_from_fields("network_connection", {"ProcessId": pid, "Sandbox": sandbox})
-    return dataclasses.replace(event, host=host)
+    return msgspec.structs.replace(event, host=host)
 
 
 def alert_on(event: AnyEvent, rule: str = "r1") -> Alert:
@@ -337,8 +337,8 @@ HOSTILE_ARGV = [b"/bin/sh", b"\x1b[2J\x1b]0;owned\x07", b"two\nlines", b"bad\xff
 
 def hostile_exec() -> ExecEvent:
     event = exec_event(pid=4242)
-    process = dataclasses.replace(event.process, comm=b"\x1b[31mred", exe=b"/bin/sh")
-    return dataclasses.replace(event, process=process, argv=HOSTILE_ARGV)
+    process = msgspec.structs.replace(event.process, comm=b"\x1b[31mred", exe=b"/bin/sh")
+    return msgspec.structs.replace(event, process=process, argv=HOSTILE_ARGV)
 
 
 def shown(item: AnyEvent | Alert, color: bool, output: str = "compact") -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import os
 import select
@@ -20,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import msgspec.structs
 from aiohttp import web
 
 from collector.events import WIRE_VERSION, AnyEvent
@@ -135,13 +135,13 @@ def miner(pid: int, host: str, sandbox: str) -> AnyEvent:
     event = event_from_fields("process_creation", {
         "Image": "/tmp/.x/kworker", "ProcessId": pid, "Sandbox": sandbox,
         "Argv": ["kworker", "-o", "stratum+tcp://198.51.100.1:3333", "\x1b[2J"]})  # fmt: skip
-    return dataclasses.replace(event, host=host)
+    return msgspec.structs.replace(event, host=host)
 
 
 def connect(pid: int, host: str, sandbox: str) -> AnyEvent:
     event = event_from_fields("network_connection", {"ProcessId": pid, "Sandbox": sandbox,
                                                      "DestinationPort": 3333})  # fmt: skip
-    return dataclasses.replace(event, host=host)
+    return msgspec.structs.replace(event, host=host)
 
 
 def send(port: int, seq: int, events: list[AnyEvent]) -> None:
