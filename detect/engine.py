@@ -8,6 +8,7 @@ process into a single alert with a count.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import itertools
 import operator
@@ -55,6 +56,7 @@ EGRESS_RULE = BuiltinRule(
     ["attack.exfiltration", "attack.command_and_control", "attack.t1041"],
 )
 NS = 1_000_000_000
+_EGRESS_ANSWERS = 4096  # (address, port) answers an egress policy keeps
 
 
 @dataclass(slots=True)
@@ -68,6 +70,7 @@ class EgressPolicy:
     _ints: list[tuple[int, int, int, frozenset[int]]] = field(
         default_factory=list, repr=False, compare=False
     )
+    _answers: dict[tuple[str, int], bool] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def parse(cls, specs: Iterable[str]) -> EgressPolicy:
@@ -91,6 +94,23 @@ class EgressPolicy:
         return out
 
     def allows(self, addr: str, port: int) -> bool:
+        # Sandboxes connect to the same few destinations again and again: answers are kept
+        # (a bounded number, forgotten all at once when full or when the list grows).
+        if len(self._ints) != len(self.allowed):
+            self._ints = [
+                (net.version, int(net.netmask), int(net.network_address), ports)
+                for net, ports in self.allowed
+            ]
+            self._answers.clear()
+        key = (addr, port)
+        answer = self._answers.get(key)
+        if answer is None:
+            if len(self._answers) >= _EGRESS_ANSWERS:
+                self._answers.clear()
+            answer = self._answers[key] = self._allows(addr, port)
+        return answer
+
+    def _allows(self, addr: str, port: int) -> bool:
         parsed = _ip_int(addr)
         if parsed is None:
             return False
@@ -99,11 +119,6 @@ class EgressPolicy:
         version, value = parsed
         if value >> 24 == 127 if version == 4 else value == 1:
             return True  # the sandbox talking to itself (127.0.0.0/8, ::1)
-        if len(self._ints) != len(self.allowed):
-            self._ints = [
-                (net.version, int(net.netmask), int(net.network_address), ports)
-                for net, ports in self.allowed
-            ]
         for net_version, mask, network, ports in self._ints:
             if net_version == version and value & mask == network and (not ports or port in ports):
                 return True
@@ -207,8 +222,12 @@ class Engine:
             if category in self._by_category:
                 rs = self._by_category[category]
                 actions = [
-                    (r, r.id not in self.silent, self._correlations_of.get(r.id, [])) for r in rs
-                ]
+                    (r, r.id not in self.silent, [
+                        (counting, *_correlation_readers(corr, counting, getters))
+                        for corr, counting in self._correlations_of.get(r.id, [])
+                    ])
+                    for r in rs
+                ]  # fmt: skip
                 self._plan[etype] = (generate_matcher(rs, getters), getters, actions)
 
     # -- public -----------------------------------------------------------------------------
@@ -224,8 +243,8 @@ class Engine:
                 self.matches += 1
                 if alerts:
                     self._raise(out, rule, rule.description, event)  # type: ignore[arg-type]
-                for corr, counting in correlations:
-                    self._correlate(out, corr, counting, event, fields)  # type: ignore[arg-type]
+                for counting, key_of, value_of in correlations:
+                    self._correlate(out, counting, event, key_of(event), value_of(event))  # type: ignore[arg-type]
         if self.egress is not None and isinstance(event, ConnectEvent):
             policy = self.egress.policy_for(event.sandbox)
             if policy is not None and not policy.allows(event.daddr, event.dport):
@@ -292,30 +311,30 @@ class Engine:
             raised_ns=time.time_ns(),
         )
 
-    def _correlate(self, out: list[Alert], corr: Correlation, counting: _Counting,
-                   event: Event, fields: FieldDict) -> None:  # fmt: skip
+    def _correlate(self, out: list[Alert], counting: _Counting, event: Event,
+                   key: tuple[Any, ...], value: Any) -> None:  # fmt: skip
         # Every TCP connect passes here twice with the built-in pack: kept to plain dict and
-        # deque operations, no method calls of our own on the common path.
-        get = fields.get
-        key = (corr.id, *map(get, counting.group_by))
+        # deque operations, the key and value read by functions made for the event's type.
+        corr = counting.corr
         window = self._windows.get(key)
         if window is None:
             window = self._windows[key] = _Window()
-        value = get(counting.field) if counting.field is not None else counting.value
         now = event.time_ns
         entries, values = window.entries, window.values
         entries.append((now, value))
         values[value] = values.get(value, 0) + 1
+        kind = corr.kind
+        if kind == "temporal_ordered":
+            window.place(value)
         horizon = now - counting.window_ns
         if entries[0][0] < horizon:
             window.forget(horizon)
-        kind = corr.kind
         if kind == "value_count":
             seen = len(values) - (None in values) - ("" in values)
         elif kind == "temporal":
             seen = len(values)
         elif kind == "temporal_ordered":
-            seen = _ordered_prefix(corr.rules, [v for _, v in entries])
+            seen = window.ordered_prefix(corr.rules)
         else:
             seen = len(entries)
         if counting.op is not None and counting.op(seen, counting.ref):
@@ -327,9 +346,10 @@ class Engine:
 class _Counting:
     """What a correlation counts of one of its rules' events, worked out once."""
 
-    __slots__ = ("field", "group_by", "op", "ref", "value", "window_ns")
+    __slots__ = ("corr", "field", "group_by", "op", "ref", "value", "window_ns")
 
     def __init__(self, corr: Correlation, rule: Rule) -> None:
+        self.corr = corr
         self.group_by = tuple(corr.group_by)
         self.window_ns = int(corr.seconds * NS)
         temporal = corr.kind.startswith("temporal")
@@ -342,25 +362,79 @@ class _Counting:
         self.ref = len(corr.rules) if temporal else corr.count
 
 
-_Action = tuple[Rule, bool, list[tuple[Correlation, "_Counting"]]]
+_Action = tuple[Rule, bool, list[tuple["_Counting", Any, Any]]]
+
+
+def _correlation_readers(
+    corr: Correlation, counting: _Counting, getters: Mapping[str, Callable[[Any], Any]]
+) -> tuple[Callable[[Any], tuple[Any, ...]], Callable[[Any], Any]]:
+    """For one event type: a function giving an event's window key for `corr` (its id, then
+    the group-by fields), and one giving the value it counts; fields the type lacks are
+    None, as FieldDict gives them."""
+    scope: dict[str, Any] = {"CID": corr.id}
+    parts = []
+    for i, name in enumerate(counting.group_by):
+        if name in getters:
+            scope[f"G{i}"] = getters[name]
+            parts.append(f"G{i}(e)")
+        else:
+            parts.append("None")
+    src = f"def key(e):\n    return (CID, {''.join(p + ', ' for p in parts)})\n"
+    exec(compile(src, f"<correlation key {corr.id}>", "exec"), scope)  # noqa: S102 - our source
+    if counting.field is not None:
+        getter = getters.get(counting.field)
+        value_of: Callable[[Any], Any] = getter if getter is not None else lambda _e: None
+    else:
+        constant = counting.value
+        value_of = lambda _e: constant  # noqa: E731
+    return scope["key"], value_of
 
 
 class _Window:
-    """Entries within a correlation's timespan, with a running count of distinct values."""
+    """Entries within a correlation's timespan, with a running count of distinct values and,
+    for ordered correlations, where each value stands in the sequence."""
 
-    __slots__ = ("entries", "values")
+    __slots__ = ("entries", "next", "positions", "values")
 
     def __init__(self) -> None:
         self.entries: deque[tuple[int, Any]] = deque()
         self.values: dict[Any, int] = {}  # value -> entries holding it
+        self.positions: dict[Any, deque[int]] = {}  # value -> its entries' sequence numbers
+        self.next = 0
+
+    def place(self, value: Any) -> None:
+        """Record the position of the entry just appended (ordered correlations only)."""
+        self.positions.setdefault(value, deque()).append(self.next)
+        self.next += 1
 
     def forget(self, horizon: int) -> None:
         """Drop the entries older than `horizon` (the newest always stays)."""
+        positions = self.positions
         while self.entries[0][0] < horizon:
             _, old = self.entries.popleft()
             self.values[old] -= 1
             if not self.values[old]:
                 del self.values[old]
+            if positions:  # the oldest entry of a value is the first of its positions
+                places = positions[old]
+                places.popleft()
+                if not places:
+                    del positions[old]
+
+    def ordered_prefix(self, order: list[str]) -> int:
+        """How many of the rules in `order` matched in that order within the window: each
+        the earliest entry after the one before (one bisection per rule, whatever the
+        window holds)."""
+        at, n = -1, 0
+        for name in order:
+            places = self.positions.get(name)
+            if not places:
+                break
+            i = bisect.bisect_right(places, at)
+            if i == len(places):
+                break
+            at, n = places[i], n + 1
+        return n
 
     def last(self) -> int:
         return self.entries[-1][0] if self.entries else 0
@@ -368,6 +442,7 @@ class _Window:
     def clear(self) -> None:
         self.entries.clear()
         self.values.clear()
+        self.positions.clear()
 
 
 def generate_matcher(
@@ -441,15 +516,6 @@ def generate_matcher(
     exec(compile("\n".join(lines), "<sandtrace rules>", "exec"), namespace)  # noqa: S102
     matcher: Callable[[FieldDict], list[int]] = namespace["match"]
     return matcher
-
-
-def _ordered_prefix(order: list[str], seen: list[str]) -> int:
-    """How many of the rules in `order` matched in that order within the window."""
-    i = 0
-    for name in seen:
-        if i < len(order) and name == order[i]:
-            i += 1
-    return i
 
 
 _OPS: dict[str, Callable[[int, int], bool]] = {

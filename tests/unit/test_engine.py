@@ -150,3 +150,42 @@ def test_egress_allow_lists_per_sandbox() -> None:
     assert e.feed(other) == []  # the shared list allows 192.0.2.0/24
     assert e.feed(web_ok) == []
     assert len(policies) == 2
+
+
+def _greedy_prefix(order: list[str], seen: list[str]) -> int:
+    """The reference: walk the window's values in order, advancing on each next rule."""
+    i = 0
+    for name in seen:
+        if i < len(order) and name == order[i]:
+            i += 1
+    return i
+
+
+def test_ordered_window_agrees_with_a_walk_of_its_entries() -> None:
+    """The ordered prefix comes from per-value positions, not a walk of the window (which
+    cost a pass over up to an hour of entries per event); both must agree as the window
+    slides, including orders that name a rule twice."""
+    import random  # noqa: PLC0415
+
+    from detect.engine import _Window  # noqa: PLC0415
+
+    rng = random.Random(3)
+    checked = 0
+    for order in (["a", "b"], ["a", "b", "c"], ["a", "a", "b"], ["b", "a", "b"]):
+        window = _Window()
+        now = 0
+        for _ in range(3000):
+            now += rng.randint(0, 3)
+            value = rng.choice("abcd")
+            window.entries.append((now, value))
+            window.values[value] = window.values.get(value, 0) + 1
+            window.place(value)
+            if window.entries[0][0] < now - 20:
+                window.forget(now - 20)
+            if rng.random() < 0.01:
+                window.clear()
+                continue
+            expected = _greedy_prefix(order, [v for _, v in window.entries])
+            assert window.ordered_prefix(order) == expected
+            checked += expected == len(order)
+    assert checked > 100  # full matches were among the cases
