@@ -12,7 +12,6 @@ import bisect
 import ipaddress
 import itertools
 import operator
-import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -23,7 +22,7 @@ import msgspec.structs
 
 from collector.events import Alert, AnyEvent, ConnectEvent, Event
 from detect.fields import GETTERS, category_of_type
-from detect.sigma import CodeContext, Correlation, FieldDict, Rule, RuleSet
+from detect.sigma import CodeContext, Correlation, FieldDict, Rule, RuleSet, ip_int
 
 EGRESS_RULE_ID = "sandtrace-egress-allow-list"
 
@@ -111,7 +110,7 @@ class EgressPolicy:
         return answer
 
     def _allows(self, addr: str, port: int) -> bool:
-        parsed = _ip_int(addr)
+        parsed = ip_int(addr)
         if parsed is None:
             return False
         # Integer compares, in the order of the list: ipaddress's `in` and is_loopback cost
@@ -123,23 +122,6 @@ class EgressPolicy:
             if net_version == version and value & mask == network and (not ports or port in ports):
                 return True
         return False
-
-
-def _ip_int(addr: str) -> tuple[int, int] | None:
-    """(version, address as an integer), or None when `addr` is not an IP address."""
-    try:
-        return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, addr))
-    except (OSError, ValueError):
-        pass
-    try:
-        return 6, int.from_bytes(socket.inet_pton(socket.AF_INET6, addr))
-    except (OSError, ValueError):
-        pass
-    try:
-        ip = ipaddress.ip_address(addr)  # scoped IPv6 addresses, which inet_pton refuses
-    except ValueError:
-        return None
-    return ip.version, int(ip)
 
 
 @dataclass(slots=True)
