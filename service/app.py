@@ -17,6 +17,7 @@ import asyncio
 import bisect
 import hmac
 import json
+import operator
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -35,6 +36,7 @@ from service.wire import CONTENT_TYPES, MAX_BATCH_BYTES, BadBatch, decode_batch
 log = structlog.get_logger("sandtrace.service")
 
 
+_time_ns = operator.attrgetter("time_ns")
 LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -166,7 +168,7 @@ class Ingest:
         if run:
             stats.events_in[host] += run
         if events:  # how old the oldest event of the batch is by now
-            oldest = min(e.time_ns for e in events)
+            oldest = min(map(_time_ns, events))
             stats.lag.observe(max(time.time_ns() - oldest, 0) / 1e9)
         self.last_seq[collector] = seq
         info = stats.collectors.get(collector)

@@ -162,7 +162,7 @@ def _check_count(n: int) -> None:
 
 
 def _bytes_fields(cls: type) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """A dataclass's fields of type bytes, and of type list[bytes]."""
+    """An event type's fields of type bytes, and of type list[bytes]."""
     fields = fields_of(cls)
     return (
         tuple(f.name for f in fields if f.type is bytes),
