@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from bench import Row, print_table
 from bench.service import service_ingest
 from collector import cgroups
 from collector import records as R
@@ -45,7 +46,6 @@ RULES = HERE.parent / "rules"
 HOST_OPS = {"getppid": 2_000_000, "connect": 300_000, "bind": 100_000, "forkexec": 400}
 DETECT_ROUNDS = 5
 RATES = [50_000, 100_000, 150_000, 200_000, 250_000, 300_000, 400_000]
-Row = tuple[str, str, str, str]
 
 
 def progress(msg: str) -> None:
@@ -423,10 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{time.strftime('%Y-%m-%d %H:%M')}"
     )
     print(f"command: {cmd}  (make bench runs it with no arguments)\n")
-    print(f"| {'measure':<42} | {'without':>9} | {'with':>9} | {'ratio / note':<26} |")
-    print(f"|{'-' * 44}|{'-' * 11}|{'-' * 11}|{'-' * 28}|")
-    for name, without, with_, note in rows:
-        print(f"| {name:<42} | {without:>9} | {with_:>9} | {note:<26} |")
+    print_table(rows)
     return 0
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import msgpack
 import msgspec.structs
 
+from bench import Row, print_table
 from collector.events import AnyEvent
 from collector.render import json_line
 from detect.testing import load_cases
@@ -44,7 +45,6 @@ SANDTRACE = ROOT / ".venv" / "bin" / "sandtrace"
 BATCH_EVENTS = 500
 VARIANTS = 8  # distinct event arrays per client, cycled
 FORMATS = {"msgpack": "application/msgpack", "json": "application/json"}
-Row = tuple[str, str, str, str]
 
 
 def progress(msg: str) -> None:
@@ -240,8 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     rows = service_ingest(args.rounds, args.seconds, args.clients)
     print(f"\ncommand: {shlex.join(['.venv/bin/python', '-m', 'bench.service', *argv])}\n")
-    for name, without, with_, note in rows:
-        print(f"| {name:<42} | {without:>9} | {with_:>9} | {note:<26} |")
+    print_table(rows)
     return 0
 
 

@@ -405,9 +405,12 @@ def _map_to_row_function(cls: type) -> Callable[[dict[Any, Any]], list[Any]]:
     return fn
 
 
-_NAMES = {cls: frozenset(f.name for f in _FIELDS[cls]) | {"kind"} for cls in _RECORDS}
-_NAMES[Process] -= {"kind"}
-_NAMES[AncestorRef] -= {"kind"}
+# the keys a map of each record may have: its fields, and its kind when it is tagged
+_NAMES = {
+    cls: frozenset(f.name for f in _FIELDS[cls])
+    | ({"kind"} if cls.__struct_config__.tag else set())
+    for cls in _RECORDS
+}
 _MAP_TO_ROW: dict[type, Callable[[dict[Any, Any]], list[Any]]] = {}
 _MAP_TO_ROW[AncestorRef] = _map_to_row_function(AncestorRef)
 _MAP_TO_ROW[Process] = _map_to_row_function(Process)
@@ -421,15 +424,6 @@ def _checked(row: list[Any], cls: type) -> Any:
         return _DECODERS[cls].decode(msgpack.packb(row, use_bin_type=True))
     except (msgspec.DecodeError, TypeError, ValueError, OverflowError) as exc:
         raise EventFormatError(explain_row_error(str(exc), row)) from None
-
-
-def validate(event: Any) -> Any:
-    """event itself when every field has its declared type, else EventFormatError."""
-    try:
-        msgspec.msgpack.decode(msgspec.msgpack.encode(event), type=type(event))
-    except (msgspec.DecodeError, TypeError, ValueError, OverflowError) as exc:
-        raise EventFormatError(f"{event.kind} event: {exc}") from None
-    return event
 
 
 _ALERT_EVENTS = 1 + [f.name for f in _FIELDS[Alert]].index("events")
@@ -468,13 +462,24 @@ def from_row(row: Any) -> AnyEvent:
 _AT = re.compile(r"(.*) - at `\$((?:\[\d+\])*)`", re.DOTALL)
 
 
-def explain_row_error(message: str, row: Any) -> str:
+def explain_row_error(message: str, row: Any, *, in_list: bool = False) -> str:
     """msgspec's message about a row, its path (``$[8][6]``) put in field names: "exec
-    event: process.comm: Expected `bytes`, got `str`". `row` is the row as msgpack lists."""
+    event: process.comm: Expected `bytes`, got `str`". `row` is the row as msgpack lists;
+    with `in_list`, a list of rows (a batch's events), and the message names the event."""
     m = _AT.fullmatch(message)
     what, path = (
         (m.group(1), [int(i) for i in re.findall(r"\d+", m.group(2))]) if m else (message, [])
     )
+    if in_list:
+        if not path:
+            return f"batch events: {what}"
+        i = path.pop(0)
+        row = row[i] if isinstance(row, list) and i < len(row) else None
+        return f"event {i}: {_explain(what, path, row)}"
+    return _explain(what, path, row)
+
+
+def _explain(what: str, path: list[int], row: Any) -> str:
     kind = row[0] if isinstance(row, list) and row and isinstance(row[0], str) else None
     cls = EVENT_TYPES.get(kind) if kind is not None else None
     if path[:1] in ([], [0]) and what.startswith("Invalid value"):

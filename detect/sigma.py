@@ -138,18 +138,23 @@ def ip_int(addr: str) -> tuple[int, int] | None:
     return ip.version, int(ip)
 
 
-def ip_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    """ipaddress.ip_address(text), parsed in C by inet_pton when it can be (which accepts
-    exactly the strings ipaddress accepts, scoped IPv6 addresses aside); ValueError when
-    `text` is not an address."""
-    try:
-        return ipaddress.IPv4Address(int.from_bytes(socket.inet_pton(socket.AF_INET, text)))
-    except (OSError, ValueError):
-        pass
-    try:
-        return ipaddress.IPv6Address(int.from_bytes(socket.inet_pton(socket.AF_INET6, text)))
-    except (OSError, ValueError):
-        return ipaddress.ip_address(text)
+NetInts = tuple[tuple[int, int, int], ...]
+
+
+def net_ints(nets: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> NetInts:
+    """Networks as (version, netmask, network address) integers, for in_nets."""
+    return tuple((n.version, int(n.netmask), int(n.network_address)) for n in nets)
+
+
+def in_nets(ip: tuple[int, int] | None, nets: NetInts) -> bool:
+    """Whether an address as ip_int gives it lies in one of `nets` (net_ints)."""
+    if ip is None:
+        return False
+    version, value = ip
+    for net_version, mask, network in nets:
+        if net_version == version and value & mask == network:
+            return True
+    return False
 
 
 def _lower(value: Any) -> Any:
@@ -302,8 +307,8 @@ def _scalar_test(value: Any) -> Callable[[Any], bool]:
         rx = _regex(value)
         return lambda v: v is not None and rx.search(str(v)) is not None
     if isinstance(value, SigmaCIDRExpression):
-        net = value.network
-        return lambda v: _in_network(v, net)
+        nets = net_ints([value.network])
+        return lambda v: bool(v) and in_nets(ip_int(str(v)), nets)
     if isinstance(value, SigmaCompareExpression):
         ops: dict[Any, Callable[[float, float], bool]] = {
             SigmaCompareExpression.CompareOperators.LT: operator.lt,
@@ -329,15 +334,6 @@ def _num(v: Any) -> float | None:
         return float(v)
     except (TypeError, ValueError):
         return None
-
-
-def _in_network(v: Any, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
-    if not v:
-        return False
-    try:
-        return ip_address(str(v)) in net
-    except ValueError:
-        return False
 
 
 def _as_keyword(value: Any) -> Any:
@@ -856,19 +852,8 @@ class _Cidrs(Node):
     def __init__(self, name: str, nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network]):
         self.name = name
         self.nets = tuple(nets)
-        ints = tuple((n.version, int(n.netmask), int(n.network_address)) for n in nets)
-
-        def test(f: FieldDict) -> bool:
-            ip = f.ip(name)
-            if ip is None:
-                return False
-            version, value = ip
-            for net_version, mask, network in ints:
-                if net_version == version and value & mask == network:
-                    return True
-            return False
-
-        self.test = test
+        ints = net_ints(nets)
+        self.test: Matcher = lambda f: in_nets(f.ip(name), ints)
 
     def code(self, ctx: CodeContext) -> str:
         return f"{ctx.const(self.test)}(f)"

@@ -14,7 +14,6 @@ checked, or raises BadBatch with the HTTP status and a reason, whichever the for
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import msgpack
@@ -143,17 +142,11 @@ def decode_batch(body: bytes, content_type: str = CONTENT_TYPE) -> tuple[str, in
 
 def _row_error(message: str, raw: msgspec.Raw) -> str:
     """Which event of the batch, and which of its fields, msgspec's message is about."""
-    m = re.match(r"(.*) - at `\$\[(\d+)\]((?:\[\d+\])*)`$", message, re.DOTALL)
-    if m is None:
-        return f"batch events: {message}"
-    i = int(m.group(2))
     try:
         rows = msgpack.unpackb(raw, raw=False, strict_map_key=False)
-        row = rows[i] if isinstance(rows, list) and i < len(rows) else None
     except (ValueError, TypeError, msgpack.UnpackException):
-        row = None
-    rest = f"{m.group(1)} - at `${m.group(3)}`" if m.group(3) else m.group(1)
-    return f"event {i}: {explain_row_error(rest, row)}"
+        rows = None
+    return explain_row_error(message, rows, in_list=True)
 
 
 def _check_count(n: int) -> None:

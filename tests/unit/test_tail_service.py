@@ -28,16 +28,10 @@ from detect.testing import T0, event_from_fields
 from service.wire import CONTENT_TYPE, encode_batch
 from tests.tlsutil import make_tls
 from tests.unit.test_serve_process import free_port, post
+from tests.unit.test_service import RULE
 
 ROOT_DIR = Path(__file__).resolve().parents[2]
 TOKEN = "t0ken"  # noqa: S105 - a test token
-RULE = """
-title: miner flags
-id: 00000000-0000-4000-8000-00000000f00d
-logsource: {product: linux, category: process_creation}
-detection: {s: {CommandLine|contains: 'stratum+tcp://'}, condition: s}
-level: high
-"""
 
 
 class Lines:
