@@ -19,10 +19,11 @@ import hmac
 import json
 import operator
 import time
-from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -76,12 +77,14 @@ class Stats:
 
 
 class SeqState:
-    """Each collector's last handled batch, kept in a file so that a restarted service still
-    recognises replays of batches it handled (and does not raise their alerts twice)."""
+    """Each collector's last acknowledged batch, kept in a file so that a restarted service
+    still recognises replays of batches it handled (and does not raise their alerts twice);
+    with it, where each output file's acknowledged lines end (see main.OutputGate)."""
 
     def __init__(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = directory / "collectors.json"
+        self.outputs: dict[str, Any] = {}  # as loaded: output file -> [dev, inode, size]
 
     def load(self) -> dict[str, int]:
         try:
@@ -92,20 +95,28 @@ class SeqState:
             log.warning("collector state unreadable; replays after the restart may be handled "
                       "twice", path=str(self.path), error=str(exc))  # fmt: skip
             return {}
-        seqs = data.get("last_seq", {}) if isinstance(data, dict) else {}
+        if not isinstance(data, dict):
+            return {}
+        outputs = data.get("outputs", {})
+        self.outputs = outputs if isinstance(outputs, dict) else {}
+        seqs = data.get("last_seq", {})
         return {str(k): int(v) for k, v in seqs.items() if isinstance(v, int)}
 
-    def save(self, last_seq: dict[str, int]) -> None:
+    def save(self, last_seq: dict[str, int], outputs: dict[str, Any]) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
-            tmp.write_text(json.dumps({"last_seq": last_seq}))
+            tmp.write_text(json.dumps({"last_seq": last_seq, "outputs": outputs}))
             tmp.replace(self.path)
         except OSError as exc:
             log.warning("cannot save collector state", path=str(self.path), error=str(exc))
 
 
 class Ingest:
-    """Per-host engines and per-collector replay state; the service's whole memory."""
+    """Per-host engines and per-collector replay state; the service's whole memory.
+
+    Every batch handled gets a ticket (1, 2, ...). A batch is acknowledged once it is
+    committed: commit(t) saves the replay state as of ticket t, a prefix of what was handled,
+    never a batch whose outputs may not have it yet."""
 
     def __init__(
         self,
@@ -122,8 +133,33 @@ class Ingest:
         self.engines: dict[str, Engine] = {}
         self.state = SeqState(state_dir) if state_dir is not None else None
         self.last_seq: dict[str, int] = self.state.load() if self.state is not None else {}
+        self.committed_seq = dict(self.last_seq)  # as of ticket `committed`
+        self.ticket = 0  # the last one given
+        self.committed = 0
+        self._uncommitted: deque[tuple[int, str, int]] = deque()  # (ticket, collector, seq)
         self.stats = Stats()
         self._failures: set[str] = set()
+
+    def new_ticket(self) -> int:
+        """A ticket for what is not a batch (the alerts flushed at shutdown)."""
+        self.ticket += 1
+        return self.ticket
+
+    def commit(self, ticket: int,
+               points: Callable[[int], dict[str, Any]] | None = None) -> None:  # fmt: skip
+        """Persist that every batch up to `ticket` is handled and in the outputs (`points`
+        says where each output file's lines of them end). Called just before acknowledging:
+        a service that dies before this handles the batch again when it is replayed, and cuts
+        its files back to the saved points (main.take_back)."""
+        if ticket <= self.committed:
+            return  # a later ticket was committed first: this one with it
+        while self._uncommitted and self._uncommitted[0][0] <= ticket:
+            _, collector, seq = self._uncommitted.popleft()
+            self.committed_seq[collector] = seq
+        self.committed = ticket
+        outputs = points(ticket) if points is not None else {}
+        if self.state is not None:
+            self.state.save(self.committed_seq, outputs)
 
     def engine_for(self, host: str) -> Engine:
         engine = self.engines.get(host)
@@ -137,11 +173,13 @@ class Ingest:
             info = self.stats.collectors[collector] = CollectorInfo()
         info.spool_bytes, info.held_batches, info.last_seen = spool_bytes, held_batches, time.time()
 
-    def handle(self, collector: str, seq: int, events: list[AnyEvent]) -> bool:
-        """Process one batch; False when it is a replay of one already handled."""
+    def handle(self, collector: str, seq: int, events: list[AnyEvent]) -> int:
+        """Process one batch; the ticket to commit before acknowledging it, 0 when there is
+        nothing to wait for. A replay of a batch already handled is not handled again; when
+        that batch is not committed yet, the replay waits for the latest ticket."""
         if seq <= self.last_seq.get(collector, -1):
             self.stats.batches["replayed"] += 1
-            return False
+            return self.ticket if seq > self.committed_seq.get(collector, -1) else 0
         self.on_batch(collector, seq, events)
         stats = self.stats
         host, run = "", 0
@@ -177,15 +215,9 @@ class Ingest:
         info.last_seq = seq
         info.host = host or info.host
         stats.batches["accepted"] += 1
-        return True
-
-    def commit(self) -> None:
-        """Persist which batches are handled. Called once the outputs have what the batches
-        gave them, just before acknowledging: a service that dies before this handles the
-        batch again when it is replayed (at least once) rather than skipping a batch its
-        outputs never got."""
-        if self.state is not None:
-            self.state.save(self.last_seq)
+        self.ticket += 1
+        self._uncommitted.append((self.ticket, collector, seq))
+        return self.ticket
 
     def _unprocessable(self, event: AnyEvent, exc: Exception) -> None:
         """Counted and logged (the first of each kind of failure with its traceback); the
@@ -210,6 +242,14 @@ class Ingest:
                 lost[host, cause] += n  # fmt: skip
 
 
+class Gate(Protocol):
+    """What stands between handling a batch and acknowledging it (main.OutputGate)."""
+
+    def end_batch(self, ticket: int) -> None: ...
+    async def settle(self, ticket: int) -> None: ...
+    def points(self, ticket: int) -> dict[str, Any]: ...
+
+
 def _int_header(request: web.Request, name: str) -> int:
     value = request.headers.get(name, "")
     return int(value) if value.isdigit() and len(value) < 20 else 0
@@ -222,13 +262,30 @@ def make_app(
     *,
     tail: TailHub | None = None,
     extra_metrics: Callable[[], list[str]] | None = None,
-    settle: Callable[[], Awaitable[None]] | None = None,
+    gate: Gate | None = None,
+    failpoint: Callable[[int, int], None] | None = None,
 ) -> web.Application:
     """The service; a request body that takes longer than read_timeout to arrive gets a 408
     (a client sending a byte a second holds one connection, never the service). With tail,
-    GET /v1/tail streams what tail is given (service.tail)."""
+    GET /v1/tail streams what tail is given (service.tail). With gate, a batch is
+    acknowledged once the gate's outputs have it. failpoint(ticket, alerts so far) runs
+    between the outputs and the commit (tests crash the service there)."""
     app = web.Application(client_max_size=MAX_BATCH_BYTES)
     started = time.monotonic()
+
+    async def accept(collector: str, seq: int, events: list[AnyEvent]) -> None:
+        """Handle a batch and return once it may be acknowledged."""
+        fresh = ingest.ticket
+        ticket = ingest.handle(collector, seq, events)
+        if not ticket:
+            return
+        if gate is not None:
+            if ticket > fresh:
+                gate.end_batch(ticket)
+            await gate.settle(ticket)
+        if failpoint is not None:
+            failpoint(ticket, sum(ingest.stats.alerts.values()))
+        ingest.commit(ticket, gate.points if gate is not None else None)
 
     def authorized(request: web.Request) -> bool:
         if token is None:
@@ -262,10 +319,7 @@ def make_app(
             collector, seq, events = decode_batch(body, request.content_type)
         except BadBatch as exc:
             return reject(exc.status, exc.reason, str(exc))
-        if ingest.handle(collector, seq, events):
-            if settle is not None:
-                await settle()  # the file outputs have what this batch gave them
-            ingest.commit()
+        await accept(collector, seq, events)
         ingest.note_collector(collector, _int_header(request, "Sandtrace-Spool-Bytes"),
                               _int_header(request, "Sandtrace-Held-Batches"))  # fmt: skip
         return web.json_response({"ack": seq})
@@ -315,10 +369,7 @@ def make_app(
             except BadBatch as exc:
                 await ws.send_json(rejected(exc.status, exc.reason, str(exc)))
                 continue
-            if ingest.handle(collector, seq, events):
-                if settle is not None:
-                    await settle()
-                ingest.commit()
+            await accept(collector, seq, events)
             ingest.note_collector(collector, spool_bytes, held)
             await ws.send_json({"ack": seq})
 

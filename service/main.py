@@ -11,10 +11,11 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import os
 import signal
 import ssl
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,15 +140,18 @@ def build_outputs(cfg: ServiceConfig) -> list[Any]:
 class OutputGate:
     """Acknowledge a batch once the file outputs that keep up have written what it gave them.
 
-    Every item submitted to an output ends up sent or dropped (and counted). Before the
-    service acknowledges a batch, it waits until each file output's sent + dropped reaches
-    what had been submitted to it, so that a service killed right after an acknowledgement
-    has already written the batch's events and alerts to its files. A file output that does
-    not catch up within `wait` seconds (a full disk) is not waited on again until it has
-    caught up on its own, so it holds ingestion up for one `wait` at most. Network outputs
-    (syslog, HEC, Elasticsearch) are not waited on: a round trip to a SIEM per batch would
-    bound every collector's rate by the SIEM's latency. Their bounded queues, retries and
-    drop counters account for their items.
+    The service hands a batch's events and alerts to every output, then marks the batch's
+    end on each JSON-lines output (Output.mark) and, before acknowledging, waits until each
+    has finished everything up to that mark. A file output that does not get there within
+    `wait` seconds (a full disk) is not waited on again until it has caught up on its own, so
+    it holds ingestion up for one `wait` at most. Network outputs (syslog, HEC,
+    Elasticsearch) are not waited on: a round trip to a SIEM per batch would bound every
+    collector's rate by the SIEM's latency. Their bounded queues, retries and drop counters
+    account for their items.
+
+    points() says where in each file the acknowledged batches end; the replay state keeps it
+    so that a restarted service can take back lines of batches it never acknowledged
+    (JsonlOutput.take_back), which keeps the files exactly once across a crash.
     """
 
     WAITED_ON = frozenset({"jsonl"})
@@ -156,7 +160,6 @@ class OutputGate:
         self.all = outputs
         self.outputs = [o for o in outputs if o.output_type in self.WAITED_ON]
         self.wait = wait
-        self.submitted = [0] * len(self.outputs)
         self.lagging = [False] * len(self.outputs)
         self.progress = asyncio.Event()
         for out in self.outputs:
@@ -168,24 +171,21 @@ class OutputGate:
     def submit(self, item: Alert | AnyEvent) -> None:
         for out in self.all:
             out.submit(item)
-        for i, out in enumerate(self.outputs):
-            if out.wants(item):
-                self.submitted[i] += 1
 
-    def _done(self, i: int) -> int:
-        st = self.outputs[i].stats
-        done: int = st.sent + sum(st.dropped.values())
-        return done
+    def end_batch(self, ticket: int) -> None:
+        """Everything of batch `ticket` has been submitted."""
+        for out in self.outputs:
+            out.mark(ticket)
 
-    async def settle(self) -> None:
-        marks = list(self.submitted)
+    async def settle(self, ticket: int) -> None:
+        """Return once every output that keeps up has finished batch `ticket`."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.wait
         while True:
             self.progress.clear()  # before looking: progress made after this still wakes us
             behind = False
-            for i, mark in enumerate(marks):
-                if self._done(i) >= mark:
+            for i, out in enumerate(self.outputs):
+                if out.resolved >= ticket:
                     self.lagging[i] = False
                 elif not self.lagging[i]:
                     behind = True
@@ -193,14 +193,46 @@ class OutputGate:
                 return
             remaining = deadline - loop.time()
             if remaining <= 0:
-                for i, mark in enumerate(marks):
-                    if self._done(i) < mark and not self.lagging[i]:
+                for i, out in enumerate(self.outputs):
+                    if out.resolved < ticket and not self.lagging[i]:
                         self.lagging[i] = True
                         log.warning("output falls behind; batches are acknowledged without "
-                                    "waiting for it", output=self.outputs[i].name)  # fmt: skip
+                                    "waiting for it", output=out.name)  # fmt: skip
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.progress.wait(), remaining)
+
+    def points(self, ticket: int) -> dict[str, list[int] | None]:
+        """Each output file's end of batch `ticket`, by path; None for a file that has not
+        finished it (falling behind). Forgets the points of earlier batches."""
+        out: dict[str, list[int] | None] = {}
+        for o in self.outputs:
+            point = o.points.get(ticket)
+            if o.path != "-":
+                out[str(Path(o.path).resolve())] = list(point) if point else None
+            o.forget_points(ticket)
+        return out
+
+
+def take_back(outputs: list[Any], saved: dict[str, Any]) -> list[str]:
+    """Cut each JSON-lines file back to where the last acknowledged batch ended (see
+    OutputGate); what was done, for the log."""
+    notes = []
+    for out in outputs:
+        if out.output_type != "jsonl" or out.path == "-":
+            continue
+        path = str(Path(out.path).resolve())
+        if path not in saved:
+            continue
+        point = saved[path]
+        if point is None:
+            notes.append(f"output {out.name}: it was behind when the last batch was "
+                         "acknowledged; lines of unacknowledged batches may appear twice")
+            continue
+        note = out.take_back(tuple(point))
+        if note:
+            notes.append(f"output {out.name}: {note}")
+    return notes
 
 
 def _say(lines: Iterable[str]) -> None:
@@ -298,8 +330,10 @@ async def serve(args: argparse.Namespace) -> int:
     gc.set_threshold(50_000, 20, 20)
     ingest = Ingest(rules, on_alert=on_alert, on_batch=on_batch, state_dir=state,
                     engine_factory=lambda r: Engine(r, egress))  # fmt: skip
+    if ingest.state is not None:  # before the files open: see OutputGate
+        _say(take_back(outputs, ingest.state.outputs))
     app = make_app(ingest, token, cfg.read_timeout, tail=hub, extra_metrics=output_metrics,
-                   settle=gate.settle if gate else None)  # fmt: skip
+                   gate=gate if gate else None, failpoint=failpoint())  # fmt: skip
     for out in outputs:
         await out.start()
     runner = web.AppRunner(app)
@@ -329,6 +363,32 @@ async def serve(args: argparse.Namespace) -> int:
         for engine in ingest.engines.values():  # folded repeats still pending
             for alert in engine.flush():
                 on_alert(alert)
+        last = ingest.new_ticket()  # the files' ends after these, kept for the next start
+        gate.end_batch(last)
         # each output gets the same few seconds to deliver what it holds, at the same time
         await asyncio.gather(*(out.aclose(5.0) for out in outputs))
+        # what every file finished is handled for good; an output that could not finish
+        # (counted as dropped) keeps the batches after it to be sent again
+        ingest.commit(min((o.resolved for o in gate.outputs), default=last), gate.points)
     return 0
+
+
+def failpoint() -> Callable[[int, int], None] | None:
+    """For tests only: SANDTRACE_FAILPOINT=kill-before-commit:alerts>=N makes the service
+    SIGKILL itself once a batch that brought its alerts to N or more is in the outputs but
+    not yet committed (the window a crash is most likely to leave half done);
+    kill-before-commit:ticket=N does it at batch ticket N."""
+    spec = os.environ.get("SANDTRACE_FAILPOINT", "")
+    what, _, value = spec.removeprefix("kill-before-commit:").partition("=")
+    if not spec.startswith("kill-before-commit:") or what not in ("alerts>", "ticket"):
+        if spec:
+            log.warning("unknown failpoint ignored", failpoint=spec)
+        return None
+    n = int(value)
+    log.warning("failpoint armed: the service will kill itself", failpoint=spec)
+
+    def hit(ticket: int, alerts: int) -> None:
+        if (alerts if what == "alerts>" else ticket) >= n:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hit

@@ -22,7 +22,10 @@ submit() must be called on the event loop's thread (the aiohttp handlers are). E
 has its own aiohttp session (HTTP outputs differ in TLS settings), made in start().
 
 Delivery is at least once: an item whose delivery failed midway is sent again whole (a
-syslog connection that broke after a write, an HTTP request that timed out).
+syslog connection that broke after a write, an HTTP request that timed out). A JSON-lines
+file is exactly once with the service's help: mark() notes where each batch's items end,
+the service saves that point with its replay state, and take_back() cuts the file back to
+it at the next start.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import json
 import os
 import ssl
 import sys
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +67,7 @@ _RESPONSE_TEXT_LIMIT = 500
 
 
 _KeyType = type | tuple[type, ...]
+Point = tuple[int, int, int]  # a file's device, inode, and a size within it
 
 
 class OutputConfigError(ValueError):
@@ -129,6 +133,12 @@ class Output:
         self._idle = asyncio.Event()
         self._idle.set()
         self.on_progress: Callable[[], None] = lambda: None
+        # Batch marks (see mark()): items are numbered as they enter the queue
+        self._accepted = 0  # items enqueued so far
+        self._finished = 0  # of those, items written or dropped
+        self._marks: deque[tuple[int, int]] = deque()  # (ticket, items before its end)
+        self.resolved = 0  # the last ticket whose items are all finished
+        self.points: dict[int, Point | None] = {}  # ticket -> where its items end
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} what={self.what} schema={self.schema_name}>"
@@ -154,8 +164,33 @@ class Output:
         except asyncio.QueueFull:
             self.stats.dropped["queue_full"] += 1
             return
+        self._accepted += 1
         self._idle.clear()
         self.stats.queued = self.depth()
+
+    def mark(self, ticket: int) -> None:
+        """Note that everything of batch `ticket` has been submitted. Once the output has
+        finished those items (and all before them), `resolved` reaches ticket and, for a
+        file, points[ticket] says where in which file they end. The sender never writes
+        past a mark in one go, so that the point is exact."""
+        self._marks.append((ticket, self._accepted))
+        self._resolve_marks()
+
+    def _resolve_marks(self) -> None:
+        marks = self._marks
+        while marks and marks[0][1] <= self._finished:
+            ticket, _ = marks.popleft()
+            self.resolved = ticket
+            self.points[ticket] = self.point()
+
+    def point(self) -> Point | None:
+        """Where this output's finished items end now, if it can take back what lies beyond
+        (a file: its device, inode and size); None for stdout and the network."""
+        return None
+
+    def forget_points(self, below: int) -> None:
+        for ticket in [t for t in self.points if t < below]:
+            del self.points[ticket]
 
     def depth(self) -> int:
         """Items waiting in the queue or being delivered now."""
@@ -209,10 +244,17 @@ class Output:
                 self._idle.set()
             item = await self._queue.get()
             batch = [item]
-            while len(batch) < self.batch and not self._queue.empty():
+            limit = self.batch  # never past the next batch mark: see mark()
+            if self._marks:
+                limit = min(limit, self._marks[0][1] - self._finished)
+            while len(batch) < limit and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             self._inflight = self._render(batch)
             await self._deliver_inflight()
+            if self._inflight:  # stopping with items undelivered
+                return
+            self._finished += len(batch)
+            self._resolve_marks()
             self.stats.queued = self.depth()
             self.on_progress()  # sent or dropped moved: whoever waits on them looks again
 
@@ -325,7 +367,50 @@ class JsonlOutput(Output):
         self.max_bytes: int = section.get("max_bytes", 0)  # 0: never rotate
         self.backups: int = section.get("backups", 5)
         self._fd: int | None = None
+        self._ident = (0, 0)  # the open file's device and inode
         self._size = 0
+
+    def point(self) -> Point | None:
+        if self.path == "-" or self._fd is None:
+            return None
+        return (*self._ident, self._size)
+
+    def take_back(self, point: Point) -> str | None:
+        """Before the output opens: cut its file back to `point` (device, inode, size),
+        where the items of the last acknowledged batch ended. Lines beyond it came from
+        batches the service never acknowledged, which their collectors send again; keeping
+        them would write those events and alerts twice. The file may have been rotated since
+        (the point is then in a backup, and the newer files hold only lines to take back).
+        Returns what was done, for the log; None when nothing was."""
+        if self.path == "-":
+            return None
+        base = Path(self.path)
+        files = [base, *(base.with_name(f"{base.name}.{i}") for i in range(1, self.backups + 1))]
+        dev, ino, size = point
+        for k, path in enumerate(files):
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            if (st.st_dev, st.st_ino) != (dev, ino):
+                continue
+            if st.st_size < size:
+                return f"{path} is shorter than when last acknowledged; left as it is"
+            cut = st.st_size - size
+            with path.open("r+b") as f:
+                f.truncate(size)
+            newer = sum(p.exists() for p in files[:k])
+            for p in files[:k]:  # written after the point: nothing in them was acknowledged
+                p.unlink(missing_ok=True)
+            for i, p in enumerate(files[k:]):  # the point's file is the current one again
+                if p.exists():
+                    p.replace(files[i])
+            if not cut and not newer:
+                return None
+            return (f"took back {cut} bytes" + (f" and {newer} newer files" if newer else "")
+                    + " written for batches never acknowledged; their collectors send them again")
+        return (f"the file of the last acknowledged batch is gone from {base} and its "
+                f"backups; lines of unacknowledged batches may appear twice")
 
     def _payload(self, item: Item, doc: dict[str, Any]) -> bytes:
         return (_dumps(doc) + "\n").encode("ascii")
@@ -336,7 +421,8 @@ class JsonlOutput(Output):
 
     def _open_file(self) -> None:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
-        self._size = os.fstat(self._fd).st_size
+        st = os.fstat(self._fd)
+        self._ident, self._size = (st.st_dev, st.st_ino), st.st_size
 
     def _rotate(self) -> None:
         if self._fd is not None:

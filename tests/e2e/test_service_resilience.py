@@ -195,6 +195,51 @@ def test_service_killed_mid_stream_and_restarted_loses_and_repeats_nothing(
     assert "discarded 0;" in out
 
 
+@pytest.mark.parametrize("transport", ["http", "websocket"])
+def test_service_dying_between_its_outputs_and_its_commit_repeats_nothing(
+    setup: dict[str, Path], work: Path, tmp_path: Path, transport: str
+) -> None:
+    """The narrowest window: a batch (with an alert) is in the output files, the replay state
+    does not have it yet, and the service is killed. The restarted service takes those lines
+    back; the collector sends the batch again; everything is in the files exactly once."""
+    svc = start_serve(serve_args(setup), env={"SANDTRACE_FAILPOINT": "kill-before-commit:alerts>=2"})
+    collector = None
+    try:
+        with sandbox(work) as box:
+            collector = Collector(box, svc.url, setup["token"], setup["spool"],
+                                  tmp_path / "local.jsonl", "--server-transport", transport)  # fmt: skip
+            load = workload(box, work, 1, 300)
+            assert svc.proc.wait(timeout=120) == -signal.SIGKILL
+            svc.kill()
+            # the window was hit: the first marker's alert is in the file (after the one on
+            # the workload's shell, whose script has the URL), its batch not committed
+            first = alerted(read_jsonl(setup["alerts"]))
+            assert {m for _, m in first} == {100} and set(first.values()) == {1}, first
+            before = markers(read_jsonl(setup["events"]))
+            assert 100 in before and 300 not in before
+            svc = start_serve(serve_args(setup), port=svc.port)
+            assert "took back" in svc.log()
+            assert load.wait(timeout=120) == 0
+            wait_until(lambda: 300 in markers(read_jsonl(setup["events"])), 60,
+                       "the last marker at the service")  # fmt: skip
+            out = collector.stop()
+        assert svc.stop() == 0
+        # stopped cleanly, the service saved where its files end: nothing to take back
+        svc = start_serve(serve_args(setup), port=svc.port)
+        assert "took back" not in svc.log() and svc.stop() == 0
+    finally:
+        svc.kill()
+        if collector is not None:
+            collector.kill()
+    local = markers(read_jsonl(tmp_path / "local.jsonl"))
+    assert local == list(range(1, 301))
+    assert markers(read_jsonl(setup["events"])) == local  # in order, none twice
+    counts = alerted(read_jsonl(setup["alerts"]))
+    assert {m for _, m in counts} == hostile(1, 300)
+    assert set(counts.values()) == {1}, counts
+    assert "discarded 0;" in out
+
+
 def test_collector_restarted_while_service_down_replays_its_spool(
     setup: dict[str, Path], work: Path, tmp_path: Path
 ) -> None:

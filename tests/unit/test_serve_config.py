@@ -149,15 +149,23 @@ async def test_collector_streams_over_tls_and_refuses_an_unknown_certificate(
 def test_replay_state_survives_a_service_restart(tmp_path: Path) -> None:
     events = connect_events(3)
     first = Ingest(RuleSet(), state_dir=tmp_path)
-    assert [first.handle("c1", seq, events) for seq in range(3)] == [True, True, True]
-    assert first.handle("c2", 0, events)
-    first.commit()
+    assert [first.handle("c1", seq, events) for seq in range(3)] == [1, 2, 3]  # tickets
+    assert first.handle("c2", 0, events) == 4
+    # a replay of a batch handled but not committed waits for the latest ticket
+    assert first.handle("c1", 2, events) == 4
+    first.commit(2)  # a prefix of what was handled: c1's batches 0 and 1, not c2's
+    assert Ingest(RuleSet(), state_dir=tmp_path).last_seq == {"c1": 1}
+    first.commit(4)
+    first.commit(3)  # committed with 4 already: changes nothing
+    assert Ingest(RuleSet(), state_dir=tmp_path).last_seq == {"c1": 2, "c2": 0}
+    assert first.handle("c1", 2, events) == 0  # committed: acknowledged at once
+
     second = Ingest(RuleSet(), state_dir=tmp_path)  # the restarted service
-    assert second.handle("c1", 2, events) is False  # a replay of the batch in flight
-    assert second.handle("c2", 0, events) is False
-    assert second.handle("c1", 3, events) is True
+    assert second.handle("c1", 2, events) == 0
+    assert second.handle("c2", 0, events) == 0
+    assert second.handle("c1", 3, events) == 1
     assert Ingest(RuleSet(), state_dir=tmp_path).last_seq == {"c1": 2, "c2": 0}  # not committed
-    second.commit()
+    second.commit(1)
     assert second.stats.batches == {"replayed": 2, "accepted": 1}
     assert Ingest(RuleSet(), state_dir=tmp_path).last_seq == {"c1": 3, "c2": 0}
 
