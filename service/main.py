@@ -226,8 +226,10 @@ def take_back(outputs: list[Any], saved: dict[str, Any]) -> list[str]:
             continue
         point = saved[path]
         if point is None:
-            notes.append(f"output {out.name}: it was behind when the last batch was "
-                         "acknowledged; lines of unacknowledged batches may appear twice")
+            notes.append(
+                f"output {out.name}: it was behind when the last batch was "
+                "acknowledged; lines of unacknowledged batches may appear twice"
+            )
             continue
         note = out.take_back(tuple(point))
         if note:

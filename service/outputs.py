@@ -407,10 +407,15 @@ class JsonlOutput(Output):
                     p.replace(files[i])
             if not cut and not newer:
                 return None
-            return (f"took back {cut} bytes" + (f" and {newer} newer files" if newer else "")
-                    + " written for batches never acknowledged; their collectors send them again")
-        return (f"the file of the last acknowledged batch is gone from {base} and its "
-                f"backups; lines of unacknowledged batches may appear twice")
+            return (
+                f"took back {cut} bytes"
+                + (f" and {newer} newer files" if newer else "")
+                + " written for batches never acknowledged; their collectors send them again"
+            )
+        return (
+            f"the file of the last acknowledged batch is gone from {base} and its "
+            f"backups; lines of unacknowledged batches may appear twice"
+        )
 
     def _payload(self, item: Item, doc: dict[str, Any]) -> bytes:
         return (_dumps(doc) + "\n").encode("ascii")

@@ -202,12 +202,14 @@ def test_service_dying_between_its_outputs_and_its_commit_repeats_nothing(
     """The narrowest window: a batch (with an alert) is in the output files, the replay state
     does not have it yet, and the service is killed. The restarted service takes those lines
     back; the collector sends the batch again; everything is in the files exactly once."""
-    svc = start_serve(serve_args(setup), env={"SANDTRACE_FAILPOINT": "kill-before-commit:alerts>=2"})
+    crash = {"SANDTRACE_FAILPOINT": "kill-before-commit:alerts>=2"}
+    svc = start_serve(serve_args(setup), env=crash)
     collector = None
     try:
         with sandbox(work) as box:
             collector = Collector(box, svc.url, setup["token"], setup["spool"],
-                                  tmp_path / "local.jsonl", "--server-transport", transport)  # fmt: skip
+                                  tmp_path / "local.jsonl",
+                                  "--server-transport", transport)  # fmt: skip
             load = workload(box, work, 1, 300)
             assert svc.proc.wait(timeout=120) == -signal.SIGKILL
             svc.kill()
