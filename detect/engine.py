@@ -459,8 +459,7 @@ def generate_matcher(
     # Every rule is tested after the index has read its fields: no first-use checks for those.
     ctx.preloaded = {var for _, var in index}
     ctx.preloaded |= {f"p_{var}" for kind, var in index if kind == "needle"}
-    if getters is not None:  # lowered and joined forms read the raw value on the way
-        ctx.preloaded |= {f"r_{var[2:]}" for _, var in index if var[2:] in getters}
+    ctx.preloaded |= ctx.raw_loaded  # lowered forms read the raw value on the way
     exprs = [rule.node.code(ctx) for rule in rules]
     lines = ["def match(f):", "    low = f.low", "    e = f.event"]
     # Fields load on first use (see detect.sigma._lazy): most rules stop at their first test.

@@ -88,7 +88,20 @@ def text(value: bytes) -> str:
 
 
 def command_line(argv: list[bytes]) -> str:
-    return " ".join([a.decode("utf-8", "backslashreplace") for a in argv])
+    """The arguments decoded and joined with spaces. Joining the bytes first gives the same
+    text as joining the decoded arguments (UTF-8 decoding starts afresh at an ASCII byte, so
+    an argument's broken tail is escaped alike), with one decode instead of one per argument."""
+    return b" ".join(argv).decode("utf-8", "backslashreplace")
+
+
+def lower_joined(argv: list[bytes]) -> str:
+    """What FieldDict.joined gives for the decoded arguments (NUL, each lowered, NUL between
+    and after; "" for none), from the bytes in one decode and one lower(): lowering the whole
+    is lowering each part, since NUL is neither cased nor case-ignorable (the final-sigma rule
+    does not see across it)."""
+    if not argv:
+        return ""
+    return ("\0" + b"\0".join(argv).decode("utf-8", "backslashreplace") + "\0").lower()
 
 
 def category_of(event: AnyEvent) -> str | None:
@@ -105,11 +118,22 @@ def category_of_type(etype: type) -> str | None:
     return None
 
 
-def _bool(value: bool) -> str:
-    return "true" if value else "false"
-
-
 Getter = Callable[[Any], Any]
+# Getters whose values are always str, and those always lowercase str already: generated
+# matchers lower the first with str.lower() and take the second as they are, where any
+# other value goes through the general detect.sigma._lower.
+ALWAYS_STR: set[Getter] = set()
+ALWAYS_LOWER: set[Getter] = set()
+
+
+def _str(getter: Getter) -> Getter:
+    ALWAYS_STR.add(getter)
+    return getter
+
+
+def _low(getter: Getter) -> Getter:
+    ALWAYS_LOWER.add(getter)
+    return getter
 
 
 def _argv(e: Event) -> list[bytes]:
@@ -141,10 +165,16 @@ COMMON_GETTERS: dict[str, Getter] = {
     "User": lambda e: e.process.user or str(e.process.uid),
     "Uid": lambda e: e.process.uid,
     "Comm": lambda e: text(e.process.comm),
-    "Sandbox": lambda e: e.sandbox,
-    "ContainerId": lambda e: e.container_id,
-    "CgroupPath": lambda e: e.cgroup_path,
-    "Host": lambda e: e.host,
+    "Sandbox": _str(lambda e: e.sandbox),
+    "ContainerId": _str(lambda e: e.container_id),
+    "CgroupPath": _str(lambda e: e.cgroup_path),
+    "Host": _str(lambda e: e.host),
+}
+
+# Getters of list fields -> the same field lowered and joined (FieldDict.joined) in one go,
+# for generated matchers (detect.sigma.CodeContext.load).
+LOWER_JOINED: dict[Getter, Getter] = {
+    COMMON_GETTERS["Argv"]: lambda e: lower_joined(_argv(e)),
 }
 
 GETTERS: dict[type, dict[str, Getter]] = {
@@ -153,47 +183,47 @@ GETTERS: dict[type, dict[str, Getter]] = {
         "CurrentDirectory": lambda e: text(e.cwd),
         "OriginalFileName": lambda e: text(e.filename),
         "ArgvCount": lambda e: len(e.argv),
-        "ArgvTruncated": lambda e: _bool(e.argv_truncated),
-        "Fileless": lambda e: _bool(e.fileless),
-        "Deleted": lambda e: _bool(e.deleted),
+        "ArgvTruncated": _low(lambda e: "true" if e.argv_truncated else "false"),
+        "Fileless": _low(lambda e: "true" if e.fileless else "false"),
+        "Deleted": _low(lambda e: "true" if e.deleted else "false"),
     },
     ConnectEvent: {
         **COMMON_GETTERS,
-        "Initiated": lambda e: "true",
-        "Protocol": lambda e: e.protocol,
-        "DestinationIp": lambda e: e.daddr,
+        "Initiated": _low(lambda e: "true"),
+        "Protocol": _str(lambda e: e.protocol),
+        "DestinationIp": _str(lambda e: e.daddr),
         "DestinationPort": lambda e: e.dport,
-        "DestinationIsIpv6": lambda e: _bool(e.family == "ipv6"),
-        "SourceIp": lambda e: e.saddr,
+        "DestinationIsIpv6": _low(lambda e: "true" if e.family == "ipv6" else "false"),
+        "SourceIp": _str(lambda e: e.saddr),
         "SourcePort": lambda e: e.sport,
-        "Outcome": lambda e: e.outcome,
-        "ErrnoName": lambda e: e.errno_name,
+        "Outcome": _str(lambda e: e.outcome),
+        "ErrnoName": _str(lambda e: e.errno_name),
     },
     BindEvent: {
         **COMMON_GETTERS,
-        "Action": lambda e: "bind",
-        "Protocol": lambda e: e.protocol,
-        "LocalIp": lambda e: e.addr,
+        "Action": _low(lambda e: "bind"),
+        "Protocol": _str(lambda e: e.protocol),
+        "LocalIp": _str(lambda e: e.addr),
         "LocalPort": lambda e: e.port,
         "RequestedPort": lambda e: e.requested_port,
-        "Outcome": lambda e: e.outcome,
+        "Outcome": _str(lambda e: e.outcome),
     },
     ListenEvent: {
         **COMMON_GETTERS,
-        "Action": lambda e: "listen",
-        "Protocol": lambda e: e.protocol,
-        "LocalIp": lambda e: e.addr,
+        "Action": _low(lambda e: "listen"),
+        "Protocol": _str(lambda e: e.protocol),
+        "LocalIp": _str(lambda e: e.addr),
         "LocalPort": lambda e: e.port,
-        "Outcome": lambda e: "success",
+        "Outcome": _low(lambda e: "success"),
     },
     SocketEvent: {
         **COMMON_GETTERS,
-        "Action": lambda e: "held",
-        "Protocol": lambda e: e.protocol,
-        "LocalIp": lambda e: e.laddr,
+        "Action": _low(lambda e: "held"),
+        "Protocol": _str(lambda e: e.protocol),
+        "LocalIp": _str(lambda e: e.laddr),
         "LocalPort": lambda e: e.lport,
-        "State": lambda e: e.state,
-        "Outcome": lambda e: "success",
+        "State": _str(lambda e: e.state),
+        "Outcome": _low(lambda e: "success"),
     },
 }
 """Per event type, how each Sigma field is read from the event (on demand: most rules read

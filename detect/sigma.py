@@ -49,7 +49,7 @@ from sigma.types import (
     SpecialChars,
 )
 
-from detect.fields import CATEGORY_FIELDS, PRODUCT
+from detect.fields import ALWAYS_LOWER, ALWAYS_STR, CATEGORY_FIELDS, LOWER_JOINED, PRODUCT
 
 _MISSING: Any = object()
 
@@ -605,6 +605,8 @@ class CodeContext:
         self.needles: dict[str, set[str]] = {}
         # locals the matcher sets before it tests any rule: read as they are
         self.preloaded: set[str] = set()
+        # raw locals that load() has set on the way to a lowered or joined form
+        self.raw_loaded: set[str] = set()
 
     def const(self, value: Any) -> str:
         name = f"K{len(self.consts)}"
@@ -627,11 +629,19 @@ class CodeContext:
         raw = f"{self.const(getter)}(e)"
         if kind == "r":
             return raw
+        if kind == "j" and getter in LOWER_JOINED:
+            return f"{self.const(LOWER_JOINED[getter])}(e)"
         # The lowered and joined forms start from the raw value, read once for all three.
         self.raw_fields.add(name)
+        self.raw_loaded.add(f"r_{name}")
         raw = _lazy(f"r_{name}", raw)
         # text fields are always str: lowered in place, without _lower's checks
-        lowered = f"{raw}.lower()" if name in TEXT_FIELDS else f"{self.const(_lower)}({raw})"
+        if getter in ALWAYS_LOWER:
+            lowered = raw
+        elif name in TEXT_FIELDS or getter in ALWAYS_STR:
+            lowered = f"{raw}.lower()"
+        else:
+            lowered = f"{self.const(_lower)}({raw})"
         return lowered if kind == "v" else f"{self.const(_joined)}({lowered})"
 
     def contains_any(self, var: str, needles: Iterable[str]) -> str:

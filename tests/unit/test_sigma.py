@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from detect.engine import Engine
 from detect.sigma import RuleSet, load_paths, load_text
@@ -182,3 +184,23 @@ def test_real_sigmahq_rules_load_unchanged_and_fire() -> None:
     assert [a.rule_id for a in engine.feed(miner)] == ["9069ea3c-b213-4c52-be13-86506a227ab1"]
     assert [a.rule_id for a in engine.feed(shell)] == ["83dcd9f6-9ca8-4af7-a16e-a1c7a6b51871"]
     assert engine.feed(benign) == []
+
+
+# Greek capital and small sigmas, dotted and dotless I, the Kelvin sign, a combining mark,
+# the separators and an apostrophe (case-ignorable): what lowering treats by context.
+_TRICKY = "aA\u03a3\u03c3\u03c2\u0130\u0131K\u212a \0'-/\u00e9\u0345"
+_ARG = st.binary(max_size=12) | st.text(alphabet=_TRICKY, max_size=8).map(str.encode)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(_ARG, max_size=5))
+def test_argv_texts_from_joined_bytes_equal_joining_the_decoded_args(argv: list[bytes]) -> None:
+    """command_line and lower_joined decode the joined bytes once and lower the whole; they
+    must give exactly what decoding, lowering and joining each argument gives (the form
+    FieldDict.joined and the rules' closures use), broken UTF-8 and final sigma included."""
+    from detect.fields import command_line, lower_joined  # noqa: PLC0415
+    from detect.sigma import _joined, _lower  # noqa: PLC0415
+
+    decoded = [a.decode("utf-8", "backslashreplace") for a in argv]
+    assert command_line(argv) == " ".join(decoded)
+    assert lower_joined(argv) == _joined(_lower(decoded))
