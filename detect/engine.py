@@ -22,7 +22,7 @@ import msgspec.structs
 
 from collector.events import Alert, AnyEvent, ConnectEvent, Event
 from detect.fields import GETTERS, category_of_type
-from detect.sigma import CodeContext, Correlation, FieldDict, Rule, RuleSet, ip_int
+from detect.sigma import CodeContext, Correlation, Rule, RuleSet, ip_int
 
 EGRESS_RULE_ID = "sandtrace-egress-allow-list"
 
@@ -198,7 +198,7 @@ class Engine:
                         self.silent.add(rule.id)
         # event type -> a matcher generated for its fields, its getters, and per rule of its
         # category what a match does: (rule, whether it alerts, the correlations it feeds)
-        self._plan: dict[type, tuple[Callable[[FieldDict], list[int]], Any, list[_Action]]] = {}
+        self._plan: dict[type, tuple[Callable[[Any], list[int]], list[_Action]]] = {}
         for etype, getters in GETTERS.items():
             category = category_of_type(etype)
             if category in self._by_category:
@@ -210,7 +210,7 @@ class Engine:
                     ])
                     for r in rs
                 ]  # fmt: skip
-                self._plan[etype] = (generate_matcher(rs, getters), getters, actions)
+                self._plan[etype] = (generate_matcher(rs, getters), actions)
 
     # -- public -----------------------------------------------------------------------------
 
@@ -218,9 +218,8 @@ class Engine:
         out: list[Alert] = []
         plan = self._plan.get(type(event))
         if plan is not None:
-            matcher, getters, actions = plan
-            fields = FieldDict.of(event, getters)
-            for index in matcher(fields):
+            matcher, actions = plan
+            for index in matcher(event):
                 rule, alerts, correlations = actions[index]
                 self.matches += 1
                 if alerts:
@@ -429,7 +428,7 @@ class _Window:
 
 def generate_matcher(
     rules: list[Rule], getters: Mapping[str, Callable[[Any], Any]] | None = None
-) -> Callable[[FieldDict], list[int]]:
+) -> Callable[[Any], list[int]]:
     """One Python function that tests every rule of a category against an event's fields,
     returning the indices of those that match. Each field a string test reads is lowered
     once, when first needed; tests are inlined as C-level str/set/tuple/regex calls; anything else
@@ -440,8 +439,9 @@ def generate_matcher(
     Aho-Corasick pass per text) and its numbers, and enters only the rules one of whose
     atoms holds, plus those without a guard.
 
-    With `getters` (those of the one event type it will see), fields are read straight from
-    the event (FieldDict.event)."""
+    Without getters the function takes a FieldDict. With `getters` (those of the one event
+    type it will see) it takes the event and reads fields straight from it; it makes a
+    FieldDict only if a test it calls as a closure needs one."""
     ctx = CodeContext(getters)
     always = 0
     index: dict[tuple[str, str], dict[Any, int]] = {}
@@ -461,8 +461,12 @@ def generate_matcher(
     ctx.preloaded |= {f"p_{var}" for kind, var in index if kind == "needle"}
     ctx.preloaded |= ctx.raw_loaded  # lowered forms read the raw value on the way
     exprs = [rule.node.code(ctx) for rule in rules]
-    lines = ["def match(f):", "    low = f.low", "    e = f.event"]
+    if getters is None:
+        lines = ["def match(f):", "    low = f.low"]
+    else:  # the event itself; a FieldDict only for the closures some tests call
+        lines = ["def match(e):", "    f = _U"]
     # Fields load on first use (see detect.sigma._lazy): most rules stop at their first test.
+    lines += [f"    i_{name} = _U" for name in sorted(ctx.ip_fields)]
     lines += [f"    v_{name} = _U" for name in sorted(ctx.low_fields)]
     lines += [f"    r_{name} = _U" for name in sorted(ctx.raw_fields)]
     lines += [f"    j_{name} = _U" for name in sorted(ctx.joined_fields)]
@@ -495,7 +499,7 @@ def generate_matcher(
     namespace.update(ctx.namespace(masks))
     namespace["_U"] = object()
     exec(compile("\n".join(lines), "<sandtrace rules>", "exec"), namespace)  # noqa: S102
-    matcher: Callable[[FieldDict], list[int]] = namespace["match"]
+    matcher: Callable[[Any], list[int]] = namespace["match"]
     return matcher
 
 

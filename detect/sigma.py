@@ -607,6 +607,24 @@ class CodeContext:
         self.preloaded: set[str] = set()
         # raw locals that load() has set on the way to a lowered or joined form
         self.raw_loaded: set[str] = set()
+        # fields read as IP addresses (locals i_X)
+        self.ip_fields: set[str] = set()
+
+    @property
+    def fields(self) -> str:
+        """Code giving the FieldDict that compiled closures take: the matcher's argument, or
+        with getters (where the matcher takes the event) one made on first use."""
+        return "f" if self.getters is None else _lazy("f", "_F(e)")
+
+    def ip(self, name: str) -> str:
+        """Code giving the field as FieldDict.ip gives it, parsed once per event."""
+        if self.getters is None:
+            return f"f.ip({name!r})"
+        self.ip_fields.add(name)
+        self.raw_fields.add(name)
+        raw = self.lazy(f"r_{name}", self.load(f"r_{name}"))
+        parse = f"({self.const(ip_int)}(str({raw})) if {raw} else None)"
+        return _lazy(f"i_{name}", parse)
 
     def const(self, value: Any) -> str:
         name = f"K{len(self.consts)}"
@@ -666,6 +684,9 @@ class CodeContext:
         `x`, F_x(text) gives the needles in the text and S_x(text) iterates over
         (end, (needle, mask)) for each occurrence, `mask` from `masks[x]` (0 if absent)."""
         out = dict(self.consts)
+        if self.getters is not None:
+            getters = self.getters
+            out["_F"] = lambda e: FieldDict.of(e, getters)
         for var, needles in self.needles.items():
             out[f"F_{var}"], out[f"S_{var}"] = needle_finder(needles, (masks or {}).get(var, {}))
         return out
@@ -862,11 +883,11 @@ class _Cidrs(Node):
     def __init__(self, name: str, nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network]):
         self.name = name
         self.nets = tuple(nets)
-        ints = net_ints(nets)
+        self.ints = ints = net_ints(nets)
         self.test: Matcher = lambda f: in_nets(f.ip(name), ints)
 
     def code(self, ctx: CodeContext) -> str:
-        return f"{ctx.const(self.test)}(f)"
+        return f"{ctx.const(in_nets)}({ctx.ip(self.name)}, {ctx.const(self.ints)})"
 
 
 class _Numbers(Node):
@@ -889,7 +910,7 @@ class _Call(Node):
         self.test = test
 
     def code(self, ctx: CodeContext) -> str:
-        return f"{ctx.const(self.test)}(f)"
+        return f"{ctx.const(self.test)}({ctx.fields})"
 
 
 LIST_FIELDS = frozenset({"Argv", "AncestorImages"})
