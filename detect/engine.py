@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import msgspec.structs
 
 from collector.events import Alert, AnyEvent, ConnectEvent, Event
-from detect.fields import GETTERS, category_of_type
+from detect.fields import EXPR_SCOPE, GETTERS, INLINE, category_of_type
 from detect.sigma import CodeContext, Correlation, Rule, RuleSet, ip_int
 
 EGRESS_RULE_ID = "sandtrace-egress-allow-list"
@@ -352,14 +352,17 @@ def _correlation_readers(
     """For one event type: a function giving an event's window key for `corr` (its id, then
     the group-by fields), and one giving the value it counts; fields the type lacks are
     None, as FieldDict gives them."""
-    scope: dict[str, Any] = {"CID": corr.id}
+    scope: dict[str, Any] = {**EXPR_SCOPE, "CID": corr.id}
     parts = []
     for i, name in enumerate(counting.group_by):
-        if name in getters:
-            scope[f"G{i}"] = getters[name]
-            parts.append(f"G{i}(e)")
-        else:
+        getter = getters.get(name)
+        if getter is None:
             parts.append("None")
+        elif getter in INLINE:
+            parts.append(f"({INLINE[getter]})")
+        else:
+            scope[f"G{i}"] = getter
+            parts.append(f"G{i}(e)")
     src = f"def key(e):\n    return (CID, {''.join(p + ', ' for p in parts)})\n"
     exec(compile(src, f"<correlation key {corr.id}>", "exec"), scope)  # noqa: S102 - our source
     if counting.field is not None:

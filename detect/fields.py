@@ -119,21 +119,6 @@ def category_of_type(etype: type) -> str | None:
 
 
 Getter = Callable[[Any], Any]
-# Getters whose values are always str, and those always lowercase str already: generated
-# matchers lower the first with str.lower() and take the second as they are, where any
-# other value goes through the general detect.sigma._lower.
-ALWAYS_STR: set[Getter] = set()
-ALWAYS_LOWER: set[Getter] = set()
-
-
-def _str(getter: Getter) -> Getter:
-    ALWAYS_STR.add(getter)
-    return getter
-
-
-def _low(getter: Getter) -> Getter:
-    ALWAYS_LOWER.add(getter)
-    return getter
 
 
 def _argv(e: Event) -> list[bytes]:
@@ -152,78 +137,110 @@ def _parent_argv(e: Event) -> list[bytes]:
     return e.process.ancestry[0].argv if e.process.ancestry else []
 
 
+# Every getter is an expression of the event `e`: generated code (matchers, correlation
+# keys) inlines the expression where it would call the getter, names from EXPR_SCOPE.
+EXPR_SCOPE: dict[str, Any] = {
+    "text": text, "command_line": command_line, "lower_joined": lower_joined,
+    "_argv": _argv, "_parent_exe": _parent_exe, "_parent_argv": _parent_argv,
+}  # fmt: skip
+INLINE: dict[Getter, str] = {}
+# Getters whose values are always str, and those always lowercase str already: generated
+# matchers lower the first with str.lower() and take the second as they are, where any
+# other value goes through the general detect.sigma._lower.
+ALWAYS_STR: set[Getter] = set()
+ALWAYS_LOWER: set[Getter] = set()
+
+
+def _x(source: str, form: str = "") -> Getter:
+    """A getter from its expression; form "str" (always str) or "low" (always lowercase)."""
+    getter: Getter = eval(f"lambda e: {source}", EXPR_SCOPE)  # noqa: S307 - our own source
+    INLINE[getter] = source
+    if form == "str":
+        ALWAYS_STR.add(getter)
+    elif form == "low":
+        ALWAYS_LOWER.add(getter)
+    return getter
+
+
 # Network events carry the process's current argv and parent from the process table.
 COMMON_GETTERS: dict[str, Getter] = {
-    "Image": lambda e: text(e.process.exe),
-    "CommandLine": lambda e: command_line(_argv(e)),
-    "Argv": lambda e: [a.decode("utf-8", "backslashreplace") for a in _argv(e)],
-    "ProcessId": lambda e: e.process.pid,
-    "ParentProcessId": lambda e: e.process.ppid,
-    "ParentImage": lambda e: text(_parent_exe(e)),
-    "ParentCommandLine": lambda e: command_line(_parent_argv(e)),
-    "AncestorImages": lambda e: [text(a.exe) for a in e.process.ancestry],
-    "User": lambda e: e.process.user or str(e.process.uid),
-    "Uid": lambda e: e.process.uid,
-    "Comm": lambda e: text(e.process.comm),
-    "Sandbox": _str(lambda e: e.sandbox),
-    "ContainerId": _str(lambda e: e.container_id),
-    "CgroupPath": _str(lambda e: e.cgroup_path),
-    "Host": _str(lambda e: e.host),
+    "Image": _x("text(e.process.exe)"),
+    "CommandLine": _x("command_line(_argv(e))"),
+    "Argv": _x('[a.decode("utf-8", "backslashreplace") for a in _argv(e)]'),
+    "ProcessId": _x("e.process.pid"),
+    "ParentProcessId": _x("e.process.ppid"),
+    "ParentImage": _x("text(_parent_exe(e))"),
+    "ParentCommandLine": _x("command_line(_parent_argv(e))"),
+    "AncestorImages": _x("[text(a.exe) for a in e.process.ancestry]"),
+    "User": _x("e.process.user or str(e.process.uid)"),
+    "Uid": _x("e.process.uid"),
+    "Comm": _x("text(e.process.comm)"),
+    "Sandbox": _x("e.sandbox", "str"),
+    "ContainerId": _x("e.container_id", "str"),
+    "CgroupPath": _x("e.cgroup_path", "str"),
+    "Host": _x("e.host", "str"),
 }
+# An exec event has its own argv and parent: read without the type test
+EXEC_ARGV = _x('[a.decode("utf-8", "backslashreplace") for a in e.argv]')
 
 # Getters of list fields -> the same field lowered and joined (FieldDict.joined) in one go,
 # for generated matchers (detect.sigma.CodeContext.load).
 LOWER_JOINED: dict[Getter, Getter] = {
-    COMMON_GETTERS["Argv"]: lambda e: lower_joined(_argv(e)),
+    COMMON_GETTERS["Argv"]: _x("lower_joined(_argv(e))"),
+    EXEC_ARGV: _x("lower_joined(e.argv)"),
 }
 
 GETTERS: dict[type, dict[str, Getter]] = {
     ExecEvent: {
         **COMMON_GETTERS,
-        "CurrentDirectory": lambda e: text(e.cwd),
-        "OriginalFileName": lambda e: text(e.filename),
-        "ArgvCount": lambda e: len(e.argv),
-        "ArgvTruncated": _low(lambda e: "true" if e.argv_truncated else "false"),
-        "Fileless": _low(lambda e: "true" if e.fileless else "false"),
-        "Deleted": _low(lambda e: "true" if e.deleted else "false"),
+        "CommandLine": _x("command_line(e.argv)"),
+        "Argv": EXEC_ARGV,
+        "ParentImage": _x("text(e.parent_exe)"),
+        "ParentCommandLine": _x("command_line(e.parent_argv)"),
+        "CurrentDirectory": _x("text(e.cwd)"),
+        "OriginalFileName": _x("text(e.filename)"),
+        "ArgvCount": _x("len(e.argv)"),
+        "ArgvTruncated": _x('"true" if e.argv_truncated else "false"', "low"),
+        "Fileless": _x('"true" if e.fileless else "false"', "low"),
+        "Deleted": _x('"true" if e.deleted else "false"', "low"),
     },
     ConnectEvent: {
         **COMMON_GETTERS,
-        "Initiated": _low(lambda e: "true"),
-        "Protocol": _str(lambda e: e.protocol),
-        "DestinationIp": _str(lambda e: e.daddr),
-        "DestinationPort": lambda e: e.dport,
-        "DestinationIsIpv6": _low(lambda e: "true" if e.family == "ipv6" else "false"),
-        "SourceIp": _str(lambda e: e.saddr),
-        "SourcePort": lambda e: e.sport,
-        "Outcome": _str(lambda e: e.outcome),
-        "ErrnoName": _str(lambda e: e.errno_name),
+        "Initiated": _x('"true"', "low"),
+        "Protocol": _x("e.protocol", "str"),
+        "DestinationIp": _x("e.daddr", "str"),
+        "DestinationPort": _x("e.dport"),
+        "DestinationIsIpv6": _x('"true" if e.family == "ipv6" else "false"', "low"),
+        "SourceIp": _x("e.saddr", "str"),
+        "SourcePort": _x("e.sport"),
+        "Outcome": _x("e.outcome", "str"),
+        "ErrnoName": _x("e.errno_name", "str"),
     },
     BindEvent: {
         **COMMON_GETTERS,
-        "Action": _low(lambda e: "bind"),
-        "Protocol": _str(lambda e: e.protocol),
-        "LocalIp": _str(lambda e: e.addr),
-        "LocalPort": lambda e: e.port,
-        "RequestedPort": lambda e: e.requested_port,
-        "Outcome": _str(lambda e: e.outcome),
+        "Action": _x('"bind"', "low"),
+        "Protocol": _x("e.protocol", "str"),
+        "LocalIp": _x("e.addr", "str"),
+        "LocalPort": _x("e.port"),
+        "RequestedPort": _x("e.requested_port"),
+        "Outcome": _x("e.outcome", "str"),
     },
     ListenEvent: {
         **COMMON_GETTERS,
-        "Action": _low(lambda e: "listen"),
-        "Protocol": _str(lambda e: e.protocol),
-        "LocalIp": _str(lambda e: e.addr),
-        "LocalPort": lambda e: e.port,
-        "Outcome": _low(lambda e: "success"),
+        "Action": _x('"listen"', "low"),
+        "Protocol": _x("e.protocol", "str"),
+        "LocalIp": _x("e.addr", "str"),
+        "LocalPort": _x("e.port"),
+        "Outcome": _x('"success"', "low"),
     },
     SocketEvent: {
         **COMMON_GETTERS,
-        "Action": _low(lambda e: "held"),
-        "Protocol": _str(lambda e: e.protocol),
-        "LocalIp": _str(lambda e: e.laddr),
-        "LocalPort": lambda e: e.lport,
-        "State": _str(lambda e: e.state),
-        "Outcome": _low(lambda e: "success"),
+        "Action": _x('"held"', "low"),
+        "Protocol": _x("e.protocol", "str"),
+        "LocalIp": _x("e.laddr", "str"),
+        "LocalPort": _x("e.lport"),
+        "State": _x("e.state", "str"),
+        "Outcome": _x('"success"', "low"),
     },
 }
 """Per event type, how each Sigma field is read from the event (on demand: most rules read

@@ -49,7 +49,15 @@ from sigma.types import (
     SpecialChars,
 )
 
-from detect.fields import ALWAYS_LOWER, ALWAYS_STR, CATEGORY_FIELDS, LOWER_JOINED, PRODUCT
+from detect.fields import (
+    ALWAYS_LOWER,
+    ALWAYS_STR,
+    CATEGORY_FIELDS,
+    EXPR_SCOPE,
+    INLINE,
+    LOWER_JOINED,
+    PRODUCT,
+)
 
 _MISSING: Any = object()
 
@@ -644,11 +652,11 @@ class CodeContext:
         getter = self.getters.get(name)
         if getter is None:  # not a field of this event type: FieldDict would give None
             return {"v": "None", "r": "None", "j": '""'}[kind]
-        raw = f"{self.const(getter)}(e)"
+        raw = self.read(getter)
         if kind == "r":
             return raw
         if kind == "j" and getter in LOWER_JOINED:
-            return f"{self.const(LOWER_JOINED[getter])}(e)"
+            return self.read(LOWER_JOINED[getter])
         # The lowered and joined forms start from the raw value, read once for all three.
         self.raw_fields.add(name)
         self.raw_loaded.add(f"r_{name}")
@@ -661,6 +669,12 @@ class CodeContext:
         else:
             lowered = f"{self.const(_lower)}({raw})"
         return lowered if kind == "v" else f"{self.const(_joined)}({lowered})"
+
+    def read(self, getter: Callable[[Any], Any]) -> str:
+        """Code reading a field from the event `e`: the getter's own expression when it has
+        one (detect.fields.INLINE), saving a call, else a call to it."""
+        source = INLINE.get(getter)
+        return f"({source})" if source is not None else f"{self.const(getter)}(e)"
 
     def contains_any(self, var: str, needles: Iterable[str]) -> str:
         """Code true when the text in local `var` (already loaded, not None) contains any of
@@ -683,7 +697,7 @@ class CodeContext:
         """The constants and needle finders the generated code refers to: per text local
         `x`, F_x(text) gives the needles in the text and S_x(text) iterates over
         (end, (needle, mask)) for each occurrence, `mask` from `masks[x]` (0 if absent)."""
-        out = dict(self.consts)
+        out = {**EXPR_SCOPE, **self.consts}
         if self.getters is not None:
             getters = self.getters
             out["_F"] = lambda e: FieldDict.of(e, getters)
