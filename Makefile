@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 BPF_SOURCES := $(wildcard bpf/*.c bpf/include/*.h)
 PY_SOURCES := probes collector detect service tests $(wildcard bench)
 
-.PHONY: help setup venv run test test-unit lint check bench format clean
+.PHONY: help setup venv run test test-unit lint check bench bench-instructions format clean
 
 help: ## List the targets
 	@echo "Usage: make TARGET   (targets that load eBPF need root: sudo make TARGET)"
@@ -45,6 +45,9 @@ check: lint test ## lint, then the whole test suite (root)
 
 bench: setup ## Set up, then measure overhead and throughput with the bench package (root)
 	$(PY) -m bench
+
+bench-instructions: setup ## Instructions per event of the engine and ingest path (valgrind)
+	$(PY) -m bench.instructions
 
 format: venv ## Rewrite Python with ruff (format, import order) and C with clang-format
 	$(VENV)/bin/ruff check --fix --select I .

@@ -1,0 +1,137 @@
+"""Instructions per event, counted by valgrind's callgrind: a figure that does not move with
+the machine's load, for comparing two versions of the engine and the service's ingest path.
+
+Wall-clock rates on a shared 2-core VM vary by half from one run to the next; instruction
+counts repeat to a tenth of a percent. Each target runs in its own process under
+`valgrind --tool=callgrind --instr-atstart=no`; the process warms up (rules compiled, every
+event seen once), switches counting on with callgrind_control, runs the measured loop, and
+switches it off, so imports, rule loading and compilation are not counted.
+
+    python -m bench.instructions                  # every target
+    python -m bench.instructions --only service   # targets whose name contains "service"
+
+Targets: the engine (Engine.feed, built-in pack, egress allow-list on) per event kind, and
+the service's in-process path (decode_batch on 500-event msgpack batches, then
+Ingest.handle), on the mix bench/service.py sends. Needs valgrind (apt-get install valgrind).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench import Row, print_table
+
+ROOT = Path(__file__).resolve().parent.parent
+KINDS = ("ExecEvent", "ConnectEvent", "BindEvent", "ListenEvent")
+TARGETS = (*(f"engine:{k}" for k in KINDS), "engine:mix", "service")
+EVENTS = 2000  # events of the mix each target draws from
+PASSES = 2  # measured passes over them
+
+
+def _counting(on: bool) -> None:
+    subprocess.run(["callgrind_control", "-i", "on" if on else "off", str(os.getpid())],
+                   check=True, capture_output=True)  # fmt: skip
+
+
+def child(target: str) -> None:
+    """Runs under callgrind: warm up, count PASSES passes, print how many events they fed."""
+    import msgspec.structs  # noqa: PLC0415
+
+    from bench.service import batch_body, encoded_events, mix  # noqa: PLC0415
+    from detect.engine import EgressPolicies, Engine  # noqa: PLC0415
+    from detect.sigma import load_paths  # noqa: PLC0415
+    from service.app import Ingest  # noqa: PLC0415
+    from service.wire import decode_batch  # noqa: PLC0415
+
+    rules = load_paths([ROOT / "rules"])
+    egress = EgressPolicies.parse(["0.0.0.0/0", "::/0"])
+    events = mix(0, EVENTS)
+    if target == "service":
+        hosts = [[msgspec.structs.replace(e, host=f"host-{i}") for e in events[i::4]]
+                 for i in range(4)]  # fmt: skip
+        bodies = [encoded_events(batch, "msgpack") for batch in hosts]
+        ingest = Ingest(rules, engine_factory=lambda r: Engine(r, egress))
+        seq = 0
+
+        def once() -> int:
+            nonlocal seq
+            n = 0
+            for i, body in enumerate(bodies):
+                seq += 1
+                collector, s, batch = decode_batch(batch_body(f"c{i}", seq, body, "msgpack"))
+                ingest.handle(collector, s, batch)
+                n += len(batch)
+            return n
+    else:
+        kind = target.partition(":")[2]
+        chosen = events if kind == "mix" else [e for e in events if type(e).__name__ == kind]
+        feed = Engine(rules, egress).feed
+
+        def once() -> int:
+            for e in chosen:
+                feed(e)
+            return len(chosen)
+
+    once()
+    gc.collect()
+    gc.freeze()
+    _counting(True)
+    n = sum(once() for _ in range(PASSES))
+    _counting(False)
+    print(f"events {n}")
+
+
+def measure(target: str) -> tuple[int, int]:
+    """(instructions, events) of one target, each in its own callgrind run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
+               f"--callgrind-out-file={tmp}/out", sys.executable, "-m", "bench.instructions",
+               "--child", target]  # fmt: skip
+        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    collected = re.search(r"Collected : (\d+)", done.stderr)
+    events = re.search(r"^events (\d+)$", done.stdout, re.M)
+    if done.returncode != 0 or not collected or not events:
+        raise RuntimeError(f"{target}: callgrind run failed:\n{done.stderr[-2000:]}")
+    return int(collected.group(1)), int(events.group(1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.instructions",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--only", default="", help="targets whose name contains this")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(args.child)
+        return 0
+    missing = [t for t in ("valgrind", "callgrind_control") if shutil.which(t) is None]
+    if missing:
+        print(f"bench: {', '.join(missing)} not found: apt-get install valgrind", file=sys.stderr)
+        return 2
+    rows: list[Row] = []
+    for target in (t for t in TARGETS if args.only in t):
+        print(f"bench: counting {target} under callgrind (about 15 s)", file=sys.stderr, flush=True)
+        instructions, events = measure(target)
+        rows.append((f"instructions/event, {target}", "", f"{instructions // events:,}",
+                     f"{events:,} events, callgrind"))  # fmt: skip
+    given = sys.argv[1:] if argv is None else argv
+    print(f"\ncommand: {shlex.join(['.venv/bin/python', '-m', 'bench.instructions', *given])}\n")
+    print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
