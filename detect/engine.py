@@ -8,6 +8,7 @@ process into a single alert with a count.
 
 from __future__ import annotations
 
+import ast
 import bisect
 import ipaddress
 import itertools
@@ -21,7 +22,7 @@ from typing import Any, Protocol
 import msgspec.structs
 
 from collector.events import Alert, AnyEvent, ConnectEvent, Event
-from detect.fields import EXPR_SCOPE, GETTERS, INLINE, category_of_type
+from detect.fields import ALWAYS_LOWER, EXPR_SCOPE, GETTERS, INLINE, category_of_type
 from detect.sigma import CodeContext, Correlation, Rule, RuleSet, ip_int
 
 EGRESS_RULE_ID = "sandtrace-egress-allow-list"
@@ -450,10 +451,12 @@ def generate_matcher(
     index: dict[tuple[str, str], dict[Any, int]] = {}
     for i, rule in enumerate(rules):
         guard = rule.node.guard()
-        if guard is None:
+        if guard is None or any(_holds(getters, atom) for atom in guard):
             always |= 1 << i
             continue
         for kind, var, key in guard:
+            if _holds(getters, (kind, var, key)) is False:
+                continue  # a fixed value that is never this one
             table = index.setdefault((kind, var), {})
             table[key] = table.get(key, 0) | 1 << i
             if kind == "needle":
@@ -486,6 +489,14 @@ def generate_matcher(
         elif kind == "num":
             lines.append(f"    if type({var}) is int:")
             lines.append(f"        cand |= T{n}.get({var}, 0)")
+        elif kind == "eq":
+            lines.append(f"    if {var} is not None:")
+            lines.append(f"        cand |= T{n}.get({var}, 0)")
+        elif kind == "minlen":  # each threshold's rules once the text is that long
+            lines.append(f"    if {var} is not None:")
+            for width, mask in sorted(table.items()):
+                lines.append(f"        if len({var}) >= {width}:")
+                lines.append(f"            cand |= {mask}")
         else:  # the automaton's values carry each needle's rules: one loop sets both
             lines.append(f"    if {var} is not None:")
             lines.append(f"        p_{var} = set()")
@@ -504,6 +515,19 @@ def generate_matcher(
     exec(compile("\n".join(lines), "<sandtrace rules>", "exec"), namespace)  # noqa: S102
     matcher: Callable[[Any], list[int]] = namespace["match"]
     return matcher
+
+
+def _holds(
+    getters: Mapping[str, Callable[[Any], Any]] | None, atom: tuple[str, str, Any]
+) -> bool | None:
+    """Whether an "eq" atom holds for every event (True) or none (False) because its field
+    has one fixed value for the type (an Action or Initiated), None when it depends."""
+    kind, var, key = atom
+    getter = getters.get(var[2:]) if getters is not None and kind == "eq" else None
+    source = INLINE.get(getter) if getter in ALWAYS_LOWER else None
+    if source is None or not (source.startswith('"') and source.count('"') == 2):
+        return None
+    return bool(ast.literal_eval(source) == key)
 
 
 _OPS: dict[str, Callable[[int, int], bool]] = {

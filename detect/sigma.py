@@ -592,8 +592,10 @@ class Node:
 Atom = tuple[str, str, Any]
 """(kind, local, key) over a generated matcher's local holding a field: ("base", v_X, name)
 when the lowered text's last path element is `name`; ("needle", v_X/r_X/j_X, text) when
-the text contains `text`; ("num", r_X, n) when the number is `n`."""
-ATOM_COST = {"base": 0, "num": 1, "needle": 2}
+the text contains `text`; ("num", r_X, n) when the number is `n`; ("eq", v_X, text) when
+the lowered text is `text`; ("minlen", v_X/r_X, n) when the text has at least n characters."""
+ATOM_COST = {"base": 0, "minlen": 0, "eq": 1, "num": 1, "needle": 2}
+_MINLEN_GUARD = 16  # a regex needing fewer characters than this is not indexed by length
 
 
 class CodeContext:
@@ -819,8 +821,10 @@ class _Strings(Node):
         for shape, n in self.simple:
             if shape == "suffix" and n.startswith("/") and len(n) > 1 and "/" not in n[1:]:
                 out.append(("base", _var(self.name), n[1:]))
-            elif shape == "contains" and n:
-                out.append(("needle", _var(self.name), n))
+            elif shape == "exact":
+                out.append(("eq", _var(self.name), n))
+            elif (shape == "contains" and n) or (shape == "prefix" and len(n) >= 2):
+                out.append(("needle", _var(self.name), n))  # a prefix is contained too
             else:
                 return None
         return out
@@ -834,10 +838,15 @@ class _Regex(Node):
         self.name = name
         self.rx = _regex(value)
         self.needles = _required_literals(self.rx)
+        sets = _required_literal_sets(self.rx)
         # single characters every match holds besides the needles: `in` tests, nearly free
-        self.chars = sorted(
-            {next(iter(s)) for s in _required_literal_sets(self.rx) if len(s) == 1} - {""}
-        )
+        self.chars = sorted({next(iter(s)) for s in sets if len(s) == 1} - {""})
+        # the other small sets of which every match holds one: `in` tests, before the
+        # expression (which, without a literal prefix, tries every position of the text)
+        self.others = [
+            sorted(s) for s in dict.fromkeys(sets)
+            if s != self.needles and 1 < len(s) <= 4 and all(s)
+        ]  # fmt: skip
         self.min_width = _min_width(self.rx)
         self.value_test = _regex_value_test(self.rx)
         self.test = _regex_test(name, value)
@@ -876,14 +885,22 @@ class _Regex(Node):
         if self.needles:
             terms.append(ctx.contains_any(v, self.needles))
         terms += [f"{ctx.const(ch)} in {v}" for ch in self.chars if self.needles != frozenset(ch)]
+        terms += [
+            "(" + " or ".join(f"{ctx.const(x)} in {v}" for x in others) + ")"
+            for others in self.others
+        ]
         terms.append(f"{ctx.const(self.rx.search)}({v}) is not None")
         return "(" + " and ".join(terms) + ")"
 
     def guard(self) -> list[Atom] | None:
-        if self.name not in TEXT_FIELDS or not self.needles:
+        if self.name not in TEXT_FIELDS:
             return None
-        if min(map(len, self.needles)) < 2:  # a single character selects nothing
-            return None
+        # a single character selects nothing; a long minimum width selects short texts out
+        if not self.needles or min(map(len, self.needles)) < 2:
+            if self.min_width < _MINLEN_GUARD:
+                return None
+            fold = bool(self.rx.flags & re.IGNORECASE)
+            return [("minlen", _var(self.name) if fold else f"r_{self.name}", self.min_width)]
         if bool(self.rx.flags & re.IGNORECASE) or all(n.isascii() for n in self.needles):
             # An ASCII needle in the text is its lowercase in the lowered text (ASCII letters
             # lower one by one, whatever surrounds them): one automaton pass serves both.
