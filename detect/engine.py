@@ -206,7 +206,7 @@ class Engine:
                 rs = self._by_category[category]
                 actions = [
                     (r, r.id not in self.silent, [
-                        (counting, *_correlation_readers(corr, counting, getters))
+                        self._observer(counting, *_correlation_readers(corr, counting, getters))
                         for corr, counting in self._correlations_of.get(r.id, [])
                     ])
                     for r in rs
@@ -225,10 +225,11 @@ class Engine:
                 self.matches += 1
                 if alerts:
                     self._raise(out, rule, rule.description, event)  # type: ignore[arg-type]
-                for counting, key_of, value_of in correlations:
-                    self._correlate(out, counting, event, key_of(event), value_of(event))  # type: ignore[arg-type]
-        if self.egress is not None and isinstance(event, ConnectEvent):
-            policy = self.egress.policy_for(event.sandbox)
+                for observe in correlations:
+                    observe(out, event)  # type: ignore[arg-type]
+        egress = self.egress
+        if egress is not None and type(event) is ConnectEvent:
+            policy = egress.per_sandbox.get(event.sandbox, egress.default)
             if policy is not None and not policy.allows(event.daddr, event.dport):
                 where = f"{event.protocol} {event.daddr}:{event.dport}"
                 self._raise(out, EGRESS_RULE, f"{where} is not on the allow-list", event)
@@ -293,10 +294,47 @@ class Engine:
             raised_ns=time.time_ns(),
         )
 
+    def _observer(
+        self,
+        counting: _Counting,
+        key_of: Callable[[Any], tuple[Any, ...]],
+        value_of: Callable[[Any], Any],
+    ) -> Callable[[list[Alert], Event], None]:
+        """What a match of a correlated rule does: add the event to its window and alert when
+        the count is reached. value_count, what the built-in pack's correlations count (every
+        TCP connect, twice), gets a function of its own with the lookups done once; the other
+        kinds go through _correlate."""
+        if counting.corr.kind != "value_count":
+            correlate = self._correlate
+            return lambda out, event: correlate(out, counting, event, key_of(event),
+                                                value_of(event))  # fmt: skip
+        windows, window_ns, op, ref = self._windows, counting.window_ns, counting.op, counting.ref
+        fire = self._fire
+
+        def observe(out: list[Alert], event: Event) -> None:
+            key = key_of(event)
+            window = windows.get(key)
+            if window is None:
+                window = windows[key] = _Window()
+            now = event.time_ns
+            value = value_of(event)
+            entries, values = window.entries, window.values
+            entries.append((now, value))
+            values[value] = values.get(value, 0) + 1
+            if entries[0][0] < now - window_ns:
+                window.forget(now - window_ns)
+            if op is not None:
+                seen = len(values) - (None in values) - ("" in values)
+                if op(seen, ref):
+                    fire(out, counting, window, seen, event)
+
+        return observe
+
     def _correlate(self, out: list[Alert], counting: _Counting, event: Event,
                    key: tuple[Any, ...], value: Any) -> None:  # fmt: skip
-        # Every TCP connect passes here twice with the built-in pack: kept to plain dict and
-        # deque operations, the key and value read by functions made for the event's type.
+        # Every kind of correlation; value_count matches take the same steps in _observer's
+        # own function. Plain dict and deque operations, the key and value read by functions
+        # made for the event's type.
         corr = counting.corr
         window = self._windows.get(key)
         if window is None:
@@ -320,9 +358,14 @@ class Engine:
         else:
             seen = len(entries)
         if counting.op is not None and counting.op(seen, counting.ref):
-            detail = f"{kind} {seen} in {corr.seconds:g}s"
-            self._raise(out, corr, f"{corr.description} ({detail})".strip(), event)
-            window.clear()  # the next alert needs a window of its own
+            self._fire(out, counting, window, seen, event)
+
+    def _fire(self, out: list[Alert], counting: _Counting, window: _Window, seen: int,
+              event: Event) -> None:  # fmt: skip
+        corr = counting.corr
+        detail = f"{corr.kind} {seen} in {corr.seconds:g}s"
+        self._raise(out, corr, f"{corr.description} ({detail})".strip(), event)
+        window.clear()  # the next alert needs a window of its own
 
 
 class _Counting:
@@ -344,7 +387,7 @@ class _Counting:
         self.ref = len(corr.rules) if temporal else corr.count
 
 
-_Action = tuple[Rule, bool, list[tuple["_Counting", Any, Any]]]
+_Action = tuple[Rule, bool, list[Callable[[list[Alert], Event], None]]]
 
 
 def _correlation_readers(
