@@ -516,6 +516,7 @@ def generate_matcher(
         lines = ["def match(e):", "    f = _U"]
     # Fields load on first use (see detect.sigma._lazy): most rules stop at their first test.
     lines += [f"    i_{name} = _U" for name in sorted(ctx.ip_fields)]
+    lines += [f"    k_{name} = _U" for name in sorted(ctx.raw_joined_fields)]
     lines += [f"    v_{name} = _U" for name in sorted(ctx.low_fields)]
     lines += [f"    r_{name} = _U" for name in sorted(ctx.raw_fields)]
     lines += [f"    j_{name} = _U" for name in sorted(ctx.joined_fields)]

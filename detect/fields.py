@@ -94,6 +94,15 @@ def command_line(argv: list[bytes]) -> str:
     return b" ".join(argv).decode("utf-8", "backslashreplace")
 
 
+def nul_joined(argv: list[bytes]) -> str:
+    """The arguments decoded, each between NULs ("\\0a\\0b\\0"; "" for none): one regular
+    expression search over it stands in for a search of every argument (see
+    detect.sigma._element_search)."""
+    if not argv:
+        return ""
+    return "\0" + b"\0".join(argv).decode("utf-8", "backslashreplace") + "\0"
+
+
 def lower_joined(argv: list[bytes]) -> str:
     """What FieldDict.joined gives for the decoded arguments (NUL, each lowered, NUL between
     and after; "" for none), from the bytes in one decode and one lower(): lowering the whole
@@ -141,6 +150,7 @@ def _parent_argv(e: Event) -> list[bytes]:
 # keys) inlines the expression where it would call the getter, names from EXPR_SCOPE.
 EXPR_SCOPE: dict[str, Any] = {
     "text": text, "command_line": command_line, "lower_joined": lower_joined,
+    "nul_joined": nul_joined,
     "_argv": _argv, "_parent_exe": _parent_exe, "_parent_argv": _parent_argv,
 }  # fmt: skip
 INLINE: dict[Getter, str] = {}
@@ -188,6 +198,12 @@ EXEC_ARGV = _x('[a.decode("utf-8", "backslashreplace") for a in e.argv]')
 LOWER_JOINED: dict[Getter, Getter] = {
     COMMON_GETTERS["Argv"]: _x("lower_joined(_argv(e))"),
     EXEC_ARGV: _x("lower_joined(e.argv)"),
+}
+
+# ... and to the field's elements decoded and NUL-joined as they are (nul_joined)
+RAW_JOINED: dict[Getter, Getter] = {
+    COMMON_GETTERS["Argv"]: _x("nul_joined(_argv(e))"),
+    EXEC_ARGV: _x("nul_joined(e.argv)"),
 }
 
 GETTERS: dict[type, dict[str, Getter]] = {

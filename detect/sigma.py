@@ -57,6 +57,7 @@ from detect.fields import (
     INLINE,
     LOWER_JOINED,
     PRODUCT,
+    RAW_JOINED,
 )
 
 _MISSING: Any = object()
@@ -501,6 +502,29 @@ def _required_literal_sets(rx: re.Pattern[str]) -> list[frozenset[str]]:
     return [frozenset(x.lower() for x in s) for s in found] if fold else found
 
 
+def _element_search(rx: re.Pattern[str]) -> re.Pattern[str] | None:
+    """A search over a list's elements NUL-joined (detect.fields.nul_joined) that finds a match
+    whenever `rx` matches some element: a leading ^ becomes the NUL before an element, a
+    trailing $ the NUL after one (or a newline and that NUL, as $ allows). It may also find
+    what no element holds, so it only prefilters the per-element test. None for what the
+    rewrite cannot vouch for: other anchors, lookarounds, multiline mode."""
+    body = rx.pattern
+    if rx.flags & (re.MULTILINE | re.VERBOSE):
+        return None
+    start = body.startswith("^")
+    body = body[1:] if start else body
+    escapes = len(body[:-1]) - len(body[:-1].rstrip("\\"))
+    end = body.endswith("$") and escapes % 2 == 0
+    body = body[:-1] if end else body
+    if any(x in body for x in ("^", "$", "\\A", "\\Z", "\\z", "(?=", "(?!", "(?<")):
+        return None
+    try:
+        return re.compile(("\\x00" if start else "") + body + ("(?=\\n?\\x00)" if end else ""),
+                          rx.flags)  # fmt: skip
+    except re.error:
+        return None
+
+
 def _min_width(rx: re.Pattern[str]) -> int:
     """The fewest characters any match of `rx` spans (0 when unknown)."""
     try:
@@ -619,12 +643,24 @@ class CodeContext:
         self.raw_loaded: set[str] = set()
         # fields read as IP addresses (locals i_X)
         self.ip_fields: set[str] = set()
+        # list fields read NUL-joined as they are (locals k_X)
+        self.raw_joined_fields: set[str] = set()
 
     @property
     def fields(self) -> str:
         """Code giving the FieldDict that compiled closures take: the matcher's argument, or
         with getters (where the matcher takes the event) one made on first use."""
         return "f" if self.getters is None else _lazy("f", "_F(e)")
+
+    def raw_joined(self, name: str) -> str | None:
+        """Code giving a list field's elements NUL-joined as they are (k_X), or None when
+        the matcher reads no event (no getters) or the field has no such form."""
+        getter = self.getters.get(name) if self.getters is not None else None
+        joined = RAW_JOINED.get(getter) if getter is not None else None
+        if joined is None:
+            return None
+        self.raw_joined_fields.add(name)
+        return self.lazy(f"k_{name}", self.read(joined))
 
     def ip(self, name: str) -> str:
         """Code giving the field as FieldDict.ip gives it, parsed once per event."""
@@ -848,6 +884,7 @@ class _Regex(Node):
             if s != self.needles and 1 < len(s) <= 4 and all(s)
         ]  # fmt: skip
         self.min_width = _min_width(self.rx)
+        self.spread = _element_search(self.rx) if name in LIST_FIELDS else None
         self.value_test = _regex_value_test(self.rx)
         self.test = _regex_test(name, value)
 
@@ -857,6 +894,11 @@ class _Regex(Node):
             raw = ctx.lazy(f"r_{self.name}", ctx.load(f"r_{self.name}"))
             test = f"{ctx.const(self.value_test)}({raw})"
             fold = bool(self.rx.flags & re.IGNORECASE)
+            search = self.spread.search if self.spread is not None else None
+            spread = ctx.raw_joined(self.name) if search is not None else None
+            if spread is not None:  # one search over all the elements before one per element
+                test = f"{spread} is not None and {ctx.const(search)}({spread}) is not None " \
+                       f"and {test}"  # fmt: skip
             if (
                 self.name in LIST_FIELDS
                 and self.needles
@@ -869,7 +911,7 @@ class _Regex(Node):
                 joined = ctx.lazy(var, ctx.load(var))
                 lowered = {n.lower() for n in self.needles}
                 return f"({joined} is not None and {ctx.contains_any(var, lowered)} and {test})"
-            return test
+            return f"({test})"
         fold = bool(self.rx.flags & re.IGNORECASE)
         if fold:  # matching the lowered text ignoring case is the same match
             ctx.low_fields.add(self.name)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from detect.engine import Engine
@@ -204,3 +204,32 @@ def test_argv_texts_from_joined_bytes_equal_joining_the_decoded_args(argv: list[
     decoded = [a.decode("utf-8", "backslashreplace") for a in argv]
     assert command_line(argv) == " ".join(decoded)
     assert lower_joined(argv) == _joined(_lower(decoded))
+
+
+_OPTION_REGEXES = [r"^-[a-zA-Z]*c$", r"^-[46AaCfGgKkMNnqsTtVvXxYy]*R", r"^--?(e|exec)$", r"x\d+",
+                   r"^/dev/(tcp|udp)/", r"(^|/)sh$", r"\bsh$"]  # fmt: skip
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(st.text(alphabet="-abcRxE/dv:tcpu0123\n\0 ", max_size=7), max_size=5),
+       st.sampled_from(_OPTION_REGEXES), st.booleans())  # fmt: skip
+@example(["ls", "-xc\n"], r"^-[a-zA-Z]*c$", False)  # $ before a final newline
+@example(["a-R", "-4R"], r"^-[46AaCfGgKkMNnqsTtVvXxYy]*R", True)
+def test_one_search_over_the_joined_argv_never_misses_an_element_match(
+    args: list[str], pattern: str, fold: bool
+) -> None:
+    """_element_search prefilters a per-element |re over Argv with one search of the
+    NUL-joined arguments: whenever an element matches, the joined text must too (it may
+    match more: the per-element test decides)."""
+    import re  # noqa: PLC0415
+
+    from detect.fields import nul_joined  # noqa: PLC0415
+    from detect.sigma import _element_search  # noqa: PLC0415
+
+    rx = re.compile(pattern, re.IGNORECASE if fold else 0)
+    spread = _element_search(rx)
+    if spread is None:  # an anchor inside: not rewritten, the per-element test runs alone
+        assert pattern == r"(^|/)sh$"
+        return
+    if any(rx.search(a) for a in args):
+        assert spread.search(nul_joined([a.encode() for a in args])) is not None
