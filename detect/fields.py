@@ -161,6 +161,21 @@ ALWAYS_STR: set[Getter] = set()
 ALWAYS_LOWER: set[Getter] = set()
 
 
+def _text(of: str) -> str:
+    """The expression decoding bytes `of` as text() does."""
+    return f'{of}.decode("utf-8", "backslashreplace")'
+
+
+def _joined(of: str, sep: str, lower: bool = False) -> str:
+    """The expression for command_line(of) (sep " "), nul_joined(of) (sep "\\0") or, with
+    lower, lower_joined(of): the functions' bodies, so that generated code spends no call.
+    `of` must be cheap to evaluate twice (an attribute)."""
+    if sep == " ":
+        return _text(f'b" ".join({of})')
+    joined = f'("\\0" + {_text(f"b{sep!r}.join({of})")} + "\\0")'
+    return f'({joined}{".lower()" if lower else ""} if {of} else "")'
+
+
 def _x(source: str, form: str = "") -> Getter:
     """A getter from its expression; form "str" (always str) or "low" (always lowercase)."""
     getter: Getter = eval(f"lambda e: {source}", EXPR_SCOPE)  # noqa: S307 - our own source
@@ -174,7 +189,7 @@ def _x(source: str, form: str = "") -> Getter:
 
 # Network events carry the process's current argv and parent from the process table.
 COMMON_GETTERS: dict[str, Getter] = {
-    "Image": _x("text(e.process.exe)"),
+    "Image": _x(_text("e.process.exe")),
     "CommandLine": _x("command_line(_argv(e))"),
     "Argv": _x('[a.decode("utf-8", "backslashreplace") for a in _argv(e)]'),
     "ProcessId": _x("e.process.pid"),
@@ -184,7 +199,7 @@ COMMON_GETTERS: dict[str, Getter] = {
     "AncestorImages": _x("[text(a.exe) for a in e.process.ancestry]"),
     "User": _x("e.process.user or str(e.process.uid)"),
     "Uid": _x("e.process.uid"),
-    "Comm": _x("text(e.process.comm)"),
+    "Comm": _x(_text("e.process.comm")),
     "Sandbox": _x("e.sandbox", "str"),
     "ContainerId": _x("e.container_id", "str"),
     "CgroupPath": _x("e.cgroup_path", "str"),
@@ -197,24 +212,24 @@ EXEC_ARGV = _x('[a.decode("utf-8", "backslashreplace") for a in e.argv]')
 # for generated matchers (detect.sigma.CodeContext.load).
 LOWER_JOINED: dict[Getter, Getter] = {
     COMMON_GETTERS["Argv"]: _x("lower_joined(_argv(e))"),
-    EXEC_ARGV: _x("lower_joined(e.argv)"),
+    EXEC_ARGV: _x(_joined("e.argv", "\0", lower=True)),
 }
 
 # ... and to the field's elements decoded and NUL-joined as they are (nul_joined)
 RAW_JOINED: dict[Getter, Getter] = {
     COMMON_GETTERS["Argv"]: _x("nul_joined(_argv(e))"),
-    EXEC_ARGV: _x("nul_joined(e.argv)"),
+    EXEC_ARGV: _x(_joined("e.argv", "\0")),
 }
 
 GETTERS: dict[type, dict[str, Getter]] = {
     ExecEvent: {
         **COMMON_GETTERS,
-        "CommandLine": _x("command_line(e.argv)"),
+        "CommandLine": _x(_joined("e.argv", " ")),
         "Argv": EXEC_ARGV,
-        "ParentImage": _x("text(e.parent_exe)"),
-        "ParentCommandLine": _x("command_line(e.parent_argv)"),
-        "CurrentDirectory": _x("text(e.cwd)"),
-        "OriginalFileName": _x("text(e.filename)"),
+        "ParentImage": _x(_text("e.parent_exe")),
+        "ParentCommandLine": _x(_joined("e.parent_argv", " ")),
+        "CurrentDirectory": _x(_text("e.cwd")),
+        "OriginalFileName": _x(_text("e.filename")),
         "ArgvCount": _x("len(e.argv)"),
         "ArgvTruncated": _x('"true" if e.argv_truncated else "false"', "low"),
         "Fileless": _x('"true" if e.fileless else "false"', "low"),

@@ -204,6 +204,18 @@ def test_argv_texts_from_joined_bytes_equal_joining_the_decoded_args(argv: list[
     decoded = [a.decode("utf-8", "backslashreplace") for a in argv]
     assert command_line(argv) == " ".join(decoded)
     assert lower_joined(argv) == _joined(_lower(decoded))
+    # and the expressions generated matchers inline for an exec event say the same
+    import msgspec.structs  # noqa: PLC0415
+
+    from detect.fields import EXEC_ARGV, GETTERS, LOWER_JOINED, RAW_JOINED  # noqa: PLC0415
+
+    base = event_from_fields("process_creation", {"ProcessId": 1})
+    event = msgspec.structs.replace(base, argv=argv, parent_argv=argv)
+    getters = GETTERS[type(event)]
+    assert getters["CommandLine"](event) == getters["ParentCommandLine"](event) == " ".join(decoded)
+    assert getters["Argv"](event) == decoded
+    assert LOWER_JOINED[EXEC_ARGV](event) == _joined(_lower(decoded))
+    assert RAW_JOINED[EXEC_ARGV](event) == _joined(decoded)
 
 
 _OPTION_REGEXES = [r"^-[a-zA-Z]*c$", r"^-[46AaCfGgKkMNnqsTtVvXxYy]*R", r"^--?(e|exec)$", r"x\d+",
