@@ -10,14 +10,17 @@ switches it off, so imports, rule loading and compilation are not counted.
     python -m bench.instructions                  # every target
     python -m bench.instructions --only service   # targets whose name contains "service"
 
-Targets: the engine (Engine.feed, built-in pack, egress allow-list on) per event kind, and
-the service's in-process path (decode_batch on 500-event msgpack batches, then
-Ingest.handle), on the mix bench/service.py sends. Needs valgrind (apt-get install valgrind).
+Targets: the engine (Engine.feed, built-in pack, egress allow-list on) per event kind; the
+service's in-process path (decode_batch on 500-event msgpack batches, then Ingest.handle);
+and the whole service over HTTP (its aiohttp application on a local port, posted to by a
+client process that valgrind does not trace), on the mix bench/service.py sends. Needs
+valgrind (apt-get install valgrind).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import os
 import re
@@ -32,7 +35,7 @@ from bench import Row, print_table
 
 ROOT = Path(__file__).resolve().parent.parent
 KINDS = ("ExecEvent", "ConnectEvent", "BindEvent", "ListenEvent")
-TARGETS = (*(f"engine:{k}" for k in KINDS), "engine:mix", "service")
+TARGETS = (*(f"engine:{k}" for k in KINDS), "engine:mix", "service", "service:http")
 EVENTS = 2000  # events of the mix each target draws from
 PASSES = 2  # measured passes over them
 
@@ -55,6 +58,10 @@ def child(target: str) -> None:
     rules = load_paths([ROOT / "rules"])
     egress = EgressPolicies.parse(["0.0.0.0/0", "::/0"])
     events = mix(0, EVENTS)
+    if target == "service:http":
+        ingest = Ingest(rules, engine_factory=lambda r: Engine(r, egress))
+        print(f"events {asyncio.run(_over_http(ingest))}")
+        return
     if target == "service":
         hosts = [[msgspec.structs.replace(e, host=f"host-{i}") for e in events[i::4]]
                  for i in range(4)]  # fmt: skip
@@ -90,6 +97,66 @@ def child(target: str) -> None:
     print(f"events {n}")
 
 
+async def _over_http(ingest: object) -> int:
+    """Serve the service's application on a local port; a client process posts the batches
+    (warm-up first, then the counted ones). The events counted."""
+    from aiohttp import web  # noqa: PLC0415
+
+    from service.app import make_app  # noqa: PLC0415
+
+    runner = web.AppRunner(make_app(ingest, None))  # type: ignore[arg-type]
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    client = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.instructions", "--client", str(port), cwd=ROOT,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    if client.stdin is None or client.stdout is None:
+        raise RuntimeError("the client process has no pipes")
+    await client.stdout.readline()  # warmed up
+    gc.collect()
+    gc.freeze()
+    _counting(True)
+    client.stdin.write(b"go\n")
+    await client.stdin.drain()
+    events = int((await client.stdout.readline()).decode())
+    _counting(False)
+    await client.wait()
+    await runner.cleanup()
+    return events
+
+
+def client(port: int) -> None:
+    """Posts to the service under count (not traced itself): the mix, 500-event batches."""
+    import http.client  # noqa: PLC0415
+
+    from bench.service import batch_body, encoded_events, mix  # noqa: PLC0415
+
+    events = mix(0, EVENTS)
+    bodies = [encoded_events(events[i : i + 500], "msgpack") for i in range(0, EVENTS, 500)]
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    seq = 0
+
+    def post_all() -> int:
+        nonlocal seq
+        for body in bodies:
+            conn.request("POST", "/v1/batches", batch_body("c", seq, body, "msgpack"),
+                         {"Content-Type": "application/msgpack"})  # fmt: skip
+            resp = conn.getresponse()
+            resp.read()
+            if resp.status != 200:
+                raise RuntimeError(f"service answered {resp.status}")
+            seq += 1
+        return len(events)
+
+    post_all()
+    print("warm", flush=True)
+    sys.stdin.readline()
+    print(sum(post_all() for _ in range(PASSES)), flush=True)
+
+
 def measure(target: str) -> tuple[int, int]:
     """(instructions, events) of one target, each in its own callgrind run."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -113,7 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--only", default="", help="targets whose name contains this")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--client", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.client:
+        client(args.client)
+        return 0
     if args.child:
         child(args.child)
         return 0
