@@ -207,7 +207,7 @@ class OutputGate:
         finished it (falling behind). Forgets the points of earlier batches."""
         out: dict[str, list[int] | None] = {}
         for o in self.outputs:
-            point = o.points.get(ticket)
+            point = o.point_at(ticket)
             if o.path != "-":
                 out[str(Path(o.path).resolve())] = list(point) if point else None
             o.forget_points(ticket)

@@ -136,9 +136,12 @@ class Output:
         # Batch marks (see mark()): items are numbered as they enter the queue
         self._accepted = 0  # items enqueued so far
         self._finished = 0  # of those, items written or dropped
-        self._marks: deque[tuple[int, int]] = deque()  # (ticket, items before its end)
+        # [first ticket, last ticket, items before their end]: batches that brought this
+        # output nothing share their predecessor's end, so a stuck output holds one entry
+        self._marks: deque[list[int]] = deque()
         self.resolved = 0  # the last ticket whose items are all finished
-        self.points: dict[int, Point | None] = {}  # ticket -> where its items end
+        # (first ticket, last ticket, where their items end), oldest first
+        self._points: deque[tuple[int, int, Point | None]] = deque()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} what={self.what} schema={self.schema_name}>"
@@ -171,17 +174,31 @@ class Output:
     def mark(self, ticket: int) -> None:
         """Note that everything of batch `ticket` has been submitted. Once the output has
         finished those items (and all before them), `resolved` reaches ticket and, for a
-        file, points[ticket] says where in which file they end. The sender never writes
+        file, point_at(ticket) says where in which file they end. The sender never writes
         past a mark in one go, so that the point is exact."""
-        self._marks.append((ticket, self._accepted))
+        marks = self._marks
+        if marks and marks[-1][2] == self._accepted:
+            marks[-1][1] = ticket
+        else:
+            marks.append([ticket, ticket, self._accepted])
         self._resolve_marks()
 
     def _resolve_marks(self) -> None:
         marks = self._marks
-        while marks and marks[0][1] <= self._finished:
-            ticket, _ = marks.popleft()
-            self.resolved = ticket
-            self.points[ticket] = self.point()
+        while marks and marks[0][2] <= self._finished:
+            first, last, _ = marks.popleft()
+            self.resolved = last
+            self._points.append((first, last, self.point()))
+
+    def point_at(self, ticket: int) -> Point | None:
+        """Where the items of batch `ticket` (and all before) end; None if not finished (or
+        forgotten, or an output that cannot say)."""
+        for first, last, point in reversed(self._points):
+            if first <= ticket <= last:
+                return point
+            if last < ticket:
+                break
+        return None
 
     def point(self) -> Point | None:
         """Where this output's finished items end now, if it can take back what lies beyond
@@ -189,8 +206,9 @@ class Output:
         return None
 
     def forget_points(self, below: int) -> None:
-        for ticket in [t for t in self.points if t < below]:
-            del self.points[ticket]
+        points = self._points
+        while points and points[0][1] < below:
+            points.popleft()
 
     def depth(self) -> int:
         """Items waiting in the queue or being delivered now."""
@@ -246,7 +264,7 @@ class Output:
             batch = [item]
             limit = self.batch  # never past the next batch mark: see mark()
             if self._marks:
-                limit = min(limit, self._marks[0][1] - self._finished)
+                limit = min(limit, self._marks[0][2] - self._finished)
             while len(batch) < limit and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             self._inflight = self._render(batch)

@@ -136,3 +136,31 @@ def test_take_back_leaves_files_it_cannot_place(tmp_path: Path) -> None:
     shorter = {str(path): [st.st_dev, st.st_ino, 100]}
     assert "shorter" in take_back([jsonl(path)], shorter)[0]
     assert path.read_bytes() == b"one\ntwo\n"
+
+
+@pytest.mark.asyncio
+async def test_a_stuck_output_holds_one_mark_however_many_batches_pass(tmp_path: Path) -> None:
+    """While a file output cannot keep up (its queue full, items dropped and counted), every
+    batch still marks it: marks of batches that brought it nothing share one entry, so its
+    memory does not grow with time; once it catches up, each of those batches' points is
+    the file's end."""
+    path = tmp_path / "events.jsonl"
+    out = jsonl(path, queue=5)
+    gate = OutputGate([out], wait=60.0)
+    for pid in range(8):  # the sender is not running: 5 queued, 3 dropped
+        gate.submit(exec_event(pid))
+    gate.end_batch(1)
+    for ticket in range(2, 1001):
+        gate.submit(exec_event(ticket))  # dropped: the queue is full
+        gate.end_batch(ticket)
+    assert len(out._marks) == 1 and out.stats.dropped["queue_full"] == 3 + 999
+    await out.start()
+    try:
+        async with asyncio.timeout(30):
+            await gate.settle(1000)
+    finally:
+        await out.aclose(1.0)
+    st = path.stat()
+    end = [st.st_dev, st.st_ino, st.st_size]
+    assert out.resolved == 1000 and len(path.read_text().splitlines()) == 5
+    assert gate.points(1) == gate.points(500) == gate.points(1000) == {str(path): end}
