@@ -337,8 +337,9 @@ def rss_kib(pid: int) -> int:
 
 def watch_memory_service_down(exe: Path, sandbox: cgroups.SandboxCgroup) -> list[Row]:
     """A real `sandtrace watch --server --alerts-only` (as deploy/ runs it) whose service never
-    answers, at 20,000 events/s for 30 s: its resident memory stays flat (1 MiB of batches in
-    memory, the rest to a 32 MiB spool, then the oldest spooled batches discarded, counted)."""
+    answers, at 20,000 events/s for a minute: its resident memory stays flat (1 MiB of
+    batches in memory, the rest to a 32 MiB spool, then the oldest spooled batches
+    discarded, counted)."""
     with tempfile.TemporaryDirectory() as spool:
         with socket.socket() as s:  # a port nothing listens on
             s.bind(("127.0.0.1", 0))
@@ -355,7 +356,7 @@ def watch_memory_service_down(exe: Path, sandbox: cgroups.SandboxCgroup) -> list
         try:
             proc.stderr.readline()  # "watching ...": the probes are attached
             load = threading.Thread(
-                target=micro, args=(exe, "connect-rate", 600_000, 20_000),
+                target=micro, args=(exe, "connect-rate", 1_200_000, 20_000),
                 kwargs={"sandbox": sandbox}, daemon=True)  # fmt: skip
             load.start()
             while load.is_alive():
@@ -371,7 +372,7 @@ def watch_memory_service_down(exe: Path, sandbox: cgroups.SandboxCgroup) -> list
     steady = samples[len(samples) // 3 :]
     return [
         (
-            "watch RSS, service down, 20,000/s for 30 s (MB)",
+            "watch RSS, service down, 20,000/s for 60 s (MB)",
             f"{samples[0] / 1024:.0f}",
             f"{max(steady) / 1024:.0f}",
             f"first s vs max of the last 2/3; spool {spooled / 2**20:.0f} MiB of 32, "
