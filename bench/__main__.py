@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shlex
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import Row, print_table
-from bench.service import service_ingest
+from bench.service import free_port, service_ingest
 from collector import cgroups
 from collector import records as R
 from collector.assemble import Assembler, Scope
@@ -381,6 +382,89 @@ def watch_memory_service_down(exe: Path, sandbox: cgroups.SandboxCgroup) -> list
     ]
 
 
+def service_latency(exe: Path, sandbox: cgroups.SandboxCgroup) -> list[Row]:
+    """From the syscall on the sandboxed host to the alert in the service's output file, at
+    1,000 events per second: a real `sandtrace serve` (the bench rule, alerting on every
+    connect, folding off, alerts to a JSON-lines file) fed by a real `sandtrace watch
+    --server` tracing the sandbox, where a process connects once a millisecond for 3 s. Each
+    alert's latency is when its line appears in the file (polled every millisecond) minus the
+    alert's syscall time; both clocks are this host's."""
+    n = 3000
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        (work / "rules").mkdir()
+        (work / "rules" / "bench.yml").write_text(BENCH_RULE)
+        token = work / "token"
+        token.write_text("bench-token\n")
+        alerts = work / "alerts.jsonl"
+        conf = work / "service.toml"
+        conf.write_text(
+            f'[detection]\nrules = ["{work / "rules"}"]\nbuiltin_rules = false\n'
+            f'fold_seconds = 0\n\n[[output]]\ntype = "jsonl"\npath = "{alerts}"\n'
+            'what = "alerts"\n'
+        )
+        port = free_port()
+        cmd = [sys.executable, "-m", "collector.cli"]
+        serve = subprocess.Popen(
+            [*cmd, "serve", "--config", str(conf), "--listen", f"127.0.0.1:{port}",
+             "--token-file", str(token)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=HERE.parent,
+        )  # fmt: skip
+        watch = None
+        lat: list[int] = []
+        try:
+            _wait_for_line(serve, "serving on")
+            watch = subprocess.Popen(
+                [*cmd, "watch", "--no-tail", "--cgroup", str(sandbox.path), "--server",
+                 f"http://127.0.0.1:{port}", "--server-token-file", str(token), "--no-spool"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=HERE.parent,
+            )  # fmt: skip
+            _wait_for_line(watch, "watching")
+            progress(f"latency through the service: {n} connects, one per millisecond")
+            load = subprocess.Popen([str(exe), "connect-every-ms", str(n)],
+                                    stdout=subprocess.DEVNULL,
+                                    preexec_fn=sandbox.join)  # noqa: PLW1509  # fmt: skip
+            alerts.touch()
+            with alerts.open("rb") as f:
+                rest = b""
+                deadline = None
+                while len(lat) < n:
+                    chunk = f.read()
+                    seen = time.time_ns()
+                    if chunk:
+                        *lines, rest = (rest + chunk).split(b"\n")
+                        lat += [seen - json.loads(line)["time_ns"] for line in lines if line]
+                    if deadline is None and load.poll() is not None:
+                        deadline = time.monotonic() + 30
+                    if deadline is not None and time.monotonic() > deadline:
+                        break  # what has not arrived by now is reported as missing
+                    time.sleep(0.001)
+        finally:
+            for proc in (watch, serve):
+                if proc is not None:
+                    proc.send_signal(signal.SIGTERM)
+                    proc.wait(timeout=60)
+    lat.sort()
+    return [(
+        "syscall->alert via the service, p50 / p99 (ms)", "",
+        f"{lat[len(lat) // 2] / 1e6:.1f} / {lat[int(len(lat) * 0.99)] / 1e6:.1f}",
+        f"{len(lat)} of {n} alerts; 1,000/s; target p99 < 100",
+    )]  # fmt: skip
+
+
+def _wait_for_line(proc: subprocess.Popen[str], text: str) -> None:
+    """Read proc's stderr until a line holds `text`; RuntimeError if it ends first."""
+    if proc.stderr is None:
+        raise RuntimeError("started without a pipe")
+    seen = ""
+    while text not in seen:
+        line = proc.stderr.readline()
+        if not line:
+            raise RuntimeError(f"{proc.args!r} ended before saying {text!r}: {seen[-2000:]}")
+        seen += line
+    threading.Thread(target=proc.stderr.read, daemon=True).start()  # never block on a full pipe
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
@@ -415,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows += detection(exe, features, sandbox)
             if "service" in only:
                 rows += service_ingest()
+                rows += service_latency(exe, sandbox)
         finally:
             sandbox.destroy()
 

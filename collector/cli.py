@@ -121,6 +121,14 @@ def _common_args(p: argparse.ArgumentParser) -> None:
         help="one POST per batch (default), or one WebSocket for all of them",
     )
     p.add_argument(
+        "--server-linger",
+        type=float,
+        default=0.05,
+        metavar="SECONDS",
+        help="send a batch once its first event is this old, if it has not filled (500 "
+        "events) before; default 0.05",
+    )
+    p.add_argument(
         "--spool-dir",
         metavar="DIR",
         type=Path,
@@ -296,9 +304,12 @@ def _stream(args: argparse.Namespace) -> list[Sink]:
     spool = args.spool_dir
     if spool is None and args.command == "watch":
         spool = DEFAULT_SPOOL  # a long-running collector; a run is one command's life
+    if not 0 < args.server_linger <= 60:
+        raise SystemExit("sandtrace: --server-linger is a number of seconds above 0, at most 60")
     try:
         return [StreamSink(args.server, token, ca_file=args.server_ca_file,
                            insecure=args.insecure, transport=args.server_transport,
+                           linger=args.server_linger,
                            spool_dir=None if args.no_spool else spool,
                            spool_bytes=args.spool_max << 20)]  # fmt: skip
     except ValueError as exc:

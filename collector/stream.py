@@ -117,7 +117,7 @@ class StreamSink:
         token: str | None = None,
         *,
         batch_events: int = 500,
-        linger: float = 0.2,
+        linger: float = 0.05,
         memory_bytes: int | None = None,
         spool_dir: Path | None = None,
         spool_bytes: int = 256 << 20,

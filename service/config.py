@@ -13,6 +13,8 @@
     rules = ["/etc/sandtrace/rules"]     # added to the built-in pack
     builtin_rules = true
     egress_allow = ["10.0.0.0/8", "sandbox-7=192.0.2.0/24:443"]
+    fold_seconds = 60                    # repeats of a rule for one process within this
+                                         # span are one alert with a count (0: each alone)
 
     [tail]
     enabled = true
@@ -56,6 +58,7 @@ class ServiceConfig:
     rules: list[str] = field(default_factory=list)
     builtin_rules: bool = True
     egress_allow: list[str] = field(default_factory=list)
+    fold_seconds: float = 60.0
     tail: bool = True
     tail_queue: int = 10_000
     tail_clients: int = 64
@@ -89,6 +92,7 @@ _SECTIONS: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
         "rules": ("rules", list),
         "builtin_rules": ("builtin_rules", bool),
         "egress_allow": ("egress_allow", list),
+        "fold_seconds": ("fold_seconds", (int, float)),
     },
     "tail": {
         "enabled": ("tail", bool),
@@ -167,6 +171,8 @@ def check(cfg: ServiceConfig) -> list[str]:
     host, _port = cfg.host_port
     if cfg.read_timeout <= 0:
         raise ConfigError("server.read_timeout must be positive")
+    if cfg.fold_seconds < 0:
+        raise ConfigError("detection.fold_seconds must be 0 (every alert alone) or more")
     if cfg.tail_queue <= 0:
         raise ConfigError("tail.queue must be positive")
     if cfg.tail_clients <= 0:

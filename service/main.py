@@ -331,7 +331,7 @@ async def serve(args: argparse.Namespace) -> int:
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
     ingest = Ingest(rules, on_alert=on_alert, on_batch=on_batch, state_dir=state,
-                    engine_factory=lambda r: Engine(r, egress))  # fmt: skip
+                    engine_factory=lambda r: Engine(r, egress, cfg.fold_seconds))  # fmt: skip
     if ingest.state is not None:  # before the files open: see OutputGate
         _say(take_back(outputs, ingest.state.outputs))
     app = make_app(ingest, token, cfg.read_timeout, tail=hub, extra_metrics=output_metrics,

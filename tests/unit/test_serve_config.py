@@ -76,6 +76,7 @@ what = "alerts"
     ("[server]\ntls_cert = \"/nonexistent.pem\"\n", "tls_cert and server.tls_key go together"),
     ("[detection]\negress_allow = [\"not-a-net\"]\n", "detection.egress_allow"),
     ("[detection]\nrules = [\"/nonexistent/rules\"]\n", "detection.rules: /nonexistent/rules"),
+    ("[detection]\nfold_seconds = -1\n", "detection.fold_seconds must be 0"),
     ("[[output]]\ntype = \"carrier-pigeon\"\n", "output"),
     ("server = [\n", "not valid TOML"),
 ])  # fmt: skip
@@ -97,10 +98,10 @@ def test_command_line_overrides_the_file(tmp_path: Path) -> None:
 
 def test_config_keys_land_where_they_should(tmp_path: Path) -> None:
     conf = write(tmp_path / "s.toml", '[server]\nread_timeout = 5\n[tail]\nqueue = 7\n'
-                 'clients = 3\n[detection]\nbuiltin_rules = false\n')  # fmt: skip
+                 'clients = 3\n[detection]\nbuiltin_rules = false\nfold_seconds = 0\n')  # fmt: skip
     cfg = load(conf)
-    assert (cfg.read_timeout, cfg.tail_queue, cfg.tail_clients, cfg.builtin_rules) == (
-        5.0, 7, 3, False)  # fmt: skip
+    assert (cfg.read_timeout, cfg.tail_queue, cfg.tail_clients, cfg.builtin_rules,
+            cfg.fold_seconds) == (5.0, 7, 3, False, 0)  # fmt: skip
     with pytest.raises(ConfigError, match="cannot load"):
         tls_context(ServiceConfig(tls_cert=str(conf), tls_key=str(conf)))
     assert check(ServiceConfig()) == [
@@ -228,3 +229,35 @@ def test_an_event_the_engine_fails_on_is_counted_and_the_batch_goes_on() -> None
     assert ingest.handle("c", 0, miners)
     assert ingest.stats.rejected == {"unprocessable_event": 1}
     assert sorted(set(seen)) == [0, 2]  # the events around the bad one were detected
+
+
+@pytest.mark.parametrize(("fold", "expected"), [(None, 1), (0, 3)])
+def test_fold_seconds_decides_whether_repeats_are_one_alert(
+    tmp_path: Path, fold: int | None, expected: int
+) -> None:
+    """Three miner execs of one process: each rule they match alerts once under the default
+    60 s fold (the repeats summed at shutdown), three times with detection.fold_seconds = 0."""
+    import json  # noqa: PLC0415
+    from collections import Counter  # noqa: PLC0415
+
+    from service.wire import encode_batch  # noqa: PLC0415
+
+    alerts = tmp_path / "alerts.jsonl"
+    setting = "" if fold is None else f"[detection]\nfold_seconds = {fold}\n"
+    conf = write(tmp_path / "s.toml", setting)
+    miners = [event_from_fields("process_creation", {
+        "Image": "/tmp/x", "ProcessId": 7, "CommandLine": "x -o stratum+tcp://192.0.2.1:3333"})
+        for _ in range(3)]  # fmt: skip
+    with serving(["--config", str(conf), "--alerts", str(alerts)]) as svc:
+        request = urllib.request.Request(  # noqa: S310 - the test's own service
+            f"{svc.url}/v1/batches",
+            method="POST",
+            data=encode_batch("c1", 0, miners),
+            headers={"Content-Type": "application/msgpack"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as resp:  # noqa: S310
+            assert resp.status == 200
+        assert svc.stop() == 0
+    docs = [json.loads(line) for line in alerts.read_text().splitlines()]
+    per_rule = Counter(d["rule_id"] for d in docs if not d["repeat"])
+    assert per_rule and set(per_rule.values()) == {expected}, per_rule
