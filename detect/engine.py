@@ -8,7 +8,6 @@ process into a single alert with a count.
 
 from __future__ import annotations
 
-import ast
 import bisect
 import ipaddress
 import itertools
@@ -22,7 +21,7 @@ from typing import Any, Protocol
 import msgspec.structs
 
 from collector.events import Alert, AnyEvent, ConnectEvent, Event
-from detect.fields import ALWAYS_LOWER, EXPR_SCOPE, GETTERS, INLINE, category_of_type
+from detect.fields import CONSTANT, GETTERS, category_of_type
 from detect.sigma import CodeContext, Correlation, Rule, RuleSet, ip_int
 
 EGRESS_RULE_ID = "sandtrace-egress-allow-list"
@@ -227,9 +226,8 @@ class Engine:
                     self._raise(out, rule, rule.description, event)  # type: ignore[arg-type]
                 for observe in correlations:
                     observe(out, event)  # type: ignore[arg-type]
-        egress = self.egress
-        if egress is not None and type(event) is ConnectEvent:
-            policy = egress.per_sandbox.get(event.sandbox, egress.default)
+        if self.egress is not None and type(event) is ConnectEvent:
+            policy = self.egress.policy_for(event.sandbox)
             if policy is not None and not policy.allows(event.daddr, event.dport):
                 where = f"{event.protocol} {event.daddr}:{event.dport}"
                 self._raise(out, EGRESS_RULE, f"{where} is not on the allow-list", event)
@@ -301,15 +299,12 @@ class Engine:
         value_of: Callable[[Any], Any],
     ) -> Callable[[list[Alert], Event], None]:
         """What a match of a correlated rule does: add the event to its window and alert when
-        the count is reached. value_count, what the built-in pack's correlations count (every
-        TCP connect, twice), gets a function of its own with the lookups done once; the other
-        kinds go through _correlate."""
-        if counting.corr.kind != "value_count":
-            correlate = self._correlate
-            return lambda out, event: correlate(out, counting, event, key_of(event),
-                                                value_of(event))  # fmt: skip
+        the count is reached. Every TCP connect passes here twice with the built-in pack
+        (value_count): the correlation's settings are bound once, the key and value read by
+        functions made for the event's type, and the rest is plain dict and deque work."""
         windows, window_ns, op, ref = self._windows, counting.window_ns, counting.op, counting.ref
-        fire = self._fire
+        kind, order, fire = counting.corr.kind, counting.corr.rules, self._fire
+        distinct, ordered = kind == "value_count", kind == "temporal_ordered"
 
         def observe(out: list[Alert], event: Event) -> None:
             key = key_of(event)
@@ -321,44 +316,24 @@ class Engine:
             entries, values = window.entries, window.values
             entries.append((now, value))
             values[value] = values.get(value, 0) + 1
+            if ordered:
+                window.place(value)
             if entries[0][0] < now - window_ns:
                 window.forget(now - window_ns)
-            if op is not None:
+            if op is None:
+                return
+            if distinct:
                 seen = len(values) - (None in values) - ("" in values)
-                if op(seen, ref):
-                    fire(out, counting, window, seen, event)
+            elif ordered:
+                seen = window.ordered_prefix(order)
+            elif kind == "temporal":
+                seen = len(values)
+            else:
+                seen = len(entries)
+            if op(seen, ref):
+                fire(out, counting, window, seen, event)
 
         return observe
-
-    def _correlate(self, out: list[Alert], counting: _Counting, event: Event,
-                   key: tuple[Any, ...], value: Any) -> None:  # fmt: skip
-        # Every kind of correlation; value_count matches take the same steps in _observer's
-        # own function. Plain dict and deque operations, the key and value read by functions
-        # made for the event's type.
-        corr = counting.corr
-        window = self._windows.get(key)
-        if window is None:
-            window = self._windows[key] = _Window()
-        now = event.time_ns
-        entries, values = window.entries, window.values
-        entries.append((now, value))
-        values[value] = values.get(value, 0) + 1
-        kind = corr.kind
-        if kind == "temporal_ordered":
-            window.place(value)
-        horizon = now - counting.window_ns
-        if entries[0][0] < horizon:
-            window.forget(horizon)
-        if kind == "value_count":
-            seen = len(values) - (None in values) - ("" in values)
-        elif kind == "temporal":
-            seen = len(values)
-        elif kind == "temporal_ordered":
-            seen = window.ordered_prefix(corr.rules)
-        else:
-            seen = len(entries)
-        if counting.op is not None and counting.op(seen, counting.ref):
-            self._fire(out, counting, window, seen, event)
 
     def _fire(self, out: list[Alert], counting: _Counting, window: _Window, seen: int,
               event: Event) -> None:  # fmt: skip
@@ -394,19 +369,11 @@ def _correlation_readers(
     corr: Correlation, counting: _Counting, getters: Mapping[str, Callable[[Any], Any]]
 ) -> tuple[Callable[[Any], tuple[Any, ...]], Callable[[Any], Any]]:
     """For one event type: a function giving an event's window key for `corr` (its id, then
-    the group-by fields), and one giving the value it counts; fields the type lacks are
-    None, as FieldDict gives them."""
-    scope: dict[str, Any] = {**EXPR_SCOPE, "CID": corr.id}
-    parts = []
-    for i, name in enumerate(counting.group_by):
-        getter = getters.get(name)
-        if getter is None:
-            parts.append("None")
-        elif getter in INLINE:
-            parts.append(f"({INLINE[getter]})")
-        else:
-            scope[f"G{i}"] = getter
-            parts.append(f"G{i}(e)")
+    the group-by fields, read as generated matchers read them), and one giving the value it
+    counts; fields the type lacks are None, as FieldDict gives them."""
+    ctx = CodeContext(getters)
+    parts = [ctx.read(getters[n]) if n in getters else "None" for n in counting.group_by]
+    scope = {**ctx.namespace(), "CID": corr.id}
     src = f"def key(e):\n    return (CID, {''.join(p + ', ' for p in parts)})\n"
     exec(compile(src, f"<correlation key {corr.id}>", "exec"), scope)  # noqa: S102 - our source
     if counting.field is not None:
@@ -568,10 +535,9 @@ def _holds(
     has one fixed value for the type (an Action or Initiated), None when it depends."""
     kind, var, key = atom
     getter = getters.get(var[2:]) if getters is not None and kind == "eq" else None
-    source = INLINE.get(getter) if getter in ALWAYS_LOWER else None
-    if source is None or not (source.startswith('"') and source.count('"') == 2):
+    if getter not in CONSTANT:
         return None
-    return bool(ast.literal_eval(source) == key)
+    return bool(CONSTANT[getter] == key)
 
 
 _OPS: dict[str, Callable[[int, int], bool]] = {

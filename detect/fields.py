@@ -108,9 +108,7 @@ def lower_joined(argv: list[bytes]) -> str:
     and after; "" for none), from the bytes in one decode and one lower(): lowering the whole
     is lowering each part, since NUL is neither cased nor case-ignorable (the final-sigma rule
     does not see across it)."""
-    if not argv:
-        return ""
-    return ("\0" + b"\0".join(argv).decode("utf-8", "backslashreplace") + "\0").lower()
+    return nul_joined(argv).lower()
 
 
 def category_of(event: AnyEvent) -> str | None:
@@ -159,6 +157,9 @@ INLINE: dict[Getter, str] = {}
 # other value goes through the general detect.sigma._lower.
 ALWAYS_STR: set[Getter] = set()
 ALWAYS_LOWER: set[Getter] = set()
+# Getters of a field that has one value for the whole event type (Action, Initiated): an
+# index entry on it holds for every event of the type or for none.
+CONSTANT: dict[Getter, str] = {}
 
 
 def _text(of: str) -> str:
@@ -174,6 +175,13 @@ def _joined(of: str, sep: str, lower: bool = False) -> str:
         return _text(f'b" ".join({of})')
     joined = f'("\\0" + {_text(f"b{sep!r}.join({of})")} + "\\0")'
     return f'({joined}{".lower()" if lower else ""} if {of} else "")'
+
+
+def _const(value: str) -> Getter:
+    """A getter of a fixed lowercase text."""
+    getter = _x(repr(value), "low")
+    CONSTANT[getter] = value
+    return getter
 
 
 def _x(source: str, form: str = "") -> Getter:
@@ -237,7 +245,7 @@ GETTERS: dict[type, dict[str, Getter]] = {
     },
     ConnectEvent: {
         **COMMON_GETTERS,
-        "Initiated": _x('"true"', "low"),
+        "Initiated": _const("true"),
         "Protocol": _x("e.protocol", "str"),
         "DestinationIp": _x("e.daddr", "str"),
         "DestinationPort": _x("e.dport"),
@@ -249,7 +257,7 @@ GETTERS: dict[type, dict[str, Getter]] = {
     },
     BindEvent: {
         **COMMON_GETTERS,
-        "Action": _x('"bind"', "low"),
+        "Action": _const("bind"),
         "Protocol": _x("e.protocol", "str"),
         "LocalIp": _x("e.addr", "str"),
         "LocalPort": _x("e.port"),
@@ -258,20 +266,20 @@ GETTERS: dict[type, dict[str, Getter]] = {
     },
     ListenEvent: {
         **COMMON_GETTERS,
-        "Action": _x('"listen"', "low"),
+        "Action": _const("listen"),
         "Protocol": _x("e.protocol", "str"),
         "LocalIp": _x("e.addr", "str"),
         "LocalPort": _x("e.port"),
-        "Outcome": _x('"success"', "low"),
+        "Outcome": _const("success"),
     },
     SocketEvent: {
         **COMMON_GETTERS,
-        "Action": _x('"held"', "low"),
+        "Action": _const("held"),
         "Protocol": _x("e.protocol", "str"),
         "LocalIp": _x("e.laddr", "str"),
         "LocalPort": _x("e.lport"),
         "State": _x("e.state", "str"),
-        "Outcome": _x('"success"', "low"),
+        "Outcome": _const("success"),
     },
 }
 """Per event type, how each Sigma field is read from the event (on demand: most rules read

@@ -449,11 +449,14 @@ def _regex(value: SigmaRegularExpression) -> re.Pattern[str]:
         raise RuleError(f"regular expression {str(value.regexp)!r}: {exc}") from None
 
 
-def _required_literals(rx: re.Pattern[str]) -> frozenset[str] | None:
+def _required_literals(
+    rx: re.Pattern[str], sets: list[frozenset[str]] | None = None
+) -> frozenset[str] | None:
     """Strings of which any match must contain at least one (lowercased when the pattern
-    ignores case), or None when the pattern guarantees none worth checking. A substring
-    test with these in C turns most events away before the regular expression runs."""
-    sets = _required_literal_sets(rx)
+    ignores case), or None when the pattern guarantees none worth checking: the best of
+    `sets` (by default the pattern's _required_literal_sets). A substring test with these in
+    C turns most events away before the regular expression runs."""
+    sets = _required_literal_sets(rx) if sets is None else sets
     return max(sets, key=lambda s: min(map(len, s))) if sets else None
 
 
@@ -873,8 +876,8 @@ class _Regex(Node):
     def __init__(self, name: str, value: SigmaRegularExpression) -> None:
         self.name = name
         self.rx = _regex(value)
-        self.needles = _required_literals(self.rx)
         sets = _required_literal_sets(self.rx)
+        self.needles = _required_literals(self.rx, sets)
         # single characters every match holds besides the needles: `in` tests, nearly free
         self.chars = sorted({next(iter(s)) for s in sets if len(s) == 1} - {""})
         # the other small sets of which every match holds one: `in` tests, before the

@@ -208,8 +208,8 @@ class OutputGate:
         out: dict[str, list[int] | None] = {}
         for o in self.outputs:
             point = o.point_at(ticket)
-            if o.path != "-":
-                out[str(Path(o.path).resolve())] = list(point) if point else None
+            if o.state_key is not None:
+                out[o.state_key] = list(point) if point else None
             o.forget_points(ticket)
         return out
 
@@ -219,12 +219,9 @@ def take_back(outputs: list[Any], saved: dict[str, Any]) -> list[str]:
     OutputGate); what was done, for the log."""
     notes = []
     for out in outputs:
-        if out.output_type != "jsonl" or out.path == "-":
+        if out.state_key not in saved:
             continue
-        path = str(Path(out.path).resolve())
-        if path not in saved:
-            continue
-        point = saved[path]
+        point = saved[out.state_key]
         if point is None:
             notes.append(
                 f"output {out.name}: it was behind when the last batch was "
@@ -385,6 +382,9 @@ def failpoint() -> Callable[[int, int], None] | None:
     if not spec.startswith("kill-before-commit:") or what not in ("alerts>", "ticket"):
         if spec:
             log.warning("unknown failpoint ignored", failpoint=spec)
+        return None
+    if not value.isdigit():
+        log.warning("failpoint without a number ignored", failpoint=spec)
         return None
     n = int(value)
     log.warning("failpoint armed: the service will kill itself", failpoint=spec)

@@ -205,6 +205,11 @@ class Output:
         (a file: its device, inode and size); None for stdout and the network."""
         return None
 
+    @property
+    def state_key(self) -> str | None:
+        """How the replay state names this output's file (None: no file to take back)."""
+        return None
+
     def forget_points(self, below: int) -> None:
         points = self._points
         while points and points[0][1] < below:
@@ -392,6 +397,10 @@ class JsonlOutput(Output):
         if self.path == "-" or self._fd is None:
             return None
         return (*self._ident, self._size)
+
+    @property
+    def state_key(self) -> str | None:
+        return None if self.path == "-" else str(Path(self.path).resolve())
 
     def take_back(self, point: Point) -> str | None:
         """Before the output opens: cut its file back to `point` (device, inode, size),
