@@ -28,15 +28,16 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import msgspec.structs
 
 from bench import Row, print_table
-from collector.events import AnyEvent
+from collector.events import AnyEvent, ExecEvent
 from collector.render import json_line
 from detect.testing import load_cases
-from service.wire import BATCH_VERSION
+from service.wire import BATCH_VERSION, encode_batch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -61,32 +62,51 @@ def pack_events() -> tuple[list[AnyEvent], list[AnyEvent]]:
 
 
 def mix(offset: int, count: int) -> list[AnyEvent]:
-    """`count` events of the engine bench's recorded mix, starting at `offset`."""
+    """`count` events of the engine bench's recorded mix, starting at `offset`.
+
+    Every exec event carries a process of its own, as a real one does (the process has just
+    taken a new image): the cases' processes differ in their tid, so a batch's process
+    table (service/wire.py) saves nothing on them. Connects, binds and listens share their
+    case's process, as one process's burst of them does. Process keys stay the cases', so
+    repeats fold as in the engine bench."""
     hostile, benign = pack_events()
-    return [
-        benign[i % len(benign)] if i % 10 else hostile[i % len(hostile)]
-        for i in range(offset, offset + count)
-    ]
+    events = []
+    for i in range(offset, offset + count):
+        event = benign[i % len(benign)] if i % 10 else hostile[i % len(hostile)]
+        if type(event) is ExecEvent:
+            process = msgspec.structs.replace(event.process, tid=_EXEC_TIDS + i)
+            event = msgspec.structs.replace(event, process=process)
+        events.append(event)
+    return events
+
+
+_EXEC_TIDS = 1 << 30  # above the cases' own, so that no exec's process equals another's
 
 
 def encoded_events(events: list[AnyEvent], fmt: str) -> bytes:
-    """The "events" value of a batch, encoded once; batch_body() puts a header before it."""
+    """What follows the header of a batch of `events` (encoded once; batch_body() puts a
+    header before it): the same bytes as encode_batch's."""
     if fmt == "json":
         return ("[" + ",".join(map(json_line, events)) + "]").encode()
-    from collector.events import to_row  # noqa: PLC0415
+    head = msgpack.packb(_head("", 0, fmt), use_bin_type=True)
+    whole = encode_batch("", 0, events)
+    if whole[1 : len(head)] != head[1:]:
+        raise AssertionError("encode_batch no longer starts with the header")
+    return whole[len(head) :]
 
-    packed: bytes = msgpack.packb([to_row(e) for e in events], use_bin_type=True)
-    return packed
+
+def _head(collector: str, seq: int, fmt: str) -> dict[str, Any]:
+    return {"v": 1 if fmt == "json" else BATCH_VERSION, "collector": collector, "seq": seq}
 
 
 def batch_body(collector: str, seq: int, events: bytes, fmt: str) -> bytes:
     """The same bytes as service.wire.encode_batch, from events already encoded."""
-    head = {"v": 1 if fmt == "json" else BATCH_VERSION, "collector": collector, "seq": seq}
+    head = _head(collector, seq, fmt)
     if fmt == "json":
         return json.dumps(head)[:-1].encode() + b', "events": ' + events + b"}"
     packed: bytes = msgpack.packb(head, use_bin_type=True)
-    # a fixmap of three entries becomes one of four: the events key and value follow
-    return bytes([packed[0] + 1]) + packed[1:] + msgpack.packb("events") + events
+    # a fixmap of three entries becomes one of five: processes and events follow
+    return bytes([packed[0] + 2]) + packed[1:] + events
 
 
 def client(argv: list[str]) -> int:

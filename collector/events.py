@@ -75,7 +75,13 @@ class Event(_Record, tag_field="kind"):
     cgroup_id: int
     cgroup_path: str
     container_id: str
-    process: Process
+    if typing.TYPE_CHECKING:
+        process: Process
+    else:
+        # In a batch (service/wire.py, version 3) an event's process is an index into the
+        # batch's table of processes until decode_batch puts the Process there; every
+        # other decoder refuses an index (see _no_index). Everywhere else it is a Process.
+        process: Process | int
 
 
 class ExecEvent(Event, tag="exec"):
@@ -240,7 +246,11 @@ def fields_of(cls: type) -> tuple[msgspec.structs.FieldInfo, ...]:
 
 _RECORDS: list[type[msgspec.Struct]] = [Process, AncestorRef, *EVENT_TYPES.values()]
 _FIELDS: dict[type, tuple[msgspec.structs.FieldInfo, ...]] = {
-    cls: msgspec.structs.fields(cls) for cls in _RECORDS
+    cls: tuple(  # an event's process is a Process outside a batch's decoder (see Event)
+        msgspec.structs.replace(f, type=Process) if f.type == Process | int else f
+        for f in msgspec.structs.fields(cls)
+    )
+    for cls in _RECORDS
 }
 _untagged = [c for c in EVENT_TYPES.values() if c.__struct_config__.tag != c.kind]
 if _untagged:  # the class attribute and the wire tag are one name
@@ -421,9 +431,18 @@ def _checked(row: list[Any], cls: type) -> Any:
     """The record `row` describes; msgpack in between, so that the checks are the wire
     decoder's own, as strict (no text for bytes, no bool for int)."""
     try:
-        return _DECODERS[cls].decode(msgpack.packb(row, use_bin_type=True))
+        record = _DECODERS[cls].decode(msgpack.packb(row, use_bin_type=True))
     except (msgspec.DecodeError, TypeError, ValueError, OverflowError) as exc:
         raise EventFormatError(explain_row_error(str(exc), row)) from None
+    refuse_process_index(record)
+    return record
+
+
+def refuse_process_index(event: Any) -> None:
+    """EventFormatError when an event's process is an index into a batch's table: only
+    service.wire.decode_batch, which has the table, may read one (see Event)."""
+    if getattr(event, "process", None).__class__ is int:
+        raise EventFormatError(f"{event.kind} event: process: Expected `array`, got `int`")
 
 
 _ALERT_EVENTS = 1 + [f.name for f in _FIELDS[Alert]].index("events")
@@ -456,6 +475,7 @@ def from_row(row: Any) -> AnyEvent:
         event: AnyEvent = _ROW_DECODER.decode(msgpack.packb(row, use_bin_type=True))
     except (msgspec.DecodeError, TypeError, ValueError, OverflowError) as exc:
         raise EventFormatError(explain_row_error(str(exc), row)) from None
+    refuse_process_index(event)
     return event
 
 

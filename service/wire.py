@@ -1,14 +1,20 @@
 """The batch wire format between collectors and the detection service.
 
 A batch is a map:
-    {"v": <batch version>, "collector": "<id>", "seq": <int>, "events": [...]}
-Version 2 (what collectors send, msgpack ``application/msgpack``): each event is a row,
-collector.events.to_row(): its kind, then its fields in order, bytes as bin. Version 1: each
-event is a map, collector.events.to_dict(), in msgpack or in JSON (``application/json``,
-bytes fields as strings the way collector.render.json_line writes them, read back with
-bytes_from_json); JSON batches are always version 1, the readable form for other producers.
-decode_batch() accepts any bytes and either returns the batch, every event's field types
-checked, or raises BadBatch with the HTTP status and a reason, whichever the format.
+    {"v": <batch version>, "collector": "<id>", "seq": <int>, "processes": [...],
+     "events": [...]}
+Version 3 (what collectors send, msgpack ``application/msgpack``): each event is a row,
+collector.events.to_row(): its kind, then its fields in order, bytes as bin; in place of its
+process, the index of that process in "processes", the batch's table of distinct processes
+(each a Process row). A process does many things in a burst, and its row (argv, ancestry) is
+most of an event's: sent once, a batch is smaller, and the service decodes, keeps and frees
+each process once. Version 2 is version 3 without the table, every event with its process
+inline. Version 1: each event is a map, collector.events.to_dict(), in msgpack or in JSON
+(``application/json``, bytes fields as strings the way collector.render.json_line writes
+them, read back with bytes_from_json); JSON batches are always version 1, the readable form
+for other producers. decode_batch() accepts any bytes and either returns the batch, every
+event's field types checked, or raises BadBatch with the HTTP status and a reason,
+whichever the format.
 """
 
 from __future__ import annotations
@@ -25,16 +31,18 @@ from collector.events import (
     AncestorRef,
     AnyEvent,
     EventFormatError,
+    LostEvent,
     Process,
     RowEvent,
     explain_row_error,
     fields_of,
     from_dict,
+    refuse_process_index,
 )
 from collector.render import bytes_from_json, json_line
 
-BATCH_VERSION = 2  # rows; version 1 (maps) is still read
-BATCH_VERSIONS = (1, 2)
+BATCH_VERSION = 3  # rows and a process table; versions 1 (maps) and 2 (rows) are still read
+BATCH_VERSIONS = (1, 2, 3)
 MAX_BATCH_BYTES = 8 << 20
 MAX_BATCH_EVENTS = 50_000
 CONTENT_TYPE = "application/msgpack"
@@ -55,21 +63,24 @@ class _Head(msgspec.Struct, gc=False):
     v: Any = None
     collector: Any = None
     seq: Any = None
+    processes: msgspec.Raw = msgspec.Raw()
     events: msgspec.Raw = msgspec.Raw()
 
 
 class _Batch(msgspec.Struct, gc=False):
-    """A well-formed version 2 batch, decoded in one pass (the usual case)."""
+    """A well-formed batch of rows, decoded in one pass (the usual case)."""
 
     v: int
     collector: str
     seq: int
     events: list[RowEvent]
+    processes: list[Process] = []
 
 
 _HEAD = msgspec.msgpack.Decoder(_Head)
 _BATCH = msgspec.msgpack.Decoder(_Batch)
 _ROWS = msgspec.msgpack.Decoder(list[RowEvent])
+_PROCESSES = msgspec.msgpack.Decoder(list[Process])
 _ENCODER = msgspec.msgpack.Encoder()
 
 
@@ -80,9 +91,33 @@ def encode_batch(collector: str, seq: int, events: list[AnyEvent], fmt: str = "m
         return f'{head[:-1]}, "events": [{",".join(map(json_line, events))}]}}'.encode()
     if fmt != "msgpack":
         raise ValueError(f"batch format {fmt!r}: msgpack or json")
-    # events encode as their rows (collector.events: a record's encoding is its row)
-    body = {"v": BATCH_VERSION, "collector": collector, "seq": seq, "events": events}
-    return _ENCODER.encode(body)
+    # Events encode as their rows (collector.events: a record's encoding is its row), each
+    # process replaced by its index in the table for the time of the encoding: the events
+    # are the caller's, and they are as they were when this returns.
+    table: dict[bytes, int] = {}  # a process's encoding -> its index
+    by_id: dict[int, int] = {}  # id() of a Process -> its index: events share their process
+    held: list[tuple[Any, Process]] = []
+    try:
+        for event in events:
+            process = getattr(event, "process", None)
+            if process is None or process.__class__ is int:
+                continue  # no process (a LostEvent), or an event listed twice and seen
+            index = by_id.get(id(process))
+            if index is None:
+                index = by_id[id(process)] = table.setdefault(_ENCODER.encode(process), len(table))
+            held.append((event, process))
+            event.process = index  # type: ignore[union-attr]
+        body = {
+            "v": BATCH_VERSION,
+            "collector": collector,
+            "seq": seq,
+            "processes": list(map(msgspec.Raw, table)),
+            "events": events,
+        }
+        return _ENCODER.encode(body)
+    finally:
+        for event, process in held:
+            event.process = process
 
 
 def decode_batch(body: bytes, content_type: str = CONTENT_TYPE) -> tuple[str, int, list[AnyEvent]]:
@@ -109,12 +144,13 @@ def decode_batch(body: bytes, content_type: str = CONTENT_TYPE) -> tuple[str, in
             and batch.seq >= 0
             and len(batch.events) <= MAX_BATCH_EVENTS
         ):
+            _place_processes(batch.events, batch.processes)
             return batch.collector, batch.seq, batch.events
         try:
             head = _HEAD.decode(body)
         except msgspec.ValidationError:
-            raise BadBatch(400, "malformed", "batch is not a map of v, collector, seq and "
-                           "events") from None  # fmt: skip
+            raise BadBatch(400, "malformed", "batch is not a map of v, collector, seq, "
+                           "processes and events") from None  # fmt: skip
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise BadBatch(400, "malformed", f"body is not msgpack: {exc}") from None
         version, collector, seq, raw = head.v, head.collector, head.seq, head.events
@@ -122,7 +158,7 @@ def decode_batch(body: bytes, content_type: str = CONTENT_TYPE) -> tuple[str, in
         wanted = " or ".join(CONTENT_TYPES)
         raise BadBatch(415, "content_type", f"send {wanted}, not {content_type}")
     if version not in BATCH_VERSIONS or (from_json and version != 1):
-        readable = "version 1" if from_json else "versions 1 and 2"
+        readable = "version 1" if from_json else "versions 1 to 3"
         raise BadBatch(
             409,
             "version",
@@ -133,7 +169,7 @@ def decode_batch(body: bytes, content_type: str = CONTENT_TYPE) -> tuple[str, in
         raise BadBatch(400, "malformed", "batch has no collector id")
     if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
         raise BadBatch(400, "malformed", "batch has no sequence number")
-    if version == 2:
+    if version in (2, 3):
         if not isinstance(raw, msgspec.Raw) or not raw:
             raise BadBatch(400, "malformed", "batch events is not a list")
         try:
@@ -141,6 +177,19 @@ def decode_batch(body: bytes, content_type: str = CONTENT_TYPE) -> tuple[str, in
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise BadBatch(400, "malformed", _row_error(str(exc), raw)) from None
         _check_count(len(events))
+        if version == 2:
+            for i, event in enumerate(events):
+                try:
+                    refuse_process_index(event)
+                except EventFormatError as exc:
+                    raise BadBatch(400, "malformed", f"event {i}: {exc}") from None
+            return collector, seq, events
+        try:
+            processes = _PROCESSES.decode(head.processes) if head.processes else []
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+            message = explain_row_error(str(exc), None, in_list=True).replace("event", "process")
+            raise BadBatch(400, "malformed", f"batch processes: {message}") from None
+        _place_processes(events, processes)
         return collector, seq, events
     if isinstance(raw, msgspec.Raw):  # version 1 in msgpack: maps
         try:
@@ -160,6 +209,24 @@ def decode_batch(body: bytes, content_type: str = CONTENT_TYPE) -> tuple[str, in
             raise BadBatch(400, "malformed", f"event {i}: collectors send events, not alerts")
         events.append(event)
     return collector, seq, events
+
+
+def _place_processes(events: list[AnyEvent], processes: list[Process]) -> None:
+    """Put each event's process in place of its index into the batch's table; BadBatch when
+    an event has its process inline or an index the table lacks."""
+    n = len(processes)
+    for i, event in enumerate(events):
+        if event.__class__ is LostEvent:
+            continue
+        index: Any = event.process  # type: ignore[union-attr]
+        if index.__class__ is int and 0 <= index < n:
+            event.process = processes[index]  # type: ignore[union-attr]
+        elif index.__class__ is int:
+            raise BadBatch(400, "malformed", f"event {i}: process {index}: the batch has "
+                           f"{n} processes")  # fmt: skip
+        else:
+            raise BadBatch(400, "malformed", f"event {i}: process: in a version {BATCH_VERSION} "
+                           "batch, an index into the batch's processes")  # fmt: skip
 
 
 def _row_error(message: str, raw: msgspec.Raw) -> str:

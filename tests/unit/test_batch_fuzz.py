@@ -5,11 +5,12 @@ exception); and the JSON format's own checks."""
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import msgpack
 import pytest
 
-from collector.events import ExecEvent, to_dict
+from collector.events import ConnectEvent, ExecEvent, Process, to_dict, to_row
 from detect.testing import event_from_fields
 from service.wire import CONTENT_TYPE, JSON_CONTENT_TYPE, BadBatch, decode_batch, encode_batch
 
@@ -35,7 +36,12 @@ def seeds(fmt: str) -> list[bytes]:
     exec_map = to_dict(event_from_fields("process_creation", {"CommandLine": "a b"}))
     version_1 = msgpack.packb({"v": 1, "collector": "c", "seq": 4, "events": [exec_map]},
                               use_bin_type=True)  # fmt: skip
-    return ([version_1] if fmt == "msgpack" else []) + [
+    connect = event_from_fields("network_connection", {"DestinationPort": 22})
+    version_2 = msgpack.packb({"v": 2, "collector": "c", "seq": 5, "events": [to_row(connect)]},
+                              use_bin_type=True)  # fmt: skip
+    shared = [connect, event_from_fields("process_creation", {"CommandLine": "c"}), connect]
+    older = [version_1, version_2, encode_batch("c", 6, shared)]
+    return (older if fmt == "msgpack" else []) + [
         encode_batch("c", 1, [event_from_fields("process_creation", {"CommandLine": "a b"})], fmt),
         encode_batch("c", 2, [event_from_fields("network_connection", {"DestinationPort": 22})],
                      fmt),
@@ -70,6 +76,32 @@ def test_json_batches_mean_what_msgpack_batches_do() -> None:
     via_json = decode_batch(encode_batch("c", 5, events, "json"), JSON_CONTENT_TYPE)
     via_msgpack = decode_batch(encode_batch("c", 5, events), CONTENT_TYPE)
     assert via_json == via_msgpack == ("c", 5, events)
+
+
+def test_a_batch_carries_each_process_once_and_gives_back_the_events_it_took() -> None:
+    """encode_batch sends a table of distinct processes, events referring to it by index;
+    the events it was given keep their processes; decode_batch gives each event its own
+    back, one object per distinct process."""
+    a = event_from_fields("network_connection", {"DestinationPort": 22, "ProcessId": 5})
+    b = event_from_fields("network_connection", {"DestinationPort": 23, "ProcessId": 5})
+    c = event_from_fields("process_creation", {"CommandLine": "x", "ProcessId": 6})
+    assert isinstance(a, ConnectEvent) and isinstance(b, ConnectEvent)
+    assert isinstance(c, ExecEvent)
+    assert a.process == b.process and a.process is not b.process  # equal, not the same object
+    events: list[Any] = [a, b, c, a]
+    before = [e.process for e in events]
+    body = encode_batch("c", 9, events)
+    assert [e.process for e in events] == before
+    assert all(isinstance(e.process, Process) for e in events)
+    raw = msgpack.unpackb(body, raw=False)
+    assert list(raw) == ["v", "collector", "seq", "processes", "events"]
+    assert len(raw["processes"]) == 2
+    assert [row[8] for row in raw["events"]] == [0, 0, 1, 0]
+    collector, seq, decoded = decode_batch(body)
+    back: list[Any] = decoded
+    assert (collector, seq, back) == ("c", 9, events)
+    assert back[0].process is back[1].process is back[3].process
+    assert back[2].process is not back[0].process
 
 
 @pytest.mark.parametrize(

@@ -35,6 +35,7 @@ def miner_event(pid: int = 7) -> dict[str, Any]:
 
 
 EXEC = event_from_fields("process_creation", {"Image": "/bin/x", "ProcessId": 9})
+EXEC_ROW = to_row(EXEC)  # [kind, 7 fields, the process at 8, ...]
 
 
 def batch(seq: int, events: list[Any], **over: Any) -> bytes:
@@ -90,8 +91,8 @@ async def test_batch_is_handled_once_and_acknowledged(
         (b"\xc1\xc1", 400, "malformed", "not msgpack"),
         (batch(1, [miner_event()])[:-5], 400, "malformed", "not msgpack"),
         (msgpack.packb([1, 2]), 400, "malformed", "not a map"),
-        (batch(1, [], v=3), 409, "version",
-         "version 3 is not supported; this service reads versions 1 and 2"),
+        (batch(1, [], v=4), 409, "version",
+         "version 4 is not supported; this service reads versions 1 to 3"),
         (batch(1, [{**miner_event(), "argv": [b"x", 5]}]), 400, "malformed",
          "event 0: exec event: argv[1]: Expected `bytes`, got `int`"),
         (batch(1, [to_row(EXEC)[:5]], v=2), 400, "malformed",
@@ -99,6 +100,18 @@ async def test_batch_is_handled_once_and_acknowledged(
         (batch(1, [to_row(EXEC), [*to_row(EXEC)[:8], [1] * 14, *to_row(EXEC)[9:]]], v=2), 400,
          "malformed", "event 1: exec event: process.comm: Expected `bytes`, got `int`"),
         (batch(1, [["alert"]], v=2), 400, "malformed", "unknown event kind 'alert'"),
+        # version 3: each event's process is an index into the batch's processes
+        (batch(1, [[*EXEC_ROW[:8], 0, *EXEC_ROW[9:]], [*EXEC_ROW[:8], 1, *EXEC_ROW[9:]]], v=3,
+               processes=[EXEC_ROW[8]]), 400, "malformed",
+         "event 1: process 1: the batch has 1 processes"),
+        (batch(1, [[*EXEC_ROW[:8], -1, *EXEC_ROW[9:]]], v=3, processes=[EXEC_ROW[8]]), 400,
+         "malformed", "event 0: process -1: the batch has 1 processes"),
+        (batch(1, [EXEC_ROW], v=3, processes=[]), 400, "malformed",
+         "event 0: process: in a version 3 batch, an index into the batch's processes"),
+        (batch(1, [[*EXEC_ROW[:8], 0, *EXEC_ROW[9:]]], v=3, processes=[[1, 2]]), 400,
+         "malformed", "batch processes: process 0: process row: Expected `array` of at least"),
+        (batch(1, [[*EXEC_ROW[:8], 0, *EXEC_ROW[9:]]], v=2), 400, "malformed",
+         "event 0: exec event: process: Expected `array`, got `int`"),
         (batch(1, [], collector=""), 400, "malformed", "no collector id"),
         (batch(-1, []), 400, "malformed", "no sequence number"),
         (batch(1, [{"kind": "exec"}]), 400, "malformed", "event 0"),
