@@ -11,7 +11,6 @@ from __future__ import annotations
 import bisect
 import ipaddress
 import itertools
-import operator
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -204,10 +203,8 @@ class Engine:
             if category in self._by_category:
                 rs = self._by_category[category]
                 actions = [
-                    (r, r.id not in self.silent, [
-                        self._observer(counting, *_correlation_readers(corr, counting, getters))
-                        for corr, counting in self._correlations_of.get(r.id, [])
-                    ])
+                    (r, r.id not in self.silent, self._observer(
+                        [c for _, c in self._correlations_of.get(r.id, [])], getters))
                     for r in rs
                 ]  # fmt: skip
                 self._plan[etype] = (generate_matcher(rs, getters), actions)
@@ -220,11 +217,11 @@ class Engine:
         if plan is not None:
             matcher, actions = plan
             for index in matcher(event):
-                rule, alerts, correlations = actions[index]
+                rule, alerts, observe = actions[index]
                 self.matches += 1
                 if alerts:
                     self._raise(out, rule, rule.description, event)  # type: ignore[arg-type]
-                for observe in correlations:
+                if observe is not None:
                     observe(out, event)  # type: ignore[arg-type]
         if self.egress is not None and type(event) is ConnectEvent:
             policy = self.egress.policy_for(event.sandbox)
@@ -293,46 +290,63 @@ class Engine:
         )
 
     def _observer(
-        self,
-        counting: _Counting,
-        key_of: Callable[[Any], tuple[Any, ...]],
-        value_of: Callable[[Any], Any],
-    ) -> Callable[[list[Alert], Event], None]:
-        """What a match of a correlated rule does: add the event to its window and alert when
-        the count is reached. Every TCP connect passes here twice with the built-in pack
-        (value_count): the correlation's settings are bound once, the key and value read by
-        functions made for the event's type, and the rest is plain dict and deque work."""
-        windows, window_ns, op, ref = self._windows, counting.window_ns, counting.op, counting.ref
-        kind, order, fire = counting.corr.kind, counting.corr.rules, self._fire
-        distinct, ordered = kind == "value_count", kind == "temporal_ordered"
-
-        def observe(out: list[Alert], event: Event) -> None:
-            key = key_of(event)
-            window = windows.get(key)
-            if window is None:
-                window = windows[key] = _Window()
-            now = event.time_ns
-            value = value_of(event)
-            entries, values = window.entries, window.values
-            entries.append((now, value))
-            values[value] = values.get(value, 0) + 1
-            if ordered:
-                window.place(value)
-            if entries[0][0] < now - window_ns:
-                window.forget(now - window_ns)
-            if op is None:
-                return
-            if distinct:
-                seen = len(values) - (None in values) - ("" in values)
-            elif ordered:
-                seen = window.ordered_prefix(order)
-            elif kind == "temporal":
-                seen = len(values)
+        self, countings: list[_Counting], getters: Mapping[str, Callable[[Any], Any]]
+    ) -> Callable[[list[Alert], Event], None] | None:
+        """What a match of a correlated rule does, for one event type (None when no
+        correlation counts the rule): per correlation, add the event to its window and alert
+        when the count is reached. One function is generated per rule, its settings inlined
+        and the window key and the counted value read as the matchers read fields: every
+        TCP connect comes here with the built-in pack (two value_count correlations), and
+        calls per correlation cost more than the dict and deque work itself."""
+        if not countings:
+            return None
+        ctx = CodeContext(getters)
+        scope: dict[str, Any] = {"W": self._windows, "_Window": _Window, "fire": self._fire}
+        lines = ["def observe(out, e):", "    now = e.time_ns"]
+        for n, counting in enumerate(countings):
+            scope[f"G{n}"], scope[f"C{n}"] = counting, counting.corr.id
+            parts = [ctx.read(getters[f]) if f in getters else "None" for f in counting.group_by]
+            if counting.field is not None:  # fields the type lacks are None, as FieldDict
+                getter = getters.get(counting.field)  # gives them
+                value = ctx.read(getter) if getter is not None else "None"
             else:
-                seen = len(entries)
-            if op(seen, ref):
-                fire(out, counting, window, seen, event)
-
+                scope[f"V{n}"], value = counting.value, f"V{n}"
+            horizon = f"now - {counting.window_ns}"
+            lines += [
+                f"    # {counting.corr.kind} {counting.corr.id}",
+                f"    k = (C{n}, {''.join(p + ', ' for p in parts)})",
+                "    w = W.get(k)",
+                "    if w is None:",
+                "        w = W[k] = _Window()",
+                f"    v = {value}",
+                "    x, d = w.entries, w.values",
+                "    x.append((now, v))",
+                "    d[v] = d.get(v, 0) + 1",
+            ]
+            if counting.corr.kind == "temporal_ordered":
+                lines.append("    w.place(v)")
+            lines += [f"    if x[0][0] < {horizon}:", f"        w.forget({horizon})"]
+            if counting.op is None:
+                continue
+            kind = counting.corr.kind
+            if kind == "value_count":  # distinct values, an absent or empty one not counted
+                seen = 'len(d) - (None in d) - ("" in d)'
+            elif kind == "temporal_ordered":
+                scope[f"O{n}"] = counting.corr.rules
+                seen = f"w.ordered_prefix(O{n})"
+            elif kind == "temporal":  # distinct rules
+                seen = "len(d)"
+            else:  # event_count
+                seen = "len(x)"
+            lines += [
+                f"    s = {seen}",
+                f"    if s {counting.op} {counting.ref!r}:",
+                f"        fire(out, G{n}, w, s, e)",
+            ]
+        scope.update(ctx.namespace())
+        name = f"<correlations of {countings[0].rule_id}>"
+        exec(compile("\n".join(lines), name, "exec"), scope)  # noqa: S102 - our own source
+        observe: Callable[[list[Alert], Event], None] = scope["observe"]
         return observe
 
     def _fire(self, out: list[Alert], counting: _Counting, window: _Window, seen: int,
@@ -346,10 +360,11 @@ class Engine:
 class _Counting:
     """What a correlation counts of one of its rules' events, worked out once."""
 
-    __slots__ = ("corr", "field", "group_by", "op", "ref", "value", "window_ns")
+    __slots__ = ("corr", "field", "group_by", "op", "ref", "rule_id", "value", "window_ns")
 
     def __init__(self, corr: Correlation, rule: Rule) -> None:
         self.corr = corr
+        self.rule_id = rule.id
         self.group_by = tuple(corr.group_by)
         self.window_ns = int(corr.seconds * NS)
         temporal = corr.kind.startswith("temporal")
@@ -358,31 +373,11 @@ class _Counting:
         self.value: Any = None
         if temporal:
             self.value = rule.name if rule.name in corr.rules else rule.id
-        self.op = _OPS.get(corr.op)
+        self.op = _OPS.get(corr.op)  # Python's operator, or None: never alerts
         self.ref = len(corr.rules) if temporal else corr.count
 
 
-_Action = tuple[Rule, bool, list[Callable[[list[Alert], Event], None]]]
-
-
-def _correlation_readers(
-    corr: Correlation, counting: _Counting, getters: Mapping[str, Callable[[Any], Any]]
-) -> tuple[Callable[[Any], tuple[Any, ...]], Callable[[Any], Any]]:
-    """For one event type: a function giving an event's window key for `corr` (its id, then
-    the group-by fields, read as generated matchers read them), and one giving the value it
-    counts; fields the type lacks are None, as FieldDict gives them."""
-    ctx = CodeContext(getters)
-    parts = [ctx.read(getters[n]) if n in getters else "None" for n in counting.group_by]
-    scope = {**ctx.namespace(), "CID": corr.id}
-    src = f"def key(e):\n    return (CID, {''.join(p + ', ' for p in parts)})\n"
-    exec(compile(src, f"<correlation key {corr.id}>", "exec"), scope)  # noqa: S102 - our source
-    if counting.field is not None:
-        getter = getters.get(counting.field)
-        value_of: Callable[[Any], Any] = getter if getter is not None else lambda _e: None
-    else:
-        constant = counting.value
-        value_of = lambda _e: constant  # noqa: E731
-    return scope["key"], value_of
+_Action = tuple[Rule, bool, Callable[[list[Alert], Event], None] | None]
 
 
 class _Window:
@@ -540,10 +535,4 @@ def _holds(
     return bool(CONSTANT[getter] == key)
 
 
-_OPS: dict[str, Callable[[int, int], bool]] = {
-    "gte": operator.ge,
-    "gt": operator.gt,
-    "lte": operator.le,
-    "lt": operator.lt,
-    "eq": operator.eq,
-}
+_OPS = {"gte": ">=", "gt": ">", "lte": "<=", "lt": "<", "eq": "=="}
