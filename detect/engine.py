@@ -466,23 +466,33 @@ def generate_matcher(
             table[key] = table.get(key, 0) | 1 << i
             if kind == "needle":
                 ctx.needles.setdefault(var, set()).add(key)
-    loads = [f"    {var} = {ctx.load(var)}" for var in sorted({var for _, var in index})]
+    # raw forms first: the lowered and joined forms of a field read its raw local on the way
+    loaded = sorted({var for _, var in index}, key=lambda var: (var[0] != "r", var))
+    assigned: set[str] = set()
+    loads = []
+    for var in loaded:
+        loads.append(f"    {var} = {ctx.load(var, assigned)}")
+        assigned.add(var)
     # Every rule is tested after the index has read its fields: no first-use checks for those.
     ctx.preloaded = {var for _, var in index}
     ctx.preloaded |= {f"p_{var}" for kind, var in index if kind == "needle"}
     ctx.preloaded |= ctx.raw_loaded  # lowered forms read the raw value on the way
     exprs = [rule.node.code(ctx) for rule in rules]
     if getters is None:
-        lines = ["def match(f):", "    low = f.low"]
+        lines, unset = ["def match(f):", "    low = f.low"], []
     else:  # the event itself; a FieldDict only for the closures some tests call
-        lines = ["def match(e):", "    f = _U"]
+        lines, unset = ["def match(e):"], ["f"]
     # Fields load on first use (see detect.sigma._lazy): most rules stop at their first test.
-    lines += [f"    i_{name} = _U" for name in sorted(ctx.ip_fields)]
-    lines += [f"    k_{name} = _U" for name in sorted(ctx.raw_joined_fields)]
-    lines += [f"    v_{name} = _U" for name in sorted(ctx.low_fields)]
-    lines += [f"    r_{name} = _U" for name in sorted(ctx.raw_fields)]
-    lines += [f"    j_{name} = _U" for name in sorted(ctx.joined_fields)]
-    lines += [f"    p_{var} = _U" for var in sorted(ctx.needles)]
+    # Every local starts unset (_U) but those the index loads, in one chained assignment.
+    unset += [f"i_{name}" for name in sorted(ctx.ip_fields)]
+    unset += [f"k_{name}" for name in sorted(ctx.raw_joined_fields)]
+    unset += [f"v_{name}" for name in sorted(ctx.low_fields)]
+    unset += [f"r_{name}" for name in sorted(ctx.raw_fields)]
+    unset += [f"j_{name}" for name in sorted(ctx.joined_fields)]
+    unset += [f"p_{var}" for var in sorted(ctx.needles)]
+    unset = [var for var in unset if var not in assigned]
+    if unset:
+        lines.append(f"    {' = '.join(unset)} = _U")
     lines.append(f"    cand = {always}")
     lines += loads
     namespace: dict[str, Any] = {}

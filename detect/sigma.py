@@ -12,10 +12,12 @@ value type it does not support) is refused with the reason, never dropped silent
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import operator
 import re
 import socket
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -486,8 +488,8 @@ def _required_literal_sets(rx: re.Pattern[str]) -> list[frozenset[str]]:
             if run:
                 sets.append(frozenset(["".join(run)]))
                 run = []
-            if op is c.SUBPATTERN:
-                inner = best(av[3])
+            if op is c.SUBPATTERN:  # a group ignoring case in a pattern that does not: none
+                inner = None if av[1] & re.IGNORECASE and not fold else best(av[3])
             elif op is c.BRANCH:
                 alts = [best(alt) for alt in av[1]]
                 inner = frozenset().union(*alts) if alts and all(alts) else None  # type: ignore[arg-type]
@@ -503,6 +505,40 @@ def _required_literal_sets(rx: re.Pattern[str]) -> list[frozenset[str]]:
 
     found = required(tree)
     return [frozenset(x.lower() for x in s) for s in found] if fold else found
+
+
+def _required_counts(rx: re.Pattern[str]) -> dict[str, int]:
+    """Single characters any match holds more than once, with the fewest times it holds each
+    (lowercased when the pattern ignores case): `text.count(c) >= n` turns away, in C, texts
+    that hold each character but too few times for a match (an IP:port:IP:port pattern
+    needs six dots and three colons; a URL has some of both)."""
+    try:
+        import importlib  # noqa: PLC0415
+
+        c = importlib.import_module("re._constants")
+        tree = importlib.import_module("re._parser").parse(rx.pattern, rx.flags)
+    except Exception:
+        return {}
+    fold = bool(rx.flags & re.IGNORECASE)
+
+    def counts(seq: Any) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for op, av in seq:
+            if op is c.LITERAL:
+                ch = chr(av).lower() if fold else chr(av)
+                if len(ch) == 1:
+                    total[ch] += 1
+            elif op is c.SUBPATTERN and not (av[1] & re.IGNORECASE and not fold):
+                total += counts(av[3])  # (a group ignoring case in a pattern that does not:
+                # its letters may be either case; nothing counted)
+            elif op is c.BRANCH:  # what every alternative holds, as few times as the least
+                alts = [counts(alt) for alt in av[1]]
+                total += functools.reduce(operator.and_, alts) if alts else Counter()
+            elif op in (c.MAX_REPEAT, c.MIN_REPEAT) and av[0] >= 1:
+                total += Counter({ch: n * av[0] for ch, n in counts(av[2]).items()})
+        return total
+
+    return {ch: n for ch, n in counts(tree).items() if n >= 2}
 
 
 def _element_search(rx: re.Pattern[str]) -> re.Pattern[str] | None:
@@ -684,9 +720,10 @@ class CodeContext:
         """`var`, loaded by `load` on first use unless the matcher preloads it."""
         return var if var in self.preloaded else _lazy(var, load)
 
-    def load(self, var: str) -> str:
+    def load(self, var: str, assigned: set[str] | None = None) -> str:
         """Code that reads the field behind local `var`: v_X lowered, r_X as is, j_X as
-        FieldDict.joined gives it."""
+        FieldDict.joined gives it. With `assigned` (code that runs first, before any test:
+        the locals set so far), the raw local is read if set, else set, without the check."""
         kind, name = var[0], var[2:]
         if self.getters is None:
             return {"v": "low({!r})", "r": "f.get({!r})", "j": "f.joined({!r})"}[kind].format(name)
@@ -701,7 +738,11 @@ class CodeContext:
         # The lowered and joined forms start from the raw value, read once for all three.
         self.raw_fields.add(name)
         self.raw_loaded.add(f"r_{name}")
-        raw = _lazy(f"r_{name}", raw)
+        if assigned is None:
+            raw = _lazy(f"r_{name}", raw)
+        else:
+            raw = f"r_{name}" if f"r_{name}" in assigned else f"(r_{name} := {raw})"
+            assigned.add(f"r_{name}")
         # text fields are always str: lowered in place, without _lower's checks
         if getter in ALWAYS_LOWER:
             lowered = raw
@@ -880,6 +921,8 @@ class _Regex(Node):
         self.needles = _required_literals(self.rx, sets)
         # single characters every match holds besides the needles: `in` tests, nearly free
         self.chars = sorted({next(iter(s)) for s in sets if len(s) == 1} - {""})
+        # characters every match holds several times: a count in C instead of `in`
+        self.counts = _required_counts(self.rx)
         # the other small sets of which every match holds one: `in` tests, before the
         # expression (which, without a literal prefix, tries every position of the text)
         self.others = [
@@ -929,7 +972,11 @@ class _Regex(Node):
             terms.append(f"len({v}) >= {self.min_width}")
         if self.needles:
             terms.append(ctx.contains_any(v, self.needles))
-        terms += [f"{ctx.const(ch)} in {v}" for ch in self.chars if self.needles != frozenset(ch)]
+        terms += [
+            f"{v}.count({ctx.const(ch)}) >= {self.counts[ch]}" if ch in self.counts
+            else f"{ctx.const(ch)} in {v}"
+            for ch in self.chars if self.needles != frozenset(ch) or ch in self.counts
+        ]  # fmt: skip
         terms += [
             "(" + " or ".join(f"{ctx.const(x)} in {v}" for x in others) + ")"
             for others in self.others

@@ -245,3 +245,32 @@ def test_one_search_over_the_joined_argv_never_misses_an_element_match(
         return
     if any(rx.search(a) for a in args):
         assert spread.search(nul_joined([a.encode() for a in args])) is not None
+
+
+_PREFILTER_REGEXES = [
+    r"\b[0-9]{1,3}(\.[0-9]{1,3}){3}:[0-9]{1,5}:[0-9]{1,3}(\.[0-9]{1,3}){3}:[0-9]{1,5}\b",
+    r"(ab){2,}|abab", r"a.a(b|bb)", r"x(?i:AB)x", r"(a:|:a)+:", r"a{3}|b{2}a", r"(?:a.){2}[:.]",
+]  # fmt: skip
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.text(alphabet="aAbBx:.12 ", max_size=24), st.sampled_from(_PREFILTER_REGEXES),
+       st.booleans())  # fmt: skip
+@example("1.2.3.4:5:6.7.8.9:1", _PREFILTER_REGEXES[0], False)
+@example("xabx", r"x(?i:AB)x", False)
+def test_a_regex_prefilter_never_turns_away_a_match(text: str, pattern: str, fold: bool) -> None:
+    """Whatever text a |re matches holds a string of each of its required literal sets and
+    each required character at least as many times as _required_counts says (on the
+    lowered text when the pattern ignores case, as generated matchers test it)."""
+    import re  # noqa: PLC0415
+
+    from detect.sigma import _required_counts, _required_literal_sets  # noqa: PLC0415
+
+    rx = re.compile(pattern, re.IGNORECASE if fold else 0)
+    if rx.search(text) is None:
+        return
+    seen = text.lower() if fold else text
+    for needles in _required_literal_sets(rx):
+        assert any(n in seen for n in needles), needles
+    for ch, n in _required_counts(rx).items():
+        assert seen.count(ch) >= n, (ch, n)
