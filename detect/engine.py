@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import ipaddress
 import itertools
+import textwrap
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -513,6 +514,11 @@ def generate_matcher(
             for width, mask in sorted(table.items()):
                 lines.append(f"        if len({var}) >= {width}:")
                 lines.append(f"            cand |= {mask}")
+        elif kind == "count":  # each character's rules once the text holds it that often
+            lines.append(f"    if {var} is not None:")
+            for (char, times), mask in sorted(table.items()):
+                lines.append(f"        if {var}.count({char!r}) >= {times}:")
+                lines.append(f"            cand |= {mask}")
         else:  # the automaton's values carry each needle's rules: one loop sets both
             lines.append(f"    if {var} is not None:")
             lines.append(f"        p_{var} = set()")
@@ -520,10 +526,17 @@ def generate_matcher(
             lines.append(f"            p_{var}.add(n)")
             lines.append("            cand |= m")
     lines.append("    found = []")
-    lines += [
-        f"    if cand & {1 << i} and {expr}:\n        found.append({i})"
-        for i, expr in enumerate(exprs)
+    tests = [
+        f"if cand & {1 << i} and {expr}:\n    found.append({i})" for i, expr in enumerate(exprs)
     ]
+    if len(tests) <= _GROUP:
+        lines += [textwrap.indent(test, "    ") for test in tests]
+    else:  # most events enter one rule or none: rules in groups, a group tested only when
+        lines.append("    if cand:")  # one of its rules is a candidate
+        for start in range(0, len(tests), _GROUP):
+            group = tests[start : start + _GROUP]
+            lines.append(f"        if cand & {((1 << len(group)) - 1) << start}:")
+            lines += [textwrap.indent(test, " " * 12) for test in group]
     lines.append("    return found")
     masks = {var: table for (kind, var), table in index.items() if kind == "needle"}
     namespace.update(ctx.namespace(masks))
@@ -531,6 +544,9 @@ def generate_matcher(
     exec(compile("\n".join(lines), "<sandtrace rules>", "exec"), namespace)  # noqa: S102
     matcher: Callable[[Any], list[int]] = namespace["match"]
     return matcher
+
+
+_GROUP = 8  # rules per group in a generated matcher
 
 
 def _holds(

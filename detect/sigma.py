@@ -656,8 +656,9 @@ Atom = tuple[str, str, Any]
 """(kind, local, key) over a generated matcher's local holding a field: ("base", v_X, name)
 when the lowered text's last path element is `name`; ("needle", v_X/r_X/j_X, text) when
 the text contains `text`; ("num", r_X, n) when the number is `n`; ("eq", v_X, text) when
-the lowered text is `text`; ("minlen", v_X/r_X, n) when the text has at least n characters."""
-ATOM_COST = {"base": 0, "minlen": 0, "eq": 1, "num": 1, "needle": 2}
+the lowered text is `text`; ("minlen", v_X/r_X, n) when the text has at least n characters;
+("count", v_X/r_X, (c, n)) when the text holds the character c at least n times."""
+ATOM_COST = {"base": 0, "minlen": 0, "eq": 1, "num": 1, "count": 1, "needle": 2}
 _MINLEN_GUARD = 16  # a regex needing fewer characters than this is not indexed by length
 
 
@@ -987,12 +988,17 @@ class _Regex(Node):
     def guard(self) -> list[Atom] | None:
         if self.name not in TEXT_FIELDS:
             return None
-        # a single character selects nothing; a long minimum width selects short texts out
+        # A single character selects nothing, unless needed several times (a punctuation
+        # mark: letters come in words); a long minimum width selects short texts out.
         if not self.needles or min(map(len, self.needles)) < 2:
+            fold = bool(self.rx.flags & re.IGNORECASE)
+            text = _var(self.name) if fold else f"r_{self.name}"
+            counts = [(c, n) for c, n in self.counts.items() if not c.isalnum()]
+            if counts:  # the rarest: needed most often
+                return [("count", text, max(counts, key=lambda cn: (cn[1], cn[0])))]
             if self.min_width < _MINLEN_GUARD:
                 return None
-            fold = bool(self.rx.flags & re.IGNORECASE)
-            return [("minlen", _var(self.name) if fold else f"r_{self.name}", self.min_width)]
+            return [("minlen", text, self.min_width)]
         if bool(self.rx.flags & re.IGNORECASE) or all(n.isascii() for n in self.needles):
             # An ASCII needle in the text is its lowercase in the lowered text (ASCII letters
             # lower one by one, whatever surrounds them): one automaton pass serves both.
