@@ -467,13 +467,42 @@ def generate_matcher(
             table[key] = table.get(key, 0) | 1 << i
             if kind == "needle":
                 ctx.needles.setdefault(var, set()).add(key)
+    # Fields whose values repeat (a host runs few executables) have their part of the index
+    # worked out once per value: lowered, looked up, searched, kept with what it gave.
+    memo = sorted({var[2:] for _, var in index if var[2:] in _MEMO_FIELDS} if getters else ())
+    derived = {f"{f}_{name}" for name in memo for f in ("v", "r")}
     # raw forms first: the lowered and joined forms of a field read its raw local on the way
-    loaded = sorted({var for _, var in index}, key=lambda var: (var[0] != "r", var))
+    loaded = {var for _, var in index if var not in derived} | {f"r_{name}" for name in memo}
     assigned: set[str] = set()
     loads = []
-    for var in loaded:
+    for var in sorted(loaded, key=lambda var: (var[0] != "r", var)):
         loads.append(f"    {var} = {ctx.load(var, assigned)}")
         assigned.add(var)
+    namespace: dict[str, Any] = {}
+    tables = {key: f"T{n}" for n, key in enumerate(sorted(index))}
+    for name in memo:
+        own = sorted(key for key in index if key[1] in (f"v_{name}", f"r_{name}"))
+        out = [var for var in (f"v_{name}",) if any(v == var for _, v in own)]
+        out += [f"p_{var}" for kind, var in own if kind == "needle"]
+        body = [f"def D_{name}(r_{name}):", "    cand = 0"]
+        body += [f"    {var} = _U" for var in out if var.startswith("p_")]
+        if f"v_{name}" in out:
+            body.append(f"    v_{name} = {ctx.load(f'v_{name}', {f'r_{name}'})}")
+        for key in own:
+            body += _index_lines(*key, index[key], tables[key], namespace)
+        body.append(f"    return cand, {', '.join(out)}")
+        exec(compile("\n".join(body), f"<sandtrace {name}>", "exec"), namespace)  # noqa: S102
+        namespace[f"M_{name}"] = {}
+        loads += [
+            f"    m_{name} = M_{name}.get(r_{name})",
+            f"    if m_{name} is None:",
+            f"        if len(M_{name}) >= {_MEMO_SIZE}:",
+            f"            M_{name}.clear()",
+            f"        m_{name} = M_{name}[r_{name}] = D_{name}(r_{name})",
+            f"    c, {', '.join(out)} = m_{name}",
+            "    cand |= c",
+        ]
+        assigned.update(out)
     # Every rule is tested after the index has read its fields: no first-use checks for those.
     ctx.preloaded = {var for _, var in index}
     ctx.preloaded |= {f"p_{var}" for kind, var in index if kind == "needle"}
@@ -496,35 +525,9 @@ def generate_matcher(
         lines.append(f"    {' = '.join(unset)} = _U")
     lines.append(f"    cand = {always}")
     lines += loads
-    namespace: dict[str, Any] = {}
-    for n, ((kind, var), table) in enumerate(sorted(index.items())):
-        if kind != "needle":  # needles' rules ride in their automaton's values
-            namespace[f"T{n}"] = table
-        if kind == "base":
-            lines.append(f"    if {var} is not None:")
-            lines.append(f"        cand |= T{n}.get({var}.rpartition('/')[2], 0)")
-        elif kind == "num":
-            lines.append(f"    if type({var}) is int:")
-            lines.append(f"        cand |= T{n}.get({var}, 0)")
-        elif kind == "eq":
-            lines.append(f"    if {var} is not None:")
-            lines.append(f"        cand |= T{n}.get({var}, 0)")
-        elif kind == "minlen":  # each threshold's rules once the text is that long
-            lines.append(f"    if {var} is not None:")
-            for width, mask in sorted(table.items()):
-                lines.append(f"        if len({var}) >= {width}:")
-                lines.append(f"            cand |= {mask}")
-        elif kind == "count":  # each character's rules once the text holds it that often
-            lines.append(f"    if {var} is not None:")
-            for (char, times), mask in sorted(table.items()):
-                lines.append(f"        if {var}.count({char!r}) >= {times}:")
-                lines.append(f"            cand |= {mask}")
-        else:  # the automaton's values carry each needle's rules: one loop sets both
-            lines.append(f"    if {var} is not None:")
-            lines.append(f"        p_{var} = set()")
-            lines.append(f"        for _, (n, m) in S_{var}({var}):")
-            lines.append(f"            p_{var}.add(n)")
-            lines.append("            cand |= m")
+    for key, table in sorted(index.items()):
+        if key[1] not in derived:
+            lines += _index_lines(*key, table, tables[key], namespace)
     lines.append("    found = []")
     tests = [
         f"if cand & {1 << i} and {expr}:\n    found.append({i})" for i, expr in enumerate(exprs)
@@ -547,6 +550,38 @@ def generate_matcher(
 
 
 _GROUP = 8  # rules per group in a generated matcher
+_MEMO_FIELDS = frozenset({"Image", "ParentImage", "OriginalFileName", "CurrentDirectory"})
+_MEMO_SIZE = 4096  # values kept per field; all forgotten at once when full
+
+
+def _index_lines(kind: str, var: str, table: dict[Any, int], name: str,
+                 namespace: dict[str, Any]) -> list[str]:  # fmt: skip
+    """The code adding to `cand` the rules the index entry (kind, var) lets in (its table
+    is `name` in the namespace; needles' rules ride in their automaton's values)."""
+    if kind == "base":
+        namespace[name] = table
+        return [f"    if {var} is not None:",
+                f"        cand |= {name}.get({var}.rpartition('/')[2], 0)"]  # fmt: skip
+    if kind == "num":
+        namespace[name] = table
+        return [f"    if type({var}) is int:", f"        cand |= {name}.get({var}, 0)"]
+    if kind == "eq":
+        namespace[name] = table
+        return [f"    if {var} is not None:", f"        cand |= {name}.get({var}, 0)"]
+    lines = [f"    if {var} is not None:"]
+    if kind == "minlen":  # each threshold's rules once the text is that long
+        for width, mask in sorted(table.items()):
+            lines += [f"        if len({var}) >= {width}:", f"            cand |= {mask}"]
+    elif kind == "count":  # each character's rules once the text holds it that often
+        for (char, times), mask in sorted(table.items()):
+            lines += [
+                f"        if {var}.count({char!r}) >= {times}:",
+                f"            cand |= {mask}",
+            ]
+    else:  # the automaton's values carry each needle's rules: one loop sets both
+        lines += [f"        p_{var} = set()", f"        for _, (n, m) in S_{var}({var}):",
+                  f"            p_{var}.add(n)", "            cand |= m"]  # fmt: skip
+    return lines
 
 
 def _holds(

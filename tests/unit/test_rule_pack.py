@@ -137,3 +137,35 @@ def test_rule_index_agrees_on_variants_of_the_cases() -> None:
             assert typed[type(variant)](variant) == expected
             checked += 1
     assert checked >= 2000
+
+
+def test_the_per_value_index_memo_agrees_when_full() -> None:
+    """A typed matcher works out a path field's part of the index once per value and
+    forgets every value at once when it holds _MEMO_SIZE of them: across more distinct
+    executables than that, hostile ones among them after the memo was emptied, it still says
+    what the rules' closures say."""
+    import msgspec.structs  # noqa: PLC0415
+
+    from collector.events import ExecEvent  # noqa: PLC0415
+    from detect.engine import _MEMO_SIZE, generate_matcher  # noqa: PLC0415
+    from detect.fields import GETTERS  # noqa: PLC0415
+    from detect.sigma import FieldDict  # noqa: PLC0415
+
+    rules = [r for r in pack().rules if r.category == "process_creation"]
+    getters = GETTERS[ExecEvent]
+    match = generate_matcher(rules, getters)
+    hostile = [e for c in all_cases() for e in c.events if c.fire and isinstance(e, ExecEvent)]
+    assert hostile
+    fired = 0
+    for n in range(_MEMO_SIZE * 2):
+        base = hostile[n % len(hostile)]
+        exe = base.process.exe if n % 7 == 0 else b"/opt/tool-%d/bin/x" % n
+        event = msgspec.structs.replace(base, process=msgspec.structs.replace(base.process,
+                                                                              exe=exe))  # fmt: skip
+        expected = [
+            i for i, r in enumerate(rules) if r.test(FieldDict(event=event, getters=getters))
+        ]
+        assert match(event) == expected, exe
+        fired += bool(expected)
+    assert fired > 100  # hostile executables met the memo both before and after it emptied
+    assert len(match.__globals__["M_Image"]) < _MEMO_SIZE * 2 * 6 // 7  # it did empty
