@@ -460,9 +460,12 @@ def generate_matcher(
         if guard is None or any(_holds(getters, atom) for atom in guard):
             always |= 1 << i
             continue
-        for kind, var, key in guard:
-            if _holds(getters, (kind, var, key)) is False:
+        for atom in guard:
+            if _holds(getters, atom) is False:
                 continue  # a fixed value that is never this one
+            kind, (var, key) = atom[0], atom[1:]
+            if kind == "needle":
+                var, key = ctx.needle_home(var, key)
             table = index.setdefault((kind, var), {})
             table[key] = table.get(key, 0) | 1 << i
             if kind == "needle":

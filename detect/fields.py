@@ -229,10 +229,16 @@ RAW_JOINED: dict[Getter, Getter] = {
     EXEC_ARGV: _x(_joined("e.argv", "\0")),
 }
 
+# Getters of a text that is a list field's elements joined with single spaces -> the getter
+# of that list (its LOWER_JOINED form holds the same text with NULs for the spaces).
+SPACE_JOINED: dict[Getter, Getter] = {COMMON_GETTERS["CommandLine"]: COMMON_GETTERS["Argv"]}
+EXEC_COMMAND_LINE = _x(_joined("e.argv", " "))
+SPACE_JOINED[EXEC_COMMAND_LINE] = EXEC_ARGV
+
 GETTERS: dict[type, dict[str, Getter]] = {
     ExecEvent: {
         **COMMON_GETTERS,
-        "CommandLine": _x(_joined("e.argv", " ")),
+        "CommandLine": EXEC_COMMAND_LINE,
         "Argv": EXEC_ARGV,
         "ParentImage": _x(_text("e.parent_exe")),
         "ParentCommandLine": _x(_joined("e.parent_argv", " ")),

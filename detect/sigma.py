@@ -60,6 +60,7 @@ from detect.fields import (
     LOWER_JOINED,
     PRODUCT,
     RAW_JOINED,
+    SPACE_JOINED,
 )
 
 _MISSING: Any = object()
@@ -759,6 +760,29 @@ class CodeContext:
         source = INLINE.get(getter)
         return f"({source})" if source is not None else f"{self.const(getter)}(e)"
 
+    def joined_home(self, var: str) -> str | None:
+        """For a lowered command line (v_CommandLine) that is its argv joined with spaces,
+        the local of that argv lowered and NUL-joined (j_Argv): a needle without a space is
+        in the one exactly when it is in the other, so one automaton pass serves both."""
+        if self.getters is None or var[:2] != "v_":
+            return None
+        getter = self.getters.get(var[2:])
+        listed = SPACE_JOINED.get(getter) if getter is not None else None
+        for name, other in self.getters.items():
+            if other is listed and other in LOWER_JOINED:
+                return f"j_{name}"
+        return None
+
+    def needle_home(self, var: str, needle: str) -> tuple[str, str]:
+        """Where the index looks for `needle` of text `var`: a command line's needles in
+        its argv's automaton pass (see joined_home), a needle with spaces by its longest
+        piece without (which any text holding the needle holds too)."""
+        home = self.joined_home(var)
+        if home is None or "\0" in needle:
+            return var, needle
+        piece = max(needle.split(" "), key=len)
+        return (home, piece) if len(piece) >= 2 else (var, needle)
+
     def contains_any(self, var: str, needles: Iterable[str]) -> str:
         """Code true when the text in local `var` (already loaded, not None) contains any of
         `needles`. Every needle of every rule on that text goes into one Aho-Corasick
@@ -772,6 +796,16 @@ class CodeContext:
         if not wanted or min(map(len, wanted)) < 2:
             rx = re.compile("|".join(re.escape(n) for n in sorted(wanted)), re.DOTALL)
             return f"({self.const(rx.search)}({var}) is not None)"
+        home = self.joined_home(var)
+        if home is not None:  # the argv's pass finds the needles without spaces (and NULs)
+            plain = frozenset(n for n in wanted if " " not in n and "\0" not in n)
+            self.joined_fields.add(home[2:])
+            joined = self.lazy(home, self.load(home))
+            self.needles.setdefault(home, set()).update(plain)
+            found = self.lazy(f"p_{home}", f"F_{home}({joined})")
+            tests = [f"not {found}.isdisjoint({self.const(plain)})"] if plain else []
+            tests += [f"{self.const(n)} in {var}" for n in sorted(wanted - plain)]
+            return f"({' or '.join(tests)})"
         self.needles.setdefault(var, set()).update(wanted)
         found = self.lazy(f"p_{var}", f"F_{var}({var})")
         return f"(not {found}.isdisjoint({self.const(wanted)}))"

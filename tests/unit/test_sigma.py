@@ -274,3 +274,48 @@ def test_a_regex_prefilter_never_turns_away_a_match(text: str, pattern: str, fol
         assert any(n in seen for n in needles), needles
     for ch, n in _required_counts(rx).items():
         assert seen.count(ch) >= n, (ch, n)
+
+
+_CMDLINE_RULE = """
+title: command line needles
+id: 00000000-0000-4000-8000-0000000000c1
+logsource: {product: linux, category: process_creation}
+detection:
+  words: {CommandLine|contains: [ab, 'b c', ' -x', 'Σa', 'd ']}
+  word: {CommandLine|contains: 'c d'}
+  rx: {CommandLine|re|i: 'a[bc]+ -x'}
+  condition: words or word or rx
+level: high
+"""
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(st.binary(max_size=6) | st.sampled_from([b"ab", b"-x", "ΑΣ".encode(), b"c d"]),
+                max_size=5),
+       st.text(alphabet="abcdΣσς-x\0 ", min_size=1, max_size=4))  # fmt: skip
+def test_a_command_line_needle_is_found_in_the_argv_pass(argv: list[bytes], needle: str) -> None:
+    """A lowered command line is its argv lowered and joined with spaces; the argv's form
+    for the automaton is the same joined with NULs (and framed by them): a needle with
+    neither holds in one exactly when it holds in the other, so generated matchers look for
+    command-line needles in the argv's pass. And a rule on such needles (spaced ones too)
+    says the same generated or compiled."""
+    import msgspec.structs  # noqa: PLC0415
+
+    from collector.events import ExecEvent  # noqa: PLC0415
+    from detect.engine import generate_matcher  # noqa: PLC0415
+    from detect.fields import EXEC_ARGV, GETTERS, LOWER_JOINED  # noqa: PLC0415
+    from detect.sigma import FieldDict  # noqa: PLC0415
+
+    base = event_from_fields("process_creation", {"ProcessId": 1})
+    event = msgspec.structs.replace(base, argv=argv)
+    assert isinstance(event, ExecEvent)
+    command_line = GETTERS[ExecEvent]["CommandLine"](event).lower()
+    joined = LOWER_JOINED[EXEC_ARGV](event)
+    if " " not in needle and "\0" not in needle:
+        assert (needle in command_line) == (needle in joined)
+    rules = RuleSet()
+    load_text(_CMDLINE_RULE, "t", rules)
+    rule = rules.rules[0]
+    getters = GETTERS[ExecEvent]
+    expected = [0] if rule.test(FieldDict(event=event, getters=getters)) else []
+    assert generate_matcher([rule], getters)(event) == expected
