@@ -292,7 +292,7 @@ level: high
 @settings(max_examples=1500, deadline=None)
 @given(st.lists(st.binary(max_size=6) | st.sampled_from([b"ab", b"-x", "ΑΣ".encode(), b"c d"]),
                 max_size=5),
-       st.text(alphabet="abcdΣσς-x\0 ", min_size=1, max_size=4))  # fmt: skip
+       st.text(alphabet="abcd\u03a3\u03c3\u03c2-x\0 ", min_size=1, max_size=4))  # fmt: skip
 def test_a_command_line_needle_is_found_in_the_argv_pass(argv: list[bytes], needle: str) -> None:
     """A lowered command line is its argv lowered and joined with spaces; the argv's form
     for the automaton is the same joined with NULs (and framed by them): a needle with
