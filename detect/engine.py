@@ -58,24 +58,30 @@ NS = 1_000_000_000
 _EGRESS_ANSWERS = 4096  # (address, port) answers an egress policy keeps
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class EgressPolicy:
     """Destinations a sandbox may connect to: networks, each with optional ports."""
 
-    allowed: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, frozenset[int]]] = field(
-        default_factory=list
-    )
-    # `allowed` as (version, netmask, network, ports) integers, rebuilt when it grows
+    allowed: tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, frozenset[int]], ...] = ()
+    # `allowed` as (version, netmask, network, ports) integers
     _ints: list[tuple[int, int, int, frozenset[int]]] = field(
-        default_factory=list, repr=False, compare=False
+        default_factory=list, init=False, repr=False, compare=False
     )
-    _answers: dict[tuple[str, int], bool] = field(default_factory=dict, repr=False, compare=False)
+    _answers: dict[tuple[str, int], bool] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        self._ints.extend(
+            (net.version, int(net.netmask), int(net.network_address), ports)
+            for net, ports in self.allowed
+        )
 
     @classmethod
     def parse(cls, specs: Iterable[str]) -> EgressPolicy:
         """Entries like ``192.0.2.0/24``, ``198.51.100.7:443``, ``10.0.0.0/8:80,443``,
         ``2001:db8::/32`` and, with ports, ``[2001:db8::/32]:53``. ValueError names a bad one."""
-        out = cls()
+        allowed = []
         for spec in specs:
             if spec.startswith("["):
                 net_part, _, rest = spec[1:].partition("]")
@@ -89,18 +95,12 @@ class EgressPolicy:
                 ports = frozenset(int(p) for p in ports_part.split(",") if p)
             except ValueError as exc:
                 raise ValueError(f"egress allow-list entry {spec!r}: {exc}") from None
-            out.allowed.append((net, ports))
-        return out
+            allowed.append((net, ports))
+        return cls(tuple(allowed))
 
     def allows(self, addr: str, port: int) -> bool:
         # Sandboxes connect to the same few destinations again and again: answers are kept
-        # (a bounded number, forgotten all at once when full or when the list grows).
-        if len(self._ints) != len(self.allowed):
-            self._ints = [
-                (net.version, int(net.netmask), int(net.network_address), ports)
-                for net, ports in self.allowed
-            ]
-            self._answers.clear()
+        # (a bounded number, forgotten all at once when full; the list never changes).
         key = (addr, port)
         answer = self._answers.get(key)
         if answer is None:
@@ -182,7 +182,6 @@ class Engine:
         self._window_ns = {c.id: int(c.seconds * NS) for c in rules.correlations}
         self._folds: dict[tuple[str, str], _Fold] = {}
         self._ids = itertools.count(1)
-        self.matches = 0
         # rule id -> the correlations that count it (they refer to rules by name or id), each
         # with what it counts of that rule's events
         self._correlations_of: dict[str, list[tuple[Correlation, _Counting]]] = {}
@@ -219,13 +218,12 @@ class Engine:
             matcher, actions = plan
             for index in matcher(event):
                 rule, alerts, observe = actions[index]
-                self.matches += 1
                 if alerts:
                     self._raise(out, rule, rule.description, event)  # type: ignore[arg-type]
                 if observe is not None:
                     observe(out, event)  # type: ignore[arg-type]
-        if self.egress is not None and type(event) is ConnectEvent:
-            policy = self.egress.policy_for(event.sandbox)
+        if type(event) is ConnectEvent and (egress := self.egress) is not None:
+            policy = egress.per_sandbox.get(event.sandbox, egress.default)  # policy_for
             if policy is not None and not policy.allows(event.daddr, event.dport):
                 where = f"{event.protocol} {event.daddr}:{event.dport}"
                 self._raise(out, EGRESS_RULE, f"{where} is not on the allow-list", event)
