@@ -13,7 +13,7 @@ import ipaddress
 import itertools
 import textwrap
 import time
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import msgspec.structs
 
 from collector.events import Alert, AnyEvent, ConnectEvent, Event
-from detect.fields import CONSTANT, GETTERS, category_of_type
+from detect.fields import ALWAYS_STR, CONSTANT, GETTERS, category_of_type
 from detect.sigma import CodeContext, Correlation, Rule, RuleSet, ip_int
 
 EGRESS_RULE_ID = "sandtrace-egress-allow-list"
@@ -178,7 +178,10 @@ class Engine:
         self._by_category: dict[str, list[Rule]] = {}
         for rule in rules.rules:
             self._by_category.setdefault(rule.category, []).append(rule)
-        self._windows: dict[tuple[Any, ...], _Window] = {}
+        # per correlation id, its windows by group-by value (a tuple of several)
+        self._windows: dict[str, dict[Any, _Window | _Distinct]] = {
+            c.id: {} for c in rules.correlations
+        }
         self._window_ns = {c.id: int(c.seconds * NS) for c in rules.correlations}
         self._folds: dict[tuple[str, str], _Fold] = {}
         self._ids = itertools.count(1)
@@ -233,9 +236,11 @@ class Engine:
         """Close fold windows that have ended (repeats they folded come out as summaries) and
         forget correlation windows with nothing recent in them, so memory stays bounded by
         what is active."""
-        for wkey, window in list(self._windows.items()):
-            if window.last() < now_ns - self._window_ns[wkey[0]]:
-                del self._windows[wkey]
+        for cid, windows in self._windows.items():
+            horizon = now_ns - self._window_ns[cid]
+            for wkey, window in list(windows.items()):
+                if window.last() < horizon:
+                    del windows[wkey]
         out = []
         for fkey, fold in list(self._folds.items()):
             if fold.until_ns <= now_ns:
@@ -296,59 +301,88 @@ class Engine:
         when the count is reached. One function is generated per rule, its settings inlined
         and the window key and the counted value read as the matchers read fields: every
         TCP connect comes here with the built-in pack (two value_count correlations), and
-        calls per correlation cost more than the dict and deque work itself."""
+        calls per correlation cost more than the dict and deque work itself. A value_count
+        window (_Distinct) is one dict store per event, looked back over only when full."""
         if not countings:
             return None
         ctx = CodeContext(getters)
-        scope: dict[str, Any] = {"W": self._windows, "_Window": _Window, "fire": self._fire}
-        lines = ["def observe(out, e):", "    now = e.time_ns"]
+        scope: dict[str, Any] = {"_Window": _Window, "_Distinct": _Distinct, "fire": self._fire}
+        reads: dict[str, str] = {}  # each field read once, whatever reads it
+
+        def read(name: str | None) -> str:
+            getter = getters.get(name) if name is not None else None
+            if getter is None:  # fields the type lacks are None, as FieldDict gives them
+                return "None"
+            return reads.setdefault(ctx.read(getter), f"a{len(reads)}")
+
+        body = []
         for n, counting in enumerate(countings):
-            scope[f"G{n}"], scope[f"C{n}"] = counting, counting.corr.id
-            parts = [ctx.read(getters[f]) if f in getters else "None" for f in counting.group_by]
-            if counting.field is not None:  # fields the type lacks are None, as FieldDict
-                getter = getters.get(counting.field)  # gives them
-                value = ctx.read(getter) if getter is not None else "None"
+            scope[f"G{n}"], scope[f"W{n}"] = counting, self._windows[counting.corr.id]
+            parts = [read(f) for f in counting.group_by]
+            key = parts[0] if len(parts) == 1 else f"({''.join(p + ', ' for p in parts)})"
+            if counting.field is not None:
+                value = read(counting.field)
             else:
                 scope[f"V{n}"], value = counting.value, f"V{n}"
             horizon = f"now - {counting.window_ns}"
-            lines += [
+            window = "_Window" if counting.field is None else "_Distinct"
+            body += [
                 f"    # {counting.corr.kind} {counting.corr.id}",
-                f"    k = (C{n}, {''.join(p + ', ' for p in parts)})",
-                "    w = W.get(k)",
+                f"    w = W{n}.get({key})",
                 "    if w is None:",
-                "        w = W[k] = _Window()",
+                f"        w = W{n}[{key}] = {window}()",
                 f"    v = {value}",
+            ]
+            if counting.field is not None:  # value_count: when each value was last seen
+                getter = getters.get(counting.field)
+                counted = "v" if getter in ALWAYS_STR else 'v is not None and v != ""'
+                body += [
+                    f"    if {counted}:  # an absent or empty value is not counted",
+                    "        d = w.seen",
+                    "        d[v] = now",
+                ]
+                if counting.op is not None:  # the window is looked at once it may be full
+                    test = f"len(d) {counting.op} {counting.ref!r}"
+                    body += [
+                        f"        if {test}:",
+                        f"            w.forget({horizon})",
+                        f"            if {test}:",
+                        f"                fire(out, G{n}, w, len(d), e)",
+                    ]
+                continue
+            body += [
                 "    x, d = w.entries, w.values",
                 "    x.append((now, v))",
-                "    d[v] = d.get(v, 0) + 1",
+                "    d[v] += 1",
             ]
             if counting.corr.kind == "temporal_ordered":
-                lines.append("    w.place(v)")
-            lines += [f"    if x[0][0] < {horizon}:", f"        w.forget({horizon})"]
+                body.append("    w.place(v)")
+            body += [f"    if x[0][0] < {horizon}:", f"        w.forget({horizon})"]
             if counting.op is None:
                 continue
             kind = counting.corr.kind
-            if kind == "value_count":  # distinct values, an absent or empty one not counted
-                seen = 'len(d) - (None in d) - ("" in d)'
-            elif kind == "temporal_ordered":
+            if kind == "temporal_ordered":
                 scope[f"O{n}"] = counting.corr.rules
                 seen = f"w.ordered_prefix(O{n})"
             elif kind == "temporal":  # distinct rules
                 seen = "len(d)"
             else:  # event_count
                 seen = "len(x)"
-            lines += [
+            body += [
                 f"    s = {seen}",
                 f"    if s {counting.op} {counting.ref!r}:",
                 f"        fire(out, G{n}, w, s, e)",
             ]
+        lines = ["def observe(out, e):", "    now = e.time_ns"]
+        lines += [f"    {local} = {source}" for source, local in reads.items()]
+        lines += body
         scope.update(ctx.namespace())
         name = f"<correlations of {countings[0].rule_id}>"
         exec(compile("\n".join(lines), name, "exec"), scope)  # noqa: S102 - our own source
         observe: Callable[[list[Alert], Event], None] = scope["observe"]
         return observe
 
-    def _fire(self, out: list[Alert], counting: _Counting, window: _Window, seen: int,
+    def _fire(self, out: list[Alert], counting: _Counting, window: _Window | _Distinct, seen: int,
               event: Event) -> None:  # fmt: skip
         corr = counting.corr
         detail = f"{corr.kind} {seen} in {corr.seconds:g}s"
@@ -379,6 +413,28 @@ class _Counting:
 _Action = tuple[Rule, bool, Callable[[list[Alert], Event], None] | None]
 
 
+class _Distinct:
+    """A value_count correlation's window: when each value was last seen. The values seen
+    within the timespan are those last seen since its start; the others are forgotten when
+    the count might be reached, so the window holds at most about as many as it counts to."""
+
+    __slots__ = ("seen",)
+
+    def __init__(self) -> None:
+        self.seen: dict[Any, int] = {}
+
+    def forget(self, horizon: int) -> None:
+        seen = self.seen
+        for value in [v for v, at in seen.items() if at < horizon]:
+            del seen[value]
+
+    def last(self) -> int:
+        return max(self.seen.values(), default=0)
+
+    def clear(self) -> None:
+        self.seen.clear()
+
+
 class _Window:
     """Entries within a correlation's timespan, with a running count of distinct values and,
     for ordered correlations, where each value stands in the sequence."""
@@ -387,7 +443,7 @@ class _Window:
 
     def __init__(self) -> None:
         self.entries: deque[tuple[int, Any]] = deque()
-        self.values: dict[Any, int] = {}  # value -> entries holding it
+        self.values: defaultdict[Any, int] = defaultdict(int)  # value -> entries holding it
         self.positions: dict[Any, deque[int]] = {}  # value -> its entries' sequence numbers
         self.next = 0
 

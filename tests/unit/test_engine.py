@@ -130,9 +130,9 @@ def test_correlation_window_restarts_after_firing_and_idle_windows_go() -> None:
     assert len(first) == 1
     again = [a for i in range(3) for a in e.feed(connect(1 + i * 0.1, ip=f"198.51.100.{i}"))]
     assert again == []  # three new ones after the alert are not yet four
-    assert e._windows
+    assert sum(map(len, e._windows.values())) == 1
     e.expire(first[0].time_ns + 60 * 10**9)
-    assert not e._windows
+    assert sum(map(len, e._windows.values())) == 0
 
 
 def test_egress_allow_lists_per_sandbox() -> None:
@@ -189,3 +189,31 @@ def test_ordered_window_agrees_with_a_walk_of_its_entries() -> None:
             assert window.ordered_prefix(order) == expected
             checked += expected == len(order)
     assert checked > 100  # full matches were among the cases
+
+
+def test_value_count_alerts_as_a_count_over_the_window_says() -> None:
+    """A value_count window keeps when each value was last seen, and looks back only when
+    the count may be reached: its alerts must be those of counting, at every event, the
+    distinct values of the events since the last alert that lie within the timespan (the
+    group's events, an empty value not counted), whatever the order of values and gaps."""
+    import random  # noqa: PLC0415
+
+    rng = random.Random(11)
+    e = engine(VALUE_COUNT, fold_seconds=0)  # gte 4 distinct DestinationIp in 10 s, per pid
+    since: dict[int, list[tuple[float, str]]] = {1: [], 2: []}
+    now, fired = 0.0, 0
+    for _ in range(4000):
+        now += rng.choice([0.0, 0.5, 1.0, 3.0, 7.0])
+        pid = rng.choice([1, 2])
+        ip = rng.choice(["", "198.51.100.1", "198.51.100.2", "198.51.100.3", "198.51.100.4",
+                         "198.51.100.5"])  # fmt: skip
+        got = [a for a in e.feed(connect(now, ip=ip, pid=pid)) if a.rule_id.endswith("bb")]
+        since[pid].append((now, ip))
+        distinct = {v for at, v in since[pid] if at >= now - 10 and v}
+        if len(distinct) >= 4:
+            since[pid] = []
+            fired += 1
+            assert len(got) == 1, (now, pid, distinct)
+        else:
+            assert got == [], (now, pid, distinct)
+    assert fired > 50
