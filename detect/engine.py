@@ -21,7 +21,14 @@ from typing import Any, Protocol
 import msgspec.structs
 
 from collector.events import Alert, AnyEvent, ConnectEvent, Event
-from detect.fields import ALWAYS_STR, CONSTANT, GETTERS, category_of_type
+from detect.fields import (
+    ALWAYS_STR,
+    CONSTANT,
+    DECODES,
+    GETTERS,
+    category_of_type,
+    text_expression,
+)
 from detect.sigma import CodeContext, Correlation, Rule, RuleSet, ip_int
 
 EGRESS_RULE_ID = "sandtrace-egress-allow-list"
@@ -528,8 +535,14 @@ def generate_matcher(
     # worked out once per value: lowered, looked up, searched, kept with what it gave.
     memo = sorted({var[2:] for _, var in index if var[2:] in _MEMO_FIELDS} if getters else ())
     derived = {f"{f}_{name}" for name in memo for f in ("v", "r")}
+    # keyed by the bytes when the field decodes one attribute, else by the text
+    memo_keys = {
+        name: DECODES[g] if (g := getters[name]) in DECODES else None  # type: ignore[index]
+        for name in memo
+    }
     # raw forms first: the lowered and joined forms of a field read its raw local on the way
-    loaded = {var for _, var in index if var not in derived} | {f"r_{name}" for name in memo}
+    loaded = {var for _, var in index if var not in derived}
+    loaded |= {f"r_{name}" for name in memo if memo_keys[name] is None}
     assigned: set[str] = set()
     loads = []
     for var in sorted(loaded, key=lambda var: (var[0] != "r", var)):
@@ -538,24 +551,32 @@ def generate_matcher(
     namespace: dict[str, Any] = {}
     tables = {key: f"T{n}" for n, key in enumerate(sorted(index))}
     for name in memo:
-        own = sorted(key for key in index if key[1] in (f"v_{name}", f"r_{name}"))
+        own = sorted(entry for entry in index if entry[1] in (f"v_{name}", f"r_{name}"))
         out = [var for var in (f"v_{name}",) if any(v == var for _, v in own)]
         out += [f"p_{var}" for kind, var in own if kind == "needle"]
-        body = [f"def D_{name}(r_{name}):", "    cand = 0"]
+        source, raw = memo_keys[name], f"r_{name}"
+        if source is None:
+            body = [f"def D_{name}({raw}):", "    cand = 0"]
+            lookup = raw
+        else:  # the text is decoded here, once per value, and kept with the rest
+            body = [f"def D_{name}(b):", f"    {raw} = {text_expression('b')}", "    cand = 0"]
+            out.insert(0, raw)
+            lookup = f"b_{name}"  # the bytes behind r_X
+            loads.append(f"    {lookup} = {source}")
         body += [f"    {var} = _U" for var in out if var.startswith("p_")]
         if f"v_{name}" in out:
-            body.append(f"    v_{name} = {ctx.load(f'v_{name}', {f'r_{name}'})}")
-        for key in own:
-            body += _index_lines(*key, index[key], tables[key], namespace)
+            body.append(f"    v_{name} = {ctx.load(f'v_{name}', {raw})}")
+        for entry in own:
+            body += _index_lines(*entry, index[entry], tables[entry], namespace)
         body.append(f"    return cand, {', '.join(out)}")
         exec(compile("\n".join(body), f"<sandtrace {name}>", "exec"), namespace)  # noqa: S102
         namespace[f"M_{name}"] = {}
         loads += [
-            f"    m_{name} = M_{name}.get(r_{name})",
+            f"    m_{name} = M_{name}.get({lookup})",
             f"    if m_{name} is None:",
             f"        if len(M_{name}) >= {_MEMO_SIZE}:",
             f"            M_{name}.clear()",
-            f"        m_{name} = M_{name}[r_{name}] = D_{name}(r_{name})",
+            f"        m_{name} = M_{name}[{lookup}] = D_{name}({lookup})",
             f"    c, {', '.join(out)} = m_{name}",
             "    cand |= c",
         ]

@@ -160,9 +160,12 @@ ALWAYS_LOWER: set[Getter] = set()
 # Getters of a field that has one value for the whole event type (Action, Initiated): an
 # index entry on it holds for every event of the type or for none.
 CONSTANT: dict[Getter, str] = {}
+# Getters that decode one bytes attribute -> that attribute's expression: generated matchers
+# look values up by the bytes, before any decoding.
+DECODES: dict[Getter, str] = {}
 
 
-def _text(of: str) -> str:
+def text_expression(of: str) -> str:
     """The expression decoding bytes `of` as text() does."""
     return f'{of}.decode("utf-8", "backslashreplace")'
 
@@ -172,9 +175,16 @@ def _joined(of: str, sep: str, lower: bool = False) -> str:
     lower, lower_joined(of): the functions' bodies, so that generated code spends no call.
     `of` must be cheap to evaluate twice (an attribute)."""
     if sep == " ":
-        return _text(f'b" ".join({of})')
-    joined = f'("\\0" + {_text(f"b{sep!r}.join({of})")} + "\\0")'
+        return text_expression(f'b" ".join({of})')
+    joined = f'("\\0" + {text_expression(f"b{sep!r}.join({of})")} + "\\0")'
     return f'({joined}{".lower()" if lower else ""} if {of} else "")'
+
+
+def _decoding(of: str) -> Getter:
+    """A getter of bytes `of` decoded as text() does, noted in DECODES."""
+    getter = _x(text_expression(of))
+    DECODES[getter] = of
+    return getter
 
 
 def _const(value: str) -> Getter:
@@ -197,7 +207,7 @@ def _x(source: str, form: str = "") -> Getter:
 
 # Network events carry the process's current argv and parent from the process table.
 COMMON_GETTERS: dict[str, Getter] = {
-    "Image": _x(_text("e.process.exe")),
+    "Image": _decoding("e.process.exe"),
     "CommandLine": _x("command_line(_argv(e))"),
     "Argv": _x('[a.decode("utf-8", "backslashreplace") for a in _argv(e)]'),
     "ProcessId": _x("e.process.pid"),
@@ -207,7 +217,7 @@ COMMON_GETTERS: dict[str, Getter] = {
     "AncestorImages": _x("[text(a.exe) for a in e.process.ancestry]"),
     "User": _x("e.process.user or str(e.process.uid)"),
     "Uid": _x("e.process.uid"),
-    "Comm": _x(_text("e.process.comm")),
+    "Comm": _x(text_expression("e.process.comm")),
     "Sandbox": _x("e.sandbox", "str"),
     "ContainerId": _x("e.container_id", "str"),
     "CgroupPath": _x("e.cgroup_path", "str"),
@@ -240,10 +250,10 @@ GETTERS: dict[type, dict[str, Getter]] = {
         **COMMON_GETTERS,
         "CommandLine": EXEC_COMMAND_LINE,
         "Argv": EXEC_ARGV,
-        "ParentImage": _x(_text("e.parent_exe")),
+        "ParentImage": _decoding("e.parent_exe"),
         "ParentCommandLine": _x(_joined("e.parent_argv", " ")),
-        "CurrentDirectory": _x(_text("e.cwd")),
-        "OriginalFileName": _x(_text("e.filename")),
+        "CurrentDirectory": _decoding("e.cwd"),
+        "OriginalFileName": _decoding("e.filename"),
         "ArgvCount": _x("len(e.argv)"),
         "ArgvTruncated": _x('"true" if e.argv_truncated else "false"', "low"),
         "Fileless": _x('"true" if e.fileless else "false"', "low"),

@@ -55,6 +55,7 @@ from detect.fields import (
     ALWAYS_LOWER,
     ALWAYS_STR,
     CATEGORY_FIELDS,
+    CONSTANT,
     EXPR_SCOPE,
     INLINE,
     LOWER_JOINED,
@@ -760,6 +761,15 @@ class CodeContext:
         source = INLINE.get(getter)
         return f"({source})" if source is not None else f"{self.const(getter)}(e)"
 
+    def fixed(self, node: _Strings | _Regex) -> str | None:
+        """ "True" or "False" when the field a test reads has one fixed value for the event
+        type (a connect's Initiated, a bind's Action): decided once, when the matcher is
+        made, instead of on every event."""
+        getter = self.getters.get(node.name) if self.getters is not None else None
+        if getter not in CONSTANT:
+            return None
+        return str(bool(node.test(FieldDict({node.name: CONSTANT[getter]}))))
+
     def joined_home(self, var: str) -> str | None:
         """For a lowered command line (v_CommandLine) that is its argv joined with spaces,
         the local of that argv lowered and NUL-joined (j_Argv): a needle without a space is
@@ -898,6 +908,8 @@ class _Strings(Node):
         self.test = _strings_test(name, simple)
 
     def code(self, ctx: CodeContext) -> str:
+        if (fixed := ctx.fixed(self)) is not None:
+            return fixed
         if self.name in LIST_FIELDS:
             # Elements joined with NUL (which no argv element or path holds) turn "any
             # element equals / starts with / ends with / contains" into one substring search.
@@ -970,6 +982,8 @@ class _Regex(Node):
         self.test = _regex_test(name, value)
 
     def code(self, ctx: CodeContext) -> str:
+        if (fixed := ctx.fixed(self)) is not None:
+            return fixed
         if self.name not in TEXT_FIELDS:  # lists element by element, numbers as text
             ctx.raw_fields.add(self.name)
             raw = ctx.lazy(f"r_{self.name}", ctx.load(f"r_{self.name}"))
