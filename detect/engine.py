@@ -507,8 +507,10 @@ def generate_matcher(
 
     Rules are indexed by their guards (see detect.sigma.Node.guard): the function first looks
     the event up by the last path element of a field, the needles its text contains (one
-    Aho-Corasick pass per text) and its numbers, and enters only the rules one of whose
-    atoms holds, plus those without a guard.
+    Aho-Corasick pass per text; a command line's in its argv's), how often it holds a
+    character and its numbers, and enters only the rules one of whose atoms holds, plus
+    those without a guard, testing them in groups of eight. A path field's part of the
+    index is worked out once per value (_memoised).
 
     Without getters the function takes a FieldDict. With `getters` (those of the one event
     type it will see) it takes the event and reads fields straight from it; it makes a
@@ -551,35 +553,10 @@ def generate_matcher(
     namespace: dict[str, Any] = {}
     tables = {key: f"T{n}" for n, key in enumerate(sorted(index))}
     for name in memo:
-        own = sorted(entry for entry in index if entry[1] in (f"v_{name}", f"r_{name}"))
-        out = [var for var in (f"v_{name}",) if any(v == var for _, v in own)]
-        out += [f"p_{var}" for kind, var in own if kind == "needle"]
-        source, raw = memo_keys[name], f"r_{name}"
-        if source is None:
-            body = [f"def D_{name}({raw}):", "    cand = 0"]
-            lookup = raw
-        else:  # the text is decoded here, once per value, and kept with the rest
-            body = [f"def D_{name}(b):", f"    {raw} = {text_expression('b')}", "    cand = 0"]
-            out.insert(0, raw)
-            lookup = f"b_{name}"  # the bytes behind r_X
-            loads.append(f"    {lookup} = {source}")
-        body += [f"    {var} = _U" for var in out if var.startswith("p_")]
-        if f"v_{name}" in out:
-            body.append(f"    v_{name} = {ctx.load(f'v_{name}', {raw})}")
-        for entry in own:
-            body += _index_lines(*entry, index[entry], tables[entry], namespace)
-        body.append(f"    return cand, {', '.join(out)}")
-        exec(compile("\n".join(body), f"<sandtrace {name}>", "exec"), namespace)  # noqa: S102
-        namespace[f"M_{name}"] = {}
-        loads += [
-            f"    m_{name} = M_{name}.get({lookup})",
-            f"    if m_{name} is None:",
-            f"        if len(M_{name}) >= {_MEMO_SIZE}:",
-            f"            M_{name}.clear()",
-            f"        m_{name} = M_{name}[{lookup}] = D_{name}({lookup})",
-            f"    c, {', '.join(out)} = m_{name}",
-            "    cand |= c",
-        ]
+        own = {entry: index[entry] for entry in index if entry[1] in (f"v_{name}", f"r_{name}")}
+        code, out = _memoised(name, memo_keys[name], own, tables=tables, ctx=ctx,
+                              namespace=namespace)  # fmt: skip
+        loads += code
         assigned.update(out)
     # Every rule is tested after the index has read its fields: no first-use checks for those.
     ctx.preloaded = {var for _, var in index}
@@ -630,6 +607,51 @@ def generate_matcher(
 _GROUP = 8  # rules per group in a generated matcher
 _MEMO_FIELDS = frozenset({"Image", "ParentImage", "OriginalFileName", "CurrentDirectory"})
 _MEMO_SIZE = 4096  # values kept per field; all forgotten at once when full
+
+
+def _memoised(
+    name: str,
+    source: str | None,
+    own: Mapping[tuple[str, str], dict[Any, int]],
+    *,
+    tables: Mapping[tuple[str, str], str],
+    ctx: CodeContext,
+    namespace: dict[str, Any],
+) -> tuple[list[str], list[str]]:
+    """Field `name`'s part of the index (its entries `own`) as a function D_<name> of the
+    field's value, run once per value and its results kept in M_<name>; the value is looked
+    up by the bytes attribute `source` when the field decodes one (and decoded there), else
+    by the text (r_<name>). The matcher's lines that look it up, and the locals they set."""
+    raw = f"r_{name}"
+    out = [var for var in (f"v_{name}",) if any(v == var for _, v in own)]
+    out += [f"p_{var}" for kind, var in own if kind == "needle"]
+    lines = []
+    if source is None:
+        body = [f"def D_{name}({raw}):", "    cand = 0"]
+        lookup = raw
+    else:  # the text is decoded here, once per value, and kept with the rest
+        body = [f"def D_{name}(b):", f"    {raw} = {text_expression('b')}", "    cand = 0"]
+        out.insert(0, raw)
+        lookup = f"b_{name}"  # the bytes behind r_X
+        lines.append(f"    {lookup} = {source}")
+    body += [f"    {var} = _U" for var in out if var.startswith("p_")]
+    if f"v_{name}" in out:
+        body.append(f"    v_{name} = {ctx.load(f'v_{name}', {raw})}")
+    for entry, table in sorted(own.items()):
+        body += _index_lines(*entry, table, tables[entry], namespace)
+    body.append(f"    return cand, {', '.join(out)}")
+    exec(compile("\n".join(body), f"<sandtrace {name}>", "exec"), namespace)  # noqa: S102
+    namespace[f"M_{name}"] = {}
+    lines += [
+        f"    m_{name} = M_{name}.get({lookup})",
+        f"    if m_{name} is None:",
+        f"        if len(M_{name}) >= {_MEMO_SIZE}:",
+        f"            M_{name}.clear()",
+        f"        m_{name} = M_{name}[{lookup}] = D_{name}({lookup})",
+        f"    c, {', '.join(out)} = m_{name}",
+        "    cand |= c",
+    ]
+    return lines, out
 
 
 def _index_lines(kind: str, var: str, table: dict[Any, int], name: str,
