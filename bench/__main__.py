@@ -486,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmpdir:
         exe = Path(tmpdir) / "micro"
         subprocess.run(["cc", "-O2", "-o", str(exe), str(HERE / "micro.c")], check=True)
+        parent_existed = (root / "sandtrace").exists()
         sandbox = cgroups.create_sandbox(root)
         try:
             if "host" in only:
@@ -502,6 +503,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows += service_latency(exe, sandbox)
         finally:
             sandbox.destroy()
+            if not parent_existed:
+                cgroups.remove_parent_if_unused(root)
 
     cmd = shlex.join(["sudo", ".venv/bin/python", "-m", "bench", *(argv or sys.argv[1:])])
     print(

@@ -388,6 +388,20 @@ def create_sandbox(root: Path, parent: str = "sandtrace") -> SandboxCgroup:
     return sandbox
 
 
+def remove_parent_if_unused(root: Path, parent: str = "sandtrace") -> bool:
+    """Remove the cgroup sandboxes share (create_sandbox's `parent`) if no sandbox is left
+    in it; True when it is gone. For whoever made it only to run sandboxes for a while (the
+    test suite, the benchmarks): `sandtrace run` leaves it, as a running `watch` may be
+    tracing it."""
+    try:
+        (root / parent).rmdir()
+    except FileNotFoundError:
+        pass
+    except OSError:  # a sandbox in it (EBUSY, ENOTEMPTY), or not ours to remove
+        return False
+    return True
+
+
 # --- what to watch by default --------------------------------------------------------
 
 _DEFAULT_SCOPE_PATTERNS = (

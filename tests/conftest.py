@@ -10,9 +10,12 @@ from __future__ import annotations
 import importlib
 import os
 import platform
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from collector import cgroups
 
 TESTS_DIR = Path(__file__).resolve().parent
 LAYER_DIRS = {"kernel": TESTS_DIR / "kernel", "e2e": TESTS_DIR / "e2e"}
@@ -26,6 +29,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         for mark, directory in LAYER_DIRS.items():
             if item.path.is_relative_to(directory):
                 item.add_marker(mark)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sandbox_parent_left_as_found() -> Iterator[None]:
+    """The cgroup that sandboxes share is made by the first test that makes a sandbox and
+    left in place by design (see collector.cgroups.create_sandbox): when the session made
+    it, the session removes it at its end, whatever the tests' outcome."""
+    try:
+        root: Path | None = cgroups.find_cgroup2_root()
+    except cgroups.CgroupError:
+        root = None
+    existed = root is None or (root / "sandtrace").exists()
+    yield
+    if not existed and root is not None:
+        cgroups.remove_parent_if_unused(root)
 
 
 def kernel_test_problems() -> list[str]:

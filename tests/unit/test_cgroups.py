@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import os
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -20,6 +20,7 @@ from collector.cgroups import (
     default_scopes,
     find_cgroup2_root,
     pids_in_subtree,
+    remove_parent_if_unused,
 )
 
 HYBRID = """\
@@ -268,8 +269,23 @@ def sandbox() -> Iterator[SandboxCgroup]:
     finally:
         sb.destroy()
         if not parent_existed:  # leave the machine as it was; fine if others use it now
-            with contextlib.suppress(OSError):
-                (root / "sandtrace").rmdir()
+            remove_parent_if_unused(root)
+
+
+@pytest.mark.kernel
+def test_the_shared_parent_goes_only_once_no_sandbox_is_in_it() -> None:
+    root = find_cgroup2_root()
+    parent = f"sandtrace-test-{os.getpid()}"  # its own, whatever else runs sandboxes now
+    sb = create_sandbox(root, parent=parent)
+    try:
+        assert remove_parent_if_unused(root, parent) is False
+        assert (root / parent).is_dir()
+    finally:
+        sb.destroy()
+        gone = remove_parent_if_unused(root, parent)
+    assert gone is True
+    assert not (root / parent).exists()
+    assert remove_parent_if_unused(root, parent) is True  # already gone
 
 
 def _spawn_sleep() -> subprocess.Popen[bytes]:
