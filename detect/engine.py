@@ -535,16 +535,16 @@ def generate_matcher(
                 ctx.needles.setdefault(var, set()).add(key)
     # Fields whose values repeat (a host runs few executables) have their part of the index
     # worked out once per value: lowered, looked up, searched, kept with what it gave.
-    memo = sorted({var[2:] for _, var in index if var[2:] in _MEMO_FIELDS} if getters else ())
-    derived = {f"{f}_{name}" for name in memo for f in ("v", "r")}
-    # keyed by the bytes when the field decodes one attribute, else by the text
-    memo_keys = {
-        name: DECODES[g] if (g := getters[name]) in DECODES else None  # type: ignore[index]
-        for name in memo
+    # Each is keyed by the bytes it decodes when it decodes one attribute, else by its text.
+    memo = {
+        var[2:]: DECODES.get(getters[var[2:]])
+        for _, var in index
+        if getters is not None and var[2:] in _MEMO_FIELDS
     }
+    derived = {f"{f}_{name}" for name in memo for f in ("v", "r")}
     # raw forms first: the lowered and joined forms of a field read its raw local on the way
     loaded = {var for _, var in index if var not in derived}
-    loaded |= {f"r_{name}" for name in memo if memo_keys[name] is None}
+    loaded |= {f"r_{name}" for name, source in memo.items() if source is None}
     assigned: set[str] = set()
     loads = []
     for var in sorted(loaded, key=lambda var: (var[0] != "r", var)):
@@ -552,9 +552,9 @@ def generate_matcher(
         assigned.add(var)
     namespace: dict[str, Any] = {}
     tables = {key: f"T{n}" for n, key in enumerate(sorted(index))}
-    for name in memo:
+    for name, source in sorted(memo.items()):
         own = {entry: index[entry] for entry in index if entry[1] in (f"v_{name}", f"r_{name}")}
-        code, out = _memoised(name, memo_keys[name], own, tables=tables, ctx=ctx,
+        code, out = _memoised(name, source, own, tables=tables, ctx=ctx,
                               namespace=namespace)  # fmt: skip
         loads += code
         assigned.update(out)

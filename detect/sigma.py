@@ -467,13 +467,10 @@ def _required_literals(
 def _required_literal_sets(rx: re.Pattern[str]) -> list[frozenset[str]]:
     """Sets of strings such that any match contains at least one string of every set
     (lowercased when the pattern ignores case), in the pattern's order."""
-    try:
-        import importlib  # noqa: PLC0415
-
-        c = importlib.import_module("re._constants")
-        tree = importlib.import_module("re._parser").parse(rx.pattern, rx.flags)
-    except Exception:
+    parsed = _parse(rx)
+    if parsed is None:
         return []
+    c, tree = parsed
     fold = bool(rx.flags & re.IGNORECASE)
 
     def best(seq: Any) -> frozenset[str] | None:
@@ -514,13 +511,10 @@ def _required_counts(rx: re.Pattern[str]) -> dict[str, int]:
     (lowercased when the pattern ignores case): `text.count(c) >= n` turns away, in C, texts
     that hold each character but too few times for a match (an IP:port:IP:port pattern
     needs six dots and three colons; a URL has some of both)."""
-    try:
-        import importlib  # noqa: PLC0415
-
-        c = importlib.import_module("re._constants")
-        tree = importlib.import_module("re._parser").parse(rx.pattern, rx.flags)
-    except Exception:
+    parsed = _parse(rx)
+    if parsed is None:
         return {}
+    c, tree = parsed
     fold = bool(rx.flags & re.IGNORECASE)
 
     def counts(seq: Any) -> Counter[str]:
@@ -568,13 +562,22 @@ def _element_search(rx: re.Pattern[str]) -> re.Pattern[str] | None:
 
 def _min_width(rx: re.Pattern[str]) -> int:
     """The fewest characters any match of `rx` spans (0 when unknown)."""
+    parsed = _parse(rx)
+    return int(parsed[1].getwidth()[0]) if parsed is not None else 0
+
+
+@functools.cache
+def _parse(rx: re.Pattern[str]) -> tuple[Any, Any] | None:
+    """The pattern's parse tree as the re module makes it, with the module of its opcodes;
+    None when this Python's re has neither (they are internals): the analyses above then
+    find nothing, and only prefilter less."""
     try:
         import importlib  # noqa: PLC0415
 
-        tree = importlib.import_module("re._parser").parse(rx.pattern, rx.flags)
-        return int(tree.getwidth()[0])
+        constants = importlib.import_module("re._constants")
+        return constants, importlib.import_module("re._parser").parse(rx.pattern, rx.flags)
     except Exception:
-        return 0
+        return None
 
 
 def _regex_test(name: str, value: SigmaRegularExpression) -> Matcher:
