@@ -8,7 +8,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 BPF_SOURCES := $(wildcard bpf/*.c bpf/include/*.h)
-PY_SOURCES := probes collector detect service tests $(wildcard bench)
+PY_SOURCES := sandtrace api probes collector detect service tail tests bench
 
 .PHONY: help setup venv run test test-unit lint check bench bench-instructions format clean
 
@@ -33,12 +33,13 @@ test: setup ## Set up, then run every test layer: unit, kernel, e2e (root; never
 test-unit: venv ## Run the unit tests only (no root)
 	$(PY) -m pytest tests/unit
 
-lint: venv ## ruff check, ruff format --check, mypy --strict, clang-format on bpf/
+lint: venv ## ruff, mypy --strict, the layers' import direction, clang-format on bpf/
 	@command -v clang-format >/dev/null \
 		|| { echo "clang-format is missing: run 'sudo make setup'" >&2; exit 1; }
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy --strict $(PY_SOURCES)
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit/test_architecture.py
 	clang-format --dry-run --Werror $(BPF_SOURCES)
 
 check: lint test ## lint, then the whole test suite (root)

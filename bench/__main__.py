@@ -30,12 +30,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from api.events import ConnectEvent
 from bench import Row, print_table
 from bench.service import free_port, service_ingest
 from collector import cgroups
 from collector import records as R
 from collector.assemble import Assembler, Scope
-from collector.events import ConnectEvent
 from detect.engine import EgressPolicy, Engine
 from detect.sigma import RuleSet, load_paths, load_text
 from detect.testing import load_cases
@@ -289,7 +289,7 @@ def watch_memory(exe: Path, sandbox: cgroups.SandboxCgroup) -> list[Row]:
     resident memory in steady state, after 100,000 events at 20,000 per second."""
     t0 = time.monotonic()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "collector.cli", "watch", "--json", "--cgroup", str(sandbox.path)],
+        [sys.executable, "-m", "sandtrace", "watch", "--json", "--cgroup", str(sandbox.path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=HERE.parent,
@@ -346,7 +346,7 @@ def watch_memory_service_down(exe: Path, sandbox: cgroups.SandboxCgroup) -> list
             s.bind(("127.0.0.1", 0))
             dead = s.getsockname()[1]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "collector.cli", "watch", "--alerts-only", "--no-tail",
+            [sys.executable, "-m", "sandtrace", "watch", "--alerts-only", "--no-tail",
              "--cgroup", str(sandbox.path), "--server", f"http://127.0.0.1:{dead}",
              "--spool-dir", spool, "--spool-max", "32"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=HERE.parent,
@@ -404,7 +404,7 @@ def service_latency(exe: Path, sandbox: cgroups.SandboxCgroup) -> list[Row]:
             'what = "alerts"\n'
         )
         port = free_port()
-        cmd = [sys.executable, "-m", "collector.cli"]
+        cmd = [sys.executable, "-m", "sandtrace"]
         serve = subprocess.Popen(
             [*cmd, "serve", "--config", str(conf), "--listen", f"127.0.0.1:{port}",
              "--token-file", str(token)],

@@ -49,11 +49,11 @@ def child(target: str) -> None:
     """Runs under callgrind: warm up, count PASSES passes, print how many events they fed."""
     import msgspec.structs  # noqa: PLC0415
 
+    from api.wire import decode_batch  # noqa: PLC0415
     from bench.service import batch_body, encoded_events, mix  # noqa: PLC0415
     from detect.engine import EgressPolicies, Engine  # noqa: PLC0415
     from detect.sigma import load_paths  # noqa: PLC0415
     from service.app import Ingest  # noqa: PLC0415
-    from service.wire import decode_batch  # noqa: PLC0415
 
     rules = load_paths([ROOT / "rules"])
     egress = EgressPolicies.parse(["0.0.0.0/0", "::/0"])

@@ -33,11 +33,11 @@ from typing import Any
 import msgpack
 import msgspec.structs
 
+from api.events import AnyEvent, ExecEvent
+from api.render import json_line
+from api.wire import BATCH_VERSION, encode_batch
 from bench import Row, print_table
-from collector.events import AnyEvent, ExecEvent
-from collector.render import json_line
 from detect.testing import load_cases
-from service.wire import BATCH_VERSION, encode_batch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -100,7 +100,7 @@ def _head(collector: str, seq: int, fmt: str) -> dict[str, Any]:
 
 
 def batch_body(collector: str, seq: int, events: bytes, fmt: str) -> bytes:
-    """The same bytes as service.wire.encode_batch, from events already encoded."""
+    """The same bytes as api.wire.encode_batch, from events already encoded."""
     head = _head(collector, seq, fmt)
     if fmt == "json":
         return json.dumps(head)[:-1].encode() + b', "events": ' + events + b"}"

@@ -14,8 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from collector import records as R
-from collector.events import (
+from api.events import (
     AnyEvent,
     BindEvent,
     CgroupMoveEvent,
@@ -27,6 +26,7 @@ from collector.events import (
     Process,
     SocketEvent,
 )
+from collector import records as R
 from collector.proctable import Names, ProcessTable
 from collector.sockets import HeldSocket
 

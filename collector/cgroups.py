@@ -221,6 +221,14 @@ def container_id_from_path(path: str) -> str:
 # --- sandboxes -----------------------------------------------------------------------
 
 
+def cgroup_of(pid: int) -> str:
+    """The cgroup v2 path of a process, relative to the hierarchy's root ("/..." )."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        if line.startswith("0::"):
+            return line[3:]
+    return "/"
+
+
 def _read_pids(procs_file: Path) -> set[int]:
     try:
         text = procs_file.read_text(encoding="ascii")

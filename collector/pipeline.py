@@ -11,14 +11,14 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Protocol
+from typing import Protocol
 
 import structlog
 
+from api.events import Alert, AnyEvent, CgroupMoveEvent, LostEvent
+from api.render import json_line
 from collector import records as R
 from collector.assemble import Assembler
-from collector.events import Alert, AnyEvent, CgroupMoveEvent, LostEvent
-from collector.render import TextRenderer, json_line
 
 log = structlog.get_logger("sandtrace.collector")
 
@@ -56,37 +56,6 @@ class Sink(Protocol):
     def emit(self, event: AnyEvent | Alert) -> None: ...
     def flush(self) -> None: ...
     def close(self) -> None: ...
-
-
-class TerminalSink:
-    """One line per event or alert: text from `renderer`, or JSON lines when it is None."""
-
-    def __init__(
-        self, stream: IO[str], renderer: TextRenderer | None, *, alerts_only: bool = False
-    ) -> None:
-        self.stream = stream
-        self.renderer = renderer
-        self.alerts_only = alerts_only
-        if renderer is not None:
-            stream.write(renderer.header() + "\n")
-
-    def emit(self, event: AnyEvent | Alert) -> None:
-        is_alert = isinstance(event, Alert)
-        if self.alerts_only and not is_alert and not isinstance(event, LostEvent):
-            return
-        if self.renderer is None:
-            line = json_line(event)
-        elif isinstance(event, Alert):
-            line = self.renderer.alert_line(event)
-        else:
-            line = self.renderer.line(event)
-        self.stream.write(line + "\n")
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-    def close(self) -> None:
-        self.stream.flush()
 
 
 class JsonFileSink:

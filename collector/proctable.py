@@ -21,7 +21,7 @@ from pathlib import Path
 
 import structlog
 
-from collector.events import AncestorRef
+from api.events import AncestorRef
 from collector.records import split_nul
 
 _log = structlog.get_logger()
@@ -238,6 +238,26 @@ def parse_stat(stat: bytes) -> tuple[bytes, int, int]:
     if len(rest) < 20:
         raise ValueError("too few fields in /proc/PID/stat")
     return rest[0], int(rest[1]), int(rest[19])
+
+
+def descendants(pid: int, proc_root: Path = Path("/proc")) -> set[int]:
+    """pid and every live descendant, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in proc_root.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            _, ppid, _ = parse_stat((entry / "stat").read_bytes())
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        if p not in out:
+            out.add(p)
+            todo.extend(children.get(p, []))
+    return out
 
 
 def read_proc(pid: int, proc_root: Path = Path("/proc"), tick_ns: int = 0) -> ProcInfo | None:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import structlog
 
+from api.events import SocketEvent
 from collector import records as R
 from collector.assemble import Assembler
-from collector.events import SocketEvent
 from collector.proctable import read_proc
 from collector.sockets import SocketSnapshotError, snapshot
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import secrets
 import socket
@@ -30,14 +29,14 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import aiohttp
 import structlog
 
-from collector.events import Alert, AnyEvent, LostEvent
+from api.endpoints import check_url
+from api.events import Alert, AnyEvent, LostEvent
+from api.wire import CONTENT_TYPE, encode_batch
 from collector.spool import Spool, SpoolCorrupt
-from service.wire import CONTENT_TYPE, encode_batch
 
 log = structlog.get_logger("sandtrace.stream")
 
@@ -48,47 +47,6 @@ FIXABLE = {
     409: "the service reads another wire version: run the same sandtrace version on both",
     415: "the service does not take this content type: run the same sandtrace version on both",
 }
-
-
-class InsecureURL(ValueError):
-    """A plain-HTTP service address that is not on this host."""
-
-
-def check_url(url: str, insecure: bool = False) -> str:
-    """The service's base URL, checked: http(s) only; plain HTTP only to loopback unless
-    `insecure` (events carry command lines, which may carry secrets)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"service URL {url!r} is not http://HOST:PORT or https://HOST:PORT")
-    if parts.scheme == "http" and not insecure and not is_loopback(parts.hostname):
-        raise InsecureURL(
-            f"refusing to send events in clear text to {parts.hostname}: use https:// (with "
-            "--server-ca-file if its certificate is private), or --insecure on a trusted network"
-        )
-    return url.rstrip("/")
-
-
-def read_token_file(path: str) -> str:
-    """The bearer token in a file (surrounding whitespace dropped); ValueError saying why
-    when it cannot be read or is empty. The collector, `sandtrace tail` and the service all
-    read theirs with it."""
-    try:
-        token = Path(path).read_text().strip()
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if not token:
-        raise ValueError(f"{path} is empty")
-    return token
-
-
-def is_loopback(host: str) -> bool:
-    """Whether host (a name or an address) is this machine's loopback."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(slots=True)

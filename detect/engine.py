@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import msgspec.structs
 
-from collector.events import Alert, AnyEvent, ConnectEvent, Event
+from api.events import Alert, AnyEvent, ConnectEvent, Event
 from detect.fields import (
     ALWAYS_STR,
     CONSTANT,

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from collector.events import (
+from api.events import (
     AnyEvent,
     BindEvent,
     ConnectEvent,

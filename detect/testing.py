@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from collector.events import (
+from api.events import (
     AncestorRef,
     AnyEvent,
     BindEvent,

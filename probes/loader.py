@@ -21,13 +21,13 @@ from typing import Any
 
 import structlog
 
+from api.resources import shipped
 from probes import kernel
 from probes.btf import BTF, kernel_offsets
 from probes.ringbuf import RingBufferReader
 
 log = structlog.get_logger("sandtrace.probes")
 
-BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 MAIN_SOURCE = "sandtrace.bpf.c"
 
 # bpf_attach_type values (uapi/linux/bpf.h)
@@ -74,13 +74,14 @@ class ProbeError(RuntimeError):
     """Loading or attaching a probe failed; the message says what to do."""
 
 
-def build_source(bpf_dir: Path = BPF_DIR) -> str:
+def build_source(bpf_dir: Path | None = None) -> str:
     """The single compilation unit: sandtrace.bpf.c with its local includes inlined.
 
     BCC rewrites map calls and generates tracepoint argument structs only in the main source
     text, not in included files, so our own headers and hook files are inlined here. Only
     files from bpf/ are read; nothing from outside reaches the C source.
     """
+    bpf_dir = bpf_dir or shipped(__file__, "bpf")
     seen: set[Path] = set()
 
     def inline(name: str) -> str:

@@ -28,11 +28,11 @@ from typing import Any, Protocol
 import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from collector.events import Alert, AnyEvent, LostEvent
+from api.events import Alert, AnyEvent, LostEvent
+from api.wire import CONTENT_TYPES, MAX_BATCH_BYTES, BadBatch, decode_batch
 from detect.engine import Engine
 from detect.sigma import RuleSet
-from service.tail import TailHub, add_tail_routes
-from service.wire import CONTENT_TYPES, MAX_BATCH_BYTES, BadBatch, decode_batch
+from tail.hub import TailHub, add_tail_routes
 
 log = structlog.get_logger("sandtrace.service")
 
@@ -267,7 +267,7 @@ def make_app(
 ) -> web.Application:
     """The service; a request body that takes longer than read_timeout to arrive gets a 408
     (a client sending a byte a second holds one connection, never the service). With tail,
-    GET /v1/tail streams what tail is given (service.tail). With gate, a batch is
+    GET /v1/tail streams what tail is given (tail.hub). With gate, a batch is
     acknowledged once the gate's outputs have it. failpoint(ticket, alerts so far) runs
     between the outputs and the commit (tests crash the service there)."""
     app = web.Application(client_max_size=MAX_BATCH_BYTES)

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from collector.stream import is_loopback, read_token_file
+from api.endpoints import is_loopback, read_token_file
 
 
 class ConfigError(ValueError):

@@ -46,7 +46,7 @@ from typing import Any, ClassVar
 import aiohttp
 import structlog
 
-from collector.events import Alert, Event, LostEvent
+from api.events import Alert, Event, LostEvent
 from service.schemas import SCHEMAS, Item, Schema, rfc3339, text
 
 log = structlog.get_logger("sandtrace.outputs")

@@ -3,7 +3,7 @@
     SCHEMAS["ecs"](event)  # or native(event), ecs(event), ocsf(event)
 
 native
-    sandtrace's own form: exactly the object ``collector.render.json_line`` dumps. Bytes
+    sandtrace's own form: exactly the object ``api.render.json_line`` dumps. Bytes
     fields are lossless there (invalid UTF-8 as lone surrogates \\udcNN).
 ecs
     Elastic Common Schema. Field names as in the project's detection notes (DETECTIONS.md
@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import PurePosixPath
 from typing import Any
 
-from collector.events import (
+from api.events import (
     Alert,
     AnyEvent,
     BindEvent,
@@ -42,7 +42,7 @@ from collector.events import (
     Process,
     SocketEvent,
 )
-from collector.render import json_dict
+from api.render import json_dict
 
 Item = AnyEvent | Alert
 Schema = Callable[[Item], dict[str, Any]]
@@ -122,7 +122,7 @@ def _last_event(alert: Alert) -> Event | None:
 
 
 def native(item: Item) -> dict[str, Any]:
-    """sandtrace's own form: the object collector.render.json_line() dumps."""
+    """sandtrace's own form: the object api.render.json_line() dumps."""
     return json_dict(item)
 
 

@@ -65,7 +65,7 @@ def start_serve(args: list[str], port: int | None = None, scheme: str = "http",
     adds to the environment."""
     port = port or free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "collector.cli", "serve", "--listen", f"127.0.0.1:{port}", *args],
+        [sys.executable, "-m", "sandtrace", "serve", "--listen", f"127.0.0.1:{port}", *args],
         cwd=ROOT_DIR, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
         env={**os.environ, **(env or {})},
     )  # fmt: skip

@@ -56,7 +56,7 @@ class Run:
 def sandtrace_run(net: NetNS, script: str, tmp: Path, *extra: str, background: Any = None) -> Run:
     events, alerts = tmp / "events.jsonl", tmp / "alerts.jsonl"
     argv = [
-        sys.executable, "-m", "collector.cli", "run", "--json", "--events", str(events),
+        sys.executable, "-m", "sandtrace", "run", "--json", "--events", str(events),
         "--alerts", str(alerts), *extra, "--", *net.in_inside("sh", "-c", script),
     ]  # fmt: skip
     proc = subprocess.Popen(

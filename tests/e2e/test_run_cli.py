@@ -49,7 +49,7 @@ def test_run_fetches_from_test_host_and_reports_it(testnet: NetNS, tmp_path: Pat
         wait_listening(testnet, 8080)
         url = f"http://{testnet.outside_addr}:8080/page.txt"
         run = subprocess.run(
-            [sys.executable, "-m", "collector.cli", "run", "--json", "--events",
+            [sys.executable, "-m", "sandtrace", "run", "--json", "--events",
              str(tmp_path / "events.jsonl"), "--",
              *testnet.in_inside(PYTHON, "-c", FETCH, url)],
             capture_output=True, text=True, cwd=ROOT_DIR, timeout=120, check=False,

@@ -102,7 +102,7 @@ class Collector:
                  local: Path, *extra: str) -> None:  # fmt: skip
         self.local = local
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "collector.cli", "watch", "--json", "--no-tail",
+            [sys.executable, "-m", "sandtrace", "watch", "--json", "--no-tail",
              "--cgroup", str(box.path), "--server", url, "--server-token-file", str(token),
              "--spool-dir", str(spool), "--events", str(local), *extra],
             cwd=ROOT_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

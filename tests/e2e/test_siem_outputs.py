@@ -26,7 +26,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from collector.events import (
+from api.events import (
     Alert,
     AncestorRef,
     ConnectEvent,

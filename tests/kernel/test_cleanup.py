@@ -12,7 +12,7 @@ from pathlib import Path
 
 from collector import cgroups
 
-SANDTRACE = [sys.executable, "-m", "collector.cli"]
+SANDTRACE = [sys.executable, "-m", "sandtrace"]
 ROOT_DIR = Path(__file__).resolve().parents[2]
 
 

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from collector.events import ExecEvent
+from api.events import ExecEvent
 from tests.kernel.tracer import PYTHON, Sandbox, Tracer, of, one, python_exe
 
 # The sandbox's first process (a python of known pid) starts the program under test and

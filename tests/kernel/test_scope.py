@@ -6,8 +6,8 @@ from __future__ import annotations
 import socket
 import subprocess
 
+from api.events import ExecEvent, LostEvent
 from collector import cgroups
-from collector.events import ExecEvent, LostEvent
 from tests.kernel.tracer import PYTHON, Tracer, of, one
 
 CALLS = """

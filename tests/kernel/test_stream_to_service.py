@@ -20,7 +20,7 @@ def test_run_streams_to_the_service_which_alerts(tmp_path: Path, transport: str)
     token.write_text("t0ken")
     with serving(["--token-file", str(token), "--alerts", str(alerts)]) as svc:
         run = subprocess.run(
-            [sys.executable, "-m", "collector.cli", "run", "--json", "--no-tail",
+            [sys.executable, "-m", "sandtrace", "run", "--json", "--no-tail",
              "--server", svc.url, "--server-token-file", str(token),
              "--server-transport", transport, "--",
              "/bin/sh", "-c", "echo stratum+tcp://198.51.100.1:3333 --donate-level=0 >/dev/null"],

@@ -11,8 +11,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from api.render import bytes_from_json, format_argv
 from collector import cgroups
-from collector.render import bytes_from_json, format_argv
 from tests.kernel.tracer import PYTHON, python_exe
 from tests.unit.test_tail_service import Lines, processes, sandtrace
 

@@ -50,7 +50,7 @@ def test_watch_reports_held_sockets_then_live_events() -> None:
         assert holder.stdout is not None and holder.stdin is not None
         tcp_port, udp_port = map(int, holder.stdout.readline().split())
         watch = subprocess.Popen(
-            [sys.executable, "-m", "collector.cli", "watch", "--json", "--cgroup", str(box.path)],
+            [sys.executable, "-m", "sandtrace", "watch", "--json", "--cgroup", str(box.path)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -15,9 +15,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from api.events import AnyEvent, LostEvent
 from collector import cgroups
 from collector.assemble import Assembler, Scope
-from collector.events import AnyEvent, LostEvent
 from collector.pipeline import EscapeFollower
 from probes.loader import Probes
 

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from api.events import ConnectEvent, ExecEvent
 from collector import records as R
 from collector.assemble import CONNECT_HOLD_NS, Assembler, Scope
-from collector.events import ConnectEvent, ExecEvent
 
 HOST_FIELDS = {"cgroup_id": 77, "start_ns": 5_000, "pid": 100, "tid": 100, "ns_pid": 1,
                "ppid": 99, "uid": 1000, "gid": 1000, "sandbox": 0, "comm": b"agent"}  # fmt: skip

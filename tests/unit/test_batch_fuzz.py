@@ -10,9 +10,9 @@ from typing import Any
 import msgpack
 import pytest
 
-from collector.events import ConnectEvent, ExecEvent, Process, to_dict, to_row
+from api.events import ConnectEvent, ExecEvent, Process, to_dict, to_row
+from api.wire import CONTENT_TYPE, JSON_CONTENT_TYPE, BadBatch, decode_batch, encode_batch
 from detect.testing import event_from_fields
-from service.wire import CONTENT_TYPE, JSON_CONTENT_TYPE, BadBatch, decode_batch, encode_batch
 
 ROUNDS = 100_000
 

@@ -65,7 +65,7 @@ def test_example_configuration_passes_check_config(tmp_path: Path) -> None:
     (tmp_path / "log").mkdir()  # systemd makes it (LogsDirectory=)
     conf = tmp_path / "service.toml"
     conf.write_text(text)
-    done = subprocess.run([sys.executable, "-m", "collector.cli", "serve", "--config", str(conf),
+    done = subprocess.run([sys.executable, "-m", "sandtrace", "serve", "--config", str(conf),
                            "--check-config"], cwd=ROOT_DIR, capture_output=True, text=True,
                           check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr

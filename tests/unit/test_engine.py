@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from collector.events import AnyEvent
+from api.events import AnyEvent
 from detect.engine import EGRESS_RULE_ID, EgressPolicies, EgressPolicy, Engine
 from detect.sigma import RuleSet, load_text
 from detect.testing import event_from_fields

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from collector.events import (
+from api.events import (
     WIRE_VERSION,
     Alert,
     AncestorRef,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from collector.events import AnyEvent
+from api.events import AnyEvent
 from detect.testing import event_from_fields
 from service.main import OutputGate, take_back
 from service.outputs import JsonlOutput, outputs_from_config

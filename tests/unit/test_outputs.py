@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from collector.events import Alert, AnyEvent, LostEvent
+from api.events import Alert, AnyEvent, LostEvent
 from service.outputs import (
     ElasticsearchOutput,
     JsonlOutput,

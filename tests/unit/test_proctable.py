@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from collector.events import AncestorRef
+from api.events import AncestorRef
 from collector.proctable import Names, ProcessTable, read_proc
 from collector.records import split_nul
 

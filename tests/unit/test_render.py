@@ -1,4 +1,4 @@
-"""collector.render: escaping of untrusted data, terminal lines, JSON lines, totals."""
+"""api.render: escaping of untrusted data, terminal lines, JSON lines, totals."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from collector.events import (
+from api.events import (
     Alert,
     AnyEvent,
     BindEvent,
@@ -26,7 +26,7 @@ from collector.events import (
     Process,
     SocketEvent,
 )
-from collector.render import (
+from api.render import (
     TextRenderer,
     bytes_from_json,
     escape,

@@ -98,7 +98,7 @@ def test_rule_index_agrees_on_variants_of_the_cases() -> None:
 
     import msgspec.structs  # noqa: PLC0415
 
-    from collector.events import Event, ExecEvent  # noqa: PLC0415
+    from api.events import Event, ExecEvent  # noqa: PLC0415
     from detect.engine import generate_matcher  # noqa: PLC0415
     from detect.fields import GETTERS, category_of, category_of_type  # noqa: PLC0415
     from detect.sigma import FieldDict  # noqa: PLC0415
@@ -146,7 +146,7 @@ def test_the_per_value_index_memo_agrees_when_full() -> None:
     what the rules' closures say."""
     import msgspec.structs  # noqa: PLC0415
 
-    from collector.events import ExecEvent  # noqa: PLC0415
+    from api.events import ExecEvent  # noqa: PLC0415
     from detect.engine import _MEMO_SIZE, generate_matcher  # noqa: PLC0415
     from detect.fields import GETTERS  # noqa: PLC0415
     from detect.sigma import FieldDict  # noqa: PLC0415

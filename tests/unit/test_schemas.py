@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from collector.events import (
+from api.events import (
     Alert,
     AncestorRef,
     AnyEvent,
@@ -24,7 +24,7 @@ from collector.events import (
     Process,
     SocketEvent,
 )
-from collector.render import json_line
+from api.render import json_line
 from service.outputs import sd_escape, syslog_message
 from service.schemas import SCHEMAS, attack_ids, ecs, native, ocsf, rfc3339
 

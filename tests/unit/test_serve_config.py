@@ -14,20 +14,20 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from collector.events import AnyEvent, Event, LostEvent
+from api.events import AnyEvent, Event, LostEvent
 from collector.stream import StreamSink
 from detect.engine import Engine
+from detect.pack import builtin_rules
 from detect.sigma import RuleSet, load_paths
 from detect.testing import event_from_fields
 from service.app import Ingest, make_app, prometheus_text
 from service.config import ConfigError, ServiceConfig, check, load, tls_context
-from service.main import BUILTIN_RULES
 from tests.serving import ROOT_DIR, free_port, serving
 from tests.tlsutil import make_tls
 
 
 def serve_cmd(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "collector.cli", "serve", *args], check=False,
+    return subprocess.run([sys.executable, "-m", "sandtrace", "serve", *args], check=False,
                           cwd=ROOT_DIR, capture_output=True, text=True, timeout=60)  # fmt: skip
 
 
@@ -221,7 +221,7 @@ def test_an_event_the_engine_fails_on_is_counted_and_the_batch_goes_on() -> None
             return super().feed(event)
 
     seen: list[int] = []
-    ingest = Ingest(load_paths([BUILTIN_RULES]), engine_factory=Fragile,
+    ingest = Ingest(load_paths([builtin_rules()]), engine_factory=Fragile,
                     on_alert=lambda a: seen.append(a.process.pid))  # fmt: skip
     miners = [event_from_fields("process_creation", {
         "Image": "/tmp/x", "ProcessId": pid,
@@ -240,7 +240,7 @@ def test_fold_seconds_decides_whether_repeats_are_one_alert(
     import json  # noqa: PLC0415
     from collections import Counter  # noqa: PLC0415
 
-    from service.wire import encode_batch  # noqa: PLC0415
+    from api.wire import encode_batch  # noqa: PLC0415
 
     alerts = tmp_path / "alerts.jsonl"
     setting = "" if fold is None else f"[detection]\nfold_seconds = {fold}\n"

@@ -9,8 +9,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from api.wire import CONTENT_TYPE, encode_batch
 from detect.testing import event_from_fields
-from service.wire import CONTENT_TYPE, encode_batch
 from tests.serving import ROOT_DIR, free_port, serving
 
 __all__ = ["ROOT_DIR", "free_port", "post", "wait_for_lines"]

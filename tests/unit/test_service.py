@@ -12,11 +12,11 @@ import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
 
-from collector.events import WIRE_VERSION, Alert, to_dict, to_row
+from api.events import WIRE_VERSION, Alert, to_dict, to_row
+from api.wire import CONTENT_TYPE, MAX_BATCH_BYTES, encode_batch
 from detect.sigma import RuleSet, load_text
 from detect.testing import event_from_fields
 from service.app import Ingest, make_app
-from service.wire import CONTENT_TYPE, MAX_BATCH_BYTES, encode_batch
 
 TOKEN = "s3cret-token"  # noqa: S105 - a test token
 RULE = """

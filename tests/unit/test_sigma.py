@@ -301,7 +301,7 @@ def test_a_command_line_needle_is_found_in_the_argv_pass(argv: list[bytes], need
     says the same generated or compiled."""
     import msgspec.structs  # noqa: PLC0415
 
-    from collector.events import ExecEvent  # noqa: PLC0415
+    from api.events import ExecEvent  # noqa: PLC0415
     from detect.engine import generate_matcher  # noqa: PLC0415
     from detect.fields import EXEC_ARGV, GETTERS, LOWER_JOINED  # noqa: PLC0415
     from detect.sigma import FieldDict  # noqa: PLC0415

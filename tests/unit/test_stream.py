@@ -13,13 +13,14 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from collector.events import AnyEvent, Event, LostEvent
+from api.endpoints import InsecureURL, check_url, read_token_file
+from api.events import AnyEvent, Event, LostEvent
+from api.wire import MAX_BATCH_BYTES, encode_batch
 from collector.spool import SpoolBusy
-from collector.stream import InsecureURL, StreamSink, check_url, read_token_file
+from collector.stream import StreamSink
 from detect.sigma import RuleSet
 from detect.testing import event_from_fields
 from service.app import Ingest, make_app
-from service.wire import MAX_BATCH_BYTES, encode_batch
 
 TRANSPORTS = pytest.mark.parametrize("transport", ["http", "websocket"])
 

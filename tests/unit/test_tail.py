@@ -22,23 +22,13 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
-from collector.events import WIRE_VERSION, Alert, AnyEvent, ExecEvent, LostEvent, decode, encode
-from collector.render import TextRenderer
-from collector.tail import Follower, TailError, Target, add_parser, target_of
+from api.events import WIRE_VERSION, Alert, AnyEvent, ExecEvent, LostEvent, decode, encode
+from api.render import TextRenderer
+from api.tail import BadFilter, TailFilter, dropped_message, hello_message, parse_control
 from detect.testing import event_from_fields
-from service.tail import (
-    BadFilter,
-    Dropped,
-    LocalTail,
-    TailFilter,
-    TailHub,
-    TailSocketBusy,
-    TailSocketError,
-    add_tail_routes,
-    dropped_message,
-    hello_message,
-    parse_control,
-)
+from tail.args import add_parser
+from tail.client import Follower, TailError, Target, target_of
+from tail.hub import Dropped, LocalTail, TailHub, TailSocketBusy, TailSocketError, add_tail_routes
 
 TOKEN = "tail-t0ken"  # noqa: S105 - a test token
 SGR = re.compile(r"\x1b\[[0-9;]*m")
@@ -170,7 +160,7 @@ def test_hub_counts_what_a_full_queue_drops_and_says_where() -> None:
 
 
 def test_hub_encodes_once_and_only_when_someone_listens(monkeypatch: pytest.MonkeyPatch) -> None:
-    import service.tail  # noqa: PLC0415
+    import tail.hub  # noqa: PLC0415
 
     calls: list[Any] = []
 
@@ -178,7 +168,7 @@ def test_hub_encodes_once_and_only_when_someone_listens(monkeypatch: pytest.Monk
         calls.append(item)
         return b"x"
 
-    monkeypatch.setattr(service.tail, "encode", counting)
+    monkeypatch.setattr(tail.hub, "encode", counting)
     hub = TailHub()
     hub.publish(exec_event())
     assert calls == []

@@ -22,10 +22,10 @@ from typing import Any
 import msgspec.structs
 from aiohttp import web
 
-from collector.events import WIRE_VERSION, AnyEvent
-from collector.render import bytes_from_json
+from api.events import WIRE_VERSION, AnyEvent
+from api.render import bytes_from_json
+from api.wire import CONTENT_TYPE, encode_batch
 from detect.testing import T0, event_from_fields
-from service.wire import CONTENT_TYPE, encode_batch
 from tests.tlsutil import make_tls
 from tests.unit.test_serve_process import free_port, post
 from tests.unit.test_service import RULE
@@ -78,7 +78,7 @@ class Lines:
 
 def sandtrace(*args: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "collector.cli", *args],
+        [sys.executable, "-m", "sandtrace", *args],
         cwd=ROOT_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
 
@@ -193,7 +193,7 @@ def test_tail_refusals_exit_2_with_a_clear_message(tmp_path: Path) -> None:
         serve(procs, tmp_path, port)
         (tmp_path / "wrong").write_text("nope")
         refused = subprocess.run(
-            [sys.executable, "-m", "collector.cli", "tail", "--server", f"http://127.0.0.1:{port}",
+            [sys.executable, "-m", "sandtrace", "tail", "--server", f"http://127.0.0.1:{port}",
              "--token-file", str(tmp_path / "wrong")],
             cwd=ROOT_DIR, capture_output=True, text=True, timeout=30, check=False,
         )  # fmt: skip
@@ -202,7 +202,7 @@ def test_tail_refusals_exit_2_with_a_clear_message(tmp_path: Path) -> None:
             f"sandtrace tail: http://127.0.0.1:{port} refused the token (401): check --token-file\n"
         )
         bad_kind = subprocess.run(
-            [sys.executable, "-m", "collector.cli", "tail", "--server", f"http://127.0.0.1:{port}",
+            [sys.executable, "-m", "sandtrace", "tail", "--server", f"http://127.0.0.1:{port}",
              "--kind", "exec,exce"],
             cwd=ROOT_DIR, capture_output=True, text=True, timeout=30, check=False,
         )  # fmt: skip
@@ -249,7 +249,7 @@ def test_tail_over_https_checks_the_certificate(tmp_path: Path) -> None:
         assert out.next().split()[1:3] == ["exec", "4500"]
         assert out.next() == alert_line(4500)
         refused = subprocess.run(
-            [sys.executable, "-m", "collector.cli", "tail", "--server", f"https://127.0.0.1:{port}",
+            [sys.executable, "-m", "sandtrace", "tail", "--server", f"https://127.0.0.1:{port}",
              "--token-file", str(tmp_path / "token"), "--ca-file", str(other.ca)],
             cwd=ROOT_DIR, capture_output=True, text=True, timeout=30, check=False,
         )  # fmt: skip
@@ -294,7 +294,7 @@ def test_tail_names_both_wire_versions_when_they_differ(tmp_path: Path) -> None:
         await web.UnixSite(runner, str(path)).start()
         try:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "collector.cli", "tail", "--socket", str(path),
+                sys.executable, "-m", "sandtrace", "tail", "--socket", str(path),
                 cwd=ROOT_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             )  # fmt: skip
             out, err = await asyncio.wait_for(proc.communicate(), 30)

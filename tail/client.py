@@ -2,7 +2,7 @@
 Unix socket) or of the detection service (``--server``), filtered by the server.
 
 Lines look like the local output of watch: compact text, every string a traced process
-controls escaped (collector.render), or JSON lines with ``-o json``. When the server goes
+controls escaped (api.render), or JSON lines with ``-o json``. When the server goes
 away, tail says so on stderr and reconnects with backoff; Ctrl-C or SIGTERM ends it (0).
 """
 
@@ -22,13 +22,10 @@ import aiohttp
 import structlog
 from yarl import URL
 
-from collector.events import WIRE_VERSION, EventFormatError, WireVersionError, decode
-from collector.pipeline import TerminalSink
-from collector.render import TextRenderer, escape
-from collector.stream import InsecureURL, check_url, read_token_file
-from service.tail import (
-    DEFAULT_SOCKET,
-    FILTER_KINDS,
+from api.endpoints import InsecureURL, check_url, read_token_file
+from api.events import WIRE_VERSION, EventFormatError, WireVersionError, decode
+from api.render import TerminalSink, TextRenderer, escape, use_color
+from api.tail import (
     TAIL_PATH,
     TAIL_PROTOCOL,
     BadFilter,
@@ -38,12 +35,6 @@ from service.tail import (
 
 log = structlog.get_logger("sandtrace.tail")
 
-EXAMPLES = f"""examples:
-  sudo sandtrace tail                        # the local `sandtrace watch` ({DEFAULT_SOCKET})
-  sudo sandtrace tail --alerts-only --kind exec
-  sandtrace tail --server https://sandtrace.example:8780 --token-file ~/.sandtrace-token \\
-      --host build-7 -o json
-"""
 MAX_BACKOFF = 8.0
 
 
@@ -53,38 +44,6 @@ class TailError(Exception):
 
 class OutputClosed(Exception):
     """Whoever read stdout went away (e.g. `| head`); not an OSError, so never retried."""
-
-
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "tail",
-        help="follow live events and alerts of a watch or of the detection service",
-        description="Follow the events and alerts of the local `sandtrace watch` (over its "
-        "Unix socket) or of a detection service (--server), filtered by the server, until "
-        "Ctrl-C or SIGTERM. Reconnects when the server goes away.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--server", metavar="URL", help="the detection service (http or https)")
-    p.add_argument("--token-file", metavar="FILE", help="bearer token for --server, from FILE")
-    p.add_argument("--ca-file", metavar="FILE", help="CA certificate(s) to verify an https server")
-    p.add_argument("--insecure", action="store_true",
-                   help="allow plain http:// to a --server that is not on this host")  # fmt: skip
-    p.add_argument("--socket", metavar="PATH", default=DEFAULT_SOCKET,
-                   help=f"the local watch's Unix socket (default {DEFAULT_SOCKET})")  # fmt: skip
-    p.add_argument("--alerts-only", action="store_true", help="alerts (and losses) only")
-    p.add_argument("--sandbox", action="append", default=[], metavar="ID",
-                   help="only this sandbox (repeatable, or ID,ID)")  # fmt: skip
-    p.add_argument("--host", action="append", default=[], metavar="H",
-                   help="only this host (repeatable, or H,H)")  # fmt: skip
-    p.add_argument("--kind", action="append", default=[], metavar="KINDS",
-                   help=f"only these event kinds, comma-separated "
-                   f"({', '.join(sorted(FILTER_KINDS))}); alerts raised by them too")  # fmt: skip
-    p.add_argument("-o", "--output", choices=["compact", "json"], default="compact",
-                   help="compact coloured lines (default) or JSON lines")  # fmt: skip
-    p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
-    p.add_argument("--width", type=int, default=80, help="line width of compact output")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")
 
 
 @dataclass(slots=True)
@@ -130,12 +89,6 @@ def target_of(args: argparse.Namespace) -> Target:
             raise TailError(f"cannot load --ca-file {args.ca_file}: {exc}") from None
     base = str(url)
     return Target(URL(base + TAIL_PATH), base, ssl_context=context, token=token)
-
-
-def _color(choice: str, stream: IO[str]) -> bool:
-    if choice != "auto":
-        return choice == "always"
-    return stream.isatty() and os.environ.get("NO_COLOR") is None
 
 
 def _say(message: str) -> None:
@@ -305,7 +258,7 @@ async def follow(args: argparse.Namespace) -> int:
             _say("--width must be at least 1")
             return 2
         show_host = target.unix is None and len(flt.hosts) != 1
-        renderer = TextRenderer(_color(args.color, sys.stdout), args.width, show_host)
+        renderer = TextRenderer(use_color(args.color, sys.stdout), args.width, show_host)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -27,14 +27,15 @@ Fields that are str in events.py are dumped as they are; read them as text.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, tzinfo
-from typing import Any
+from typing import IO, Any
 
-from collector.events import (
+from api.events import (
     Alert,
     AnyEvent,
     BindEvent,
@@ -457,3 +458,41 @@ def json_line(event: AnyEvent | Alert) -> str:
 def bytes_from_json(s: str) -> bytes:
     """The original bytes of a bytes field read back from a json_line() object."""
     return s.encode("utf-8", "surrogateescape")
+
+
+class TerminalSink:
+    """One line per event or alert: text from `renderer`, or JSON lines when it is None."""
+
+    def __init__(
+        self, stream: IO[str], renderer: TextRenderer | None, *, alerts_only: bool = False
+    ) -> None:
+        self.stream = stream
+        self.renderer = renderer
+        self.alerts_only = alerts_only
+        if renderer is not None:
+            stream.write(renderer.header() + "\n")
+
+    def emit(self, event: AnyEvent | Alert) -> None:
+        is_alert = isinstance(event, Alert)
+        if self.alerts_only and not is_alert and not isinstance(event, LostEvent):
+            return
+        if self.renderer is None:
+            line = json_line(event)
+        elif isinstance(event, Alert):
+            line = self.renderer.alert_line(event)
+        else:
+            line = self.renderer.line(event)
+        self.stream.write(line + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.flush()
+
+
+def use_color(choice: str, stream: IO[str]) -> bool:
+    """Whether to colour output to stream for --color auto|always|never (NO_COLOR honoured)."""
+    if choice != "auto":
+        return choice == "always"
+    return stream.isatty() and os.environ.get("NO_COLOR") is None

@@ -440,7 +440,7 @@ def _checked(row: list[Any], cls: type) -> Any:
 
 def refuse_process_index(event: Any) -> None:
     """EventFormatError when an event's process is an index into a batch's table: only
-    service.wire.decode_batch, which has the table, may read one (see Event)."""
+    api.wire.decode_batch, which has the table, may read one (see Event)."""
     if getattr(event, "process", None).__class__ is int:
         raise EventFormatError(f"{event.kind} event: process: Expected `array`, got `int`")
 

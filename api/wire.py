@@ -4,13 +4,13 @@ A batch is a map:
     {"v": <batch version>, "collector": "<id>", "seq": <int>, "processes": [...],
      "events": [...]}
 Version 3 (what collectors send, msgpack ``application/msgpack``): each event is a row,
-collector.events.to_row(): its kind, then its fields in order, bytes as bin; in place of its
+api.events.to_row(): its kind, then its fields in order, bytes as bin; in place of its
 process, the index of that process in "processes", the batch's table of distinct processes
 (each a Process row). A process does many things in a burst, and its row (argv, ancestry) is
 most of an event's: sent once, a batch is smaller, and the service decodes, keeps and frees
 each process once. Version 2 is version 3 without the table, every event with its process
-inline. Version 1: each event is a map, collector.events.to_dict(), in msgpack or in JSON
-(``application/json``, bytes fields as strings the way collector.render.json_line writes
+inline. Version 1: each event is a map, api.events.to_dict(), in msgpack or in JSON
+(``application/json``, bytes fields as strings the way api.render.json_line writes
 them, read back with bytes_from_json); JSON batches are always version 1, the readable form
 for other producers. decode_batch() accepts any bytes and either returns the batch, every
 event's field types checked, or raises BadBatch with the HTTP status and a reason,
@@ -25,7 +25,7 @@ from typing import Any
 import msgpack
 import msgspec
 
-from collector.events import (
+from api.events import (
     EVENT_TYPES,
     Alert,
     AncestorRef,
@@ -39,7 +39,7 @@ from collector.events import (
     from_dict,
     refuse_process_index,
 )
-from collector.render import bytes_from_json, json_line
+from api.render import bytes_from_json, json_line
 
 BATCH_VERSION = 3  # rows and a process table; versions 1 (maps) and 2 (rows) are still read
 BATCH_VERSIONS = (1, 2, 3)
@@ -91,7 +91,7 @@ def encode_batch(collector: str, seq: int, events: list[AnyEvent], fmt: str = "m
         return f'{head[:-1]}, "events": [{",".join(map(json_line, events))}]}}'.encode()
     if fmt != "msgpack":
         raise ValueError(f"batch format {fmt!r}: msgpack or json")
-    # Events encode as their rows (collector.events: a record's encoding is its row), each
+    # Events encode as their rows (api.events: a record's encoding is its row), each
     # process replaced by its index in the table for the time of the encoding: the events
     # are the caller's, and they are as they were when this returns.
     table: dict[bytes, int] = {}  # a process's encoding -> its index

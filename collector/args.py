@@ -1,0 +1,174 @@
+"""The command lines of `sandtrace run` and `sandtrace watch`: argparse only, so that the
+entry point can build every subcommand's help without loading the collector."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from api.tail import DEFAULT_SOCKET
+
+DEFAULT_SPOOL = Path("/var/lib/sandtrace/spool")
+
+EXAMPLES_RUN = """examples:
+  sudo sandtrace run -- curl -s http://192.0.2.10/
+  sudo sandtrace run --json --events run.jsonl -- python3 agent.py
+  sudo sandtrace run --wait-all -- ./start-services.sh
+"""
+EXAMPLES_WATCH = """examples:
+  sudo sandtrace watch                       # sandtrace's sandboxes and container cgroups
+  sudo sandtrace watch --cgroup /sys/fs/cgroup/mybox --cgroup /sys/fs/cgroup/other
+  sudo sandtrace watch --pid 4242            # a process and all its descendants
+  sudo sandtrace watch --all --json          # the whole host, as JSON lines
+"""
+
+
+def _common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON lines instead of text")
+    p.add_argument("--events", metavar="FILE", help="also append every event to FILE as JSON")
+    p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+    p.add_argument("--width", type=int, default=80, help="line width of text output")
+    p.add_argument(
+        "--ring-pages",
+        type=int,
+        default=1024,
+        help="kernel ring buffer size in pages, a power of two (default 1024 = 4 MiB)",
+    )
+    p.add_argument(
+        "--perf-buffer",
+        action="store_true",
+        help="use the perf buffer even where the BPF ring buffer exists",
+    )
+    p.add_argument(
+        "--no-connect-hook",
+        action="store_true",
+        help="do not hook connect(): spares every process on the host the kernel's per-connect "
+        "hook cost; TCP connects are still traced, UDP connects are not",
+    )
+    p.add_argument(
+        "--no-bind-hook",
+        action="store_true",
+        help="do not hook bind(): spares every process on the host the kernel's per-bind hook "
+        "cost; TCP listeners are still traced, binds (and UDP servers) are not",
+    )
+    p.add_argument("--server", metavar="URL",
+                   help="stream events to a detection service (sandtrace serve) instead of "
+                   "detecting here")  # fmt: skip
+    p.add_argument("--server-token-file", metavar="FILE",
+                   help="bearer token for --server, read from FILE")  # fmt: skip
+    p.add_argument(
+        "--server-ca-file",
+        metavar="FILE",
+        help="verify an https:// --server's certificate against the CA in FILE",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow plain http:// to a --server that is not on this host",
+    )
+    p.add_argument(
+        "--server-transport",
+        choices=["http", "websocket"],
+        default="http",
+        help="one POST per batch (default), or one WebSocket for all of them",
+    )
+    p.add_argument(
+        "--server-linger",
+        type=float,
+        default=0.05,
+        metavar="SECONDS",
+        help="send a batch once its first event is this old, if it has not filled (500 "
+        "events) before; default 0.05",
+    )
+    p.add_argument(
+        "--spool-dir",
+        metavar="DIR",
+        type=Path,
+        default=None,
+        help="keep batches the service has not taken yet in DIR, also across restarts "
+        f"(watch: default {DEFAULT_SPOOL}; run: no spool unless given)",
+    )
+    p.add_argument(
+        "--spool-max",
+        metavar="MIB",
+        type=int,
+        default=256,
+        help="size bound of the spool in MiB; beyond it the oldest batches are "
+        "discarded and counted (default 256)",
+    )
+    p.add_argument(
+        "--no-spool",
+        action="store_true",
+        help="hold undelivered batches in memory only (16 MiB, then discard)",
+    )
+    d = p.add_argument_group("detection")
+    d.add_argument(
+        "--rules",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="add the Sigma rules in DIR (or a file) to the built-in pack (repeatable)",
+    )
+    d.add_argument("--no-builtin-rules", action="store_true", help="leave the built-in pack out")
+    d.add_argument("--no-detect", action="store_true", help="trace only, raise no alerts")
+    d.add_argument("--alerts", metavar="FILE", help="also append every alert to FILE as JSON")
+    d.add_argument("--alerts-only", action="store_true", help="show only alerts (and losses)")
+    d.add_argument("--egress-allow", action="append", default=None,
+                   metavar="[SANDBOX=]NET[:PORTS]",
+                   help="allow connects to NET (CIDR or address, optional ports 80,443), for "
+                   "every sandbox or only SANDBOX; any other destination alerts; repeatable "
+                   "(default: no allow-list)")  # fmt: skip
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`run` and `watch`."""
+    run = sub.add_parser(
+        "run",
+        help="run a command in a fresh sandbox and trace it",
+        description="Start CMD in a new cgroup v2 sandbox, trace it and every descendant, "
+        "and exit with CMD's exit code once every event has been printed.",
+        epilog=EXAMPLES_RUN,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common_args(run)
+    _tail_args(run)
+    run.add_argument(
+        "--wait-all",
+        action="store_true",
+        help="after CMD exits, wait for every process left in the sandbox (default: kill them)",
+    )
+    run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    watch = sub.add_parser(
+        "watch",
+        help="trace existing sandboxes until stopped",
+        description="Trace cgroup subtrees, process subtrees, or the whole host until "
+        "Ctrl-C or SIGTERM.",
+        epilog=EXAMPLES_WATCH,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common_args(watch)
+    _tail_args(watch)
+    watch.add_argument(
+        "--cgroup",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="trace this cgroup v2 directory and its subtree (repeatable)",
+    )
+    watch.add_argument(
+        "--pid",
+        action="append",
+        type=int,
+        default=[],
+        metavar="PID",
+        help="trace this process and all its descendants (repeatable)",
+    )
+    watch.add_argument("--all", action="store_true", help="trace every process on the host")
+
+
+def _tail_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tail-socket", metavar="PATH", default=DEFAULT_SOCKET,
+                   help=f"serve `sandtrace tail` on this Unix socket, mode 0600 "
+                   f"(default {DEFAULT_SOCKET})")  # fmt: skip
+    p.add_argument("--no-tail", action="store_true", help="serve no live tail")

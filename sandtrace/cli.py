@@ -1,0 +1,74 @@
+"""The `sandtrace` command: one entry point for every part, each loaded only when it runs.
+
+    sandtrace run|watch   the collector (root, BCC): probes -> collector
+    sandtrace serve       the detection service (no root, no BCC): service -> detect
+    sandtrace tail        follow a watch or a service live: tail
+
+Building the parser imports only each part's argparse module, so `sandtrace serve` and
+`sandtrace tail` start where BCC is absent, and `--help` is quick everywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+import structlog
+
+from collector import args as collector_args
+from sandtrace import __version__
+from service import args as service_args
+from tail import args as tail_args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sandtrace",
+        description="Trace exec, connect and bind of sandboxed processes with eBPF.",
+        epilog=collector_args.EXAMPLES_RUN + "\n" + collector_args.EXAMPLES_WATCH,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"sandtrace {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    collector_args.add_parsers(sub)
+    service_args.add_parser(sub)
+    tail_args.add_parser(sub)
+    return parser
+
+
+def configure_logging(verbose: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()),
+        ],
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    try:
+        if args.command == "serve":
+            from service import main as service  # noqa: PLC0415
+
+            return asyncio.run(service.serve(args))
+        if args.command == "tail":
+            from tail import client  # noqa: PLC0415
+
+            return client.main(args)
+        from collector import cli as collector  # noqa: PLC0415
+
+        return collector.main(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""The command line of `sandtrace serve`: argparse only (the service loads when it runs)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+EXAMPLES = """examples:
+  sandtrace serve --listen 127.0.0.1:8780 --token-file /etc/sandtrace/token
+  sandtrace serve --config /etc/sandtrace/service.toml
+  sandtrace serve --config /etc/sandtrace/service.toml --check-config
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = sub.add_parser(
+        "serve",
+        help="run the detection service (no root needed)",
+        description="Receive event batches from collectors, detect, feed SIEM outputs and the "
+        "live tail. Settings: built-in defaults < --config FILE < command-line options.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument("--config", metavar="FILE", type=Path,
+                       help="TOML configuration (see README, 'Detection service')")  # fmt: skip
+    serve.add_argument(
+        "--check-config",
+        action="store_true",
+        help="check the configuration (files, TLS, rules, outputs), then exit",
+    )
+    serve.add_argument("--listen", metavar="HOST:PORT", help="default 127.0.0.1:8780")
+    serve.add_argument("--token-file", metavar="FILE",
+                       help="require 'Authorization: Bearer <the file's content>'")  # fmt: skip
+    serve.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate")
+    serve.add_argument("--tls-key", metavar="FILE", help="and this private key")
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="allow plain HTTP on an address other than loopback",
+    )
+    serve.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="remember each collector's last batch here, across restarts",
+    )
+    serve.add_argument(
+        "--rules",
+        action="append",
+        default=None,
+        metavar="DIR",
+        help="add the Sigma rules in DIR to the built-in pack (repeatable)",
+    )
+    serve.add_argument("--no-builtin-rules", action="store_true", default=None)
+    serve.add_argument(
+        "--egress-allow",
+        action="append",
+        default=None,
+        metavar="[SANDBOX=]NET[:PORTS]",
+        help="egress allow-list entry",
+    )
+    serve.add_argument(
+        "--alerts", metavar="FILE", help="also append every alert to FILE as JSON lines"
+    )
+    serve.add_argument(
+        "--events", metavar="FILE", help="also append every event to FILE as JSON lines"
+    )
+    serve.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")
