@@ -370,8 +370,9 @@ def _row_of_map_slowly(d: dict[Any, Any], cls: type, kind: str | None) -> list[A
             if f.type is Process and isinstance(value, dict):
                 value = _row_of_map(value, Process, None)
             elif f.type == list[AncestorRef] and isinstance(value, list):
-                value = [_row_of_map(a, AncestorRef, None) if isinstance(a, dict) else a
-                         for a in value]  # fmt: skip
+                value = [
+                    _row_of_map(a, AncestorRef, None) if isinstance(a, dict) else a for a in value
+                ]
         elif f.default is not msgspec.NODEFAULT:
             value = f.default
         elif f.default_factory is not msgspec.NODEFAULT:

@@ -89,8 +89,7 @@ class TailFilter:
     def query(self) -> dict[str, str]:
         """The query parameters that parse() turns back into this filter."""
         out = {"alerts_only": "1"} if self.alerts_only else {}
-        for key, names in (("sandbox", self.sandboxes), ("host", self.hosts),
-                           ("kind", self.kinds)):  # fmt: skip
+        for key, names in (("sandbox", self.sandboxes), ("host", self.hosts), ("kind", self.kinds)):
             if names:
                 out[key] = ",".join(sorted(names))
         return out
@@ -108,8 +107,14 @@ class TailFilter:
 
 
 def hello_message(flt: TailFilter) -> str:
-    return json.dumps({"type": "hello", "wire_version": WIRE_VERSION,
-                       "tail_version": TAIL_PROTOCOL, "filter": flt.query()})  # fmt: skip
+    return json.dumps(
+        {
+            "type": "hello",
+            "wire_version": WIRE_VERSION,
+            "tail_version": TAIL_PROTOCOL,
+            "filter": flt.query(),
+        }
+    )
 
 
 def dropped_message(count: int, total: int) -> str:

@@ -130,8 +130,12 @@ def decode_batch(body: bytes, content_type: str = CONTENT_TYPE) -> tuple[str, in
             raise BadBatch(400, "malformed", f"body is not JSON: {exc}") from None
         if not isinstance(batch, dict):
             raise BadBatch(400, "malformed", "batch is not a map")
-        version, collector, seq, raw = (batch.get("v"), batch.get("collector"), batch.get("seq"),
-                                        batch.get("events"))  # fmt: skip
+        version, collector, seq, raw = (
+            batch.get("v"),
+            batch.get("collector"),
+            batch.get("seq"),
+            batch.get("events"),
+        )
     elif content_type == CONTENT_TYPE:
         try:  # what collectors send decodes in one pass; anything else is looked at closely
             batch = _BATCH.decode(body)
@@ -149,8 +153,9 @@ def decode_batch(body: bytes, content_type: str = CONTENT_TYPE) -> tuple[str, in
         try:
             head = _HEAD.decode(body)
         except msgspec.ValidationError:
-            raise BadBatch(400, "malformed", "batch is not a map of v, collector, seq, "
-                           "processes and events") from None  # fmt: skip
+            raise BadBatch(
+                400, "malformed", "batch is not a map of v, collector, seq, processes and events"
+            ) from None
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise BadBatch(400, "malformed", f"body is not msgpack: {exc}") from None
         version, collector, seq, raw = head.v, head.collector, head.seq, head.events
@@ -222,11 +227,16 @@ def _place_processes(events: list[AnyEvent], processes: list[Process]) -> None:
         if index.__class__ is int and 0 <= index < n:
             event.process = processes[index]  # type: ignore[union-attr]
         elif index.__class__ is int:
-            raise BadBatch(400, "malformed", f"event {i}: process {index}: the batch has "
-                           f"{n} processes")  # fmt: skip
+            raise BadBatch(
+                400, "malformed", f"event {i}: process {index}: the batch has {n} processes"
+            )
         else:
-            raise BadBatch(400, "malformed", f"event {i}: process: in a version {BATCH_VERSION} "
-                           "batch, an index into the batch's processes")  # fmt: skip
+            raise BadBatch(
+                400,
+                "malformed",
+                f"event {i}: process: in a version {BATCH_VERSION} "
+                "batch, an index into the batch's processes",
+            )
 
 
 def _row_error(message: str, raw: msgspec.Raw) -> str:

@@ -51,11 +51,14 @@ def _common_args(p: argparse.ArgumentParser) -> None:
         help="do not hook bind(): spares every process on the host the kernel's per-bind hook "
         "cost; TCP listeners are still traced, binds (and UDP servers) are not",
     )
-    p.add_argument("--server", metavar="URL",
-                   help="stream events to a detection service (sandtrace serve) instead of "
-                   "detecting here")  # fmt: skip
-    p.add_argument("--server-token-file", metavar="FILE",
-                   help="bearer token for --server, read from FILE")  # fmt: skip
+    p.add_argument(
+        "--server",
+        metavar="URL",
+        help="stream events to a detection service (sandtrace serve) instead of detecting here",
+    )
+    p.add_argument(
+        "--server-token-file", metavar="FILE", help="bearer token for --server, read from FILE"
+    )
     p.add_argument(
         "--server-ca-file",
         metavar="FILE",
@@ -113,11 +116,15 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--no-detect", action="store_true", help="trace only, raise no alerts")
     d.add_argument("--alerts", metavar="FILE", help="also append every alert to FILE as JSON")
     d.add_argument("--alerts-only", action="store_true", help="show only alerts (and losses)")
-    d.add_argument("--egress-allow", action="append", default=None,
-                   metavar="[SANDBOX=]NET[:PORTS]",
-                   help="allow connects to NET (CIDR or address, optional ports 80,443), for "
-                   "every sandbox or only SANDBOX; any other destination alerts; repeatable "
-                   "(default: no allow-list)")  # fmt: skip
+    d.add_argument(
+        "--egress-allow",
+        action="append",
+        default=None,
+        metavar="[SANDBOX=]NET[:PORTS]",
+        help="allow connects to NET (CIDR or address, optional ports 80,443), for "
+        "every sandbox or only SANDBOX; any other destination alerts; repeatable "
+        "(default: no allow-list)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")
 
 
@@ -168,7 +175,10 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def _tail_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tail-socket", metavar="PATH", default=DEFAULT_SOCKET,
-                   help=f"serve `sandtrace tail` on this Unix socket, mode 0600 "
-                   f"(default {DEFAULT_SOCKET})")  # fmt: skip
+    p.add_argument(
+        "--tail-socket",
+        metavar="PATH",
+        default=DEFAULT_SOCKET,
+        help=f"serve `sandtrace tail` on this Unix socket, mode 0600 (default {DEFAULT_SOCKET})",
+    )
     p.add_argument("--no-tail", action="store_true", help="serve no live tail")

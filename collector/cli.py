@@ -72,11 +72,18 @@ def _stream(args: argparse.Namespace) -> list[Sink]:
     if not 0 < args.server_linger <= 60:
         raise SystemExit("sandtrace: --server-linger is a number of seconds above 0, at most 60")
     try:
-        return [StreamSink(args.server, token, ca_file=args.server_ca_file,
-                           insecure=args.insecure, transport=args.server_transport,
-                           linger=args.server_linger,
-                           spool_dir=None if args.no_spool else spool,
-                           spool_bytes=args.spool_max << 20)]  # fmt: skip
+        return [
+            StreamSink(
+                args.server,
+                token,
+                ca_file=args.server_ca_file,
+                insecure=args.insecure,
+                transport=args.server_transport,
+                linger=args.server_linger,
+                spool_dir=None if args.no_spool else spool,
+                spool_bytes=args.spool_max << 20,
+            )
+        ]
     except ValueError as exc:
         raise SystemExit(f"sandtrace: --server: {exc}") from None
     except OSError as exc:
@@ -147,9 +154,12 @@ def _print_totals(totals: Totals, sinks: list[Sink] | None = None) -> None:
             st = sink.stats
             causes = " ".join(f"{k}={v}" for k, v in sorted(st.discarded_by.items()))
             why = f" ({causes})" if causes else ""
-            print(f"sandtrace: streamed {st.sent_events} events in {st.sent_batches} batches "
-                  f"to {sink.base_url}; discarded {st.discarded}{why}; "
-                  f"{sink.spool_batches} batches left in the spool", file=sys.stderr)  # fmt: skip
+            print(
+                f"sandtrace: streamed {st.sent_events} events in {st.sent_batches} batches "
+                f"to {sink.base_url}; discarded {st.discarded}{why}; "
+                f"{sink.spool_batches} batches left in the spool",
+                file=sys.stderr,
+            )
     if totals.decode_errors or totals.map_errors:
         print(
             f"sandtrace: {totals.decode_errors} undecodable records, "

@@ -113,8 +113,9 @@ class Spool:
     def __len__(self) -> int:
         return len(self._files)
 
-    def put(self, seq: int, events: int, carried: int, body: bytes,
-            keep: int | None = None) -> list[Spooled]:  # fmt: skip
+    def put(
+        self, seq: int, events: int, carried: int, body: bytes, keep: int | None = None
+    ) -> list[Spooled]:
         """Store a batch; returns the batches discarded to make room (oldest first, never
         the one with sequence `keep`: it is on its way to the service). Raises OSError when
         the write fails; the spool is unchanged then."""
@@ -194,8 +195,10 @@ def _lock(directory: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise SpoolBusy(f"spool directory {directory} is in use by another collector: "
-                        "give this one its own --spool-dir") from None  # fmt: skip
+        raise SpoolBusy(
+            f"spool directory {directory} is in use by another collector: "
+            "give this one its own --spool-dir"
+        ) from None
     return fd
 
 

@@ -27,20 +27,47 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--server", metavar="URL", help="the detection service (http or https)")
     p.add_argument("--token-file", metavar="FILE", help="bearer token for --server, from FILE")
     p.add_argument("--ca-file", metavar="FILE", help="CA certificate(s) to verify an https server")
-    p.add_argument("--insecure", action="store_true",
-                   help="allow plain http:// to a --server that is not on this host")  # fmt: skip
-    p.add_argument("--socket", metavar="PATH", default=DEFAULT_SOCKET,
-                   help=f"the local watch's Unix socket (default {DEFAULT_SOCKET})")  # fmt: skip
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow plain http:// to a --server that is not on this host",
+    )
+    p.add_argument(
+        "--socket",
+        metavar="PATH",
+        default=DEFAULT_SOCKET,
+        help=f"the local watch's Unix socket (default {DEFAULT_SOCKET})",
+    )
     p.add_argument("--alerts-only", action="store_true", help="alerts (and losses) only")
-    p.add_argument("--sandbox", action="append", default=[], metavar="ID",
-                   help="only this sandbox (repeatable, or ID,ID)")  # fmt: skip
-    p.add_argument("--host", action="append", default=[], metavar="H",
-                   help="only this host (repeatable, or H,H)")  # fmt: skip
-    p.add_argument("--kind", action="append", default=[], metavar="KINDS",
-                   help=f"only these event kinds, comma-separated "
-                   f"({', '.join(sorted(FILTER_KINDS))}); alerts raised by them too")  # fmt: skip
-    p.add_argument("-o", "--output", choices=["compact", "json"], default="compact",
-                   help="compact coloured lines (default) or JSON lines")  # fmt: skip
+    p.add_argument(
+        "--sandbox",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="only this sandbox (repeatable, or ID,ID)",
+    )
+    p.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        metavar="H",
+        help="only this host (repeatable, or H,H)",
+    )
+    p.add_argument(
+        "--kind",
+        action="append",
+        default=[],
+        metavar="KINDS",
+        help=f"only these event kinds, comma-separated "
+        f"({', '.join(sorted(FILTER_KINDS))}); alerts raised by them too",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        choices=["compact", "json"],
+        default="compact",
+        help="compact coloured lines (default) or JSON lines",
+    )
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
     p.add_argument("--width", type=int, default=80, help="line width of compact output")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")
