@@ -36,8 +36,10 @@ from bench.service import free_port, service_ingest
 from collector import cgroups
 from collector import records as R
 from collector.assemble import Assembler, Scope
-from detect.engine import EgressPolicy, Engine
-from detect.sigma import RuleSet, load_paths, load_text
+from detect.egress import EgressPolicy
+from detect.engine import Engine
+from detect.loader import load_paths, load_text
+from detect.ruleset import RuleSet
 from detect.testing import load_cases
 from probes import kernel
 from probes.loader import ProbeConfig, Probes

@@ -51,8 +51,9 @@ def child(target: str) -> None:
 
     from api.wire import decode_batch  # noqa: PLC0415
     from bench.service import batch_body, encoded_events, mix  # noqa: PLC0415
-    from detect.engine import EgressPolicies, Engine  # noqa: PLC0415
-    from detect.sigma import load_paths  # noqa: PLC0415
+    from detect.egress import EgressPolicies  # noqa: PLC0415
+    from detect.engine import Engine  # noqa: PLC0415
+    from detect.loader import load_paths  # noqa: PLC0415
     from service.app import Ingest  # noqa: PLC0415
 
     rules = load_paths([ROOT / "rules"])

@@ -30,9 +30,10 @@ from collector.pipeline import (
 from collector.proctable import ProcessTable, descendants
 from collector.startup import held_socket_events
 from collector.stream import StreamSink
-from detect.engine import EgressPolicies, Engine
+from detect.egress import EgressPolicies
+from detect.engine import Engine
+from detect.loader import load_paths
 from detect.pack import builtin_rules
-from detect.sigma import load_paths
 from tail.hub import LocalTail, TailHub, TailSocketBusy, TailSocketError
 
 if TYPE_CHECKING:

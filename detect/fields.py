@@ -83,6 +83,29 @@ CATEGORY_FIELDS: dict[str, dict[str, str]] = {
 }
 
 
+# Fields whose values are lists (a rule's test holds when it holds for any element).
+LIST_FIELDS = frozenset({"Argv", "AncestorImages"})
+# Fields whose values are always text (str), so a regex can run on them as they are.
+TEXT_FIELDS = frozenset(
+    {
+        "Image",
+        "CommandLine",
+        "ParentImage",
+        "ParentCommandLine",
+        "CurrentDirectory",
+        "OriginalFileName",
+        "User",
+        "Comm",
+    }
+)
+# Keyword rules (no field named) search these fields.
+KEYWORD_FIELDS = ("CommandLine", "Image")
+
+Value = str | int | float | list[str] | None
+"""A field's value as rules read it: text, a number, a list of texts (LIST_FIELDS), or None
+when the event has no such field."""
+
+
 def text(value: bytes) -> str:
     return value.decode("utf-8", "backslashreplace")
 
@@ -97,7 +120,7 @@ def command_line(argv: list[bytes]) -> str:
 def nul_joined(argv: list[bytes]) -> str:
     """The arguments decoded, each between NULs ("\\0a\\0b\\0"; "" for none): one regular
     expression search over it stands in for a search of every argument (see
-    detect.sigma._element_search)."""
+    detect.regexes.element_search)."""
     if not argv:
         return ""
     return "\0" + b"\0".join(argv).decode("utf-8", "backslashreplace") + "\0"
@@ -125,6 +148,8 @@ def category_of_type(etype: type) -> str | None:
     return None
 
 
+# A getter reads one field from an event of the type it is listed for (GETTERS). Getters are
+# generated code, compiled from their expressions (_x): their types are unknown to a checker.
 Getter = Callable[[Any], Any]
 
 
@@ -147,14 +172,18 @@ def _parent_argv(e: Event) -> list[bytes]:
 # Every getter is an expression of the event `e`: generated code (matchers, correlation
 # keys) inlines the expression where it would call the getter, names from EXPR_SCOPE.
 EXPR_SCOPE: dict[str, Any] = {
-    "text": text, "command_line": command_line, "lower_joined": lower_joined,
+    "text": text,
+    "command_line": command_line,
+    "lower_joined": lower_joined,
     "nul_joined": nul_joined,
-    "_argv": _argv, "_parent_exe": _parent_exe, "_parent_argv": _parent_argv,
-}  # fmt: skip
+    "_argv": _argv,
+    "_parent_exe": _parent_exe,
+    "_parent_argv": _parent_argv,
+}
 INLINE: dict[Getter, str] = {}
 # Getters whose values are always str, and those always lowercase str already: generated
 # matchers lower the first with str.lower() and take the second as they are, where any
-# other value goes through the general detect.sigma._lower.
+# other value goes through the general detect.fieldcache.lowered.
 ALWAYS_STR: set[Getter] = set()
 ALWAYS_LOWER: set[Getter] = set()
 # Getters of a field that has one value for the whole event type (Action, Initiated): an
@@ -227,7 +256,7 @@ COMMON_GETTERS: dict[str, Getter] = {
 EXEC_ARGV = _x('[a.decode("utf-8", "backslashreplace") for a in e.argv]')
 
 # Getters of list fields -> the same field lowered and joined (FieldDict.joined) in one go,
-# for generated matchers (detect.sigma.CodeContext.load).
+# for generated matchers (detect.codegen.CodeContext.load).
 LOWER_JOINED: dict[Getter, Getter] = {
     COMMON_GETTERS["Argv"]: _x("lower_joined(_argv(e))"),
     EXEC_ARGV: _x(_joined("e.argv", "\0", lower=True)),
@@ -302,7 +331,7 @@ GETTERS: dict[type, dict[str, Getter]] = {
 only a few fields of most events)."""
 
 
-def fields_of(event: AnyEvent) -> dict[str, Any] | None:
+def fields_of(event: AnyEvent) -> dict[str, Value] | None:
     """The Sigma field dict of an event, or None for kinds no rule category covers."""
     getters = GETTERS.get(type(event))
     if getters is None:

@@ -47,7 +47,17 @@ class Case:
     source: str
 
 
-def _b(value: Any) -> bytes:
+# The Sigma fields a case may give; the event's other attributes take fixed values.
+KNOWN_FIELDS = frozenset({
+    "Image", "CommandLine", "Argv", "ProcessId", "ParentProcessId", "ParentImage",
+    "ParentCommandLine", "AncestorImages", "User", "Uid", "Sandbox", "CurrentDirectory",
+    "OriginalFileName", "Fileless", "Deleted", "ArgvTruncated", "Protocol", "DestinationIp",
+    "DestinationPort", "SourceIp", "SourcePort", "Outcome", "ErrnoName", "Action", "LocalIp",
+    "LocalPort", "RequestedPort", "Initiated", "DestinationIsIpv6",
+})  # fmt: skip
+
+
+def _b(value: object) -> bytes:
     return str(value).encode()
 
 
@@ -60,64 +70,97 @@ def _argv(fields: dict[str, Any], list_key: str, line_key: str) -> list[bytes]:
 
 def event_from_fields(category: str, fields: dict[str, Any], at: float = 0.0) -> AnyEvent:
     """A real event whose detect.fields view carries the given Sigma fields."""
-    known = {"Image", "CommandLine", "Argv", "ProcessId", "ParentProcessId", "ParentImage",
-             "ParentCommandLine", "AncestorImages", "User", "Uid", "Sandbox", "CurrentDirectory",
-             "OriginalFileName", "Fileless", "Deleted", "ArgvTruncated", "Protocol",
-             "DestinationIp", "DestinationPort", "SourceIp", "SourcePort", "Outcome",
-             "ErrnoName", "Action", "LocalIp", "LocalPort", "RequestedPort", "Initiated",
-             "DestinationIsIpv6"}  # fmt: skip
-    unknown = set(fields) - known
+    unknown = set(fields) - KNOWN_FIELDS
     if unknown:
         raise ValueError(f"test case fields not supported: {sorted(unknown)}")
     pid = int(fields.get("ProcessId", 4242))
     argv = _argv(fields, "Argv", "CommandLine")
     parent_argv = _argv(fields, "ParentArgv", "ParentCommandLine")
     ancestry = [
-        AncestorRef(pid=int(fields.get("ParentProcessId", 4241)), key="4241@1",
-                    exe=_b(fields.get("ParentImage", "")), argv=parent_argv),
-        *[AncestorRef(pid=4000 + i, key=f"{4000 + i}@1", exe=_b(exe), argv=[])
-          for i, exe in enumerate(fields.get("AncestorImages", [])[1:])],
-    ]  # fmt: skip
+        AncestorRef(
+            pid=int(fields.get("ParentProcessId", 4241)),
+            key="4241@1",
+            exe=_b(fields.get("ParentImage", "")),
+            argv=parent_argv,
+        ),
+        *[
+            AncestorRef(pid=4000 + i, key=f"{4000 + i}@1", exe=_b(exe), argv=[])
+            for i, exe in enumerate(fields.get("AncestorImages", [])[1:])
+        ],
+    ]
     process = Process(
-        pid=pid, tid=pid, ns_pid=pid, ppid=int(fields.get("ParentProcessId", 4241)),
-        uid=int(fields.get("Uid", 1000)), gid=1000, comm=b"test", start_ns=1, key=f"{pid}@1",
-        exe=_b(fields.get("Image", "")), argv=argv, user=str(fields.get("User", "agent")),
-        group="agent", ancestry=ancestry,
-    )  # fmt: skip
+        pid=pid,
+        tid=pid,
+        ns_pid=pid,
+        ppid=int(fields.get("ParentProcessId", 4241)),
+        uid=int(fields.get("Uid", 1000)),
+        gid=1000,
+        comm=b"test",
+        start_ns=1,
+        key=f"{pid}@1",
+        exe=_b(fields.get("Image", "")),
+        argv=argv,
+        user=str(fields.get("User", "agent")),
+        group="agent",
+        ancestry=ancestry,
+    )
     common: dict[str, Any] = {
-        "time_ns": T0 + int(at * 1e9), "mono_ns": int(at * 1e9), "host": "testhost",
-        "sandbox": str(fields.get("Sandbox", "st-test")), "cgroup_id": 1,
-        "cgroup_path": "/sandtrace/st-test", "container_id": "", "process": process,
-    }  # fmt: skip
+        "time_ns": T0 + int(at * 1e9),
+        "mono_ns": int(at * 1e9),
+        "host": "testhost",
+        "sandbox": str(fields.get("Sandbox", "st-test")),
+        "cgroup_id": 1,
+        "cgroup_path": "/sandtrace/st-test",
+        "container_id": "",
+        "process": process,
+    }
     if category == PROCESS_CREATION:
         return ExecEvent(
-            **common, argv=argv, cwd=_b(fields.get("CurrentDirectory", "/work")),
+            **common,
+            argv=argv,
+            cwd=_b(fields.get("CurrentDirectory", "/work")),
             filename=_b(fields.get("OriginalFileName", fields.get("Image", ""))),
-            fileless=fields.get("Fileless") == "true", deleted=fields.get("Deleted") == "true",
+            fileless=fields.get("Fileless") == "true",
+            deleted=fields.get("Deleted") == "true",
             argv_truncated=fields.get("ArgvTruncated") == "true",
-            parent_exe=_b(fields.get("ParentImage", "")), parent_argv=parent_argv,
-        )  # fmt: skip
+            parent_exe=_b(fields.get("ParentImage", "")),
+            parent_argv=parent_argv,
+        )
     if category == NETWORK_CONNECTION:
         ip = str(fields.get("DestinationIp", "192.0.2.1"))
         return ConnectEvent(
-            **common, protocol=str(fields.get("Protocol", "tcp")),
-            family="ipv6" if ":" in ip else "ipv4", daddr=ip,
+            **common,
+            protocol=str(fields.get("Protocol", "tcp")),
+            family="ipv6" if ":" in ip else "ipv4",
+            daddr=ip,
             dport=int(fields.get("DestinationPort", 443)),
-            saddr=str(fields.get("SourceIp", "")), sport=int(fields.get("SourcePort", 0)),
+            saddr=str(fields.get("SourceIp", "")),
+            sport=int(fields.get("SourcePort", 0)),
             outcome=str(fields.get("Outcome", "success")),
             errno_name=str(fields.get("ErrnoName", "")),
-        )  # fmt: skip
+        )
     if category == NETWORK_LISTEN:
         addr = str(fields.get("LocalIp", "0.0.0.0"))  # noqa: S104 - a field value
         family = "ipv6" if ":" in addr else "ipv4"
         port = int(fields.get("LocalPort", 4444))
         if fields.get("Action", "listen") == "bind":
-            return BindEvent(**common, protocol=str(fields.get("Protocol", "tcp")),
-                             family=family, addr=addr, port=port, requested_addr=addr,
-                             requested_port=int(fields.get("RequestedPort", port)),
-                             outcome=str(fields.get("Outcome", "success")))  # fmt: skip
-        return ListenEvent(**common, protocol=str(fields.get("Protocol", "tcp")), family=family,
-                           addr=addr, port=port)  # fmt: skip
+            return BindEvent(
+                **common,
+                protocol=str(fields.get("Protocol", "tcp")),
+                family=family,
+                addr=addr,
+                port=port,
+                requested_addr=addr,
+                requested_port=int(fields.get("RequestedPort", port)),
+                outcome=str(fields.get("Outcome", "success")),
+            )
+        return ListenEvent(
+            **common,
+            protocol=str(fields.get("Protocol", "tcp")),
+            family=family,
+            addr=addr,
+            port=port,
+        )
     raise ValueError(f"unknown category {category!r}")
 
 
@@ -129,7 +172,13 @@ def load_cases(path: Path) -> list[Case]:
             event_from_fields(e["category"], e.get("fields", {}), float(e.get("at", 0.0)))
             for e in raw["events"]
         ]
-        out.append(Case(rule=str(raw["rule"]), fire=bool(raw["fire"]),
-                        name=str(raw.get("name", f"case {i}")), events=events,
-                        source=str(path)))  # fmt: skip
+        out.append(
+            Case(
+                rule=str(raw["rule"]),
+                fire=bool(raw["fire"]),
+                name=str(raw.get("name", f"case {i}")),
+                events=events,
+                source=str(path),
+            )
+        )
     return out

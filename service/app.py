@@ -31,7 +31,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from api.events import Alert, AnyEvent, LostEvent
 from api.wire import CONTENT_TYPES, MAX_BATCH_BYTES, BadBatch, decode_batch
 from detect.engine import Engine
-from detect.sigma import RuleSet
+from detect.ruleset import RuleSet
 from tail.hub import TailHub, add_tail_routes
 
 log = structlog.get_logger("sandtrace.service")

@@ -23,9 +23,11 @@ from typing import Any
 import structlog
 
 from api.events import Alert, AnyEvent
-from detect.engine import EgressPolicies, Engine
+from detect.egress import EgressPolicies
+from detect.engine import Engine
+from detect.loader import load_paths
 from detect.pack import builtin_rules
-from detect.sigma import RuleSet, load_paths
+from detect.ruleset import RuleSet
 from service.config import ConfigError, ServiceConfig, check, load, read_token, tls_context
 
 log = structlog.get_logger("sandtrace.service")

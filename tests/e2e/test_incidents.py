@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from detect.sigma import load_paths
+from detect.loader import load_paths
 from tests.e2e.conftest import NetNS
 from tests.e2e.report import LATENCIES
 from tests.e2e.testhosts import MINER_SCRIPT, PYTHON, HttpHost, MiningPool, SshServer

@@ -138,8 +138,8 @@ def test_installed_sandtrace_runs_a_command_traced(with_bcc: Path, place: Path) 
 
 
 def _pack_size() -> int:
+    from detect.loader import load_paths  # noqa: PLC0415
     from detect.pack import builtin_rules  # noqa: PLC0415
-    from detect.sigma import load_paths  # noqa: PLC0415
 
     rules = load_paths([builtin_rules()])
     return len(rules.rules)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 from api.events import AnyEvent
-from detect.engine import EGRESS_RULE_ID, EgressPolicies, EgressPolicy, Engine
-from detect.sigma import RuleSet, load_text
+from detect.egress import EGRESS_RULE_ID, EgressPolicies, EgressPolicy
+from detect.engine import Engine
+from detect.loader import load_text
+from detect.ruleset import RuleSet
 from detect.testing import event_from_fields
 
 BASE = """
@@ -167,7 +169,7 @@ def test_ordered_window_agrees_with_a_walk_of_its_entries() -> None:
     slides, including orders that name a rule twice."""
     import random  # noqa: PLC0415
 
-    from detect.engine import _Window  # noqa: PLC0415
+    from detect.correlation import Window as _Window  # noqa: PLC0415
 
     rng = random.Random(3)
     checked = 0

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from detect.engine import Engine
-from detect.sigma import Correlation, Rule, RuleSet, load_paths
+from detect.loader import load_paths
+from detect.ruleset import Correlation, Rule, RuleSet
 from detect.testing import Case, load_cases
 
 RULES = Path(__file__).resolve().parents[2] / "rules"
@@ -59,9 +60,9 @@ def test_generated_matchers_agree_with_the_compiled_rules() -> None:
     the event itself, rule index included) and the rules' closures say the same thing, for
     every case event (including fields that are absent or empty). Each side gets a fresh
     FieldDict, so none reads what another cached."""
-    from detect.engine import generate_matcher  # noqa: PLC0415
+    from detect.codegen import generate_matcher  # noqa: PLC0415
+    from detect.fieldcache import FieldDict  # noqa: PLC0415
     from detect.fields import GETTERS, category_of, category_of_type  # noqa: PLC0415
-    from detect.sigma import FieldDict  # noqa: PLC0415
 
     rules = pack()
     by_category: dict[str, list[Rule]] = {}
@@ -99,9 +100,9 @@ def test_rule_index_agrees_on_variants_of_the_cases() -> None:
     import msgspec.structs  # noqa: PLC0415
 
     from api.events import Event, ExecEvent  # noqa: PLC0415
-    from detect.engine import generate_matcher  # noqa: PLC0415
+    from detect.codegen import generate_matcher  # noqa: PLC0415
+    from detect.fieldcache import FieldDict  # noqa: PLC0415
     from detect.fields import GETTERS, category_of, category_of_type  # noqa: PLC0415
-    from detect.sigma import FieldDict  # noqa: PLC0415
 
     rules = pack()
     by_category: dict[str, list[Rule]] = {}
@@ -147,9 +148,9 @@ def test_the_per_value_index_memo_agrees_when_full() -> None:
     import msgspec.structs  # noqa: PLC0415
 
     from api.events import ExecEvent  # noqa: PLC0415
-    from detect.engine import _MEMO_SIZE, generate_matcher  # noqa: PLC0415
+    from detect.codegen import _MEMO_SIZE, generate_matcher  # noqa: PLC0415
+    from detect.fieldcache import FieldDict  # noqa: PLC0415
     from detect.fields import GETTERS  # noqa: PLC0415
-    from detect.sigma import FieldDict  # noqa: PLC0415
 
     rules = [r for r in pack().rules if r.category == "process_creation"]
     getters = GETTERS[ExecEvent]

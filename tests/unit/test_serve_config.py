@@ -17,8 +17,9 @@ from aiohttp import web
 from api.events import AnyEvent, Event, LostEvent
 from collector.stream import StreamSink
 from detect.engine import Engine
+from detect.loader import load_paths
 from detect.pack import builtin_rules
-from detect.sigma import RuleSet, load_paths
+from detect.ruleset import RuleSet
 from detect.testing import event_from_fields
 from service.app import Ingest, make_app, prometheus_text
 from service.config import ConfigError, ServiceConfig, check, load, tls_context

@@ -14,7 +14,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from api.events import WIRE_VERSION, Alert, to_dict, to_row
 from api.wire import CONTENT_TYPE, MAX_BATCH_BYTES, encode_batch
-from detect.sigma import RuleSet, load_text
+from detect.loader import load_text
+from detect.ruleset import RuleSet
 from detect.testing import event_from_fields
 from service.app import Ingest, make_app
 

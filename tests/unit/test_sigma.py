@@ -10,7 +10,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from detect.engine import Engine
-from detect.sigma import RuleSet, load_paths, load_text
+from detect.loader import load_paths, load_text
+from detect.ruleset import RuleSet
 from detect.testing import event_from_fields
 
 SIGMAHQ = Path(__file__).resolve().parents[1] / "data" / "sigmahq"
@@ -198,8 +199,9 @@ def test_argv_texts_from_joined_bytes_equal_joining_the_decoded_args(argv: list[
     """command_line and lower_joined decode the joined bytes once and lower the whole; they
     must give exactly what decoding, lowering and joining each argument gives (the form
     FieldDict.joined and the rules' closures use), broken UTF-8 and final sigma included."""
+    from detect.fieldcache import joined as _joined  # noqa: PLC0415
+    from detect.fieldcache import lowered as _lower  # noqa: PLC0415
     from detect.fields import command_line, lower_joined  # noqa: PLC0415
-    from detect.sigma import _joined, _lower  # noqa: PLC0415
 
     decoded = [a.decode("utf-8", "backslashreplace") for a in argv]
     assert command_line(argv) == " ".join(decoded)
@@ -236,7 +238,7 @@ def test_one_search_over_the_joined_argv_never_misses_an_element_match(
     import re  # noqa: PLC0415
 
     from detect.fields import nul_joined  # noqa: PLC0415
-    from detect.sigma import _element_search  # noqa: PLC0415
+    from detect.regexes import element_search as _element_search  # noqa: PLC0415
 
     rx = re.compile(pattern, re.IGNORECASE if fold else 0)
     spread = _element_search(rx)
@@ -264,7 +266,8 @@ def test_a_regex_prefilter_never_turns_away_a_match(text: str, pattern: str, fol
     lowered text when the pattern ignores case, as generated matchers test it)."""
     import re  # noqa: PLC0415
 
-    from detect.sigma import _required_counts, _required_literal_sets  # noqa: PLC0415
+    from detect.regexes import required_counts as _required_counts  # noqa: PLC0415
+    from detect.regexes import required_literal_sets as _required_literal_sets  # noqa: PLC0415
 
     rx = re.compile(pattern, re.IGNORECASE if fold else 0)
     if rx.search(text) is None:
@@ -302,9 +305,9 @@ def test_a_command_line_needle_is_found_in_the_argv_pass(argv: list[bytes], need
     import msgspec.structs  # noqa: PLC0415
 
     from api.events import ExecEvent  # noqa: PLC0415
-    from detect.engine import generate_matcher  # noqa: PLC0415
+    from detect.codegen import generate_matcher  # noqa: PLC0415
+    from detect.fieldcache import FieldDict  # noqa: PLC0415
     from detect.fields import EXEC_ARGV, GETTERS, LOWER_JOINED  # noqa: PLC0415
-    from detect.sigma import FieldDict  # noqa: PLC0415
 
     base = event_from_fields("process_creation", {"ProcessId": 1})
     event = msgspec.structs.replace(base, argv=argv)

@@ -18,7 +18,7 @@ from api.events import AnyEvent, Event, LostEvent
 from api.wire import MAX_BATCH_BYTES, encode_batch
 from collector.spool import SpoolBusy
 from collector.stream import StreamSink
-from detect.sigma import RuleSet
+from detect.ruleset import RuleSet
 from detect.testing import event_from_fields
 from service.app import Ingest, make_app
 
