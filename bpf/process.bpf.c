@@ -3,6 +3,14 @@
  * scheduler and cgroup tracepoints, which cost nothing on other syscalls (unlike syscall
  * tracepoints, which put every syscall of every task on the slow path). */
 
+#include "events.h"
+#include "kernel_read.h"
+#include "maps.h"
+#include "counters.h"
+#include "scope.h"
+#include "output.h"
+#include "sock_stash.h"
+
 #ifndef NR_CPUS_POSSIBLE
 #define NR_CPUS_POSSIBLE 256
 #endif

@@ -1,8 +1,10 @@
 /* SPDX-License-Identifier: GPL-2.0-only */
-/* The one compilation unit BCC builds: shared maps first, then each hook's programs. */
+/*
+ * The one compilation unit BCC builds (probes/loader.py inlines local includes, each file
+ * once): every hook's program file. Each program file includes the headers it uses, so they
+ * may come in any order, and each compiles on its own too.
+ */
 
-#include "maps.h"
-
-#include "sock_addr.bpf.c"
 #include "process.bpf.c"
+#include "sock_addr.bpf.c"
 #include "tcp_state.bpf.c"

@@ -6,22 +6,12 @@
  * state tracepoint (tcp_state.bpf.c) for connects.
  */
 
-#define AF_INET 2
-#define AF_INET6 10
-#define SOCK_STREAM 1
-#define IPPROTO_TCP 6
-
-/* Thread -> cookie of the TCP connect it is making, until the socket reaches SYN_SENT. */
-BPF_TABLE("lru_hash", u32, u64, connect_stash, 16384);
-/* Thread -> the bind it is making, until post_bind completes it. */
-BPF_TABLE("lru_hash", u32, struct bind_record, bind_stash, 16384);
-
-static __always_inline void copy_ip6(u8 *dst, const u32 *src)
-{
-	u32 w[4] = { src[0], src[1], src[2], src[3] };
-
-	__builtin_memcpy(dst, w, 16);
-}
+#include "events.h"
+#include "inet.h"
+#include "counters.h"
+#include "scope.h"
+#include "output.h"
+#include "sock_stash.h"
 
 static __always_inline int on_connect(struct bpf_sock_addr *ctx, u16 family)
 {
@@ -38,29 +28,17 @@ static __always_inline int on_connect(struct bpf_sock_addr *ctx, u16 family)
 	r.dport = bpf_ntohs(ctx->user_port);
 	r.sock_type = ctx->type;
 	r.protocol = ctx->protocol;
-	if (family == AF_INET) {
-		u32 a = ctx->user_ip4;
-
-		__builtin_memcpy(r.daddr, &a, 4);
-	} else {
-		u32 a[4] = { ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2],
-			     ctx->user_ip6[3] };
-
-		__builtin_memcpy(r.daddr, a, 16);
-	}
+	if (family == AF_INET)
+		copy_ip4(r.daddr, ctx->user_ip4);
+	else
+		copy_ip6(r.daddr, ctx->user_ip6);
 	sk = ctx->sk;
 	if (sk) {
 		r.sport = sk->src_port;
-		if (family == AF_INET) {
-			u32 a = sk->src_ip4;
-
-			__builtin_memcpy(r.saddr, &a, 4);
-		} else {
-			u32 a[4] = { sk->src_ip6[0], sk->src_ip6[1], sk->src_ip6[2],
-				     sk->src_ip6[3] };
-
-			__builtin_memcpy(r.saddr, a, 16);
-		}
+		if (family == AF_INET)
+			copy_ip4(r.saddr, sk->src_ip4);
+		else
+			copy_ip6(r.saddr, sk->src_ip6);
 		r.flags |= SOCK_F_LOCAL_KNOWN;
 	}
 	if (r.sock_type == SOCK_STREAM && r.protocol == IPPROTO_TCP) {
@@ -80,12 +58,6 @@ int connect4(struct bpf_sock_addr *ctx)
 int connect6(struct bpf_sock_addr *ctx)
 {
 	return on_connect(ctx, AF_INET6);
-}
-
-static __always_inline void emit_failed_bind(void *ctx, struct bind_record *stale)
-{
-	stale->flags |= BIND_F_FAILED;
-	emit(ctx, stale, sizeof(*stale), REC_BIND);
 }
 
 static __always_inline int on_bind(struct bpf_sock_addr *ctx, u16 family)
@@ -109,16 +81,10 @@ static __always_inline int on_bind(struct bpf_sock_addr *ctx, u16 family)
 	r.sock_type = ctx->type;
 	r.protocol = ctx->protocol;
 	r.flags = BIND_F_REQUEST_KNOWN;
-	if (family == AF_INET) {
-		u32 a = ctx->user_ip4;
-
-		__builtin_memcpy(r.req_addr, &a, 4);
-	} else {
-		u32 a[4] = { ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2],
-			     ctx->user_ip6[3] };
-
-		__builtin_memcpy(r.req_addr, a, 16);
-	}
+	if (family == AF_INET)
+		copy_ip4(r.req_addr, ctx->user_ip4);
+	else
+		copy_ip6(r.req_addr, ctx->user_ip6);
 	if (bind_stash.update(&tid, &r) != 0)
 		count_error(ERR_STASH_MAP_FULL);
 	return 1;
@@ -155,15 +121,10 @@ static __always_inline int on_post_bind(struct bpf_sock *sk, u16 family)
 		r.protocol = sk->protocol;
 	}
 	r.port = sk->src_port;
-	if (family == AF_INET) {
-		u32 a = sk->src_ip4;
-
-		__builtin_memcpy(r.addr, &a, 4);
-	} else {
-		u32 a[4] = { sk->src_ip6[0], sk->src_ip6[1], sk->src_ip6[2], sk->src_ip6[3] };
-
-		__builtin_memcpy(r.addr, a, 16);
-	}
+	if (family == AF_INET)
+		copy_ip4(r.addr, sk->src_ip4);
+	else
+		copy_ip6(r.addr, sk->src_ip6);
 	emit(sk, &r, sizeof(r), REC_BIND);
 	return 1;
 }
@@ -176,15 +137,4 @@ int post_bind4(struct bpf_sock *sk)
 int post_bind6(struct bpf_sock *sk)
 {
 	return on_post_bind(sk, AF_INET6);
-}
-
-static __always_inline void forget_thread(void *ctx, u32 tid)
-{
-	struct bind_record *stale = bind_stash.lookup(&tid);
-
-	if (stale) {
-		emit_failed_bind(ctx, stale);
-		bind_stash.delete(&tid);
-	}
-	connect_stash.delete(&tid);
 }

@@ -6,6 +6,14 @@
  * so the connecting process is remembered per socket.
  */
 
+#include "events.h"
+#include "inet.h"
+#include "kernel_read.h"
+#include "counters.h"
+#include "scope.h"
+#include "output.h"
+#include "sock_stash.h"
+
 #define TCP_ESTABLISHED 1
 #define TCP_SYN_SENT 2
 #define TCP_CLOSE 7

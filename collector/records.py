@@ -35,7 +35,7 @@ RECORD_NAMES = {
     REC_CGROUP_MOVE: "cgroup_move",
 }
 ERROR_NAMES = {0: "traced_map_full", 1: "stash_map_full", 2: "scratch_unavailable"}
-ERR_MAX = 4
+ERR_MAX = 3
 
 EXEC_F_ARGV_TRUNCATED = 1 << 0
 EXEC_F_EXE_TRUNCATED = 1 << 1

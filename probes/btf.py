@@ -192,7 +192,7 @@ class BTF:
 
 
 # Every offset the probes use: macro name -> (struct, member path). The C side lists the
-# same names in bpf/include/offsets.h, which refuses to compile if one is missing.
+# same names in bpf/include/kernel_read.h, which refuses to compile if one is missing.
 OFFSETS: dict[str, tuple[str, str]] = {
     "OFF_TASK_PID": ("task_struct", "pid"),
     "OFF_TASK_TGID": ("task_struct", "tgid"),

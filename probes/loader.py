@@ -39,11 +39,12 @@ _ATTACH = {
     "post_bind4": 12,
     "post_bind6": 13,
 }
+SOCKET_HOOKS = tuple(_ATTACH)
+"""The cgroup socket programs, which are loaded by name (tracepoint programs load by
+themselves when BCC compiles them)."""
 _PROG_TYPE_CGROUP_SOCK = 9
 _PROG_TYPE_CGROUP_SOCK_ADDR = 18
 _BPF_F_ALLOW_MULTI = 2
-NR_RECORD_TYPES = 8
-NR_ERRORS = 4
 
 
 _MADV_DONTNEED = 4
@@ -74,12 +75,15 @@ class ProbeError(RuntimeError):
     """Loading or attaching a probe failed; the message says what to do."""
 
 
-def build_source(bpf_dir: Path | None = None) -> str:
-    """The single compilation unit: sandtrace.bpf.c with its local includes inlined.
+def build_source(bpf_dir: Path | None = None, main: str = MAIN_SOURCE) -> str:
+    """The single compilation unit: `main` (sandtrace.bpf.c, which names every program
+    file) with its local includes inlined.
 
     BCC rewrites map calls and generates tracepoint argument structs only in the main source
-    text, not in included files, so our own headers and hook files are inlined here. Only
-    files from bpf/ are read; nothing from outside reaches the C source.
+    text, not in included files, so our own headers and hook files are inlined here, each
+    file once (as an include guard would). Only files from bpf/ are read; nothing from
+    outside reaches the C source. Every program file includes what it uses, so any one of
+    them is a compilation unit too (tests/kernel/test_compile.py builds each alone).
     """
     bpf_dir = bpf_dir or shipped(__file__, "bpf")
     seen: set[Path] = set()
@@ -101,7 +105,7 @@ def build_source(bpf_dir: Path | None = None) -> str:
             flags=re.MULTILINE,
         )
 
-    return inline(MAIN_SOURCE)
+    return inline(main)
 
 
 @dataclass(slots=True)
@@ -117,6 +121,32 @@ class ProbeConfig:
     # Likewise for bind (the bind and post_bind hooks): without them, TCP listeners are still
     # seen (listen, from the TCP state tracepoint); binds themselves, and UDP ones, are not.
     bind_hooks: bool = True
+
+
+def load_socket_hook(bpf: Any, name: str) -> Any:
+    """Load one of SOCKET_HOOKS from a compiled BPF object (the verifier checks it now);
+    returns BCC's function handle, for attaching."""
+    prog_type = _PROG_TYPE_CGROUP_SOCK if name.startswith("post_") else _PROG_TYPE_CGROUP_SOCK_ADDR
+    return bpf.load_func(name.encode(), prog_type, attach_type=_ATTACH[name])
+
+
+def uses_perf_buffer(config: ProbeConfig, features: kernel.KernelFeatures) -> bool:
+    return config.perf_buffer or not features.ring_buffer
+
+
+def compile_flags(config: ProbeConfig, features: kernel.KernelFeatures) -> list[str]:
+    """The -D flags the probes are compiled with: this kernel's struct offsets (from BTF)
+    and the configuration's choices."""
+    cflags = [f"-D{k}={v}" for k, v in kernel_offsets(BTF.from_file()).items()]
+    cflags.append(f"-DRINGBUF_PAGES={config.ring_pages}")
+    cflags.append(f"-DNR_CPUS_POSSIBLE={kernel.possible_cpus()}")
+    if features.exit_group_dead:
+        cflags.append("-DHAVE_EXIT_GROUP_DEAD")
+    if config.trace_all:
+        cflags.append("-DTRACE_ALL")
+    if uses_perf_buffer(config, features):
+        cflags.append("-DUSE_PERF_BUFFER")
+    return cflags
 
 
 @dataclass(slots=True)
@@ -189,16 +219,8 @@ class Probes:
 
         self.config = config
         self.features = features
-        self.use_perf = config.perf_buffer or not features.ring_buffer
-        cflags = [f"-D{k}={v}" for k, v in kernel_offsets(BTF.from_file()).items()]
-        cflags.append(f"-DRINGBUF_PAGES={config.ring_pages}")
-        cflags.append(f"-DNR_CPUS_POSSIBLE={kernel.possible_cpus()}")
-        if features.exit_group_dead:
-            cflags.append("-DHAVE_EXIT_GROUP_DEAD")
-        if config.trace_all:
-            cflags.append("-DTRACE_ALL")
-        if self.use_perf:
-            cflags.append("-DUSE_PERF_BUFFER")
+        self.use_perf = uses_perf_buffer(config, features)
+        cflags = compile_flags(config, features)
         self._BPF = BPF
         started = time.monotonic()
         try:
@@ -210,12 +232,8 @@ class Probes:
             ) from exc
         self.compile_seconds = time.monotonic() - started
         self._sock_fns = {
-            name: self.bpf.load_func(
-                name.encode(),
-                _PROG_TYPE_CGROUP_SOCK if name.startswith("post_") else _PROG_TYPE_CGROUP_SOCK_ADDR,
-                attach_type=attach,
-            )
-            for name, attach in _ATTACH.items()
+            name: load_socket_hook(self.bpf, name)
+            for name in SOCKET_HOOKS
             if (config.connect_hooks or not name.startswith("connect"))
             and (config.bind_hooks or "bind" not in name)
         }
@@ -296,20 +314,23 @@ class Probes:
 
     # -- counters ---------------------------------------------------------------------------
 
-    def _sum_percpu(self, name: str, n: int) -> dict[int, int]:
+    def _sum_percpu(self, name: str) -> dict[int, int]:
+        """Non-zero slots of a per-CPU counter array, summed over CPUs. The slots are the C
+        enum's values (record_type for `lost`, error_counter for `errors`), as many as the
+        map has entries: the map's size is the enum's count, so none is left out."""
         table = self.bpf[name.encode()]
         out: dict[int, int] = {}
-        for i in range(n):
+        for i in range(table.max_entries):
             total = sum(int(v) for v in table[table.Key(i)])
             if total:
                 out[i] = total
         return out
 
     def losses(self) -> LossCounters:
-        kernel_lost = self._sum_percpu("lost", NR_RECORD_TYPES)
+        kernel_lost = self._sum_percpu("lost")
         if self._perf_lost:
             kernel_lost[0] = kernel_lost.get(0, 0) + self._perf_lost
-        return LossCounters(kernel_lost, self.queue.dropped, self._sum_percpu("errors", NR_ERRORS))
+        return LossCounters(kernel_lost, self.queue.dropped, self._sum_percpu("errors"))
 
     # -- reading ----------------------------------------------------------------------------
 

@@ -39,13 +39,13 @@ enum record_type {
 	REC_MAX = 8,
 };
 
-/* Counters of events that could not be delivered, indexed by record_type; slot 0 counts
- * records whose type could not be known. Kept per CPU and summed by the collector. */
+/* Failures that cost a probe some of its state, not a record: each indexes the per-CPU
+ * errors map (maps.h), which the collector sums and reports by name. */
 enum error_counter {
-	ERR_TRACED_MAP_FULL = 0,
-	ERR_STASH_MAP_FULL = 1,
-	ERR_SCRATCH = 2,
-	ERR_MAX = 4,
+	ERR_TRACED_MAP_FULL = 0, /* a traced process could not be remembered in the traced map */
+	ERR_STASH_MAP_FULL = 1, /* a connect or bind could not be kept for the hook completing it */
+	ERR_SCRATCH = 2, /* no scratch buffer to build an exec or cgroup move record in */
+	ERR_MAX = 3,
 };
 
 /* Common header: the process context at the moment of the event. 80 bytes. */

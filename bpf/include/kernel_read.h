@@ -1,11 +1,12 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
- * Kernel struct offsets, resolved by probes/btf.py from the running kernel's BTF and passed
- * in as -D flags. Nothing here may come from the installed kernel headers: on hosts whose
- * headers belong to another kernel those layouts are wrong.
+ * Reads of kernel memory, and the kernel struct offsets they go through. The offsets are
+ * resolved by probes/btf.py from the running kernel's BTF and passed in as -D flags. Nothing
+ * here may come from the installed kernel headers: on hosts whose headers belong to another
+ * kernel those layouts are wrong.
  */
-#ifndef SANDTRACE_OFFSETS_H
-#define SANDTRACE_OFFSETS_H
+#ifndef SANDTRACE_KERNEL_READ_H
+#define SANDTRACE_KERNEL_READ_H
 
 #if !defined(OFF_TASK_PID) || !defined(OFF_TASK_TGID) || !defined(OFF_TASK_REAL_PARENT) ||       \
 	!defined(OFF_TASK_GROUP_LEADER) || !defined(OFF_TASK_START_TIME) ||                      \
@@ -39,4 +40,16 @@ static __always_inline u32 rd_u32(u64 base, u32 off)
 	return v;
 }
 
-#endif /* SANDTRACE_OFFSETS_H */
+/* The pid of a task (of its thread-group leader, for the process) inside the task's own pid
+ * namespace: the last of struct pid's numbers; 0 when it cannot be read. */
+static __always_inline u32 ns_pid_of(u64 task)
+{
+	u64 pid = rd_u64(task, OFF_TASK_THREAD_PID);
+	u32 level = rd_u32(pid, OFF_PID_LEVEL);
+
+	if (!pid || level > 32)
+		return 0;
+	return rd_u32(pid + OFF_PID_NUMBERS + (u64)level * SIZE_UPID, OFF_UPID_NR);
+}
+
+#endif /* SANDTRACE_KERNEL_READ_H */

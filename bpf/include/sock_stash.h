@@ -1,0 +1,40 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * What a thread's socket call left for a later hook to complete, keyed by thread id: the
+ * cookie of a TCP connect until the socket reaches SYN_SENT (tcp_state.bpf.c), and a bind
+ * until post_bind sees it done (sock_addr.bpf.c). An entry a thread leaves behind when it
+ * exits is cleared then (process.bpf.c), a stashed bind reported as failed.
+ */
+#ifndef SANDTRACE_SOCK_STASH_H
+#define SANDTRACE_SOCK_STASH_H
+
+#include "events.h"
+#include "output.h"
+
+#define SOCK_STASH_MAX 16384
+
+/* Thread -> cookie of the TCP connect it is making, until the socket reaches SYN_SENT. */
+BPF_TABLE("lru_hash", u32, u64, connect_stash, SOCK_STASH_MAX);
+/* Thread -> the bind it is making, until post_bind completes it. */
+BPF_TABLE("lru_hash", u32, struct bind_record, bind_stash, SOCK_STASH_MAX);
+
+/* A stashed bind that post_bind never saw: the bind failed. */
+static __always_inline void emit_failed_bind(void *ctx, struct bind_record *stale)
+{
+	stale->flags |= BIND_F_FAILED;
+	emit(ctx, stale, sizeof(*stale), REC_BIND);
+}
+
+/* Clear what an exiting thread left in the stashes. */
+static __always_inline void forget_thread(void *ctx, u32 tid)
+{
+	struct bind_record *stale = bind_stash.lookup(&tid);
+
+	if (stale) {
+		emit_failed_bind(ctx, stale);
+		bind_stash.delete(&tid);
+	}
+	connect_stash.delete(&tid);
+}
+
+#endif /* SANDTRACE_SOCK_STASH_H */
