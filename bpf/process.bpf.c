@@ -33,16 +33,25 @@ struct exec_scratch {
 BPF_ARRAY(exec_buf, struct exec_scratch, NR_CPUS_POSSIBLE);
 BPF_PERCPU_ARRAY(move_buf, struct cgroup_move_record, 1);
 
+/* How a walk_path() ended. */
+enum walk_result {
+	WALK_DONE = 0,
+	WALK_TRUNCATED = 1,
+	WALK_PSEUDO = 2,
+};
+
 /*
  * Write the components of a struct path into s->data at s->cursor, leaf first, each
  * NUL-terminated, crossing mount points up to the root of the mount namespace, as d_path
- * would. Returns 1 if the budget or the depth ran out before the root.
+ * would. Returns WALK_TRUNCATED if the budget or the depth ran out before the root, and
+ * WALK_PSEUDO if the path is a pseudo file's, which no path reaches (its dentry is its own
+ * parent: a memfd or an anonymous inode), whose only component is then its name.
  *
  * The cursor lives in map memory on purpose: the verifier does not track values it loads
  * from a map, so every path through an iteration reaches the next with the same state and
  * is pruned, instead of the walk's branches multiplying across iterations.
  */
-static __always_inline u32 walk_path(struct exec_scratch *s, u64 path)
+static __always_inline enum walk_result walk_path(struct exec_scratch *s, u64 path)
 {
 	u64 dentry = rd_u64(path, OFF_PATH_DENTRY);
 	u64 vfsmnt = rd_u64(path, OFF_PATH_MNT);
@@ -51,7 +60,7 @@ static __always_inline u32 walk_path(struct exec_scratch *s, u64 path)
 	u64 start = s->cursor;
 
 	if (!dentry || !vfsmnt)
-		return 1;
+		return WALK_TRUNCATED;
 	for (int i = 0; i < PATH_MAX_DEPTH; i++) {
 		u64 parent = rd_u64(dentry, OFF_DENTRY_D_PARENT);
 		u64 off = s->cursor;
@@ -61,25 +70,40 @@ static __always_inline u32 walk_path(struct exec_scratch *s, u64 path)
 			u64 mnt_parent = rd_u64(mnt, OFF_MOUNT_MNT_PARENT);
 
 			if (mnt_parent == mnt || !mnt_parent)
-				return 0;
+				return WALK_DONE;
 			dentry = rd_u64(mnt, OFF_MOUNT_MNT_MOUNTPOINT);
 			mnt = mnt_parent;
 			mnt_root = rd_u64(mnt + OFF_MOUNT_MNT, OFF_VFSMOUNT_MNT_ROOT);
 			continue;
 		}
 		if (off - start > PATH_BUDGET - NAME_MAX_LEN)
-			return 1;
+			return WALK_TRUNCATED;
 		n = bpf_probe_read_kernel_str(&s->data[off & EXEC_DATA_MASK], NAME_MAX_LEN,
 					      (void *)rd_u64(dentry, OFF_DENTRY_D_NAME_NAME));
 		if (n <= 0)
-			return 1;
+			return WALK_TRUNCATED;
 		s->cursor = off + n;
-		/* A pseudo file (memfd, anonymous inode) is its own parent: its name is all. */
 		if (dentry == parent)
-			return 0;
+			return WALK_PSEUDO;
 		dentry = parent;
 	}
-	return 1;
+	return WALK_TRUNCATED;
+}
+
+/* The name the kernel gives a memfd_create file: "memfd:" and the caller's name. */
+#define MEMFD_PREFIX "memfd:"
+
+/* Whether the component written at s->data[off] starts with MEMFD_PREFIX. */
+static __always_inline bool is_memfd_name(struct exec_scratch *s, u32 off)
+{
+	const char prefix[] = MEMFD_PREFIX;
+
+#pragma unroll
+	for (int i = 0; i < sizeof(prefix) - 1; i++) {
+		if (s->data[(off + i) & EXEC_DATA_MASK] != prefix[i])
+			return false;
+	}
+	return true;
 }
 
 TRACEPOINT_PROBE(sched, sched_process_exec)
@@ -89,6 +113,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	struct exec_scratch *s;
 	struct exec_record *r;
 	u64 task, mm, file, fs, arg_start, arg_end, len, inode, size;
+	enum walk_result walk;
 
 	if (sb < 0)
 		return 0;
@@ -130,8 +155,13 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 		if (r->exe_nlink == 0)
 			r->flags |= EXEC_F_UNLINKED;
 		s->cursor = off;
-		if (walk_path(s, file + OFF_FILE_F_PATH))
+		walk = walk_path(s, file + OFF_FILE_F_PATH);
+		if (walk == WALK_TRUNCATED)
 			r->flags |= EXEC_F_EXE_TRUNCATED;
+		/* A memfd is a pseudo file named "memfd:...". A deleted file of that name still
+		 * has its directory for a parent, so it is not taken for one. */
+		else if (walk == WALK_PSEUDO && is_memfd_name(s, off))
+			r->flags |= EXEC_F_MEMFD;
 		off = s->cursor & EXEC_DATA_MASK;
 	} else {
 		r->flags |= EXEC_F_EXE_TRUNCATED;
@@ -143,7 +173,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 		u32 before = off;
 
 		s->cursor = off;
-		if (walk_path(s, fs + OFF_FS_PWD))
+		if (walk_path(s, fs + OFF_FS_PWD) == WALK_TRUNCATED)
 			r->flags |= EXEC_F_CWD_TRUNCATED;
 		off = s->cursor & EXEC_DATA_MASK;
 		r->cwd_size = off - before;

@@ -75,12 +75,6 @@ def errno_name(err: int) -> str:
     return errno_mod.errorcode.get(err, f"E{err}")
 
 
-def is_memfd(exe: bytes) -> bool:
-    """A memfd's path is its name, memfd:NAME, at the root of an internal mount; the name
-    may itself hold slashes (runc's memfd:runc_cloned:/proc/self/exe)."""
-    return exe.startswith(b"/memfd:")
-
-
 @dataclass(slots=True)
 class Scope:
     """One traced scope: a sandbox id and the cgroup paths (relative to the cgroup2 root)."""
@@ -271,8 +265,9 @@ class Assembler:
 
     def _exec(self, f: Any, data: bytes) -> ExecEvent:
         parts = R.exec_parts(f, data)
+        # The kernel tells a memfd (its file has no path at all) from a deleted file.
+        fileless = bool(f.flags & R.EXEC_F_MEMFD)
         unlinked = bool(f.flags & R.EXEC_F_UNLINKED)
-        fileless = unlinked and is_memfd(parts.exe)
         parent = self.procs.get(f.ppid)
         self.procs.on_exec(f.pid, f.start_ns, f.ppid, parts.exe, parts.argv)
         common = self._common(f)

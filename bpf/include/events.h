@@ -71,7 +71,7 @@ struct record_header {
 #define EXEC_F_EXE_TRUNCATED (1U << 1)
 #define EXEC_F_CWD_TRUNCATED (1U << 2)
 #define EXEC_F_FILENAME_TRUNCATED (1U << 3)
-#define EXEC_F_MEMFD (1U << 4) /* executable is an anonymous memory file */
+#define EXEC_F_MEMFD (1U << 4) /* executable is an anonymous memory file (memfd_create) */
 #define EXEC_F_UNLINKED (1U << 5) /* executable file has no links left */
 #define EXEC_F_NO_MM (1U << 6)
 

@@ -106,6 +106,37 @@ os.write(fd, open("/usr/bin/true", "rb").read())
     assert ev.argv == [b"payload", b"x"]
 
 
+def test_memfd_exec_by_proc_path_is_fileless(tracer: Tracer) -> None:
+    """execve of /proc/self/fd/N (as fexecve without execveat does): the same memfd."""
+    prepare = """
+fd = os.memfd_create("by-path", os.MFD_CLOEXEC)
+os.write(fd, open("/usr/bin/true", "rb").read())
+fd = f"/proc/self/fd/{fd}"
+"""
+    ev = fexecve_in_sandbox(tracer, prepare, [b"by-path"])
+    assert ev.process.exe == b"/memfd:by-path"
+    assert ev.fileless
+    assert not ev.deleted
+
+
+def test_deleted_file_named_like_a_memfd_is_not_fileless(tracer: Tracer) -> None:
+    """A deleted /memfd:NAME has the path a memfd has, but it is a file in a directory: the
+    kernel tells them apart (a memfd is its own parent), so it is deleted, not fileless."""
+    target = Path(f"/memfd:sandtrace-test-{os.getpid()}")
+    shutil.copy("/usr/bin/true", target)
+    prepare = f"""
+fd = os.open({str(target)!r}, os.O_RDONLY)
+os.unlink({str(target)!r})
+"""
+    try:
+        ev = fexecve_in_sandbox(tracer, prepare, [b"decoy"])
+    finally:
+        target.unlink(missing_ok=True)
+    assert ev.process.exe == str(target).encode()
+    assert ev.deleted
+    assert not ev.fileless
+
+
 def test_exec_of_deleted_file_is_marked(tracer: Tracer, tmp_path: Path) -> None:
     target = tmp_path / "gone"
     shutil.copy("/usr/bin/true", target)

@@ -132,12 +132,23 @@ def test_exec_record_parts_and_parent(asm: Assembler) -> None:
     assert ev.process.ancestry[0].pid == 99
 
 
+def exec_of(exe: bytes, flags: int) -> bytes:
+    """An exec record of argv ["x"] whose executable's components are `exe`."""
+    return pack(R.REC_EXEC, b"x\0" + exe, argv_size=2, argv_full_size=2, exe_size=len(exe),
+                flags=flags)  # fmt: skip
+
+
 def test_memfd_exec_is_fileless(asm: Assembler) -> None:
-    exe = b"memfd:payload\0"
-    (ev,) = feed(asm, pack(R.REC_EXEC, b"x\0" + exe, argv_size=2, argv_full_size=2,
-                           exe_size=len(exe), flags=R.EXEC_F_UNLINKED))  # fmt: skip
+    (ev,) = feed(asm, exec_of(b"memfd:payload\0", R.EXEC_F_UNLINKED | R.EXEC_F_MEMFD))
     assert isinstance(ev, ExecEvent)
     assert (ev.process.exe, ev.fileless, ev.deleted) == (b"/memfd:payload", True, False)
+
+
+def test_deleted_file_named_like_a_memfd_is_not_fileless(asm: Assembler) -> None:
+    """The kernel, not the path, tells a memfd: a deleted /memfd:x is a deleted file."""
+    (ev,) = feed(asm, exec_of(b"memfd:x\0", R.EXEC_F_UNLINKED))
+    assert isinstance(ev, ExecEvent)
+    assert (ev.process.exe, ev.fileless, ev.deleted) == (b"/memfd:x", False, True)
 
 
 def test_exit_code_and_signal_decoding(asm: Assembler) -> None:
