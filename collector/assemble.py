@@ -12,7 +12,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypedDict
 
 from api.events import (
     AnyEvent,
@@ -41,9 +41,9 @@ IPPROTO_UDP = 17
 AF_INET = 2
 AF_INET6 = 10
 
-# Header fields from cgroup_id to comm (all but type, version, size and time): the key of
-# the cached event context.
-_CONTEXT_FIELDS = slice(4, 14)
+# The key of the cached event context: the header's fields from cgroup_id to comm (all but
+# type, version, size and time), h[4:14] of any record.
+_ContextKey = tuple[object, ...]
 _CONTEXT_CACHE_MAX = 4096
 _TABLE_CHANGES = frozenset((R.REC_EXEC, R.REC_FORK, R.REC_EXIT, R.REC_CGROUP_MOVE))
 
@@ -95,6 +95,24 @@ def _unresolved(ev: ConnectEvent) -> ConnectEvent:
     return ev
 
 
+class _Context(TypedDict):
+    """What an event's fields owe to its header and the collector's tables, but its time."""
+
+    host: str
+    sandbox: str
+    cgroup_id: int
+    cgroup_path: str
+    container_id: str
+    process: Process
+
+
+class _Common(_Context):
+    """Every event's common fields, as keyword arguments of its constructor."""
+
+    time_ns: int
+    mono_ns: int
+
+
 @dataclass(slots=True)
 class _PendingConnect:
     event: ConnectEvent
@@ -121,7 +139,7 @@ class Assembler:
         self.procs = procs or ProcessTable()
         self.names = names or Names()
         self._pending: dict[int, _PendingConnect] = {}
-        self._context_cache: dict[tuple[Any, ...], dict[str, Any]] = {}
+        self._context_cache: dict[_ContextKey, _Context] = {}
         self._wall_offset = 0
         self.sync_clock()
 
@@ -143,7 +161,7 @@ class Assembler:
 
     # -- common context ---------------------------------------------------------------------
 
-    def _process(self, h: Any) -> Process:
+    def _process(self, h: R.Header | R.AnyRecord) -> Process:
         info = self.procs.get(h.pid)
         key = f"{h.pid}@{h.start_ns}"
         exe, argv = (
@@ -166,24 +184,24 @@ class Assembler:
             ancestry=self.procs.ancestry(h.pid),
         )
 
-    def _common(self, h: Any) -> dict[str, Any]:
+    def _common(self, h: R.Header | R.AnyRecord) -> _Common:
         # Everything but the time depends only on header fields and the process table, so
         # a burst of events from one thread builds its context once. The cache is dropped
         # whenever the table changes (fork, exec, exit, move): ancestry and exe may differ.
-        key = h[_CONTEXT_FIELDS]
+        key: _ContextKey = h[4:14]  # cgroup_id .. comm
         context = self._context_cache.get(key)
         if context is None:
             if len(self._context_cache) >= _CONTEXT_CACHE_MAX:
                 self._context_cache.clear()
             path = self._cgroup_path(h.cgroup_id)
-            context = {
-                "host": self.host,
-                "sandbox": self.sandbox_name(h.sandbox),
-                "cgroup_id": h.cgroup_id,
-                "cgroup_path": path,
-                "container_id": self._container_id(path),
-                "process": self._process(h),
-            }
+            context = _Context(
+                host=self.host,
+                sandbox=self.sandbox_name(h.sandbox),
+                cgroup_id=h.cgroup_id,
+                cgroup_path=path,
+                container_id=self._container_id(path),
+                process=self._process(h),
+            )
             self._context_cache[key] = context
         return {"time_ns": h.ktime_ns + self._wall_offset, "mono_ns": h.ktime_ns, **context}
 
@@ -202,53 +220,26 @@ class Assembler:
                     errors.append(f"{exc} ({len(buf)} bytes)")
         return events, errors
 
-    def feed(self, rec: R.Record) -> list[AnyEvent]:
+    def feed(self, rec: R.AnyRecord) -> list[AnyEvent]:
         """Events for one record (often one, none while a connect awaits its outcome)."""
-        f = rec.fields
         if rec.type in _TABLE_CHANGES:
             self._context_cache.clear()
-        if rec.type == R.REC_EXEC:
-            return [self._exec(f, rec.data)]
-        if rec.type == R.REC_FORK:
-            self.procs.on_fork(f.pid, f.child_pid, f.child_start_ns)
-            return [
-                ForkEvent(
-                    **self._common(f),
-                    child_pid=f.child_pid,
-                    child_key=f"{f.child_pid}@{f.child_start_ns}",
-                )
-            ]
-        if rec.type == R.REC_EXIT:
-            out: list[AnyEvent] = [*self._flush_pending(pid=f.pid)]
-            code = f.exit_code
-            out.append(
-                ExitEvent(
-                    **self._common(f),
-                    exit_code=(code >> 8) & 0xFF,
-                    signal=code & 0x7F,
-                    core_dumped=bool(code & 0x80),
-                )
-            )
-            self.procs.on_exit(f.pid)
-            return out
-        if rec.type == R.REC_CONNECT:
-            return self._connect(f)
-        if rec.type == R.REC_TCP_STATE:
-            return self._tcp_state(f)
-        if rec.type == R.REC_BIND:
-            return [self._bind(f)]
-        if rec.type == R.REC_CGROUP_MOVE:
-            path = f.dst_path.split(b"\0", 1)[0].decode("utf-8", "replace")
-            return [
-                CgroupMoveEvent(
-                    **self._common(f),
-                    target_pid=f.target_pid,
-                    dst_cgroup_id=f.dst_cgroup_id,
-                    dst_cgroup_path=path,
-                    left_sandbox=not self.in_scope_path(path),
-                )
-            ]
-        return []
+        # The most frequent kinds first.
+        match rec:
+            case R.ConnectRecord():
+                return self._connect(rec)
+            case R.TcpStateRecord():
+                return self._tcp_state(rec)
+            case R.BindRecord():
+                return [self._bind(rec)]
+            case R.ExecRecord():
+                return [self._exec(rec)]
+            case R.ForkRecord():
+                return [self._fork(rec)]
+            case R.ExitRecord():
+                return self._exit(rec)
+            case R.CgroupMoveRecord():
+                return [self._cgroup_move(rec)]
 
     def held_socket(self, h: R.Header, sock: HeldSocket) -> SocketEvent:
         """A socket the process already held when tracing started."""
@@ -263,8 +254,8 @@ class Assembler:
             rport=sock.rport,
         )
 
-    def _exec(self, f: Any, data: bytes) -> ExecEvent:
-        parts = R.exec_parts(f, data)
+    def _exec(self, f: R.ExecRecord) -> ExecEvent:
+        parts = R.exec_parts(f)
         # The kernel tells a memfd (its file has no path at all) from a deleted file.
         fileless = bool(f.flags & R.EXEC_F_MEMFD)
         unlinked = bool(f.flags & R.EXEC_F_UNLINKED)
@@ -286,7 +277,39 @@ class Assembler:
             parent_argv=list(parent.argv) if parent is not None else [],
         )
 
-    def _connect(self, f: Any) -> list[AnyEvent]:
+    def _fork(self, f: R.ForkRecord) -> ForkEvent:
+        self.procs.on_fork(f.pid, f.child_pid, f.child_start_ns)
+        return ForkEvent(
+            **self._common(f),
+            child_pid=f.child_pid,
+            child_key=f"{f.child_pid}@{f.child_start_ns}",
+        )
+
+    def _exit(self, f: R.ExitRecord) -> list[AnyEvent]:
+        out: list[AnyEvent] = [*self._flush_pending(pid=f.pid)]
+        code = f.exit_code
+        out.append(
+            ExitEvent(
+                **self._common(f),
+                exit_code=(code >> 8) & 0xFF,
+                signal=code & 0x7F,
+                core_dumped=bool(code & 0x80),
+            )
+        )
+        self.procs.on_exit(f.pid)
+        return out
+
+    def _cgroup_move(self, f: R.CgroupMoveRecord) -> CgroupMoveEvent:
+        path = f.dst_path.split(b"\0", 1)[0].decode("utf-8", "replace")
+        return CgroupMoveEvent(
+            **self._common(f),
+            target_pid=f.target_pid,
+            dst_cgroup_id=f.dst_cgroup_id,
+            dst_cgroup_path=path,
+            left_sandbox=not self.in_scope_path(path),
+        )
+
+    def _connect(self, f: R.ConnectRecord) -> list[AnyEvent]:
         ev = ConnectEvent(
             **self._common(f),
             protocol=protocol_name(f.sock_type, f.protocol),
@@ -303,7 +326,7 @@ class Assembler:
         self._pending[f.cookie] = _PendingConnect(ev, f.ktime_ns + CONNECT_HOLD_NS)
         return []
 
-    def _tcp_state(self, f: Any) -> list[AnyEvent]:
+    def _tcp_state(self, f: R.TcpStateRecord) -> list[AnyEvent]:
         common = self._common(f)
         if f.newstate == TCP_LISTEN:
             return [
@@ -348,7 +371,7 @@ class Assembler:
             _unresolved(ev)
         return [ev]
 
-    def _bind(self, f: Any) -> BindEvent:
+    def _bind(self, f: R.BindRecord) -> BindEvent:
         failed = bool(f.flags & R.BIND_F_FAILED)
         known = bool(f.flags & R.BIND_F_REQUEST_KNOWN)
         return BindEvent(

@@ -1,21 +1,26 @@
-"""Python mirrors of the kernel-to-user records in bpf/include/events.h, and their decoding.
+"""The kernel-to-user records of bpf/include/events.h, as declared classes, and their decoding.
 
-Each mirror lists the C struct's fields in order with their struct-module codes; offsets
-follow from the explicit padding in the header. tests/unit/test_layout.py compiles the C
-header with the host compiler and checks every size and offset against these mirrors.
+Each record type is a NamedTuple whose fields are the C struct's, in order, each annotated
+with the struct-module code of its C type (U32 is a __u32, Addr a __u8[16]). The class is
+both the record's type and its layout: the decoder's struct format follows from the
+annotations, with the padding events.h makes explicit (integers at their natural alignment,
+byte arrays at a multiple of 8, every struct a multiple of 8 bytes). tests/unit/test_layout.py
+compiles events.h with the host compiler and checks every member, size and offset, and every
+constant below, against these classes.
 
-Decoding is pure: bytes in, named tuples out. It never trusts a length from the record
-beyond the bytes actually received.
+Decoding is pure: bytes in, a record out, one struct unpack per record. It never trusts a
+length from the record beyond the bytes actually received.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterable
+from typing import Annotated, Any, NamedTuple, get_type_hints
 
 LAYOUT_VERSION = 1
 
+REC_UNDEFINED = 0
 REC_EXEC = 1
 REC_FORK = 2
 REC_EXIT = 3
@@ -34,8 +39,18 @@ RECORD_NAMES = {
     REC_BIND: "bind",
     REC_CGROUP_MOVE: "cgroup_move",
 }
-ERROR_NAMES = {0: "traced_map_full", 1: "stash_map_full", 2: "scratch_unavailable"}
+
+# enum error_counter: slots of the kernel's per-CPU `errors` map.
+ERR_TRACED_MAP_FULL = 0
+ERR_STASH_MAP_FULL = 1
+ERR_SCRATCH = 2
 ERR_MAX = 3
+
+ERROR_NAMES = {
+    ERR_TRACED_MAP_FULL: "traced_map_full",
+    ERR_STASH_MAP_FULL: "stash_map_full",
+    ERR_SCRATCH: "scratch_unavailable",
+}
 
 EXEC_F_ARGV_TRUNCATED = 1 << 0
 EXEC_F_EXE_TRUNCATED = 1 << 1
@@ -51,169 +66,305 @@ SOCK_F_LOCAL_KNOWN = 1 << 1
 BIND_F_FAILED = 1 << 0
 BIND_F_REQUEST_KNOWN = 1 << 1
 
+TASK_COMM_LEN = 16
 ARGV_MAX = 16384
 CGROUP_PATH_MAX = 256
 
-# (field name, struct code). Padding fields are named _padN and kept, so that offsets match.
-HEADER_FIELDS: list[tuple[str, str]] = [
-    ("type", "H"),
-    ("version", "H"),
-    ("size", "I"),
-    ("ktime_ns", "Q"),
-    ("cgroup_id", "Q"),
-    ("start_ns", "Q"),
-    ("pid", "I"),
-    ("tid", "I"),
-    ("ns_pid", "I"),
-    ("ppid", "I"),
-    ("uid", "I"),
-    ("gid", "I"),
-    ("sandbox", "I"),
-    ("_pad0", "I"),
-    ("comm", "16s"),
-]
+# Field types: the C type's struct code, in the annotation's metadata.
+U16 = Annotated[int, "H"]
+U32 = Annotated[int, "I"]
+S32 = Annotated[int, "i"]
+U64 = Annotated[int, "Q"]
+Comm = Annotated[bytes, f"{TASK_COMM_LEN}s"]  # char[TASK_COMM_LEN]
+Addr = Annotated[bytes, "16s"]  # __u8[16]: an IPv4 address in its first 4 bytes
+CgroupPath = Annotated[bytes, f"{CGROUP_PATH_MAX}s"]  # char[CGROUP_PATH_MAX]
+# A plain bytes field, last, is a C flexible array member: the record's variable data.
 
-BODY_FIELDS: dict[str, list[tuple[str, str]]] = {
-    "exec_record": [
-        ("exe_ino", "Q"),
-        ("flags", "I"),
-        ("argv_size", "I"),
-        ("argv_full_size", "I"),
-        ("exe_size", "I"),
-        ("cwd_size", "I"),
-        ("filename_size", "I"),
-        ("exe_nlink", "I"),
-        ("old_tid", "I"),
-    ],
-    "fork_record": [("child_start_ns", "Q"), ("child_pid", "I"), ("_pad0", "I")],
-    "exit_record": [("exit_code", "I"), ("_pad0", "I")],
-    "connect_record": [
-        ("cookie", "Q"),
-        ("daddr", "16s"),
-        ("saddr", "16s"),
-        ("family", "H"),
-        ("dport", "H"),
-        ("sport", "H"),
-        ("_pad0", "H"),
-        ("sock_type", "I"),
-        ("protocol", "I"),
-        ("flags", "I"),
-        ("_pad1", "I"),
-    ],
-    "tcp_state_record": [
-        ("cookie", "Q"),
-        ("saddr", "16s"),
-        ("daddr", "16s"),
-        ("family", "H"),
-        ("sport", "H"),
-        ("dport", "H"),
-        ("_pad0", "H"),
-        ("oldstate", "i"),
-        ("newstate", "i"),
-        ("err", "i"),
-        ("flags", "I"),
-    ],
-    "bind_record": [
-        ("cookie", "Q"),
-        ("req_addr", "16s"),
-        ("addr", "16s"),
-        ("family", "H"),
-        ("req_port", "H"),
-        ("port", "H"),
-        ("_pad0", "H"),
-        ("sock_type", "I"),
-        ("protocol", "I"),
-        ("flags", "I"),
-        ("_pad1", "I"),
-    ],
-    "cgroup_move_record": [
-        ("dst_cgroup_id", "Q"),
-        ("target_pid", "I"),
-        ("dst_level", "i"),
-        ("path_size", "I"),
-        ("_pad0", "I"),
-        ("dst_path", f"{CGROUP_PATH_MAX}s"),
-    ],
+
+class Header(NamedTuple):
+    """struct record_header: the process context at the moment of the event. Every record
+    starts with these fields, so its first 14 items are a Header's."""
+
+    type: U16
+    version: U16
+    size: U32  # whole record, header included
+    ktime_ns: U64  # CLOCK_MONOTONIC
+    cgroup_id: U64  # cgroup v2 id of the task at the event
+    start_ns: U64  # start time of the thread-group leader: with pid, the process key
+    pid: U32  # thread-group id as the host sees it
+    tid: U32
+    ns_pid: U32  # pid inside the task's own pid namespace
+    ppid: U32  # real parent's thread-group id
+    uid: U32
+    gid: U32
+    sandbox: U32  # index of the scope that made the task traced
+    comm: Comm
+
+
+class ExecRecord(NamedTuple):
+    """struct exec_record: a traced process executed a program."""
+
+    type: U16
+    version: U16
+    size: U32
+    ktime_ns: U64
+    cgroup_id: U64
+    start_ns: U64
+    pid: U32
+    tid: U32
+    ns_pid: U32
+    ppid: U32
+    uid: U32
+    gid: U32
+    sandbox: U32
+    comm: Comm
+    exe_ino: U64
+    flags: U32  # EXEC_F_*
+    argv_size: U32  # bytes of argv captured
+    argv_full_size: U32  # bytes of argv the process has
+    exe_size: U32
+    cwd_size: U32
+    filename_size: U32
+    exe_nlink: U32
+    old_tid: U32  # thread that called execve, before de_thread
+    data: bytes  # argv, exe components, cwd components, file name: see exec_parts
+
+
+class ForkRecord(NamedTuple):
+    """struct fork_record: a traced process forked; the header is the parent's."""
+
+    type: U16
+    version: U16
+    size: U32
+    ktime_ns: U64
+    cgroup_id: U64
+    start_ns: U64
+    pid: U32
+    tid: U32
+    ns_pid: U32
+    ppid: U32
+    uid: U32
+    gid: U32
+    sandbox: U32
+    comm: Comm
+    child_start_ns: U64
+    child_pid: U32
+
+
+class ExitRecord(NamedTuple):
+    """struct exit_record: the last thread of a traced process exited."""
+
+    type: U16
+    version: U16
+    size: U32
+    ktime_ns: U64
+    cgroup_id: U64
+    start_ns: U64
+    pid: U32
+    tid: U32
+    ns_pid: U32
+    ppid: U32
+    uid: U32
+    gid: U32
+    sandbox: U32
+    comm: Comm
+    exit_code: U32  # as wait(2) encodes it: status << 8 | signal
+
+
+class ConnectRecord(NamedTuple):
+    """struct connect_record: a connect as the cgroup hook saw it, before the protocol."""
+
+    type: U16
+    version: U16
+    size: U32
+    ktime_ns: U64
+    cgroup_id: U64
+    start_ns: U64
+    pid: U32
+    tid: U32
+    ns_pid: U32
+    ppid: U32
+    uid: U32
+    gid: U32
+    sandbox: U32
+    comm: Comm
+    cookie: U64  # socket cookie; joins TCP state records
+    daddr: Addr
+    saddr: Addr
+    family: U16
+    dport: U16  # host byte order
+    sport: U16
+    sock_type: U32
+    protocol: U32
+    flags: U32  # SOCK_F_*
+
+
+class TcpStateRecord(NamedTuple):
+    """struct tcp_state_record: TCP progress of a socket a traced process connected or
+    listened on (outcomes carry the connecting thread's header)."""
+
+    type: U16
+    version: U16
+    size: U32
+    ktime_ns: U64
+    cgroup_id: U64
+    start_ns: U64
+    pid: U32
+    tid: U32
+    ns_pid: U32
+    ppid: U32
+    uid: U32
+    gid: U32
+    sandbox: U32
+    comm: Comm
+    cookie: U64
+    saddr: Addr
+    daddr: Addr
+    family: U16
+    sport: U16
+    dport: U16
+    oldstate: S32
+    newstate: S32
+    err: S32  # sk_err when the socket closed
+    flags: U32  # SOCK_F_*
+
+
+class BindRecord(NamedTuple):
+    """struct bind_record: a bind, as asked for and as done (or failed)."""
+
+    type: U16
+    version: U16
+    size: U32
+    ktime_ns: U64
+    cgroup_id: U64
+    start_ns: U64
+    pid: U32
+    tid: U32
+    ns_pid: U32
+    ppid: U32
+    uid: U32
+    gid: U32
+    sandbox: U32
+    comm: Comm
+    cookie: U64
+    req_addr: Addr
+    addr: Addr  # bound address
+    family: U16
+    req_port: U16
+    port: U16  # bound port (the kernel's choice for port 0)
+    sock_type: U32
+    protocol: U32
+    flags: U32  # BIND_F_*
+
+
+class CgroupMoveRecord(NamedTuple):
+    """struct cgroup_move_record: a traced process was moved to another cgroup; the header
+    is the mover's."""
+
+    type: U16
+    version: U16
+    size: U32
+    ktime_ns: U64
+    cgroup_id: U64
+    start_ns: U64
+    pid: U32
+    tid: U32
+    ns_pid: U32
+    ppid: U32
+    uid: U32
+    gid: U32
+    sandbox: U32
+    comm: Comm
+    dst_cgroup_id: U64
+    target_pid: U32  # the process that was moved
+    dst_level: S32
+    path_size: U32
+    dst_path: CgroupPath
+
+
+AnyRecord = (
+    ExecRecord
+    | ForkRecord
+    | ExitRecord
+    | ConnectRecord
+    | TcpStateRecord
+    | BindRecord
+    | CgroupMoveRecord
+)
+
+RECORD_CLASSES: dict[int, type[AnyRecord]] = {
+    REC_EXEC: ExecRecord,
+    REC_FORK: ForkRecord,
+    REC_EXIT: ExitRecord,
+    REC_CONNECT: ConnectRecord,
+    REC_TCP_STATE: TcpStateRecord,
+    REC_BIND: BindRecord,
+    REC_CGROUP_MOVE: CgroupMoveRecord,
 }
 
-RECORD_STRUCTS = {
-    REC_EXEC: "exec_record",
-    REC_FORK: "fork_record",
-    REC_EXIT: "exit_record",
-    REC_CONNECT: "connect_record",
-    REC_TCP_STATE: "tcp_state_record",
-    REC_BIND: "bind_record",
-    REC_CGROUP_MOVE: "cgroup_move_record",
+
+C_STRUCTS: dict[type[Header | AnyRecord], str] = {
+    Header: "record_header",
+    ExecRecord: "exec_record",
+    ForkRecord: "fork_record",
+    ExitRecord: "exit_record",
+    ConnectRecord: "connect_record",
+    TcpStateRecord: "tcp_state_record",
+    BindRecord: "bind_record",
+    CgroupMoveRecord: "cgroup_move_record",
 }
 
 
-def fields_of(struct_name: str) -> list[tuple[str, str]]:
-    """All fields of a record, header fields first, as the C struct lays them out."""
-    if struct_name == "record_header":
-        return HEADER_FIELDS
-    return HEADER_FIELDS + BODY_FIELDS[struct_name]
+class Layout(NamedTuple):
+    """Where a record class's fields sit in the C struct."""
+
+    struct: struct.Struct  # the fixed part, padding skipped ("x" codes)
+    offsets: dict[str, int]  # every field's offset, the variable data's included
+    codes: dict[str, str]  # every fixed field's struct code
+    variable: bool  # a variable data field follows the fixed part
 
 
-def layout(struct_name: str) -> tuple[int, dict[str, int]]:
-    """(size, {field: offset}) of a mirror, for the layout test."""
+def layout(cls: type[object]) -> Layout:
+    """The layout of a record class, from its fields' annotations (in declaration order)."""
+    hints = get_type_hints(cls, include_extras=True)
+    names = list(hints)
+    fmt, pos, variable = "<", 0, False
     offsets: dict[str, int] = {}
-    pos = 0
-    for name, code in fields_of(struct_name):
-        offsets[name] = pos
-        pos += struct.calcsize("<" + code)
-    return pos, offsets
+    codes: dict[str, str] = {}
+    for name in names:
+        metadata = getattr(hints[name], "__metadata__", None)
+        if variable or (metadata is None and name != names[-1]):
+            raise TypeError(f"{cls.__name__}.{name}: only the last field may be variable data")
+        if metadata is None:
+            offsets[name], variable = pos, True
+            continue
+        code = metadata[0]
+        size = struct.calcsize("<" + code)
+        pad = -pos % (8 if code.endswith("s") else size)
+        fmt += f"{pad}x{code}" if pad else code
+        offsets[name], codes[name] = pos + pad, code
+        pos += pad + size
+    if pos % 8:
+        fmt += f"{-pos % 8}x"
+    return Layout(struct.Struct(fmt), offsets, codes, variable)
 
 
 class RecordError(ValueError):
     """A record that cannot be decoded: too short, unknown type, or a wrong layout version."""
 
 
-def _make_decoder(struct_name: str) -> tuple[struct.Struct, Callable[..., Any]]:
-    # Padding is skipped ("x" codes), so it never reaches the decoded tuple.
-    fields = fields_of(struct_name)
-    names = [n for n, _ in fields if not n.startswith("_")]
-    fmt = struct.Struct(
-        "<" + "".join(f"{struct.calcsize(c)}x" if n.startswith("_") else c for n, c in fields)
-    )
-    cls = NamedTuple(  # type: ignore[misc]
-        struct_name.title().replace("_", ""), [(n, Any) for n in names]
-    )
-    return fmt, cls._make
+def _decoder(
+    cls: type[AnyRecord],
+) -> tuple[struct.Struct, Callable[[Iterable[Any]], AnyRecord], bool]:
+    fixed = layout(cls)
+    return fixed.struct, cls._make, fixed.variable
 
 
-_DECODERS = {t: _make_decoder(name) for t, name in RECORD_STRUCTS.items()}
+_DECODERS = {t: _decoder(cls) for t, cls in RECORD_CLASSES.items()}
 _TYPE_VERSION = struct.Struct("<HH")
 
 
-class Header(NamedTuple):
-    """The common header alone (padding left out): what an event's context is made from.
-    Its field order is the decoded records' for the first fields, so slices agree."""
-
-    type: int
-    version: int
-    size: int
-    ktime_ns: int
-    cgroup_id: int
-    start_ns: int
-    pid: int
-    tid: int
-    ns_pid: int
-    ppid: int
-    uid: int
-    gid: int
-    sandbox: int
-    comm: bytes
-
-
-class Record(NamedTuple):
-    """A decoded record: its type, its fixed fields, and the variable data after them."""
-
-    type: int
-    fields: Any  # the named tuple for the record's struct
-    data: bytes
-
-
-def decode_record(buf: bytes) -> Record:
+def decode_record(buf: bytes) -> AnyRecord:
     if len(buf) < _TYPE_VERSION.size:
         raise RecordError(f"record of {len(buf)} bytes is shorter than its type field")
     rtype, version = _TYPE_VERSION.unpack_from(buf, 0)
@@ -225,12 +376,14 @@ def decode_record(buf: bytes) -> Record:
     dec = _DECODERS.get(rtype)
     if dec is None:
         raise RecordError(f"unknown record type {rtype}")
-    fmt, make = dec
+    fmt, make, variable = dec
     if len(buf) < fmt.size:
         raise RecordError(
             f"{RECORD_NAMES[rtype]} record of {len(buf)} bytes is shorter than {fmt.size}"
         )
-    return Record(rtype, make(fmt.unpack_from(buf, 0)), buf[fmt.size :])
+    if variable:
+        return make((*fmt.unpack_from(buf, 0), buf[fmt.size :]))
+    return make(fmt.unpack_from(buf, 0))
 
 
 def split_nul(data: bytes) -> list[bytes]:
@@ -257,16 +410,17 @@ class ExecParts(NamedTuple):
     filename: bytes
 
 
-def exec_parts(fields: Any, data: bytes) -> ExecParts:
+def exec_parts(rec: ExecRecord) -> ExecParts:
     """Cut an exec record's variable data into its parts, trusting only bytes present."""
-    a = fields.argv_size
-    e = a + fields.exe_size
-    c = e + fields.cwd_size
-    f = c + fields.filename_size
+    data = rec.data
+    a = rec.argv_size
+    e = a + rec.exe_size
+    c = e + rec.cwd_size
+    f = c + rec.filename_size
     if f > len(data):
         raise RecordError(f"exec record data has {len(data)} bytes; its sizes need {f}")
     argv_bytes = data[:a]
-    if fields.flags & EXEC_F_ARGV_TRUNCATED and argv_bytes and not argv_bytes.endswith(b"\0"):
+    if rec.flags & EXEC_F_ARGV_TRUNCATED and argv_bytes and not argv_bytes.endswith(b"\0"):
         # The cut fell inside an argument: keep its start, it is marked truncated.
         argv = argv_bytes.split(b"\0")
     else:
@@ -277,6 +431,6 @@ def exec_parts(fields: Any, data: bytes) -> ExecParts:
         exe=join_components(data[a:e]),
         # A complete walk with no components is the root itself.
         cwd=join_components(data[e:c])
-        or (b"/" if fields.cwd_size == 0 and not fields.flags & EXEC_F_CWD_TRUNCATED else b""),
+        or (b"/" if rec.cwd_size == 0 and not rec.flags & EXEC_F_CWD_TRUNCATED else b""),
         filename=filename.rstrip(b"\0"),
     )

@@ -3,9 +3,11 @@
  * The one definition of every record that crosses from the kernel to sandtrace's collector.
  *
  * Rules for this file (checked by tests/unit/test_layout.py, which compiles it with the host
- * compiler and compares every sizeof/offsetof with collector/records.py):
+ * compiler and compares every member, size, offset, enumerator and flag with the record
+ * classes and constants of collector/records.py):
  *   - fixed-width types only, no bool/long/pointers/bitfields;
- *   - explicit padding, every struct a multiple of 8 bytes;
+ *   - explicit padding (_padN members; the test compiles with -Wpadded), every struct a
+ *     multiple of 8 bytes, byte arrays at a multiple of 8 (the Python side places them so);
  *   - the record type is the first field; type 0 is undefined;
  *   - any change to a layout bumps SANDTRACE_LAYOUT_VERSION.
  */

@@ -33,7 +33,7 @@ def test_flood_is_delivered_or_counted() -> None:
             for batch in probes.queue.drain():
                 for buf in batch:
                     rec = R.decode_record(buf)
-                    if rec.type == R.REC_CONNECT and rec.fields.pid == pid:
+                    if isinstance(rec, R.ConnectRecord) and rec.pid == pid:
                         delivered += 1
 
         probes.start(lambda: None)

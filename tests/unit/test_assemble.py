@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import socket
-import struct
 from typing import Any
 
 import pytest
@@ -13,21 +12,29 @@ from api.events import ConnectEvent, ExecEvent
 from collector import records as R
 from collector.assemble import CONNECT_HOLD_NS, Assembler, Scope
 
-HOST_FIELDS = {"cgroup_id": 77, "start_ns": 5_000, "pid": 100, "tid": 100, "ns_pid": 1,
-               "ppid": 99, "uid": 1000, "gid": 1000, "sandbox": 0, "comm": b"agent"}  # fmt: skip
+HOST_FIELDS = {
+    "cgroup_id": 77,
+    "start_ns": 5_000,
+    "pid": 100,
+    "tid": 100,
+    "ns_pid": 1,
+    "ppid": 99,
+    "uid": 1000,
+    "gid": 1000,
+    "sandbox": 0,
+    "comm": b"agent",
+}
 
 
 def pack(rtype: int, data: bytes = b"", **values: Any) -> bytes:
-    name = R.RECORD_STRUCTS[rtype]
-    fields = R.fields_of(name)
-    merged = {"type": rtype, "version": R.LAYOUT_VERSION, "ktime_ns": 1_000, **HOST_FIELDS,
-              **values}  # fmt: skip
-    out = []
-    for fname, code in fields:
-        default: Any = b"" if code.endswith("s") else 0
-        out.append(merged.get(fname, default))
-    body = struct.pack("<" + "".join(c for _, c in fields), *out)
-    return body + data
+    """A record of type `rtype` as the kernel writes it: the fixed part, then `data`."""
+    layout = R.layout(R.RECORD_CLASSES[rtype])
+    header = {"type": rtype, "version": R.LAYOUT_VERSION, "ktime_ns": 1_000, **HOST_FIELDS}
+    merged = header | values
+    fixed = [
+        merged.get(name, b"" if code.endswith("s") else 0) for name, code in layout.codes.items()
+    ]
+    return layout.struct.pack(*fixed) + data
 
 
 def ip4(addr: str) -> bytes:
