@@ -33,6 +33,7 @@ from pathlib import Path
 import aiohttp
 import structlog
 
+from api.backoff import Backoff
 from api.endpoints import check_url
 from api.events import Alert, AnyEvent, LostEvent
 from api.wire import CONTENT_TYPE, encode_batch
@@ -310,7 +311,7 @@ class StreamSink:
         ssl_ctx: ssl.SSLContext | bool = True
         if self.base_url.startswith("https:"):
             ssl_ctx = ssl.create_default_context(cafile=self.ca_file)
-        backoff = 0.25
+        backoff = Backoff(0.25, self.max_backoff)
         connector = aiohttp.TCPConnector(ssl=ssl_ctx)
         async with aiohttp.ClientSession(headers=headers, connector=connector) as session:
             transport: _Transport = (_WebSocket(session, self.base_url + "/v1/stream")
@@ -338,7 +339,7 @@ class StreamSink:
                     self._inflight = None
                     if result == "ok":
                         self._done(batch, spooled)
-                        backoff = 0.25
+                        backoff.reset()
                         continue
                     if result == "rejected":
                         self._done(batch, spooled)
@@ -347,8 +348,7 @@ class StreamSink:
                     self.stats.retries += 1  # at close, aclose's deadline ends the retries
                     self._wake.clear()
                     with contextlib.suppress(TimeoutError):  # a close cuts the wait short
-                        await asyncio.wait_for(self._wake.wait(), backoff)
-                    backoff = min(backoff * 2, self.max_backoff)
+                        await asyncio.wait_for(self._wake.wait(), backoff.next())
             finally:
                 await transport.close()
 

@@ -22,6 +22,7 @@ import aiohttp
 import structlog
 from yarl import URL
 
+from api.backoff import Backoff
 from api.endpoints import InsecureURL, check_url, read_token_file
 from api.events import WIRE_VERSION, EventFormatError, WireVersionError, decode
 from api.render import TerminalSink, TextRenderer, escape, use_color
@@ -110,7 +111,7 @@ class Follower:
         self.last_problem = ""  # told once, until the next connection
 
     async def run(self, stop: asyncio.Event) -> None:
-        backoff = 0.5
+        backoff = Backoff(0.5, MAX_BACKOFF)
         connector: aiohttp.BaseConnector
         if self.target.unix is not None:
             connector = aiohttp.UnixConnector(path=self.target.unix)
@@ -122,7 +123,7 @@ class Follower:
                 try:
                     await self._follow(session)
                     problem = f"{self.target.label} closed the stream; reconnecting, Ctrl-C stops"
-                    backoff = 0.5
+                    backoff.reset()
                 except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as exc:
                     raise TailError(
                         f"TLS with {self.target.label} failed ({exc}): give its CA with --ca-file"
@@ -133,8 +134,7 @@ class Follower:
                     _say(problem)
                     self.last_problem = problem
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF)
+                    await asyncio.wait_for(stop.wait(), backoff.next())
 
     def _unreachable(self, exc: BaseException) -> str:
         cause = getattr(exc, "os_error", None) or exc
