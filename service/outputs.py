@@ -10,7 +10,7 @@
 Each output owns a bounded queue and one sender task. submit() never blocks and never waits
 for the network or the disk: it enqueues, or, when the queue is full, counts the item as
 dropped with cause "queue_full". The sender takes up to `batch` items at a time, renders
-them in the output's schema (service/schemas.py) and delivers them, retrying transient
+them in the output's schema (service/schemas/) and delivers them, retrying transient
 failures (connection errors, disk full, HTTP 429/5xx) with exponential backoff for as long
 as it takes: a slow or dead output only fills its own queue. What a receiver rejects for
 good (HTTP 4xx other than 429, per item for Elasticsearch) is dropped with cause
@@ -47,7 +47,8 @@ import aiohttp
 import structlog
 
 from api.events import Alert, Event, LostEvent
-from service.schemas import SCHEMAS, Item, Schema, rfc3339, text
+from service.schemas import SCHEMAS
+from service.schemas.common import Item, Schema, rfc3339, text
 
 log = structlog.get_logger("sandtrace.outputs")
 

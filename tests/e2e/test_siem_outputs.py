@@ -35,7 +35,9 @@ from api.events import (
     Process,
 )
 from service.outputs import Output, outputs_from_config, prometheus_lines
-from service.schemas import ecs, native, ocsf
+from service.schemas.ecs import ecs
+from service.schemas.native import native
+from service.schemas.ocsf import ocsf
 from tests.tlsutil import TLSFiles, make_tls
 
 T0 = 1_700_000_000_123_456_789

@@ -26,7 +26,11 @@ from api.events import (
 )
 from api.render import json_line
 from service.outputs import sd_escape, syslog_message
-from service.schemas import SCHEMAS, attack_ids, ecs, native, ocsf, rfc3339
+from service.schemas import SCHEMAS
+from service.schemas.common import attack_ids, rfc3339
+from service.schemas.ecs import ecs
+from service.schemas.native import native
+from service.schemas.ocsf import ocsf
 
 T0 = 1_700_000_000_123_456_789  # 2023-11-14T22:13:20.123456789Z
 T0_MS = 1_700_000_000_123

@@ -1,0 +1,397 @@
+"""The ecs schema: Elastic Common Schema documents.
+
+Field names as in the project's detection notes (DETECTIONS.md §4.1, §4.4). What ECS has no
+field for lives under ``sandtrace.*``. An event's document is made of the fields every event
+has, then those of its kind (the table EVENT_FIELDS); an alert's is its last triggering
+event's, then the rule's; a LostEvent (the collector's loss counters) is a metric document.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from api.events import (
+    Alert,
+    BindEvent,
+    CgroupMoveEvent,
+    ConnectEvent,
+    Event,
+    ExecEvent,
+    ExitEvent,
+    ForkEvent,
+    ListenEvent,
+    LostEvent,
+    Process,
+    SocketEvent,
+)
+from service.schemas.common import (
+    IANA_PROTOCOLS,
+    PRODUCT,
+    Doc,
+    Item,
+    ancestry,
+    attack_ids,
+    command_line,
+    endpoint,
+    rfc3339,
+    text,
+)
+
+# Elastic's risk scores for the rule severities (as its detection rules use them).
+ECS_SEVERITY = {"informational": 21, "low": 21, "medium": 47, "high": 73, "critical": 99}
+_OUTCOME = {"success": "success", "error": "failure"}  # sandtrace outcome -> ECS
+
+
+def ecs(item: Item) -> Doc:
+    """Elastic Common Schema document of one event or alert."""
+    return DOCUMENTS[type(item)](item)
+
+
+def _process(process: Process) -> Doc:
+    d: Doc = {
+        "pid": process.pid,
+        "vpid": process.ns_pid,
+        "entity_id": process.key,
+        "name": text(process.comm),
+        "thread": {"id": process.tid},
+        "user": {"id": str(process.uid)},
+        "group": {"id": str(process.gid)},
+    }
+    if process.user:
+        d["user"]["name"] = process.user
+    if process.group:
+        d["group"]["name"] = process.group
+    if process.exe:
+        d["executable"] = text(process.exe)
+    if process.argv:
+        d["args"] = [text(a) for a in process.argv]
+        d["args_count"] = len(process.argv)
+        d["command_line"] = command_line(process.argv)
+    parent: Doc = {"pid": process.ppid}
+    if process.ancestry:
+        ancestor = process.ancestry[0]
+        parent["entity_id"] = ancestor.key
+        if ancestor.exe:
+            parent["executable"] = text(ancestor.exe)
+        if ancestor.argv:
+            parent["args"] = [text(a) for a in ancestor.argv]
+            parent["args_count"] = len(ancestor.argv)
+            parent["command_line"] = command_line(ancestor.argv)
+    d["parent"] = parent
+    return d
+
+
+def _network(protocol: str, family: str, direction: str) -> Doc:
+    d: Doc = {"direction": direction}
+    if protocol:
+        d["transport"] = protocol
+        if protocol in IANA_PROTOCOLS:
+            d["iana_number"] = str(IANA_PROTOCOLS[protocol])
+    if family:
+        d["type"] = family
+    return d
+
+
+# --- events: the fields every event has, then those of its kind -------------------------------
+
+
+def _event(event: Event) -> Doc:
+    sandtrace: Doc = {
+        "kind": event.kind,
+        "sandbox": event.sandbox,
+        "cgroup": {"id": event.cgroup_id, "path": event.cgroup_path},
+    }
+    d: Doc = {
+        "@timestamp": rfc3339(event.time_ns),
+        "event": {"kind": "event", "module": PRODUCT, "dataset": f"{PRODUCT}.{event.kind}"},
+        "host": {"name": event.host},
+        "process": _process(event.process),
+        "user": {"id": str(event.process.uid)},
+        "sandtrace": sandtrace,
+    }
+    if event.process.user:
+        d["user"]["name"] = event.process.user
+    if event.container_id:
+        d["container"] = {"id": event.container_id}
+    if event.process.ancestry:
+        sandtrace["ancestry"] = ancestry(event.process)
+    EVENT_FIELDS[type(event)](event, d)
+    return d
+
+
+def _exec(event: ExecEvent, d: Doc) -> None:
+    proc = d["process"]
+    d["event"] |= {
+        "category": ["process"],
+        "type": ["start"],
+        "action": "exec",
+        "outcome": "success",
+    }
+    if event.argv:
+        proc["args"] = [text(a) for a in event.argv]
+        proc["args_count"] = len(event.argv)
+        proc["command_line"] = command_line(event.argv)
+    exe = event.process.exe or event.filename
+    if exe:
+        proc["executable"] = text(exe)
+    if event.cwd:
+        proc["working_directory"] = text(event.cwd)
+    if event.parent_exe:
+        proc["parent"]["executable"] = text(event.parent_exe)
+    if event.parent_argv:
+        proc["parent"]["args"] = [text(a) for a in event.parent_argv]
+        proc["parent"]["args_count"] = len(event.parent_argv)
+        proc["parent"]["command_line"] = command_line(event.parent_argv)
+    d["sandtrace"]["exec"] = {
+        "filename": text(event.filename),
+        "argv_truncated": event.argv_truncated,
+        "argv_size": event.argv_size,
+        "fileless": event.fileless,
+        "deleted": event.deleted,
+        "path_truncated": event.path_truncated,
+        "exe_inode": event.exe_inode,
+    }
+
+
+def _fork(event: ForkEvent, d: Doc) -> None:
+    # As Elastic Defend's fork events: process is the new child, its parent the actor.
+    proc = d["process"]
+    d["event"] |= {
+        "category": ["process"],
+        "type": ["start"],
+        "action": "fork",
+        "outcome": "success",
+    }
+    actor = _process(event.process)
+    parent: Doc = {k: actor[k] for k in ("pid", "vpid", "entity_id", "name") if k in actor}
+    for k in ("executable", "args", "args_count", "command_line"):
+        if k in actor:
+            parent[k] = actor[k]
+    proc["pid"] = event.child_pid
+    proc["entity_id"] = event.child_key
+    proc.pop("vpid", None)
+    proc.pop("thread", None)
+    proc["parent"] = parent
+
+
+def _exit(event: ExitEvent, d: Doc) -> None:
+    ok = event.exit_code == 0 and event.signal == 0
+    d["event"] |= {
+        "category": ["process"],
+        "type": ["end"],
+        "action": "end",
+        "outcome": "success" if ok else "failure",
+    }
+    if not event.signal:
+        d["process"]["exit_code"] = event.exit_code
+    d["sandtrace"]["exit"] = {
+        "code": event.exit_code,
+        "signal": event.signal,
+        "core_dumped": event.core_dumped,
+    }
+
+
+def _connect(event: ConnectEvent, d: Doc) -> None:
+    d["event"] |= {
+        "category": ["network"],
+        "type": ["connection", "start"],
+        "action": "connection_attempted",
+        "outcome": _OUTCOME.get(event.outcome, "unknown"),
+    }
+    d["source"] = endpoint(event.saddr, event.sport)
+    d["destination"] = endpoint(event.daddr, event.dport)
+    d["network"] = _network(event.protocol, event.family, "egress")
+    if event.errno:
+        d["error"] = {"code": event.errno_name or str(event.errno)}
+    d["sandtrace"]["connect"] = {
+        "outcome": event.outcome,
+        "errno": event.errno,
+        "nonblocking": event.nonblocking,
+    }
+
+
+def _bind(event: BindEvent, d: Doc) -> None:
+    d["event"] |= {
+        "category": ["network"],
+        "type": ["start"],
+        "action": "bound-socket",
+        "outcome": _OUTCOME.get(event.outcome, "unknown"),
+    }
+    # The bound address is where connections would arrive: the destination (ingress).
+    d["destination"] = endpoint(event.addr or event.requested_addr, event.port)
+    d["network"] = _network(event.protocol, event.family, "ingress")
+    d["sandtrace"]["bind"] = {
+        "requested_addr": event.requested_addr,
+        "requested_port": event.requested_port,
+    }
+
+
+def _listen(event: ListenEvent, d: Doc) -> None:
+    d["event"] |= {
+        "category": ["network"],
+        "type": ["start"],
+        "action": "listen-for-connections",
+        "outcome": "success",
+    }
+    d["destination"] = endpoint(event.addr, event.port)
+    d["network"] = _network(event.protocol, event.family, "ingress")
+
+
+def _socket(event: SocketEvent, d: Doc) -> None:
+    d["event"] |= {"category": ["network"], "type": ["info"], "action": "socket-snapshot"}
+    if event.state == "listen":
+        d["destination"] = endpoint(event.laddr, event.lport)
+        d["network"] = _network(event.protocol, event.family, "ingress")
+    else:
+        d["source"] = endpoint(event.laddr, event.lport)
+        d["destination"] = endpoint(event.raddr, event.rport)
+        d["network"] = _network(event.protocol, event.family, "unknown")
+    d["sandtrace"]["socket"] = {"state": event.state}
+
+
+def _cgroup_move(event: CgroupMoveEvent, d: Doc) -> None:
+    d["event"] |= {
+        "category": ["process"],
+        "type": ["change"],
+        "action": "cgroup-move",
+        "outcome": "success",
+    }
+    d["sandtrace"]["cgroup_move"] = {
+        "target_pid": event.target_pid,
+        "dst_cgroup_id": event.dst_cgroup_id,
+        "dst_cgroup_path": event.dst_cgroup_path,
+        "left_sandbox": event.left_sandbox,
+    }
+
+
+# Each kind of event adds its fields to the document of the fields all events have. (The
+# functions take the type they are filed under: Any stands for "that type" here.)
+EVENT_FIELDS: dict[type[Event], Callable[[Any, Doc], None]] = {
+    ExecEvent: _exec,
+    ForkEvent: _fork,
+    ExitEvent: _exit,
+    ConnectEvent: _connect,
+    BindEvent: _bind,
+    ListenEvent: _listen,
+    SocketEvent: _socket,
+    CgroupMoveEvent: _cgroup_move,
+}
+
+
+# --- loss counters and alerts ------------------------------------------------------------------
+
+
+def _lost(event: LostEvent) -> Doc:
+    total = sum(event.kernel.values()) + event.user + event.spool
+    return {
+        "@timestamp": rfc3339(event.time_ns),
+        "event": {
+            "kind": "metric",  # telemetry about the pipeline, not an observed activity
+            "module": PRODUCT,
+            "dataset": f"{PRODUCT}.lost",
+            "category": ["host"],
+            "type": ["info"],
+            "action": "events-lost",
+            "outcome": "failure" if total else "success",
+        },
+        "host": {"name": event.host},
+        "message": f"sandtrace lost {total} events",
+        "sandtrace": {
+            "kind": "lost",
+            "lost": {
+                "total": total,
+                "kernel": dict(event.kernel),
+                "user": event.user,
+                "spool": event.spool,
+                "errors": dict(event.errors),
+                "collector": event.collector,
+            },
+        },
+    }
+
+
+def _last_event(alert: Alert) -> Event | None:
+    for event in reversed(alert.events):
+        if isinstance(event, Event):
+            return event
+    return None
+
+
+def _alert(alert: Alert) -> Doc:
+    # Like Elastic's own alerts: the fields of the (last) triggering event, then the rule's.
+    last = _last_event(alert)
+    d = _event(last) if last is not None else {"sandtrace": {}}
+    d["@timestamp"] = rfc3339(alert.time_ns)
+    d["host"] = {"name": alert.host}
+    d["process"] = (
+        _process(alert.process)
+        if last is None or isinstance(last, ForkEvent)
+        else d["process"]
+        | {k: v for k, v in _process(alert.process).items() if k not in d["process"]}
+    )
+    d["user"] = {"id": str(alert.process.uid)}
+    if alert.process.user:
+        d["user"]["name"] = alert.process.user
+    source_event = d.get("event", {})
+    d["event"] = {
+        "kind": "alert",
+        "module": PRODUCT,
+        "dataset": f"{PRODUCT}.alert",
+        "id": alert.alert_id,
+        "category": source_event.get("category", ["intrusion_detection"]),
+        "type": ["info"],
+        "action": source_event.get("action", "rule-match"),
+        "severity": ECS_SEVERITY.get(alert.level, 0),
+        "risk_score": float(ECS_SEVERITY.get(alert.level, 0)),
+    }
+    if "outcome" in source_event:
+        d["event"]["outcome"] = source_event["outcome"]
+    d["message"] = alert.title
+    d["rule"] = {
+        "id": alert.rule_id,
+        "name": alert.title,
+        "description": alert.description,
+        "ruleset": PRODUCT,
+    }
+    techniques, subtechniques, tactics = attack_ids(alert.tags)
+    if techniques or tactics:
+        threat: Doc = {"framework": "MITRE ATT&CK"}
+        if techniques:
+            threat["technique"] = {"id": techniques}
+            if subtechniques:
+                threat["technique"]["subtechnique"] = {"id": subtechniques}
+        if tactics:
+            threat["tactic"] = {"name": tactics}
+        d["threat"] = threat
+    d["tags"] = list(alert.tags)
+    sandtrace = d["sandtrace"]
+    sandtrace["kind"] = "alert"
+    sandtrace["sandbox"] = alert.sandbox
+    sandtrace["alert"] = {
+        "id": alert.alert_id,
+        "level": alert.level,
+        "count": alert.count,
+        "repeat": alert.repeat,
+        "raised": rfc3339(alert.raised_ns) if alert.raised_ns else None,
+        "events": [
+            {
+                "kind": e.kind,
+                "@timestamp": rfc3339(e.time_ns),
+                "process": {"pid": e.process.pid, "entity_id": e.process.key},
+            }
+            for e in alert.events
+            if isinstance(e, Event)
+        ],
+    }
+    if alert.process.ancestry:
+        sandtrace["ancestry"] = ancestry(alert.process)
+    return d
+
+
+# The document of each type of item.
+DOCUMENTS: dict[type, Callable[[Any], Doc]] = {
+    Alert: _alert,
+    LostEvent: _lost,
+    **dict.fromkeys(EVENT_FIELDS, _event),
+}
