@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -29,6 +29,9 @@ from detect.loader import load_paths
 from detect.pack import builtin_rules
 from detect.ruleset import RuleSet
 from service.config import ConfigError, ServiceConfig, check, load, read_token, tls_context
+
+if TYPE_CHECKING:
+    from service.outputs.base import Output
 
 log = structlog.get_logger("sandtrace.service")
 
@@ -48,8 +51,7 @@ def build_config(args: argparse.Namespace) -> ServiceConfig:
         cfg.egress_allow = [*cfg.egress_allow, *args.egress_allow]
     for path, what in ((args.alerts, "alerts"), (args.events, "events")):
         if path:
-            cfg.outputs.append({"type": "jsonl", "path": path, "what": what,
-                                "name": f"--{what}"})  # fmt: skip
+            cfg.outputs.append({"type": "jsonl", "path": path, "what": what, "name": f"--{what}"})
     return cfg
 
 
@@ -67,110 +69,13 @@ def egress_of(cfg: ServiceConfig) -> EgressPolicies | None:
         raise ConfigError(f"detection.egress_allow: {exc}") from None
 
 
-def build_outputs(cfg: ServiceConfig) -> list[Any]:
-    from service.outputs import OutputConfigError, outputs_from_config  # noqa: PLC0415
+def build_outputs(cfg: ServiceConfig) -> list[Output]:
+    from service.outputs.config import OutputConfigError, outputs_from_config  # noqa: PLC0415
 
     try:
         return outputs_from_config(cfg.outputs)
     except OutputConfigError as exc:
         raise ConfigError(f"output: {exc}") from None
-
-
-class OutputGate:
-    """Acknowledge a batch once the file outputs that keep up have written what it gave them.
-
-    The service hands a batch's events and alerts to every output, then marks the batch's
-    end on each JSON-lines output (Output.mark) and, before acknowledging, waits until each
-    has finished everything up to that mark. A file output that does not get there within
-    `wait` seconds (a full disk) is not waited on again until it has caught up on its own, so
-    it holds ingestion up for one `wait` at most. Network outputs (syslog, HEC,
-    Elasticsearch) are not waited on: a round trip to a SIEM per batch would bound every
-    collector's rate by the SIEM's latency. Their bounded queues, retries and drop counters
-    account for their items.
-
-    points() says where in each file the acknowledged batches end; the replay state keeps it
-    so that a restarted service can take back lines of batches it never acknowledged
-    (JsonlOutput.take_back), which keeps the files exactly once across a crash.
-    """
-
-    WAITED_ON = frozenset({"jsonl"})
-
-    def __init__(self, outputs: list[Any], wait: float = 1.0) -> None:
-        self.all = outputs
-        self.outputs = [o for o in outputs if o.output_type in self.WAITED_ON]
-        self.wait = wait
-        self.lagging = [False] * len(self.outputs)
-        self.progress = asyncio.Event()
-        for out in self.outputs:
-            out.on_progress = self.progress.set
-
-    def __bool__(self) -> bool:
-        return bool(self.outputs)
-
-    def submit(self, item: Alert | AnyEvent) -> None:
-        for out in self.all:
-            out.submit(item)
-
-    def end_batch(self, ticket: int) -> None:
-        """Everything of batch `ticket` has been submitted."""
-        for out in self.outputs:
-            out.mark(ticket)
-
-    async def settle(self, ticket: int) -> None:
-        """Return once every output that keeps up has finished batch `ticket`."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.wait
-        while True:
-            self.progress.clear()  # before looking: progress made after this still wakes us
-            behind = False
-            for i, out in enumerate(self.outputs):
-                if out.resolved >= ticket:
-                    self.lagging[i] = False
-                elif not self.lagging[i]:
-                    behind = True
-            if not behind:
-                return
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                for i, out in enumerate(self.outputs):
-                    if out.resolved < ticket and not self.lagging[i]:
-                        self.lagging[i] = True
-                        log.warning("output falls behind; batches are acknowledged without "
-                                    "waiting for it", output=out.name)  # fmt: skip
-                return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.progress.wait(), remaining)
-
-    def points(self, ticket: int) -> dict[str, list[int] | None]:
-        """Each output file's end of batch `ticket`, by path; None for a file that has not
-        finished it (falling behind). Forgets the points of earlier batches."""
-        out: dict[str, list[int] | None] = {}
-        for o in self.outputs:
-            point = o.point_at(ticket)
-            if o.state_key is not None:
-                out[o.state_key] = list(point) if point else None
-            o.forget_points(ticket)
-        return out
-
-
-def take_back(outputs: list[Any], saved: dict[str, Any]) -> list[str]:
-    """Cut each JSON-lines file back to where the last acknowledged batch ended (see
-    OutputGate); what was done, for the log."""
-    notes = []
-    for out in outputs:
-        if out.state_key not in saved:
-            continue
-        point = saved[out.state_key]
-        if point is None:
-            notes.append(
-                f"output {out.name}: it was behind when the last batch was "
-                "acknowledged; lines of unacknowledged batches may appear twice"
-            )
-            continue
-        note = out.take_back(tuple(point))
-        if note:
-            notes.append(f"output {out.name}: {note}")
-    return notes
 
 
 def _say(lines: Iterable[str]) -> None:
@@ -188,15 +93,22 @@ class Prepared:
     ssl_ctx: ssl.SSLContext | None
     rules: RuleSet
     egress: EgressPolicies | None
-    outputs: list[Any]
+    outputs: list[Output]
 
 
 def prepare(args: argparse.Namespace) -> Prepared:
     """The configuration and all it names, checked; ConfigError on the first problem."""
     cfg = build_config(args)
     notes = check(cfg)
-    return Prepared(cfg, notes, read_token(cfg), tls_context(cfg), load_rules(cfg),
-                    egress_of(cfg), build_outputs(cfg))  # fmt: skip
+    return Prepared(
+        cfg,
+        notes,
+        read_token(cfg),
+        tls_context(cfg),
+        load_rules(cfg),
+        egress_of(cfg),
+        build_outputs(cfg),
+    )
 
 
 def check_config(args: argparse.Namespace) -> int:
@@ -209,14 +121,16 @@ def check_config(args: argparse.Namespace) -> int:
     _say(f"note: {n}" for n in p.notes)
     _say(f"rule not loaded: {where}: {why}" for where, why in p.rules.refused)
     host, port = p.cfg.host_port
-    _say([
-        f"configuration OK ({p.cfg.source}): listen {host}:{port} "
-        f"{'https' if p.cfg.tls else 'http'}, {len(p.rules.rules)} rules, "
-        f"{len(p.rules.correlations)} correlations, "
-        f"{len(p.egress) if p.egress else 0} egress allow-list entries, "
-        f"{len(p.outputs)} outputs ({', '.join(o.name for o in p.outputs) or 'none'}), "
-        f"tail {'on' if p.cfg.tail else 'off'}"
-    ])  # fmt: skip
+    _say(
+        [
+            f"configuration OK ({p.cfg.source}): listen {host}:{port} "
+            f"{'https' if p.cfg.tls else 'http'}, {len(p.rules.rules)} rules, "
+            f"{len(p.rules.correlations)} correlations, "
+            f"{len(p.egress) if p.egress else 0} egress allow-list entries, "
+            f"{len(p.outputs)} outputs ({', '.join(o.name for o in p.outputs) or 'none'}), "
+            f"tail {'on' if p.cfg.tail else 'off'}"
+        ]
+    )
     return 0
 
 
@@ -224,6 +138,7 @@ async def serve(args: argparse.Namespace) -> int:
     from aiohttp import web  # noqa: PLC0415
 
     from service.app import Ingest, make_app  # noqa: PLC0415
+    from service.outputs.jsonl import OutputGate, take_back  # noqa: PLC0415
     from tail.hub import TailHub  # noqa: PLC0415
 
     if args.check_config:
@@ -235,8 +150,14 @@ async def serve(args: argparse.Namespace) -> int:
         return 2
     _say(f"note: {n}" for n in p.notes)
     _say(f"rule not loaded: {where}: {why}" for where, why in p.rules.refused)
-    cfg, token, ssl_ctx, rules, egress, outputs = (p.cfg, p.token, p.ssl_ctx, p.rules,
-                                                   p.egress, p.outputs)  # fmt: skip
+    cfg, token, ssl_ctx, rules, egress, outputs = (
+        p.cfg,
+        p.token,
+        p.ssl_ctx,
+        p.rules,
+        p.egress,
+        p.outputs,
+    )
     hub = TailHub(max_queue=cfg.tail_queue, max_clients=cfg.tail_clients) if cfg.tail else None
     gate = OutputGate(outputs)
 
@@ -254,10 +175,9 @@ async def serve(args: argparse.Namespace) -> int:
                 hub.publish(event)
 
     def output_metrics() -> list[str]:
-        from service.outputs import prometheus_lines  # noqa: PLC0415
+        from service.outputs.metrics import prometheus_lines  # noqa: PLC0415
 
-        lines: list[str] = prometheus_lines(outputs)
-        return lines
+        return prometheus_lines(outputs)
 
     state = Path(cfg.state_dir) if cfg.state_dir else None
     # Ingest allocates some 50 short-lived objects per event and frees them a batch later:
@@ -266,12 +186,24 @@ async def serve(args: argparse.Namespace) -> int:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
-    ingest = Ingest(rules, on_alert=on_alert, on_batch=on_batch, state_dir=state,
-                    engine_factory=lambda r: Engine(r, egress, cfg.fold_seconds))  # fmt: skip
-    if ingest.state is not None:  # before the files open: see OutputGate
+    ingest = Ingest(
+        rules,
+        on_alert=on_alert,
+        on_batch=on_batch,
+        state_dir=state,
+        engine_factory=lambda r: Engine(r, egress, cfg.fold_seconds),
+    )
+    if ingest.state is not None:  # before the files open: see outputs.jsonl.OutputGate
         _say(take_back(outputs, ingest.state.outputs))
-    app = make_app(ingest, token, cfg.read_timeout, tail=hub, extra_metrics=output_metrics,
-                   gate=gate if gate else None, failpoint=failpoint())  # fmt: skip
+    app = make_app(
+        ingest,
+        token,
+        cfg.read_timeout,
+        tail=hub,
+        extra_metrics=output_metrics,
+        gate=gate if gate else None,
+        failpoint=failpoint(),
+    )
     for out in outputs:
         await out.start()
     runner = web.AppRunner(app)
@@ -281,17 +213,25 @@ async def serve(args: argparse.Namespace) -> int:
         try:
             await web.TCPSite(runner, host, port, ssl_context=ssl_ctx).start()
         except OSError as exc:
-            _say([f"cannot listen on {host}:{port}: {exc.strerror or exc} (is another service "
-                  "running there? choose another with --listen)"])  # fmt: skip
+            _say(
+                [
+                    f"cannot listen on {host}:{port}: {exc.strerror or exc} (is another "
+                    "service running there? choose another with --listen)"
+                ]
+            )
             return 2
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         scheme = "https" if ssl_ctx else "http"
-        _say([f"serving on {scheme}://{host}:{port} ({len(rules.rules)} rules, "
-              f"{len(outputs)} outputs, {'token required' if token else 'no token'}); "
-              "Ctrl-C or SIGTERM stops"])  # fmt: skip
+        _say(
+            [
+                f"serving on {scheme}://{host}:{port} ({len(rules.rules)} rules, "
+                f"{len(outputs)} outputs, {'token required' if token else 'no token'}); "
+                "Ctrl-C or SIGTERM stops"
+            ]
+        )
         await stop.wait()
     finally:
         if hub is not None:

@@ -34,7 +34,9 @@ from api.events import (
     LostEvent,
     Process,
 )
-from service.outputs import Output, outputs_from_config, prometheus_lines
+from service.outputs.base import Output
+from service.outputs.config import outputs_from_config
+from service.outputs.metrics import prometheus_lines
 from service.schemas.ecs import ecs
 from service.schemas.native import native
 from service.schemas.ocsf import ocsf

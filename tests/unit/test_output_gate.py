@@ -11,8 +11,8 @@ import pytest
 
 from api.events import AnyEvent
 from detect.testing import event_from_fields
-from service.main import OutputGate, take_back
-from service.outputs import JsonlOutput, outputs_from_config
+from service.outputs.config import outputs_from_config
+from service.outputs.jsonl import JsonlOutput, OutputGate, take_back
 from tests.serving import free_port
 
 

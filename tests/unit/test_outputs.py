@@ -11,15 +11,11 @@ from typing import Any
 import pytest
 
 from api.events import Alert, AnyEvent, LostEvent
-from service.outputs import (
-    ElasticsearchOutput,
-    JsonlOutput,
-    OutputConfigError,
-    SplunkHecOutput,
-    SyslogOutput,
-    outputs_from_config,
-    prometheus_lines,
-)
+from service.outputs.config import OutputConfigError, outputs_from_config
+from service.outputs.http import ElasticsearchOutput, SplunkHecOutput
+from service.outputs.jsonl import JsonlOutput
+from service.outputs.metrics import prometheus_lines
+from service.outputs.syslog import SyslogOutput
 from tests.unit.test_schemas import alert, exec_event, lost_event
 
 

@@ -25,7 +25,7 @@ from api.events import (
     SocketEvent,
 )
 from api.render import json_line
-from service.outputs import sd_escape, syslog_message
+from service.outputs.syslog import sd_escape, syslog_message
 from service.schemas import SCHEMAS
 from service.schemas.common import attack_ids, rfc3339
 from service.schemas.ecs import ecs
