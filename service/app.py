@@ -1,8 +1,8 @@
 """The detection service's HTTP side: collectors' batches in, the engine per host, metrics out.
 
 An aiohttp application (service/main.py builds and runs it): POST /v1/batches takes one batch
-per request, GET /v1/stream takes them as WebSocket frames (service/wire.py has the format),
-GET /v1/tail streams events and alerts to live-tail clients (service/tail.py), and /healthz,
+per request, GET /v1/stream takes them as WebSocket frames (api/wire.py has the format),
+GET /v1/tail streams events and alerts to live-tail clients (tail/hub.py), and /healthz,
 /readyz and /metrics report. It needs neither root nor BCC.
 
 The service answers {"ack": seq} once a batch is handled: the engine has seen it, the file
@@ -14,77 +14,45 @@ being handled twice. Bad input gets a 4xx with a reason, counted per reason.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import hmac
 import json
 import operator
 import time
-from collections import Counter, deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections import deque
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from api.events import Alert, AnyEvent, LostEvent
 from api.wire import CONTENT_TYPES, MAX_BATCH_BYTES, BadBatch, decode_batch
 from detect.engine import Engine
 from detect.ruleset import RuleSet
-from tail.hub import TailHub, add_tail_routes
+from service.metrics import CollectorInfo, IngestMetrics, Stats, exposition
+from tail.hub import TailHub, TailMetrics, add_tail_routes
+
+if TYPE_CHECKING:
+    from service.outputs.jsonl import Points
 
 log = structlog.get_logger("sandtrace.service")
 
 
 _time_ns = operator.attrgetter("time_ns")
-LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-
-
-@dataclass(slots=True)
-class Lag:
-    """Histogram of end-to-end lag, per batch: its oldest event's time (on its host) to the
-    batch handled by the service."""
-
-    counts: list[int] = field(default_factory=lambda: [0] * (len(LAG_BUCKETS) + 1))
-    total: float = 0.0
-    n: int = 0
-
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(LAG_BUCKETS, seconds)] += 1
-        self.total += seconds
-        self.n += 1
-
-
-@dataclass(slots=True)
-class CollectorInfo:
-    host: str = ""
-    last_seq: int = -1
-    spool_bytes: int = 0
-    held_batches: int = 0
-    last_seen: float = 0.0  # wall clock of its last batch
-
-
-@dataclass(slots=True)
-class Stats:
-    events_in: Counter[str] = field(default_factory=Counter)  # per host
-    batches: Counter[str] = field(default_factory=Counter)  # accepted, replayed, rejected
-    alerts: Counter[str] = field(default_factory=Counter)  # per rule id
-    rejected: Counter[str] = field(default_factory=Counter)  # per reason
-    collector_lost: Counter[tuple[str, str]] = field(default_factory=Counter)  # (host, cause)
-    collectors: dict[str, CollectorInfo] = field(default_factory=dict)
-    lag: Lag = field(default_factory=Lag)
 
 
 class SeqState:
     """Each collector's last acknowledged batch, kept in a file so that a restarted service
     still recognises replays of batches it handled (and does not raise their alerts twice);
-    with it, where each output file's acknowledged lines end (see main.OutputGate)."""
+    with it, where each output file's acknowledged lines end (see outputs.jsonl.OutputGate)."""
 
     def __init__(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = directory / "collectors.json"
-        self.outputs: dict[str, Any] = {}  # as loaded: output file -> [dev, inode, size]
+        # as loaded (JSON, unchecked): output file -> [dev, inode, size], or None
+        self.outputs: dict[str, Any] = {}
 
     def load(self) -> dict[str, int]:
         try:
@@ -92,8 +60,11 @@ class SeqState:
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as exc:
-            log.warning("collector state unreadable; replays after the restart may be handled "
-                      "twice", path=str(self.path), error=str(exc))  # fmt: skip
+            log.warning(
+                "collector state unreadable; replays after the restart may be handled twice",
+                path=str(self.path),
+                error=str(exc),
+            )
             return {}
         if not isinstance(data, dict):
             return {}
@@ -102,7 +73,7 @@ class SeqState:
         seqs = data.get("last_seq", {})
         return {str(k): int(v) for k, v in seqs.items() if isinstance(v, int)}
 
-    def save(self, last_seq: dict[str, int], outputs: dict[str, Any]) -> None:
+    def save(self, last_seq: dict[str, int], outputs: Points) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
             tmp.write_text(json.dumps({"last_seq": last_seq, "outputs": outputs}))
@@ -145,19 +116,18 @@ class Ingest:
         self.ticket += 1
         return self.ticket
 
-    def commit(self, ticket: int,
-               points: Callable[[int], dict[str, Any]] | None = None) -> None:  # fmt: skip
+    def commit(self, ticket: int, points: Callable[[int], Points] | None = None) -> None:
         """Persist that every batch up to `ticket` is handled and in the outputs (`points`
         says where each output file's lines of them end). Called just before acknowledging:
         a service that dies before this handles the batch again when it is replayed, and cuts
-        its files back to the saved points (main.take_back)."""
+        its files back to the saved points (outputs.jsonl.take_back)."""
         if ticket <= self.committed:
             return  # a later ticket was committed first: this one with it
         while self._uncommitted and self._uncommitted[0][0] <= ticket:
             _, collector, seq = self._uncommitted.popleft()
             self.committed_seq[collector] = seq
         self.committed = ticket
-        outputs = points(ticket) if points is not None else {}
+        outputs: Points = points(ticket) if points is not None else {}
         if self.state is not None:
             self.state.save(self.committed_seq, outputs)
 
@@ -226,8 +196,12 @@ class Ingest:
         key = f"{event.kind}:{type(exc).__name__}"
         if key not in self._failures:
             self._failures.add(key)
-            log.error("the engine failed on an event; it is counted and skipped",
-                      kind=event.kind, error=repr(exc), exc_info=exc)  # fmt: skip
+            log.error(
+                "the engine failed on an event; it is counted and skipped",
+                kind=event.kind,
+                error=repr(exc),
+                exc_info=exc,
+            )
 
     def _count_losses(self, event: LostEvent) -> None:
         lost = self.stats.collector_lost
@@ -239,15 +213,16 @@ class Ingest:
             ("spool", event.spool),
         ):
             if n > 0:
-                lost[host, cause] += n  # fmt: skip
+                lost[host, cause] += n
 
 
 class Gate(Protocol):
-    """What stands between handling a batch and acknowledging it (main.OutputGate)."""
+    """What stands between handling a batch and acknowledging it (the OutputGate of
+    service/outputs/jsonl.py)."""
 
     def end_batch(self, ticket: int) -> None: ...
     async def settle(self, ticket: int) -> None: ...
-    def points(self, ticket: int) -> dict[str, Any]: ...
+    def points(self, ticket: int) -> Points: ...
 
 
 def _int_header(request: web.Request, name: str) -> int:
@@ -261,17 +236,25 @@ def make_app(
     read_timeout: float = 30.0,
     *,
     tail: TailHub | None = None,
-    extra_metrics: Callable[[], list[str]] | None = None,
+    metrics: Sequence[Collector] = (),
     gate: Gate | None = None,
     failpoint: Callable[[int, int], None] | None = None,
 ) -> web.Application:
     """The service; a request body that takes longer than read_timeout to arrive gets a 408
     (a client sending a byte a second holds one connection, never the service). With tail,
-    GET /v1/tail streams what tail is given (tail.hub). With gate, a batch is
-    acknowledged once the gate's outputs have it. failpoint(ticket, alerts so far) runs
-    between the outputs and the commit (tests crash the service there)."""
+    GET /v1/tail streams what tail is given (tail.hub). /metrics shows the ingest's
+    counters, the tail's and those of the `metrics` collectors (the outputs'), in one
+    registry. With gate, a batch is acknowledged once the gate's outputs have it.
+    failpoint(ticket, alerts so far) runs between the outputs and the commit (tests crash
+    the service there)."""
     app = web.Application(client_max_size=MAX_BATCH_BYTES)
     started = time.monotonic()
+    registry = CollectorRegistry()
+    registry.register(IngestMetrics(ingest.stats))
+    if tail is not None:
+        registry.register(TailMetrics(tail))
+    for collector in metrics:
+        registry.register(collector)
 
     async def accept(collector: str, seq: int, events: list[AnyEvent]) -> None:
         """Handle a batch and return once it may be acknowledged."""
@@ -320,8 +303,11 @@ def make_app(
         except BadBatch as exc:
             return reject(exc.status, exc.reason, str(exc))
         await accept(collector, seq, events)
-        ingest.note_collector(collector, _int_header(request, "Sandtrace-Spool-Bytes"),
-                              _int_header(request, "Sandtrace-Held-Batches"))  # fmt: skip
+        ingest.note_collector(
+            collector,
+            _int_header(request, "Sandtrace-Spool-Bytes"),
+            _int_header(request, "Sandtrace-Held-Batches"),
+        )
         return web.json_response({"ack": seq})
 
     async def stream(request: web.Request) -> web.StreamResponse:
@@ -359,8 +345,11 @@ def make_app(
             if msg.type == WSMsgType.ERROR:  # a frame over the size limit, a broken frame
                 exc = ws.exception()
                 too_big = getattr(exc, "code", None) == WSCloseCode.MESSAGE_TOO_BIG
-                rejected(1009 if too_big else 400, "too_large" if too_big else "malformed",
-                         f"stream closed: {exc}")  # fmt: skip
+                rejected(
+                    1009 if too_big else 400,
+                    "too_large" if too_big else "malformed",
+                    f"stream closed: {exc}",
+                )
                 break
             if msg.type != WSMsgType.BINARY:
                 break
@@ -386,74 +375,15 @@ def make_app(
     async def readyz(_request: web.Request) -> web.Response:
         return web.json_response({"status": "ready", "rules": len(ingest.rules.rules)})
 
-    async def metrics(_request: web.Request) -> web.Response:
-        text = prometheus_text(ingest.stats)
-        if tail is not None:
-            text += "\n".join(tail.prometheus_lines()) + "\n"
-        if extra_metrics is not None:
-            text += "".join(line + "\n" for line in extra_metrics())
-        return web.Response(text=text, content_type="text/plain")
+    async def metrics_page(_request: web.Request) -> web.Response:
+        return web.Response(text=exposition(registry), content_type="text/plain")
 
     app.router.add_post("/v1/batches", batches)
     app.router.add_get("/v1/stream", stream)
     app.on_shutdown.append(close_streams)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/metrics", metrics_page)
     if tail is not None:
         add_tail_routes(app, tail, token)
     return app
-
-
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def prometheus_text(stats: Stats) -> str:
-    """The Prometheus text exposition of the service's counters."""
-    out: list[str] = []
-
-    def header(name: str, help_text: str, kind: str) -> None:
-        out.append(f"# HELP {name} {help_text}")
-        out.append(f"# TYPE {name} {kind}")
-
-    series: dict[str, tuple[str, str, Counter[str]]] = {
-        "sandtrace_events_received_total": ("Events received, per host", "host", stats.events_in),
-        "sandtrace_batches_total": ("Batches, per result", "result", stats.batches),
-        "sandtrace_alerts_total": ("Alerts raised, per rule", "rule", stats.alerts),
-        "sandtrace_rejected_total": ("Batches rejected, per reason", "reason", stats.rejected),
-    }
-    for name, (help_text, label, counter) in series.items():
-        header(name, help_text, "counter")
-        for key, value in sorted(counter.items()):
-            out.append(f'{name}{{{label}="{_label(key)}"}} {value}')
-    name = "sandtrace_collector_lost_total"
-    header(name, "Events collectors lost before the service got them, per host and cause "
-           "(kernel ring, user queue, map_error, spool)", "counter")  # fmt: skip
-    for (host, cause), value in sorted(stats.collector_lost.items()):
-        out.append(f'{name}{{host="{_label(host)}",cause="{cause}"}} {value}')
-    gauges = {
-        "sandtrace_collector_spool_bytes": ("Bytes in each collector's disk spool", "spool_bytes"),
-        "sandtrace_collector_held_batches": (
-            "Batches each collector holds for the service (memory and spool)", "held_batches"),
-        "sandtrace_collector_last_seq": ("Last batch handled, per collector", "last_seq"),
-        "sandtrace_collector_last_seen_seconds": (
-            "Wall clock of each collector's last batch", "last_seen"),
-    }  # fmt: skip
-    for name, (help_text, attr) in gauges.items():
-        header(name, help_text, "gauge")
-        for cid, info in sorted(stats.collectors.items()):
-            value = getattr(info, attr)
-            shown = f"{value:.3f}" if isinstance(value, float) else str(value)
-            out.append(f'{name}{{collector="{_label(cid)}",host="{_label(info.host)}"}} {shown}')
-    name = "sandtrace_batch_lag_seconds"
-    header(name, "Age of each batch's oldest event when the service has handled the batch",
-           "histogram")  # fmt: skip
-    cumulative = 0
-    for bound, count in zip((*LAG_BUCKETS, float("inf")), stats.lag.counts, strict=True):
-        cumulative += count
-        le = "+Inf" if bound == float("inf") else f"{bound:g}"
-        out.append(f'{name}_bucket{{le="{le}"}} {cumulative}')
-    out.append(f"{name}_sum {stats.lag.total:.6f}")
-    out.append(f"{name}_count {stats.lag.n}")
-    return "\n".join(out) + "\n"

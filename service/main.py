@@ -139,6 +139,7 @@ async def serve(args: argparse.Namespace) -> int:
 
     from service.app import Ingest, make_app  # noqa: PLC0415
     from service.outputs.jsonl import OutputGate, take_back  # noqa: PLC0415
+    from service.outputs.metrics import OutputMetrics  # noqa: PLC0415
     from tail.hub import TailHub  # noqa: PLC0415
 
     if args.check_config:
@@ -174,11 +175,6 @@ async def serve(args: argparse.Namespace) -> int:
             for event in events:
                 hub.publish(event)
 
-    def output_metrics() -> list[str]:
-        from service.outputs.metrics import prometheus_lines  # noqa: PLC0415
-
-        return prometheus_lines(outputs)
-
     state = Path(cfg.state_dir) if cfg.state_dir else None
     # Ingest allocates some 50 short-lived objects per event and frees them a batch later:
     # collect the young generation every 50,000 allocations, not every 700, and keep the
@@ -200,7 +196,7 @@ async def serve(args: argparse.Namespace) -> int:
         token,
         cfg.read_timeout,
         tail=hub,
-        extra_metrics=output_metrics,
+        metrics=[OutputMetrics(outputs)],
         gate=gate if gate else None,
         failpoint=failpoint(),
     )

@@ -2,7 +2,8 @@
 (protocol in api.tail), the /v1/tail endpoint, and the Unix socket `sandtrace watch` serves it on.
 
 Publishing never blocks: each subscriber has a bounded queue, and a slow client only loses
-its own items (counted, and told). The hub's counters are exported to Prometheus.
+its own items (counted, and told). The hub's counters are plain integers; TailMetrics
+reads them for Prometheus (the service registers it).
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import hmac
 import socket
 import stat
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import structlog
 from aiohttp import WSCloseCode, web
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from api.events import Alert, AnyEvent, encode
 from api.tail import TAIL_PATH, BadFilter, TailFilter, dropped_message, hello_message
@@ -95,7 +98,7 @@ class TailHub:
         self.sent = 0
         self.dropped = 0
         self.closed = False
-        self.handlers: set[asyncio.Task[Any]] = set()  # of connected clients
+        self.handlers: set[asyncio.Task[object]] = set()  # of connected clients
 
     def subscribe(self, flt: TailFilter) -> Subscriber:
         sub = Subscriber(flt, self.max_queue, closed=self.closed)  # none after close()
@@ -132,24 +135,32 @@ class TailHub:
         if self.handlers:
             await asyncio.wait(set(self.handlers), timeout=grace)
 
-    def prometheus_lines(self) -> list[str]:
-        """The hub's gauge and counters in the Prometheus text exposition format."""
-        return [
-            "# HELP sandtrace_tail_subscribers Live tail clients connected",
-            "# TYPE sandtrace_tail_subscribers gauge",
-            f"sandtrace_tail_subscribers {len(self.subscribers)}",
-            "# HELP sandtrace_tail_sent_total Events and alerts sent to live tail clients",
-            "# TYPE sandtrace_tail_sent_total counter",
-            f"sandtrace_tail_sent_total {self.sent}",
-            "# HELP sandtrace_tail_dropped_total Events and alerts not sent to a live tail "
-            "client that read too slowly (each was told how many)",
-            "# TYPE sandtrace_tail_dropped_total counter",
-            f"sandtrace_tail_dropped_total {self.dropped}",
-            "# HELP sandtrace_tail_refused_total Tail clients refused: as many as allowed were "
-            "connected",
-            "# TYPE sandtrace_tail_refused_total counter",
-            f"sandtrace_tail_refused_total {self.refused}",
-        ]
+
+class TailMetrics(Collector):
+    """The hub's gauge and counters as Prometheus metric families, read at each scrape."""
+
+    def __init__(self, hub: TailHub) -> None:
+        self.hub = hub
+
+    def collect(self) -> Iterator[Metric]:
+        hub = self.hub
+        yield GaugeMetricFamily(
+            "sandtrace_tail_subscribers", "Live tail clients connected", value=len(hub.subscribers)
+        )
+        yield CounterMetricFamily(
+            "sandtrace_tail_sent", "Events and alerts sent to live tail clients", value=hub.sent
+        )
+        yield CounterMetricFamily(
+            "sandtrace_tail_dropped",
+            "Events and alerts not sent to a live tail client that read too slowly (each was "
+            "told how many)",
+            value=hub.dropped,
+        )
+        yield CounterMetricFamily(
+            "sandtrace_tail_refused",
+            "Tail clients refused: as many as allowed were connected",
+            value=hub.refused,
+        )
 
 
 # --- the WebSocket endpoint ----------------------------------------------------------------
@@ -175,9 +186,12 @@ def add_tail_routes(app: web.Application, hub: TailHub, token: str | None) -> No
             return _refuse(400, "bad_filter", str(exc))
         if len(hub.subscribers) >= hub.max_clients:
             hub.refused += 1
-            return _refuse(503, "too_many_clients",
-                           f"{hub.max_clients} tail clients are connected already; try again "
-                           "when one has gone")  # fmt: skip
+            return _refuse(
+                503,
+                "too_many_clients",
+                f"{hub.max_clients} tail clients are connected already; try again when one "
+                "has gone",
+            )
         ws = web.WebSocketResponse(heartbeat=20.0)
         if not ws.can_prepare(request).ok:
             return _refuse(400, "not_websocket", f"{TAIL_PATH} speaks WebSocket only")
@@ -192,8 +206,10 @@ def add_tail_routes(app: web.Application, hub: TailHub, token: str | None) -> No
         tasks: list[asyncio.Task[None]] = []
         try:
             await ws.send_str(hello_message(flt))
-            tasks = [asyncio.create_task(_send(ws, hub, sub)),
-                     asyncio.create_task(_read_until_closed(ws))]  # fmt: skip
+            tasks = [
+                asyncio.create_task(_send(ws, hub, sub)),
+                asyncio.create_task(_read_until_closed(ws)),
+            ]
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for t in tasks:

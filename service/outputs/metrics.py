@@ -1,40 +1,54 @@
-"""The outputs' counters (OutputStats) in the Prometheus text exposition format."""
+"""The outputs' counters (OutputStats) as Prometheus metric families, read at each scrape."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from service.metrics import exposition
 from service.outputs.base import DROP_CAUSES, Output
 
 
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+class OutputMetrics(Collector):
+    """Items sent, dropped (per cause; the known causes always shown) and retried, and the
+    queue depth, of each output."""
+
+    def __init__(self, outputs: Sequence[Output]) -> None:
+        self.outputs = outputs
+
+    def collect(self) -> Iterator[Metric]:
+        outputs = self.outputs
+        sent = CounterMetricFamily(
+            "sandtrace_output_sent", "Items delivered, per output", labels=["output"]
+        )
+        for o in outputs:
+            sent.add_metric([o.name], o.stats.sent)
+        yield sent
+        dropped = CounterMetricFamily(
+            "sandtrace_output_dropped",
+            "Items lost, per output and cause",
+            labels=["output", "cause"],
+        )
+        for o in outputs:
+            for cause in sorted(set(DROP_CAUSES) | set(o.stats.dropped)):
+                dropped.add_metric([o.name, cause], o.stats.dropped[cause])
+        yield dropped
+        retries = CounterMetricFamily(
+            "sandtrace_output_retries", "Failed deliveries retried, per output", labels=["output"]
+        )
+        for o in outputs:
+            retries.add_metric([o.name], o.stats.retries)
+        yield retries
+        queue = GaugeMetricFamily(
+            "sandtrace_output_queue", "Items waiting or in delivery, per output", labels=["output"]
+        )
+        for o in outputs:
+            queue.add_metric([o.name], o.depth())
+        yield queue
 
 
 def prometheus_lines(outputs: Sequence[Output]) -> list[str]:
-    """Prometheus text exposition lines (HELP, TYPE and samples) of every output's stats."""
-    lines: list[str] = []
-
-    def family(name: str, kind: str, help_text: str) -> None:
-        lines.append(f"# HELP {name} {help_text}")
-        lines.append(f"# TYPE {name} {kind}")
-
-    family("sandtrace_output_sent_total", "counter", "Items delivered, per output")
-    for o in outputs:
-        lines.append(f'sandtrace_output_sent_total{{output="{_label(o.name)}"}} {o.stats.sent}')
-    family("sandtrace_output_dropped_total", "counter", "Items lost, per output and cause")
-    for o in outputs:
-        for cause in sorted(set(DROP_CAUSES) | set(o.stats.dropped)):
-            lines.append(
-                f'sandtrace_output_dropped_total{{output="{_label(o.name)}",'
-                f'cause="{_label(cause)}"}} {o.stats.dropped[cause]}'
-            )
-    family("sandtrace_output_retries_total", "counter", "Failed deliveries retried, per output")
-    for o in outputs:
-        lines.append(
-            f'sandtrace_output_retries_total{{output="{_label(o.name)}"}} {o.stats.retries}'
-        )
-    family("sandtrace_output_queue", "gauge", "Items waiting or in delivery, per output")
-    for o in outputs:
-        lines.append(f'sandtrace_output_queue{{output="{_label(o.name)}"}} {o.depth()}')
-    return lines
+    """The lines /metrics shows for these outputs (HELP, TYPE and samples)."""
+    return exposition(OutputMetrics(outputs)).splitlines()

@@ -21,8 +21,9 @@ from detect.loader import load_paths
 from detect.pack import builtin_rules
 from detect.ruleset import RuleSet
 from detect.testing import event_from_fields
-from service.app import Ingest, make_app, prometheus_text
+from service.app import Ingest, make_app
 from service.config import ConfigError, ServiceConfig, check, load, tls_context
+from service.metrics import IngestMetrics, exposition
 from tests.serving import ROOT_DIR, free_port, serving
 from tests.tlsutil import make_tls
 
@@ -183,7 +184,7 @@ def test_metrics_show_collector_losses_spool_and_lag() -> None:
             e.time_ns = time.time_ns()
     assert ingest.handle("h1/ab", 0, [lost, *events])
     ingest.note_collector("h1/ab", spool_bytes=4096, held_batches=3)
-    text = prometheus_text(ingest.stats)
+    text = exposition(IngestMetrics(ingest.stats))
     lines = set(text.splitlines())
     assert 'sandtrace_collector_lost_total{host="h1",cause="kernel"} 7' in lines
     assert 'sandtrace_collector_lost_total{host="h1",cause="user"} 2' in lines
@@ -197,7 +198,7 @@ def test_metrics_show_collector_losses_spool_and_lag() -> None:
     assert 'sandtrace_batch_lag_seconds_bucket{le="60"} 0' in lines
     assert 'sandtrace_batch_lag_seconds_bucket{le="+Inf"} 1' in lines
     assert ingest.handle("h1/ab", 1, events)  # fresh events: under a second old
-    lines = set(prometheus_text(ingest.stats).splitlines())
+    lines = set(exposition(IngestMetrics(ingest.stats)).splitlines())
     assert 'sandtrace_batch_lag_seconds_bucket{le="1"} 1' in lines
     assert "sandtrace_batch_lag_seconds_count 2" in lines
 

@@ -26,9 +26,18 @@ from api.events import WIRE_VERSION, Alert, AnyEvent, ExecEvent, LostEvent, deco
 from api.render import TextRenderer
 from api.tail import BadFilter, TailFilter, dropped_message, hello_message, parse_control
 from detect.testing import event_from_fields
+from service.metrics import exposition
 from tail.args import add_parser
 from tail.client import Follower, TailError, Target, target_of
-from tail.hub import Dropped, LocalTail, TailHub, TailSocketBusy, TailSocketError, add_tail_routes
+from tail.hub import (
+    Dropped,
+    LocalTail,
+    TailHub,
+    TailMetrics,
+    TailSocketBusy,
+    TailSocketError,
+    add_tail_routes,
+)
 
 TOKEN = "tail-t0ken"  # noqa: S105 - a test token
 SGR = re.compile(r"\x1b\[[0-9;]*m")
@@ -147,14 +156,14 @@ def test_hub_counts_what_a_full_queue_drops_and_says_where() -> None:
         assert await execs.next() is None
         assert await hub.subscribe(TailFilter()).next() is None  # too late
         hub.unsubscribe(hub.subscribers[-1])
-        assert hub.prometheus_lines()[2::3] == [
+        assert exposition(TailMetrics(hub)).splitlines()[2::3] == [
             "sandtrace_tail_subscribers 2",
             "sandtrace_tail_sent_total 0",
             "sandtrace_tail_dropped_total 6",
             "sandtrace_tail_refused_total 0",
         ]
         hub.unsubscribe(slow)
-        assert hub.prometheus_lines()[2] == "sandtrace_tail_subscribers 1"
+        assert exposition(TailMetrics(hub)).splitlines()[2] == "sandtrace_tail_subscribers 1"
 
     asyncio.run(scenario())
 
@@ -431,7 +440,8 @@ async def test_clients_beyond_the_limit_are_refused_and_counted(
     with pytest.raises(aiohttp.WSServerHandshakeError) as info:
         await client.ws_connect("/v1/tail", headers=AUTH)
     assert info.value.status == 503
-    assert hub.refused == 1 and "sandtrace_tail_refused_total 1" in hub.prometheus_lines()
+    assert hub.refused == 1
+    assert "sandtrace_tail_refused_total 1" in exposition(TailMetrics(hub)).splitlines()
     await first.close()
     for _ in range(100):  # the server notices the close
         if len(hub.subscribers) < 2:
