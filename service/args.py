@@ -21,16 +21,21 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    serve.add_argument("--config", metavar="FILE", type=Path,
-                       help="TOML configuration (see README, 'Detection service')")  # fmt: skip
+    serve.add_argument(
+        "--config",
+        metavar="FILE",
+        type=Path,
+        help="TOML configuration (see README, 'Detection service')",
+    )
     serve.add_argument(
         "--check-config",
         action="store_true",
         help="check the configuration (files, TLS, rules, outputs), then exit",
     )
     serve.add_argument("--listen", metavar="HOST:PORT", help="default 127.0.0.1:8780")
-    serve.add_argument("--token-file", metavar="FILE",
-                       help="require 'Authorization: Bearer <the file's content>'")  # fmt: skip
+    serve.add_argument(
+        "--token-file", metavar="FILE", help="require 'Authorization: Bearer <the file's content>'"
+    )
     serve.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate")
     serve.add_argument("--tls-key", metavar="FILE", help="and this private key")
     serve.add_argument(

@@ -125,12 +125,12 @@ def load(path: Path) -> ServiceConfig:
             raise ConfigError(f"{path}: {section} must be a table")
         for key, item in value.items():
             if key not in keys:
-                raise ConfigError(f"{path}: unknown key {section}.{key} "
-                                  f"(known: {', '.join(keys)})")  # fmt: skip
+                raise ConfigError(f"{path}: unknown key {section}.{key} (known: {', '.join(keys)})")
             attr, types = keys[key]
             if not isinstance(item, types) or (types is int and isinstance(item, bool)):
-                raise ConfigError(f"{path}: {section}.{key} has the wrong type "
-                                  f"({type(item).__name__})")  # fmt: skip
+                raise ConfigError(
+                    f"{path}: {section}.{key} has the wrong type ({type(item).__name__})"
+                )
             if isinstance(item, list) and not all(isinstance(v, str) for v in item):
                 raise ConfigError(f"{path}: {section}.{key} must be a list of strings")
             if attr == "read_timeout" and isinstance(item, int | float):
@@ -159,8 +159,9 @@ def tls_context(cfg: ServiceConfig) -> ssl.SSLContext | None:
     try:
         ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"server.tls_cert/tls_key: cannot load {cfg.tls_cert} with "
-                          f"{cfg.tls_key}: {exc}") from None  # fmt: skip
+        raise ConfigError(
+            f"server.tls_cert/tls_key: cannot load {cfg.tls_cert} with {cfg.tls_key}: {exc}"
+        ) from None
     return ctx
 
 
@@ -196,8 +197,9 @@ def check(cfg: ServiceConfig) -> list[str]:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:
-            raise ConfigError(f"server.state_dir: {state} is not writable: "
-                              f"{exc.strerror or exc}") from None  # fmt: skip
+            raise ConfigError(
+                f"server.state_dir: {state} is not writable: {exc.strerror or exc}"
+            ) from None
     else:
         notes.append("no state_dir: after a restart, a batch in flight may be handled twice")
     for r in cfg.rules:
