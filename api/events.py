@@ -98,6 +98,14 @@ class ExecEvent(Event, tag="exec"):
     path_truncated: bool = False  # exe or cwd path too deep or long to read whole
     parent_exe: bytes = b""
     parent_argv: list[bytes] = field(default_factory=list)
+    # What the executed file is, whatever it is called (filled by the collector, which sees
+    # the file; "" or empty when not known):
+    sha256: str = ""  # hex digest of the executable's content
+    original_exe: bytes = b""  # the packaged file it is a copy of (the package's digests)
+    go_module: str = ""  # a Go program's main module path, from its build information
+    # What its standard streams 0, 1, 2 are at exec, one "type[:detail]" each (see
+    # collector/stdio.py): tty, pipe, file:PATH, null, tcp:PEER, udp:PEER, unix:PATH, ...
+    stdio: list[str] = field(default_factory=list)
 
 
 class ForkEvent(Event, tag="fork"):
