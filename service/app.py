@@ -25,13 +25,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from api.events import Alert, AnyEvent, LostEvent
 from api.wire import CONTENT_TYPES, MAX_BATCH_BYTES, BadBatch, decode_batch
 from detect.engine import Engine
 from detect.ruleset import RuleSet
-from service.metrics import CollectorInfo, IngestMetrics, Stats, exposition
+from service.metrics import CollectorInfo, IngestMetrics, Stats
 from tail.hub import TailHub, TailMetrics, add_tail_routes
 
 if TYPE_CHECKING:
@@ -376,7 +377,9 @@ def make_app(
         return web.json_response({"status": "ready", "rules": len(ingest.rules.rules)})
 
     async def metrics_page(_request: web.Request) -> web.Response:
-        return web.Response(text=exposition(registry), content_type="text/plain")
+        return web.Response(
+            body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
 
     app.router.add_post("/v1/batches", batches)
     app.router.add_get("/v1/stream", stream)

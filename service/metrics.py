@@ -4,7 +4,7 @@ The hot path only increments plain integers in Stats (and OutputStats, and the t
 counters). At each scrape, collectors (prometheus_client's custom-collector interface) read
 them into metric families: IngestMetrics here, OutputMetrics (service/outputs/metrics.py)
 and TailMetrics (tail/hub.py). make_app registers them in the service's CollectorRegistry,
-and exposition() writes what it collects.
+and prometheus_client writes /metrics from it.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -121,45 +122,10 @@ class IngestMetrics(Collector):
         )
 
 
-def exposition(source: Collector) -> str:
-    """The Prometheus text format (0.0.4) of what source, a registry or one collector,
-    collects (counters, gauges and histograms): what prometheus_client.generate_latest
-    writes, but for two things that
-    scrapers read alike and people's scripts (and tests/e2e) do not: each sample's labels
-    stay in their declared order (generate_latest sorts them by name), and whole numbers
-    are written as such ("7"; generate_latest writes every value as a float, "7.0"). So the
-    lines of /metrics are what the service has always shown, e.g.
-
-        sandtrace_output_dropped_total{output="siem",cause="queue_full"} 2
-    """
-    out: list[str] = []
-    for metric in source.collect():
-        name = metric.name + "_total" if metric.type == "counter" else metric.name
-        out.append(f"# HELP {name} {_escape_help(metric.documentation)}\n")
-        out.append(f"# TYPE {name} {metric.type}\n")
-        for sample in metric.samples:
-            value = _value(sample.value)
-            if sample.labels:
-                labels = ",".join(f'{k}="{_escape(v)}"' for k, v in sample.labels.items())
-                out.append(f"{sample.name}{{{labels}}} {value}\n")
-            else:
-                out.append(f"{sample.name} {value}\n")
-    return "".join(out)
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _escape_help(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def _value(value: float) -> str:
-    if type(value) is int:
-        return str(value)
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value))
+def exposition(*collectors: Collector) -> str:
+    """The Prometheus text format of what these collectors collect, as /metrics shows it
+    (for tests and for a single part's counters; the service writes its registry's)."""
+    registry = CollectorRegistry(auto_describe=False)
+    for collector in collectors:
+        registry.register(collector)
+    return generate_latest(registry).decode()

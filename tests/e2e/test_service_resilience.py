@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from collector import cgroups
 from tests.serving import ROOT_DIR, Serving, free_port, start_serve
@@ -57,8 +59,11 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def markers(events: list[dict[str, Any]]) -> list[int]:
     """The numbers of the marker programs run, in the order their exec events came."""
-    return [int(e["argv"][-1]) for e in events
-            if e.get("kind") == "exec" and e["argv"][:1] == ["./mark"]]  # fmt: skip
+    return [
+        int(e["argv"][-1])
+        for e in events
+        if e.get("kind") == "exec" and e["argv"][:1] == ["./mark"]
+    ]
 
 
 def alerted(alerts: list[dict[str, Any]]) -> Counter[tuple[str, int]]:
@@ -81,32 +86,62 @@ def wait_until(check: Any, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
-def metric(svc: Serving, name: str, labels: str) -> int:
+def scrape(svc: Serving) -> list[Sample]:
+    """Every sample on the service's /metrics, read by prometheus_client's own parser."""
     with urllib.request.urlopen(f"{svc.url}/metrics", timeout=10) as resp:  # noqa: S310
         text = resp.read().decode()
-    m = re.search(rf"^{re.escape(name)}\{{{re.escape(labels)}\}} (\d+)$", text, re.M)
-    return int(m.group(1)) if m else 0
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+def metric(svc: Serving, name: str, **labels: str) -> int:
+    """The value of one sample of the service (0 when it has none yet)."""
+    found = [s.value for s in scrape(svc) if s.name == name and s.labels == labels]
+    return int(found[0]) if found else 0
 
 
 def gauge(svc: Serving, name: str) -> list[int]:
     """The values of a per-collector gauge of the service."""
-    with urllib.request.urlopen(f"{svc.url}/metrics", timeout=10) as resp:  # noqa: S310
-        text = resp.read().decode()
-    return [int(v) for v in re.findall(rf"^{re.escape(name)}\{{[^}}]*\}} (\d+)$", text, re.M)]
+    return [int(s.value) for s in scrape(svc) if s.name == name]
 
 
 class Collector:
     """A real `sandtrace watch --server` on one cgroup, with its own copy of every event."""
 
-    def __init__(self, box: cgroups.SandboxCgroup, url: str, token: Path, spool: Path,
-                 local: Path, *extra: str) -> None:  # fmt: skip
+    def __init__(
+        self,
+        box: cgroups.SandboxCgroup,
+        url: str,
+        token: Path,
+        spool: Path,
+        local: Path,
+        *extra: str,
+    ) -> None:
         self.local = local
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sandtrace", "watch", "--json", "--no-tail",
-             "--cgroup", str(box.path), "--server", url, "--server-token-file", str(token),
-             "--spool-dir", str(spool), "--events", str(local), *extra],
-            cwd=ROOT_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "sandtrace",
+                "watch",
+                "--json",
+                "--no-tail",
+                "--cgroup",
+                str(box.path),
+                "--server",
+                url,
+                "--server-token-file",
+                str(token),
+                "--spool-dir",
+                str(spool),
+                "--events",
+                str(local),
+                *extra,
+            ],
+            cwd=ROOT_DIR,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         assert self.proc.stderr is not None
         self.head = ""
         while "watching" not in self.head:
@@ -137,8 +172,9 @@ def sandbox(work: Path) -> Iterator[cgroups.SandboxCgroup]:
         box.destroy()
 
 
-def workload(box: cgroups.SandboxCgroup, work: Path, first: int, last: int,
-             pause: str = "sleep 0.01") -> subprocess.Popen[bytes]:  # fmt: skip
+def workload(
+    box: cgroups.SandboxCgroup, work: Path, first: int, last: int, pause: str = "sleep 0.01"
+) -> subprocess.Popen[bytes]:
     script = LOOP.format(first=first, last=last, pause=pause or ":")
     return subprocess.Popen(["/bin/sh", "-c", script], cwd=work, preexec_fn=box.join)  # noqa: PLW1509
 
@@ -147,13 +183,26 @@ def workload(box: cgroups.SandboxCgroup, work: Path, first: int, last: int,
 def setup(tmp_path: Path) -> dict[str, Path]:
     token = tmp_path / "token"
     token.write_text("e2e-token\n")
-    return {"token": token, "state": tmp_path / "state", "events": tmp_path / "svc-events.jsonl",
-            "alerts": tmp_path / "svc-alerts.jsonl", "spool": tmp_path / "spool"}  # fmt: skip
+    return {
+        "token": token,
+        "state": tmp_path / "state",
+        "events": tmp_path / "svc-events.jsonl",
+        "alerts": tmp_path / "svc-alerts.jsonl",
+        "spool": tmp_path / "spool",
+    }
 
 
 def serve_args(p: dict[str, Path]) -> list[str]:
-    return ["--token-file", str(p["token"]), "--state-dir", str(p["state"]),
-            "--events", str(p["events"]), "--alerts", str(p["alerts"])]  # fmt: skip
+    return [
+        "--token-file",
+        str(p["token"]),
+        "--state-dir",
+        str(p["state"]),
+        "--events",
+        str(p["events"]),
+        "--alerts",
+        str(p["alerts"]),
+    ]
 
 
 def hostile(first: int, last: int) -> set[int]:
@@ -167,8 +216,9 @@ def test_service_killed_mid_stream_and_restarted_loses_and_repeats_nothing(
     collector = None
     try:
         with sandbox(work) as box:
-            collector = Collector(box, svc.url, setup["token"], setup["spool"],
-                                  tmp_path / "local.jsonl")  # fmt: skip
+            collector = Collector(
+                box, svc.url, setup["token"], setup["spool"], tmp_path / "local.jsonl"
+            )
             load = workload(box, work, 1, 1000)
             time.sleep(3)
             svc.kill()  # SIGKILL in the middle of the stream
@@ -176,8 +226,11 @@ def test_service_killed_mid_stream_and_restarted_loses_and_repeats_nothing(
             time.sleep(10)
             svc = start_serve(serve_args(setup), port=svc.port)
             assert load.wait(timeout=120) == 0
-            wait_until(lambda: 1000 in markers(read_jsonl(setup["events"])), 60,
-                       "the last marker at the service")  # fmt: skip
+            wait_until(
+                lambda: 1000 in markers(read_jsonl(setup["events"])),
+                60,
+                "the last marker at the service",
+            )
             out = collector.stop()
         assert svc.stop() == 0
     finally:
@@ -207,9 +260,15 @@ def test_service_dying_between_its_outputs_and_its_commit_repeats_nothing(
     collector = None
     try:
         with sandbox(work) as box:
-            collector = Collector(box, svc.url, setup["token"], setup["spool"],
-                                  tmp_path / "local.jsonl",
-                                  "--server-transport", transport)  # fmt: skip
+            collector = Collector(
+                box,
+                svc.url,
+                setup["token"],
+                setup["spool"],
+                tmp_path / "local.jsonl",
+                "--server-transport",
+                transport,
+            )
             load = workload(box, work, 1, 300)
             assert svc.proc.wait(timeout=120) == -signal.SIGKILL
             svc.kill()
@@ -222,8 +281,11 @@ def test_service_dying_between_its_outputs_and_its_commit_repeats_nothing(
             svc = start_serve(serve_args(setup), port=svc.port)
             assert "took back" in svc.log()
             assert load.wait(timeout=120) == 0
-            wait_until(lambda: 300 in markers(read_jsonl(setup["events"])), 60,
-                       "the last marker at the service")  # fmt: skip
+            wait_until(
+                lambda: 300 in markers(read_jsonl(setup["events"])),
+                60,
+                "the last marker at the service",
+            )
             out = collector.stop()
         assert svc.stop() == 0
         # stopped cleanly, the service saved where its files end: nothing to take back
@@ -249,8 +311,9 @@ def test_collector_restarted_while_service_down_replays_its_spool(
     first = second = None
     try:
         with sandbox(work) as box:
-            first = Collector(box, svc.url, setup["token"], setup["spool"],
-                              tmp_path / "local1.jsonl")  # fmt: skip
+            first = Collector(
+                box, svc.url, setup["token"], setup["spool"], tmp_path / "local1.jsonl"
+            )
             load = workload(box, work, 1, 1200)
             time.sleep(3)
             svc.kill()
@@ -259,16 +322,22 @@ def test_collector_restarted_while_service_down_replays_its_spool(
             assert re.search(r"streamed \d+ events", out1)
             held = int(re.search(r"(\d+) batches left in the spool", out1).group(1))  # type: ignore[union-attr]
             assert held > 0
-            second = Collector(box, svc.url, setup["token"], setup["spool"],
-                               tmp_path / "local2.jsonl")  # fmt: skip
+            second = Collector(
+                box, svc.url, setup["token"], setup["spool"], tmp_path / "local2.jsonl"
+            )
             time.sleep(3)
             svc = start_serve(serve_args(setup), port=svc.port)
             assert load.wait(timeout=120) == 0
-            wait_until(lambda: 1200 in markers(read_jsonl(setup["events"])), 60,
-                       "the last marker at the service")  # fmt: skip
-            with urllib.request.urlopen(f"{svc.url}/metrics", timeout=10) as resp:  # noqa: S310
-                ids = re.findall(r'^sandtrace_collector_last_seq\{collector="([^"]+)"',
-                                 resp.read().decode(), re.M)  # fmt: skip
+            wait_until(
+                lambda: 1200 in markers(read_jsonl(setup["events"])),
+                60,
+                "the last marker at the service",
+            )
+            ids = [
+                s.labels["collector"]
+                for s in scrape(svc)
+                if s.name == "sandtrace_collector_last_seq"
+            ]
             second.stop()
         assert svc.stop() == 0
     finally:
@@ -292,8 +361,9 @@ def test_full_disk_under_the_spool_is_counted_and_recovers(
 ) -> None:
     spool = setup["spool"]
     spool.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(spool)],
-                   check=True)  # fmt: skip
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(spool)], check=True
+    )
     port = free_port()
     collector = None
     svc = None
@@ -301,23 +371,37 @@ def test_full_disk_under_the_spool_is_counted_and_recovers(
         filler = spool / "filler"
         filler.write_bytes(b"\0" * (160 << 10))  # leaves ~96 KiB for batches
         with sandbox(work) as box:
-            collector = Collector(box, f"http://127.0.0.1:{port}", setup["token"], spool,
-                                  tmp_path / "local.jsonl", "--spool-max", "64")  # fmt: skip
+            collector = Collector(
+                box,
+                f"http://127.0.0.1:{port}",
+                setup["token"],
+                spool,
+                tmp_path / "local.jsonl",
+                "--spool-max",
+                "64",
+            )
             assert workload(box, work, 1, 3000, pause="").wait(timeout=300) == 0
             time.sleep(2)  # the collector seals and tries to spool what it has
             assert collector.proc.poll() is None  # a full disk does not stop tracing
             filler.unlink()  # space returns
             svc = start_serve(serve_args(setup), port=port)
             running = svc
-            wait_until(lambda: gauge(running, "sandtrace_collector_spool_bytes") == [0], 60,
-                       "the collector's spool to drain")  # fmt: skip
+            wait_until(
+                lambda: gauge(running, "sandtrace_collector_spool_bytes") == [0],
+                60,
+                "the collector's spool to drain",
+            )
             assert workload(box, work, 3001, 3200).wait(timeout=120) == 0
-            wait_until(lambda: 3200 in markers(read_jsonl(setup["events"])), 60,
-                       "the markers run after space returned")  # fmt: skip
+            wait_until(
+                lambda: 3200 in markers(read_jsonl(setup["events"])),
+                60,
+                "the markers run after space returned",
+            )
             out = collector.stop()
             discarded = int(re.search(r"discarded (\d+) \(spool_error=\1\)", out).group(1))  # type: ignore[union-attr]
-            reported = metric(svc, "sandtrace_collector_lost_total",
-                              f'host="{_hostname()}",cause="spool"')  # fmt: skip
+            reported = metric(
+                svc, "sandtrace_collector_lost_total", host=_hostname(), cause="spool"
+            )
         assert svc.stop() == 0
     finally:
         if svc is not None:

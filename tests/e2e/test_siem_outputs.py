@@ -750,10 +750,10 @@ async def test_hung_receiver_fills_only_its_own_queue(
     assert [json.loads(x)["process"]["pid"] for x in lines] == list(range(1, 21))
     assert files.stats.dropped == {}
     lines_out = prometheus_lines([hung, files])
-    assert 'sandtrace_output_dropped_total{output="hung",cause="queue_full"} 14' in lines_out
-    assert 'sandtrace_output_queue{output="hung"} 6' in lines_out
-    assert 'sandtrace_output_sent_total{output="file"} 20' in lines_out
-    assert 'sandtrace_output_retries_total{output="hung"} 0' in lines_out
+    assert 'sandtrace_output_dropped_total{cause="queue_full",output="hung"} 14.0' in lines_out
+    assert 'sandtrace_output_queue{output="hung"} 6.0' in lines_out
+    assert 'sandtrace_output_sent_total{output="file"} 20.0' in lines_out
+    assert 'sandtrace_output_retries_total{output="hung"} 0.0' in lines_out
     await hung.aclose(deadline=0.2)
     assert hung.stats.dropped == {"queue_full": 14, "shutdown": 6}
     assert hung.stats.sent == 0

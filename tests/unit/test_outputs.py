@@ -171,25 +171,25 @@ def test_submit_never_blocks_and_counts_drops(tmp_path: Path) -> None:
     assert lines == [
         "# HELP sandtrace_output_sent_total Items delivered, per output",
         "# TYPE sandtrace_output_sent_total counter",
-        'sandtrace_output_sent_total{output="f"} 0',
+        'sandtrace_output_sent_total{output="f"} 0.0',
         "# HELP sandtrace_output_dropped_total Items lost, per output and cause",
         "# TYPE sandtrace_output_dropped_total counter",
-        'sandtrace_output_dropped_total{output="f",cause="format_error"} 0',
-        'sandtrace_output_dropped_total{output="f",cause="queue_full"} 2',
-        'sandtrace_output_dropped_total{output="f",cause="rejected"} 0',
-        'sandtrace_output_dropped_total{output="f",cause="shutdown"} 0',
+        'sandtrace_output_dropped_total{cause="format_error",output="f"} 0.0',
+        'sandtrace_output_dropped_total{cause="queue_full",output="f"} 2.0',
+        'sandtrace_output_dropped_total{cause="rejected",output="f"} 0.0',
+        'sandtrace_output_dropped_total{cause="shutdown",output="f"} 0.0',
         "# HELP sandtrace_output_retries_total Failed deliveries retried, per output",
         "# TYPE sandtrace_output_retries_total counter",
-        'sandtrace_output_retries_total{output="f"} 0',
+        'sandtrace_output_retries_total{output="f"} 0.0',
         "# HELP sandtrace_output_queue Items waiting or in delivery, per output",
         "# TYPE sandtrace_output_queue gauge",
-        'sandtrace_output_queue{output="f"} 3',
+        'sandtrace_output_queue{output="f"} 3.0',
     ]
 
 
 def test_metric_labels_are_escaped(tmp_path: Path) -> None:
     (out,) = outputs_from_config([{"type": "jsonl", "name": 'a"b\\', "path": str(tmp_path / "x")}])
-    assert 'sandtrace_output_sent_total{output="a\\"b\\\\"} 0' in prometheus_lines([out])
+    assert 'sandtrace_output_sent_total{output="a\\"b\\\\"} 0.0' in prometheus_lines([out])
 
 
 @pytest.mark.asyncio

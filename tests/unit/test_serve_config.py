@@ -29,8 +29,14 @@ from tests.tlsutil import make_tls
 
 
 def serve_cmd(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "sandtrace", "serve", *args], check=False,
-                          cwd=ROOT_DIR, capture_output=True, text=True, timeout=60)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "sandtrace", "serve", *args],
+        check=False,
+        cwd=ROOT_DIR,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def write(path: Path, text: str) -> Path:
@@ -68,20 +74,23 @@ what = "alerts"
     assert (tmp_path / "state").is_dir()
 
 
-@pytest.mark.parametrize(("toml", "message"), [
-    ("[server]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n", "unknown key server.lisen"),
-    ("[servr]\n", "unknown section [servr]"),
-    ("[server]\nread_timeout = \"soon\"\n", "server.read_timeout has the wrong type"),
-    ("[server]\nlisten = \"nowhere\"\n", "server.listen: want HOST:PORT"),
-    ("[server]\nlisten = \"192.0.2.1:8780\"\n", "192.0.2.1 is not loopback and there is no TLS"),
-    ("[server]\ntoken_file = \"/nonexistent/token\"\n", "server.token_file: cannot read"),
-    ("[server]\ntls_cert = \"/nonexistent.pem\"\n", "tls_cert and server.tls_key go together"),
-    ("[detection]\negress_allow = [\"not-a-net\"]\n", "detection.egress_allow"),
-    ("[detection]\nrules = [\"/nonexistent/rules\"]\n", "detection.rules: /nonexistent/rules"),
-    ("[detection]\nfold_seconds = -1\n", "detection.fold_seconds must be 0"),
-    ("[[output]]\ntype = \"carrier-pigeon\"\n", "output"),
-    ("server = [\n", "not valid TOML"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('[server]\nlisten = "127.0.0.1:1"\nlisen = 3\n', "unknown key server.lisen"),
+        ("[servr]\n", "unknown section [servr]"),
+        ('[server]\nread_timeout = "soon"\n', "server.read_timeout has the wrong type"),
+        ('[server]\nlisten = "nowhere"\n', "server.listen: want HOST:PORT"),
+        ('[server]\nlisten = "192.0.2.1:8780"\n', "192.0.2.1 is not loopback and there is no TLS"),
+        ('[server]\ntoken_file = "/nonexistent/token"\n', "server.token_file: cannot read"),
+        ('[server]\ntls_cert = "/nonexistent.pem"\n', "tls_cert and server.tls_key go together"),
+        ('[detection]\negress_allow = ["not-a-net"]\n', "detection.egress_allow"),
+        ('[detection]\nrules = ["/nonexistent/rules"]\n', "detection.rules: /nonexistent/rules"),
+        ("[detection]\nfold_seconds = -1\n", "detection.fold_seconds must be 0"),
+        ('[[output]]\ntype = "carrier-pigeon"\n', "output"),
+        ("server = [\n", "not valid TOML"),
+    ],
+)
 def test_check_config_names_what_is_wrong(tmp_path: Path, toml: str, message: str) -> None:
     conf = write(tmp_path / "service.toml", toml)
     done = serve_cmd("--config", str(conf), "--check-config")
@@ -99,11 +108,19 @@ def test_command_line_overrides_the_file(tmp_path: Path) -> None:
 
 
 def test_config_keys_land_where_they_should(tmp_path: Path) -> None:
-    conf = write(tmp_path / "s.toml", '[server]\nread_timeout = 5\n[tail]\nqueue = 7\n'
-                 'clients = 3\n[detection]\nbuiltin_rules = false\nfold_seconds = 0\n')  # fmt: skip
+    conf = write(
+        tmp_path / "s.toml",
+        "[server]\nread_timeout = 5\n[tail]\nqueue = 7\n"
+        "clients = 3\n[detection]\nbuiltin_rules = false\nfold_seconds = 0\n",
+    )
     cfg = load(conf)
-    assert (cfg.read_timeout, cfg.tail_queue, cfg.tail_clients, cfg.builtin_rules,
-            cfg.fold_seconds) == (5.0, 7, 3, False, 0)  # fmt: skip
+    assert (
+        cfg.read_timeout,
+        cfg.tail_queue,
+        cfg.tail_clients,
+        cfg.builtin_rules,
+        cfg.fold_seconds,
+    ) == (5.0, 7, 3, False, 0)
     with pytest.raises(ConfigError, match="cannot load"):
         tls_context(ServiceConfig(tls_cert=str(conf), tls_key=str(conf)))
     assert check(ServiceConfig()) == [
@@ -113,8 +130,10 @@ def test_config_keys_land_where_they_should(tmp_path: Path) -> None:
 
 
 def connect_events(n: int, start: int = 0) -> list[AnyEvent]:
-    return [event_from_fields("network_connection", {"ProcessId": start + i, "DestinationPort": 9})
-            for i in range(n)]  # fmt: skip
+    return [
+        event_from_fields("network_connection", {"ProcessId": start + i, "DestinationPort": 9})
+        for i in range(n)
+    ]
 
 
 @pytest.mark.asyncio
@@ -131,16 +150,16 @@ async def test_collector_streams_over_tls_and_refuses_an_unknown_certificate(
     ctx = tls_context(ServiceConfig(tls_cert=str(tls.cert), tls_key=str(tls.key)))
     await web.TCPSite(runner, "127.0.0.1", port, ssl_context=ctx).start()
     try:
-        untrusting = StreamSink(f"https://127.0.0.1:{port}", "tok", linger=0.05,
-                                ca_file=str(other.ca), max_backoff=0.1)  # fmt: skip
+        untrusting = StreamSink(
+            f"https://127.0.0.1:{port}", "tok", linger=0.05, ca_file=str(other.ca), max_backoff=0.1
+        )
         for event in connect_events(5):
             untrusting.emit(event)
         await untrusting.aclose(deadline=1.0)
         assert received == [] and untrusting.stats.retries > 0
         assert untrusting.stats.sent_events == 0
 
-        trusting = StreamSink(f"https://127.0.0.1:{port}", "tok", linger=0.05,
-                              ca_file=str(tls.ca))  # fmt: skip
+        trusting = StreamSink(f"https://127.0.0.1:{port}", "tok", linger=0.05, ca_file=str(tls.ca))
         for event in connect_events(5, start=100):
             trusting.emit(event)
         await trusting.aclose(deadline=10)
@@ -175,8 +194,15 @@ def test_replay_state_survives_a_service_restart(tmp_path: Path) -> None:
 
 def test_metrics_show_collector_losses_spool_and_lag() -> None:
     ingest = Ingest(RuleSet())
-    lost = LostEvent(time_ns=0, host="h1", kernel={"exec": 3, "connect": 4}, user=2, errors={},
-                     spool=50, collector="h1/ab")  # fmt: skip
+    lost = LostEvent(
+        time_ns=0,
+        host="h1",
+        kernel={"exec": 3, "connect": 4},
+        user=2,
+        errors={},
+        spool=50,
+        collector="h1/ab",
+    )
     events = connect_events(2)
     for e in events:
         if isinstance(e, Event):
@@ -186,27 +212,26 @@ def test_metrics_show_collector_losses_spool_and_lag() -> None:
     ingest.note_collector("h1/ab", spool_bytes=4096, held_batches=3)
     text = exposition(IngestMetrics(ingest.stats))
     lines = set(text.splitlines())
-    assert 'sandtrace_collector_lost_total{host="h1",cause="kernel"} 7' in lines
-    assert 'sandtrace_collector_lost_total{host="h1",cause="user"} 2' in lines
-    assert 'sandtrace_collector_lost_total{host="h1",cause="spool"} 50' in lines
-    assert 'sandtrace_collector_spool_bytes{collector="h1/ab",host="h1"} 4096' in lines
-    assert 'sandtrace_collector_held_batches{collector="h1/ab",host="h1"} 3' in lines
-    assert 'sandtrace_collector_last_seq{collector="h1/ab",host="h1"} 0' in lines
-    assert 'sandtrace_events_received_total{host="h1"} 3' in lines
+    assert 'sandtrace_collector_lost_total{cause="kernel",host="h1"} 7.0' in lines
+    assert 'sandtrace_collector_lost_total{cause="user",host="h1"} 2.0' in lines
+    assert 'sandtrace_collector_lost_total{cause="spool",host="h1"} 50.0' in lines
+    assert 'sandtrace_collector_spool_bytes{collector="h1/ab",host="h1"} 4096.0' in lines
+    assert 'sandtrace_collector_held_batches{collector="h1/ab",host="h1"} 3.0' in lines
+    assert 'sandtrace_collector_last_seq{collector="h1/ab",host="h1"} 0.0' in lines
+    assert 'sandtrace_events_received_total{host="h1"} 3.0' in lines
     # one batch; its oldest event (the LostEvent, time 0) is decades old
-    assert "sandtrace_batch_lag_seconds_count 1" in lines
-    assert 'sandtrace_batch_lag_seconds_bucket{le="60"} 0' in lines
-    assert 'sandtrace_batch_lag_seconds_bucket{le="+Inf"} 1' in lines
+    assert "sandtrace_batch_lag_seconds_count 1.0" in lines
+    assert 'sandtrace_batch_lag_seconds_bucket{le="60"} 0.0' in lines
+    assert 'sandtrace_batch_lag_seconds_bucket{le="+Inf"} 1.0' in lines
     assert ingest.handle("h1/ab", 1, events)  # fresh events: under a second old
     lines = set(exposition(IngestMetrics(ingest.stats)).splitlines())
-    assert 'sandtrace_batch_lag_seconds_bucket{le="1"} 1' in lines
-    assert "sandtrace_batch_lag_seconds_count 2" in lines
+    assert 'sandtrace_batch_lag_seconds_bucket{le="1"} 1.0' in lines
+    assert "sandtrace_batch_lag_seconds_count 2.0" in lines
 
 
 def test_serve_runs_with_tls_from_config_and_stops(tmp_path: Path) -> None:
     tls = make_tls(tmp_path / "tls", ["127.0.0.1"])
-    conf = write(tmp_path / "s.toml", f'[server]\ntls_cert = "{tls.cert}"\n'
-                 f'tls_key = "{tls.key}"\n')  # fmt: skip
+    conf = write(tmp_path / "s.toml", f'[server]\ntls_cert = "{tls.cert}"\ntls_key = "{tls.key}"\n')
     with serving(["--config", str(conf)], scheme="https") as svc:
         assert f"serving on https://127.0.0.1:{svc.port}" in svc.log()
         ctx = ssl.create_default_context(cafile=str(tls.ca))
@@ -223,11 +248,22 @@ def test_an_event_the_engine_fails_on_is_counted_and_the_batch_goes_on() -> None
             return super().feed(event)
 
     seen: list[int] = []
-    ingest = Ingest(load_paths([builtin_rules()]), engine_factory=Fragile,
-                    on_alert=lambda a: seen.append(a.process.pid))  # fmt: skip
-    miners = [event_from_fields("process_creation", {
-        "Image": "/tmp/x", "ProcessId": pid,
-        "CommandLine": "x -o stratum+tcp://192.0.2.1:3333"}) for pid in range(3)]  # fmt: skip
+    ingest = Ingest(
+        load_paths([builtin_rules()]),
+        engine_factory=Fragile,
+        on_alert=lambda a: seen.append(a.process.pid),
+    )
+    miners = [
+        event_from_fields(
+            "process_creation",
+            {
+                "Image": "/tmp/x",
+                "ProcessId": pid,
+                "CommandLine": "x -o stratum+tcp://192.0.2.1:3333",
+            },
+        )
+        for pid in range(3)
+    ]
     assert ingest.handle("c", 0, miners)
     assert ingest.stats.rejected == {"unprocessable_event": 1}
     assert sorted(set(seen)) == [0, 2]  # the events around the bad one were detected
@@ -247,9 +283,13 @@ def test_fold_seconds_decides_whether_repeats_are_one_alert(
     alerts = tmp_path / "alerts.jsonl"
     setting = "" if fold is None else f"[detection]\nfold_seconds = {fold}\n"
     conf = write(tmp_path / "s.toml", setting)
-    miners = [event_from_fields("process_creation", {
-        "Image": "/tmp/x", "ProcessId": 7, "CommandLine": "x -o stratum+tcp://192.0.2.1:3333"})
-        for _ in range(3)]  # fmt: skip
+    miners = [
+        event_from_fields(
+            "process_creation",
+            {"Image": "/tmp/x", "ProcessId": 7, "CommandLine": "x -o stratum+tcp://192.0.2.1:3333"},
+        )
+        for _ in range(3)
+    ]
     with serving(["--config", str(conf), "--alerts", str(alerts)]) as svc:
         request = urllib.request.Request(  # noqa: S310 - the test's own service
             f"{svc.url}/v1/batches",

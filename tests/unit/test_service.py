@@ -59,8 +59,12 @@ async def client(alerts: list[Alert]) -> AsyncIterator[TestClient[Any, Any]]:
         yield c
 
 
-async def post(client: TestClient[Any, Any], body: bytes, token: str | None = TOKEN,
-               content_type: str = CONTENT_TYPE) -> tuple[int, Any]:  # fmt: skip
+async def post(
+    client: TestClient[Any, Any],
+    body: bytes,
+    token: str | None = TOKEN,
+    content_type: str = CONTENT_TYPE,
+) -> tuple[int, Any]:
     headers = {"Content-Type": content_type}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
@@ -79,10 +83,10 @@ async def test_batch_is_handled_once_and_acknowledged(
     assert await post(client, batch(1, [miner_event(pid=8)])) == (200, {"ack": 1})
     assert len(alerts) == 1
     metrics = await (await client.get("/metrics")).text()
-    assert 'sandtrace_batches_total{result="accepted"} 1' in metrics
-    assert 'sandtrace_batches_total{result="replayed"} 1' in metrics
-    assert 'sandtrace_alerts_total{rule="00000000-0000-4000-8000-00000000f00d"} 1' in metrics
-    assert 'sandtrace_events_received_total{host="testhost"} 1' in metrics
+    assert 'sandtrace_batches_total{result="accepted"} 1.0' in metrics
+    assert 'sandtrace_batches_total{result="replayed"} 1.0' in metrics
+    assert 'sandtrace_alerts_total{rule="00000000-0000-4000-8000-00000000f00d"} 1.0' in metrics
+    assert 'sandtrace_events_received_total{host="testhost"} 1.0' in metrics
 
 
 @pytest.mark.asyncio
@@ -92,33 +96,73 @@ async def test_batch_is_handled_once_and_acknowledged(
         (b"\xc1\xc1", 400, "malformed", "not msgpack"),
         (batch(1, [miner_event()])[:-5], 400, "malformed", "not msgpack"),
         (msgpack.packb([1, 2]), 400, "malformed", "not a map"),
-        (batch(1, [], v=4), 409, "version",
-         "version 4 is not supported; this service reads versions 1 to 3"),
-        (batch(1, [{**miner_event(), "argv": [b"x", 5]}]), 400, "malformed",
-         "event 0: exec event: argv[1]: Expected `bytes`, got `int`"),
-        (batch(1, [to_row(EXEC)[:5]], v=2), 400, "malformed",
-         "event 0: exec event row: Expected `array` of at least length"),
-        (batch(1, [to_row(EXEC), [*to_row(EXEC)[:8], [1] * 14, *to_row(EXEC)[9:]]], v=2), 400,
-         "malformed", "event 1: exec event: process.comm: Expected `bytes`, got `int`"),
+        (
+            batch(1, [], v=4),
+            409,
+            "version",
+            "version 4 is not supported; this service reads versions 1 to 3",
+        ),
+        (
+            batch(1, [{**miner_event(), "argv": [b"x", 5]}]),
+            400,
+            "malformed",
+            "event 0: exec event: argv[1]: Expected `bytes`, got `int`",
+        ),
+        (
+            batch(1, [to_row(EXEC)[:5]], v=2),
+            400,
+            "malformed",
+            "event 0: exec event row: Expected `array` of at least length",
+        ),
+        (
+            batch(1, [to_row(EXEC), [*to_row(EXEC)[:8], [1] * 14, *to_row(EXEC)[9:]]], v=2),
+            400,
+            "malformed",
+            "event 1: exec event: process.comm: Expected `bytes`, got `int`",
+        ),
         (batch(1, [["alert"]], v=2), 400, "malformed", "unknown event kind 'alert'"),
         # version 3: each event's process is an index into the batch's processes
-        (batch(1, [[*EXEC_ROW[:8], 0, *EXEC_ROW[9:]], [*EXEC_ROW[:8], 1, *EXEC_ROW[9:]]], v=3,
-               processes=[EXEC_ROW[8]]), 400, "malformed",
-         "event 1: process 1: the batch has 1 processes"),
-        (batch(1, [[*EXEC_ROW[:8], -1, *EXEC_ROW[9:]]], v=3, processes=[EXEC_ROW[8]]), 400,
-         "malformed", "event 0: process -1: the batch has 1 processes"),
-        (batch(1, [EXEC_ROW], v=3, processes=[]), 400, "malformed",
-         "event 0: process: in a version 3 batch, an index into the batch's processes"),
-        (batch(1, [[*EXEC_ROW[:8], 0, *EXEC_ROW[9:]]], v=3, processes=[[1, 2]]), 400,
-         "malformed", "batch processes: process 0: process row: Expected `array` of at least"),
-        (batch(1, [[*EXEC_ROW[:8], 0, *EXEC_ROW[9:]]], v=2), 400, "malformed",
-         "event 0: exec event: process: Expected `array`, got `int`"),
+        (
+            batch(
+                1,
+                [[*EXEC_ROW[:8], 0, *EXEC_ROW[9:]], [*EXEC_ROW[:8], 1, *EXEC_ROW[9:]]],
+                v=3,
+                processes=[EXEC_ROW[8]],
+            ),
+            400,
+            "malformed",
+            "event 1: process 1: the batch has 1 processes",
+        ),
+        (
+            batch(1, [[*EXEC_ROW[:8], -1, *EXEC_ROW[9:]]], v=3, processes=[EXEC_ROW[8]]),
+            400,
+            "malformed",
+            "event 0: process -1: the batch has 1 processes",
+        ),
+        (
+            batch(1, [EXEC_ROW], v=3, processes=[]),
+            400,
+            "malformed",
+            "event 0: process: in a version 3 batch, an index into the batch's processes",
+        ),
+        (
+            batch(1, [[*EXEC_ROW[:8], 0, *EXEC_ROW[9:]]], v=3, processes=[[1, 2]]),
+            400,
+            "malformed",
+            "batch processes: process 0: process row: Expected `array` of at least",
+        ),
+        (
+            batch(1, [[*EXEC_ROW[:8], 0, *EXEC_ROW[9:]]], v=2),
+            400,
+            "malformed",
+            "event 0: exec event: process: Expected `array`, got `int`",
+        ),
         (batch(1, [], collector=""), 400, "malformed", "no collector id"),
         (batch(-1, []), 400, "malformed", "no sequence number"),
         (batch(1, [{"kind": "exec"}]), 400, "malformed", "event 0"),
         (batch(1, [{"kind": "nonsense"}]), 400, "malformed", "unknown event kind"),
     ],
-)  # fmt: skip
+)
 async def test_bad_input_gets_a_clear_4xx(
     client: TestClient[Any, Any], body: bytes, status: int, reason: str, message: str
 ) -> None:

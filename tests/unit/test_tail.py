@@ -57,9 +57,19 @@ def connect_event(pid: int = 11, host: str = "h1", sandbox: str = "sb1") -> AnyE
 
 def alert_on(event: AnyEvent, rule: str = "r1") -> Alert:
     assert not isinstance(event, LostEvent)
-    return Alert(alert_id=f"a-{rule}", rule_id=rule, title="t", level="high", tags=[],
-                 description="", time_ns=event.time_ns, host=event.host, sandbox=event.sandbox,
-                 process=event.process, events=[event])  # fmt: skip
+    return Alert(
+        alert_id=f"a-{rule}",
+        rule_id=rule,
+        title="t",
+        level="high",
+        tags=[],
+        description="",
+        time_ns=event.time_ns,
+        host=event.host,
+        sandbox=event.sandbox,
+        process=event.process,
+        events=[event],
+    )
 
 
 def lost(host: str = "h1") -> LostEvent:
@@ -76,12 +86,24 @@ def pid_of(frame: bytes) -> int:
 
 
 def test_filter_parses_lists_and_round_trips() -> None:
-    flt = TailFilter.parse([("kind", "exec,connect"), ("kind", "bind"), ("sandbox", "a, b"),
-                            ("host", "h1"), ("alerts_only", "1")])  # fmt: skip
-    assert flt == TailFilter(True, frozenset({"a", "b"}), frozenset({"h1"}),
-                             frozenset({"exec", "connect", "bind"}))  # fmt: skip
-    assert flt.query() == {"alerts_only": "1", "sandbox": "a,b", "host": "h1",
-                           "kind": "bind,connect,exec"}  # fmt: skip
+    flt = TailFilter.parse(
+        [
+            ("kind", "exec,connect"),
+            ("kind", "bind"),
+            ("sandbox", "a, b"),
+            ("host", "h1"),
+            ("alerts_only", "1"),
+        ]
+    )
+    assert flt == TailFilter(
+        True, frozenset({"a", "b"}), frozenset({"h1"}), frozenset({"exec", "connect", "bind"})
+    )
+    assert flt.query() == {
+        "alerts_only": "1",
+        "sandbox": "a,b",
+        "host": "h1",
+        "kind": "bind,connect,exec",
+    }
     assert TailFilter.parse(flt.query()) == flt
     assert TailFilter.parse({}) == TailFilter()
     assert TailFilter().query() == {}
@@ -91,14 +113,19 @@ def test_filter_parses_lists_and_round_trips() -> None:
 @pytest.mark.parametrize(
     ("query", "message"),
     [
-        ({"kind": "exec,exce"}, "unknown kind 'exce'; known: bind, cgroup_move, connect, exec, "
-         "exit, fork, listen, socket"),
+        (
+            {"kind": "exec,exce"},
+            "unknown kind 'exce'; known: bind, cgroup_move, connect, exec, "
+            "exit, fork, listen, socket",
+        ),
         ({"kind": "alert"}, "unknown kind 'alert'"),
-        ({"hots": "h1", "x": "1"}, "unknown parameter 'hots', 'x'; known: alerts_only, sandbox, "
-         "host, kind"),
+        (
+            {"hots": "h1", "x": "1"},
+            "unknown parameter 'hots', 'x'; known: alerts_only, sandbox, host, kind",
+        ),
         ({"alerts_only": "maybe"}, "alerts_only wants 1 or 0, not 'maybe'"),
     ],
-)  # fmt: skip
+)
 def test_filter_refuses_what_it_does_not_know(query: dict[str, str], message: str) -> None:
     with pytest.raises(BadFilter) as info:
         TailFilter.parse(query)
@@ -109,8 +136,16 @@ def test_filter_matching() -> None:
     ex, co = exec_event(), connect_event()
     other_host, other_box = exec_event(host="h2"), exec_event(sandbox="sb2")
     ex_alert, co_alert = alert_on(ex), alert_on(co)
-    items: list[AnyEvent | Alert] = [ex, co, other_host, other_box, ex_alert, co_alert, lost(),
-                                     lost("h2")]  # fmt: skip
+    items: list[AnyEvent | Alert] = [
+        ex,
+        co,
+        other_host,
+        other_box,
+        ex_alert,
+        co_alert,
+        lost(),
+        lost("h2"),
+    ]
 
     def passing(**query: str) -> list[int]:
         flt = TailFilter.parse(query)
@@ -157,13 +192,13 @@ def test_hub_counts_what_a_full_queue_drops_and_says_where() -> None:
         assert await hub.subscribe(TailFilter()).next() is None  # too late
         hub.unsubscribe(hub.subscribers[-1])
         assert exposition(TailMetrics(hub)).splitlines()[2::3] == [
-            "sandtrace_tail_subscribers 2",
-            "sandtrace_tail_sent_total 0",
-            "sandtrace_tail_dropped_total 6",
-            "sandtrace_tail_refused_total 0",
+            "sandtrace_tail_subscribers 2.0",
+            "sandtrace_tail_sent_total 0.0",
+            "sandtrace_tail_dropped_total 6.0",
+            "sandtrace_tail_refused_total 0.0",
         ]
         hub.unsubscribe(slow)
-        assert exposition(TailMetrics(hub)).splitlines()[2] == "sandtrace_tail_subscribers 1"
+        assert exposition(TailMetrics(hub)).splitlines()[2] == "sandtrace_tail_subscribers 1.0"
 
     asyncio.run(scenario())
 
@@ -193,8 +228,12 @@ def test_hub_encodes_once_and_only_when_someone_listens(monkeypatch: pytest.Monk
 
 def test_control_frames() -> None:
     hello = parse_control(hello_message(TailFilter(kinds=frozenset({"exec"}))))
-    assert hello == {"type": "hello", "wire_version": WIRE_VERSION, "tail_version": 1,
-                     "filter": {"kind": "exec"}}  # fmt: skip
+    assert hello == {
+        "type": "hello",
+        "wire_version": WIRE_VERSION,
+        "tail_version": 1,
+        "filter": {"kind": "exec"},
+    }
     assert parse_control(dropped_message(7, 9)) == {"type": "dropped", "count": 7, "total": 9}
     for bad in ("nope", "[1]", '{"count": 1}'):
         with pytest.raises(ValueError, match="control frame"):
@@ -247,8 +286,7 @@ async def test_endpoint_streams_filtered_frames_and_drop_notices(
     served: tuple[TailHub, TestClient[Any, Any]],
 ) -> None:
     hub, client = served
-    ws = await client.ws_connect("/v1/tail", params={"host": "h1", "kind": "exec"},
-                                 headers=AUTH)  # fmt: skip
+    ws = await client.ws_connect("/v1/tail", params={"host": "h1", "kind": "exec"}, headers=AUTH)
     hello = parse_control(await ws.receive_str(timeout=5))
     assert hello["filter"] == {"host": "h1", "kind": "exec"}
     await wait_subscribers(hub, 1)
@@ -261,8 +299,11 @@ async def test_endpoint_streams_filtered_frames_and_drop_notices(
         hub.publish(exec_event(pid=pid))
     got = [pid_of(await ws.receive_bytes(timeout=5)) for _ in range(2)]
     assert got == [20, 21]
-    assert parse_control(await ws.receive_str(timeout=5)) == {"type": "dropped", "count": 3,
-                                                              "total": 3}  # fmt: skip
+    assert parse_control(await ws.receive_str(timeout=5)) == {
+        "type": "dropped",
+        "count": 3,
+        "total": 3,
+    }
     assert (hub.sent, hub.dropped) == (3, 3)
     closing = asyncio.create_task(ws.receive(timeout=5))  # a client reads all the time
     await hub.aclose()
@@ -330,8 +371,13 @@ async def test_local_socket_replaces_a_stale_one_and_keeps_other_files(tmp_path:
 
 # --- what the client prints ----------------------------------------------------------------
 
-HOSTILE_ARGV = [b"/bin/sh", b"\x1b[2J\x1b]0;owned\x07", b"two\nlines", b"bad\xff\xfeutf8",
-                b"\xe2\x80\xaeevil"]  # fmt: skip
+HOSTILE_ARGV = [
+    b"/bin/sh",
+    b"\x1b[2J\x1b]0;owned\x07",
+    b"two\nlines",
+    b"bad\xff\xfeutf8",
+    b"\xe2\x80\xaeevil",
+]
 
 
 def hostile_exec() -> ExecEvent:
@@ -406,22 +452,34 @@ def tail_args(*argv: str) -> argparse.Namespace:
 def test_targets() -> None:
     local = target_of(tail_args("--socket", "/tmp/t.sock"))
     assert (str(local.url), local.unix, local.label) == (
-        "http://localhost/v1/tail", "/tmp/t.sock", "/tmp/t.sock")  # fmt: skip
+        "http://localhost/v1/tail",
+        "/tmp/t.sock",
+        "/tmp/t.sock",
+    )
     server = target_of(tail_args("--server", "http://127.0.0.1:8780/"))
     assert (str(server.url), server.unix, server.label) == (
-        "http://127.0.0.1:8780/v1/tail", None, "http://127.0.0.1:8780")  # fmt: skip
+        "http://127.0.0.1:8780/v1/tail",
+        None,
+        "http://127.0.0.1:8780",
+    )
     remote = target_of(tail_args("--server", "http://192.0.2.7:8780", "--insecure"))
     assert str(remote.url) == "http://192.0.2.7:8780/v1/tail"
     for argv, message in (
-        (["--server", "http://192.0.2.7:8780"], "refusing to send the token and read events in "
-         "clear text from 192.0.2.7: use https://"),
+        (
+            ["--server", "http://192.0.2.7:8780"],
+            "refusing to send the token and read events in clear text from 192.0.2.7: use https://",
+        ),
         (["--server", "ftp://h"], "--server wants an http:// or https:// URL, not 'ftp://h'"),
         (["--token-file", "/x"], "--token-file, --ca-file and --insecure go with --server"),
-        (["--server", "http://127.0.0.1:1", "--ca-file", "/x"],
-         "--ca-file goes with an https:// --server"),
-        (["--server", "https://h", "--token-file", "/nonexistent"],
-         "--token-file: cannot read /nonexistent: No such file or directory"),
-    ):  # fmt: skip
+        (
+            ["--server", "http://127.0.0.1:1", "--ca-file", "/x"],
+            "--ca-file goes with an https:// --server",
+        ),
+        (
+            ["--server", "https://h", "--token-file", "/nonexistent"],
+            "--token-file: cannot read /nonexistent: No such file or directory",
+        ),
+    ):
         with pytest.raises(TailError) as info:
             target_of(tail_args(*argv))
         assert str(info.value).startswith(message)
@@ -441,7 +499,7 @@ async def test_clients_beyond_the_limit_are_refused_and_counted(
         await client.ws_connect("/v1/tail", headers=AUTH)
     assert info.value.status == 503
     assert hub.refused == 1
-    assert "sandtrace_tail_refused_total 1" in exposition(TailMetrics(hub)).splitlines()
+    assert "sandtrace_tail_refused_total 1.0" in exposition(TailMetrics(hub)).splitlines()
     await first.close()
     for _ in range(100):  # the server notices the close
         if len(hub.subscribers) < 2:
