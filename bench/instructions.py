@@ -41,8 +41,11 @@ PASSES = 2  # measured passes over them
 
 
 def _counting(on: bool) -> None:
-    subprocess.run(["callgrind_control", "-i", "on" if on else "off", str(os.getpid())],
-                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        ["callgrind_control", "-i", "on" if on else "off", str(os.getpid())],
+        check=True,
+        capture_output=True,
+    )
 
 
 def child(target: str) -> None:
@@ -64,8 +67,9 @@ def child(target: str) -> None:
         print(f"events {asyncio.run(_over_http(ingest))}")
         return
     if target == "service":
-        hosts = [[msgspec.structs.replace(e, host=f"host-{i}") for e in events[i::4]]
-                 for i in range(4)]  # fmt: skip
+        hosts = [
+            [msgspec.structs.replace(e, host=f"host-{i}") for e in events[i::4]] for i in range(4)
+        ]
         bodies = [encoded_events(batch, "msgpack") for batch in hosts]
         ingest = Ingest(rules, engine_factory=lambda r: Engine(r, egress))
         seq = 0
@@ -111,9 +115,15 @@ async def _over_http(ingest: object) -> int:
     await site.start()
     port = runner.addresses[0][1]
     client = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.instructions", "--client", str(port), cwd=ROOT,
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        sys.executable,
+        "-m",
+        "bench.instructions",
+        "--client",
+        str(port),
+        cwd=ROOT,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
     if client.stdin is None or client.stdout is None:
         raise RuntimeError("the client process has no pipes")
     await client.stdout.readline()  # warmed up
@@ -143,8 +153,12 @@ def client(port: int) -> None:
     def post_all() -> int:
         nonlocal seq
         for body in bodies:
-            conn.request("POST", "/v1/batches", batch_body("c", seq, body, "msgpack"),
-                         {"Content-Type": "application/msgpack"})  # fmt: skip
+            conn.request(
+                "POST",
+                "/v1/batches",
+                batch_body("c", seq, body, "msgpack"),
+                {"Content-Type": "application/msgpack"},
+            )
             resp = conn.getresponse()
             resp.read()
             if resp.status != 200:
@@ -161,9 +175,17 @@ def client(port: int) -> None:
 def measure(target: str) -> tuple[int, int]:
     """(instructions, events) of one target, each in its own callgrind run."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
-               f"--callgrind-out-file={tmp}/out", sys.executable, "-m", "bench.instructions",
-               "--child", target]  # fmt: skip
+        cmd = [
+            "valgrind",
+            "--tool=callgrind",
+            "--instr-atstart=no",
+            f"--callgrind-out-file={tmp}/out",
+            sys.executable,
+            "-m",
+            "bench.instructions",
+            "--child",
+            target,
+        ]
         env = {**os.environ, "PYTHONHASHSEED": "0"}
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     collected = re.search(r"Collected : (\d+)", done.stderr)
@@ -197,8 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     for target in (t for t in TARGETS if args.only in t):
         print(f"bench: counting {target} under callgrind (about 15 s)", file=sys.stderr, flush=True)
         instructions, events = measure(target)
-        rows.append((f"instructions/event, {target}", "", f"{instructions // events:,}",
-                     f"{events:,} events, callgrind"))  # fmt: skip
+        rows.append(
+            (
+                f"instructions/event, {target}",
+                "",
+                f"{instructions // events:,}",
+                f"{events:,} events, callgrind",
+            )
+        )
     given = sys.argv[1:] if argv is None else argv
     print(f"\ncommand: {shlex.join(['.venv/bin/python', '-m', 'bench.instructions', *given])}\n")
     print_table(rows)

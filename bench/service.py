@@ -173,11 +173,25 @@ def one_round(fmt: str, clients: int, seconds: float, tmp: Path) -> tuple[float,
     token_file = tmp / "token"
     token_file.write_text(token)
     serve = subprocess.Popen(
-        ["taskset", "-c", "1", str(SANDTRACE), "serve", "--listen", f"127.0.0.1:{port}",
-         "--token-file", str(token_file), "--egress-allow", "0.0.0.0/0",
-         "--egress-allow", "::/0"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT,
-    )  # fmt: skip
+        [
+            "taskset",
+            "-c",
+            "1",
+            str(SANDTRACE),
+            "serve",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--token-file",
+            str(token_file),
+            "--egress-allow",
+            "0.0.0.0/0",
+            "--egress-allow",
+            "::/0",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
     procs: list[subprocess.Popen[str]] = []
     try:
         for _ in range(300):
@@ -190,11 +204,31 @@ def one_round(fmt: str, clients: int, seconds: float, tmp: Path) -> tuple[float,
                     raise RuntimeError(f"sandtrace serve exited: {why!r}") from None
                 time.sleep(0.1)
         for i in range(clients):
-            procs.append(subprocess.Popen(
-                ["taskset", "-c", "0", sys.executable, "-m", "bench.service", "client",
-                 "--port", str(port), "--token", token, "--id", str(i), "--fmt", fmt],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
-            ))  # fmt: skip
+            procs.append(
+                subprocess.Popen(
+                    [
+                        "taskset",
+                        "-c",
+                        "0",
+                        sys.executable,
+                        "-m",
+                        "bench.service",
+                        "client",
+                        "--port",
+                        str(port),
+                        "--token",
+                        token,
+                        "--id",
+                        str(i),
+                        "--fmt",
+                        fmt,
+                    ],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    cwd=ROOT,
+                )
+            )
         for proc in procs:
             if proc.stdout is None or proc.stdout.readline().strip() != "ready":
                 raise RuntimeError("a bench client did not start")
@@ -230,21 +264,31 @@ def service_ingest(rounds: int = 3, seconds: float = 5.0, clients: int = 4) -> l
             for fmt in FORMATS:
                 one = one_round(fmt, clients, seconds, Path(tmpdir))
                 results[fmt].append(one)
-                progress(f"service ingest, {fmt}, round {r + 1}/{rounds}: {one[0]:,.0f} events/s, "
-                         f"{one[1]:,.0f} per service CPU-second, {one[2]} errors")  # fmt: skip
+                progress(
+                    f"service ingest, {fmt}, round {r + 1}/{rounds}: {one[0]:,.0f} events/s, "
+                    f"{one[1]:,.0f} per service CPU-second, {one[2]} errors"
+                )
     rows: list[Row] = []
     for fmt, res in results.items():
         rates = [x[0] for x in res]
         per_cpu = [x[1] for x in res]
         errors = sum(x[2] for x in res)
-        rows.append((
-            f"service, {fmt}, {clients} collectors (events/s)", "", f"{max(rates):,.0f}",
-            f"median {statistics.median(rates):,.0f}; target >= 50,000",
-        ))  # fmt: skip
-        rows.append((
-            f"service, {fmt}, per service CPU-second", "", f"{max(per_cpu):,.0f}",
-            f"median {statistics.median(per_cpu):,.0f}; {errors} errors",
-        ))  # fmt: skip
+        rows.append(
+            (
+                f"service, {fmt}, {clients} collectors (events/s)",
+                "",
+                f"{max(rates):,.0f}",
+                f"median {statistics.median(rates):,.0f}; target >= 50,000",
+            )
+        )
+        rows.append(
+            (
+                f"service, {fmt}, per service CPU-second",
+                "",
+                f"{max(per_cpu):,.0f}",
+                f"median {statistics.median(per_cpu):,.0f}; {errors} errors",
+            )
+        )
     return rows
 
 
@@ -252,8 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["client"]:
         return client(argv[1:])
-    p = argparse.ArgumentParser(prog="python -m bench.service", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m bench.service",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--rounds", type=int, default=3, help="rounds per format (best and median)")
     p.add_argument("--seconds", type=float, default=5.0, help="measured seconds per round")
     p.add_argument("--clients", type=int, default=4, help="collector processes")

@@ -148,8 +148,12 @@ class StreamSink:
         now = time.monotonic()
         if now - self._last_failure >= 5.0:
             self._last_failure = now
-            log.error("stream sender failed; restarting it", error=repr(exc), exc_info=exc,
-                      held_batches=self.held_batches)  # fmt: skip
+            log.error(
+                "stream sender failed; restarting it",
+                error=repr(exc),
+                exc_info=exc,
+                held_batches=self.held_batches,
+            )
         self._task = None
 
     def close(self) -> None:
@@ -185,8 +189,11 @@ class StreamSink:
         if self.spool is not None:
             self.spool.close()
         if left:
-            log.warning("batches left in the spool for the next run", batches=left,
-                        bytes=self.spool.bytes if self.spool else 0)  # fmt: skip
+            log.warning(
+                "batches left in the spool for the next run",
+                batches=left,
+                bytes=self.spool.bytes if self.spool else 0,
+            )
 
     # -- state -------------------------------------------------------------------------------
 
@@ -215,9 +222,17 @@ class StreamSink:
         carried = self._unreported
         if carried:
             host = getattr(self._pending[0], "host", "") if self._pending else ""
-            events.append(LostEvent(time_ns=time.time_ns(), host=host or socket.gethostname(),
-                                    kernel={}, user=0, errors={}, spool=carried,
-                                    collector=self.collector_id))  # fmt: skip
+            events.append(
+                LostEvent(
+                    time_ns=time.time_ns(),
+                    host=host or socket.gethostname(),
+                    kernel={},
+                    user=0,
+                    errors={},
+                    spool=carried,
+                    collector=self.collector_id,
+                )
+            )
             self._unreported = 0
         events.extend(self._pending)
         self._pending = []
@@ -253,15 +268,21 @@ class StreamSink:
             dropped = spool.put(batch.seq, batch.events, batch.carried, batch.body, keep=inflight)
         except OSError as exc:
             self._discard(batch.events, batch.carried, "spool_error")
-            self._warn("spool write failed; batch discarded (free space in the spool "
-                       "directory, or give --spool-max less than it has)",
-                       error=str(exc), spool=str(spool.directory))  # fmt: skip
+            self._warn(
+                "spool write failed; batch discarded (free space in the spool "
+                "directory, or give --spool-max less than it has)",
+                error=str(exc),
+                spool=str(spool.directory),
+            )
             return
         for old in dropped:
             self._discard(old.events, old.carried, "spool_full")
         if dropped:
-            self._warn("spool full; oldest batches discarded (a larger --spool-max keeps more)",
-                       batches=len(dropped), spool_bytes=spool.bytes)  # fmt: skip
+            self._warn(
+                "spool full; oldest batches discarded (a larger --spool-max keeps more)",
+                batches=len(dropped),
+                spool_bytes=spool.bytes,
+            )
 
     def _discard(self, events: int, carried: int, cause: str) -> None:
         lost = events - (1 if carried else 0)  # the batch's own LostEvent is not an event
@@ -314,9 +335,11 @@ class StreamSink:
         backoff = Backoff(0.25, self.max_backoff)
         connector = aiohttp.TCPConnector(ssl=ssl_ctx)
         async with aiohttp.ClientSession(headers=headers, connector=connector) as session:
-            transport: _Transport = (_WebSocket(session, self.base_url + "/v1/stream")
-                                     if self.transport == "websocket"
-                                     else _Http(session, self.url))  # fmt: skip
+            transport: _Transport = (
+                _WebSocket(session, self.base_url + "/v1/stream")
+                if self.transport == "websocket"
+                else _Http(session, self.url)
+            )
             try:
                 while True:
                     # a count of discards alone waits until nothing else is held: it must
@@ -360,8 +383,12 @@ class StreamSink:
             status, text = await transport.send(batch.body, behind_bytes, self.held_batches - 1)
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
             if isinstance(exc, aiohttp.ClientConnectorCertificateError | ssl.SSLError):
-                self._warn("the service's TLS certificate is not trusted: give its CA with "
-                           "--server-ca-file", url=self.base_url, error=str(exc))  # fmt: skip
+                self._warn(
+                    "the service's TLS certificate is not trusted: give its CA with "
+                    "--server-ca-file",
+                    url=self.base_url,
+                    error=str(exc),
+                )
             else:
                 log.debug("service unreachable", url=self.base_url, error=str(exc))
             await transport.reset()
@@ -372,9 +399,14 @@ class StreamSink:
             return "ok"
         text = text[:300]
         if status in PERMANENT:
-            log.error("service refused a batch for good; discarded",
-                      status=status, why=PERMANENT[status], seq=batch.seq,
-                      events=batch.events, answer=text)  # fmt: skip
+            log.error(
+                "service refused a batch for good; discarded",
+                status=status,
+                why=PERMANENT[status],
+                seq=batch.seq,
+                events=batch.events,
+                answer=text,
+            )
             return "rejected"
         if status in FIXABLE:
             self._warn(FIXABLE[status], status=status, answer=text)
@@ -407,11 +439,13 @@ class _Http(_Transport):
         self.url = url
 
     async def send(self, body: bytes, spool_bytes: int, held: int) -> tuple[int, str]:
-        headers = {"Content-Type": CONTENT_TYPE, "Sandtrace-Spool-Bytes": str(spool_bytes),
-                   "Sandtrace-Held-Batches": str(held)}  # fmt: skip
+        headers = {
+            "Content-Type": CONTENT_TYPE,
+            "Sandtrace-Spool-Bytes": str(spool_bytes),
+            "Sandtrace-Held-Batches": str(held),
+        }
         timeout = aiohttp.ClientTimeout(total=SEND_TIMEOUT)
-        async with self.session.post(self.url, data=body, headers=headers,
-                                     timeout=timeout) as resp:  # fmt: skip
+        async with self.session.post(self.url, data=body, headers=headers, timeout=timeout) as resp:
             return resp.status, "" if resp.status == 200 else await resp.text()
 
 
@@ -428,8 +462,11 @@ class _WebSocket(_Transport):
         if self.ws is None or self.ws.closed:
             try:
                 self.ws = await self.session.ws_connect(
-                    self.url, timeout=aiohttp.ClientWSTimeout(ws_close=SEND_TIMEOUT),
-                    max_msg_size=1 << 20, heartbeat=30.0)  # fmt: skip
+                    self.url,
+                    timeout=aiohttp.ClientWSTimeout(ws_close=SEND_TIMEOUT),
+                    max_msg_size=1 << 20,
+                    heartbeat=30.0,
+                )
             except aiohttp.WSServerHandshakeError as exc:
                 return exc.status, exc.message
         ws = self.ws

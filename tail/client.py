@@ -159,8 +159,11 @@ class Follower:
             raise TailError(self._refusal(exc)) from None
         async with ws:
             hello = await ws.receive(timeout=10)
-            if hello.type in {aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING,
-                              aiohttp.WSMsgType.CLOSED}:  # fmt: skip
+            if hello.type in {
+                aiohttp.WSMsgType.CLOSE,
+                aiohttp.WSMsgType.CLOSING,
+                aiohttp.WSMsgType.CLOSED,
+            }:
                 return  # going away already
             if hello.type != aiohttp.WSMsgType.TEXT:
                 raise TailError(f"{self.target.label} did not greet as a sandtrace tail server")

@@ -59,16 +59,23 @@ class Serving:
             self.proc.stderr.close()
 
 
-def start_serve(args: list[str], port: int | None = None, scheme: str = "http",
-                env: dict[str, str] | None = None) -> Serving:  # fmt: skip
+def start_serve(
+    args: list[str],
+    port: int | None = None,
+    scheme: str = "http",
+    env: dict[str, str] | None = None,
+) -> Serving:
     """Start serve on 127.0.0.1:port (a free one by default) and wait until it serves; env
     adds to the environment."""
     port = port or free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "sandtrace", "serve", "--listen", f"127.0.0.1:{port}", *args],
-        cwd=ROOT_DIR, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+        cwd=ROOT_DIR,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
         env={**os.environ, **(env or {})},
-    )  # fmt: skip
+    )
     svc = Serving(proc, port, f"{scheme}://127.0.0.1:{port}")
     assert proc.stderr is not None
     while True:

@@ -30,14 +30,43 @@ def make_tls(directory: Path, hosts: list[str], name: str = "sandtrace-test") ->
     """A CA and a server certificate for `hosts` (IP addresses or DNS names) in `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
     ca_key, ca = directory / f"{name}-ca.key", directory / f"{name}-ca.pem"
-    key, csr, cert = (directory / f"{name}.key", directory / f"{name}.csr",
-                      directory / f"{name}.pem")  # fmt: skip
+    key, csr, cert = (
+        directory / f"{name}.key",
+        directory / f"{name}.csr",
+        directory / f"{name}.pem",
+    )
     ext = directory / f"{name}.ext"
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-             "-nodes", "-keyout", str(ca_key), "-out", str(ca), "-days", "2",
-             "-subj", f"/CN={name} CA")  # fmt: skip
-    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={hosts[0]}")  # fmt: skip
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        str(ca_key),
+        "-out",
+        str(ca),
+        "-days",
+        "2",
+        "-subj",
+        f"/CN={name} CA",
+    )
+    _openssl(
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        str(key),
+        "-out",
+        str(csr),
+        "-subj",
+        f"/CN={hosts[0]}",
+    )
     alt = []
     for h in hosts:
         try:
@@ -51,7 +80,22 @@ def make_tls(directory: Path, hosts: list[str], name: str = "sandtrace-test") ->
         "keyUsage=digitalSignature,keyEncipherment\n"
         "extendedKeyUsage=serverAuth\n"
     )
-    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
-             "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext))  # fmt: skip
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(ca),
+        "-CAkey",
+        str(ca_key),
+        "-CAcreateserial",
+        "-out",
+        str(cert),
+        "-days",
+        "2",
+        "-extfile",
+        str(ext),
+    )
     key.chmod(0o600)
     return TLSFiles(ca=ca, cert=cert, key=key)

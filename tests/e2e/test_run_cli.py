@@ -41,19 +41,41 @@ def wait_listening(net: NetNS, port: int) -> None:
 def test_run_fetches_from_test_host_and_reports_it(testnet: NetNS, tmp_path: Path) -> None:
     (tmp_path / "page.txt").write_text("hello from the test host\n")
     server = subprocess.Popen(
-        testnet.in_outside(PYTHON, "-m", "http.server", "--bind", testnet.outside_addr, "8080",
-                           "--directory", str(tmp_path)),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        testnet.in_outside(
+            PYTHON,
+            "-m",
+            "http.server",
+            "--bind",
+            testnet.outside_addr,
+            "8080",
+            "--directory",
+            str(tmp_path),
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_listening(testnet, 8080)
         url = f"http://{testnet.outside_addr}:8080/page.txt"
         run = subprocess.run(
-            [sys.executable, "-m", "sandtrace", "run", "--json", "--events",
-             str(tmp_path / "events.jsonl"), "--",
-             *testnet.in_inside(PYTHON, "-c", FETCH, url)],
-            capture_output=True, text=True, cwd=ROOT_DIR, timeout=120, check=False,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "sandtrace",
+                "run",
+                "--json",
+                "--events",
+                str(tmp_path / "events.jsonl"),
+                "--",
+                *testnet.in_inside(PYTHON, "-c", FETCH, url),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT_DIR,
+            timeout=120,
+            check=False,
+        )
     finally:
         server.terminate()
         _, server_log = server.communicate(timeout=10)

@@ -60,16 +60,19 @@ def test_topology_routes_only_between_the_namespaces(testnet: NetNS) -> None:
     outside_addrs = run(["ip", "-n", testnet.outside, "-4", "-o", "addr", "show"]).stdout
     for addr in (testnet.outside_addr, testnet.far_addr, *testnet.probe_addrs):
         assert f" {addr}/24 " in outside_addrs
-    assert f" {testnet.inside_addr}/24 " in run(["ip", "-n", testnet.inside, "-4", "-o",
-                                                "addr", "show"]).stdout  # fmt: skip
+    assert (
+        f" {testnet.inside_addr}/24 "
+        in run(["ip", "-n", testnet.inside, "-4", "-o", "addr", "show"]).stdout
+    )
 
 
 def test_ssh_runs_a_command_on_both_addresses(testnet: NetNS, sshd: SshServer) -> None:
     ssh = sshd.client_argv()
     first = run(testnet.in_inside(*ssh, sshd.destination, "true"))
     assert first.returncode == 0, first.stderr + sshd.log_text()
-    second = run(testnet.in_inside(*ssh, "-p", str(sshd.alt_port), sshd.alt_destination,
-                                   "echo", "hello"))  # fmt: skip
+    second = run(
+        testnet.in_inside(*ssh, "-p", str(sshd.alt_port), sshd.alt_destination, "echo", "hello")
+    )
     assert (second.returncode, second.stdout) == (0, "hello\n"), second.stderr
     accepted = [ln for ln in sshd.log_text().splitlines() if "Accepted publickey for root" in ln]
     assert len(accepted) == 2
@@ -82,33 +85,67 @@ def test_ssh_reverse_tunnel_is_established_and_torn_down(
     # something on the inside's 127.0.0.1:8000 for the tunnel to reach
     (tmp_path / "www").mkdir()
     (tmp_path / "www" / "through.txt").write_text("through the tunnel\n")
-    argv = [PYTHON, "-m", "http.server", "--bind", "127.0.0.1", "8000",
-            "--directory", str(tmp_path / "www")]  # fmt: skip
+    argv = [
+        PYTHON,
+        "-m",
+        "http.server",
+        "--bind",
+        "127.0.0.1",
+        "8000",
+        "--directory",
+        str(tmp_path / "www"),
+    ]
     with service(testnet.inside, argv, tmp_path / "local.log", [("127.0.0.1", 8000)]):
         # -f: ssh goes to the background once the forwarding is set up (ExitOnForwardFailure
         # makes it wait for the server's answer); it leaves the caller's pipes alone.
-        tunnel = run(testnet.in_inside(*sshd.client_argv(), "-N", "-f",
-                                       "-o", "ExitOnForwardFailure=yes",
-                                       "-R", "18080:127.0.0.1:8000", sshd.destination))  # fmt: skip
+        tunnel = run(
+            testnet.in_inside(
+                *sshd.client_argv(),
+                "-N",
+                "-f",
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-R",
+                "18080:127.0.0.1:8000",
+                sshd.destination,
+            )
+        )
         assert tunnel.returncode == 0, tunnel.stderr + sshd.log_text()
         forwarded = {ep for ep in listening(testnet.outside) if ep[1] == 18080}
         # GatewayPorts no: sshd binds the forwarded port on loopback only (both families)
         assert ("127.0.0.1", 18080) in forwarded
         assert {addr for addr, _ in forwarded} <= {"127.0.0.1", "::1"}
-        fetched = run(testnet.in_outside("curl", "-fsS", "--max-time", "5",
-                                         "http://127.0.0.1:18080/through.txt"))  # fmt: skip
+        fetched = run(
+            testnet.in_outside(
+                "curl", "-fsS", "--max-time", "5", "http://127.0.0.1:18080/through.txt"
+            )
+        )
         assert fetched.stdout == "through the tunnel\n", fetched.stderr
-        ssh_pids = [p for p in netns_pids(testnet.inside)
-                    if Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"ssh\0")]  # fmt: skip
+        ssh_pids = [
+            p
+            for p in netns_pids(testnet.inside)
+            if Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"ssh\0")
+        ]
         assert len(ssh_pids) == 1
         os.kill(ssh_pids[0], signal.SIGTERM)
         wait_not_listening(testnet.outside, ("127.0.0.1", 18080))
 
 
 def test_miner_logs_in_by_flags(testnet: NetNS, mining_pool: MiningPool) -> None:
-    miner = run(testnet.in_inside(PYTHON, str(MINER_SCRIPT), "-o", mining_pool.url,
-                                  "-u", WALLET, "-p", "x", "--donate-level=0",
-                                  "--cpu-priority=0"))  # fmt: skip
+    miner = run(
+        testnet.in_inside(
+            PYTHON,
+            str(MINER_SCRIPT),
+            "-o",
+            mining_pool.url,
+            "-u",
+            WALLET,
+            "-p",
+            "x",
+            "--donate-level=0",
+            "--cpu-priority=0",
+        )
+    )
     assert miner.returncode == 0, miner.stderr
     assert f"logged in to 198.51.100.1:3333 as {WALLET}" in miner.stdout
     assert mining_pool.wallets() == [WALLET]
@@ -132,8 +169,18 @@ def test_renamed_miner_logs_in_by_config_file(
 
 
 def test_miner_speaks_stratum_v1_too(testnet: NetNS, mining_pool: MiningPool) -> None:
-    result = run(testnet.in_inside(PYTHON, str(MINER_SCRIPT), "--proto", "stratum1",
-                                   "-o", mining_pool.url, "-u", "worker.1"))  # fmt: skip
+    result = run(
+        testnet.in_inside(
+            PYTHON,
+            str(MINER_SCRIPT),
+            "--proto",
+            "stratum1",
+            "-o",
+            mining_pool.url,
+            "-u",
+            "worker.1",
+        )
+    )
     assert result.returncode == 0, result.stderr
     methods = [r["request"]["method"] for r in mining_pool.requests()]
     assert methods == ["mining.subscribe", "mining.authorize"]
@@ -141,8 +188,11 @@ def test_miner_speaks_stratum_v1_too(testnet: NetNS, mining_pool: MiningPool) ->
 
 
 def test_miner_fails_without_a_pool(testnet: NetNS) -> None:
-    result = run(testnet.in_inside(PYTHON, str(MINER_SCRIPT), "-o",
-                                   "stratum+tcp://198.51.100.1:3333", "-u", WALLET))  # fmt: skip
+    result = run(
+        testnet.in_inside(
+            PYTHON, str(MINER_SCRIPT), "-o", "stratum+tcp://198.51.100.1:3333", "-u", WALLET
+        )
+    )
     assert result.returncode == 1
     assert "Connection refused" in result.stderr
 
@@ -202,8 +252,10 @@ def test_everything_is_cleaned_up_even_when_the_body_fails() -> None:
             pids += [s.pid, p.pid, h.pid]
             dirs += [s.dir, p.dir, h.dir]
             # processes left behind in both namespaces, like a backgrounded `ssh -f`
-            strays += [subprocess.Popen(net.in_inside("sleep", "60")),
-                       subprocess.Popen(net.in_outside("sleep", "60"))]  # fmt: skip
+            strays += [
+                subprocess.Popen(net.in_inside("sleep", "60")),
+                subprocess.Popen(net.in_outside("sleep", "60")),
+            ]
             time.sleep(0.05)
             raise RuntimeError("deliberate")
     assert len(names) == 2

@@ -198,8 +198,12 @@ def make_testnet() -> Iterator[NetNS]:
             netns.create(ns)
             made.append(ns)
         with IPRoute() as host:
-            host.link("add", ifname=net.inside_dev, kind="veth",
-                      peer={"ifname": net.outside_dev, "net_ns_fd": net.outside})  # fmt: skip
+            host.link(
+                "add",
+                ifname=net.inside_dev,
+                kind="veth",
+                peer={"ifname": net.outside_dev, "net_ns_fd": net.outside},
+            )
             (index,) = host.link_lookup(ifname=net.inside_dev)
             host.link("set", index=index, net_ns_fd=net.inside)
         outside_addrs = (net.outside_addr, net.far_addr, *net.probe_addrs)
@@ -291,15 +295,23 @@ class SshServer:
         """`ssh` plus the options that log in with the test key and trust any host key."""
         return [
             "ssh",
-            "-F", "none",  # no user or system client config
-            "-i", str(self.client_key),
-            "-o", "IdentitiesOnly=yes",
-            "-o", "StrictHostKeyChecking=no",
-            "-o", "UserKnownHostsFile=/dev/null",
-            "-o", "BatchMode=yes",
-            "-o", "ConnectTimeout=5",
-            "-o", "LogLevel=ERROR",
-        ]  # fmt: skip
+            "-F",
+            "none",  # no user or system client config
+            "-i",
+            str(self.client_key),
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=5",
+            "-o",
+            "LogLevel=ERROR",
+        ]
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -372,8 +384,16 @@ class MiningPool:
 def run_mining_pool(net: NetNS) -> Iterator[MiningPool]:
     with temp_dir("st-pool-") as d:
         pool = MiningPool(dir=d, pid=0)
-        argv = [PYTHON, str(POOL_SCRIPT), "--host", pool.addr, "--port", str(pool.port),
-                "--log", str(pool.log)]  # fmt: skip
+        argv = [
+            PYTHON,
+            str(POOL_SCRIPT),
+            "--host",
+            pool.addr,
+            "--port",
+            str(pool.port),
+            "--log",
+            str(pool.log),
+        ]
         with service(net.outside, argv, d / "pool.out", [(pool.addr, pool.port)]) as proc:
             yield MiningPool(dir=d, pid=proc.pid)
 
@@ -428,7 +448,17 @@ def run_http_host(net: NetNS) -> Iterator[HttpHost]:
     with temp_dir("st-http-") as d:
         host = HttpHost(dir=d, pid=0)
         host.root.mkdir()
-        argv = [PYTHON, str(HTTP_SCRIPT), "--bind", host.addr, "--port", str(host.port),
-                "--directory", str(host.root), "--log", str(host.log)]  # fmt: skip
+        argv = [
+            PYTHON,
+            str(HTTP_SCRIPT),
+            "--bind",
+            host.addr,
+            "--port",
+            str(host.port),
+            "--directory",
+            str(host.root),
+            "--log",
+            str(host.log),
+        ]
         with service(net.outside, argv, d / "http.out", [(host.addr, host.port)]) as proc:
             yield HttpHost(dir=d, pid=proc.pid)

@@ -20,12 +20,30 @@ def test_run_streams_to_the_service_which_alerts(tmp_path: Path, transport: str)
     token.write_text("t0ken")
     with serving(["--token-file", str(token), "--alerts", str(alerts)]) as svc:
         run = subprocess.run(
-            [sys.executable, "-m", "sandtrace", "run", "--json", "--no-tail",
-             "--server", svc.url, "--server-token-file", str(token),
-             "--server-transport", transport, "--",
-             "/bin/sh", "-c", "echo stratum+tcp://198.51.100.1:3333 --donate-level=0 >/dev/null"],
-            cwd=ROOT_DIR, capture_output=True, text=True, timeout=120, check=False,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "sandtrace",
+                "run",
+                "--json",
+                "--no-tail",
+                "--server",
+                svc.url,
+                "--server-token-file",
+                str(token),
+                "--server-transport",
+                transport,
+                "--",
+                "/bin/sh",
+                "-c",
+                "echo stratum+tcp://198.51.100.1:3333 --donate-level=0 >/dev/null",
+            ],
+            cwd=ROOT_DIR,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         assert run.returncode == 0, run.stderr
         assert f"streaming to {svc.url}" in run.stderr
         assert "discarded 0; 0 batches left in the spool" in run.stderr

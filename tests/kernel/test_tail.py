@@ -30,8 +30,15 @@ def test_tail_follows_a_watch_over_its_socket(tmp_path: Path) -> None:
     port = listener.getsockname()[1]
     try:
         with processes() as procs:
-            watch = sandtrace("watch", "--json", "--no-detect", "--cgroup", str(box.path),
-                              "--tail-socket", str(sock_path))  # fmt: skip
+            watch = sandtrace(
+                "watch",
+                "--json",
+                "--no-detect",
+                "--cgroup",
+                str(box.path),
+                "--tail-socket",
+                str(sock_path),
+            )
             procs.append(watch)
             watch_err = Lines(watch, "stderr")
             watch_err.until("watching", timeout=120)
@@ -70,8 +77,15 @@ def test_tail_follows_a_watch_over_its_socket(tmp_path: Path) -> None:
             assert "lost" not in {e["kind"] for e in everything}
             # a connect may wait for its outcome, so only the execs' order is certain here
             mine = sorted((e["process"]["pid"], e["kind"]) for e in everything)
-            assert mine == sorted([(pids[0], "exec"), (pids[0], "connect"), (pids[0], "exit"),
-                                   (pids[1], "exec"), (pids[1], "exit")])  # fmt: skip
+            assert mine == sorted(
+                [
+                    (pids[0], "exec"),
+                    (pids[0], "connect"),
+                    (pids[0], "exit"),
+                    (pids[1], "exec"),
+                    (pids[1], "exit"),
+                ]
+            )
             conn = next(e for e in everything if e["kind"] == "connect")
             assert (conn["daddr"], conn["dport"], conn["outcome"]) == ("127.0.0.1", port, "success")
 
@@ -107,8 +121,15 @@ def test_watch_goes_on_without_a_tail_socket_it_cannot_create(tmp_path: Path) ->
     box = cgroups.create_sandbox(cgroups.find_cgroup2_root())
     try:
         with processes() as procs:
-            watch = sandtrace("watch", "--json", "--no-detect", "--cgroup", str(box.path),
-                              "--tail-socket", str(sock_path))  # fmt: skip
+            watch = sandtrace(
+                "watch",
+                "--json",
+                "--no-detect",
+                "--cgroup",
+                str(box.path),
+                "--tail-socket",
+                str(sock_path),
+            )
             procs.append(watch)
             err = Lines(watch, "stderr")
             err.until("watching", timeout=120)

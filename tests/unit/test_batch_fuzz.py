@@ -34,19 +34,22 @@ def mutate(rng: random.Random, data: bytes) -> bytes:
 
 def seeds(fmt: str) -> list[bytes]:
     exec_map = to_dict(event_from_fields("process_creation", {"CommandLine": "a b"}))
-    version_1 = msgpack.packb({"v": 1, "collector": "c", "seq": 4, "events": [exec_map]},
-                              use_bin_type=True)  # fmt: skip
+    version_1 = msgpack.packb(
+        {"v": 1, "collector": "c", "seq": 4, "events": [exec_map]}, use_bin_type=True
+    )
     connect = event_from_fields("network_connection", {"DestinationPort": 22})
-    version_2 = msgpack.packb({"v": 2, "collector": "c", "seq": 5, "events": [to_row(connect)]},
-                              use_bin_type=True)  # fmt: skip
+    version_2 = msgpack.packb(
+        {"v": 2, "collector": "c", "seq": 5, "events": [to_row(connect)]}, use_bin_type=True
+    )
     shared = [connect, event_from_fields("process_creation", {"CommandLine": "c"}), connect]
     older = [version_1, version_2, encode_batch("c", 6, shared)]
     return (older if fmt == "msgpack" else []) + [
         encode_batch("c", 1, [event_from_fields("process_creation", {"CommandLine": "a b"})], fmt),
-        encode_batch("c", 2, [event_from_fields("network_connection", {"DestinationPort": 22})],
-                     fmt),
+        encode_batch(
+            "c", 2, [event_from_fields("network_connection", {"DestinationPort": 22})], fmt
+        ),
         encode_batch("c", 3, [], fmt),
-    ]  # fmt: skip
+    ]
 
 
 @pytest.mark.parametrize("content_type", [CONTENT_TYPE, JSON_CONTENT_TYPE])
@@ -111,12 +114,18 @@ def test_a_batch_carries_each_process_once_and_gives_back_the_events_it_took() -
         (b'{"v": 1, "collector": "c", "seq": 1, "events": [{"kind": "nope"}]}', 400, "nope"),
         (b'{"v": 1, "collector": "c", "seq": -1, "events": []}', 400, "sequence"),
         (b"[" * 100_000, 400, "not JSON"),
-        (b'{"v": 1, "collector": "c", "seq": 1, "events": [{"kind": "exec", "argv": 7}]}',
-         400, "not text"),
-        (b'{"v": 1, "collector": "c", "seq": 1, "events": [{"kind": "exec", "cwd": "\\ud800"}]}',
-         400, "not text"),
+        (
+            b'{"v": 1, "collector": "c", "seq": 1, "events": [{"kind": "exec", "argv": 7}]}',
+            400,
+            "not text",
+        ),
+        (
+            b'{"v": 1, "collector": "c", "seq": 1, "events": [{"kind": "exec", "cwd": "\\ud800"}]}',
+            400,
+            "not text",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_json_batches(body: bytes, status: int, says: str) -> None:
     with pytest.raises(BadBatch) as caught:
         decode_batch(body, JSON_CONTENT_TYPE)

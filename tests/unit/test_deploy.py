@@ -34,15 +34,20 @@ def local_units(tmp_path: Path) -> list[Path]:
 def test_units_verify(tmp_path: Path) -> None:
     units = local_units(tmp_path)
     assert [u.name for u in units] == ["sandtrace-collector.service", "sandtrace-service.service"]
-    done = subprocess.run([ANALYZE, "verify", *map(str, units)], capture_output=True,
-                          text=True, check=False)  # fmt: skip
+    done = subprocess.run(
+        [ANALYZE, "verify", *map(str, units)], capture_output=True, text=True, check=False
+    )
     assert done.returncode == 0 and not done.stderr.strip(), done.stderr
 
 
 def test_service_unit_is_well_confined(tmp_path: Path) -> None:
     unit = next(u for u in local_units(tmp_path) if u.name == "sandtrace-service.service")
-    done = subprocess.run([ANALYZE, "security", "--offline=true", str(unit)],
-                          capture_output=True, text=True, check=False)  # fmt: skip
+    done = subprocess.run(
+        [ANALYZE, "security", "--offline=true", str(unit)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     m = re.search(r"Overall exposure level for \S+: (\d+\.\d+) (\w+)", done.stdout)
     assert m, done.stdout + done.stderr
     assert float(m.group(1)) <= 1.5 and m.group(2) == "OK", m.group(0)
@@ -65,8 +70,12 @@ def test_example_configuration_passes_check_config(tmp_path: Path) -> None:
     (tmp_path / "log").mkdir()  # systemd makes it (LogsDirectory=)
     conf = tmp_path / "service.toml"
     conf.write_text(text)
-    done = subprocess.run([sys.executable, "-m", "sandtrace", "serve", "--config", str(conf),
-                           "--check-config"], cwd=ROOT_DIR, capture_output=True, text=True,
-                          check=False)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "sandtrace", "serve", "--config", str(conf), "--check-config"],
+        cwd=ROOT_DIR,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert "2 outputs (alerts-file, syslog)" in done.stderr

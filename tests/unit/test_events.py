@@ -146,19 +146,26 @@ def test_row_round_trip_is_exact(event: AnyEvent) -> None:
     assert from_row(msgpack.unpackb(msgpack.packb(row, use_bin_type=True), raw=False)) == event
 
 
-@pytest.mark.parametrize(("mangle", "message"), [
-    (lambda r: [*r, 1], "exec event row: Expected `array` of at most length"),
-    (lambda r: r[:5], "exec event row: Expected `array` of at least length"),
-    (lambda r: [7, *r[1:]], "event row: Expected `str`, got `int`"),
-    (lambda r: ["exce", *r[1:]], "unknown event kind 'exce' in a row"),
-    (lambda r: ["alert"], "unknown event kind 'alert' in a row"),
-    (lambda r: [*r[:1], "now", *r[2:]], "exec event: time_ns: Expected `int`, got `str`"),
-    (lambda r: [*r[:1], True, *r[2:]], "exec event: time_ns: Expected `int`, got `bool`"),
-    (lambda r: [*r[:8], [*r[8][:6], "comm", *r[8][7:]], *r[9:]],
-     "exec event: process.comm: Expected `bytes`, got `str`"),
-    (lambda r: [*r[:8], [*r[8][:13], [[1, "k", b"", [b"a", None]]]], *r[9:]],
-     "exec event: process.ancestry[0].argv[1]: Expected `bytes`, got `None`"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("mangle", "message"),
+    [
+        (lambda r: [*r, 1], "exec event row: Expected `array` of at most length"),
+        (lambda r: r[:5], "exec event row: Expected `array` of at least length"),
+        (lambda r: [7, *r[1:]], "event row: Expected `str`, got `int`"),
+        (lambda r: ["exce", *r[1:]], "unknown event kind 'exce' in a row"),
+        (lambda r: ["alert"], "unknown event kind 'alert' in a row"),
+        (lambda r: [*r[:1], "now", *r[2:]], "exec event: time_ns: Expected `int`, got `str`"),
+        (lambda r: [*r[:1], True, *r[2:]], "exec event: time_ns: Expected `int`, got `bool`"),
+        (
+            lambda r: [*r[:8], [*r[8][:6], "comm", *r[8][7:]], *r[9:]],
+            "exec event: process.comm: Expected `bytes`, got `str`",
+        ),
+        (
+            lambda r: [*r[:8], [*r[8][:13], [[1, "k", b"", [b"a", None]]]], *r[9:]],
+            "exec event: process.ancestry[0].argv[1]: Expected `bytes`, got `None`",
+        ),
+    ],
+)
 def test_rows_with_wrong_shapes_or_types_are_refused(mangle: Any, message: str) -> None:
     exec_event = next(e for e in EVENTS if isinstance(e, ExecEvent))
     with pytest.raises(EventFormatError, match=re.escape(message)):
@@ -213,8 +220,18 @@ def test_to_dict_is_asdict_with_the_kind(event: AnyEvent) -> None:
 
 def test_alert_to_dict_nests_its_events_with_their_kinds() -> None:
     exec_event = next(e for e in EVENTS if isinstance(e, ExecEvent))
-    alert = Alert(alert_id="h-1", rule_id="r", title="t", level="high", tags=["a"],
-                  description="d", time_ns=1, host="h", sandbox="s",
-                  process=exec_event.process, events=[exec_event])  # fmt: skip
+    alert = Alert(
+        alert_id="h-1",
+        rule_id="r",
+        title="t",
+        level="high",
+        tags=["a"],
+        description="d",
+        time_ns=1,
+        host="h",
+        sandbox="s",
+        process=exec_event.process,
+        events=[exec_event],
+    )
     d = to_dict(alert)
     assert d == _asdict(alert) and d["events"][0]["kind"] == "exec" and d["kind"] == "alert"

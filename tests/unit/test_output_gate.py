@@ -23,10 +23,12 @@ def exec_event(pid: int) -> AnyEvent:
 @pytest.mark.asyncio
 async def test_settle_waits_for_files_not_for_an_unreachable_siem(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
-    outputs = outputs_from_config([
-        {"type": "jsonl", "path": str(path), "what": "events"},
-        {"type": "syslog", "address": f"127.0.0.1:{free_port()}", "what": "events"},
-    ])  # fmt: skip
+    outputs = outputs_from_config(
+        [
+            {"type": "jsonl", "path": str(path), "what": "events"},
+            {"type": "syslog", "address": f"127.0.0.1:{free_port()}", "what": "events"},
+        ]
+    )
     for out in outputs:
         await out.start()
     gate = OutputGate(outputs, wait=60.0)
@@ -54,10 +56,12 @@ def test_no_file_output_means_nothing_to_wait_for() -> None:
 @pytest.mark.asyncio
 async def test_points_are_where_each_batch_ends_in_each_file(tmp_path: Path) -> None:
     events, alerts = tmp_path / "events.jsonl", tmp_path / "alerts.jsonl"
-    outputs = outputs_from_config([
-        {"type": "jsonl", "path": str(events), "what": "events"},  # 100 lines per write
-        {"type": "jsonl", "path": str(alerts), "what": "alerts"},
-    ])  # fmt: skip
+    outputs = outputs_from_config(
+        [
+            {"type": "jsonl", "path": str(events), "what": "events"},  # 100 lines per write
+            {"type": "jsonl", "path": str(alerts), "what": "alerts"},
+        ]
+    )
     for out in outputs:
         await out.start()
     gate = OutputGate(outputs, wait=60.0)
@@ -79,8 +83,9 @@ async def test_points_are_where_each_batch_ends_in_each_file(tmp_path: Path) -> 
     assert len(lines) == sum(sizes)
     ends = [sum(len(line) for line in lines[: sum(sizes[:t])]) for t in range(1, len(sizes) + 1)]
     st_events, st_alerts = events.stat(), alerts.stat()
-    assert [p[str(events)] for p in points] == [[st_events.st_dev, st_events.st_ino, end]
-                                                 for end in ends]  # fmt: skip
+    assert [p[str(events)] for p in points] == [
+        [st_events.st_dev, st_events.st_ino, end] for end in ends
+    ]
     assert [p[str(alerts)] for p in points] == [[st_alerts.st_dev, st_alerts.st_ino, 0]] * 4
 
 
@@ -99,8 +104,10 @@ def test_take_back_cuts_the_lines_of_unacknowledged_batches(tmp_path: Path) -> N
     saved = {str(path): [st.st_dev, st.st_ino, st.st_size]}
     notes = take_back([jsonl(path)], saved)
     assert path.read_bytes() == b'{"a":1}\n{"a":2}\n'
-    assert notes == ["output jsonl0: took back 8 bytes written for batches never acknowledged; "
-                     "their collectors send them again"]  # fmt: skip
+    assert notes == [
+        "output jsonl0: took back 8 bytes written for batches never acknowledged; "
+        "their collectors send them again"
+    ]
     assert take_back([jsonl(path)], saved) == []  # nothing more to take back
 
 
@@ -116,13 +123,16 @@ def test_take_back_after_rotation_restores_the_acknowledged_file(tmp_path: Path)
     path.replace(tmp_path / "events.jsonl.2")
     (tmp_path / "events.jsonl.1").write_bytes(b"not acked either\n")
     path.write_bytes(b"nor this\n")
-    notes = take_back([jsonl(path, max_bytes=100, backups=5)],
-                      {str(path): [st.st_dev, st.st_ino, st.st_size]})  # fmt: skip
+    notes = take_back(
+        [jsonl(path, max_bytes=100, backups=5)], {str(path): [st.st_dev, st.st_ino, st.st_size]}
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["events.jsonl", "events.jsonl.1"]
     assert path.read_bytes() == b"acked\n" and path.stat().st_ino == st.st_ino
     assert older.read_bytes() == b"old\n"
-    assert notes == ["output jsonl0: took back 10 bytes and 2 newer files written for batches "
-                     "never acknowledged; their collectors send them again"]  # fmt: skip
+    assert notes == [
+        "output jsonl0: took back 10 bytes and 2 newer files written for batches "
+        "never acknowledged; their collectors send them again"
+    ]
 
 
 def test_take_back_leaves_files_it_cannot_place(tmp_path: Path) -> None:

@@ -222,8 +222,14 @@ def test_kernel_start_time_refines_a_seeded_entry(tmp_path: Path) -> None:
 
 
 def test_seed_from_a_real_child_process() -> None:
-    argv = [sys.executable, "-c", "import sys; print(flush=True); sys.stdin.read()", "",
-            "two words", "\u00e9"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-c",
+        "import sys; print(flush=True); sys.stdin.read()",
+        "",
+        "two words",
+        "\u00e9",
+    ]
     child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         assert child.stdout is not None

@@ -180,15 +180,17 @@ def test_escape_is_always_terminal_safe(raw: bytes | str, limit: int) -> None:
         ([b""], "''"),
         ([b"it's"], "'it\\'s'"),
         ([b'"q"'], "'\"q\"'"),
-        ([b"$(id)", b"a;b", b"x|y", b"&", b"*.py", b"~", b"<in", b"`x`"],
-         "'$(id)' 'a;b' 'x|y' '&' '*.py' '~' '<in' '`x`'"),
+        (
+            [b"$(id)", b"a;b", b"x|y", b"&", b"*.py", b"~", b"<in", b"`x`"],
+            "'$(id)' 'a;b' 'x|y' '&' '*.py' '~' '<in' '`x`'",
+        ),
         ([b"a\\b"], "'a\\\\b'"),
         ([b"a\nb"], "'a\\nb'"),
         ([b"\xff"], "'\\xff'"),
         ([b"\x1b]0;owned\x07"], "'\\x1b]0;owned\\x07'"),
         ([b"sh", b"-c", b"echo hi; rm -rf /"], "sh -c 'echo hi; rm -rf /'"),
     ],
-)  # fmt: skip
+)
 def test_format_argv(argv: list[bytes], shown: str) -> None:
     assert format_argv(argv) == shown
 
@@ -490,14 +492,15 @@ def test_injection_never_reaches_the_terminal(payload: bytes, color: bool) -> No
     base = common(proc, host=text)
     events: list[AnyEvent] = [
         ExecEvent(**base, argv=[payload, payload, b"x" + payload], filename=payload),
-        ConnectEvent(**base, protocol=text, daddr=text, dport=1, outcome=text, errno=1,
-                     errno_name=text),
+        ConnectEvent(
+            **base, protocol=text, daddr=text, dport=1, outcome=text, errno=1, errno_name=text
+        ),
         BindEvent(**base, protocol=text, addr=text, outcome=text),
         ListenEvent(**base, protocol=text, addr=text),
         SocketEvent(**base, protocol=text, laddr=text, raddr=text, rport=2, state=text),
         CgroupMoveEvent(**base, target_pid=3, dst_cgroup_path=text, left_sandbox=True),
         LostEvent(time_ns=T0, host=text, kernel={text: 1}, user=0, errors={text: 2}),
-    ]  # fmt: skip
+    ]
     for show_host in (False, True):
         r = renderer(color=color, show_host=show_host)
         for event in events:
@@ -654,10 +657,18 @@ def test_local_time_by_default() -> None:
 
 def _alert(**kw: Any) -> Alert:
     base: dict[str, Any] = {
-        "alert_id": "h-1", "rule_id": "r1", "title": "Reverse SSH tunnel", "level": "high",
-        "tags": ["attack.t1572"], "description": "", "time_ns": T0, "host": "h",
-        "sandbox": "st-1", "process": process(comm=b"ssh\x1b[2J"), "events": [],
-    }  # fmt: skip
+        "alert_id": "h-1",
+        "rule_id": "r1",
+        "title": "Reverse SSH tunnel",
+        "level": "high",
+        "tags": ["attack.t1572"],
+        "description": "",
+        "time_ns": T0,
+        "host": "h",
+        "sandbox": "st-1",
+        "process": process(comm=b"ssh\x1b[2J"),
+        "events": [],
+    }
     base.update(kw)
     return Alert(**base)
 

@@ -17,8 +17,15 @@ __all__ = ["ROOT_DIR", "free_port", "post", "wait_for_lines"]
 
 
 def post(url: str, body: bytes, token: str) -> tuple[int, dict[str, object]]:
-    request = urllib.request.Request(url, data=body, method="POST", headers={  # noqa: S310
-        "Content-Type": CONTENT_TYPE, "Authorization": f"Bearer {token}"})  # fmt: skip
+    request = urllib.request.Request(  # noqa: S310 - a test service on loopback
+        url,
+        data=body,
+        method="POST",
+        headers={
+            "Content-Type": CONTENT_TYPE,
+            "Authorization": f"Bearer {token}",
+        },
+    )
     try:
         with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310 - loopback
             return resp.status, json.loads(resp.read())
@@ -40,9 +47,14 @@ def test_serve_detects_a_posted_batch_and_stops_on_sigterm(tmp_path: Path) -> No
     token_file, alerts = tmp_path / "token", tmp_path / "alerts.jsonl"
     token_file.write_text("t0ken\n")
     with serving(["--token-file", str(token_file), "--alerts", str(alerts)]) as svc:
-        miner = event_from_fields("process_creation", {
-            "Image": "/tmp/.x/kworker", "ProcessId": 4321,
-            "CommandLine": "kworker -o stratum+tcp://198.51.100.1:3333 -u W -p x"})  # fmt: skip
+        miner = event_from_fields(
+            "process_creation",
+            {
+                "Image": "/tmp/.x/kworker",
+                "ProcessId": 4321,
+                "CommandLine": "kworker -o stratum+tcp://198.51.100.1:3333 -u W -p x",
+            },
+        )
         url = f"{svc.url}/v1/batches"
         assert post(url, encode_batch("c1", 0, [miner]), "t0ken") == (200, {"ack": 0})
         assert post(url, encode_batch("c1", 1, []), "wrong")[0] == 401

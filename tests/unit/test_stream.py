@@ -55,8 +55,10 @@ class Service:
 
 
 def events(n: int, start: int = 0) -> list[Any]:
-    return [event_from_fields("network_connection", {"ProcessId": start + i, "DestinationPort": 9})
-            for i in range(n)]  # fmt: skip
+    return [
+        event_from_fields("network_connection", {"ProcessId": start + i, "DestinationPort": 9})
+        for i in range(n)
+    ]
 
 
 @pytest.mark.asyncio
@@ -320,8 +322,11 @@ async def test_websocket_stream_answers_each_frame_and_keeps_serving() -> None:
                 with contextlib.suppress(ConnectionError):  # closed while still sending
                     await ws.send_bytes(b"x" * (MAX_BATCH_BYTES + 1))
                 closed = await ws.receive(timeout=5)
-                assert closed.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
-                                       aiohttp.WSMsgType.ERROR)  # fmt: skip
+                assert closed.type in (
+                    aiohttp.WSMsgType.CLOSE,
+                    aiohttp.WSMsgType.CLOSED,
+                    aiohttp.WSMsgType.ERROR,
+                )
     finally:
         await service.stop()
     assert delivered(received) == [0, 1, 2, 3, 4]

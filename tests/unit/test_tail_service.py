@@ -79,8 +79,10 @@ class Lines:
 def sandtrace(*args: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "sandtrace", *args],
-        cwd=ROOT_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
+        cwd=ROOT_DIR,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -105,8 +107,17 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
 def serve(procs: list[subprocess.Popen[bytes]], tmp: Path, port: int, *args: str) -> Lines:
     (tmp / "token").write_text(TOKEN + "\n")
     (tmp / "rule.yml").write_text(RULE)
-    proc = sandtrace("serve", "--listen", f"127.0.0.1:{port}", "--token-file", str(tmp / "token"),
-                     "--no-builtin-rules", "--rules", str(tmp / "rule.yml"), *args)  # fmt: skip
+    proc = sandtrace(
+        "serve",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--token-file",
+        str(tmp / "token"),
+        "--no-builtin-rules",
+        "--rules",
+        str(tmp / "rule.yml"),
+        *args,
+    )
     procs.append(proc)
     err = Lines(proc, "stderr")
     err.until("serving on")
@@ -117,8 +128,16 @@ def tail(
     procs: list[subprocess.Popen[bytes]], tmp: Path, port: int, *args: str, scheme: str = "http"
 ) -> tuple[Lines, Lines]:
     """A tail process's stdout and stderr, once it follows."""
-    proc = sandtrace("tail", "--server", f"{scheme}://127.0.0.1:{port}", "--token-file",
-                     str(tmp / "token"), "--color", "never", *args)  # fmt: skip
+    proc = sandtrace(
+        "tail",
+        "--server",
+        f"{scheme}://127.0.0.1:{port}",
+        "--token-file",
+        str(tmp / "token"),
+        "--color",
+        "never",
+        *args,
+    )
     procs.append(proc)
     err = Lines(proc, "stderr")
     err.until("following")
@@ -126,15 +145,22 @@ def tail(
 
 
 def miner(pid: int, host: str, sandbox: str) -> AnyEvent:
-    event = event_from_fields("process_creation", {
-        "Image": "/tmp/.x/kworker", "ProcessId": pid, "Sandbox": sandbox,
-        "Argv": ["kworker", "-o", "stratum+tcp://198.51.100.1:3333", "\x1b[2J"]})  # fmt: skip
+    event = event_from_fields(
+        "process_creation",
+        {
+            "Image": "/tmp/.x/kworker",
+            "ProcessId": pid,
+            "Sandbox": sandbox,
+            "Argv": ["kworker", "-o", "stratum+tcp://198.51.100.1:3333", "\x1b[2J"],
+        },
+    )
     return msgspec.structs.replace(event, host=host)
 
 
 def connect(pid: int, host: str, sandbox: str) -> AnyEvent:
-    event = event_from_fields("network_connection", {"ProcessId": pid, "Sandbox": sandbox,
-                                                     "DestinationPort": 3333})  # fmt: skip
+    event = event_from_fields(
+        "network_connection", {"ProcessId": pid, "Sandbox": sandbox, "DestinationPort": 3333}
+    )
     return msgspec.structs.replace(event, host=host)
 
 
@@ -164,22 +190,45 @@ def test_tail_shows_what_its_filters_let_through(tmp_path: Path) -> None:
         alerts, _ = tail(procs, tmp_path, port, "--alerts-only", "--host", "H")
         connects, _ = tail(procs, tmp_path, port, "--kind", "connect", "-o", "json")
         box, _ = tail(procs, tmp_path, port, "--sandbox", "sbX", "-o", "json")
-        send(port, 0, [miner(4321, "H", "sbX"), miner(4322, "H2", "sbY"),
-                       connect(5000, "H", "sbX"), connect(5001, "H2", "sbY")])  # fmt: skip
+        send(
+            port,
+            0,
+            [
+                miner(4321, "H", "sbX"),
+                miner(4322, "H2", "sbY"),
+                connect(5000, "H", "sbX"),
+                connect(5001, "H2", "sbY"),
+            ],
+        )
         # the last batch marks the end: what each tail shows before it is all it got
-        send(port, 1, [miner(4323, "H", "sbY"), connect(5002, "H", "sbY"),
-                       connect(5003, "H2", "sbX")])  # fmt: skip
+        send(
+            port,
+            1,
+            [miner(4323, "H", "sbY"), connect(5002, "H", "sbY"), connect(5003, "H2", "sbX")],
+        )
 
         assert alerts.next().startswith("TIME         KIND    PID")  # the header, no HOST column
         assert [alerts.next(), alerts.next()] == [alert_line(4321), alert_line(4323)]
         assert kinds_pids([connects.next() for _ in range(4)]) == [
-            ("connect", 5000), ("connect", 5001), ("connect", 5002), ("connect", 5003)]  # fmt: skip
+            ("connect", 5000),
+            ("connect", 5001),
+            ("connect", 5002),
+            ("connect", 5003),
+        ]
         got = [box.next() for _ in range(4)]
-        assert kinds_pids(got) == [("exec", 4321), ("connect", 5000), ("alert", 4321),
-                                   ("connect", 5003)]  # fmt: skip
+        assert kinds_pids(got) == [
+            ("exec", 4321),
+            ("connect", 5000),
+            ("alert", 4321),
+            ("connect", 5003),
+        ]
         exec_line = json.loads(got[0])
         assert [bytes_from_json(a) for a in exec_line["argv"]] == [
-            b"kworker", b"-o", b"stratum+tcp://198.51.100.1:3333", b"\x1b[2J"]  # fmt: skip
+            b"kworker",
+            b"-o",
+            b"stratum+tcp://198.51.100.1:3333",
+            b"\x1b[2J",
+        ]
         assert json.loads(got[2])["events"][0]["process"]["pid"] == 4321
         for lines in (alerts, connects, box):
             assert lines.quiet(0.5), lines.buf
@@ -193,19 +242,43 @@ def test_tail_refusals_exit_2_with_a_clear_message(tmp_path: Path) -> None:
         serve(procs, tmp_path, port)
         (tmp_path / "wrong").write_text("nope")
         refused = subprocess.run(
-            [sys.executable, "-m", "sandtrace", "tail", "--server", f"http://127.0.0.1:{port}",
-             "--token-file", str(tmp_path / "wrong")],
-            cwd=ROOT_DIR, capture_output=True, text=True, timeout=30, check=False,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "sandtrace",
+                "tail",
+                "--server",
+                f"http://127.0.0.1:{port}",
+                "--token-file",
+                str(tmp_path / "wrong"),
+            ],
+            cwd=ROOT_DIR,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
         assert (refused.returncode, refused.stdout) == (2, "")
         assert refused.stderr == (
             f"sandtrace tail: http://127.0.0.1:{port} refused the token (401): check --token-file\n"
         )
         bad_kind = subprocess.run(
-            [sys.executable, "-m", "sandtrace", "tail", "--server", f"http://127.0.0.1:{port}",
-             "--kind", "exec,exce"],
-            cwd=ROOT_DIR, capture_output=True, text=True, timeout=30, check=False,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "sandtrace",
+                "tail",
+                "--server",
+                f"http://127.0.0.1:{port}",
+                "--kind",
+                "exec,exce",
+            ],
+            cwd=ROOT_DIR,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
         assert bad_kind.returncode == 2
         assert bad_kind.stderr.startswith("sandtrace tail: unknown kind 'exce'; known: bind,")
 
@@ -236,12 +309,16 @@ def test_tail_over_https_checks_the_certificate(tmp_path: Path) -> None:
     port = free_port()
     with processes() as procs:
         serve(procs, tmp_path, port, "--tls-cert", str(tls.cert), "--tls-key", str(tls.key))
-        out, _ = tail(procs, tmp_path, port, "--host", "H", "--ca-file", str(tls.ca),
-                      scheme="https")  # fmt: skip
+        out, _ = tail(
+            procs, tmp_path, port, "--host", "H", "--ca-file", str(tls.ca), scheme="https"
+        )
         body = encode_batch("c1", 0, [miner(4500, "H", "sbX")])
-        request = urllib.request.Request(f"https://127.0.0.1:{port}/v1/batches", data=body,
-                                         method="POST", headers={"Content-Type": CONTENT_TYPE,
-                                         "Authorization": f"Bearer {TOKEN}"})  # fmt: skip
+        request = urllib.request.Request(
+            f"https://127.0.0.1:{port}/v1/batches",
+            data=body,
+            method="POST",
+            headers={"Content-Type": CONTENT_TYPE, "Authorization": f"Bearer {TOKEN}"},
+        )
         context = ssl.create_default_context(cafile=str(tls.ca))
         with urllib.request.urlopen(request, timeout=10, context=context) as resp:  # noqa: S310
             assert resp.status == 200
@@ -249,10 +326,24 @@ def test_tail_over_https_checks_the_certificate(tmp_path: Path) -> None:
         assert out.next().split()[1:3] == ["exec", "4500"]
         assert out.next() == alert_line(4500)
         refused = subprocess.run(
-            [sys.executable, "-m", "sandtrace", "tail", "--server", f"https://127.0.0.1:{port}",
-             "--token-file", str(tmp_path / "token"), "--ca-file", str(other.ca)],
-            cwd=ROOT_DIR, capture_output=True, text=True, timeout=30, check=False,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "sandtrace",
+                "tail",
+                "--server",
+                f"https://127.0.0.1:{port}",
+                "--token-file",
+                str(tmp_path / "token"),
+                "--ca-file",
+                str(other.ca),
+            ],
+            cwd=ROOT_DIR,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
         assert refused.returncode == 2
         assert refused.stderr.startswith(
             f"sandtrace tail: TLS with https://127.0.0.1:{port} failed"
@@ -281,8 +372,11 @@ def test_tail_names_both_wire_versions_when_they_differ(tmp_path: Path) -> None:
     async def newer(request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
-        await ws.send_str(json.dumps({"type": "hello", "wire_version": WIRE_VERSION + 1,
-                                      "tail_version": 1, "filter": {}}))  # fmt: skip
+        await ws.send_str(
+            json.dumps(
+                {"type": "hello", "wire_version": WIRE_VERSION + 1, "tail_version": 1, "filter": {}}
+            )
+        )
         await ws.receive()
         return ws
 
@@ -294,9 +388,16 @@ def test_tail_names_both_wire_versions_when_they_differ(tmp_path: Path) -> None:
         await web.UnixSite(runner, str(path)).start()
         try:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "sandtrace", "tail", "--socket", str(path),
-                cwd=ROOT_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            )  # fmt: skip
+                sys.executable,
+                "-m",
+                "sandtrace",
+                "tail",
+                "--socket",
+                str(path),
+                cwd=ROOT_DIR,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
             out, err = await asyncio.wait_for(proc.communicate(), 30)
             return proc.returncode, out, err
         finally:

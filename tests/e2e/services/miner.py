@@ -79,8 +79,12 @@ class Connection:
 
 
 def mine_xmrig(conn: Connection, pool: dict[str, Any]) -> str:
-    params = {"login": pool["user"], "pass": pool.get("pass", "x"), "agent": AGENT,
-              "algo": ["rx/0", "cn/r"]}  # fmt: skip
+    params = {
+        "login": pool["user"],
+        "pass": pool.get("pass", "x"),
+        "agent": AGENT,
+        "algo": ["rx/0", "cn/r"],
+    }
     if pool.get("rig-id"):
         params["rigid"] = pool["rig-id"]
     res, _ = conn.call("login", params)
@@ -121,8 +125,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-c", "--config")
     parser.add_argument("--rig-id")
     parser.add_argument("--proto", choices=["xmrig", "stratum1"], default="xmrig")
-    for ignored in ("--donate-level", "--cpu-priority", "-a", "--algo", "-t", "--threads",
-                    "--coin", "--log-file"):  # fmt: skip
+    for ignored in (
+        "--donate-level",
+        "--cpu-priority",
+        "-a",
+        "--algo",
+        "-t",
+        "--threads",
+        "--coin",
+        "--log-file",
+    ):
         parser.add_argument(ignored, help=argparse.SUPPRESS)
     for ignored in ("-B", "--background", "-k", "--keepalive", "--no-color", "--tls"):
         parser.add_argument(ignored, action="store_true", help=argparse.SUPPRESS)

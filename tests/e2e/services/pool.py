@@ -55,8 +55,17 @@ def respond(req: dict[str, Any], session: int) -> list[dict[str, Any]]:
         ok = isinstance(params, list) and len(params) >= 1 and bool(params[0])
         if not ok:
             return [result(req_id, False)]
-        job = [f"{session:x}", "00" * 32, "01000000", "ffffffff", [], "20000000", "1d00ffff",
-               f"{int(time.time()):08x}", True]  # fmt: skip
+        job = [
+            f"{session:x}",
+            "00" * 32,
+            "01000000",
+            "ffffffff",
+            [],
+            "20000000",
+            "1d00ffff",
+            f"{int(time.time()):08x}",
+            True,
+        ]
         return [
             result(req_id, True),
             notify("mining.set_difficulty", [1]),
@@ -66,8 +75,14 @@ def respond(req: dict[str, Any], session: int) -> list[dict[str, Any]]:
         return [result(req_id, True)]
     if method == "login":
         if not isinstance(params, dict) or not params.get("login"):
-            return [{"id": req_id, "jsonrpc": "2.0", "result": None,
-                     "error": {"code": -1, "message": "missing login"}}]  # fmt: skip
+            return [
+                {
+                    "id": req_id,
+                    "jsonrpc": "2.0",
+                    "result": None,
+                    "error": {"code": -1, "message": "missing login"},
+                }
+            ]
         value = {
             "id": f"session-{session}",
             "job": xmrig_job(session),
@@ -79,8 +94,14 @@ def respond(req: dict[str, Any], session: int) -> list[dict[str, Any]]:
         return [result(req_id, {"status": "OK"})]
     if method == "keepalived":
         return [result(req_id, {"status": "KEEPALIVED"})]
-    return [{"id": req_id, "jsonrpc": "2.0", "result": None,
-             "error": {"code": -32601, "message": f"unknown method {method!r}"}}]  # fmt: skip
+    return [
+        {
+            "id": req_id,
+            "jsonrpc": "2.0",
+            "result": None,
+            "error": {"code": -32601, "message": f"unknown method {method!r}"},
+        }
+    ]
 
 
 class Pool:
