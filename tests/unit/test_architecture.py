@@ -11,6 +11,7 @@ sandtrace. api is the contract every process shares and does no I/O of its own.
 from __future__ import annotations
 
 import ast
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,17 @@ def test_the_check_catches_an_import_against_the_direction(tmp_path: Path) -> No
     assert violations("detect", tmp_path) == [
         "detect/ok.py:2: relative import (write the layer's name)"
     ]
+
+
+def test_every_python_package_is_in_the_wheel() -> None:
+    """pyproject.toml lists the packages by hand (the data directories bpf/ and rules/ are
+    mapped into them); a package missing there would be missing from an install."""
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    on_disk = {
+        ".".join(p.parent.relative_to(ROOT).parts)
+        for layer in LAYERS
+        for p in (ROOT / layer).rglob("__init__.py")
+    }
+    assert on_disk <= listed, f"add to [tool.setuptools] packages: {sorted(on_disk - listed)}"
