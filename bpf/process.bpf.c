@@ -19,7 +19,7 @@
  * every write stays inside the buffer; the buffer is larger than the mask by one read. */
 #define EXEC_DATA_MASK 0x7fff
 #define EXEC_DATA_CAP (EXEC_DATA_MASK + 1 + NAME_MAX_LEN)
-#define EXEC_DATA_USED (ARGV_MAX + 2 * PATH_BUDGET + FILENAME_MAX_LEN)
+#define EXEC_DATA_USED (ARGV_MAX + ARGV_TAIL_MAX + 2 * PATH_BUDGET + FILENAME_MAX_LEN)
 
 _Static_assert(EXEC_DATA_USED <= EXEC_DATA_MASK, "exec data budget exceeds its mask");
 
@@ -112,7 +112,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	s32 sb = lookup_sandbox();
 	struct exec_scratch *s;
 	struct exec_record *r;
-	u64 task, mm, file, fs, arg_start, arg_end, len, inode, size;
+	u64 task, mm, file, fs, arg_start, arg_end, len, tail = 0, inode, size;
 	enum walk_result walk;
 
 	if (sb < 0)
@@ -137,15 +137,30 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	arg_end = rd_u64(mm, OFF_MM_ARG_END);
 	len = arg_end > arg_start ? arg_end - arg_start : 0;
 	r->argv_full_size = len > 0xffffffff ? 0xffffffff : len;
+	/* A long argv is kept as its head and its tail: arguments that matter cannot be pushed
+	 * out of sight by padding placed before them. */
 	if (len > ARGV_MAX) {
+		tail = len - ARGV_MAX;
+		if (tail > ARGV_TAIL_MAX) {
+			tail = ARGV_TAIL_MAX;
+			r->flags |= EXEC_F_ARGV_TRUNCATED;
+		}
 		len = ARGV_MAX;
-		r->flags |= EXEC_F_ARGV_TRUNCATED;
 	}
 	if (len && bpf_probe_read_user(s->data, len, (void *)arg_start) == 0)
 		r->argv_size = len;
 	else if (len)
 		r->flags |= EXEC_F_ARGV_TRUNCATED;
-	off = r->argv_size;
+	/* The tail follows a full head only, so that it always starts at ARGV_MAX. */
+	if (tail && r->argv_size == ARGV_MAX) {
+		if (bpf_probe_read_user(&s->data[ARGV_MAX], tail, (void *)(arg_end - tail)) == 0)
+			r->argv_tail_size = tail;
+		else
+			r->flags |= EXEC_F_ARGV_TRUNCATED;
+	} else if (tail) {
+		r->flags |= EXEC_F_ARGV_TRUNCATED;
+	}
+	off = r->argv_size + r->argv_tail_size;
 
 	file = rd_u64(mm, OFF_MM_EXE_FILE);
 	if (file) {
@@ -166,7 +181,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	} else {
 		r->flags |= EXEC_F_EXE_TRUNCATED;
 	}
-	r->exe_size = off - r->argv_size;
+	r->exe_size = off - r->argv_size - r->argv_tail_size;
 
 	fs = rd_u64(task, OFF_TASK_FS);
 	if (fs) {

@@ -18,7 +18,7 @@ import struct
 from collections.abc import Callable, Iterable
 from typing import Annotated, Any, NamedTuple, get_type_hints
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 
 REC_UNDEFINED = 0
 REC_EXEC = 1
@@ -68,6 +68,7 @@ BIND_F_REQUEST_KNOWN = 1 << 1
 
 TASK_COMM_LEN = 16
 ARGV_MAX = 16384
+ARGV_TAIL_MAX = 4096
 CGROUP_PATH_MAX = 256
 
 # Field types: the C type's struct code, in the annotation's metadata.
@@ -127,7 +128,8 @@ class ExecRecord(NamedTuple):
     filename_size: U32
     exe_nlink: U32
     old_tid: U32  # thread that called execve, before de_thread
-    data: bytes  # argv, exe components, cwd components, file name: see exec_parts
+    argv_tail_size: U32  # bytes of argv's end captured after the head
+    data: bytes  # argv head, argv tail, exe components, cwd components, file name: exec_parts
 
 
 class ForkRecord(NamedTuple):
@@ -336,7 +338,7 @@ def layout(cls: type[object]) -> Layout:
         if variable or (metadata is None and name != names[-1]):
             raise TypeError(f"{cls.__name__}.{name}: only the last field may be variable data")
         if metadata is None:
-            offsets[name], variable = pos, True
+            offsets[name], variable = pos + -pos % 8, True  # after the struct's padding
             continue
         code = metadata[0]
         size = struct.calcsize("<" + code)
@@ -403,6 +405,25 @@ def join_components(data: bytes) -> bytes:
     return b"/" + b"/".join(reversed(parts))
 
 
+def argv_of(head: bytes, tail: bytes, full_size: int) -> list[bytes]:
+    """The arguments in an exec record's argv head and tail (see events.h).
+
+    A tail that follows the head directly (together they are all of argv) is joined to it.
+    Otherwise the bytes between them are missing, and the arguments cut there are kept as
+    far as they were captured: the head's last one as its start, the tail's first as its end
+    (one long argument, such as a shell's -c script, is seen at both ends)."""
+    if tail and len(head) + len(tail) < full_size:
+        return _split_cut(head) + _split_cut(tail)
+    return _split_cut(head + tail)
+
+
+def _split_cut(data: bytes) -> list[bytes]:
+    """NUL-terminated strings whose last may be cut short (no NUL after it)."""
+    if data and not data.endswith(b"\0"):
+        return data.split(b"\0")
+    return split_nul(data)
+
+
 class ExecParts(NamedTuple):
     argv: list[bytes]
     exe: bytes
@@ -413,21 +434,16 @@ class ExecParts(NamedTuple):
 def exec_parts(rec: ExecRecord) -> ExecParts:
     """Cut an exec record's variable data into its parts, trusting only bytes present."""
     data = rec.data
-    a = rec.argv_size
+    h = rec.argv_size
+    a = h + rec.argv_tail_size
     e = a + rec.exe_size
     c = e + rec.cwd_size
     f = c + rec.filename_size
     if f > len(data):
         raise RecordError(f"exec record data has {len(data)} bytes; its sizes need {f}")
-    argv_bytes = data[:a]
-    if rec.flags & EXEC_F_ARGV_TRUNCATED and argv_bytes and not argv_bytes.endswith(b"\0"):
-        # The cut fell inside an argument: keep its start, it is marked truncated.
-        argv = argv_bytes.split(b"\0")
-    else:
-        argv = split_nul(argv_bytes)
     filename = data[c:f]
     return ExecParts(
-        argv=argv,
+        argv=argv_of(data[:h], data[h:a], rec.argv_full_size),
         exe=join_components(data[a:e]),
         # A complete walk with no components is the root itself.
         cwd=join_components(data[e:c])

@@ -18,12 +18,15 @@
 #include <linux/types.h>
 #endif
 
-#define SANDTRACE_LAYOUT_VERSION 1
+#define SANDTRACE_LAYOUT_VERSION 2
 
 #define TASK_COMM_LEN 16
 
-/* Variable parts of an exec record. ARGV_MAX must be a power of two. */
+/* Variable parts of an exec record. ARGV_MAX must be a power of two. An argv longer than
+ * ARGV_MAX is kept as its first ARGV_MAX bytes and its last ARGV_TAIL_MAX bytes: padding
+ * placed before the arguments that matter does not hide them. */
 #define ARGV_MAX 16384
+#define ARGV_TAIL_MAX 4096
 #define PATH_BUDGET 4096
 #define FILENAME_MAX_LEN 256
 #define PATH_MAX_DEPTH 40
@@ -69,7 +72,7 @@ struct record_header {
 	char comm[TASK_COMM_LEN];
 };
 
-#define EXEC_F_ARGV_TRUNCATED (1U << 0)
+#define EXEC_F_ARGV_TRUNCATED (1U << 0) /* bytes of argv between head and tail are missing */
 #define EXEC_F_EXE_TRUNCATED (1U << 1)
 #define EXEC_F_CWD_TRUNCATED (1U << 2)
 #define EXEC_F_FILENAME_TRUNCATED (1U << 3)
@@ -78,8 +81,10 @@ struct record_header {
 #define EXEC_F_NO_MM (1U << 6)
 
 /*
- * data[] holds, back to back: argv (NUL-separated, as the kernel laid it out), the
- * executable's path components leaf first (each NUL-terminated), the working directory's
+ * data[] holds, back to back: argv's head (argv_size bytes, NUL-separated, as the kernel laid
+ * it out), argv's tail (argv_tail_size bytes: the last bytes of argv, which follow the head
+ * directly when argv_size + argv_tail_size == argv_full_size, else begin inside an argument),
+ * the executable's path components leaf first (each NUL-terminated), the working directory's
  * components leaf first, and the file name given to execve.
  */
 struct exec_record {
@@ -93,6 +98,8 @@ struct exec_record {
 	__u32 filename_size;
 	__u32 exe_nlink;
 	__u32 old_tid; /* thread that called execve, before de_thread */
+	__u32 argv_tail_size; /* bytes of argv's end captured after the head */
+	__u32 _pad0;
 	__u8 data[];
 };
 

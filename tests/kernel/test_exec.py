@@ -8,6 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from api.events import ExecEvent
+from collector.records import ARGV_MAX, ARGV_TAIL_MAX
+from detect.engine import Engine
+from detect.fields import fields_of
+from detect.loader import load_paths
+from detect.pack import builtin_rules
 from tests.kernel.tracer import PYTHON, Sandbox, Tracer, of, one, python_exe
 
 # The sandbox's first process (a python of known pid) starts the program under test and
@@ -61,16 +66,45 @@ def test_two_hundred_arguments(tracer: Tracer, tmp_path: Path) -> None:
     assert not ev.argv_truncated
 
 
-def test_argv_over_the_limit_is_cut_and_marked(tracer: Tracer, tmp_path: Path) -> None:
+def test_argv_over_the_limit_keeps_head_and_tail(tracer: Tracer, tmp_path: Path) -> None:
     args = [bytes([65 + i % 26]) * 300 for i in range(100)]  # ~30 KiB
     full = b"\0".join([b"/usr/bin/true", *args]) + b"\0"
     with tracer.sandbox() as sb:
         _, _, ev = spawn_child(sb, tracer, "/usr/bin/true", args, str(tmp_path))
     assert ev.argv_truncated
     assert ev.argv_size == len(full)
-    captured = b"\0".join(ev.argv)
-    assert len(captured) == 16384
-    assert full.startswith(captured)
+    head, tail = full[:ARGV_MAX], full[-ARGV_TAIL_MAX:]
+    assert ev.argv == head.split(b"\0") + tail[:-1].split(b"\0")
+
+
+def test_argv_just_over_the_head_is_whole(tracer: Tracer, tmp_path: Path) -> None:
+    """Up to ARGV_MAX + ARGV_TAIL_MAX bytes, head and tail meet: all of argv, not cut."""
+    args = [b"x" * 999 for _ in range(18)]  # 18000 bytes with the NULs
+    with tracer.sandbox() as sb:
+        _, _, ev = spawn_child(sb, tracer, "/usr/bin/true", args, str(tmp_path))
+    assert ev.argv == [b"/usr/bin/true", *args]
+    assert not ev.argv_truncated
+
+
+def test_pool_flags_after_padding_are_seen_and_matched(tracer: Tracer, tmp_path: Path) -> None:
+    """20 KiB of junk arguments before a miner's pool flags: the flags are in argv (the
+    tail), the event says argv was cut, and the built-in stratum rule fires on it."""
+    pool = [b"-o", b"stratum+tcp://198.51.100.9:3333", b"-u", b"WALLET", b"-p", b"x"]
+    args = [b"-" + b"J" * 1023 for _ in range(20)] + pool
+    full = b"\0".join([b"/usr/bin/true", *args]) + b"\0"
+    with tracer.sandbox() as sb:
+        _, _, ev = spawn_child(sb, tracer, "/usr/bin/true", args, str(tmp_path))
+    assert ev.argv_truncated
+    assert ev.argv_size == len(full)
+    head, tail = full[:ARGV_MAX], full[-ARGV_TAIL_MAX:]
+    assert ev.argv == head.split(b"\0") + tail[:-1].split(b"\0")
+    assert ev.argv[-6:] == pool
+    fields = fields_of(ev)
+    assert fields is not None and fields["ArgvTruncated"] == "true"
+    assert "-o stratum+tcp://198.51.100.9:3333 -u WALLET -p x" in str(fields["CommandLine"])
+    rules = load_paths([builtin_rules()])
+    names = {r.id: r.name for r in rules.rules}
+    assert "miner_stratum_url" in {names.get(a.rule_id) for a in Engine(rules).feed(ev)}
 
 
 # Execs the file open at `fd` (execveat with AT_EMPTY_PATH) in a forked child; prints its pid.

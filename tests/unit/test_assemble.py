@@ -120,6 +120,36 @@ def test_udp_connect_is_reported_at_once(asm: Assembler) -> None:
     assert (ev.protocol, ev.daddr, ev.dport, ev.outcome) == ("udp", "192.0.2.53", 53, "success")
 
 
+def test_argv_head_and_tail_with_a_gap(asm: Assembler) -> None:
+    """Padding before the arguments that matter: the tail's arguments are in argv, the cut
+    arguments kept as far as captured, and the event says argv was cut."""
+    head = b"xmrig\0" + b"A" * 10
+    tail = b"AAA\0-o\0stratum+tcp://pool:3333\0"
+    exe = b"xmrig\0tmp\0"
+    rec = pack(R.REC_EXEC, head + tail + exe, flags=R.EXEC_F_ARGV_TRUNCATED,
+               argv_size=len(head), argv_tail_size=len(tail), argv_full_size=20_000,
+               exe_size=len(exe))  # fmt: skip
+    (ev,) = feed(asm, rec)
+    assert ev.argv == [b"xmrig", b"A" * 10, b"AAA", b"-o", b"stratum+tcp://pool:3333"]
+    assert ev.argv_truncated and ev.argv_size == 20_000
+    assert ev.process.exe == b"/tmp/xmrig"
+
+
+@pytest.mark.parametrize(
+    ("head", "tail", "full", "argv"),
+    [
+        (b"a\0bb", b"b\0c\0", 7, [b"a", b"bbb", b"c"]),  # contiguous: joined
+        (b"a\0b\0", b"c\0", 6, [b"a", b"b", b"c"]),
+        (b"a\0b\0", b"x\0c\0", 100, [b"a", b"b", b"x", b"c"]),  # gap at argument bounds
+        (b"a\0bb", b"yy", 100, [b"a", b"bb", b"yy"]),  # one long argument seen at both ends
+        (b"a\0b\0", b"", 4, [b"a", b"b"]),
+        (b"a\0bb", b"", 100, [b"a", b"bb"]),  # no tail read: the head's cut argument kept
+    ],
+)
+def test_argv_of_head_and_tail(head: bytes, tail: bytes, full: int, argv: list[bytes]) -> None:
+    assert R.argv_of(head, tail, full) == argv
+
+
 def test_exec_record_parts_and_parent(asm: Assembler) -> None:
     argv = b"/bin/sh\0-c\0\0x y\0"
     exe = b"sh\0bin\0usr\0"  # leaf first

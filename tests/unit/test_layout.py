@@ -27,7 +27,7 @@ EVENTS_H = ROOT / "bpf/include/events.h"
 # Python constants that mirror a C constant of another name; the rest share their C name.
 RENAMED = {"LAYOUT_VERSION": "SANDTRACE_LAYOUT_VERSION"}
 # C constants sized in the header and mirrored in Python, beyond enumerators and flags.
-SIZES = ["TASK_COMM_LEN", "ARGV_MAX", "CGROUP_PATH_MAX"]
+SIZES = ["TASK_COMM_LEN", "ARGV_MAX", "ARGV_TAIL_MAX", "CGROUP_PATH_MAX"]
 # What a C member's type is in the struct module (byte arrays: "<size>s").
 C_TYPE_CODES = {"__u16": "H", "__u32": "I", "__s32": "i", "__u64": "Q"}
 
@@ -255,8 +255,8 @@ MUTATIONS = [
     ),
     (("#define BIND_F_FAILED", "#define BIND_F_GONE"), "BIND_F_FAILED: in Python, not in C"),
     (
-        ("#define SANDTRACE_LAYOUT_VERSION 1", "#define SANDTRACE_LAYOUT_VERSION 2"),
-        "SANDTRACE_LAYOUT_VERSION: C 2",
+        ("#define SANDTRACE_LAYOUT_VERSION 2", "#define SANDTRACE_LAYOUT_VERSION 3"),
+        "SANDTRACE_LAYOUT_VERSION: C 3",
     ),
     (
         ("#define CGROUP_PATH_MAX 256", "#define CGROUP_PATH_MAX 128"),
@@ -272,7 +272,7 @@ MUTATIONS = [
             "\t__u32 old_tid; /* thread that called execve, before de_thread */\n",
             "\t__u32 old_tid;\n\t__u32 more;\n\t__u32 _pad9;\n",
         ),
-        "exec_record: sizeof 128",
+        "exec_record: sizeof 136",
     ),
     (
         (
