@@ -7,10 +7,18 @@ naming a field sandtrace does not provide is refused at load time, never silentl
 
 String fields hold text (bytes from the traced process decoded as UTF-8 with invalid bytes
 escaped as \\xNN); list fields (``Argv``, ``AncestorImages``) match when any element does.
+
+``Image`` keeps Sigma's meaning, the executable the kernel runs: the interpreter for a
+script, the dynamic loader for a program started through it. ``TargetImage`` is the file
+that actually runs (the script, the loaded program, else Image), so path and name rules test
+both. ``OriginalFileName`` and ``Hashes`` say what the executable is whatever its name (the
+packaged file it copies, a Go main module, its SHA-256); ``Std*Type`` and ``Std*Peer`` what
+its standard streams were at exec (a shell whose stdin is a TCP socket is a reverse shell).
 """
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +40,11 @@ NETWORK_LISTEN = "network_listen"  # sandtrace's own: bind, listen, sockets held
 # Fields every category has: who did it, in which sandbox.
 COMMON_FIELDS = {
     "Image": "absolute path of the executable",
+    "TargetImage": (
+        "the file that actually runs: the script when Image is its interpreter (run by #! or"
+        " named on the command line), the program when Image is the dynamic loader, else"
+        " Image; network events read it from the process's argv, without a working directory"
+    ),
     "CommandLine": "argv joined with spaces",
     "Argv": "argv as a list (matches when any element does)",
     "ProcessId": "pid as the host sees it",
@@ -52,7 +65,25 @@ CATEGORY_FIELDS: dict[str, dict[str, str]] = {
     PROCESS_CREATION: {
         **COMMON_FIELDS,
         "CurrentDirectory": "working directory at exec",
-        "OriginalFileName": "the file name given to execve, as given",
+        "ExecFileName": "the file name given to execve, as given",
+        "OriginalFileName": (
+            "what the executable is, whatever it is called: the packaged file it is a copy of"
+            " (/usr/bin/ssh), else a Go program's main module (github.com/jpillora/chisel),"
+            " else ''"
+        ),
+        "GoModule": "a Go program's main module path, '' when not Go or not known",
+        "Hashes": "'SHA256=<hex>' of the executable's content, '' when not known",
+        "StdinType": (
+            "what fd 0 was at exec: tty, pipe, null, file, tcp, udp, unix, socket, closed,"
+            " unknown ('' when not known)"
+        ),
+        "StdoutType": "what fd 1 was at exec (as StdinType)",
+        "StderrType": "what fd 2 was at exec (as StdinType)",
+        "StdinPeer": (
+            "fd 0's detail: PEER:PORT of a tcp/udp socket, the path of a file or unix socket"
+        ),
+        "StdoutPeer": "fd 1's detail (as StdinPeer)",
+        "StderrPeer": "fd 2's detail (as StdinPeer)",
         "ArgvCount": "number of arguments",
         "ArgvTruncated": "'true' when argv was longer than sandtrace captures",
         "Fileless": "'true' when the executable is a memfd",
@@ -89,11 +120,21 @@ LIST_FIELDS = frozenset({"Argv", "AncestorImages"})
 TEXT_FIELDS = frozenset(
     {
         "Image",
+        "TargetImage",
         "CommandLine",
         "ParentImage",
         "ParentCommandLine",
         "CurrentDirectory",
         "OriginalFileName",
+        "ExecFileName",
+        "GoModule",
+        "Hashes",
+        "StdinType",
+        "StdoutType",
+        "StderrType",
+        "StdinPeer",
+        "StdoutPeer",
+        "StderrPeer",
         "User",
         "Comm",
     }
@@ -169,6 +210,189 @@ def _parent_argv(e: Event) -> list[bytes]:
     return e.process.ancestry[0].argv if e.process.ancestry else []
 
 
+# --- the file that actually runs ----------------------------------------------------------
+# A script run by its interpreter (shebang or command line) or a program run through the
+# dynamic loader has the interpreter or loader as its executable (Image). target_image
+# finds the script or program from what the kernel and the caller put in argv, which the
+# traced process controls: options are skipped as each interpreter parses them, and inline
+# code (-c, -e, -r ...), a module (-m) or stdin ("-", -s) mean there is no other file.
+
+
+class _Options:
+    """How one interpreter family parses the options before its script."""
+
+    __slots__ = ("attached", "code", "file", "long_arg", "long_code", "long_file", "plus", "takes")
+
+    def __init__(
+        self,
+        *,
+        code: bytes = b"",
+        takes: bytes = b"",
+        attached: bytes = b"",
+        file: bytes = b"",
+        long_code: tuple[bytes, ...] = (),
+        long_arg: tuple[bytes, ...] = (),
+        long_file: tuple[bytes, ...] = (),
+        plus: bool = False,
+    ) -> None:
+        self.code = frozenset(code[i : i + 1] for i in range(len(code)))  # no file: -c, -e, -m
+        self.takes = frozenset(takes[i : i + 1] for i in range(len(takes)))  # value, maybe next
+        self.attached = frozenset(attached[i : i + 1] for i in range(len(attached)))  # rest
+        self.file = frozenset(file[i : i + 1] for i in range(len(file)))  # the script: php -f
+        self.long_code = frozenset(long_code)
+        self.long_arg = frozenset(long_arg)
+        self.long_file = frozenset(long_file)
+        self.plus = plus  # '+o name' options (shells)
+
+
+_SHELL = _Options(code=b"cs", takes=b"oO", long_arg=(b"--rcfile", b"--init-file"), plus=True)
+_INTERPRETER_OPTIONS: dict[str, _Options] = {
+    "sh": _SHELL,
+    "python": _Options(code=b"cm", takes=b"WXQ", long_arg=(b"--check-hash-based-pycs",)),
+    "perl": _Options(code=b"eE", takes=b"IMm", attached=b"0lixFCdDV"),
+    "ruby": _Options(code=b"e", takes=b"IrCE", attached=b"xF0lKWT", long_arg=(b"--encoding",)),
+    "node": _Options(
+        code=b"ep",
+        takes=b"rC",
+        long_code=(b"--eval", b"--print"),
+        long_arg=(
+            b"--require",
+            b"--import",
+            b"--loader",
+            b"--experimental-loader",
+            b"--conditions",
+            b"--input-type",
+            b"--env-file",
+            b"--title",
+            b"--inspect-port",
+            b"--stack-size",
+        ),
+    ),
+    "php": _Options(code=b"rBRE", takes=b"dcztS", file=b"fF", long_file=(b"--file",)),
+    "lua": _Options(code=b"e", takes=b"l"),
+    "ld.so": _Options(
+        long_arg=(
+            b"--library-path",
+            b"--preload",
+            b"--audit",
+            b"--argv0",
+            b"--inhibit-rpath",
+            b"--glibc-hwcaps-prepend",
+            b"--glibc-hwcaps-mask",
+        ),
+    ),
+}
+_SHELLS = frozenset(b"sh bash dash zsh ksh ksh93 mksh ash csh tcsh fish yash posh".split())
+_STRIP = b"0123456789.-"
+
+
+def interpreter_family(path: bytes) -> str:
+    """The interpreter family of an executable path ("sh", "python", ..., "ld.so" for the
+    dynamic loader), "" for any other program."""
+    name = path.rpartition(b"/")[2]
+    if name in _SHELLS:
+        return "sh"
+    if name.startswith((b"ld-linux", b"ld-musl", b"ld.so")):
+        return "ld.so"
+    stem = name.rstrip(_STRIP)
+    if stem in (b"python", b"pypy"):
+        return "python"
+    if stem == b"nodejs":
+        return "node"
+    if stem == b"luajit":
+        return "lua"
+    return stem.decode() if stem in (b"perl", b"ruby", b"node", b"php", b"lua") else ""
+
+
+_FAMILIES: dict[bytes, _Options | None] = {}
+
+
+def _options_of(exe: bytes) -> _Options | None:
+    options = _FAMILIES.get(exe, _FAMILIES)
+    if options is _FAMILIES:
+        if len(_FAMILIES) >= 4096:
+            _FAMILIES.clear()
+        options = _FAMILIES[exe] = _INTERPRETER_OPTIONS.get(interpreter_family(exe))
+    return options  # type: ignore[return-value]  # an entry: _Options | None
+
+
+def script_argument(options: _Options, argv: list[bytes]) -> bytes:
+    """The script (or program) an interpreter (or loader) started with `argv` runs: its
+    first operand after the options; b"" when it runs inline code, a module or stdin."""
+    i, n = 1, len(argv)
+    while i < n:
+        a = argv[i]
+        i += 1
+        if a == b"--":
+            return argv[i] if i < n else b""
+        if len(a) < 2 or not (a[0] == 45 or (a[0] == 43 and options.plus)):  # '-', '+'
+            return b"" if a == b"-" else a
+        if a[1] == 45:  # a long option
+            name, eq, value = a.partition(b"=")
+            if name in options.long_code:
+                return b""
+            if name in options.long_file:
+                return value if eq else (argv[i] if i < n else b"")
+            if not eq and name in options.long_arg:
+                i += 1
+            continue
+        for j in range(1, len(a)):  # a cluster of one-letter options: -uB, -Wignore, -ex
+            c = a[j : j + 1]
+            if c in options.code:
+                return b""
+            if c in options.file:
+                return a[j + 1 :] or (argv[i] if i < n else b"")
+            if c in options.takes:
+                if j + 1 == len(a):
+                    i += 1  # its value is the next argument
+                break
+            if c in options.attached:
+                break
+    return b""
+
+
+def _resolved(path: bytes, cwd: bytes) -> str:
+    if path[:1] != b"/" and cwd:
+        path = cwd.rstrip(b"/") + b"/" + path
+    if b"/." in path or b"//" in path or path[:2] == b"./":
+        path = posixpath.normpath(path)
+    return path.decode("utf-8", "backslashreplace")
+
+
+def target_image(
+    exe: bytes, filename: bytes, argv: list[bytes], cwd: bytes, identity: bytes = b""
+) -> str:
+    """The file that actually runs: a #! script (the kernel puts the name given to execve,
+    `filename`, after the interpreter and its one optional argument in argv), the script or
+    program an interpreter or the dynamic loader was given, else the executable itself.
+    Relative names are resolved against `cwd` (b"" when not known: kept relative);
+    `identity` is the packaged file `exe` is a copy of, when known (a renamed interpreter)."""
+    if (
+        filename
+        and len(argv) > 1
+        and filename != exe
+        and (argv[1] == filename or (len(argv) > 2 and argv[2] == filename))
+    ):
+        return _resolved(filename, cwd)
+    options = _options_of(exe)
+    if options is None and identity:  # a renamed copy of an interpreter
+        options = _options_of(identity)
+    if options is not None:
+        script = script_argument(options, argv)
+        if script:
+            return _resolved(script, cwd)
+    return exe.decode("utf-8", "backslashreplace")
+
+
+def stdio_part(stdio: list[str], fd: int, peer: bool) -> str:
+    """What standard stream `fd` is ("tcp", "pipe", ...) or, with `peer`, what follows the
+    type ("PEER:PORT", a path); "" when not known."""
+    if len(stdio) <= fd:
+        return ""
+    kind, _, detail = stdio[fd].partition(":")
+    return detail if peer else kind
+
+
 # Every getter is an expression of the event `e`: generated code (matchers, correlation
 # keys) inlines the expression where it would call the getter, names from EXPR_SCOPE.
 EXPR_SCOPE: dict[str, Any] = {
@@ -179,6 +403,8 @@ EXPR_SCOPE: dict[str, Any] = {
     "_argv": _argv,
     "_parent_exe": _parent_exe,
     "_parent_argv": _parent_argv,
+    "target_image": target_image,
+    "stdio_part": stdio_part,
 }
 INLINE: dict[Getter, str] = {}
 # Getters whose values are always str, and those always lowercase str already: generated
@@ -237,6 +463,7 @@ def _x(source: str, form: str = "") -> Getter:
 # Network events carry the process's current argv and parent from the process table.
 COMMON_GETTERS: dict[str, Getter] = {
     "Image": _decoding("e.process.exe"),
+    "TargetImage": _x('target_image(e.process.exe, b"", _argv(e), b"")', "str"),
     "CommandLine": _x("command_line(_argv(e))"),
     "Argv": _x('[a.decode("utf-8", "backslashreplace") for a in _argv(e)]'),
     "ProcessId": _x("e.process.pid"),
@@ -282,7 +509,21 @@ GETTERS: dict[type, dict[str, Getter]] = {
         "ParentImage": _decoding("e.parent_exe"),
         "ParentCommandLine": _x(_joined("e.parent_argv", " ")),
         "CurrentDirectory": _decoding("e.cwd"),
-        "OriginalFileName": _decoding("e.filename"),
+        "TargetImage": _x(
+            "target_image(e.process.exe, e.filename, e.argv, e.cwd, e.original_exe)", "str"
+        ),
+        "ExecFileName": _decoding("e.filename"),
+        "OriginalFileName": _x(
+            f"({text_expression('e.original_exe')} if e.original_exe else e.go_module)", "str"
+        ),
+        "GoModule": _x("e.go_module", "str"),
+        "Hashes": _x('("SHA256=" + e.sha256) if e.sha256 else ""', "str"),
+        "StdinType": _x("stdio_part(e.stdio, 0, False)", "str"),
+        "StdoutType": _x("stdio_part(e.stdio, 1, False)", "str"),
+        "StderrType": _x("stdio_part(e.stdio, 2, False)", "str"),
+        "StdinPeer": _x("stdio_part(e.stdio, 0, True)", "str"),
+        "StdoutPeer": _x("stdio_part(e.stdio, 1, True)", "str"),
+        "StderrPeer": _x("stdio_part(e.stdio, 2, True)", "str"),
         "ArgvCount": _x("len(e.argv)"),
         "ArgvTruncated": _x('"true" if e.argv_truncated else "false"', "low"),
         "Fileless": _x('"true" if e.fileless else "false"', "low"),

@@ -53,8 +53,13 @@ KNOWN_FIELDS = frozenset({
     "ParentCommandLine", "AncestorImages", "User", "Uid", "Sandbox", "CurrentDirectory",
     "OriginalFileName", "Fileless", "Deleted", "ArgvTruncated", "Protocol", "DestinationIp",
     "DestinationPort", "SourceIp", "SourcePort", "Outcome", "ErrnoName", "Action", "LocalIp",
-    "LocalPort", "RequestedPort", "Initiated", "DestinationIsIpv6",
+    "LocalPort", "RequestedPort", "Initiated", "DestinationIsIpv6", "ExecFileName", "GoModule",
+    "Sha256", "Stdio", "Comm",
 })  # fmt: skip
+# OriginalFileName sets the packaged file the executable copies (original_exe); GoModule the
+# Go main module; Sha256 the digest (Hashes reads "SHA256=<it>"); Stdio the three standard
+# streams as the collector gives them ("tcp:203.0.113.7:4444", "pipe", ...); ExecFileName the
+# name given to execve (by default Image); Comm the process name (by default "test").
 
 
 def _b(value: object) -> bytes:
@@ -95,7 +100,7 @@ def event_from_fields(category: str, fields: dict[str, Any], at: float = 0.0) ->
         ppid=int(fields.get("ParentProcessId", 4241)),
         uid=int(fields.get("Uid", 1000)),
         gid=1000,
-        comm=b"test",
+        comm=_b(fields.get("Comm", "test")),
         start_ns=1,
         key=f"{pid}@1",
         exe=_b(fields.get("Image", "")),
@@ -119,7 +124,11 @@ def event_from_fields(category: str, fields: dict[str, Any], at: float = 0.0) ->
             **common,
             argv=argv,
             cwd=_b(fields.get("CurrentDirectory", "/work")),
-            filename=_b(fields.get("OriginalFileName", fields.get("Image", ""))),
+            filename=_b(fields.get("ExecFileName", fields.get("Image", ""))),
+            original_exe=_b(fields.get("OriginalFileName", "")),
+            go_module=str(fields.get("GoModule", "")),
+            sha256=str(fields.get("Sha256", "")),
+            stdio=[str(s) for s in fields.get("Stdio", [])],
             fileless=fields.get("Fileless") == "true",
             deleted=fields.get("Deleted") == "true",
             argv_truncated=fields.get("ArgvTruncated") == "true",

@@ -322,3 +322,87 @@ def test_a_command_line_needle_is_found_in_the_argv_pass(argv: list[bytes], need
     getters = GETTERS[ExecEvent]
     expected = [0] if rule.test(FieldDict(event=event, getters=getters)) else []
     assert generate_matcher([rule], getters)(event) == expected
+
+
+# The file that actually runs, whatever runs it: (exe, filename, argv, cwd) -> TargetImage.
+@pytest.mark.parametrize(
+    ("exe", "filename", "argv", "cwd", "expected"),
+    [
+        # a #! script: the kernel puts the name given to execve after the interpreter
+        ("/usr/bin/bash", "/tmp/x.sh", ["/bin/bash", "/tmp/x.sh"], "/", "/tmp/x.sh"),
+        ("/usr/bin/perl", "./s", ["/usr/bin/perl", "-w", "./s", "a"], "/dev/shm", "/dev/shm/s"),
+        ("/usr/bin/env", "/tmp/a.py", ["/usr/bin/env", "python3", "/tmp/a.py"], "/", "/tmp/a.py"),
+        # a script named on the interpreter's command line, after its options
+        ("/usr/bin/python3.12", "/usr/bin/python3", ["python3", "-u", "-W", "ignore", "x.py"],
+         "/var/tmp", "/var/tmp/x.py"),
+        ("/usr/bin/python3.12", "/usr/bin/python3", ["python3", "-Wd", "--", "../q.py"],
+         "/srv/p/sub", "/srv/p/q.py"),
+        ("/usr/bin/dash", "/bin/sh", ["sh", "-ex", "/dev/shm/s"], "/", "/dev/shm/s"),
+        ("/usr/bin/bash", "/bin/bash", ["bash", "-o", "pipefail", "+x", "./run.sh"], "/w",
+         "/w/run.sh"),
+        ("/usr/bin/perl", "/usr/bin/perl", ["perl", "-x", "/tmp/mail.txt"], "/", "/tmp/mail.txt"),
+        ("/usr/bin/perl", "/usr/bin/perl", ["perl", "-I", "lib", "-Mstrict", "t.pl"], "/w",
+         "/w/t.pl"),
+        ("/usr/bin/ruby3.2", "/usr/bin/ruby", ["ruby", "-r", "socket", "/tmp/r.rb"], "/",
+         "/tmp/r.rb"),
+        ("/usr/bin/node", "/usr/bin/node", ["node", "--require", "x", "--inspect=9229", "a.js"],
+         "/w", "/w/a.js"),
+        ("/usr/bin/php8.2", "/usr/bin/php", ["php", "-d", "a=b", "-f", "/tmp/p.php"], "/",
+         "/tmp/p.php"),
+        ("/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", "/lib64/ld-linux-x86-64.so.2",
+         ["/lib64/ld-linux-x86-64.so.2", "--library-path", "/x", "/tmp/prog"], "/", "/tmp/prog"),
+        # inline code, a module or stdin: no other file runs
+        ("/usr/bin/python3.12", "/usr/bin/python3", ["python3", "-m", "venv", "x.py"], "/w",
+         "/usr/bin/python3.12"),
+        ("/usr/bin/python3.12", "/usr/bin/python3", ["python3", "-Ic", "print(1)"], "/w",
+         "/usr/bin/python3.12"),
+        ("/usr/bin/bash", "/bin/bash", ["bash", "-c", "./x.sh"], "/tmp", "/usr/bin/bash"),
+        ("/usr/bin/bash", "/bin/bash", ["bash", "-s", "x.sh"], "/tmp", "/usr/bin/bash"),
+        ("/usr/bin/perl", "/usr/bin/perl", ["perl", "-ne", "print", "/tmp/f"], "/",
+         "/usr/bin/perl"),
+        ("/usr/bin/node", "/usr/bin/node", ["node", "--eval", "1", "/tmp/a.js"], "/",
+         "/usr/bin/node"),
+        ("/usr/bin/python3.12", "/usr/bin/python3", ["python3", "-"], "/tmp",
+         "/usr/bin/python3.12"),
+        # any other program is its own file
+        ("/usr/bin/gcc-12", "/usr/bin/gcc", ["gcc", "/tmp/x.c"], "/tmp", "/usr/bin/gcc-12"),
+    ],
+)  # fmt: skip
+def test_target_image_is_the_file_that_actually_runs(
+    exe: str, filename: str, argv: list[str], cwd: str, expected: str
+) -> None:
+    fields = {"Image": exe, "ExecFileName": filename, "Argv": argv, "CurrentDirectory": cwd}
+    event = event_from_fields("process_creation", fields)
+    engine = Engine(rule(f"  selection:\n    TargetImage: '{expected}'\n  condition: selection"))
+    assert [a.rule_id for a in engine.feed(event)] == ["00000000-0000-4000-8000-000000000001"]
+
+
+def test_identity_and_standard_stream_fields() -> None:
+    fields = {
+        "Image": "/srv/w/helper",
+        "OriginalFileName": "/usr/bin/ssh",
+        "Sha256": "ab" * 32,
+        "Stdio": ["tcp:203.0.113.7:4444", "tcp:203.0.113.7:4444", "pipe"],
+        "CommandLine": "helper -R 9000:localhost:22 h",
+    }
+    detection = """  selection:
+    OriginalFileName|endswith: /ssh
+    Hashes: 'SHA256=ABABABABABABABABABABABABABABABABABABABABABABABABABABABABABABABAB'
+    StdinType: tcp
+    StdoutPeer|fieldref: StdinPeer
+    StderrType: pipe
+    StderrPeer: ''
+  condition: selection"""
+    event = event_from_fields("process_creation", fields)
+    assert len(Engine(rule(detection)).feed(event)) == 1
+    go = event_from_fields("process_creation", {"Image": "/w/x", "GoModule": "github.com/a/b"})
+    assert len(Engine(rule("  s:\n    OriginalFileName: github.com/a/b\n  condition: s")).feed(go))
+    unknown = event_from_fields("process_creation", {"Image": "/w/x"})
+    assert Engine(rule("  s:\n    StdinType: ''\n    Hashes: ''\n  condition: s")).feed(unknown)
+
+
+def test_network_events_read_the_target_from_the_process_argv() -> None:
+    fields = {"Image": "/usr/bin/python3.12", "CommandLine": "python3 -u /tmp/m.py"}
+    event = event_from_fields("network_connection", fields)
+    detection = "  s:\n    TargetImage|startswith: /tmp/\n  condition: s"
+    assert len(Engine(rule(detection, "network_connection")).feed(event)) == 1
