@@ -1,0 +1,199 @@
+"""What an executed file is, whatever it is called: its SHA-256, the packaged file it is a copy
+of, and for a Go program the module it was built from.
+
+The file is reached through `/proc/PID/exe`, which is the file the process really runs even
+when it was renamed, deleted, or lives in another mount namespace; it is accepted only when
+its inode is the one the kernel reported at exec (the process may have exec'd again since,
+or be gone). When the process is gone, the event's exe path is used if its inode still is
+that one.
+
+Identities are cached per file version, (device, inode, ctime, size), in a bounded LRU, so
+an exec of a known file costs one stat. A new file is opened at once (the open file stays
+readable whatever happens to the process or the path), then read once by a worker thread,
+which computes SHA-256 and MD5 together (MD5 only to look the file up among the package
+manager's digests), parses Go build information with a few bounded reads, and looks the
+digest up in the package index. Files above `max_bytes` get no digest (counted).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from collector.gobuildinfo import go_module, read_buildinfo
+from collector.packages import PackageIndex
+
+CACHE_FILES = 4096
+MAX_BYTES = 256 << 20
+CHUNK = 1 << 20
+
+FileKey = tuple[int, int, int, int]  # st_dev, st_ino, st_ctime_ns, st_size
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    sha256: str  # "" when the file was too large to hash
+    original_exe: bytes
+    go_module: str
+
+
+@dataclass(slots=True)
+class IdentityStats:
+    hits: int = 0  # execs answered from the cache
+    misses: int = 0  # files read and hashed
+    failures: int = 0  # execs whose file could not be reached or read
+    too_large: int = 0  # files above the size bound: no digest
+    bytes_hashed: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "hits": self.hits,
+            "misses": self.misses,
+            "failures": self.failures,
+            "too_large": self.too_large,
+            "bytes_hashed": self.bytes_hashed,
+        }
+
+
+@dataclass(slots=True)
+class PendingFile:
+    """A file seen for the first time, open, waiting for the worker to read it."""
+
+    key: FileKey
+    fd: int
+    exe: bytes  # the path it was executed as (to tell a packaged file at its own path)
+    result: Identity | None = None
+    error: str = ""
+    waiting: list[int] = field(default_factory=list)  # indices of the batch's events
+
+
+def _key(st: os.stat_result) -> FileKey:
+    return (st.st_dev, st.st_ino, st.st_ctime_ns, st.st_size)
+
+
+class Identities:
+    """The per-file cache and the two halves of a lookup: `find` on the event loop (one stat
+    on a hit, an open on a miss) and `resolve` in a worker thread (the read)."""
+
+    def __init__(
+        self,
+        packages: PackageIndex | None,
+        *,
+        cache_files: int = CACHE_FILES,
+        max_bytes: int = MAX_BYTES,
+        proc: str = "/proc",
+    ) -> None:
+        self.packages = packages
+        self.cache_files = cache_files
+        self.max_bytes = max_bytes
+        self.proc = proc
+        self.stats = IdentityStats()
+        self._cache: OrderedDict[FileKey, Identity] = OrderedDict()
+
+    def find(
+        self, pid: int, exe_inode: int, exe: bytes, pending: dict[FileKey, PendingFile]
+    ) -> tuple[Identity | PendingFile | None, bool]:
+        """The identity of the file `pid` executed, if cached; else the file opened and added
+        to `pending` (one per file however many execs of it a batch holds); None when it
+        cannot be reached. The second value says whether `pid` still runs that file (so
+        that its /proc entries describe this exec)."""
+        proc_exe = f"{self.proc}/{pid}/exe"
+        live = True
+        try:
+            st = os.stat(proc_exe)  # noqa: PTH116 - the hot path: no Path object per exec
+        except OSError:
+            st = None
+        if st is None or (exe_inode and st.st_ino != exe_inode):
+            live = False
+            st = self._stat_path(exe, exe_inode)
+            if st is None:
+                self.stats.failures += 1
+                return None, False
+        key = _key(st)
+        known = self._cache.get(key)
+        if known is not None:
+            self._cache.move_to_end(key)
+            self.stats.hits += 1
+            return known, live
+        waiting = pending.get(key)
+        if waiting is not None:
+            return waiting, live
+        fd = self._open(proc_exe if live else os.fsdecode(exe), key)
+        if fd is None:
+            self.stats.failures += 1
+            return None, live
+        pending[key] = opened = PendingFile(key, fd, exe)
+        return opened, live
+
+    @staticmethod
+    def _stat_path(exe: bytes, exe_inode: int) -> os.stat_result | None:
+        if not exe.startswith(b"/") or not exe_inode:
+            return None
+        try:
+            st = os.stat(exe)  # noqa: PTH116
+        except (OSError, ValueError):  # ValueError: a NUL in the path
+            return None
+        return st if st.st_ino == exe_inode and stat.S_ISREG(st.st_mode) else None
+
+    @staticmethod
+    def _open(path: str, key: FileKey) -> int | None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+        except (OSError, ValueError):
+            return None
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            os.close(fd)
+            return None
+        if _key(st) != key or not stat.S_ISREG(st.st_mode):  # replaced between stat and open
+            os.close(fd)
+            return None
+        return fd
+
+    def resolve(self, item: PendingFile) -> None:
+        """Read the file (in a worker thread): digests, Go build information, package. Closes
+        the file; the result or the error is left in `item`."""
+        try:
+            item.result = self._read(item)
+        except OSError as exc:
+            item.error = str(exc)
+        finally:
+            os.close(item.fd)
+
+    def _read(self, item: PendingFile) -> Identity:
+        fd, size = item.fd, item.key[3]
+        info = read_buildinfo(lambda offset, n: os.pread(fd, n, offset), size)
+        if size > self.max_bytes:
+            return Identity("", b"", go_module(info))
+        sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+        done = 0
+        while done < size:
+            chunk = os.pread(fd, min(CHUNK, size - done), done)
+            if not chunk:
+                break
+            sha.update(chunk)
+            md5.update(chunk)
+            done += len(chunk)
+        if done != size:
+            raise OSError(f"file changed while read ({done} of {size} bytes)")
+        original = self.packages.original(md5.digest(), item.exe) if self.packages else b""
+        return Identity(sha.hexdigest(), original, go_module(info))
+
+    def settle(self, item: PendingFile) -> Identity | None:
+        """Count a resolved file and cache it (on the event loop, after `resolve`)."""
+        if item.result is None:
+            self.stats.failures += len(item.waiting) or 1
+            return None
+        self.stats.misses += 1
+        if item.result.sha256:
+            self.stats.bytes_hashed += item.key[3]
+        else:
+            self.stats.too_large += 1
+        self._cache[item.key] = item.result
+        if len(self._cache) > self.cache_files:
+            self._cache.popitem(last=False)
+        return item.result
