@@ -19,10 +19,10 @@ import os
 import re
 import socket
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -50,6 +50,7 @@ _TCP_CLOSE = 7
 _ALL_STATES = (1 << 14) - 1  # every state above (and 0)
 _CLONE_NEWNET = 0x40000000
 _SOCKET_LINK = re.compile(r"socket:\[(\d+)\]")
+_T = TypeVar("_T")
 
 
 class SocketSnapshotError(Exception):
@@ -156,16 +157,16 @@ def _setns(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def _query_tables_in(netns_file: Path) -> list[_RawRow] | None:
-    """`_query_tables` run inside the network namespace at `netns_file`; None when the
-    namespace is gone (its last process exited)."""
+def _query_tables_in(netns_file: Path, query: Callable[[], _T]) -> _T | None:
+    """`query` (`_query_tables`, `_find_socket_here`) run inside the network namespace at
+    `netns_file`; None when the namespace is gone (its last process exited)."""
     try:
         fd = os.open(netns_file, os.O_RDONLY | os.O_CLOEXEC)
     except (FileNotFoundError, ProcessLookupError):
         return None
     except OSError as exc:
         raise SocketSnapshotError(f"cannot open network namespace {netns_file}: {exc}") from exc
-    result: list[list[_RawRow]] = []
+    result: list[_T] = []
     failure: list[BaseException] = []
 
     def run() -> None:
@@ -173,7 +174,7 @@ def _query_tables_in(netns_file: Path) -> list[_RawRow] | None:
         # caller's threads are not affected.
         try:
             _setns(fd)
-            result.append(_query_tables())
+            result.append(query())
         except BaseException as exc:  # handed to the caller below
             failure.append(exc)
 
@@ -223,7 +224,7 @@ def snapshot(
         if netns is None or netns == own:
             rows = _query_tables()
         else:
-            rows = _query_tables_in(proc_root / str(netns_pid[netns]) / "ns" / "net")
+            rows = _query_tables_in(proc_root / str(netns_pid[netns]) / "ns" / "net", _query_tables)
             if rows is None:
                 continue
         seen: set[int] = set()
@@ -252,3 +253,102 @@ def snapshot(
     held.sort(key=lambda s: (s.pid, s.protocol, s.family, s.lport, s.inode))
     _log.debug("socket snapshot", processes=len(pids), sockets=len(held))
     return held
+
+
+@dataclass(slots=True)
+class UnixSocket:
+    inode: int
+    name: str  # the path it is bound to; "@name" for an abstract name; "" when unnamed
+    peer: int  # the inode of the socket at the other end; 0 when not connected
+    peer_name: str  # the peer's name, as `name`
+
+
+def _unix_name(msg: Any) -> str:
+    name = msg.get_attr("UNIX_DIAG_NAME")
+    if not name:
+        return ""
+    if isinstance(name, bytes):
+        name = name.decode("utf-8", "backslashreplace")
+    name = str(name)
+    # pyroute2 drops an abstract name's leading NUL; a path is always absolute in practice
+    return name if name.startswith("/") else "@" + name.lstrip("\0")
+
+
+def _query_unix(diag: Any, inode: int) -> Any | None:
+    """One unix socket by inode (sock_diag's exact lookup, not a dump), or None."""
+    from pyroute2.netlink import NLM_F_REQUEST  # noqa: PLC0415
+    from pyroute2.netlink.diag import (  # noqa: PLC0415
+        SOCK_DIAG_BY_FAMILY,
+        UDIAG_SHOW_NAME,
+        UDIAG_SHOW_PEER,
+        unix_diag_req,
+    )
+
+    req = unix_diag_req()
+    req["sdiag_family"] = socket.AF_UNIX
+    req["udiag_states"] = 0xFFFFFFFF
+    req["udiag_ino"] = inode
+    req["udiag_show"] = UDIAG_SHOW_NAME | UDIAG_SHOW_PEER
+    req["udiag_cookie"] = 0xFFFFFFFFFFFFFFFF  # INET_DIAG_NOCOOKIE: match by inode alone
+    for msg in diag.nlm_request(req, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST):
+        if msg.get("udiag_ino") == inode:
+            return msg
+    return None
+
+
+def _find_socket_here(inode: int) -> HeldSocket | UnixSocket | None:
+    """The socket `inode` in the calling thread's network namespace: a unix socket by an
+    exact lookup, else from the TCP and UDP tables; None when it is in neither (another
+    family, or closed)."""
+    try:
+        from pyroute2 import DiagSocket  # noqa: PLC0415
+    except ImportError as exc:
+        raise SocketSnapshotError(f"pyroute2 is not available ({exc}); {PYROUTE2_HINT}") from exc
+    try:
+        with DiagSocket() as diag:
+            diag.bind()
+            msg = _query_unix(diag, inode)
+            if msg is not None:
+                peer = int(msg.get_attr("UNIX_DIAG_PEER") or 0)
+                peer_msg = _query_unix(diag, peer) if peer else None
+                return UnixSocket(
+                    inode, _unix_name(msg), peer, _unix_name(peer_msg) if peer_msg else ""
+                )
+    except Exception as exc:  # pyroute2 raises assorted types for netlink failures
+        raise SocketSnapshotError(f"sock_diag unix lookup failed ({exc!r})") from exc
+    for protocol, family, state, laddr, lport, raddr, rport, ino in _query_tables():
+        if ino == inode:
+            unconnected = protocol == "udp" and state == _TCP_CLOSE
+            return HeldSocket(
+                pid=0,
+                protocol=protocol,
+                family=family,
+                state="unconnected" if unconnected else TCP_STATES.get(state, f"state{state}"),
+                laddr=laddr,
+                lport=lport,
+                raddr=raddr,
+                rport=rport,
+                inode=ino,
+            )
+    return None
+
+
+def find_socket(
+    pid: int, inode: int, proc_root: Path = Path("/proc")
+) -> HeldSocket | UnixSocket | None:
+    """The socket with `inode` that process `pid` holds, looked up in its network namespace
+    (its pid field is `pid`); None when it is not a TCP, UDP or unix socket, or the process
+    or its namespace is gone. Raises SocketSnapshotError when sock_diag cannot be used."""
+    netns = _netns_of(pid, proc_root)
+    if netns is None:
+        return None
+    if netns == _own_netns():
+        found = _find_socket_here(inode)
+    else:
+        found = _query_tables_in(
+            proc_root / str(pid) / "ns" / "net", lambda: _find_socket_here(inode)
+        )
+    if isinstance(found, HeldSocket):
+        found.pid = pid
+    return found
+
