@@ -19,6 +19,9 @@ from api.render import TerminalSink, TextRenderer, totals_line, use_color
 from collector import cgroups
 from collector.args import DEFAULT_SPOOL
 from collector.assemble import Assembler, Scope
+from collector.enrich import ExecEnricher
+from collector.identity import Identities
+from collector.packages import PackageIndex
 from collector.pipeline import (
     CallbackSink,
     EscapeFollower,
@@ -29,6 +32,7 @@ from collector.pipeline import (
 )
 from collector.proctable import ProcessTable, descendants
 from collector.startup import held_socket_events
+from collector.stdio import StdioReader
 from collector.stream import StreamSink
 from detect.egress import EgressPolicies
 from detect.engine import Engine
@@ -113,6 +117,17 @@ def _engine(args: argparse.Namespace) -> Engine | None:
     return Engine(rules, egress)
 
 
+def _enricher() -> ExecEnricher:
+    """Exec identity and standard streams; a host without a dpkg database is said once."""
+    packages = PackageIndex()
+    if not packages.available():
+        print(
+            "sandtrace: no dpkg database: renamed system binaries are recognised by name only",
+            file=sys.stderr,
+        )
+    return ExecEnricher(Identities(packages if packages.available() else None), StdioReader())
+
+
 def _detecting(engine: Engine | None, server: str | None = None) -> str:
     """What the startup line says about detection."""
     if server:
@@ -161,6 +176,16 @@ def _print_totals(totals: Totals, sinks: list[Sink] | None = None) -> None:
                 f"{sink.spool_batches} batches left in the spool",
                 file=sys.stderr,
             )
+    if totals.enrich:
+        e = totals.enrich
+        print(
+            f"sandtrace: exec identity: {e['identity_hits']} cache hits, "
+            f"{e['identity_misses']} files hashed ({e['identity_bytes_hashed'] / 2**20:.1f} MiB), "
+            f"{e['identity_too_large']} too large to hash, {e['identity_failures']} unreachable; "
+            f"stdio: {e['stdio_inspected']} read, {e['stdio_unknown']} gone, "
+            f"{e['stdio_socket_lookups']} socket lookups ({e['stdio_socket_failures']} failed)",
+            file=sys.stderr,
+        )
     if totals.decode_errors or totals.map_errors:
         print(
             f"sandtrace: {totals.decode_errors} undecodable records, "
@@ -186,7 +211,10 @@ class _Tracing:
         sinks = [EscapeFollower(probes, root), *_sinks(args), *_stream(args)]
         if self.hub is not None:
             sinks.append(CallbackSink(self.hub.publish))
-        self.pipeline = Pipeline(probes, self.assembler, sinks, engine=self.engine)
+        self.enricher = _enricher()
+        self.pipeline = Pipeline(
+            probes, self.assembler, sinks, engine=self.engine, enricher=self.enricher
+        )
         self.tail_socket = Path(args.tail_socket)
         self.local_tail: LocalTail | None = None
 

@@ -19,6 +19,7 @@ from api.events import Alert, AnyEvent, CgroupMoveEvent, LostEvent
 from api.render import json_line
 from collector import records as R
 from collector.assemble import Assembler
+from collector.enrich import ExecEnricher
 
 log = structlog.get_logger("sandtrace.collector")
 
@@ -145,6 +146,9 @@ class Totals:
     lost_user: int = 0
     decode_errors: int = 0
     map_errors: int = 0
+    # exec identity and standard streams (ExecEnricher.counters()): cache hits, files read,
+    # failures, bytes hashed, socket lookups
+    enrich: dict[str, int] = field(default_factory=dict)
 
 
 class Pipeline:
@@ -155,8 +159,11 @@ class Pipeline:
         sinks: list[Sink],
         loss_interval: float = 1.0,
         engine: Detector | None = None,
+        *,
+        enricher: ExecEnricher | None = None,
     ) -> None:
         self.engine = engine
+        self.enricher = enricher
         self.probes = probes
         self.assembler = assembler
         self.sinks = sinks
@@ -175,13 +182,25 @@ class Pipeline:
             for alert in self.engine.feed(event):
                 self.emit(alert)
 
-    def _process_batches(self) -> None:
+    async def _process_batches(self) -> None:
         events, errors = self.assembler.feed_batches(self.probes.queue.drain())
         for error in errors:
             log.warning("undecodable record", error=error)
         self.totals.decode_errors += len(errors)
+        await self._enrich(events)
         for ev in events:
             self.emit(ev)
+
+    async def _enrich(self, events: list[AnyEvent]) -> None:
+        """Exec events completed with the executed file's identity and standard streams,
+        before anything sees them: the few files new to the cache are read in the
+        enricher's worker thread while this awaits, so the order of events holds."""
+        if self.enricher is None:
+            return
+        batch = self.enricher.begin(events)
+        if batch is not None:
+            await asyncio.get_running_loop().run_in_executor(self.enricher.pool, batch.work)
+            batch.apply()
 
     def check_losses(self) -> None:
         """Emit a LostEvent for whatever was lost since the last check."""
@@ -224,7 +243,7 @@ class Pipeline:
                 )
                 wake_wait.cancel()
                 self._wake.clear()
-                self._process_batches()
+                await self._process_batches()
                 for ev in self.assembler.expire():
                     self.emit(ev)
                 if self.engine is not None:
@@ -245,13 +264,16 @@ class Pipeline:
     async def finish(self) -> None:
         """Everything the kernel wrote is read, assembled and emitted before this returns."""
         await asyncio.to_thread(self.probes.drain_now)
-        self._process_batches()
+        await self._process_batches()
         for ev in self.assembler.flush_all():
             self.emit(ev)
         if self.engine is not None:
             for alert in self.engine.flush():
                 self.emit(alert)
         self.check_losses()
+        if self.enricher is not None:
+            self.enricher.close()
+            self.totals.enrich = self.enricher.counters()
         for sink in self.sinks:
             aclose = getattr(sink, "aclose", None)
             if aclose is not None:

@@ -1,0 +1,117 @@
+"""Completes exec events with what only this host can see: the executed file's identity
+(collector/identity.py) and the standard streams (collector/stdio.py).
+
+A batch is completed in two halves so that events keep their order and rules see every
+field on the exec event itself. `begin` runs on the event loop: for each exec, one stat of
+/proc/PID/exe and three readlinks; known files are filled in at once, new files are opened.
+If anything is left (files to read, sockets to look up), the pipeline awaits `Batch.work`
+in the worker thread and then `Batch.apply` before it hands the batch on; other batches wait
+behind it, so a process's later events never overtake its exec.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from dataclasses import dataclass, field
+
+import msgspec
+
+from api.events import AnyEvent, ExecEvent
+from collector.identity import FileKey, Identities, Identity, PendingFile
+from collector.stdio import UNKNOWN, PendingSocket, StdioReader
+
+
+@dataclass(slots=True)
+class _Open:
+    """An exec whose fields wait for the worker."""
+
+    index: int
+    event: ExecEvent
+    identity: Identity | PendingFile | None
+    stdio: list[str]
+    sockets: list[PendingSocket]
+
+
+@dataclass(slots=True)
+class Batch:
+    enricher: ExecEnricher
+    events: list[AnyEvent]
+    files: dict[FileKey, PendingFile] = field(default_factory=dict)
+    open: list[_Open] = field(default_factory=list)
+
+    def work(self) -> None:
+        """The slow half, in the worker thread: read new files, look up sockets."""
+        for item in self.files.values():
+            self.enricher.identities.resolve(item)
+        memo: dict[tuple[int, int], str] = {}
+        for o in self.open:
+            if o.sockets:
+                pid = o.event.process.pid
+                self.enricher.stdio.resolve_sockets(pid, o.stdio, o.sockets, memo)
+
+    def apply(self) -> None:
+        """Back on the event loop: cache what was read and complete the waiting events."""
+        settled = {key: self.enricher.identities.settle(f) for key, f in self.files.items()}
+        for o in self.open:
+            ident = o.identity
+            if isinstance(ident, PendingFile):
+                ident = settled[ident.key]
+            self.enricher.stdio.remember(o.stdio, o.sockets)
+            self.events[o.index] = _complete(o.event, ident, o.stdio)
+
+
+def _complete(ev: ExecEvent, ident: Identity | None, stdio: list[str]) -> ExecEvent:
+    if ident is None:
+        return msgspec.structs.replace(ev, stdio=stdio)
+    return msgspec.structs.replace(
+        ev,
+        sha256=ident.sha256,
+        original_exe=ident.original_exe,
+        go_module=ident.go_module,
+        stdio=stdio,
+    )
+
+
+class ExecEnricher:
+    def __init__(self, identities: Identities, stdio: StdioReader) -> None:
+        self.identities = identities
+        self.stdio = stdio
+        self.pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="sandtrace-identity"
+        )
+
+    def begin(self, events: list[AnyEvent]) -> Batch | None:
+        """Complete the exec events of `events` in place where the answers are at hand;
+        the rest, if any, as a Batch to finish with `work` (thread) and `apply` (loop)."""
+        batch: Batch | None = None
+        files: dict[FileKey, PendingFile] = {}  # new files, each opened once per batch
+        for i, ev in enumerate(events):
+            if type(ev) is not ExecEvent:
+                continue
+            pid = ev.process.pid
+            ident, live = self.identities.find(pid, ev.exe_inode, ev.process.exe, files)
+            if live:
+                stdio, sockets = self.stdio.read(pid)
+            else:
+                self.stdio.stats.unknown += 1
+                stdio, sockets = list(UNKNOWN), []
+            if isinstance(ident, PendingFile) or sockets:
+                if batch is None:
+                    batch = Batch(self, events, files)
+                if isinstance(ident, PendingFile):
+                    ident.waiting.append(i)
+                batch.open.append(_Open(i, ev, ident, stdio, sockets))
+            else:
+                events[i] = _complete(ev, ident, stdio)
+        return batch
+
+    def counters(self) -> dict[str, int]:
+        ident = self.identities.stats.as_dict()
+        stdio = self.stdio.stats.as_dict()
+        return {
+            **{f"identity_{k}": v for k, v in ident.items()},
+            **{f"stdio_{k}": v for k, v in stdio.items()},
+        }
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
