@@ -170,3 +170,173 @@ def test_the_per_value_index_memo_agrees_when_full() -> None:
         fired += bool(expected)
     assert fired > 100  # hostile executables met the memo both before and after it emptied
     assert len(match.__globals__["M_Image"]) < _MEMO_SIZE * 2 * 6 // 7  # it did empty
+
+
+def test_a_benign_agent_session_raises_nothing_at_medium_or_above() -> None:
+    """An agent's ordinary day, streams and all, through the whole pack in one engine (so
+    correlations see it together): installs from a local index and a wheel into a venv, builds,
+    tests, git, the project's own scripts, local IPC and dev servers on loopback, encoding one-
+    liners, ssh -V and an ssh session configured by file that forwards nothing."""
+    from detect.testing import event_from_fields  # noqa: PLC0415
+
+    work = {"CurrentDirectory": "/srv/app", "ParentImage": "/usr/bin/bash"}
+    piped = {"Stdio": ["pipe", "pipe", "pipe"]}
+    tty = {"Stdio": ["tty", "tty", "tty"]}
+    session: list[tuple[str, dict[str, object]]] = [
+        (
+            "process_creation",
+            {"Image": "/usr/bin/python3.12", "CommandLine": "python3 -m venv .venv", **tty},
+        ),
+        (
+            "process_creation",
+            {
+                "Image": "/usr/bin/python3.12",
+                "ExecFileName": "/srv/app/.venv/bin/pip",
+                "CommandLine": "/srv/app/.venv/bin/python3 /srv/app/.venv/bin/pip install"
+                " -i http://127.0.0.1:8080/simple ./dist/app-1.0-py3-none-any.whl",
+                **piped,
+            },
+        ),
+        (
+            "network_connection",
+            {
+                "ProcessId": 6100,
+                "Image": "/usr/bin/python3.12",
+                "CommandLine": "/srv/app/.venv/bin/python3 /srv/app/.venv/bin/pip install",
+                "DestinationIp": "127.0.0.1",
+                "DestinationPort": 8080,
+            },
+        ),
+        (
+            "process_creation",
+            {"Image": "/usr/bin/gcc-12", "CommandLine": "gcc -O2 -o build/app src/main.c", **piped},
+        ),
+        (
+            "process_creation",
+            {
+                "Image": "/usr/lib/gcc/x86_64-linux-gnu/12/cc1",
+                "CommandLine": "cc1 -quiet src/main.c -o /tmp/ccA1b2C3.s",
+                **piped,
+            },
+        ),
+        (
+            "process_creation",
+            {
+                "Image": "/usr/bin/x86_64-linux-gnu-as",
+                "CommandLine": "as -o /tmp/ccX9y8Z7.o /tmp/ccA1b2C3.s",
+                **piped,
+            },
+        ),
+        (
+            "process_creation",
+            {"Image": "/srv/app/build/app", "CommandLine": "./build/app --selftest", **piped},
+        ),
+        (
+            "process_creation",
+            {
+                "Image": "/usr/bin/python3.12",
+                "ExecFileName": "/srv/app/.venv/bin/pytest",
+                "CommandLine": "/srv/app/.venv/bin/python3 /srv/app/.venv/bin/pytest -q",
+                **piped,
+            },
+        ),
+        (
+            "process_creation",
+            {"Image": "/usr/bin/git", "CommandLine": "git commit -qm wip", **piped},
+        ),
+        (
+            "process_creation",
+            {
+                "Image": "/usr/bin/dash",
+                "ExecFileName": ".git/hooks/pre-commit",
+                "CommandLine": "/bin/sh .git/hooks/pre-commit",
+                **piped,
+            },
+        ),
+        (
+            "process_creation",
+            {
+                "Image": "/usr/bin/bash",
+                "ExecFileName": "./scripts/build.sh",
+                "CommandLine": "/bin/bash ./scripts/build.sh",
+                **piped,
+            },
+        ),
+        (
+            "process_creation",
+            {"Image": "/usr/bin/bash", "CommandLine": "bash ./run_tests.sh", **tty},
+        ),
+        (
+            "process_creation",
+            {
+                "Image": "/usr/bin/python3.12",
+                "Argv": ["python3", "-c", 'import base64; print(base64.b64encode(b"x"))'],
+                **piped,
+            },
+        ),
+        (
+            "process_creation",
+            {
+                "Image": "/usr/bin/python3.12",
+                "CommandLine": "python3 manage.py runserver 127.0.0.1:8000",
+                "Stdio": ["null", "file:/srv/app/server.log", "file:/srv/app/server.log"],
+            },
+        ),
+        (
+            "network_listen",
+            {
+                "Image": "/usr/bin/python3.12",
+                "CommandLine": "python3 manage.py runserver 127.0.0.1:8000",
+                "LocalIp": "127.0.0.1",
+                "LocalPort": 8000,
+            },
+        ),
+        (
+            "network_connection",
+            {
+                "Image": "/usr/bin/curl",
+                "CommandLine": "curl -s http://127.0.0.1:8000/health",
+                "DestinationIp": "127.0.0.1",
+                "DestinationPort": 8000,
+            },
+        ),
+        (
+            "process_creation",
+            {
+                "Image": "/usr/bin/node",
+                "CommandLine": "node server.js --stdio",
+                "Stdio": ["unix:/run/user/1000/lsp.sock", "unix:/run/user/1000/lsp.sock", "pipe"],
+            },
+        ),
+        ("process_creation", {"Image": "/usr/bin/ssh", "CommandLine": "ssh -V", **piped}),
+        (
+            "process_creation",
+            {
+                "ProcessId": 6200,
+                "Image": "/usr/bin/ssh",
+                "CommandLine": "ssh -F ./cfg build-host make",
+                **piped,
+            },
+        ),
+        (
+            "network_connection",
+            {
+                "ProcessId": 6200,
+                "Image": "/usr/bin/ssh",
+                "CommandLine": "ssh -F ./cfg build-host make",
+                "DestinationIp": "198.51.100.1",
+                "DestinationPort": 22,
+            },
+        ),
+        (
+            "process_creation",
+            {"Image": "/usr/bin/bash", "Argv": ["bash", "-c", "make -j4 && ./build/app"], **piped},
+        ),
+    ]
+    engine = Engine(pack())
+    raised = []
+    for at, (category, fields) in enumerate(session):
+        event = event_from_fields(category, {**work, **fields}, at=float(at))
+        raised += [a for a in engine.feed(event) if a.level in {"medium", "high", "critical"}]
+    raised += [a for a in engine.flush() if a.level in {"medium", "high", "critical"}]
+    assert [(a.title, a.level) for a in raised] == []
