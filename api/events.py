@@ -126,8 +126,8 @@ class ExitEvent(Event, tag="exit"):
 class ConnectEvent(Event, tag="connect"):
     kind: ClassVar[str] = "connect"
 
-    protocol: str = ""  # "tcp", "udp", or "ip/<n>"
-    family: str = ""  # "ipv4" | "ipv6"
+    protocol: str = ""  # "tcp", "udp", "unix", or "ip/<n>"
+    family: str = ""  # "ipv4" | "ipv6" | "unix"
     daddr: str = ""
     dport: int = 0
     saddr: str = ""
@@ -137,6 +137,12 @@ class ConnectEvent(Event, tag="connect"):
     errno: int = 0
     errno_name: str = ""
     nonblocking: bool = False
+    # A unix socket's connect (family and protocol "unix"; daddr "", dport 0): the address
+    # as given, a path or "@" and an abstract name, and the process listening there when the
+    # collector found it (pid 0 and exe b"" when not).
+    path: bytes = b""
+    peer_pid: int = 0
+    peer_exe: bytes = b""
 
 
 class BindEvent(Event, tag="bind"):

@@ -46,7 +46,13 @@ from probes.loader import ProbeConfig, Probes
 
 HERE = Path(__file__).resolve().parent
 RULES = HERE.parent / "rules"
-HOST_OPS = {"getppid": 2_000_000, "connect": 300_000, "bind": 100_000, "forkexec": 400}
+HOST_OPS = {
+    "getppid": 2_000_000,
+    "connect": 300_000,
+    "bind": 100_000,
+    "forkexec": 400,
+    "unix-connect": 300_000,
+}
 DETECT_ROUNDS = 5
 RATES = [50_000, 100_000, 150_000, 200_000, 250_000, 300_000, 400_000]
 

@@ -2,11 +2,13 @@
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -50,6 +52,25 @@ int main(int argc, char **argv)
 			bind(s, (struct sockaddr *)&any, sizeof(any));
 			close(s);
 		}
+		t1 = now();
+	} else if (!strcmp(what, "unix-connect")) {
+		/* a datagram unix socket (re)connecting to a bound one: an abstract name, so that
+		 * nothing is left on disk */
+		struct sockaddr_un un = { .sun_family = AF_UNIX };
+		socklen_t len = offsetof(struct sockaddr_un, sun_path) + 1 +
+				snprintf(un.sun_path + 1, sizeof(un.sun_path) - 1,
+					 "sandtrace-bench-%d", getpid());
+		int srv = socket(AF_UNIX, SOCK_DGRAM, 0);
+		int s = socket(AF_UNIX, SOCK_DGRAM, 0);
+
+		if (bind(srv, (struct sockaddr *)&un, len) != 0 ||
+		    connect(s, (struct sockaddr *)&un, len) != 0) {
+			perror("unix-connect");
+			return 1;
+		}
+		t0 = now();
+		for (long i = 0; i < n; i++)
+			connect(s, (struct sockaddr *)&un, len);
 		t1 = now();
 	} else if (!strcmp(what, "connect-rate")) {
 		/* n connects paced at argv[3] per second (busy-waiting between them) */

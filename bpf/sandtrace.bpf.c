@@ -8,3 +8,4 @@
 #include "process.bpf.c"
 #include "sock_addr.bpf.c"
 #include "tcp_state.bpf.c"
+#include "unix_connect.bpf.c"

@@ -28,7 +28,7 @@ from api.events import (
 )
 from collector import records as R
 from collector.proctable import Names, ProcessTable
-from collector.sockets import HeldSocket
+from collector.sockets import HeldSocket, UnixListener, UnixListeners
 
 TCP_ESTABLISHED = 1
 TCP_SYN_SENT = 2
@@ -131,6 +131,7 @@ class Assembler:
         host: str | None = None,
         procs: ProcessTable | None = None,
         names: Names | None = None,
+        unix_listener: Callable[[int, bytes], UnixListener | None] | None = None,
     ) -> None:
         self.scopes = scopes
         self._cgroup_path = cgroup_path
@@ -138,6 +139,8 @@ class Assembler:
         self.host = host or socket.gethostname()
         self.procs = procs or ProcessTable()
         self.names = names or Names()
+        # Who listens on a unix socket address, as a process sees it (collector.sockets).
+        self.unix_listener = unix_listener or UnixListeners().find
         self._pending: dict[int, _PendingConnect] = {}
         self._context_cache: dict[_ContextKey, _Context] = {}
         self._wall_offset = 0
@@ -240,6 +243,8 @@ class Assembler:
                 return self._exit(rec)
             case R.CgroupMoveRecord():
                 return [self._cgroup_move(rec)]
+            case R.UnixConnectRecord():
+                return [self._unix_connect(rec)]
 
     def held_socket(self, h: R.Header, sock: HeldSocket) -> SocketEvent:
         """A socket the process already held when tracing started."""
@@ -325,6 +330,21 @@ class Assembler:
             return [ev]
         self._pending[f.cookie] = _PendingConnect(ev, f.ktime_ns + CONNECT_HOLD_NS)
         return []
+
+    def _unix_connect(self, f: R.UnixConnectRecord) -> ConnectEvent:
+        """A connect to a unix socket. The hook runs before the address is looked up, so
+        the outcome is not known (""); the listener is looked up now, while it may still be
+        there."""
+        path = R.unix_path(f)
+        peer = self.unix_listener(f.pid, path) if path else None
+        return ConnectEvent(
+            **self._common(f),
+            protocol="unix",
+            family="unix",
+            path=path,
+            peer_pid=peer.pid if peer is not None else 0,
+            peer_exe=peer.exe if peer is not None else b"",
+        )
 
     def _tcp_state(self, f: R.TcpStateRecord) -> list[AnyEvent]:
         common = self._common(f)

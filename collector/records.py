@@ -28,7 +28,8 @@ REC_CONNECT = 4
 REC_TCP_STATE = 5
 REC_BIND = 6
 REC_CGROUP_MOVE = 7
-REC_MAX = 8
+REC_UNIX_CONNECT = 8
+REC_MAX = 9
 
 RECORD_NAMES = {
     REC_EXEC: "exec",
@@ -38,6 +39,7 @@ RECORD_NAMES = {
     REC_TCP_STATE: "tcp_state",
     REC_BIND: "bind",
     REC_CGROUP_MOVE: "cgroup_move",
+    REC_UNIX_CONNECT: "unix_connect",
 }
 
 # enum error_counter: slots of the kernel's per-CPU `errors` map.
@@ -70,6 +72,7 @@ TASK_COMM_LEN = 16
 ARGV_MAX = 16384
 ARGV_TAIL_MAX = 4096
 CGROUP_PATH_MAX = 256
+UNIX_PATH_MAX = 108
 
 # Field types: the C type's struct code, in the annotation's metadata.
 U16 = Annotated[int, "H"]
@@ -79,6 +82,7 @@ U64 = Annotated[int, "Q"]
 Comm = Annotated[bytes, f"{TASK_COMM_LEN}s"]  # char[TASK_COMM_LEN]
 Addr = Annotated[bytes, "16s"]  # __u8[16]: an IPv4 address in its first 4 bytes
 CgroupPath = Annotated[bytes, f"{CGROUP_PATH_MAX}s"]  # char[CGROUP_PATH_MAX]
+UnixPath = Annotated[bytes, f"{UNIX_PATH_MAX}s"]  # char[UNIX_PATH_MAX]
 # A plain bytes field, last, is a C flexible array member: the record's variable data.
 
 
@@ -284,6 +288,30 @@ class CgroupMoveRecord(NamedTuple):
     dst_path: CgroupPath
 
 
+class UnixConnectRecord(NamedTuple):
+    """struct unix_connect_record: a connect to a unix socket, as the cgroup hook saw it
+    (before the path is looked up)."""
+
+    type: U16
+    version: U16
+    size: U32
+    ktime_ns: U64
+    cgroup_id: U64
+    start_ns: U64
+    pid: U32
+    tid: U32
+    ns_pid: U32
+    ppid: U32
+    uid: U32
+    gid: U32
+    sandbox: U32
+    comm: Comm
+    cookie: U64
+    sock_type: U32
+    path_size: U32  # bytes of sun_path given; an abstract name starts with NUL
+    path: UnixPath
+
+
 AnyRecord = (
     ExecRecord
     | ForkRecord
@@ -292,6 +320,7 @@ AnyRecord = (
     | TcpStateRecord
     | BindRecord
     | CgroupMoveRecord
+    | UnixConnectRecord
 )
 
 RECORD_CLASSES: dict[int, type[AnyRecord]] = {
@@ -302,6 +331,7 @@ RECORD_CLASSES: dict[int, type[AnyRecord]] = {
     REC_TCP_STATE: TcpStateRecord,
     REC_BIND: BindRecord,
     REC_CGROUP_MOVE: CgroupMoveRecord,
+    REC_UNIX_CONNECT: UnixConnectRecord,
 }
 
 
@@ -314,6 +344,7 @@ C_STRUCTS: dict[type[Header | AnyRecord], str] = {
     TcpStateRecord: "tcp_state_record",
     BindRecord: "bind_record",
     CgroupMoveRecord: "cgroup_move_record",
+    UnixConnectRecord: "unix_connect_record",
 }
 
 
@@ -386,6 +417,16 @@ def decode_record(buf: bytes) -> AnyRecord:
     if variable:
         return make((*fmt.unpack_from(buf, 0), buf[fmt.size :]))
     return make(fmt.unpack_from(buf, 0))
+
+
+def unix_path(rec: UnixConnectRecord) -> bytes:
+    """The address a unix connect named: its path, or "@" and the name for an abstract one
+    (whose first byte is NUL), as ss and /proc/net/unix show them. Only the bytes the caller
+    gave count; a path ends at its first NUL."""
+    given = rec.path[: min(rec.path_size, UNIX_PATH_MAX)]
+    if given.startswith(b"\0"):
+        return b"@" + given[1:]
+    return given.split(b"\0", 1)[0]
 
 
 def split_nul(data: bytes) -> list[bytes]:

@@ -19,6 +19,7 @@ import os
 import re
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -352,3 +353,97 @@ def find_socket(
         found.pid = pid
     return found
 
+
+# -- who listens on a unix socket -------------------------------------------------------------
+
+_UNIX_LISTENING = 0x00010000  # __SO_ACCEPTCON in /proc/net/unix's Flags column
+
+
+@dataclass(slots=True)
+class UnixListener:
+    pid: int
+    exe: bytes  # its executable, b"" when unreadable
+
+
+class UnixListeners:
+    """The process listening on a unix socket address, for unix connect events: the
+    listening socket's inode from /proc/PID/net/unix (the network namespace of the
+    connecting process PID, whose table names the sockets it can reach; the collector's own
+    when that process is gone), and the process holding that inode from /proc/*/fd.
+
+    Bounded: a lookup reads at most `max_procs` processes' fd tables, and answers (found or
+    not) are kept `ttl` seconds, at most `max_cached` of them, so a sandbox connecting to
+    the same socket again and again costs one lookup."""
+
+    def __init__(
+        self,
+        proc_root: Path = Path("/proc"),
+        *,
+        ttl: float = 30.0,
+        max_procs: int = 4096,
+        max_cached: int = 1024,
+    ) -> None:
+        self.proc_root = proc_root
+        self.ttl = ttl
+        self.max_procs = max_procs
+        self.max_cached = max_cached
+        self._cache: dict[tuple[int, bytes], tuple[float, UnixListener | None]] = {}
+
+    def find(self, pid: int, address: bytes, now: float | None = None) -> UnixListener | None:
+        """Who listens on `address` (a path, or "@name" for an abstract one) as process
+        `pid` sees it; None when no one does or it cannot be told."""
+        now = time.monotonic() if now is None else now
+        table = self.proc_root / str(pid) / "net" / "unix"
+        try:
+            netns = (self.proc_root / str(pid) / "ns" / "net").stat().st_ino
+        except OSError:
+            table, netns = self.proc_root / "net" / "unix", 0
+        key = (netns, address)
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        inode = self._listening_inode(table, address)
+        found = self._holder(inode) if inode else None
+        if len(self._cache) >= self.max_cached:
+            self._cache.clear()
+        self._cache[key] = (now + self.ttl, found)
+        return found
+
+    @staticmethod
+    def _listening_inode(table: Path, address: bytes) -> int:
+        """The inode of the listening socket bound to `address` in a /proc/net/unix table."""
+        try:
+            lines = table.read_bytes().splitlines()[1:]
+        except OSError:
+            return 0
+        for line in lines:
+            # Num RefCount Protocol Flags Type St Inode [Path]; a path may hold spaces
+            cols = line.split(None, 7)
+            if len(cols) == 8 and cols[7] == address and int(cols[3], 16) & _UNIX_LISTENING:
+                return int(cols[6])
+        return 0
+
+    def _holder(self, inode: int) -> UnixListener | None:
+        link = f"socket:[{inode}]"
+        try:
+            pids = [e.name for e in os.scandir(self.proc_root) if e.name.isdigit()]
+        except OSError:
+            return None
+        for name in pids[: self.max_procs]:
+            fd_dir = self.proc_root / name / "fd"
+            try:
+                fds = list(fd_dir.iterdir())
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    if str(fd.readlink()) != link:
+                        continue
+                except OSError:
+                    continue
+                try:
+                    exe = os.fsencode((self.proc_root / name / "exe").readlink())
+                except OSError:
+                    exe = b""
+                return UnixListener(int(name), exe)
+        return None

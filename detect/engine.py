@@ -103,7 +103,9 @@ class Engine:
                     self._raise(out, rule, rule.description, event)  # type: ignore[arg-type]
                 if observe is not None:
                     observe(out, event)  # type: ignore[arg-type]
-        if type(event) is ConnectEvent and (egress := self.egress) is not None:
+        # A unix socket's connect (family "unix") is local IPC, not egress.
+        egress = self.egress
+        if type(event) is ConnectEvent and egress is not None and event.family != "unix":
             policy = egress.per_sandbox.get(event.sandbox, egress.default)  # policy_for
             if policy is not None and not policy.allows(event.daddr, event.dport):
                 where = f"{event.protocol} {event.daddr}:{event.dport}"

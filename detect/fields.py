@@ -92,7 +92,7 @@ CATEGORY_FIELDS: dict[str, dict[str, str]] = {
     NETWORK_CONNECTION: {
         **COMMON_FIELDS,
         "Initiated": "'true' (sandtrace sees outgoing connects)",
-        "Protocol": "tcp, udp",
+        "Protocol": "tcp, udp, unix",
         "DestinationIp": "destination address",
         "DestinationPort": "destination port",
         "DestinationIsIpv6": "'true' or 'false'",
@@ -100,6 +100,10 @@ CATEGORY_FIELDS: dict[str, dict[str, str]] = {
         "SourcePort": "local port, when known",
         "Outcome": "success, error, in_progress, pending",
         "ErrnoName": "errno name when the connect failed, e.g. ECONNREFUSED",
+        # unix socket connects (Protocol unix; DestinationIp '' and DestinationPort 0):
+        "DestinationPath": "unix socket path, or @name for an abstract one ('' for IP)",
+        "DestinationImage": "executable of the process listening on the unix socket, if found",
+        "DestinationProcessId": "pid of the process listening on the unix socket, 0 if not found",
     },
     NETWORK_LISTEN: {
         **COMMON_FIELDS,
@@ -137,6 +141,8 @@ TEXT_FIELDS = frozenset(
         "StderrPeer",
         "User",
         "Comm",
+        "DestinationPath",
+        "DestinationImage",
     }
 )
 # Keyword rules (no field named) search these fields.
@@ -540,6 +546,9 @@ GETTERS: dict[type, dict[str, Getter]] = {
         "SourcePort": _x("e.sport"),
         "Outcome": _x("e.outcome", "str"),
         "ErrnoName": _x("e.errno_name", "str"),
+        "DestinationPath": _decoding("e.path"),
+        "DestinationImage": _decoding("e.peer_exe"),
+        "DestinationProcessId": _x("e.peer_pid"),
     },
     BindEvent: {
         **COMMON_GETTERS,

@@ -54,7 +54,7 @@ KNOWN_FIELDS = frozenset({
     "OriginalFileName", "Fileless", "Deleted", "ArgvTruncated", "Protocol", "DestinationIp",
     "DestinationPort", "SourceIp", "SourcePort", "Outcome", "ErrnoName", "Action", "LocalIp",
     "LocalPort", "RequestedPort", "Initiated", "DestinationIsIpv6", "ExecFileName", "GoModule",
-    "Sha256", "Stdio", "Comm",
+    "Sha256", "Stdio", "Comm", "DestinationPath", "DestinationImage", "DestinationProcessId",
 })  # fmt: skip
 # OriginalFileName sets the packaged file the executable copies (original_exe); GoModule the
 # Go main module; Sha256 the digest (Hashes reads "SHA256=<it>"); Stdio the three standard
@@ -134,6 +134,15 @@ def event_from_fields(category: str, fields: dict[str, Any], at: float = 0.0) ->
             argv_truncated=fields.get("ArgvTruncated") == "true",
             parent_exe=_b(fields.get("ParentImage", "")),
             parent_argv=parent_argv,
+        )
+    if category == NETWORK_CONNECTION and "DestinationPath" in fields:
+        return ConnectEvent(
+            **common,
+            protocol="unix",
+            family="unix",
+            path=_b(fields["DestinationPath"]),
+            peer_pid=int(fields.get("DestinationProcessId", 0)),
+            peer_exe=_b(fields.get("DestinationImage", "")),
         )
     if category == NETWORK_CONNECTION:
         ip = str(fields.get("DestinationIp", "192.0.2.1"))

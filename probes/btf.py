@@ -87,6 +87,7 @@ class BTF:
         self._strings = bytes(data[hdr_len + str_off : hdr_len + str_off + str_len])
         self._types: list[_Type | None] = [None]  # type id 0 is void
         self._by_name: dict[str, list[int]] = {}
+        self._enums: dict[str, list[int]] = {}
         self._parse()
 
     @classmethod
@@ -118,6 +119,8 @@ class BTF:
             self._types.append(_Type(kind, name, size_or_type, vlen, bool(info >> 31), body))
             if name and kind in (KIND_STRUCT, KIND_UNION):
                 self._by_name.setdefault(name, []).append(type_id)
+            elif name and kind in (KIND_ENUM, KIND_ENUM64):
+                self._enums.setdefault(name, []).append(type_id)
 
     def _resolve(self, type_id: int) -> int:
         """Follow typedefs and qualifiers to the underlying type."""
@@ -183,6 +186,26 @@ class BTF:
             raise BTFError(f"struct {struct_name} has no type entry")
         return t.size_or_type
 
+    def enum_values(self, enum_name: str) -> dict[str, int]:
+        """The enumerators of a named enum (``bpf_attach_type``) and their values; empty when
+        the kernel has no such enum."""
+        out: dict[str, int] = {}
+        for type_id in self._enums.get(enum_name, []):
+            t = self._types[type_id]
+            if t is None:
+                continue
+            signed = t.kind_flag
+            for i in range(t.vlen):
+                if t.kind == KIND_ENUM:
+                    name_off, value = struct.unpack_from(
+                        "<Ii" if signed else "<II", self._types_blob, t.body + i * 8
+                    )
+                else:
+                    name_off, lo, hi = struct.unpack_from("<III", self._types_blob, t.body + i * 12)
+                    value = hi << 32 | lo
+                out[self._str(name_off)] = value
+        return out
+
     def has_member(self, struct_name: str, path: str) -> bool:
         try:
             self.offsetof(struct_name, path)
@@ -230,9 +253,24 @@ OFFSETS: dict[str, tuple[str, str]] = {
 
 SIZES: dict[str, str] = {"SIZE_UPID": "upid"}
 
+# Offsets only the optional hooks use, per OPTIONAL_HOOKS attach type (probes/kernel.py):
+# kernels without the hook may lack the member too.
+OPTIONAL_OFFSETS: dict[str, dict[str, tuple[str, str]]] = {
+    "BPF_CGROUP_UNIX_CONNECT": {
+        "OFF_SOCK_ADDR_KERN_UADDR": ("bpf_sock_addr_kern", "uaddr"),
+        "OFF_SOCK_ADDR_KERN_UADDRLEN": ("bpf_sock_addr_kern", "uaddrlen"),
+    },
+}
+
 
 def kernel_offsets(btf: BTF) -> dict[str, int]:
     """Resolve every offset and size the probes need; raise BTFError naming any that is missing."""
     out = {macro: btf.offsetof(s, member) for macro, (s, member) in OFFSETS.items()}
     out.update({macro: btf.sizeof(s) for macro, s in SIZES.items()})
     return out
+
+
+def optional_offsets(btf: BTF, hook: str) -> dict[str, int]:
+    """The offsets optional hook `hook` needs (OPTIONAL_OFFSETS); BTFError when one is
+    missing."""
+    return {m: btf.offsetof(s, member) for m, (s, member) in OPTIONAL_OFFSETS.get(hook, {}).items()}

@@ -28,6 +28,35 @@ class KernelFeatures:
     ring_buffer: bool
     exit_group_dead: bool
     notes: list[str] = field(default_factory=list)  # fallbacks chosen, said at startup
+    # Optional cgroup attach types this kernel has (OPTIONAL_HOOKS), with their values in its
+    # enum bpf_attach_type: read from BTF, since BCC's own table predates the newer ones.
+    attach_types: dict[str, int] = field(default_factory=dict)
+
+
+# Optional cgroup hooks: attach type -> (the kernel that brought it, what is missed without it).
+OPTIONAL_HOOKS: dict[str, tuple[str, str]] = {
+    "BPF_CGROUP_UNIX_CONNECT": (
+        "6.7",
+        "connects of sandboxed processes to unix sockets (docker.sock, containerd.sock, "
+        "kubelet, ...) are not seen",
+    ),
+}
+
+
+def optional_attach_types(notes: list[str], release: str) -> dict[str, int]:
+    """The OPTIONAL_HOOKS this kernel has, from its BTF; a note for each one it lacks."""
+    from probes.btf import BTF, BTFError  # noqa: PLC0415 - parsed only when checking
+
+    try:
+        enum = BTF.from_file(VMLINUX_BTF).enum_values("bpf_attach_type")
+    except (BTFError, OSError, ValueError, IndexError) as exc:
+        enum = {}
+        notes.append(f"could not read bpf_attach_type from {VMLINUX_BTF}: {exc}")
+    found = {name: enum[name] for name in OPTIONAL_HOOKS if name in enum}
+    for name, (since, missed) in OPTIONAL_HOOKS.items():
+        if name not in found:
+            notes.append(f"kernel {release} has no {name} hook (Linux {since}+): {missed}")
+    return found
 
 
 def kernel_version(release: str) -> tuple[int, int]:
@@ -101,7 +130,8 @@ def check(require_root: bool = True) -> KernelFeatures:
     group_dead = tracepoint_has_field("sched", "sched_process_exit", "group_dead")
     if not group_dead:
         notes.append("sched_process_exit has no group_dead: process exit taken at leader exit")
-    return KernelFeatures(release, ring, group_dead, notes)
+    attach_types = optional_attach_types(notes, release)
+    return KernelFeatures(release, ring, group_dead, notes, attach_types)
 
 
 def possible_cpus() -> int:

@@ -23,7 +23,7 @@ import structlog
 
 from api.resources import shipped
 from probes import kernel
-from probes.btf import BTF, kernel_offsets
+from probes.btf import BTF, kernel_offsets, optional_offsets
 from probes.ringbuf import RingBufferReader
 
 log = structlog.get_logger("sandtrace.probes")
@@ -44,6 +44,13 @@ SOCKET_HOOKS = tuple(_ATTACH)
 themselves when BCC compiles them)."""
 _PROG_TYPE_CGROUP_SOCK = 9
 _PROG_TYPE_CGROUP_SOCK_ADDR = 18
+OPTIONAL_SOCKET_HOOKS: dict[str, tuple[str, int]] = {
+    "connect_unix": ("BPF_CGROUP_UNIX_CONNECT", _PROG_TYPE_CGROUP_SOCK_ADDR),
+}
+"""Programs of the hooks a kernel may lack: name -> (their attach type in the kernel's enum
+bpf_attach_type, whose value comes from BTF: probes.kernel.OPTIONAL_HOOKS; program type).
+Each is compiled only where the kernel has its hook (a HAVE_ flag)."""
+_HAVE_FLAG = {"BPF_CGROUP_UNIX_CONNECT": "HAVE_UNIX_CONNECT"}
 _BPF_F_ALLOW_MULTI = 2
 
 
@@ -116,16 +123,32 @@ class ProbeConfig:
     queue_bytes: int = 32 << 20  # records waiting for the event loop before drops
     # With any connect hook attached anywhere, the kernel runs its cgroup hook path (socket
     # lock included) on every connect of every process: +200-400 ns per UDP connect here.
-    # Without them, TCP connects still come from the TCP state tracepoint; UDP ones do not.
+    # Without them, TCP connects still come from the TCP state tracepoint; UDP and unix
+    # (connect_unix, Linux 6.7+) ones do not.
     connect_hooks: bool = True
     # Likewise for bind (the bind and post_bind hooks): without them, TCP listeners are still
     # seen (listen, from the TCP state tracepoint); binds themselves, and UDP ones, are not.
     bind_hooks: bool = True
 
 
-def load_socket_hook(bpf: Any, name: str) -> Any:
-    """Load one of SOCKET_HOOKS from a compiled BPF object (the verifier checks it now);
-    returns BCC's function handle, for attaching."""
+def attach_types(features: kernel.KernelFeatures) -> dict[str, int]:
+    """Every socket hook this kernel has -> its attach type."""
+    out = dict(_ATTACH)
+    for name, (hook, _) in OPTIONAL_SOCKET_HOOKS.items():
+        if hook in features.attach_types:
+            out[name] = features.attach_types[hook]
+    return out
+
+
+def load_socket_hook(bpf: Any, name: str, features: kernel.KernelFeatures | None = None) -> Any:
+    """Load one of SOCKET_HOOKS (or OPTIONAL_SOCKET_HOOKS, whose attach types come from
+    `features`) from a compiled BPF object (the verifier checks it now); returns BCC's
+    function handle, for attaching."""
+    if name in OPTIONAL_SOCKET_HOOKS:
+        if features is None:
+            raise ProbeError(f"{name}: its attach type comes from the kernel's features")
+        hook, prog_type = OPTIONAL_SOCKET_HOOKS[name]
+        return bpf.load_func(name.encode(), prog_type, attach_type=features.attach_types[hook])
     prog_type = _PROG_TYPE_CGROUP_SOCK if name.startswith("post_") else _PROG_TYPE_CGROUP_SOCK_ADDR
     return bpf.load_func(name.encode(), prog_type, attach_type=_ATTACH[name])
 
@@ -137,7 +160,12 @@ def uses_perf_buffer(config: ProbeConfig, features: kernel.KernelFeatures) -> bo
 def compile_flags(config: ProbeConfig, features: kernel.KernelFeatures) -> list[str]:
     """The -D flags the probes are compiled with: this kernel's struct offsets (from BTF)
     and the configuration's choices."""
-    cflags = [f"-D{k}={v}" for k, v in kernel_offsets(BTF.from_file()).items()]
+    btf = BTF.from_file()
+    cflags = [f"-D{k}={v}" for k, v in kernel_offsets(btf).items()]
+    for hook in features.attach_types:
+        if hook in _HAVE_FLAG:
+            cflags += [f"-D{k}={v}" for k, v in optional_offsets(btf, hook).items()]
+            cflags.append(f"-D{_HAVE_FLAG[hook]}")
     cflags.append(f"-DRINGBUF_PAGES={config.ring_pages}")
     cflags.append(f"-DNR_CPUS_POSSIBLE={kernel.possible_cpus()}")
     if features.exit_group_dead:
@@ -231,9 +259,10 @@ class Probes:
                 "output above says why (run `sudo make setup` if kernel headers are missing)"
             ) from exc
         self.compile_seconds = time.monotonic() - started
+        self._attach = attach_types(features)
         self._sock_fns = {
-            name: load_socket_hook(self.bpf, name)
-            for name in SOCKET_HOOKS
+            name: load_socket_hook(self.bpf, name, features)
+            for name in self._attach
             if (config.connect_hooks or not name.startswith("connect"))
             and (config.bind_hooks or "bind" not in name)
         }
@@ -284,11 +313,11 @@ class Probes:
         done: list[str] = []
         try:
             for name, fn in self._sock_fns.items():
-                self._BPF.attach_func(fn, fd, _ATTACH[name], _BPF_F_ALLOW_MULTI)
+                self._BPF.attach_func(fn, fd, self._attach[name], _BPF_F_ALLOW_MULTI)
                 done.append(name)
         except Exception as exc:
             for name in done:
-                self._BPF.detach_func(self._sock_fns[name], fd, _ATTACH[name])
+                self._BPF.detach_func(self._sock_fns[name], fd, self._attach[name])
             os.close(fd)
             raise ProbeError(f"attaching socket hooks to {cgroup_dir} failed: {exc}") from exc
         self._attached[cgroup_dir] = fd
@@ -303,7 +332,7 @@ class Probes:
             return
         for name, fn in self._sock_fns.items():
             try:
-                self._BPF.detach_func(fn, fd, _ATTACH[name])
+                self._BPF.detach_func(fn, fd, self._attach[name])
             except Exception as exc:  # a removed cgroup has nothing to detach
                 log.debug("detach failed", cgroup=str(cgroup_dir), hook=name, error=str(exc))
         os.close(fd)

@@ -41,7 +41,8 @@ enum record_type {
 	REC_TCP_STATE = 5,
 	REC_BIND = 6,
 	REC_CGROUP_MOVE = 7,
-	REC_MAX = 8,
+	REC_UNIX_CONNECT = 8,
+	REC_MAX = 9,
 };
 
 /* Failures that cost a probe some of its state, not a record: each indexes the per-CPU
@@ -181,6 +182,19 @@ struct cgroup_move_record {
 	__u32 path_size;
 	__u32 _pad0;
 	char dst_path[CGROUP_PATH_MAX];
+};
+
+#define UNIX_PATH_MAX 108
+
+/* Written at the cgroup unix connect hook (Linux 6.7+), which runs before the path is looked
+ * up: the socket named need not exist. */
+struct unix_connect_record {
+	struct record_header hdr;
+	__u64 cookie;
+	__u32 sock_type;
+	__u32 path_size; /* bytes of sun_path the caller gave; an abstract name starts with NUL */
+	char path[UNIX_PATH_MAX];
+	__u32 _pad0;
 };
 
 #endif /* SANDTRACE_EVENTS_H */

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import socket
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,6 +12,10 @@ import pytest
 from api.events import ConnectEvent, ExecEvent
 from collector import records as R
 from collector.assemble import CONNECT_HOLD_NS, Assembler, Scope
+from collector.sockets import UnixListener, UnixListeners
+from detect.egress import EgressPolicy
+from detect.engine import Engine
+from detect.ruleset import RuleSet
 
 HOST_FIELDS = {
     "cgroup_id": 77,
@@ -150,6 +155,41 @@ def test_argv_of_head_and_tail(head: bytes, tail: bytes, full: int, argv: list[b
     assert R.argv_of(head, tail, full) == argv
 
 
+def unix_connect(path: bytes, path_size: int) -> bytes:
+    return pack(R.REC_UNIX_CONNECT, cookie=5, sock_type=1, path_size=path_size, path=path)
+
+
+def test_unix_connect_names_the_path_and_its_listener() -> None:
+    asked: list[tuple[int, bytes]] = []
+
+    def listener(pid: int, path: bytes) -> UnixListener | None:
+        asked.append((pid, path))
+        return UnixListener(812, b"/usr/bin/dockerd") if path == b"/run/docker.sock" else None
+
+    asm = Assembler([Scope("box", ["/box"])], lambda _id: "/box/x", lambda _p: "", host="h",
+                    unix_listener=listener)  # fmt: skip
+    # what python's connect() gives: the path and its NUL; the rest of sun_path is stale
+    (ev,) = feed(asm, unix_connect(b"/run/docker.sock\0junk", 17))
+    assert (ev.family, ev.protocol, ev.daddr, ev.dport) == ("unix", "unix", "", 0)
+    assert (ev.path, ev.peer_pid, ev.peer_exe) == (b"/run/docker.sock", 812, b"/usr/bin/dockerd")
+    (ev,) = feed(asm, unix_connect(b"\0bus\0x", 4))  # abstract: only the bytes given count
+    assert (ev.path, ev.peer_pid, ev.peer_exe) == (b"@bus", 0, b"")
+    assert asked == [(100, b"/run/docker.sock"), (100, b"@bus")]
+    (ev,) = feed(asm, unix_connect(b"x" * 108, 4000))  # a size past sun_path: cut to it
+    assert ev.path == b"x" * 108
+
+
+def test_unix_connect_is_not_egress() -> None:
+    """An egress allow-list judges IP destinations; a unix socket's connect is local IPC
+    (the runtime-socket rules judge those)."""
+    policy = EgressPolicy.parse(["192.0.2.0/24"])
+    engine = Engine(RuleSet(), egress=policy)
+    asm = Assembler([Scope("box", ["/box"])], lambda _id: "/box/x", lambda _p: "", host="h",
+                    unix_listener=lambda _pid, _path: None)  # fmt: skip
+    (ev,) = feed(asm, unix_connect(b"/tmp/app.sock\0", 14))
+    assert engine.feed(ev) == []
+
+
 def test_exec_record_parts_and_parent(asm: Assembler) -> None:
     argv = b"/bin/sh\0-c\0\0x y\0"
     exe = b"sh\0bin\0usr\0"  # leaf first
@@ -221,3 +261,27 @@ def test_bad_records_are_reported_not_fatal(asm: Assembler) -> None:
     events, errors = asm.feed_batches([[b"\x01", pack(R.REC_EXIT)[:20], b"\x63\x00\x01\x00"]])
     assert events == []
     assert len(errors) == 3
+
+
+def test_unix_listeners_from_a_proc_tree(tmp_path: Path) -> None:
+    """/proc/net/unix names the listening socket's inode; /proc/*/fd the process holding it;
+    answers are cached for the ttl."""
+    (tmp_path / "net").mkdir()
+    table = tmp_path / "net" / "unix"
+    table.write_bytes(
+        b"Num       RefCount Protocol Flags    Type St Inode Path\n"
+        b"0000000000000000: 00000002 00000000 00000000 0001 03 111 /run/docker.sock\n"
+        b"0000000000000000: 00000002 00000000 00010000 0001 01 222 /run/docker.sock\n"
+        b"0000000000000000: 00000002 00000000 00010000 0001 01 333 /tmp/with space.sock\n"
+    )
+    for pid, inode in ((40, 111), (41, 222)):
+        (tmp_path / str(pid) / "fd").mkdir(parents=True)
+        (tmp_path / str(pid) / "fd" / "3").symlink_to(f"socket:[{inode}]")
+        (tmp_path / str(pid) / "exe").symlink_to(f"/usr/bin/server{pid}")
+    peers = UnixListeners(tmp_path, ttl=10.0)
+    assert peers.find(999, b"/run/docker.sock", now=0.0) == UnixListener(41, b"/usr/bin/server41")
+    assert peers.find(999, b"/tmp/with space.sock", now=0.0) is None  # no holder
+    assert peers.find(999, b"/nowhere", now=0.0) is None
+    table.write_bytes(b"header\n")
+    assert peers.find(999, b"/run/docker.sock", now=5.0) == UnixListener(41, b"/usr/bin/server41")
+    assert peers.find(999, b"/run/docker.sock", now=11.0) is None

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from probes import btf as probe_btf
 from probes import kernel
 
 
@@ -27,12 +28,54 @@ def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(kernel, "TRACEFS", tmp_path / "tracing")
     monkeypatch.setattr("platform.release", lambda: "6.9.0-test")
     monkeypatch.setattr("os.geteuid", lambda: 0)
+    monkeypatch.setattr(probe_btf.BTF, "from_file", lambda _path: FakeBTF(ATTACH_TYPES))
     return tmp_path
+
+
+# The optional attach types as this 6.18 kernel's enum bpf_attach_type numbers them.
+ATTACH_TYPES = {"BPF_CGROUP_INET_EGRESS": 1, "BPF_CGROUP_UNIX_CONNECT": 49}
+
+
+class FakeBTF:
+    def __init__(self, enum: dict[str, int]) -> None:
+        self.enum = enum
+
+    def enum_values(self, name: str) -> dict[str, int]:
+        return self.enum if name == "bpf_attach_type" else {}
 
 
 def test_everything_present(host: Path) -> None:
     features = kernel.check()
     assert (features.ring_buffer, features.exit_group_dead, features.notes) == (True, True, [])
+
+
+def test_optional_hooks_come_from_btf(host: Path) -> None:
+    assert kernel.check().attach_types == {"BPF_CGROUP_UNIX_CONNECT": 49}
+
+
+def test_a_kernel_without_the_unix_connect_hook_says_what_is_missed(
+    host: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        probe_btf.BTF, "from_file", lambda _path: FakeBTF({"BPF_CGROUP_INET_EGRESS": 1})
+    )
+    features = kernel.check()
+    assert features.attach_types == {}
+    assert features.notes == [
+        "kernel 6.9.0-test has no BPF_CGROUP_UNIX_CONNECT hook (Linux 6.7+): connects of "
+        "sandboxed processes to unix sockets (docker.sock, containerd.sock, kubelet, ...) are "
+        "not seen"
+    ]
+
+
+def test_unreadable_btf_enum_is_said(host: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(_path: Path) -> None:
+        raise probe_btf.BTFError("not BTF data")
+
+    monkeypatch.setattr(probe_btf.BTF, "from_file", broken)
+    notes = kernel.check().notes
+    assert notes[0] == f"could not read bpf_attach_type from {host / 'btf/vmlinux'}: not BTF data"
+    assert "no BPF_CGROUP_UNIX_CONNECT hook" in notes[1]
 
 
 def test_not_root(host: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,7 +27,7 @@ EVENTS_H = ROOT / "bpf/include/events.h"
 # Python constants that mirror a C constant of another name; the rest share their C name.
 RENAMED = {"LAYOUT_VERSION": "SANDTRACE_LAYOUT_VERSION"}
 # C constants sized in the header and mirrored in Python, beyond enumerators and flags.
-SIZES = ["TASK_COMM_LEN", "ARGV_MAX", "ARGV_TAIL_MAX", "CGROUP_PATH_MAX"]
+SIZES = ["TASK_COMM_LEN", "ARGV_MAX", "ARGV_TAIL_MAX", "CGROUP_PATH_MAX", "UNIX_PATH_MAX"]
 # What a C member's type is in the struct module (byte arrays: "<size>s").
 C_TYPE_CODES = {"__u16": "H", "__u32": "I", "__s32": "i", "__u64": "Q"}
 
