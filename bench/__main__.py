@@ -7,7 +7,9 @@
 4. resident memory of a real `sandtrace watch` in steady state, and its time from start to
    the first event; and with its detection service down (memory stays flat, the spool bounded);
 5. detection-service ingest: a real `sandtrace serve` on one core fed by collector processes,
-   msgpack and JSON (bench/service.py).
+   msgpack and JSON (bench/service.py);
+6. exec identity and standard streams: hashing a new executable, the per-exec cost on a
+   cache hit, the cache's hit rate over an agent-like exec mix (bench/identity.py).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any
 
 from api.events import ConnectEvent
 from bench import Row, print_table
+from bench.identity import identity_costs
 from bench.service import free_port, service_ingest
 from collector import cgroups
 from collector import records as R
@@ -481,7 +484,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rounds", type=int, default=7, help="host overhead rounds each way")
     parser.add_argument(
-        "--only", choices=["host", "throughput", "memory", "detect", "service"], action="append"
+        "--only",
+        choices=["host", "throughput", "memory", "detect", "service", "identity"],
+        action="append",
     )
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -489,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     features = kernel.check()
     root = cgroups.find_cgroup2_root()
-    only = set(args.only or ["host", "throughput", "memory", "detect", "service"])
+    only = set(args.only or ["host", "throughput", "memory", "detect", "service", "identity"])
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmpdir:
         exe = Path(tmpdir) / "micro"
@@ -509,6 +514,8 @@ def main(argv: list[str] | None = None) -> int:
             if "service" in only:
                 rows += service_ingest()
                 rows += service_latency(exe, sandbox)
+            if "identity" in only:
+                rows += identity_costs()
         finally:
             sandbox.destroy()
             if not parent_existed:
