@@ -390,15 +390,6 @@ def target_image(
     return exe.decode("utf-8", "backslashreplace")
 
 
-def stdio_part(stdio: list[str], fd: int, peer: bool) -> str:
-    """What standard stream `fd` is ("tcp", "pipe", ...) or, with `peer`, what follows the
-    type ("PEER:PORT", a path); "" when not known."""
-    if len(stdio) <= fd:
-        return ""
-    kind, _, detail = stdio[fd].partition(":")
-    return detail if peer else kind
-
-
 # Every getter is an expression of the event `e`: generated code (matchers, correlation
 # keys) inlines the expression where it would call the getter, names from EXPR_SCOPE.
 EXPR_SCOPE: dict[str, Any] = {
@@ -410,7 +401,6 @@ EXPR_SCOPE: dict[str, Any] = {
     "_parent_exe": _parent_exe,
     "_parent_argv": _parent_argv,
     "target_image": target_image,
-    "stdio_part": stdio_part,
 }
 INLINE: dict[Getter, str] = {}
 # Getters whose values are always str, and those always lowercase str already: generated
@@ -524,12 +514,12 @@ GETTERS: dict[type, dict[str, Getter]] = {
         ),
         "GoModule": _x("e.go_module", "str"),
         "Hashes": _x('("SHA256=" + e.sha256) if e.sha256 else ""', "str"),
-        "StdinType": _x("stdio_part(e.stdio, 0, False)", "str"),
-        "StdoutType": _x("stdio_part(e.stdio, 1, False)", "str"),
-        "StderrType": _x("stdio_part(e.stdio, 2, False)", "str"),
-        "StdinPeer": _x("stdio_part(e.stdio, 0, True)", "str"),
-        "StdoutPeer": _x("stdio_part(e.stdio, 1, True)", "str"),
-        "StderrPeer": _x("stdio_part(e.stdio, 2, True)", "str"),
+        "StdinType": _x('(e.stdio[0].partition(":")[0] if len(e.stdio) > 0 else "")', "str"),
+        "StdoutType": _x('(e.stdio[1].partition(":")[0] if len(e.stdio) > 1 else "")', "str"),
+        "StderrType": _x('(e.stdio[2].partition(":")[0] if len(e.stdio) > 2 else "")', "str"),
+        "StdinPeer": _x('(e.stdio[0].partition(":")[2] if len(e.stdio) > 0 else "")', "str"),
+        "StdoutPeer": _x('(e.stdio[1].partition(":")[2] if len(e.stdio) > 1 else "")', "str"),
+        "StderrPeer": _x('(e.stdio[2].partition(":")[2] if len(e.stdio) > 2 else "")', "str"),
         "ArgvCount": _x("len(e.argv)"),
         "ArgvTruncated": _x('"true" if e.argv_truncated else "false"', "low"),
         "Fileless": _x('"true" if e.fileless else "false"', "low"),
