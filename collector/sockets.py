@@ -20,7 +20,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -109,46 +109,53 @@ _RawRow = tuple[str, str, int, str, int, str, int, int]
 # (protocol, family, state, laddr, lport, raddr, rport, inode)
 
 
-def _query_tables() -> list[_RawRow]:
-    """All TCP and UDP, IPv4 and IPv6 sockets of the calling thread's network namespace."""
+def _table_rows(diag: Any) -> Iterator[_RawRow]:
+    """The TCP and UDP, IPv4 and IPv6 sockets that a bound DiagSocket sees, one table dump
+    at a time (a caller that stops early saves the remaining dumps)."""
+    for family, family_name in ((socket.AF_INET, "ipv4"), (socket.AF_INET6, "ipv6")):
+        for proto, proto_name in ((socket.IPPROTO_TCP, "tcp"), (socket.IPPROTO_UDP, "udp")):
+            messages: Iterable[Any] = diag.get_sock_stats(
+                family=family, protocol=proto, states=_ALL_STATES
+            )
+            for msg in messages:
+                yield (
+                    proto_name,
+                    family_name,
+                    int(msg["idiag_state"]),
+                    str(msg["idiag_src"]),
+                    int(msg["idiag_sport"]),
+                    str(msg["idiag_dst"]),
+                    int(msg["idiag_dport"]),
+                    int(msg["idiag_inode"]),
+                )
+
+
+def _diag_socket() -> Any:
     try:
         from pyroute2 import DiagSocket  # noqa: PLC0415 (heavy, only needed here)
     except ImportError as exc:
         raise SocketSnapshotError(f"pyroute2 is not available ({exc}); {PYROUTE2_HINT}") from exc
-    rows: list[_RawRow] = []
+    return DiagSocket()
+
+
+def _diag_failed(exc: Exception) -> SocketSnapshotError:
+    return SocketSnapshotError(
+        f"reading the socket tables through sock_diag netlink failed ({exc!r}); "
+        "this needs a kernel with inet_diag/tcp_diag/udp_diag (CONFIG_INET_DIAG, "
+        "CONFIG_INET_UDP_DIAG)"
+    )
+
+
+def _query_tables() -> list[_RawRow]:
+    """All TCP and UDP, IPv4 and IPv6 sockets of the calling thread's network namespace."""
     try:
-        with DiagSocket() as diag:
+        with _diag_socket() as diag:
             diag.bind()
-            for family, family_name in ((socket.AF_INET, "ipv4"), (socket.AF_INET6, "ipv6")):
-                for proto, proto_name in (
-                    (socket.IPPROTO_TCP, "tcp"),
-                    (socket.IPPROTO_UDP, "udp"),
-                ):
-                    messages: Iterable[Any] = diag.get_sock_stats(
-                        family=family, protocol=proto, states=_ALL_STATES
-                    )
-                    rows.extend(
-                        (
-                            proto_name,
-                            family_name,
-                            int(msg["idiag_state"]),
-                            str(msg["idiag_src"]),
-                            int(msg["idiag_sport"]),
-                            str(msg["idiag_dst"]),
-                            int(msg["idiag_dport"]),
-                            int(msg["idiag_inode"]),
-                        )
-                        for msg in messages
-                    )
+            return list(_table_rows(diag))
     except SocketSnapshotError:
         raise
     except Exception as exc:  # pyroute2 raises assorted types for netlink failures
-        raise SocketSnapshotError(
-            f"reading the socket tables through sock_diag netlink failed ({exc!r}); "
-            "this needs a kernel with inet_diag/tcp_diag/udp_diag (CONFIG_INET_DIAG, "
-            "CONFIG_INET_UDP_DIAG)"
-        ) from exc
-    return rows
+        raise _diag_failed(exc) from exc
 
 
 def _setns(fd: int) -> None:
@@ -299,14 +306,10 @@ def _query_unix(diag: Any, inode: int) -> Any | None:
 
 def _find_socket_here(inode: int) -> HeldSocket | UnixSocket | None:
     """The socket `inode` in the calling thread's network namespace: a unix socket by an
-    exact lookup, else from the TCP and UDP tables; None when it is in neither (another
-    family, or closed)."""
+    exact lookup, else from the TCP and UDP tables (dumped until it is found); None when it
+    is in neither (another family, or closed)."""
     try:
-        from pyroute2 import DiagSocket  # noqa: PLC0415
-    except ImportError as exc:
-        raise SocketSnapshotError(f"pyroute2 is not available ({exc}); {PYROUTE2_HINT}") from exc
-    try:
-        with DiagSocket() as diag:
+        with _diag_socket() as diag:
             diag.bind()
             msg = _query_unix(diag, inode)
             if msg is not None:
@@ -315,22 +318,26 @@ def _find_socket_here(inode: int) -> HeldSocket | UnixSocket | None:
                 return UnixSocket(
                     inode, _unix_name(msg), peer, _unix_name(peer_msg) if peer_msg else ""
                 )
+            for protocol, family, state, laddr, lport, raddr, rport, ino in _table_rows(diag):
+                if ino == inode:
+                    unconnected = protocol == "udp" and state == _TCP_CLOSE
+                    return HeldSocket(
+                        pid=0,
+                        protocol=protocol,
+                        family=family,
+                        state="unconnected"
+                        if unconnected
+                        else TCP_STATES.get(state, f"state{state}"),
+                        laddr=laddr,
+                        lport=lport,
+                        raddr=raddr,
+                        rport=rport,
+                        inode=ino,
+                    )
+    except SocketSnapshotError:
+        raise
     except Exception as exc:  # pyroute2 raises assorted types for netlink failures
-        raise SocketSnapshotError(f"sock_diag unix lookup failed ({exc!r})") from exc
-    for protocol, family, state, laddr, lport, raddr, rport, ino in _query_tables():
-        if ino == inode:
-            unconnected = protocol == "udp" and state == _TCP_CLOSE
-            return HeldSocket(
-                pid=0,
-                protocol=protocol,
-                family=family,
-                state="unconnected" if unconnected else TCP_STATES.get(state, f"state{state}"),
-                laddr=laddr,
-                lport=lport,
-                raddr=raddr,
-                rport=rport,
-                inode=ino,
-            )
+        raise _diag_failed(exc) from exc
     return None
 
 
