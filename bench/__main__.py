@@ -9,7 +9,9 @@
 5. detection-service ingest: a real `sandtrace serve` on one core fed by collector processes,
    msgpack and JSON (bench/service.py);
 6. exec identity and standard streams: hashing a new executable, the per-exec cost on a
-   cache hit, the cache's hit rate over an agent-like exec mix (bench/identity.py).
+   cache hit, the cache's hit rate over an agent-like exec mix (bench/identity.py);
+7. what each short process costs a real `watch`: its CPU against a fork+exec loop's at
+   100/s, 1,000/s and unpaced, and idle (bench/lifecycle.py).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from typing import Any
 from api.events import ConnectEvent
 from bench import Row, print_table
 from bench.identity import identity_costs
+from bench.lifecycle import lifecycle
 from bench.service import free_port, service_ingest
 from collector import cgroups
 from collector import records as R
@@ -485,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7, help="host overhead rounds each way")
     parser.add_argument(
         "--only",
-        choices=["host", "throughput", "memory", "detect", "service", "identity"],
+        choices=["host", "throughput", "memory", "detect", "service", "identity", "lifecycle"],
         action="append",
     )
     args = parser.parse_args(argv)
@@ -494,7 +497,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     features = kernel.check()
     root = cgroups.find_cgroup2_root()
-    only = set(args.only or ["host", "throughput", "memory", "detect", "service", "identity"])
+    only = set(
+        args.only or ["host", "throughput", "memory", "detect", "service", "identity", "lifecycle"]
+    )
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmpdir:
         exe = Path(tmpdir) / "micro"
@@ -516,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows += service_latency(exe, sandbox)
             if "identity" in only:
                 rows += identity_costs()
+            if "lifecycle" in only:
+                rows += lifecycle(sandbox)
         finally:
             sandbox.destroy()
             if not parent_existed:
