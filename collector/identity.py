@@ -169,18 +169,23 @@ class Identities:
         info = read_buildinfo(lambda offset, n: os.pread(fd, n, offset), size)
         if size > self.max_bytes:
             return Identity("", b"", go_module(info))
-        sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+        sha = hashlib.sha256()
+        # MD5 only to find the file among the package manager's digests, when there are any
+        md5 = hashlib.md5(usedforsecurity=False) if self.packages is not None else None
         done = 0
         while done < size:
             chunk = os.pread(fd, min(CHUNK, size - done), done)
             if not chunk:
                 break
             sha.update(chunk)
-            md5.update(chunk)
+            if md5 is not None:
+                md5.update(chunk)
             done += len(chunk)
         if done != size:
             raise OSError(f"file changed while read ({done} of {size} bytes)")
-        original = self.packages.original(md5.digest(), item.exe) if self.packages else b""
+        original = b""
+        if self.packages is not None and md5 is not None:
+            original = self.packages.original(md5.digest(), item.exe)
         return Identity(sha.hexdigest(), original, go_module(info))
 
     def settle(self, item: PendingFile) -> Identity | None:
