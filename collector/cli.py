@@ -117,9 +117,9 @@ def _engine(args: argparse.Namespace) -> Engine | None:
     return Engine(rules, egress)
 
 
-def _enricher() -> ExecEnricher:
+def _enricher(packages: PackageIndex | None = None) -> ExecEnricher:
     """Exec identity and standard streams; a host without a dpkg database is said once."""
-    packages = PackageIndex()
+    packages = packages or PackageIndex()
     if not packages.available():
         print(
             "sandtrace: no dpkg database: renamed system binaries are recognised by name only",

@@ -15,10 +15,13 @@ import concurrent.futures
 from dataclasses import dataclass, field
 
 import msgspec
+import structlog
 
 from api.events import AnyEvent, ExecEvent
 from collector.identity import FileKey, Identities, Identity, PendingFile
 from collector.stdio import UNKNOWN, PendingSocket, StdioReader
+
+log = structlog.get_logger("sandtrace.collector")
 
 
 @dataclass(slots=True)
@@ -40,14 +43,23 @@ class Batch:
     open: list[_Open] = field(default_factory=list)
 
     def work(self) -> None:
-        """The slow half, in the worker thread: read new files, look up sockets."""
+        """The slow half, in the worker thread: read new files, look up sockets. Whatever
+        fails is logged and left unanswered; the events go on without it."""
         for item in self.files.values():
-            self.enricher.identities.resolve(item)
+            try:
+                self.enricher.identities.resolve(item)
+            except Exception:  # a bug here must not stop the events
+                log.exception("reading an executed file failed", key=item.key)
         memo: dict[tuple[int, int], str] = {}
         for o in self.open:
             if o.sockets:
                 pid = o.event.process.pid
-                self.enricher.stdio.resolve_sockets(pid, o.stdio, o.sockets, memo)
+                try:
+                    self.enricher.stdio.resolve_sockets(pid, o.stdio, o.sockets, memo)
+                except Exception:
+                    log.exception("looking up a standard stream's socket failed", pid=pid)
+                for s in o.sockets:
+                    o.stdio[s.fd] = o.stdio[s.fd] or "socket"
 
     def apply(self) -> None:
         """Back on the event loop: cache what was read and complete the waiting events."""

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from api.events import Alert, AnyEvent, ExecEvent, ExitEvent, Process
+from collector import cli
 from collector import records as R
 from collector.assemble import Assembler, Scope
 from collector.enrich import ExecEnricher
@@ -486,3 +487,43 @@ def test_pipeline_fills_exec_events_in_order(
     assert totals.enrich["identity_misses"] == 1
     assert totals.enrich["identity_hits"] == 0  # the second exec waited on the same read
     assert isinstance(first.process, Process)
+
+
+def test_a_host_without_dpkg_is_told_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    enricher = cli._enricher(PackageIndex(tmp_path))
+    try:
+        assert enricher.identities.packages is None
+        assert capsys.readouterr().err == (
+            "sandtrace: no dpkg database: renamed system binaries are recognised by name only\n"
+        )
+    finally:
+        enricher.close()
+    enricher = cli._enricher(PackageIndex())
+    enricher.close()
+    assert capsys.readouterr().err == ""
+
+
+def test_a_failing_worker_leaves_the_events_unanswered_not_stopped(
+    sleeper: tuple[subprocess.Popen[bytes], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proc, copy = sleeper
+    wait_exec(proc.pid, copy.stat().st_ino)
+    enricher = ExecEnricher(Identities(None), StdioReader())
+
+    def broken(_item: PendingFile) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(enricher.identities, "resolve", broken)
+    asm = Assembler([Scope("box", ["/"])], lambda _id: "/", lambda _p: "", host="h")
+    events, _ = asm.feed_batches([[exec_record(proc.pid, copy)]])
+    batch = enricher.begin(events)
+    assert batch is not None
+    batch.work()
+    batch.apply()
+    (ev,) = events
+    assert isinstance(ev, ExecEvent)
+    assert (ev.sha256, ev.stdio[0]) == ("", "null")
+    assert enricher.identities.stats.failures == 1
+    enricher.close()
