@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -85,15 +86,17 @@ def spawn(stack: ExitStack, **fds: Any) -> int:
 
 
 def wait_exec(pid: int) -> None:
+    """Return once `pid` runs sleep (a loaded machine may take a while to exec)."""
     sleep = Path("/usr/bin/sleep").resolve().stat().st_ino
-    for _ in range(1000):
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
         try:
             if Path(f"/proc/{pid}/exe").stat().st_ino == sleep:
                 return
         except OSError:
             pass
-        os.sched_yield()
-    raise AssertionError("not exec'd")
+        time.sleep(0.001)
+    raise AssertionError(f"{pid} did not exec sleep within 20 s")
 
 
 def read_all(reader: StdioReader, pid: int) -> list[str]:
