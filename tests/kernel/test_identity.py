@@ -237,3 +237,53 @@ def test_unix_socket_and_tty_streams(
     assert isinstance(done, ExecEvent)
     assert done.stdio == [f"unix:{path}", "tty", f"unix:{path}"]
     assert done.original_exe == os.path.realpath("/usr/bin/sleep").encode()
+
+
+@pytest.fixture
+def overlay(tmp_path: Path) -> Iterator[Path]:
+    """An overlayfs mount (as container sandboxes run from), unmounted at the end."""
+    for d in ("lower", "upper", "work", "merged"):
+        (tmp_path / d).mkdir()
+    merged = tmp_path / "merged"
+    subprocess.run(
+        ["mount", "-t", "overlay", "overlay", "-o",
+         f"lowerdir={tmp_path / 'lower'},upperdir={tmp_path / 'upper'},"
+         f"workdir={tmp_path / 'work'}", str(merged)],
+        check=True,
+    )  # fmt: skip
+    try:
+        yield merged
+    finally:
+        subprocess.run(["umount", "-l", str(merged)], check=True)
+
+
+def test_a_program_on_overlayfs_running_and_gone(
+    tracer: Tracer,
+    enricher: ExecEnricher,
+    procs: list[subprocess.Popen[bytes]],
+    overlay: Path,
+) -> None:
+    """A renamed copy in the overlay's lower layer, seen through the merged mount: while it
+    runs (through /proc/PID/exe) and after it exited (through its path): the inode the
+    kernel reports is the one both give."""
+    lower = overlay.parent / "lower"
+    renamed_copy("/usr/bin/sleep", lower, "runner")
+    renamed_copy("/usr/bin/true", lower, "quick")
+    with tracer.sandbox() as sb:
+        proc = sb.spawn([str(overlay / "runner"), "60"], stdin=subprocess.DEVNULL,
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        procs.append(proc)
+        running = exec_of(tracer, sb, proc.pid)
+        pid, _, _ = sb.run([str(overlay / "quick")])
+        gone = exec_of(tracer, sb, pid)
+        done = complete(enricher, [running, gone])
+    assert [e.process.exe for e in (running, gone)] == [
+        str(overlay / "runner").encode(),
+        str(overlay / "quick").encode(),
+    ]
+    first, second = done
+    assert isinstance(first, ExecEvent) and isinstance(second, ExecEvent)
+    assert (first.sha256, first.original_exe) == (sha256_of(lower / "runner"), b"/usr/bin/sleep")
+    assert first.stdio == ["null", "null", "null"]
+    assert (second.sha256, second.original_exe) == (sha256_of(lower / "quick"), b"/usr/bin/true")
+    assert second.stdio == ["unknown"] * 3
