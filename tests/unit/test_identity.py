@@ -530,3 +530,30 @@ def test_a_failing_worker_leaves_the_events_unanswered_not_stopped(
     assert (ev.sha256, ev.stdio[0]) == ("", "null")
     assert enricher.identities.stats.failures == 1
     enricher.close()
+
+
+def test_a_fileless_program_is_read_from_its_memfd(packages: PackageIndex) -> None:
+    """A memfd holding a copy of sleep, exec'd by descriptor: no path anywhere, yet the
+    running process's file is read (and recognised) through /proc/PID/exe."""
+    content = Path("/usr/bin/sleep").read_bytes()
+    fd = os.memfd_create("payload", 0)
+    try:
+        os.write(fd, content)
+        fexecve = "import os, sys; os.execve(int(sys.argv[1]), ['x', '60'], {})"
+        proc = subprocess.Popen(["/usr/bin/python3", "-c", fexecve, str(fd)], pass_fds=(fd,))
+        inode = os.fstat(fd).st_ino
+    finally:
+        os.close(fd)
+    try:
+        wait_exec(proc.pid, inode)
+        ids = Identities(packages)
+        pending: dict[Any, PendingFile] = {}
+        got, live = ids.find(proc.pid, inode, b"/memfd:payload (deleted)", pending)
+        assert live and isinstance(got, PendingFile)
+        ids.resolve(got)
+        assert ids.settle(got) == Identity(
+            hashlib.sha256(content).hexdigest(), b"/usr/bin/sleep", ""
+        )
+    finally:
+        proc.kill()
+        proc.wait()
