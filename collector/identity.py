@@ -122,6 +122,8 @@ class Identities:
         if waiting is not None:
             return waiting, live
         fd = self._open(proc_exe if live else os.fsdecode(exe), key)
+        if fd is None and live and self._stat_path(exe, exe_inode) is not None:
+            fd = self._open(os.fsdecode(exe), key)  # it exited between the stat and the open
         if fd is None:
             self.stats.failures += 1
             return None, live
