@@ -390,6 +390,26 @@ def target_image(
     return exe.decode("utf-8", "backslashreplace")
 
 
+_PROCESS_TARGETS: dict[tuple[bytes, ...], str] = {}
+
+
+def process_target(exe: bytes, argv: list[bytes]) -> str:
+    """target_image of a running process (network events: no execve name, no working
+    directory), worked out once per interpreter command line: a process connects many times
+    with the same argv."""
+    if _options_of(exe) is None:
+        return exe.decode("utf-8", "backslashreplace")
+    if len(argv) > 16:  # kept out of the memo: long command lines would fill it
+        return target_image(exe, b"", argv, b"")
+    key = (exe, *argv)
+    target = _PROCESS_TARGETS.get(key)
+    if target is None:
+        if len(_PROCESS_TARGETS) >= 4096:
+            _PROCESS_TARGETS.clear()
+        target = _PROCESS_TARGETS[key] = target_image(exe, b"", argv, b"")
+    return target
+
+
 # Every getter is an expression of the event `e`: generated code (matchers, correlation
 # keys) inlines the expression where it would call the getter, names from EXPR_SCOPE.
 EXPR_SCOPE: dict[str, Any] = {
@@ -401,6 +421,7 @@ EXPR_SCOPE: dict[str, Any] = {
     "_parent_exe": _parent_exe,
     "_parent_argv": _parent_argv,
     "target_image": target_image,
+    "process_target": process_target,
 }
 INLINE: dict[Getter, str] = {}
 # Getters whose values are always str, and those always lowercase str already: generated
@@ -459,7 +480,7 @@ def _x(source: str, form: str = "") -> Getter:
 # Network events carry the process's current argv and parent from the process table.
 COMMON_GETTERS: dict[str, Getter] = {
     "Image": _decoding("e.process.exe"),
-    "TargetImage": _x('target_image(e.process.exe, b"", _argv(e), b"")', "str"),
+    "TargetImage": _x("process_target(e.process.exe, e.process.argv)", "str"),
     "CommandLine": _x("command_line(_argv(e))"),
     "Argv": _x('[a.decode("utf-8", "backslashreplace") for a in _argv(e)]'),
     "ProcessId": _x("e.process.pid"),
