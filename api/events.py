@@ -189,6 +189,27 @@ class CgroupMoveEvent(Event, tag="cgroup_move"):
     left_sandbox: bool = False  # the destination lies outside every traced cgroup
 
 
+class RawSocketEvent(Event, tag="raw_socket"):
+    """A raw IP socket a traced process made: it can craft packets no connect or bind shows."""
+
+    kind: ClassVar[str] = "raw_socket"
+
+    family: str = ""  # "ipv4" | "ipv6"
+    protocol: str = ""  # the IP protocol it was opened for: "icmp", "tcp", "udp", "ip/<n>"
+    protocol_number: int = 0  # as given to socket(): 255 is IPPROTO_RAW
+
+
+class IoUringEvent(Event, tag="io_uring"):
+    """An io_uring instance a traced process set up (io_uring_setup)."""
+
+    kind: ClassVar[str] = "io_uring"
+
+    fd: int = 0  # the ring's file descriptor
+    sq_entries: int = 0
+    cq_entries: int = 0
+    flags: int = 0  # IORING_SETUP_*
+
+
 class LostEvent(_Record, tag_field="kind", tag="lost"):
     """Records that could not be delivered since the previous LostEvent, by cause."""
 
@@ -234,6 +255,8 @@ AnyEvent = (
     | SocketEvent
     | CgroupMoveEvent
     | LostEvent
+    | RawSocketEvent
+    | IoUringEvent
 )
 
 EVENT_TYPES: dict[str, type[Any]] = {
@@ -249,6 +272,8 @@ EVENT_TYPES: dict[str, type[Any]] = {
         CgroupMoveEvent,
         LostEvent,
         Alert,
+        RawSocketEvent,
+        IoUringEvent,
     )
 }
 

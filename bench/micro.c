@@ -53,6 +53,11 @@ int main(int argc, char **argv)
 			close(s);
 		}
 		t1 = now();
+	} else if (!strcmp(what, "socket")) {
+		t0 = now();
+		for (long i = 0; i < n; i++)
+			close(socket(AF_INET, SOCK_DGRAM, 0));
+		t1 = now();
 	} else if (!strcmp(what, "unix-connect")) {
 		/* a datagram unix socket (re)connecting to a bound one: an abstract name, so that
 		 * nothing is left on disk */

@@ -9,3 +9,5 @@
 #include "sock_addr.bpf.c"
 #include "tcp_state.bpf.c"
 #include "unix_connect.bpf.c"
+#include "sock_create.bpf.c"
+#include "io_uring.bpf.c"

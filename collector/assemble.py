@@ -22,8 +22,10 @@ from api.events import (
     ExecEvent,
     ExitEvent,
     ForkEvent,
+    IoUringEvent,
     ListenEvent,
     Process,
+    RawSocketEvent,
     SocketEvent,
 )
 from collector import records as R
@@ -69,6 +71,14 @@ def protocol_name(sock_type: int, protocol: int) -> str:
     if protocol == IPPROTO_UDP or (protocol == 0 and sock_type == SOCK_DGRAM):
         return "udp"
     return f"ip/{protocol}"
+
+
+IP_PROTOCOLS = {0: "ip", 1: "icmp", 2: "igmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp",
+                255: "raw"}  # fmt: skip
+
+
+def ip_protocol_name(protocol: int) -> str:
+    return IP_PROTOCOLS.get(protocol, f"ip/{protocol}")
 
 
 def errno_name(err: int) -> str:
@@ -245,6 +255,25 @@ class Assembler:
                 return [self._cgroup_move(rec)]
             case R.UnixConnectRecord():
                 return [self._unix_connect(rec)]
+            case R.SockCreateRecord():
+                return [
+                    RawSocketEvent(
+                        **self._common(rec),
+                        family=family_name(rec.family),
+                        protocol=ip_protocol_name(rec.protocol),
+                        protocol_number=rec.protocol,
+                    )
+                ]
+            case R.IoUringRecord():
+                return [
+                    IoUringEvent(
+                        **self._common(rec),
+                        fd=rec.fd,
+                        sq_entries=rec.sq_entries,
+                        cq_entries=rec.cq_entries,
+                        flags=rec.flags,
+                    )
+                ]
 
     def held_socket(self, h: R.Header, sock: HeldSocket) -> SocketEvent:
         """A socket the process already held when tracing started."""

@@ -29,7 +29,9 @@ REC_TCP_STATE = 5
 REC_BIND = 6
 REC_CGROUP_MOVE = 7
 REC_UNIX_CONNECT = 8
-REC_MAX = 9
+REC_SOCK_CREATE = 9
+REC_IO_URING = 10
+REC_MAX = 11
 
 RECORD_NAMES = {
     REC_EXEC: "exec",
@@ -40,6 +42,8 @@ RECORD_NAMES = {
     REC_BIND: "bind",
     REC_CGROUP_MOVE: "cgroup_move",
     REC_UNIX_CONNECT: "unix_connect",
+    REC_SOCK_CREATE: "sock_create",
+    REC_IO_URING: "io_uring",
 }
 
 # enum error_counter: slots of the kernel's per-CPU `errors` map.
@@ -312,6 +316,52 @@ class UnixConnectRecord(NamedTuple):
     path: UnixPath
 
 
+class SockCreateRecord(NamedTuple):
+    """struct sock_create_record: a raw IP socket a traced process made."""
+
+    type: U16
+    version: U16
+    size: U32
+    ktime_ns: U64
+    cgroup_id: U64
+    start_ns: U64
+    pid: U32
+    tid: U32
+    ns_pid: U32
+    ppid: U32
+    uid: U32
+    gid: U32
+    sandbox: U32
+    comm: Comm
+    cookie: U64
+    family: U32
+    sock_type: U32
+    protocol: U32
+
+
+class IoUringRecord(NamedTuple):
+    """struct io_uring_record: an io_uring instance a traced process set up."""
+
+    type: U16
+    version: U16
+    size: U32
+    ktime_ns: U64
+    cgroup_id: U64
+    start_ns: U64
+    pid: U32
+    tid: U32
+    ns_pid: U32
+    ppid: U32
+    uid: U32
+    gid: U32
+    sandbox: U32
+    comm: Comm
+    fd: S32
+    sq_entries: U32
+    cq_entries: U32
+    flags: U32  # IORING_SETUP_*
+
+
 AnyRecord = (
     ExecRecord
     | ForkRecord
@@ -321,6 +371,8 @@ AnyRecord = (
     | BindRecord
     | CgroupMoveRecord
     | UnixConnectRecord
+    | SockCreateRecord
+    | IoUringRecord
 )
 
 RECORD_CLASSES: dict[int, type[AnyRecord]] = {
@@ -332,6 +384,8 @@ RECORD_CLASSES: dict[int, type[AnyRecord]] = {
     REC_BIND: BindRecord,
     REC_CGROUP_MOVE: CgroupMoveRecord,
     REC_UNIX_CONNECT: UnixConnectRecord,
+    REC_SOCK_CREATE: SockCreateRecord,
+    REC_IO_URING: IoUringRecord,
 }
 
 
@@ -345,6 +399,8 @@ C_STRUCTS: dict[type[Header | AnyRecord], str] = {
     BindRecord: "bind_record",
     CgroupMoveRecord: "cgroup_move_record",
     UnixConnectRecord: "unix_connect_record",
+    SockCreateRecord: "sock_create_record",
+    IoUringRecord: "io_uring_record",
 }
 
 

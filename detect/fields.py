@@ -2,8 +2,9 @@
 
 Exec events are Sigma's ``product: linux, category: process_creation``; connect events are
 ``network_connection``; bind, listen and held-socket events are sandtrace's own
-``network_listen``. Each category's field set is fixed and documented here, so that a rule
-naming a field sandtrace does not provide is refused at load time, never silently dead.
+``network_listen``; raw sockets and io_uring instances sandtrace's own ``kernel_interface``.
+Each category's field set is fixed and documented here, so that a rule naming a field
+sandtrace does not provide is refused at load time, never silently dead.
 
 String fields hold text (bytes from the traced process decoded as UTF-8 with invalid bytes
 escaped as \\xNN); list fields (``Argv``, ``AncestorImages``) match when any element does.
@@ -28,7 +29,9 @@ from api.events import (
     ConnectEvent,
     Event,
     ExecEvent,
+    IoUringEvent,
     ListenEvent,
+    RawSocketEvent,
     SocketEvent,
 )
 
@@ -36,6 +39,9 @@ PRODUCT = "linux"
 PROCESS_CREATION = "process_creation"
 NETWORK_CONNECTION = "network_connection"
 NETWORK_LISTEN = "network_listen"  # sandtrace's own: bind, listen, sockets held at start
+# sandtrace's own: kernel interfaces that get around what the connect and bind hooks show,
+# raw IP sockets and io_uring instances
+KERNEL_INTERFACE = "kernel_interface"
 
 # Fields every category has: who did it, in which sandbox.
 COMMON_FIELDS = {
@@ -115,6 +121,15 @@ CATEGORY_FIELDS: dict[str, dict[str, str]] = {
         "State": "held sockets: listen, established, unconnected, ...",
         "Outcome": "success or error",
     },
+    KERNEL_INTERFACE: {
+        **COMMON_FIELDS,
+        "Action": "raw_socket (a raw IP socket was made) or io_uring (a ring was set up)",
+        "Family": "raw sockets: ipv4 or ipv6",
+        "Protocol": "raw sockets: the IP protocol, icmp, icmpv6, tcp, udp, raw, ip/<n>",
+        "ProtocolNumber": "raw sockets: the protocol number given to socket()",
+        "Flags": "io_uring: its IORING_SETUP_* flags",
+        "SqEntries": "io_uring: submission queue entries",
+    },
 }
 
 
@@ -192,6 +207,8 @@ def category_of_type(etype: type) -> str | None:
         return NETWORK_CONNECTION
     if issubclass(etype, BindEvent | ListenEvent | SocketEvent):
         return NETWORK_LISTEN
+    if issubclass(etype, RawSocketEvent | IoUringEvent):
+        return KERNEL_INTERFACE
     return None
 
 
@@ -586,6 +603,24 @@ GETTERS: dict[type, dict[str, Getter]] = {
         "LocalPort": _x("e.lport"),
         "State": _x("e.state", "str"),
         "Outcome": _const("success"),
+    },
+    RawSocketEvent: {
+        **COMMON_GETTERS,
+        "Action": _const("raw_socket"),
+        "Family": _x("e.family", "str"),
+        "Protocol": _x("e.protocol", "str"),
+        "ProtocolNumber": _x("e.protocol_number"),
+        "Flags": _x("0"),
+        "SqEntries": _x("0"),
+    },
+    IoUringEvent: {
+        **COMMON_GETTERS,
+        "Action": _const("io_uring"),
+        "Family": _const(""),
+        "Protocol": _const(""),
+        "ProtocolNumber": _x("0"),
+        "Flags": _x("e.flags"),
+        "SqEntries": _x("e.sq_entries"),
     },
 }
 """Per event type, how each Sigma field is read from the event (on demand: most rules read

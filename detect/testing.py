@@ -30,10 +30,12 @@ from api.events import (
     BindEvent,
     ConnectEvent,
     ExecEvent,
+    IoUringEvent,
     ListenEvent,
     Process,
+    RawSocketEvent,
 )
-from detect.fields import NETWORK_CONNECTION, NETWORK_LISTEN, PROCESS_CREATION
+from detect.fields import KERNEL_INTERFACE, NETWORK_CONNECTION, NETWORK_LISTEN, PROCESS_CREATION
 
 T0 = 1_800_000_000 * 1_000_000_000
 
@@ -55,6 +57,7 @@ KNOWN_FIELDS = frozenset({
     "DestinationPort", "SourceIp", "SourcePort", "Outcome", "ErrnoName", "Action", "LocalIp",
     "LocalPort", "RequestedPort", "Initiated", "DestinationIsIpv6", "ExecFileName", "GoModule",
     "Sha256", "Stdio", "Comm", "DestinationPath", "DestinationImage", "DestinationProcessId",
+    "Family", "ProtocolNumber", "Flags", "SqEntries",
 })  # fmt: skip
 # OriginalFileName sets the packaged file the executable copies (original_exe); GoModule the
 # Go main module; Sha256 the digest (Hashes reads "SHA256=<it>"); Stdio the three standard
@@ -178,6 +181,21 @@ def event_from_fields(category: str, fields: dict[str, Any], at: float = 0.0) ->
             family=family,
             addr=addr,
             port=port,
+        )
+    if category == KERNEL_INTERFACE:
+        if fields.get("Action", "raw_socket") == "io_uring":
+            return IoUringEvent(
+                **common,
+                fd=5,
+                sq_entries=int(fields.get("SqEntries", 8)),
+                cq_entries=2 * int(fields.get("SqEntries", 8)),
+                flags=int(fields.get("Flags", 0)),
+            )
+        return RawSocketEvent(
+            **common,
+            family=str(fields.get("Family", "ipv4")),
+            protocol=str(fields.get("Protocol", "icmp")),
+            protocol_number=int(fields.get("ProtocolNumber", 1)),
         )
     raise ValueError(f"unknown category {category!r}")
 

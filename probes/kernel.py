@@ -31,10 +31,20 @@ class KernelFeatures:
     # Optional cgroup attach types this kernel has (OPTIONAL_HOOKS), with their values in its
     # enum bpf_attach_type: read from BTF, since BCC's own table predates the newer ones.
     attach_types: dict[str, int] = field(default_factory=dict)
+    io_uring_tracepoint: bool = False  # io_uring:io_uring_create exists
+
+
+BLIND_SPOTS = [
+    "AF_PACKET sockets made in sandboxes are not seen: the cgroup sock_create hook sees inet "
+    "sockets only, and the hooks that would see them (a syscall tracepoint on socket(), a "
+    "tracepoint on every send) would slow every process on the host",
+]
+"""What no hook sandtrace uses can see on any kernel; said at startup with the notes."""
 
 
 # Optional cgroup hooks: attach type -> (the kernel that brought it, what is missed without it).
 OPTIONAL_HOOKS: dict[str, tuple[str, str]] = {
+    "BPF_CGROUP_INET_SOCK_CREATE": ("4.10", "raw IP sockets made in sandboxes are not seen"),
     "BPF_CGROUP_UNIX_CONNECT": (
         "6.7",
         "connects of sandboxed processes to unix sockets (docker.sock, containerd.sock, "
@@ -131,7 +141,14 @@ def check(require_root: bool = True) -> KernelFeatures:
     if not group_dead:
         notes.append("sched_process_exit has no group_dead: process exit taken at leader exit")
     attach_types = optional_attach_types(notes, release)
-    return KernelFeatures(release, ring, group_dead, notes, attach_types)
+    io_uring = (TRACEFS / "events" / "io_uring" / "io_uring_create").is_dir()
+    if not io_uring:
+        notes.append(
+            "tracepoint io_uring:io_uring_create is missing (no io_uring in this kernel): "
+            "io_uring instances are not reported"
+        )
+    notes.extend(BLIND_SPOTS)
+    return KernelFeatures(release, ring, group_dead, notes, attach_types, io_uring)
 
 
 def possible_cpus() -> int:

@@ -42,7 +42,9 @@ enum record_type {
 	REC_BIND = 6,
 	REC_CGROUP_MOVE = 7,
 	REC_UNIX_CONNECT = 8,
-	REC_MAX = 9,
+	REC_SOCK_CREATE = 9,
+	REC_IO_URING = 10,
+	REC_MAX = 11,
 };
 
 /* Failures that cost a probe some of its state, not a record: each indexes the per-CPU
@@ -195,6 +197,26 @@ struct unix_connect_record {
 	__u32 path_size; /* bytes of sun_path the caller gave; an abstract name starts with NUL */
 	char path[UNIX_PATH_MAX];
 	__u32 _pad0;
+};
+
+/* A raw IP socket a traced process made (the cgroup sock_create hook, which sees inet
+ * sockets only). */
+struct sock_create_record {
+	struct record_header hdr;
+	__u64 cookie;
+	__u32 family;
+	__u32 sock_type;
+	__u32 protocol;
+	__u32 _pad0;
+};
+
+/* An io_uring instance a traced process set up (io_uring:io_uring_create). */
+struct io_uring_record {
+	struct record_header hdr;
+	__s32 fd;
+	__u32 sq_entries;
+	__u32 cq_entries;
+	__u32 flags; /* IORING_SETUP_* */
 };
 
 #endif /* SANDTRACE_EVENTS_H */

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from collector import cgroups
+from tests.kernel.tracer import first_line_after_notes, without_notes
 
 SANDTRACE = [sys.executable, "-m", "sandtrace"]
 ROOT_DIR = Path(__file__).resolve().parents[2]
@@ -50,7 +51,7 @@ def test_run_exits_with_the_command_code_and_leaves_nothing() -> None:
         check=False,
     )
     assert proc.returncode == 5, proc.stderr
-    leftover = int(proc.stderr.splitlines()[1])
+    leftover = int(without_notes(proc.stderr)[1])
     events = [json.loads(line) for line in proc.stdout.splitlines()]
     execs = [e for e in events if e["kind"] == "exec"]
     assert [e["argv"][0] for e in execs] == ["sh", "sleep"]
@@ -74,7 +75,7 @@ def test_watch_stops_on_sigterm_and_unloads() -> None:
             cwd=ROOT_DIR,
         )
         assert proc.stderr is not None
-        line = proc.stderr.readline()
+        line = first_line_after_notes(proc.stderr)
         assert "watching" in line and "SIGTERM" in line
         assert len(prog_ids() - before) >= 10  # the probes are loaded while it runs
         proc.send_signal(signal.SIGTERM)

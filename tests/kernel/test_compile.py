@@ -9,7 +9,6 @@ compiles; cgroup socket programs are loaded here, never attached).
 
 from __future__ import annotations
 
-import itertools
 import re
 import shutil
 from pathlib import Path
@@ -76,7 +75,13 @@ def test_program_files_compile_in_any_order(tmp_path: Path) -> None:
     bpf_dir = tmp_path / "bpf"
     shutil.copytree(BPF_DIR, bpf_dir)
     everything: set[str] | None = None
-    for order in itertools.permutations(PROGRAM_FILES):
+    # Every rotation of the list and of its reverse: each file comes first, last, and after
+    # each of its neighbours either way (all permutations of 7 files would be 5040 builds).
+    n = len(PROGRAM_FILES)
+    orders = [
+        files[i:] + files[:i] for files in (PROGRAM_FILES, PROGRAM_FILES[::-1]) for i in range(n)
+    ]
+    for order in orders:
         (bpf_dir / "order.bpf.c").write_text("".join(f'#include "{f}"\n' for f in order))
         names = set(compile_and_load(build_source(bpf_dir, "order.bpf.c"), ProbeConfig()))
         assert everything is None or names == everything, order

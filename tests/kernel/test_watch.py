@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from collector import cgroups
-from tests.kernel.tracer import PYTHON
+from tests.kernel.tracer import PYTHON, first_line_after_notes
 
 ROOT_DIR = Path(__file__).resolve().parents[2]
 
@@ -57,7 +57,7 @@ def test_watch_reports_held_sockets_then_live_events() -> None:
             cwd=ROOT_DIR,
         )
         assert watch.stdout is not None and watch.stderr is not None
-        assert "watching" in watch.stderr.readline()
+        assert "watching" in first_line_after_notes(watch.stderr)
         held = [json.loads(watch.stdout.readline()) for _ in range(2)]
         mine = {
             (e["protocol"], e["family"], e["state"], e["lport"])

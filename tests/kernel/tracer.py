@@ -124,8 +124,40 @@ def one(events: list[AnyEvent], kind: str, pid: int | None = None) -> Any:
     return found[0]
 
 
+def startup_notes() -> set[str]:
+    """The lines a sandtrace command prints first: this kernel's notes (probes.kernel)."""
+    from probes import kernel  # noqa: PLC0415
+
+    return {f"sandtrace: {note}" for note in kernel.check().notes}
+
+
+def without_notes(stderr: str) -> list[str]:
+    """The lines of a sandtrace command's stderr, the startup notes left out."""
+    notes = startup_notes()
+    return [line for line in stderr.splitlines() if line not in notes]
+
+
+def first_line_after_notes(stream: Any) -> str:
+    """The first line a sandtrace command writes to `stream` after its startup notes."""
+    notes = startup_notes()
+    while True:
+        line: str = stream.readline()
+        if line.rstrip("\n") not in notes:
+            return line
+
+
 def python_exe() -> bytes:
     return os.path.realpath(PYTHON).encode()
 
 
-__all__ = ["PYTHON", "Sandbox", "Tracer", "of", "one", "python_exe", "sys"]
+__all__ = [
+    "PYTHON",
+    "Sandbox",
+    "Tracer",
+    "first_line_after_notes",
+    "of",
+    "one",
+    "python_exe",
+    "sys",
+    "without_notes",
+]

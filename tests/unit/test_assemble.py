@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from api.events import ConnectEvent, ExecEvent
+from api.events import ConnectEvent, ExecEvent, IoUringEvent, RawSocketEvent
 from collector import records as R
 from collector.assemble import CONNECT_HOLD_NS, Assembler, Scope
 from collector.sockets import UnixListener, UnixListeners
@@ -285,3 +285,15 @@ def test_unix_listeners_from_a_proc_tree(tmp_path: Path) -> None:
     table.write_bytes(b"header\n")
     assert peers.find(999, b"/run/docker.sock", now=5.0) == UnixListener(41, b"/usr/bin/server41")
     assert peers.find(999, b"/run/docker.sock", now=11.0) is None
+
+
+def test_raw_socket_and_io_uring_records(asm: Assembler) -> None:
+    raw, ring = feed(
+        asm,
+        pack(R.REC_SOCK_CREATE, cookie=3, family=10, sock_type=3, protocol=58),
+        pack(R.REC_IO_URING, fd=7, sq_entries=8, cq_entries=16, flags=1),
+    )
+    assert isinstance(raw, RawSocketEvent) and isinstance(ring, IoUringEvent)
+    assert (raw.family, raw.protocol, raw.protocol_number) == ("ipv6", "icmpv6", 58)
+    assert (ring.fd, ring.sq_entries, ring.cq_entries, ring.flags) == (7, 8, 16, 1)
+    assert raw.process.pid == ring.process.pid == 100

@@ -18,7 +18,8 @@ def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     btf.write_bytes(b"\x9f\xeb")
     (tmp_path / "modules" / "6.9.0-test" / "build").mkdir(parents=True)
     for cat, ev in [("sched", "sched_process_exec"), ("sched", "sched_process_exit"),
-                    ("sock", "inet_sock_set_state"), ("cgroup", "cgroup_attach_task")]:  # fmt: skip
+                    ("sock", "inet_sock_set_state"), ("cgroup", "cgroup_attach_task"),
+                    ("io_uring", "io_uring_create")]:  # fmt: skip
         (tmp_path / "tracing" / "events" / cat / ev).mkdir(parents=True)
     (tmp_path / "tracing/events/sched/sched_process_exit/format").write_text(
         "\tfield:bool group_dead;\toffset:32;\tsize:1;\tsigned:0;\n"
@@ -33,7 +34,11 @@ def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 # The optional attach types as this 6.18 kernel's enum bpf_attach_type numbers them.
-ATTACH_TYPES = {"BPF_CGROUP_INET_EGRESS": 1, "BPF_CGROUP_UNIX_CONNECT": 49}
+ATTACH_TYPES = {
+    "BPF_CGROUP_INET_EGRESS": 1,
+    "BPF_CGROUP_INET_SOCK_CREATE": 2,
+    "BPF_CGROUP_UNIX_CONNECT": 49,
+}
 
 
 class FakeBTF:
@@ -46,25 +51,29 @@ class FakeBTF:
 
 def test_everything_present(host: Path) -> None:
     features = kernel.check()
-    assert (features.ring_buffer, features.exit_group_dead, features.notes) == (True, True, [])
+    assert features.ring_buffer and features.exit_group_dead and features.io_uring_tracepoint
+    assert features.notes == kernel.BLIND_SPOTS  # said on every kernel: AF_PACKET
 
 
 def test_optional_hooks_come_from_btf(host: Path) -> None:
-    assert kernel.check().attach_types == {"BPF_CGROUP_UNIX_CONNECT": 49}
+    assert kernel.check().attach_types == {
+        "BPF_CGROUP_INET_SOCK_CREATE": 2,
+        "BPF_CGROUP_UNIX_CONNECT": 49,
+    }
 
 
 def test_a_kernel_without_the_unix_connect_hook_says_what_is_missed(
     host: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(
-        probe_btf.BTF, "from_file", lambda _path: FakeBTF({"BPF_CGROUP_INET_EGRESS": 1})
-    )
+    old = {"BPF_CGROUP_INET_EGRESS": 1, "BPF_CGROUP_INET_SOCK_CREATE": 2}
+    monkeypatch.setattr(probe_btf.BTF, "from_file", lambda _path: FakeBTF(old))
     features = kernel.check()
-    assert features.attach_types == {}
+    assert features.attach_types == {"BPF_CGROUP_INET_SOCK_CREATE": 2}
     assert features.notes == [
         "kernel 6.9.0-test has no BPF_CGROUP_UNIX_CONNECT hook (Linux 6.7+): connects of "
         "sandboxed processes to unix sockets (docker.sock, containerd.sock, kubelet, ...) are "
-        "not seen"
+        "not seen",
+        *kernel.BLIND_SPOTS,
     ]
 
 
@@ -75,7 +84,18 @@ def test_unreadable_btf_enum_is_said(host: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(probe_btf.BTF, "from_file", broken)
     notes = kernel.check().notes
     assert notes[0] == f"could not read bpf_attach_type from {host / 'btf/vmlinux'}: not BTF data"
-    assert "no BPF_CGROUP_UNIX_CONNECT hook" in notes[1]
+    assert "no BPF_CGROUP_INET_SOCK_CREATE hook" in notes[1]
+    assert "no BPF_CGROUP_UNIX_CONNECT hook" in notes[2]
+
+
+def test_a_kernel_without_io_uring_says_so(host: Path) -> None:
+    (host / "tracing/events/io_uring/io_uring_create").rmdir()
+    features = kernel.check()
+    assert not features.io_uring_tracepoint
+    assert features.notes[0] == (
+        "tracepoint io_uring:io_uring_create is missing (no io_uring in this kernel): "
+        "io_uring instances are not reported"
+    )
 
 
 def test_not_root(host: Path, monkeypatch: pytest.MonkeyPatch) -> None:

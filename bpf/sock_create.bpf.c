@@ -1,0 +1,37 @@
+/* SPDX-License-Identifier: GPL-2.0-only */
+/*
+ * Raw IP sockets made in a sandbox, from the cgroup sock_create hook on the traced cgroups:
+ * a raw socket crafts packets no connect or bind shows (scans, ICMP tunnels, spoofing). The
+ * hook runs for every inet socket the sandbox makes; only raw ones become records. It never
+ * sees other families (AF_PACKET among them): probes/kernel.py says so at startup.
+ */
+
+#include "events.h"
+#include "counters.h"
+#include "scope.h"
+#include "output.h"
+
+#ifdef HAVE_SOCK_CREATE
+
+#define SOCK_RAW 3
+
+int sock_create(struct bpf_sock *sk)
+{
+	struct sock_create_record r = {};
+	s32 sb;
+
+	if (sk->type != SOCK_RAW)
+		return 1;
+	sb = lookup_sandbox();
+	if (sb < 0)
+		return 1;
+	fill_header(&r.hdr, REC_SOCK_CREATE, sizeof(r), sb);
+	r.cookie = bpf_get_socket_cookie(sk);
+	r.family = sk->family;
+	r.sock_type = sk->type;
+	r.protocol = sk->protocol;
+	emit(sk, &r, sizeof(r), REC_SOCK_CREATE);
+	return 1;
+}
+
+#endif /* HAVE_SOCK_CREATE */
