@@ -77,10 +77,21 @@ class RingBufferReader:
         self._view = memoryview((ctypes.c_char * self._data_len).from_address(self._data_addr))
         self._epoll = select.epoll()
         self._epoll.register(map_fd, select.EPOLLIN)
+        # Written by interrupt(), so that a reader blocked in wait() can be stopped at once
+        # however long it waits for records.
+        self._interrupt = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._epoll.register(self._interrupt, select.EPOLLIN)
+        self._closed = False
 
     def wait(self, timeout: float) -> None:
-        """Sleep until the kernel signals new data or `timeout` seconds pass."""
+        """Sleep until the kernel signals new data, interrupt() is called, or `timeout`
+        seconds pass."""
         self._epoll.poll(timeout)
+
+    def interrupt(self) -> None:
+        """Make wait() return now, and at once from then on (to stop the reader)."""
+        if not self._closed:
+            os.eventfd_write(self._interrupt, 1)
 
     def read(self, limit: int = 1 << 16) -> list[bytes]:
         """Copy out up to `limit` committed records and release their space to the kernel."""
@@ -104,7 +115,9 @@ class RingBufferReader:
         return out
 
     def close(self) -> None:
+        self._closed = True
         self._epoll.close()
+        os.close(self._interrupt)
         self._view.release()
         _libc.munmap(self._data_addr, self._data_len)
         _libc.munmap(self._cons_addr, self._cons_len)

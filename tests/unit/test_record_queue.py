@@ -3,7 +3,9 @@ counts every record it cannot take."""
 
 from __future__ import annotations
 
-from probes.loader import RecordQueue
+import threading
+
+from probes.loader import RecordQueue, read_loop
 
 
 def test_bounded_in_bytes_and_drops_counted() -> None:
@@ -22,3 +24,54 @@ def test_bound_counts_what_each_record_costs_beyond_its_payload() -> None:
     q = RecordQueue(capacity_bytes=1000)  # 48 bytes of overhead per record
     assert q.put([b"r" * 52] * 12) is True  # 100 bytes each: 10 fit
     assert (q.pending(), q.dropped) == (10, 2)
+
+
+class _ScriptedStop(threading.Event):
+    """Set once the scripted polls are used up; records each wait instead of sleeping."""
+
+    def __init__(self, script: list[list[bytes]]) -> None:
+        super().__init__()
+        self.script = script
+        self.waits: list[float] = []
+
+    def is_set(self) -> bool:
+        return not self.script
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.append(-1.0 if timeout is None else timeout)
+        return False
+
+
+def _run_reader(
+    script: list[list[bytes]], interval: float
+) -> tuple[list[list[bytes]], list[float]]:
+    """read_loop over polls that find script's records in turn: (hand-overs, waits)."""
+    stop = _ScriptedStop(script)
+    pending: list[bytes] = []
+    handed: list[list[bytes]] = []
+
+    def poll() -> None:
+        pending.extend(stop.script.pop(0))
+
+    def hand_over() -> bool:
+        if not pending:
+            return False
+        handed.append(pending.copy())
+        pending.clear()
+        return True
+
+    read_loop(poll, hand_over, stop, interval)
+    return handed, stop.waits
+
+
+def test_reader_waits_the_interval_after_each_hand_over_only() -> None:
+    # A fork alone, then what came while the reader waited (exec and exit) together; a poll
+    # that finds nothing hands nothing over and waits on the ring again at once.
+    handed, waits = _run_reader([[b"fork"], [b"exec", b"exit"], [], [b"late"]], 0.004)
+    assert handed == [[b"fork"], [b"exec", b"exit"], [b"late"]]
+    assert waits == [0.004, 0.004, 0.004]
+
+
+def test_reader_without_interval_never_waits() -> None:
+    handed, waits = _run_reader([[b"a"], [b"b"]], 0.0)
+    assert (handed, waits) == ([[b"a"], [b"b"]], [])
