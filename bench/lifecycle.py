@@ -308,6 +308,7 @@ def lifecycle(
     rates: tuple[int, ...] = (100, 1000, 0),
     rounds: int = 3,
     idle_seconds: float = IDLE_SECONDS,
+    alerts_only: bool = True,
     text_variant: bool = True,
 ) -> list[Row]:
     """Rows: watch's idle share of a core, then per rate (0: unpaced) the loop's CPU share
@@ -318,9 +319,9 @@ def lifecycle(
         loop = Path(tmp) / "forkexec"
         (Path(tmp) / "forkexec.c").write_text(LOOP_C)
         subprocess.run(["cc", "-O2", "-o", str(loop), str(Path(tmp) / "forkexec.c")], check=True)
-        variants: list[tuple[str, tuple[str, ...], tuple[int, ...]]] = [
-            ("--alerts-only", ("--alerts-only",), rates)
-        ]
+        variants: list[tuple[str, tuple[str, ...], tuple[int, ...]]] = []
+        if alerts_only:
+            variants.append(("--alerts-only", ("--alerts-only",), rates))
         if text_variant:
             variants.append(("text", (), (1000,)))
         for name, flags, variant_rates in variants:
@@ -374,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
         "--idle", type=float, default=IDLE_SECONDS, help="idle seconds measured, 0 for none"
     )
     parser.add_argument("--no-text", action="store_true", help="leave the text variant out")
+    parser.add_argument(
+        "--text-only", action="store_true", help="only the text variant (at 1,000/s)"
+    )
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("bench: needs root (loads eBPF programs)", file=sys.stderr)
@@ -387,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             rates=tuple(args.rate or (100, 1000, 0)),
             rounds=args.rounds,
             idle_seconds=args.idle,
+            alerts_only=not args.text_only,
             text_variant=not args.no_text,
         )
     finally:
