@@ -33,6 +33,7 @@ import signal
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, tzinfo
+from itertools import chain
 from typing import IO, Any
 
 from api.events import (
@@ -54,6 +55,10 @@ from api.events import (
 ELLIPSIS = "…"
 
 _C_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+# Printable ASCII but the backslash: text made only of these shows as it is, one atom and
+# one column per character (the common case, taken without a call per character).
+_PLAIN_TEXT = re.compile(r"[\x20-\x5b\x5d-\x7e]*")
+_PLAIN_BYTES = re.compile(rb"[\x20-\x5b\x5d-\x7e]*")
 # Characters an argument may hold and still be shown without quotes (as shlex.quote, plus
 # Unicode letters and digits). Anything else, escapes included, gets the argument quoted.
 _UNSAFE_IN_ARG = re.compile(r"[^\w@%+=:,./-]")
@@ -126,11 +131,20 @@ def _escape_char(ch: str) -> str:
 
 def _atoms(value: bytes | str) -> list[str]:
     """Escaped pieces of value, each indivisible when truncating (a char or an escape)."""
-    text = value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
+    if isinstance(value, bytes):
+        if _PLAIN_BYTES.fullmatch(value):
+            return list(value.decode("ascii"))
+        text = value.decode("utf-8", "surrogateescape")
+    elif _PLAIN_TEXT.fullmatch(value):
+        return list(value)
+    else:
+        text = value
     return [_escape_char(ch) for ch in text]
 
 
 def _columns(atom: str) -> int:
+    if atom.isascii():  # no ASCII character is wide
+        return len(atom)
     return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in atom)
 
 
@@ -138,7 +152,8 @@ def _fit(atoms: Sequence[str], limit: int) -> tuple[list[str], bool]:
     """The atoms that fit in limit columns, ending with … when some had to go."""
     if limit < 0:
         raise ValueError(f"width limit must not be negative, not {limit}")
-    widths = [_columns(a) for a in atoms]
+    ascii_only = "".join(atoms).isascii()  # then each atom is as wide as it is long
+    widths = list(map(len, atoms)) if ascii_only else [_columns(a) for a in atoms]
     if sum(widths) <= limit:
         return list(atoms), False
     if limit == 0:
@@ -165,21 +180,41 @@ def escape(value: bytes | str, limit: int | None = None) -> str:
     return "".join(atoms)
 
 
-def _quoted_atoms(arg: bytes | str) -> list[str]:
-    atoms = _atoms(arg)
-    if atoms and not _UNSAFE_IN_ARG.search("".join(atoms)):
+def _quoted_atoms(arg: bytes | str, limit: int | None = None) -> list[str]:
+    """arg's atoms, quoted unless it is non-empty and all safe. With limit, an arg far longer
+    than limit columns has only its head escaped, more than limit columns' worth (at most 4
+    bytes a character), so that a huge argv costs a line no more than a short one."""
+    if limit is None or len(arg) <= 4 * limit + 8:
+        atoms = _atoms(arg)
+        unsafe = not atoms or _UNSAFE_IN_ARG.search("".join(atoms)) is not None
+    else:
+        atoms = _atoms(arg[: 4 * limit + 8])
+        # The same answer as for the whole arg's atoms: a character that escape() changes
+        # is unsafe itself, and its escape holds a backslash, which is unsafe too.
+        text = arg.decode("utf-8", "surrogateescape") if isinstance(arg, bytes) else arg
+        unsafe = _UNSAFE_IN_ARG.search(text) is not None
+    if not unsafe:
         return atoms
     # Inside the quotes a quote shows as \' ; since a real backslash shows as \\ this cannot
     # be mistaken for anything else.
     return ["'", *("\\'" if a == "'" else a for a in atoms), "'"]
 
 
-def _argv_atoms(argv: Iterable[bytes | str]) -> list[str]:
+def _argv_atoms(argv: Iterable[bytes | str], limit: int | None = None) -> list[str]:
+    """argv's atoms, shell-like. With limit, they end once they take more than limit columns
+    (after an argument, never on a space): a line of at most limit columns shows the same."""
     atoms: list[str] = []
+    used = 0
     for i, arg in enumerate(argv):
         if i:
             atoms.append(" ")
-        atoms.extend(_quoted_atoms(arg))
+            used += 1
+        quoted = _quoted_atoms(arg, limit)
+        atoms.extend(quoted)
+        if limit is not None:
+            used += _width(quoted)
+            if used > limit:
+                break
     return atoms
 
 
@@ -200,8 +235,14 @@ def _plain(text: str, style: str = "") -> _Segment:
     return (style, list(text))
 
 
+def _width(atoms: list[str]) -> int:
+    """The columns atoms take."""
+    text = "".join(atoms)
+    return len(text) if text.isascii() else sum(_columns(a) for a in atoms)
+
+
 def _padded(atoms: list[str], width: int) -> list[str]:
-    return atoms + [" "] * (width - sum(_columns(a) for a in atoms))
+    return atoms + [" "] * (width - _width(atoms))
 
 
 def _cell(value: bytes | str, width: int) -> list[str]:
@@ -245,6 +286,8 @@ class TextRenderer:
         self.width = width
         self.show_host = show_host
         self.tz = tz  # None: the local time zone
+        self._second: tuple[int, tzinfo | None] | None = None  # (seconds, tz) of _hms
+        self._hms = ""
 
     def header(self) -> str:
         """The column header line."""
@@ -274,7 +317,7 @@ class TextRenderer:
             return self._finish(segments)
         segments.append(_plain(f" {event.process.pid:<{_PID_WIDTH}} "))
         segments.append(("", [*_cell(event.process.comm, _COMM_WIDTH), " "]))
-        segments += _detail(event)
+        segments += _detail(event, self.width)
         return self._finish(segments)
 
     def alert_line(self, alert: Alert) -> str:
@@ -295,41 +338,64 @@ class TextRenderer:
 
     def _time(self, time_ns: int) -> str:
         seconds, ns = divmod(time_ns, 1_000_000_000)
-        try:
-            hms = datetime.fromtimestamp(seconds, self.tz).strftime("%H:%M:%S")
-        except (OverflowError, OSError, ValueError):
-            return "??:??:??.???"
-        return f"{hms}.{ns // 1_000_000:03d}"
+        key = (seconds, self.tz)
+        if key != self._second:  # events come many to a second: format each second once
+            try:
+                hms = datetime.fromtimestamp(seconds, self.tz).strftime("%H:%M:%S")
+            except (OverflowError, OSError, ValueError):
+                return "??:??:??.???"
+            self._second, self._hms = key, hms
+        return f"{self._hms}.{ns // 1_000_000:03d}"
 
     def _finish(self, segments: list[_Segment]) -> str:
         """Cut to the width (by columns, at atom boundaries) and colour."""
-        flat = [(style, atom) for style, atoms in segments for atom in atoms]
-        while flat and flat[-1][1] == " ":  # no trailing padding
-            flat.pop()
-        kept, cut = _fit([atom for _, atom in flat], self.width)
+        # Runs of atoms of one style; colour changes only ever fall between them.
+        runs = [(style, atoms) for style, atoms in segments if atoms]
+        while runs:  # no trailing padding: the last atoms that are single spaces go
+            style, atoms = runs[-1]
+            end = len(atoms)
+            while end and atoms[end - 1] == " ":
+                end -= 1
+            if end:
+                if end < len(atoms):
+                    runs[-1] = (style, atoms[:end])
+                break
+            runs.pop()
+        flat = list(chain.from_iterable(atoms for _, atoms in runs))
+        kept, cut = _fit(flat, self.width)
         if cut:
-            ellipsis_style = flat[len(kept) - 1][0]  # style of the atom the … replaces
-            styled = [*flat[: len(kept) - 1], (ellipsis_style, ELLIPSIS)]
+            left = len(kept) - 1  # atoms kept before the … that replaces the next one
+            styled: list[tuple[str, str]] = []
+            for style, atoms in runs:
+                if left < len(atoms):
+                    if left:
+                        styled.append((style, "".join(atoms[:left])))
+                    styled.append((style, ELLIPSIS))  # in the style of the atom it replaces
+                    break
+                styled.append((style, "".join(atoms)))
+                left -= len(atoms)
         else:
-            styled = flat
+            styled = [(style, "".join(atoms)) for style, atoms in runs]
+        if not self.color:
+            return "".join(text for _, text in styled)
         out: list[str] = []
         current = ""
-        for style, atom in styled:
-            if self.color and style != current:
+        for style, text in styled:
+            if style != current:
                 if current:
                     out.append("\x1b[0m")
                 if style:
                     out.append(f"\x1b[{style}m")
                 current = style
-            out.append(atom)
-        if self.color and current:
+            out.append(text)
+        if current:
             out.append("\x1b[0m")
         return "".join(out)
 
 
-def _detail(event: Event) -> list[_Segment]:
+def _detail(event: Event, width: int) -> list[_Segment]:
     if isinstance(event, ExecEvent):
-        return _exec_detail(event)
+        return _exec_detail(event, width)
     if isinstance(event, ConnectEvent):
         return _connect_detail(event)
     if isinstance(event, BindEvent):
@@ -377,7 +443,7 @@ def _detail(event: Event) -> list[_Segment]:
     return [("", _atoms(event.kind))]
 
 
-def _exec_detail(event: ExecEvent) -> list[_Segment]:
+def _exec_detail(event: ExecEvent, width: int) -> list[_Segment]:
     # The markers go first: they matter most and a long path or argv must not push them out.
     markers = [
         name
@@ -390,7 +456,7 @@ def _exec_detail(event: ExecEvent) -> list[_Segment]:
     ]
     segments: list[_Segment] = [_plain(f"{m} ", _MARKER_STYLE) for m in markers]
     exe = event.process.exe or event.filename or (event.argv[0] if event.argv else b"")
-    segments.append(("", _argv_atoms([exe, *event.argv[1:]])))
+    segments.append(("", _argv_atoms([exe, *event.argv[1:]], width)))
     if event.argv_truncated:
         segments.append(_plain(" [truncated]", _MARKER_STYLE))
     return segments

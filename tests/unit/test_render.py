@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
-from datetime import UTC
+from datetime import UTC, timedelta, timezone
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -418,6 +419,38 @@ def test_cut_never_splits_an_escape() -> None:
     line = renderer().line(exec_event([b"t", arg], exe=b"/t"))
     assert line == f"{TIME} exec    4242    curl             /t '{'x' * 27}…"
     assert len(line) == 78
+
+
+@pytest.mark.parametrize(
+    ("argv", "exe", "detail"),
+    [
+        # Only the head of a huge argument is escaped, but the whole of it decides the quotes:
+        # the ; 5,000 characters on, or its absence.
+        ([b"python3", b"-c", b"x" * 5000 + b";"], b"/usr/bin/python3", f"-c '{'x' * 12}…"),
+        ([b"python3", b"-c", b"x" * 5000], b"/usr/bin/python3", f"-c {'x' * 13}…"),
+        ([b"t", "é".encode() * 3000 + b"\x1b"], b"/t", f"'{'é' * 29}…"),
+    ],
+)
+def test_huge_argument_shows_as_a_short_one_would(
+    argv: list[bytes], exe: bytes, detail: str
+) -> None:
+    line = renderer().line(exec_event(argv, exe=exe))
+    assert line == f"{TIME} exec    4242    curl             {exe.decode()} {detail}"
+
+
+def test_thousands_of_arguments_are_cut_like_a_few() -> None:
+    line = renderer().line(exec_event([b"sh"] + [b"a"] * 3000, exe=b"/bin/sh"))
+    assert line == f"{TIME} exec    4242    curl             /bin/sh {'a ' * 12}a…"
+
+
+def test_time_of_each_event_whatever_came_before() -> None:
+    r = renderer()
+    fork = ForkEvent(**common(), child_pid=5)
+    times = [T0, T0 + 876_000_000, T0 + 1_000_000_000, T0 - 86_400_000_000_000, T0]
+    shown = [r.line(msgspec.structs.replace(fork, time_ns=t))[:12] for t in times]
+    assert shown == [TIME, "22:13:20.999", "22:13:21.123", TIME, TIME]
+    r.tz = timezone(timedelta(hours=2))
+    assert r.line(fork)[:12] == "00:13:20.123"
 
 
 def test_cut_with_wide_characters() -> None:
