@@ -132,7 +132,7 @@ class ConnectEvent(Event, tag="connect"):
     dport: int = 0
     saddr: str = ""
     sport: int = 0
-    # success | in_progress | pending | error: see README, "connect outcomes"
+    # success | in_progress | pending | error | repeated: see README, "connect outcomes"
     outcome: str = ""
     errno: int = 0
     errno_name: str = ""
@@ -143,6 +143,10 @@ class ConnectEvent(Event, tag="connect"):
     path: bytes = b""
     peer_pid: int = 0
     peer_exe: bytes = b""
+    # Connects by this process to this destination counted in the kernel, not sent, since
+    # the previous event for it (a flood of repeats is one event a second). With outcome
+    # "repeated" the event reports only such a count, no connect of its own.
+    repeats: int = 0
 
 
 class BindEvent(Event, tag="bind"):

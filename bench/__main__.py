@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from api.events import ConnectEvent
+from api.events import ConnectEvent, ExecEvent
 from bench import Row, print_table
 from bench.identity import identity_costs
 from bench.lifecycle import lifecycle
@@ -170,12 +170,72 @@ def paced_run(
     return delivered, lost, 1e9 / float(out)
 
 
+FLOOD = 3_000_000
+STAGED_MINER = """
+import socket, sys
+socket.create_connection(("127.0.0.1", int(sys.argv[1]))).close()
+"""
+
+
+def flood_then_miner(
+    exe: Path, features: kernel.KernelFeatures, sandbox: cgroups.SandboxCgroup
+) -> list[Row]:
+    """Three million UDP connects to one loopback destination, and a staged miner started
+    while they run (its argv names a pool; it connects over TCP): are its exec and connect
+    delivered, and is every flood connect sent or counted?"""
+    asm = Assembler([Scope(sandbox.name, ["/"])], lambda _i: "", lambda _p: "")
+    pool = socket.socket()
+    pool.bind(("127.0.0.1", 0))
+    pool.listen(16)
+    port = pool.getsockname()[1]
+    url = f"stratum+tcp://127.0.0.1:{port}"
+    events: list[Any] = []
+    with loaded(features, sandbox) as probes:
+        lost_before = probes.losses()
+        flood = subprocess.Popen(
+            [str(exe), "connect", str(FLOOD)],
+            stdout=subprocess.DEVNULL,
+            preexec_fn=sandbox.join,  # noqa: PLW1509 - joins the cgroup before exec
+        )
+        time.sleep(0.5)
+        subprocess.run(
+            ["/usr/bin/python3", "-c", STAGED_MINER, str(port), "-o", url],
+            preexec_fn=sandbox.join,
+            check=True,
+        )
+        while flood.poll() is None:
+            events += asm.feed_batches(probes.queue.drain())[0]
+            time.sleep(0.01)
+        time.sleep(0.5)
+        probes.drain_repeats(time.monotonic_ns() + probes.config.repeat_window_ns)
+        time.sleep(0.2)
+        events += asm.feed_batches(probes.queue.drain())[0] + asm.flush_all()
+        lost_now = probes.losses()
+    pool.close()
+    execs = [e for e in events if isinstance(e, ExecEvent) and e.argv[-1:] == [url.encode()]]
+    miner = execs[0].process.pid if execs else -1
+    tcp = [e for e in events if isinstance(e, ConnectEvent) and e.process.pid == miner
+           and e.dport == port]  # fmt: skip
+    flood_ev = [e for e in events if isinstance(e, ConnectEvent) and e.process.pid == flood.pid]
+    sent = sum(1 for e in flood_ev if e.outcome != "repeated")
+    counted = sum(e.repeats for e in flood_ev)
+    lost = sum(lost_now.kernel.values()) - sum(lost_before.kernel.values())
+    lost += lost_now.user - lost_before.user
+    return [
+        ("flood 3M UDP connects + staged miner: miner exec, connect delivered", "",
+         f"{len(execs)}, {len(tcp)}", "target 1, 1"),
+        ("flood: connects sent / counted in the kernel / lost", "",
+         f"{sent} / {counted} / {lost}", f"sum {sent + counted} of {FLOOD}"),
+    ]  # fmt: skip
+
+
 def throughput(
     exe: Path, features: kernel.KernelFeatures, sandbox: cgroups.SandboxCgroup
 ) -> list[Row]:
     rows: list[Row] = []
     asm = Assembler([Scope(sandbox.name, ["/"])], lambda _i: "", lambda _p: "")
-    with loaded(features, sandbox) as probes:
+    # The record path itself: every connect sent (none counted as a repeat in the kernel).
+    with loaded(features, sandbox, repeat_window_ns=0) as probes:
         best = 0
         for rate in RATES:
             count = rate  # one second of traffic
@@ -225,7 +285,7 @@ def throughput(
         )
     # One sandboxed process cannot outrun the collector here, so overload comes from a 64 KiB
     # ring: every connect must be delivered or counted as lost.
-    with loaded(features, sandbox, ring_pages=16) as probes:
+    with loaded(features, sandbox, ring_pages=16, repeat_window_ns=0) as probes:
         count = 500_000
         delivered, lost, achieved = paced_run(exe, probes, asm, sandbox, count=count, rate=10**9)
         rows.append(
@@ -489,7 +549,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7, help="host overhead rounds each way")
     parser.add_argument(
         "--only",
-        choices=["host", "throughput", "memory", "detect", "service", "identity", "lifecycle"],
+        choices=[
+            "host",
+            "throughput",
+            "flood",
+            "memory",
+            "detect",
+            "service",
+            "identity",
+            "lifecycle",
+        ],
         action="append",
     )
     args = parser.parse_args(argv)
@@ -499,7 +568,8 @@ def main(argv: list[str] | None = None) -> int:
     features = kernel.check()
     root = cgroups.find_cgroup2_root()
     only = set(
-        args.only or ["host", "throughput", "memory", "detect", "service", "identity", "lifecycle"]
+        args.only
+        or ["host", "throughput", "flood", "memory", "detect", "service", "identity", "lifecycle"]
     )
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmpdir:
@@ -512,6 +582,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows += host_overhead(exe, features, sandbox, args.rounds)
             if "throughput" in only:
                 rows += throughput(exe, features, sandbox)
+            if "flood" in only:
+                rows += flood_then_miner(exe, features, sandbox)
             if "memory" in only:
                 rows += watch_memory(exe, sandbox)
                 rows += watch_memory_service_down(exe, sandbox)

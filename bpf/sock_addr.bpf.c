@@ -13,11 +13,91 @@
 #include "output.h"
 #include "sock_stash.h"
 
+#ifndef REPEAT_WINDOW_NS
+#define REPEAT_WINDOW_NS 1000000000ULL
+#endif
+/* Connects to one destination sent each window before the rest are counted: a process that
+ * talks to a server now and then loses nothing to the counting. */
+#ifndef REPEAT_BUDGET
+#define REPEAT_BUDGET 1024
+#endif
+#define DEST_SEEN_MAX 16384
+
+/* A process's destination: who (pid and start time, for pid reuse) connected where. */
+struct dest_key {
+	u64 start_ns;
+	u32 tgid;
+	u16 family;
+	u16 dport;
+	u32 sock_type;
+	u32 protocol;
+	u8 daddr[16];
+};
+
+/* The first connect of a window to one destination, those sent, and those counted. */
+struct dest_seen {
+	u64 window_ns;
+	u64 sent;
+	u64 count;
+	struct connect_record rec;
+};
+
+/* Read by user space (probes/loader.py), which reports counts left when a window ends. */
+BPF_TABLE("lru_hash", struct dest_key, struct dest_seen, dest_seen, DEST_SEEN_MAX);
+BPF_PERCPU_ARRAY(dest_scratch, struct dest_seen, 1);
+
+/* Whether this connect repeats REPEAT_BUDGET others to its destination sent less than
+ * REPEAT_WINDOW_NS ago: then it is counted and not sent. A connect after the window starts
+ * a new one and carries the previous window's count, so that a flood of connects to one
+ * destination is at most REPEAT_BUDGET records a window, whatever its rate. */
+static __always_inline bool counted_repeat(struct connect_record *r)
+{
+	struct dest_key key = {};
+	struct dest_seen *seen, *fresh;
+	u32 zero = 0;
+
+	if (!REPEAT_WINDOW_NS)
+		return false;
+
+	key.start_ns = r->hdr.start_ns;
+	key.tgid = r->hdr.pid;
+	key.family = r->family;
+	key.dport = r->dport;
+	key.sock_type = r->sock_type;
+	key.protocol = r->protocol;
+	__builtin_memcpy(key.daddr, r->daddr, sizeof(key.daddr));
+	seen = dest_seen.lookup(&key);
+	if (seen) {
+		if (r->hdr.ktime_ns - seen->window_ns < REPEAT_WINDOW_NS) {
+			if (seen->sent < REPEAT_BUDGET) {
+				__sync_fetch_and_add(&seen->sent, 1);
+				return false;
+			}
+			__sync_fetch_and_add(&seen->count, 1);
+			return true;
+		}
+		r->repeats = seen->count;
+	}
+	fresh = dest_scratch.lookup(&zero);
+	if (!fresh)
+		return false;
+	fresh->window_ns = r->hdr.ktime_ns;
+	fresh->sent = 1;
+	fresh->count = 0;
+	fresh->rec = *r;
+	fresh->rec.repeats = 0;
+	if (dest_seen.update(&key, fresh) != 0)
+		count_error(ERR_STASH_MAP_FULL);
+	return false;
+}
+
 static __always_inline int on_connect(struct bpf_sock_addr *ctx, u16 family)
 {
 	struct connect_record r = {};
 	struct bpf_sock *sk;
 	u32 tid;
+	u64 cookie;
+	bool repeat;
 	s32 sb = lookup_sandbox();
 
 	if (sb < 0)
@@ -41,12 +121,15 @@ static __always_inline int on_connect(struct bpf_sock_addr *ctx, u16 family)
 			copy_ip6(r.saddr, sk->src_ip6);
 		r.flags |= SOCK_F_LOCAL_KNOWN;
 	}
+	repeat = counted_repeat(&r);
 	if (r.sock_type == SOCK_STREAM && r.protocol == IPPROTO_TCP) {
 		tid = r.hdr.tid;
-		if (connect_stash.update(&tid, &r.cookie) != 0)
+		cookie = repeat ? r.cookie | COOKIE_REPEAT : r.cookie;
+		if (connect_stash.update(&tid, &cookie) != 0)
 			count_error(ERR_STASH_MAP_FULL);
 	}
-	emit(ctx, &r, sizeof(r), REC_CONNECT);
+	if (!repeat)
+		emit(ctx, &r, sizeof(r), REC_CONNECT);
 	return 1;
 }
 

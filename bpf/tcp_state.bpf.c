@@ -76,6 +76,9 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 			if (cookie) {
 				r.cookie = *cookie;
 				connect_stash.delete(&tid);
+				/* A repeat the connect hook counted: nothing of it is sent. */
+				if (r.cookie & COOKIE_REPEAT)
+					return 0;
 			} else {
 				/* No cgroup hook saw this connect (the process left the traced
 				 * cgroups): the socket's address keys its outcome instead. Socket

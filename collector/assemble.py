@@ -352,7 +352,12 @@ class Assembler:
             dport=f.dport,
             saddr=fmt_addr(f.family, f.saddr) if f.flags & R.SOCK_F_LOCAL_KNOWN else "",
             sport=f.sport,
+            repeats=f.repeats,
         )
+        if f.flags & R.SOCK_F_REPEATS_ONLY:
+            # Only a count of repeats the kernel held: no connect, no outcome to wait for.
+            ev.outcome = "repeated"
+            return [ev]
         if ev.protocol != "tcp":
             # Datagram connect only sets the peer; the hook runs as the call does.
             ev.outcome = "success"

@@ -18,7 +18,7 @@ import struct
 from collections.abc import Callable, Iterable
 from typing import Annotated, Any, NamedTuple, get_type_hints
 
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 
 REC_UNDEFINED = 0
 REC_EXEC = 1
@@ -68,6 +68,7 @@ EXEC_F_NO_MM = 1 << 6
 
 SOCK_F_NONBLOCK = 1 << 0
 SOCK_F_LOCAL_KNOWN = 1 << 1
+SOCK_F_REPEATS_ONLY = 1 << 2
 
 BIND_F_FAILED = 1 << 0
 BIND_F_REQUEST_KNOWN = 1 << 1
@@ -207,6 +208,7 @@ class ConnectRecord(NamedTuple):
     sock_type: U32
     protocol: U32
     flags: U32  # SOCK_F_*
+    repeats: U32  # connects to this destination counted, not sent, since the last record
 
 
 class TcpStateRecord(NamedTuple):

@@ -16,10 +16,10 @@ from typing import Protocol
 
 import msgspec.structs
 
-from api.events import Alert, AnyEvent, ConnectEvent, Event
+from api.events import Alert, AnyEvent, ConnectEvent, Event, LostEvent, Process
 from detect.codegen import generate_matcher
 from detect.correlation import NS, Counting, Distinct, Observer, Window, Windows, observer
-from detect.egress import EGRESS_RULE, EgressPolicies, EgressPolicy
+from detect.egress import EGRESS_RULE, BuiltinRule, EgressPolicies, EgressPolicy
 from detect.fields import GETTERS, Getter, category_of_type
 from detect.ruleset import Correlation, Rule, RuleSet
 
@@ -35,6 +35,33 @@ class RuleInfo(Protocol):
     def level(self) -> str: ...
     @property
     def tags(self) -> list[str]: ...
+
+
+LOSS_RULE_ID = "b5b92233-ff88-416e-b4e0-1dcb228952ff"
+LOSS_TAGS = ["attack.defense-evasion", "attack.t1562.006"]  # impair defenses: indicator blocking
+LOSS_RULE = BuiltinRule(LOSS_RULE_ID, "Events were lost", "medium", LOSS_TAGS)
+LOSS_RECURRING = BuiltinRule(LOSS_RULE_ID, "Events were lost again", "high", LOSS_TAGS)
+LOSS_RECUR_NS = 600 * NS
+"""A loss within this time of the previous one from the same host is high, not medium: a
+flood that keeps the probes' buffers full is itself a way to hide."""
+_NO_PROCESS = Process(pid=0, tid=0, ns_pid=0, ppid=0, uid=0, gid=0, comm=b"", start_ns=0, key="")
+
+
+def loss_summary(event: LostEvent) -> str:
+    """What a LostEvent says was lost, in words: every non-zero count, by kind."""
+    parts = []
+    if event.kernel:
+        kinds = ", ".join(f"{k} {n}" for k, n in sorted(event.kernel.items()))
+        parts.append(f"kernel buffer full: {kinds}")
+    if event.user:
+        parts.append(f"collector queue full: {event.user}")
+    if event.spool:
+        parts.append(f"spool or buffer to the service full: {event.spool}")
+    if event.errors:
+        kinds = ", ".join(f"{k} {n}" for k, n in sorted(event.errors.items()))
+        parts.append(f"probe state lost: {kinds}")
+    where = f" (collector {event.collector})" if event.collector else ""
+    return "; ".join(parts) + where
 
 
 _Action = tuple[Rule, bool, Observer | None]
@@ -66,6 +93,7 @@ class Engine:
         self._windows: dict[str, Windows] = {c.id: {} for c in rules.correlations}
         self._window_ns = {c.id: int(c.seconds * NS) for c in rules.correlations}
         self._folds: dict[tuple[str, str], _Fold] = {}
+        self._last_loss_ns: dict[str, int] = {}  # per host
         self._ids = itertools.count(1)
         # rule id -> the correlations that count it (they refer to rules by name or id), each
         # with what it counts of that rule's events
@@ -93,6 +121,8 @@ class Engine:
     # -- public -----------------------------------------------------------------------------
 
     def feed(self, event: AnyEvent) -> list[Alert]:
+        if type(event) is LostEvent:
+            return self._loss(event)
         out: list[Alert] = []
         plan = self._plan.get(type(event))
         if plan is not None:
@@ -111,6 +141,31 @@ class Engine:
                 where = f"{event.protocol} {event.daddr}:{event.dport}"
                 self._raise(out, EGRESS_RULE, f"{where} is not on the allow-list", event)
         return out
+
+    def _loss(self, event: LostEvent) -> list[Alert]:
+        """An alert for events lost: whatever was lost may have been the one that mattered
+        (a flood hides what follows it). Medium; high when it recurs."""
+        if not (sum(event.kernel.values()) or event.user or event.spool or event.errors):
+            return []
+        last = self._last_loss_ns.get(event.host)
+        self._last_loss_ns[event.host] = event.time_ns
+        rule = LOSS_RULE if last is None or event.time_ns - last > LOSS_RECUR_NS else LOSS_RECURRING
+        return [
+            Alert(
+                alert_id=f"{event.host}-{next(self._ids)}",
+                rule_id=rule.id,
+                title=rule.title,
+                level=rule.level,
+                tags=list(rule.tags),
+                description=f"events of traced processes were lost: {loss_summary(event)}",
+                time_ns=event.time_ns,
+                host=event.host,
+                sandbox="",
+                process=_NO_PROCESS,
+                events=[event],
+                raised_ns=time.time_ns(),
+            )
+        ]
 
     def expire(self, now_ns: int) -> list[Alert]:
         """Close fold windows that have ended (repeats they folded come out as summaries) and

@@ -42,6 +42,11 @@ _ATTACH = {
 SOCKET_HOOKS = tuple(_ATTACH)
 """The cgroup socket programs, which are loaded by name (tracepoint programs load by
 themselves when BCC compiles them)."""
+REPEAT_WINDOW_NS = 1_000_000_000
+"""Connects by one process to one destination beyond REPEAT_BUDGET within this time of the
+first are counted in the kernel, not sent (bpf/sock_addr.bpf.c)."""
+REPEAT_BUDGET = 1024
+_SOCK_F_REPEATS_ONLY = 1 << 2  # events.h; BCC's ctypes mirror of the record is edited
 _PROG_TYPE_CGROUP_SOCK = 9
 _PROG_TYPE_CGROUP_SOCK_ADDR = 18
 OPTIONAL_SOCKET_HOOKS: dict[str, tuple[str, int]] = {
@@ -133,6 +138,10 @@ class ProbeConfig:
     # Likewise for bind (the bind and post_bind hooks): without them, TCP listeners are still
     # seen (listen, from the TCP state tracepoint); binds themselves, and UDP ones, are not.
     bind_hooks: bool = True
+    # Connects of one process to one destination: REPEAT_BUDGET sent a window, the rest
+    # counted (a window of 0 sends every one: benchmarks of the record path use it).
+    repeat_window_ns: int = REPEAT_WINDOW_NS
+    repeat_budget: int = REPEAT_BUDGET
     # While records keep coming, the reader hands them to the event loop at most once per
     # this many seconds (a record after a quiet spell goes at once): each hand-over wakes the
     # loop, and a wake-up costs more than assembling a fork, an exec and an exit. It adds at
@@ -176,6 +185,8 @@ def compile_flags(config: ProbeConfig, features: kernel.KernelFeatures) -> list[
             cflags += [f"-D{k}={v}" for k, v in optional_offsets(btf, hook).items()]
             cflags.append(f"-D{_HAVE_FLAG[hook]}")
     cflags.append(f"-DRINGBUF_PAGES={config.ring_pages}")
+    cflags.append(f"-DREPEAT_WINDOW_NS={config.repeat_window_ns}ULL")
+    cflags.append(f"-DREPEAT_BUDGET={config.repeat_budget}")
     cflags.append(f"-DNR_CPUS_POSSIBLE={kernel.possible_cpus()}")
     if features.exit_group_dead:
         cflags.append("-DHAVE_EXIT_GROUP_DEAD")
@@ -302,6 +313,7 @@ class Probes:
         self._stop = threading.Event()
         self._closed = False
         self._reader: RingBufferReader | None = None
+        self._wake: Callable[[], None] | None = None
 
     # -- scope ------------------------------------------------------------------------------
 
@@ -383,7 +395,37 @@ class Probes:
                 out[i] = total
         return out
 
+    def drain_repeats(self, now_ns: int | None = None) -> int:
+        """Report the counts the kernel holds for destinations whose window ended with no
+        later connect to carry them (a flood that stopped, a process that exited): each as
+        a connect record flagged SOCK_F_REPEATS_ONLY, put on the record queue like the
+        kernel's own; its entry is removed, so the next connect there is sent. Returns how
+        many were reported."""
+        if not self._sock_fns.get("connect4") or not self.config.repeat_window_ns:
+            return 0
+        table = self.bpf[b"dest_seen"]
+        now = time.monotonic_ns() if now_ns is None else now_ns  # the kernel's clock
+        out: list[bytes] = []
+        for key, seen in table.items():
+            if not seen.count or now - seen.window_ns < self.config.repeat_window_ns:
+                continue
+            try:
+                del table[key]
+            except KeyError:  # gone meanwhile (the LRU evicted it, or the kernel re-keyed)
+                continue
+            rec = seen.rec
+            rec.repeats = min(seen.count, 0xFFFFFFFF)
+            rec.flags |= _SOCK_F_REPEATS_ONLY
+            rec.hdr.ktime_ns = now
+            out.append(bytes(rec))
+        if out and self.queue.put(out) and self._wake is not None:
+            self._wake()
+        return len(out)
+
     def losses(self) -> LossCounters:
+        """What was lost, and (first) the repeat counts left in the kernel, which the
+        collector asks for as often as for losses."""
+        self.drain_repeats()
         kernel_lost = self._sum_percpu("lost")
         if self._perf_lost:
             kernel_lost[0] = kernel_lost.get(0, 0) + self._perf_lost
@@ -395,6 +437,7 @@ class Probes:
         """Poll records in a thread of their own; call wake() when the queue becomes non-empty."""
         batch: list[bytes] = []
         string_at = ctypes.string_at
+        self._wake = wake
 
         def on_record(_ctx: Any, data: Any, size: int) -> int:
             batch.append(string_at(data, size))

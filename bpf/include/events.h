@@ -18,7 +18,7 @@
 #include <linux/types.h>
 #endif
 
-#define SANDTRACE_LAYOUT_VERSION 2
+#define SANDTRACE_LAYOUT_VERSION 3
 
 #define TASK_COMM_LEN 16
 
@@ -121,8 +121,12 @@ struct exit_record {
 
 #define SOCK_F_NONBLOCK (1U << 0)
 #define SOCK_F_LOCAL_KNOWN (1U << 1)
+#define SOCK_F_REPEATS_ONLY (1U << 2) /* a report of repeats counted in the kernel, no connect */
 
-/* Written at the cgroup connect hook: the attempt, before the protocol acts on it. */
+/* Written at the cgroup connect hook: the attempt, before the protocol acts on it. A process
+ * connecting to one destination again within a window is counted in the kernel, not sent:
+ * the next record for that destination carries the count (repeats), or, when none comes, a
+ * report the collector drains from the kernel's map (SOCK_F_REPEATS_ONLY). */
 struct connect_record {
 	struct record_header hdr;
 	__u64 cookie; /* socket cookie; joins TCP outcome records */
@@ -135,7 +139,7 @@ struct connect_record {
 	__u32 sock_type;
 	__u32 protocol;
 	__u32 flags;
-	__u32 _pad1;
+	__u32 repeats; /* connects to this destination counted, not sent, since the last record */
 };
 
 /* TCP progress of a socket that a traced process connected or listened on. Outcome records

@@ -13,6 +13,10 @@
 
 #define SOCK_STASH_MAX 16384
 
+/* Set in the stashed cookie of a TCP connect the connect hook counted as a repeat: its TCP
+ * progress is not reported either. Socket cookies are counters far below this bit. */
+#define COOKIE_REPEAT (1ULL << 63)
+
 /* Thread -> cookie of the TCP connect it is making, until the socket reaches SYN_SENT. */
 BPF_TABLE("lru_hash", u32, u64, connect_stash, SOCK_STASH_MAX);
 /* Thread -> the bind it is making, until post_bind completes it. */

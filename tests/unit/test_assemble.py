@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from api.events import ConnectEvent, ExecEvent, IoUringEvent, RawSocketEvent
+from api.events import ConnectEvent, ExecEvent, IoUringEvent, LostEvent, RawSocketEvent
 from collector import records as R
 from collector.assemble import CONNECT_HOLD_NS, Assembler, Scope
 from collector.sockets import UnixListener, UnixListeners
 from detect.egress import EgressPolicy
-from detect.engine import Engine
+from detect.engine import LOSS_RULE_ID, Engine
 from detect.ruleset import RuleSet
 
 HOST_FIELDS = {
@@ -297,3 +297,51 @@ def test_raw_socket_and_io_uring_records(asm: Assembler) -> None:
     assert (raw.family, raw.protocol, raw.protocol_number) == ("ipv6", "icmpv6", 58)
     assert (ring.fd, ring.sq_entries, ring.cq_entries, ring.flags) == (7, 8, 16, 1)
     assert raw.process.pid == ring.process.pid == 100
+
+
+# -- losses become alerts (detect.engine) -----------------------------------------------------
+
+
+def lost(at_s: float, **counts: Any) -> LostEvent:
+    return LostEvent(time_ns=int(at_s * 1e9), host="h", kernel=counts.pop("kernel", {}),
+                     user=counts.pop("user", 0), errors=counts.pop("errors", {}),
+                     **counts)  # fmt: skip
+
+
+def test_a_loss_is_an_alert_and_a_recurring_one_is_high() -> None:
+    engine = Engine(RuleSet())
+    assert engine.feed(lost(1.0)) == []  # nothing lost: nothing to say
+    (first,) = engine.feed(lost(2.0, kernel={"connect": 1000, "exec": 2}, user=5))
+    assert (first.rule_id, first.level, first.host) == (LOSS_RULE_ID, "medium", "h")
+    assert first.description == (
+        "events of traced processes were lost: kernel buffer full: connect 1000, exec 2; "
+        "collector queue full: 5"
+    )
+    assert first.events[0].kernel == {"connect": 1000, "exec": 2}
+    (again,) = engine.feed(lost(62.0, spool=3, collector="c1"))
+    assert (again.level, again.title) == ("high", "Events were lost again")
+    assert again.description.endswith("spool or buffer to the service full: 3 (collector c1)")
+    (later,) = engine.feed(lost(62.0 + 601, errors={"traced_map_full": 1}))
+    assert later.level == "medium"
+    assert "probe state lost: traced_map_full 1" in later.description
+
+
+def test_counted_repeats_ride_on_connects_and_on_reports(asm: Assembler) -> None:
+    udp: dict[str, Any] = {"daddr": ip4("127.0.0.1"), "family": 2, "dport": 9, "sock_type": 2,
+                           "protocol": 17}  # fmt: skip
+    first, carried, report = feed(
+        asm,
+        pack(R.REC_CONNECT, cookie=1, **udp),
+        pack(R.REC_CONNECT, cookie=1, repeats=41_000, **udp),
+        pack(R.REC_CONNECT, cookie=1, repeats=7, flags=R.SOCK_F_REPEATS_ONLY, **udp),
+    )
+    assert [(e.outcome, e.repeats) for e in (first, carried, report)] == [
+        ("success", 0),
+        ("success", 41_000),
+        ("repeated", 7),
+    ]
+    # a TCP report waits for no handshake
+    (tcp,) = feed(asm, pack(R.REC_CONNECT, cookie=2, daddr=ip4("192.0.2.7"), family=2, dport=443,
+                            sock_type=1, protocol=6, repeats=3,
+                            flags=R.SOCK_F_REPEATS_ONLY))  # fmt: skip
+    assert (tcp.protocol, tcp.outcome, tcp.repeats) == ("tcp", "repeated", 3)

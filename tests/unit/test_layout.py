@@ -255,8 +255,8 @@ MUTATIONS = [
     ),
     (("#define BIND_F_FAILED", "#define BIND_F_GONE"), "BIND_F_FAILED: in Python, not in C"),
     (
-        ("#define SANDTRACE_LAYOUT_VERSION 2", "#define SANDTRACE_LAYOUT_VERSION 3"),
-        "SANDTRACE_LAYOUT_VERSION: C 3",
+        ("#define SANDTRACE_LAYOUT_VERSION 3", "#define SANDTRACE_LAYOUT_VERSION 4"),
+        "SANDTRACE_LAYOUT_VERSION: C 4",
     ),
     (
         ("#define CGROUP_PATH_MAX 256", "#define CGROUP_PATH_MAX 128"),
@@ -350,3 +350,9 @@ def test_a_difference_in_python_is_reported(c_header: CHeader) -> None:
     assert name_table_mismatches(
         {**constants, "ERR_MAX": 4}, records.RECORD_NAMES, records.ERROR_NAMES
     ) == ["REC_MAX and ERR_MAX must count the values before them"]
+
+
+def test_the_loader_flags_a_repeats_report_as_events_h_does() -> None:
+    from probes import loader  # noqa: PLC0415
+
+    assert loader._SOCK_F_REPEATS_ONLY == records.SOCK_F_REPEATS_ONLY
