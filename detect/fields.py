@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import posixpath
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from api.events import (
     AnyEvent,
@@ -397,7 +397,8 @@ def target_image(
         and (argv[1] == filename or (len(argv) > 2 and argv[2] == filename))
     ):
         return _resolved(filename, cwd)
-    options = _options_of(exe)
+    known = _FAMILIES.get(exe, _FAMILIES)  # _options_of without a call, when known
+    options = _options_of(exe) if known is _FAMILIES else cast("_Options | None", known)
     if options is None and identity:  # a renamed copy of an interpreter
         options = _options_of(identity)
     if options is not None:
