@@ -132,7 +132,8 @@ class ConnectEvent(Event, tag="connect"):
     dport: int = 0
     saddr: str = ""
     sport: int = 0
-    # success | in_progress | pending | error | repeated: see README, "connect outcomes"
+    # success | in_progress | pending | error | repeated | sent (a datagram sent without
+    # connect(): the first of a socket to this destination): see README, "connect outcomes"
     outcome: str = ""
     errno: int = 0
     errno_name: str = ""

@@ -59,6 +59,7 @@ HOST_OPS = {
     "forkexec": 400,
     "unix-connect": 300_000,
     "socket": 300_000,
+    "sendto": 100_000,
 }
 DETECT_ROUNDS = 5
 RATES = [50_000, 100_000, 150_000, 200_000, 250_000, 300_000, 400_000]

@@ -53,6 +53,15 @@ int main(int argc, char **argv)
 			close(s);
 		}
 		t1 = now();
+	} else if (!strcmp(what, "sendto")) {
+		/* unconnected UDP: each datagram names its destination */
+		int s = socket(AF_INET, SOCK_DGRAM, 0);
+		char byte = 0;
+
+		t0 = now();
+		for (long i = 0; i < n; i++)
+			sendto(s, &byte, 1, 0, (struct sockaddr *)&dst, sizeof(dst));
+		t1 = now();
 	} else if (!strcmp(what, "socket")) {
 		t0 = now();
 		for (long i = 0; i < n; i++)

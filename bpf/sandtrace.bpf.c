@@ -11,3 +11,4 @@
 #include "unix_connect.bpf.c"
 #include "sock_create.bpf.c"
 #include "io_uring.bpf.c"
+#include "udp_egress.bpf.c"

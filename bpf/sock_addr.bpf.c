@@ -13,35 +13,6 @@
 #include "output.h"
 #include "sock_stash.h"
 
-#ifndef REPEAT_WINDOW_NS
-#define REPEAT_WINDOW_NS 1000000000ULL
-#endif
-/* Connects to one destination sent each window before the rest are counted: a process that
- * talks to a server now and then loses nothing to the counting. */
-#ifndef REPEAT_BUDGET
-#define REPEAT_BUDGET 1024
-#endif
-#define DEST_SEEN_MAX 16384
-
-/* A process's destination: who (pid and start time, for pid reuse) connected where. */
-struct dest_key {
-	u64 start_ns;
-	u32 tgid;
-	u16 family;
-	u16 dport;
-	u32 sock_type;
-	u32 protocol;
-	u8 daddr[16];
-};
-
-/* The first connect of a window to one destination, those sent, and those counted. */
-struct dest_seen {
-	u64 window_ns;
-	u64 sent;
-	u64 count;
-	struct connect_record rec;
-};
-
 /* Read by user space (probes/loader.py), which reports counts left when a window ends. */
 BPF_TABLE("lru_hash", struct dest_key, struct dest_seen, dest_seen, DEST_SEEN_MAX);
 BPF_PERCPU_ARRAY(dest_scratch, struct dest_seen, 1);

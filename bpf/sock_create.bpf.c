@@ -10,22 +10,38 @@
 #include "counters.h"
 #include "scope.h"
 #include "output.h"
+#include "inet.h"
+#include "sock_stash.h"
 
 #ifdef HAVE_SOCK_CREATE
 
+#ifndef SOCK_RAW
 #define SOCK_RAW 3
+#endif
 
 int sock_create(struct bpf_sock *sk)
 {
 	struct sock_create_record r = {};
+	u64 cookie;
 	s32 sb;
 
-	if (sk->type != SOCK_RAW)
+	if (sk->type != SOCK_RAW && sk->type != SOCK_DGRAM)
 		return 1;
 	sb = lookup_sandbox();
 	if (sb < 0)
 		return 1;
 	fill_header(&r.hdr, REC_SOCK_CREATE, sizeof(r), sb);
+#ifdef HAVE_UDP_EGRESS
+	/* The process a datagram socket's sends without connect() belong to (udp_egress). */
+	if (sk->type == SOCK_DGRAM) {
+		cookie = bpf_get_socket_cookie(sk);
+		if (udp_owner.update(&cookie, &r.hdr) != 0)
+			count_error(ERR_STASH_MAP_FULL);
+		return 1;
+	}
+#endif
+	if (sk->type != SOCK_RAW)
+		return 1;
 	r.cookie = bpf_get_socket_cookie(sk);
 	r.family = sk->family;
 	r.sock_type = sk->type;

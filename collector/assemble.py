@@ -358,6 +358,10 @@ class Assembler:
             # Only a count of repeats the kernel held: no connect, no outcome to wait for.
             ev.outcome = "repeated"
             return [ev]
+        if f.flags & R.SOCK_F_UNCONNECTED:
+            # The first datagram of a socket to this destination, sent without connect().
+            ev.outcome = "sent"
+            return [ev]
         if ev.protocol != "tcp":
             # Datagram connect only sets the peer; the hook runs as the call does.
             ev.outcome = "success"

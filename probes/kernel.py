@@ -44,7 +44,11 @@ BLIND_SPOTS = [
 
 # Optional cgroup hooks: attach type -> (the kernel that brought it, what is missed without it).
 OPTIONAL_HOOKS: dict[str, tuple[str, str]] = {
-    "BPF_CGROUP_INET_SOCK_CREATE": ("4.10", "raw IP sockets made in sandboxes are not seen"),
+    "BPF_CGROUP_INET_SOCK_CREATE": (
+        "4.10",
+        "raw IP sockets, and UDP datagrams sent without connect(), made in sandboxes are not seen",
+    ),
+    "BPF_CGROUP_INET_EGRESS": ("4.10", "UDP datagrams sent without connect() are not seen"),
     "BPF_CGROUP_UNIX_CONNECT": (
         "6.7",
         "connects of sandboxed processes to unix sockets (docker.sock, containerd.sock, "

@@ -47,11 +47,13 @@ REPEAT_WINDOW_NS = 1_000_000_000
 first are counted in the kernel, not sent (bpf/sock_addr.bpf.c)."""
 REPEAT_BUDGET = 1024
 _SOCK_F_REPEATS_ONLY = 1 << 2  # events.h; BCC's ctypes mirror of the record is edited
+_PROG_TYPE_CGROUP_SKB = 8
 _PROG_TYPE_CGROUP_SOCK = 9
 _PROG_TYPE_CGROUP_SOCK_ADDR = 18
 OPTIONAL_SOCKET_HOOKS: dict[str, tuple[str, int]] = {
     "connect_unix": ("BPF_CGROUP_UNIX_CONNECT", _PROG_TYPE_CGROUP_SOCK_ADDR),
     "sock_create": ("BPF_CGROUP_INET_SOCK_CREATE", _PROG_TYPE_CGROUP_SOCK),
+    "udp_egress": ("BPF_CGROUP_INET_EGRESS", _PROG_TYPE_CGROUP_SKB),
 }
 """Programs of the hooks a kernel may lack: name -> (their attach type in the kernel's enum
 bpf_attach_type, whose value comes from BTF: probes.kernel.OPTIONAL_HOOKS; program type).
@@ -59,6 +61,7 @@ Each is compiled only where the kernel has its hook (a HAVE_ flag)."""
 _HAVE_FLAG = {
     "BPF_CGROUP_UNIX_CONNECT": "HAVE_UNIX_CONNECT",
     "BPF_CGROUP_INET_SOCK_CREATE": "HAVE_SOCK_CREATE",
+    "BPF_CGROUP_INET_EGRESS": "HAVE_UDP_EGRESS",
 }
 _BPF_F_ALLOW_MULTI = 2
 
@@ -401,23 +404,27 @@ class Probes:
         a connect record flagged SOCK_F_REPEATS_ONLY, put on the record queue like the
         kernel's own; its entry is removed, so the next connect there is sent. Returns how
         many were reported."""
-        if not self._sock_fns.get("connect4") or not self.config.repeat_window_ns:
+        if not self.config.repeat_window_ns:
             return 0
-        table = self.bpf[b"dest_seen"]
         now = time.monotonic_ns() if now_ns is None else now_ns  # the kernel's clock
         out: list[bytes] = []
-        for key, seen in table.items():
-            if not seen.count or now - seen.window_ns < self.config.repeat_window_ns:
+        # connects (sock_addr.bpf.c), and datagrams sent without connect (udp_egress.bpf.c)
+        for name, hook in ((b"dest_seen", "connect4"), (b"udp_seen", "udp_egress")):
+            if hook not in self._sock_fns:
                 continue
-            try:
-                del table[key]
-            except KeyError:  # gone meanwhile (the LRU evicted it, or the kernel re-keyed)
-                continue
-            rec = seen.rec
-            rec.repeats = min(seen.count, 0xFFFFFFFF)
-            rec.flags |= _SOCK_F_REPEATS_ONLY
-            rec.hdr.ktime_ns = now
-            out.append(bytes(rec))
+            table = self.bpf[name]
+            for key, seen in table.items():
+                if not seen.count or now - seen.window_ns < self.config.repeat_window_ns:
+                    continue
+                try:
+                    del table[key]
+                except KeyError:  # gone meanwhile (the LRU evicted it, or the kernel re-keyed)
+                    continue
+                rec = seen.rec
+                rec.repeats = min(seen.count, 0xFFFFFFFF)
+                rec.flags |= _SOCK_F_REPEATS_ONLY
+                rec.hdr.ktime_ns = now
+                out.append(bytes(rec))
         if out and self.queue.put(out) and self._wake is not None:
             self._wake()
         return len(out)

@@ -122,6 +122,7 @@ struct exit_record {
 #define SOCK_F_NONBLOCK (1U << 0)
 #define SOCK_F_LOCAL_KNOWN (1U << 1)
 #define SOCK_F_REPEATS_ONLY (1U << 2) /* a report of repeats counted in the kernel, no connect */
+#define SOCK_F_UNCONNECTED (1U << 3) /* a datagram sent to this destination without connect() */
 
 /* Written at the cgroup connect hook: the attempt, before the protocol acts on it. A process
  * connecting to one destination again within a window is counted in the kernel, not sent:

@@ -7,6 +7,7 @@
 #define AF_INET 2
 #define AF_INET6 10
 #define SOCK_STREAM 1
+#define SOCK_DGRAM 2
 #define IPPROTO_TCP 6
 
 /* An IPv4 address, given as the 32-bit word (network byte order) a socket context holds. */

@@ -17,6 +17,39 @@
  * progress is not reported either. Socket cookies are counters far below this bit. */
 #define COOKIE_REPEAT (1ULL << 63)
 
+#ifndef REPEAT_WINDOW_NS
+#define REPEAT_WINDOW_NS 1000000000ULL
+#endif
+/* Connects to one destination sent each window before the rest are counted: a process that
+ * talks to a server now and then loses nothing to the counting. */
+#ifndef REPEAT_BUDGET
+#define REPEAT_BUDGET 1024
+#endif
+#define DEST_SEEN_MAX 16384
+
+/* A process's destination: who (pid and start time, for pid reuse) connected where. */
+struct dest_key {
+	u64 start_ns;
+	u32 tgid;
+	u16 family;
+	u16 dport;
+	u32 sock_type;
+	u32 protocol;
+	u8 daddr[16];
+};
+
+/* The first connect of a window to one destination, those sent, and those counted. */
+struct dest_seen {
+	u64 window_ns;
+	u64 sent;
+	u64 count;
+	struct connect_record rec;
+};
+
+/* Who made a datagram socket in a sandbox, by socket cookie, for the egress program, which
+ * sees packets without process context (udp_egress.bpf.c; filled by sock_create.bpf.c). */
+BPF_TABLE("lru_hash", u64, struct record_header, udp_owner, SOCK_STASH_MAX);
+
 /* Thread -> cookie of the TCP connect it is making, until the socket reaches SYN_SENT. */
 BPF_TABLE("lru_hash", u32, u64, connect_stash, SOCK_STASH_MAX);
 /* Thread -> the bind it is making, until post_bind completes it. */

@@ -345,3 +345,15 @@ def test_counted_repeats_ride_on_connects_and_on_reports(asm: Assembler) -> None
                             sock_type=1, protocol=6, repeats=3,
                             flags=R.SOCK_F_REPEATS_ONLY))  # fmt: skip
     assert (tcp.protocol, tcp.outcome, tcp.repeats) == ("tcp", "repeated", 3)
+
+
+def test_a_datagram_sent_without_connect_is_a_connect_event_sent(asm: Assembler) -> None:
+    (ev,) = feed(asm, pack(R.REC_CONNECT, cookie=4, daddr=ip4("198.51.100.5"), family=2,
+                           dport=3333, sock_type=2, protocol=17,
+                           flags=R.SOCK_F_UNCONNECTED))  # fmt: skip
+    assert (ev.protocol, ev.daddr, ev.dport, ev.outcome) == ("udp", "198.51.100.5", 3333, "sent")
+    flags = R.SOCK_F_UNCONNECTED | R.SOCK_F_REPEATS_ONLY
+    (ev,) = feed(asm, pack(R.REC_CONNECT, cookie=4, daddr=ip4("198.51.100.5"), family=2,
+                           dport=3333, sock_type=2, protocol=17, repeats=9,
+                           flags=flags))  # fmt: skip
+    assert (ev.outcome, ev.repeats) == ("repeated", 9)
