@@ -25,7 +25,7 @@ TRACEPOINT_PROBE(io_uring, io_uring_create)
 	r.sq_entries = args->sq_entries;
 	r.cq_entries = args->cq_entries;
 	r.flags = args->flags;
-	emit(args, &r, sizeof(r), REC_IO_URING);
+	emit_priority(args, &r, sizeof(r), REC_IO_URING);
 	return 0;
 }
 

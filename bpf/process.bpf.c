@@ -209,7 +209,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 emit_empty:
 	size = sizeof(*r) + (off & EXEC_DATA_MASK);
 	r->hdr.size = size;
-	emit(args, r, size, REC_EXEC);
+	emit_priority(args, r, size, REC_EXEC);
 	return 0;
 }
 
@@ -235,7 +235,7 @@ RAW_TRACEPOINT_PROBE(sched_process_fork)
 	fill_header(&r.hdr, REC_FORK, sizeof(r), sb);
 	r.child_pid = child_pid;
 	r.child_start_ns = rd_u64(child, OFF_TASK_START_TIME);
-	emit(ctx, &r, sizeof(r), REC_FORK);
+	emit_priority(ctx, &r, sizeof(r), REC_FORK);
 	return 0;
 }
 
@@ -266,7 +266,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 		return 0;
 	fill_header(&r.hdr, REC_EXIT, sizeof(r), sb);
 	r.exit_code = rd_u32((u64)bpf_get_current_task(), OFF_TASK_EXIT_CODE);
-	emit(args, &r, sizeof(r), REC_EXIT);
+	emit_priority(args, &r, sizeof(r), REC_EXIT);
 #ifndef TRACE_ALL
 	traced.delete(&tgid);
 #endif

@@ -21,7 +21,7 @@ BPF_PERCPU_ARRAY(dest_scratch, struct dest_seen, 1);
  * REPEAT_WINDOW_NS ago: then it is counted and not sent. A connect after the window starts
  * a new one and carries the previous window's count, so that a flood of connects to one
  * destination is at most REPEAT_BUDGET records a window, whatever its rate. */
-static __always_inline bool counted_repeat(struct connect_record *r)
+static __always_inline bool counted_repeat(struct connect_record *r, bool *first)
 {
 	struct dest_key key = {};
 	struct dest_seen *seen, *fresh;
@@ -38,6 +38,7 @@ static __always_inline bool counted_repeat(struct connect_record *r)
 	key.protocol = r->protocol;
 	__builtin_memcpy(key.daddr, r->daddr, sizeof(key.daddr));
 	seen = dest_seen.lookup(&key);
+	*first = !seen;
 	if (seen) {
 		if (r->hdr.ktime_ns - seen->window_ns < REPEAT_WINDOW_NS) {
 			if (seen->sent < REPEAT_BUDGET) {
@@ -68,7 +69,7 @@ static __always_inline int on_connect(struct bpf_sock_addr *ctx, u16 family)
 	struct bpf_sock *sk;
 	u32 tid;
 	u64 cookie;
-	bool repeat;
+	bool repeat, first = false;
 	s32 sb = lookup_sandbox();
 
 	if (sb < 0)
@@ -92,14 +93,16 @@ static __always_inline int on_connect(struct bpf_sock_addr *ctx, u16 family)
 			copy_ip6(r.saddr, sk->src_ip6);
 		r.flags |= SOCK_F_LOCAL_KNOWN;
 	}
-	repeat = counted_repeat(&r);
+	repeat = counted_repeat(&r, &first);
 	if (r.sock_type == SOCK_STREAM && r.protocol == IPPROTO_TCP) {
 		tid = r.hdr.tid;
 		cookie = repeat ? r.cookie | COOKIE_REPEAT : r.cookie;
 		if (connect_stash.update(&tid, &cookie) != 0)
 			count_error(ERR_STASH_MAP_FULL);
 	}
-	if (!repeat)
+	if (first)
+		emit_priority(ctx, &r, sizeof(r), REC_CONNECT);
+	else if (!repeat)
 		emit(ctx, &r, sizeof(r), REC_CONNECT);
 	return 1;
 }

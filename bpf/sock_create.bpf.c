@@ -46,7 +46,7 @@ int sock_create(struct bpf_sock *sk)
 	r.family = sk->family;
 	r.sock_type = sk->type;
 	r.protocol = sk->protocol;
-	emit(sk, &r, sizeof(r), REC_SOCK_CREATE);
+	emit_priority(sk, &r, sizeof(r), REC_SOCK_CREATE);
 	return 1;
 }
 

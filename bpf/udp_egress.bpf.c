@@ -105,7 +105,10 @@ int udp_egress(struct __sk_buff *skb)
 	fresh->rec.flags = SOCK_F_UNCONNECTED;
 	__builtin_memcpy(fresh->rec.daddr, key.daddr, sizeof(key.daddr));
 	fresh->rec.repeats = seen ? seen->count : 0;
-	emit(skb, &fresh->rec, sizeof(fresh->rec), REC_CONNECT);
+	if (seen)
+		emit(skb, &fresh->rec, sizeof(fresh->rec), REC_CONNECT);
+	else
+		emit_priority(skb, &fresh->rec, sizeof(fresh->rec), REC_CONNECT);
 	fresh->window_ns = now;
 	fresh->sent = 1;
 	fresh->count = 0;

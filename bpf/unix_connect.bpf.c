@@ -42,7 +42,7 @@ int connect_unix(struct bpf_sock_addr *ctx)
 	r.path_size = len < UNIX_PATH_MAX ? len : UNIX_PATH_MAX;
 	if (uaddr && r.path_size)
 		bpf_probe_read_kernel(r.path, sizeof(r.path), (void *)(uaddr + SUN_FAMILY_SIZE));
-	emit(ctx, &r, sizeof(r), REC_UNIX_CONNECT);
+	emit_priority(ctx, &r, sizeof(r), REC_UNIX_CONNECT);
 	return 1;
 }
 

@@ -11,6 +11,7 @@ import ctypes.util
 import mmap
 import os
 import re
+import struct
 import threading
 import time
 from collections import deque
@@ -188,6 +189,7 @@ def compile_flags(config: ProbeConfig, features: kernel.KernelFeatures) -> list[
             cflags += [f"-D{k}={v}" for k, v in optional_offsets(btf, hook).items()]
             cflags.append(f"-D{_HAVE_FLAG[hook]}")
     cflags.append(f"-DRINGBUF_PAGES={config.ring_pages}")
+    cflags.append(f"-DPRIORITY_RINGBUF_PAGES={PRIORITY_RING_PAGES}")
     cflags.append(f"-DREPEAT_WINDOW_NS={config.repeat_window_ns}ULL")
     cflags.append(f"-DREPEAT_BUDGET={config.repeat_budget}")
     cflags.append(f"-DNR_CPUS_POSSIBLE={kernel.possible_cpus()}")
@@ -264,6 +266,23 @@ class RecordQueue:
             return out
 
 
+PRIORITY_RING_PAGES = 128
+"""Pages of the priority ring (bpf/include/output.h): exec, fork, exit and first sightings,
+which a flood of other records cannot crowd out."""
+_KTIME = struct.Struct("<8xQ")  # record_header.ktime_ns
+
+
+def in_time_order(priority: list[bytes], main: list[bytes]) -> list[bytes]:
+    """The records of both rings as one list in the order they happened (by the kernel's
+    timestamp), so that an exec from the priority ring comes before the connects it made,
+    and a process's exit after them. Sorted only when the priority ring had any."""
+    if not priority:
+        return main
+    if not main:
+        return priority
+    return sorted(priority + main, key=lambda rec: _KTIME.unpack_from(rec)[0])
+
+
 def read_loop(
     poll: Callable[[], None],
     hand_over: Callable[[], bool],
@@ -316,6 +335,7 @@ class Probes:
         self._stop = threading.Event()
         self._closed = False
         self._reader: RingBufferReader | None = None
+        self._priority_reader: RingBufferReader | None = None
         self._wake: Callable[[], None] | None = None
 
     # -- scope ------------------------------------------------------------------------------
@@ -468,13 +488,20 @@ class Probes:
         else:
             reader = RingBufferReader(events.map_fd, self.config.ring_pages * mmap.PAGESIZE)
             self._reader = reader
+            prio_map = self.bpf[b"priority_events"]
+            priority = RingBufferReader(prio_map.map_fd, PRIORITY_RING_PAGES * mmap.PAGESIZE)
+            self._priority_reader = priority
+            reader.also_wake_on(prio_map.map_fd)
 
             def poll() -> None:
                 reader.wait(1.0)  # drain_now() interrupts it: an idle reader sleeps on
-                batch.extend(reader.read())
+                batch.extend(in_time_order(priority.read(), reader.read()))
 
             def consume() -> None:
-                while records := reader.read():
+                while True:
+                    records = in_time_order(priority.read(), reader.read())
+                    if not records:
+                        break
                     batch.extend(records)
 
         def flush() -> bool:
@@ -516,6 +543,8 @@ class Probes:
         self.drain_now()
         if self._reader is not None:
             self._reader.close()
+        if self._priority_reader is not None:
+            self._priority_reader.close()
         for cgroup_dir in list(self._attached):
             self.detach_cgroup(cgroup_dir)
         self.bpf.cleanup()

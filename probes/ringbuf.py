@@ -83,6 +83,11 @@ class RingBufferReader:
         self._epoll.register(self._interrupt, select.EPOLLIN)
         self._closed = False
 
+    def also_wake_on(self, fd: int) -> None:
+        """Make wait() return when `fd` (another ring's map) signals data too, so one
+        thread waits for several rings."""
+        self._epoll.register(fd, select.EPOLLIN)
+
     def wait(self, timeout: float) -> None:
         """Sleep until the kernel signals new data, interrupt() is called, or `timeout`
         seconds pass."""

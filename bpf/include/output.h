@@ -14,11 +14,16 @@
 #ifndef RINGBUF_PAGES
 #define RINGBUF_PAGES 1024
 #endif
+/* The priority ring: exec, fork, exit, first sightings. Small: what goes there is rare. */
+#ifndef PRIORITY_RINGBUF_PAGES
+#define PRIORITY_RINGBUF_PAGES 128
+#endif
 
 #ifdef USE_PERF_BUFFER
 BPF_PERF_OUTPUT(events);
 #else
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+BPF_RINGBUF_OUTPUT(priority_events, PRIORITY_RINGBUF_PAGES);
 #endif
 
 /* Send a record to user space; a record that does not fit is counted, never lost silently. */
@@ -29,6 +34,20 @@ static __always_inline void emit(void *ctx, void *rec, u64 size, u32 type)
 		count_lost(type);
 #else
 	if (events.ringbuf_output(rec, size, 0) != 0)
+		count_lost(type);
+#endif
+}
+
+/* Send a record that a flood of others must not crowd out (exec, fork, exit, a process's
+ * first connect to a destination): the priority ring, which only such records use, then,
+ * when that is full, the main ring. (The perf buffer has one path for all.) */
+static __always_inline void emit_priority(void *ctx, void *rec, u64 size, u32 type)
+{
+#ifdef USE_PERF_BUFFER
+	emit(ctx, rec, size, type);
+#else
+	if (priority_events.ringbuf_output(rec, size, 0) != 0 &&
+	    events.ringbuf_output(rec, size, 0) != 0)
 		count_lost(type);
 #endif
 }

@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 
 from api.events import ConnectEvent, ExecEvent
-from probes.loader import REPEAT_BUDGET, REPEAT_WINDOW_NS
+from collector import cgroups
+from collector import records as R
+from probes import kernel
+from probes.loader import REPEAT_BUDGET, REPEAT_WINDOW_NS, ProbeConfig, Probes
 from tests.kernel.tracer import PYTHON, Tracer, of
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,3 +83,43 @@ def test_flood_then_staged_miner(tracer: Tracer, micro: Path, pool: int) -> None
     assert len(sent) + sum(c.repeats for c in flood_connects) == FLOOD
     assert flood_connects[-1].outcome == "repeated"
     assert tracer.probes.losses().kernel == lost_before
+
+
+FLOOD_CODE = """
+import socket, subprocess, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for i in range(40_000):
+    s.connect(("127.0.0.1", 9))
+    if i == 20_000:  # the staged program, in the thick of the flood
+        print(subprocess.Popen(["/usr/bin/true", "staged-miner"]).wait(), flush=True)
+"""
+
+
+def test_exec_survives_a_flood_that_fills_the_main_ring() -> None:
+    """Every connect sent (no counting) into a one-page main ring: connects are lost (and
+    counted), the exec, fork and exit records of the priority ring are not."""
+    probes = Probes(ProbeConfig(ring_pages=1, repeat_window_ns=0), kernel.check())
+    root = cgroups.find_cgroup2_root()
+    sandbox = cgroups.create_sandbox(root)
+    records: list[R.AnyRecord] = []
+    try:
+        probes.trace_cgroup(sandbox.path, 0)
+        probes.start(lambda: None)
+        child = subprocess.Popen([PYTHON, "-c", FLOOD_CODE], preexec_fn=sandbox.join)  # noqa: PLW1509
+        while child.poll() is None:
+            records += [R.decode_record(b) for batch in probes.queue.drain() for b in batch]
+            time.sleep(0.05)  # a slow reader: the main ring overflows
+        probes.drain_now()
+        records += [R.decode_record(b) for batch in probes.queue.drain() for b in batch]
+        losses = probes.losses()
+    finally:
+        probes.close()
+        sandbox.destroy()
+    assert child.returncode == 0
+    assert losses.kernel.get(R.REC_CONNECT, 0) > 0, "the flood should overrun a one-page ring"
+    for rtype in (R.REC_EXEC, R.REC_FORK, R.REC_EXIT):
+        assert losses.kernel.get(rtype, 0) == 0
+    staged = [r for r in records if isinstance(r, R.ExecRecord)
+              and R.exec_parts(r).argv == [b"/usr/bin/true", b"staged-miner"]]  # fmt: skip
+    assert len(staged) == 1
+    assert any(isinstance(r, R.ExitRecord) and r.pid == staged[0].pid for r in records)

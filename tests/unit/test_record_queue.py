@@ -3,9 +3,10 @@ counts every record it cannot take."""
 
 from __future__ import annotations
 
+import struct
 import threading
 
-from probes.loader import RecordQueue, read_loop
+from probes.loader import RecordQueue, in_time_order, read_loop
 
 
 def test_bounded_in_bytes_and_drops_counted() -> None:
@@ -75,3 +76,17 @@ def test_reader_waits_the_interval_after_each_hand_over_only() -> None:
 def test_reader_without_interval_never_waits() -> None:
     handed, waits = _run_reader([[b"a"], [b"b"]], 0.0)
     assert (handed, waits) == ([[b"a"], [b"b"]], [])
+
+
+def _rec(ktime: int, tag: bytes) -> bytes:
+    return struct.pack("<HHIQ", 1, 3, 24, ktime) + tag.ljust(8, b"\0")
+
+
+def test_records_of_both_rings_come_in_time_order() -> None:
+    """An exec from the priority ring before the connects it made, its exit after them."""
+    main = [_rec(20, b"connect"), _rec(30, b"connect2")]
+    prio = [_rec(10, b"exec"), _rec(40, b"exit")]
+    merged = in_time_order(prio, main)
+    assert [r[16:].rstrip(b"\0") for r in merged] == [b"exec", b"connect", b"connect2", b"exit"]
+    assert in_time_order([], main) is main
+    assert in_time_order(prio, []) is prio
