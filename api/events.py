@@ -227,6 +227,7 @@ class LostEvent(_Record, tag_field="kind", tag="lost"):
     errors: dict[str, int]  # kernel map updates that failed
     spool: int = 0  # events discarded on the way to the service (spool or buffer full)
     collector: str = ""  # the collector's id when it streams to a service
+    sandboxes: dict[str, int] = field(default_factory=dict)  # kernel losses by sandbox id
 
 
 class Alert(_Record, tag_field="kind", tag="alert"):

@@ -60,6 +60,9 @@ def loss_summary(event: LostEvent) -> str:
     if event.errors:
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(event.errors.items()))
         parts.append(f"probe state lost: {kinds}")
+    if event.sandboxes:
+        counts = ", ".join(f"{k} {n}" for k, n in sorted(event.sandboxes.items()))
+        parts.append(f"in sandboxes: {counts}")
     where = f" (collector {event.collector})" if event.collector else ""
     return "; ".join(parts) + where
 
@@ -160,7 +163,7 @@ class Engine:
                 description=f"events of traced processes were lost: {loss_summary(event)}",
                 time_ns=event.time_ns,
                 host=event.host,
-                sandbox="",
+                sandbox=",".join(sorted(event.sandboxes)),
                 process=_NO_PROCESS,
                 events=[event],
                 raised_ns=time.time_ns(),

@@ -209,6 +209,9 @@ class LossCounters:
     kernel: dict[int, int] = field(default_factory=dict)  # per record type
     user: int = 0
     errors: dict[int, int] = field(default_factory=dict)
+    # records the kernel could not deliver, per sandbox index (the scope a process is
+    # traced for; the last slot, 1023, also takes higher indexes)
+    sandboxes: dict[int, int] = field(default_factory=dict)
 
 
 class RecordQueue:
@@ -456,7 +459,12 @@ class Probes:
         kernel_lost = self._sum_percpu("lost")
         if self._perf_lost:
             kernel_lost[0] = kernel_lost.get(0, 0) + self._perf_lost
-        return LossCounters(kernel_lost, self.queue.dropped, self._sum_percpu("errors"))
+        return LossCounters(
+            kernel_lost,
+            self.queue.dropped,
+            self._sum_percpu("errors"),
+            self._sum_percpu("lost_by_sandbox"),
+        )
 
     # -- reading ----------------------------------------------------------------------------
 

@@ -14,6 +14,16 @@ static __always_inline void count_lost(u32 type)
 		(*v)++;
 }
 
+/* A record about a process of sandbox `sandbox` that could not be delivered. */
+static __always_inline void count_lost_in(u32 sandbox)
+{
+	u32 slot = sandbox < MAX_SANDBOXES ? sandbox : MAX_SANDBOXES - 1;
+	u64 *v = lost_by_sandbox.lookup(&slot);
+
+	if (v)
+		(*v)++;
+}
+
 /* A failure of enum error_counter's kind. */
 static __always_inline void count_error(u32 which)
 {

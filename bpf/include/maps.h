@@ -30,6 +30,12 @@ BPF_HASH(sandbox_cgroups, u64, u32, 1024);
  * known type, which user space adds to from the perf buffer's own loss count). */
 BPF_PERCPU_ARRAY(lost, u64, REC_MAX);
 
+#define MAX_SANDBOXES 1024
+
+/* Records that could not be delivered, by the sandbox index of the process they were about
+ * (the last slot also takes any index beyond it). */
+BPF_PERCPU_ARRAY(lost_by_sandbox, u64, MAX_SANDBOXES);
+
 /* Failures that cost a probe some of its state, indexed by enum error_counter. */
 BPF_PERCPU_ARRAY(errors, u64, ERR_MAX);
 

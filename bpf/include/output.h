@@ -30,12 +30,14 @@ BPF_RINGBUF_OUTPUT(priority_events, PRIORITY_RINGBUF_PAGES);
 static __always_inline void emit(void *ctx, void *rec, u64 size, u32 type)
 {
 #ifdef USE_PERF_BUFFER
-	if (events.perf_submit(ctx, rec, size) != 0)
-		count_lost(type);
+	if (events.perf_submit(ctx, rec, size) == 0)
+		return;
 #else
-	if (events.ringbuf_output(rec, size, 0) != 0)
-		count_lost(type);
+	if (events.ringbuf_output(rec, size, 0) == 0)
+		return;
 #endif
+	count_lost(type);
+	count_lost_in(((struct record_header *)rec)->sandbox);
 }
 
 /* Send a record that a flood of others must not crowd out (exec, fork, exit, a process's
@@ -47,8 +49,10 @@ static __always_inline void emit_priority(void *ctx, void *rec, u64 size, u32 ty
 	emit(ctx, rec, size, type);
 #else
 	if (priority_events.ringbuf_output(rec, size, 0) != 0 &&
-	    events.ringbuf_output(rec, size, 0) != 0)
+	    events.ringbuf_output(rec, size, 0) != 0) {
 		count_lost(type);
+		count_lost_in(((struct record_header *)rec)->sandbox);
+	}
 #endif
 }
 

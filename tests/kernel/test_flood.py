@@ -117,6 +117,7 @@ def test_exec_survives_a_flood_that_fills_the_main_ring() -> None:
         sandbox.destroy()
     assert child.returncode == 0
     assert losses.kernel.get(R.REC_CONNECT, 0) > 0, "the flood should overrun a one-page ring"
+    assert losses.sandboxes == {0: sum(losses.kernel.values())}  # all of sandbox index 0
     for rtype in (R.REC_EXEC, R.REC_FORK, R.REC_EXIT):
         assert losses.kernel.get(rtype, 0) == 0
     staged = [r for r in records if isinstance(r, R.ExecRecord)

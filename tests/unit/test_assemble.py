@@ -324,6 +324,9 @@ def test_a_loss_is_an_alert_and_a_recurring_one_is_high() -> None:
     (later,) = engine.feed(lost(62.0 + 601, errors={"traced_map_full": 1}))
     assert later.level == "medium"
     assert "probe state lost: traced_map_full 1" in later.description
+    (named,) = engine.feed(lost(2000.0, kernel={"connect": 9}, sandboxes={"st-b": 2, "st-a": 7}))
+    assert named.sandbox == "st-a,st-b"
+    assert named.description.endswith("connect 9; in sandboxes: st-a 7, st-b 2")
 
 
 def test_counted_repeats_ride_on_connects_and_on_reports(asm: Assembler) -> None:

@@ -659,7 +659,7 @@ def test_json_line_exact() -> None:
 def test_json_line_of_lost_event() -> None:
     event = LostEvent(time_ns=T0, host="h", kernel={"exec": 3}, user=1, errors={})
     assert json_line(event) == (
-        f'{{"time_ns":{T0},"host":"h","kernel":{{"exec":3}},"user":1,"errors":{{}},"spool":0,"collector":"","kind":"lost"}}'
+        f'{{"time_ns":{T0},"host":"h","kernel":{{"exec":3}},"user":1,"errors":{{}},"spool":0,"collector":"","sandboxes":{{}},"kind":"lost"}}'
     )
 
 
