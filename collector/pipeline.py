@@ -33,6 +33,8 @@ class LossCounts(Protocol):
     def user(self) -> int: ...
     @property
     def errors(self) -> Mapping[int, int]: ...
+    @property
+    def sandboxes(self) -> Mapping[int, int]: ...  # kernel losses per sandbox index
 
 
 class BatchQueue(Protocol):
@@ -173,6 +175,7 @@ class Pipeline:
         self._reported_kernel: Counter[int] = Counter()
         self._reported_user = 0
         self._reported_errors: Counter[int] = Counter()
+        self._reported_sandboxes: Counter[int] = Counter()
 
     def emit(self, event: AnyEvent | Alert) -> None:
         self.totals.events[event.kind] += 1
@@ -207,12 +210,15 @@ class Pipeline:
         now = self.probes.losses()
         kernel = Counter(now.kernel)
         errors = Counter(now.errors)
+        sandboxes = Counter(now.sandboxes)
         dk = kernel - self._reported_kernel
         de = errors - self._reported_errors
         du = now.user - self._reported_user
+        ds = sandboxes - self._reported_sandboxes
         if not dk and not de and du <= 0:
             return
         self._reported_kernel, self._reported_errors, self._reported_user = kernel, errors, now.user
+        self._reported_sandboxes = sandboxes
         self.totals.lost_kernel += sum(dk.values())
         self.totals.lost_user += max(du, 0)
         self.totals.map_errors += sum(de.values())
@@ -223,8 +229,16 @@ class Pipeline:
                 kernel={R.RECORD_NAMES.get(k, "unknown"): v for k, v in dk.items()},
                 user=max(du, 0),
                 errors={R.ERROR_NAMES.get(k, str(k)): v for k, v in de.items()},
+                sandboxes=self._sandbox_losses(ds),
             )
         )
+
+    def _sandbox_losses(self, by_index: Counter[int]) -> dict[str, int]:
+        """Kernel losses by sandbox id, from the kernel's counts by sandbox index."""
+        by_name: Counter[str] = Counter()
+        for index, n in by_index.items():
+            by_name[self.assembler.sandbox_name(index)] += n
+        return dict(by_name)
 
     async def run(self, stop: asyncio.Event) -> Totals:
         loop = asyncio.get_running_loop()

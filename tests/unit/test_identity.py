@@ -431,6 +431,7 @@ class _Losses:
     kernel: dict[int, int] = {}  # noqa: RUF012 - read only
     user = 0
     errors: dict[int, int] = {}  # noqa: RUF012
+    sandboxes: dict[int, int] = {}  # noqa: RUF012
 
 
 class _Queue:
