@@ -20,9 +20,11 @@ from api.events import (
     ExecEvent,
     ExitEvent,
     ForkEvent,
+    IoUringEvent,
     ListenEvent,
     LostEvent,
     Process,
+    RawSocketEvent,
     SocketEvent,
 )
 from service.schemas.common import (
@@ -199,15 +201,53 @@ def _connect(event: ConnectEvent, d: Doc) -> None:
         "action": "connection_attempted",
         "outcome": _OUTCOME.get(event.outcome, "unknown"),
     }
-    d["source"] = endpoint(event.saddr, event.sport)
-    d["destination"] = endpoint(event.daddr, event.dport)
     d["network"] = _network(event.protocol, event.family, "egress")
+    if event.family == "unix":  # ECS: an address may be a Unix socket
+        d["destination"] = {"address": text(event.path)} if event.path else {}
+    else:
+        d["source"] = endpoint(event.saddr, event.sport)
+        d["destination"] = endpoint(event.daddr, event.dport)
     if event.errno:
         d["error"] = {"code": event.errno_name or str(event.errno)}
-    d["sandtrace"]["connect"] = {
+    d["sandtrace"]["connect"] = _connect_details(event)
+
+
+def _connect_details(event: ConnectEvent) -> Doc:
+    details: Doc = {
         "outcome": event.outcome,
         "errno": event.errno,
         "nonblocking": event.nonblocking,
+    }
+    if event.family == "unix":
+        details |= {"path": text(event.path), "peer_pid": event.peer_pid}
+        if event.peer_exe:
+            details["peer_executable"] = text(event.peer_exe)
+    return details
+
+
+def _raw_socket(event: RawSocketEvent, d: Doc) -> None:
+    d["event"] |= {
+        "category": ["network"],
+        "type": ["info"],
+        "action": "raw_socket_created",
+        "outcome": "success",
+    }
+    d["network"] = _network(event.protocol, event.family, "unknown")
+    d["sandtrace"]["raw_socket"] = {"protocol_number": event.protocol_number}
+
+
+def _io_uring(event: IoUringEvent, d: Doc) -> None:
+    d["event"] |= {
+        "category": ["process"],
+        "type": ["info"],
+        "action": "io_uring_created",
+        "outcome": "success",
+    }
+    d["sandtrace"]["io_uring"] = {
+        "fd": event.fd,
+        "sq_entries": event.sq_entries,
+        "cq_entries": event.cq_entries,
+        "flags": event.flags,
     }
 
 
@@ -276,6 +316,8 @@ EVENT_FIELDS: dict[type[Event], Callable[[Any, Doc], None]] = {
     ListenEvent: _listen,
     SocketEvent: _socket,
     CgroupMoveEvent: _cgroup_move,
+    RawSocketEvent: _raw_socket,
+    IoUringEvent: _io_uring,
 }
 
 

@@ -30,9 +30,11 @@ from api.events import (
     ExecEvent,
     ExitEvent,
     ForkEvent,
+    IoUringEvent,
     ListenEvent,
     LostEvent,
     Process,
+    RawSocketEvent,
     SocketEvent,
 )
 from service.schemas.common import (
@@ -285,13 +287,45 @@ def _connect(event: ConnectEvent, a: Activity) -> None:
         a.status_id = 1 if event.outcome == "success" else 0
     if event.errno:
         a.extra["status_code"] = event.errno_name or str(event.errno)
-    a.extra["src_endpoint"] = endpoint(event.saddr, event.sport)
-    a.extra["dst_endpoint"] = endpoint(event.daddr, event.dport)
+    if event.family == "unix":  # no address: the endpoint is named by its socket's path
+        a.extra["dst_endpoint"] = {"name": text(event.path)}
+    else:
+        a.extra["src_endpoint"] = endpoint(event.saddr, event.sport)
+        a.extra["dst_endpoint"] = endpoint(event.daddr, event.dport)
     a.extra["connection_info"] = _connection_info(event.protocol, event.family, 2)
-    a.unmapped["sandtrace"]["connect"] = {
+    connect: Doc = {
         "outcome": event.outcome,
         "errno": event.errno,
         "nonblocking": event.nonblocking,
+    }
+    if event.family == "unix":
+        connect |= {"path": text(event.path), "peer_pid": event.peer_pid}
+        if event.peer_exe:
+            connect["peer_executable"] = text(event.peer_exe)
+    a.unmapped["sandtrace"]["connect"] = connect
+
+
+def _raw_socket(event: RawSocketEvent, a: Activity) -> None:
+    # Not yet a connection, so no Network Activity (which wants an endpoint): what the
+    # process did, as a process activity, its socket's protocol unmapped.
+    a.activity_id, a.activity_name = 99, "Raw Socket"
+    a.status_id = 1
+    a.extra["actor"] = {"process": a.proc}
+    a.unmapped["sandtrace"]["raw_socket"] = {
+        "family": event.family,
+        "protocol": event.protocol,
+        "protocol_number": event.protocol_number,
+    }
+
+
+def _io_uring(event: IoUringEvent, a: Activity) -> None:
+    a.activity_id, a.activity_name = 99, "io_uring Setup"
+    a.extra["actor"] = {"process": a.proc}  # a process acting on itself
+    a.unmapped["sandtrace"]["io_uring"] = {
+        "fd": event.fd,
+        "sq_entries": event.sq_entries,
+        "cq_entries": event.cq_entries,
+        "flags": event.flags,
     }
 
 
@@ -340,6 +374,8 @@ EVENT_ACTIVITIES: dict[type[Event], tuple[OcsfClass, Callable[[Any, Activity], N
     BindEvent: (_NETWORK_ACTIVITY, _bind),
     ListenEvent: (_NETWORK_ACTIVITY, _listen),
     SocketEvent: (_NETWORK_ACTIVITY, _socket),
+    RawSocketEvent: (_PROCESS_ACTIVITY, _raw_socket),
+    IoUringEvent: (_PROCESS_ACTIVITY, _io_uring),
 }
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from api.events import (
+    EVENT_TYPES,
     Alert,
     AncestorRef,
     AnyEvent,
@@ -19,9 +20,11 @@ from api.events import (
     ExecEvent,
     ExitEvent,
     ForkEvent,
+    IoUringEvent,
     ListenEvent,
     LostEvent,
     Process,
+    RawSocketEvent,
     SocketEvent,
 )
 from api.render import json_line
@@ -174,6 +177,17 @@ ALL_ITEMS: list[AnyEvent | Alert] = [
     CgroupMoveEvent(
         **common(), target_pid=4242, dst_cgroup_id=12, dst_cgroup_path="/x", left_sandbox=True
     ),
+    ConnectEvent(
+        **common(),
+        protocol="unix",
+        family="unix",
+        outcome="success",
+        path=b"/run/docker.sock",
+        peer_pid=812,
+        peer_exe=b"/usr/bin/dockerd",
+    ),
+    RawSocketEvent(**common(), family="ipv4", protocol="icmp", protocol_number=1),
+    IoUringEvent(**common(), fd=5, sq_entries=8, cq_entries=16),
     lost_event(),
     alert(),
     alert(events=[exec_event()], level="critical", tags=[]),
@@ -187,6 +201,23 @@ ALL_ITEMS: list[AnyEvent | Alert] = [
 @pytest.mark.parametrize("item", ALL_ITEMS, ids=lambda i: i.kind)
 def test_native_is_json_line_content(item: AnyEvent | Alert) -> None:
     assert json.dumps(native(item), ensure_ascii=True, separators=(",", ":")) == json_line(item)
+
+
+def test_every_kind_of_event_is_in_every_schema() -> None:
+    assert {item.kind for item in ALL_ITEMS} == set(EVENT_TYPES)
+
+
+def test_a_unix_connect_names_its_socket_not_an_address() -> None:
+    (unix,) = [i for i in ALL_ITEMS if isinstance(i, ConnectEvent) and i.family == "unix"]
+    e = ecs(unix)
+    assert e["destination"] == {"address": "/run/docker.sock"}
+    assert "source" not in e
+    assert e["sandtrace"]["connect"]["peer_executable"] == "/usr/bin/dockerd"
+    o = ocsf(unix)
+    assert o["dst_endpoint"] == {"name": "/run/docker.sock"}
+    assert "src_endpoint" not in o
+    assert o["unmapped"]["sandtrace"]["connect"]["path"] == "/run/docker.sock"
+    assert o["unmapped"]["sandtrace"]["connect"]["peer_pid"] == 812
 
 
 def test_schemas_table() -> None:
