@@ -46,8 +46,10 @@ from api.events import (
     ExecEvent,
     ExitEvent,
     ForkEvent,
+    IoUringEvent,
     ListenEvent,
     LostEvent,
+    RawSocketEvent,
     SocketEvent,
     to_dict,
 )
@@ -70,7 +72,7 @@ _PID_WIDTH = 7  # pid_max is at most 4194304
 _COMM_WIDTH = 16
 
 # Short names for the kind column; a kind not listed is shown as it is (escaped).
-_KIND_LABELS = {"cgroup_move": "move"}
+_KIND_LABELS = {"cgroup_move": "move", "raw_socket": "raw", "io_uring": "uring"}
 
 # SGR parameters. Only TextRenderer(color=True) ever emits them.
 _KIND_STYLES = {
@@ -82,6 +84,8 @@ _KIND_STYLES = {
     "listen": "33",
     "socket": "34",  # blue
     "cgroup_move": "35",  # magenta
+    "raw_socket": "1;35",  # bold magenta
+    "io_uring": "35",
     "lost": "1;31",  # bold red
 }
 _MARKER_STYLE = "1;33"  # bold yellow: [memfd], [deleted], left sandbox
@@ -440,6 +444,10 @@ def _detail(event: Event, width: int) -> list[_Segment]:
             segments.append(("", [" "]))
             segments.append(_plain("left sandbox", _MARKER_STYLE))
         return segments
+    if isinstance(event, RawSocketEvent):
+        return [_plain(f"{event.family} {event.protocol} (protocol {event.protocol_number})")]
+    if isinstance(event, IoUringEvent):
+        return [_plain(f"fd {event.fd}, {event.sq_entries}/{event.cq_entries} entries")]
     return [("", _atoms(event.kind))]
 
 
@@ -463,7 +471,10 @@ def _exec_detail(event: ExecEvent, width: int) -> list[_Segment]:
 
 
 def _connect_detail(event: ConnectEvent) -> list[_Segment]:
-    atoms = [*_atoms(event.protocol), " ", *_host_port(event.daddr, event.dport)]
+    if event.family == "unix":  # the socket's path (or @abstract name), escaped
+        atoms = [*"unix ", *_atoms(event.path)]
+    else:
+        atoms = [*_atoms(event.protocol), " ", *_host_port(event.daddr, event.dport)]
     segments: list[_Segment] = [("", atoms)]
     if event.outcome:
         style = _ERROR_STYLE if event.outcome == "error" else ""

@@ -104,7 +104,8 @@ CATEGORY_FIELDS: dict[str, dict[str, str]] = {
         "DestinationIsIpv6": "'true' or 'false'",
         "SourceIp": "local address, when known",
         "SourcePort": "local port, when known",
-        "Outcome": "success, error, in_progress, pending",
+        "Outcome": "success, error, in_progress, pending; sent (UDP without connect), "
+        "repeated (a count of repeats the kernel folded)",
         "ErrnoName": "errno name when the connect failed, e.g. ECONNREFUSED",
         # unix socket connects (Protocol unix; DestinationIp '' and DestinationPort 0):
         "DestinationPath": "unix socket path, or @name for an abstract one ('' for IP)",

@@ -22,9 +22,11 @@ from api.events import (
     ExecEvent,
     ExitEvent,
     ForkEvent,
+    IoUringEvent,
     ListenEvent,
     LostEvent,
     Process,
+    RawSocketEvent,
     SocketEvent,
 )
 from api.render import (
@@ -367,6 +369,24 @@ LINES: list[tuple[AnyEvent, str]] = [
             **common(), target_pid=4250, dst_cgroup_id=1, dst_cgroup_path="/", left_sandbox=True
         ),
         "move    4242    curl             4250 -> / left sandbox",
+    ),
+    (
+        ConnectEvent(
+            **common(),
+            protocol="unix",
+            family="unix",
+            outcome="success",
+            path=b"/run/docker.sock\n",
+        ),
+        "connect 4242    curl             unix /run/docker.sock\\n success",
+    ),
+    (
+        RawSocketEvent(**common(), family="ipv4", protocol="icmp", protocol_number=1),
+        "raw     4242    curl             ipv4 icmp (protocol 1)",
+    ),
+    (
+        IoUringEvent(**common(), fd=5, sq_entries=8, cq_entries=16),
+        "uring   4242    curl             fd 5, 8/16 entries",
     ),
     (
         LostEvent(time_ns=T0, host="node1", kernel={}, user=0, errors={}),
