@@ -215,19 +215,30 @@ def flood_then_miner(
     pool.close()
     execs = [e for e in events if isinstance(e, ExecEvent) and e.argv[-1:] == [url.encode()]]
     miner = execs[0].process.pid if execs else -1
-    tcp = [e for e in events if isinstance(e, ConnectEvent) and e.process.pid == miner
-           and e.dport == port]  # fmt: skip
+    tcp = [
+        e
+        for e in events
+        if isinstance(e, ConnectEvent) and e.process.pid == miner and e.dport == port
+    ]
     flood_ev = [e for e in events if isinstance(e, ConnectEvent) and e.process.pid == flood.pid]
     sent = sum(1 for e in flood_ev if e.outcome != "repeated")
     counted = sum(e.repeats for e in flood_ev)
     lost = sum(lost_now.kernel.values()) - sum(lost_before.kernel.values())
     lost += lost_now.user - lost_before.user
     return [
-        ("flood 3M UDP connects + staged miner: miner exec, connect delivered", "",
-         f"{len(execs)}, {len(tcp)}", "target 1, 1"),
-        ("flood: connects sent / counted in the kernel / lost", "",
-         f"{sent} / {counted} / {lost}", f"sum {sent + counted} of {FLOOD}"),
-    ]  # fmt: skip
+        (
+            "flood 3M UDP connects + staged miner: miner exec, connect delivered",
+            "",
+            f"{len(execs)}, {len(tcp)}",
+            "target 1, 1",
+        ),
+        (
+            "flood: connects sent / counted in the kernel / lost",
+            "",
+            f"{sent} / {counted} / {lost}",
+            f"sum {sent + counted} of {FLOOD}",
+        ),
+    ]
 
 
 def throughput(
@@ -302,16 +313,16 @@ def throughput(
     return rows
 
 
-def detection(exe: Path, features: kernel.KernelFeatures,
-              sandbox: cgroups.SandboxCgroup) -> list[Row]:  # fmt: skip
+def detection(
+    exe: Path, features: kernel.KernelFeatures, sandbox: cgroups.SandboxCgroup
+) -> list[Row]:
     """Engine throughput on one core with the full pack, and syscall-to-alert latency."""
     pack = load_paths([RULES])
     cases = [c for f in sorted((RULES / "tests").glob("*.yml")) for c in load_cases(f)]
     hostile = [e for c in cases if c.fire for e in c.events]
     benign = [e for c in cases if not c.fire for e in c.events]
     # A recorded mix: nine benign events to one hostile, 200,000 in all.
-    mix = [benign[i % len(benign)] if i % 10 else hostile[i % len(hostile)]
-           for i in range(200_000)]  # fmt: skip
+    mix = [benign[i % len(benign)] if i % 10 else hostile[i % len(hostile)] for i in range(200_000)]
     # Rounds with a fresh engine each: on a shared 2-core VM one figure says little, so
     # the best and the median are reported.
     rates = []
@@ -321,11 +332,14 @@ def detection(exe: Path, features: kernel.KernelFeatures,
         alerts = sum(len(engine.feed(e)) for e in mix)
         rates.append(len(mix) / (time.process_time() - cpu0))
         progress(f"engine round {r + 1}/{DETECT_ROUNDS}: {rates[-1]:,.0f} events/s")
-    rows: list[Row] = [(
-        f"engine, {len(pack.rules)} rules + {len(pack.correlations)} corr. (events/s/core)",
-        "", f"{max(rates):,.0f}",
-        f"median {statistics.median(rates):,.0f}; {alerts:,} alerts; target >= 50,000",
-    )]  # fmt: skip
+    rows: list[Row] = [
+        (
+            f"engine, {len(pack.rules)} rules + {len(pack.correlations)} corr. (events/s/core)",
+            "",
+            f"{max(rates):,.0f}",
+            f"median {statistics.median(rates):,.0f}; {alerts:,} alerts; target >= 50,000",
+        )
+    ]
 
     # Latency from the syscall to the alert, embedded, at 1,000 events per second: a rule
     # that fires on every connect of the paced workload, with folding off.
@@ -347,9 +361,14 @@ def detection(exe: Path, features: kernel.KernelFeatures,
                     lat.append(alert.raised_ns - alert.time_ns)
             time.sleep(0.0005)
     lat.sort()
-    rows.append(("syscall->alert, embedded, p50 / p99 (ms)", "",
-                 f"{lat[len(lat) // 2] / 1e6:.2f} / {lat[int(len(lat) * 0.99)] / 1e6:.2f}",
-                 f"n={len(lat)}; target p99 < 50"))  # fmt: skip
+    rows.append(
+        (
+            "syscall->alert, embedded, p50 / p99 (ms)",
+            "",
+            f"{lat[len(lat) // 2] / 1e6:.2f} / {lat[int(len(lat) * 0.99)] / 1e6:.2f}",
+            f"n={len(lat)}; target p99 < 50",
+        )
+    )
     return rows
 
 
@@ -424,19 +443,38 @@ def watch_memory_service_down(exe: Path, sandbox: cgroups.SandboxCgroup) -> list
             s.bind(("127.0.0.1", 0))
             dead = s.getsockname()[1]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sandtrace", "watch", "--alerts-only", "--no-tail",
-             "--cgroup", str(sandbox.path), "--server", f"http://127.0.0.1:{dead}",
-             "--spool-dir", spool, "--spool-max", "32"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=HERE.parent,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "sandtrace",
+                "watch",
+                "--alerts-only",
+                "--no-tail",
+                "--cgroup",
+                str(sandbox.path),
+                "--server",
+                f"http://127.0.0.1:{dead}",
+                "--spool-dir",
+                spool,
+                "--spool-max",
+                "32",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=HERE.parent,
+        )
         if proc.stderr is None:
             raise RuntimeError("watch was started without a pipe")
         samples: list[int] = []
         try:
             proc.stderr.readline()  # "watching ...": the probes are attached
             load = threading.Thread(
-                target=micro, args=(exe, "connect-rate", 1_200_000, 20_000),
-                kwargs={"sandbox": sandbox}, daemon=True)  # fmt: skip
+                target=micro,
+                args=(exe, "connect-rate", 1_200_000, 20_000),
+                kwargs={"sandbox": sandbox},
+                daemon=True,
+            )
             load.start()
             while load.is_alive():
                 time.sleep(1.0)
@@ -484,24 +522,50 @@ def service_latency(exe: Path, sandbox: cgroups.SandboxCgroup) -> list[Row]:
         port = free_port()
         cmd = [sys.executable, "-m", "sandtrace"]
         serve = subprocess.Popen(
-            [*cmd, "serve", "--config", str(conf), "--listen", f"127.0.0.1:{port}",
-             "--token-file", str(token)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=HERE.parent,
-        )  # fmt: skip
+            [
+                *cmd,
+                "serve",
+                "--config",
+                str(conf),
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--token-file",
+                str(token),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=HERE.parent,
+        )
         watch = None
         lat: list[int] = []
         try:
             _wait_for_line(serve, "serving on")
             watch = subprocess.Popen(
-                [*cmd, "watch", "--no-tail", "--cgroup", str(sandbox.path), "--server",
-                 f"http://127.0.0.1:{port}", "--server-token-file", str(token), "--no-spool"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=HERE.parent,
-            )  # fmt: skip
+                [
+                    *cmd,
+                    "watch",
+                    "--no-tail",
+                    "--cgroup",
+                    str(sandbox.path),
+                    "--server",
+                    f"http://127.0.0.1:{port}",
+                    "--server-token-file",
+                    str(token),
+                    "--no-spool",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=HERE.parent,
+            )
             _wait_for_line(watch, "watching")
             progress(f"latency through the service: {n} connects, one per millisecond")
-            load = subprocess.Popen([str(exe), "connect-every-ms", str(n)],
-                                    stdout=subprocess.DEVNULL,
-                                    preexec_fn=sandbox.join)  # noqa: PLW1509  # fmt: skip
+            load = subprocess.Popen(
+                [str(exe), "connect-every-ms", str(n)],
+                stdout=subprocess.DEVNULL,
+                preexec_fn=sandbox.join,  # noqa: PLW1509
+            )
             alerts.touch()
             with alerts.open("rb") as f:
                 rest = b""
@@ -523,11 +587,14 @@ def service_latency(exe: Path, sandbox: cgroups.SandboxCgroup) -> list[Row]:
                     proc.send_signal(signal.SIGTERM)
                     proc.wait(timeout=60)
     lat.sort()
-    return [(
-        "syscall->alert via the service, p50 / p99 (ms)", "",
-        f"{lat[len(lat) // 2] / 1e6:.1f} / {lat[int(len(lat) * 0.99)] / 1e6:.1f}",
-        f"{len(lat)} of {n} alerts; 1,000/s; target p99 < 100",
-    )]  # fmt: skip
+    return [
+        (
+            "syscall->alert via the service, p50 / p99 (ms)",
+            "",
+            f"{lat[len(lat) // 2] / 1e6:.1f} / {lat[int(len(lat) * 0.99)] / 1e6:.1f}",
+            f"{len(lat)} of {n} alerts; 1,000/s; target p99 < 100",
+        )
+    ]
 
 
 def _wait_for_line(proc: subprocess.Popen[str], text: str) -> None:

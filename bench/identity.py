@@ -98,13 +98,25 @@ def hashing() -> tuple[list[Row], float]:
     mib = total / 2**20
     sizes = sorted(f.stat().st_size for f in files)
     return [
-        ("new executable: read + digests (us/MiB)", "", f"{spent / mib * 1e6:,.0f}",
-         f"{len(files)} files of /usr/bin, {mib:,.0f} MiB"),
-        ("new executable, median file (us)", "", f"{statistics.median(per_file) * 1e6:,.0f}",
-         f"median size {sizes[len(sizes) // 2] // 1024:,} KiB"),
-        ("dpkg digest index, built once (ms)", "", f"{index_ms:,.0f}",
-         "in the worker, at the first new file"),
-    ], spent / mib  # fmt: skip
+        (
+            "new executable: read + digests (us/MiB)",
+            "",
+            f"{spent / mib * 1e6:,.0f}",
+            f"{len(files)} files of /usr/bin, {mib:,.0f} MiB",
+        ),
+        (
+            "new executable, median file (us)",
+            "",
+            f"{statistics.median(per_file) * 1e6:,.0f}",
+            f"median size {sizes[len(sizes) // 2] // 1024:,} KiB",
+        ),
+        (
+            "dpkg digest index, built once (ms)",
+            "",
+            f"{index_ms:,.0f}",
+            "in the worker, at the first new file",
+        ),
+    ], spent / mib
 
 
 def _exec_records(pid: int, exe: Path, count: int) -> list[bytes]:
@@ -113,11 +125,20 @@ def _exec_records(pid: int, exe: Path, count: int) -> list[bytes]:
     path = b"".join(p + b"\0" for p in parts)
     data = b"x\0" + path
     values = {
-        "type": R.REC_EXEC, "version": R.LAYOUT_VERSION, "ktime_ns": 1, "pid": pid,
-        "tid": pid, "ns_pid": pid, "ppid": 1, "start_ns": 5, "comm": b"bench",
-        "argv_size": 2, "argv_full_size": 2, "exe_size": len(path),
+        "type": R.REC_EXEC,
+        "version": R.LAYOUT_VERSION,
+        "ktime_ns": 1,
+        "pid": pid,
+        "tid": pid,
+        "ns_pid": pid,
+        "ppid": 1,
+        "start_ns": 5,
+        "comm": b"bench",
+        "argv_size": 2,
+        "argv_full_size": 2,
+        "exe_size": len(path),
         "exe_ino": exe.stat().st_ino,
-    }  # fmt: skip
+    }
     fixed = [values.get(n, b"" if c.endswith("s") else 0) for n, c in layout.codes.items()]
     record = layout.struct.pack(*fixed) + data
     return [record] * count
@@ -162,12 +183,15 @@ def per_exec() -> tuple[list[Row], float]:
     b, f, s = min(base), min(full), min(stdio)
     progress(f"per exec: assembly {b * 1e6:.1f} us, with enrichment {f * 1e6:.1f} us")
     return [
-        ("collector per exec, known file (us)", f"{b * 1e6:.1f}", f"{f * 1e6:.1f}",
-         f"+{(f - b) * 1e6:.1f} us; {hits:,} cache hits"),
+        (
+            "collector per exec, known file (us)",
+            f"{b * 1e6:.1f}",
+            f"{f * 1e6:.1f}",
+            f"+{(f - b) * 1e6:.1f} us; {hits:,} cache hits",
+        ),
         ("  of which stdio, three readlinks (us)", "", f"{s * 1e6:.1f}", ""),
-        ("enrichment at 1,000 execs/s (CPU share)", "", f"{(f - b) * 1000:.2%}",
-         "of one core"),
-    ], f - b  # fmt: skip
+        ("enrichment at 1,000 execs/s (CPU share)", "", f"{(f - b) * 1000:.2%}", "of one core"),
+    ], f - b
 
 
 def socket_lookup() -> list[Row]:
@@ -186,8 +210,14 @@ def socket_lookup() -> list[Row]:
         finally:
             client.close()
             conn.close()
-    return [("stdio socket, sock_diag lookup (us)", "", f"{min(times) * 1e6:,.0f}",
-             f"median {statistics.median(times) * 1e6:,.0f}; once per socket")]  # fmt: skip
+    return [
+        (
+            "stdio socket, sock_diag lookup (us)",
+            "",
+            f"{min(times) * 1e6:,.0f}",
+            f"median {statistics.median(times) * 1e6:,.0f}; once per socket",
+        )
+    ]
 
 
 def _children_cpu() -> float:
@@ -199,15 +229,37 @@ def hit_rate(enrich_s: float, hash_s_per_mib: float) -> list[Row]:
     """The mix traced, and once untraced for the CPU time of the traced work itself."""
     with tempfile.TemporaryDirectory() as work:
         cpu0 = _children_cpu()
-        subprocess.run(["/bin/sh", "-c", MIX, "mix", work, str(MIX_ROUNDS)],
-                       capture_output=True, check=True, timeout=900)  # fmt: skip
+        subprocess.run(
+            ["/bin/sh", "-c", MIX, "mix", work, str(MIX_ROUNDS)],
+            capture_output=True,
+            check=True,
+            timeout=900,
+        )
         work_cpu = _children_cpu() - cpu0
     with tempfile.TemporaryDirectory() as work:
         proc = subprocess.run(
-            [sys.executable, "-m", "sandtrace", "run", "--json", "--no-tail", "--no-detect",
-             "--", "/bin/sh", "-c", MIX, "mix", work, str(MIX_ROUNDS)],
-            capture_output=True, text=True, cwd=HERE.parent, check=False, timeout=900,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "sandtrace",
+                "run",
+                "--json",
+                "--no-tail",
+                "--no-detect",
+                "--",
+                "/bin/sh",
+                "-c",
+                MIX,
+                "mix",
+                work,
+                str(MIX_ROUNDS),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=HERE.parent,
+            check=False,
+            timeout=900,
+        )
     if proc.returncode != 0:
         raise RuntimeError(f"the exec mix failed: {proc.stderr[-2000:]}")
     m = re.search(
@@ -223,14 +275,26 @@ def hit_rate(enrich_s: float, hash_s_per_mib: float) -> list[Row]:
     spent = enrich_s * execs + hash_s_per_mib * mib  # every exec's lookup, every file read
     progress(f"exec mix: {execs} execs, {hits:.0f} hits, {files:.0f} files, {failed:.0f} failed")
     return [
-        ("identity cache hit rate, agent-like mix", "", f"{hits / answered:.1%}",
-         f"{execs:,} execs; {files:.0f} files read ({mib:.1f} MiB), {failed:.0f} unreachable"),
-        ("stdio read while the process ran", "", f"{read / (read + gone):.1%}",
-         f"{gone:.0f} execs gone or exec'd again first"),
-        ("enrichment / the traced work's CPU", "", f"{spent / work_cpu:.2%}",
-         f"mix: {work_cpu / execs * 1e6:,.0f} us CPU/exec; hits + hashing; budget: "
-         "whole collector <= 10%"),
-    ]  # fmt: skip
+        (
+            "identity cache hit rate, agent-like mix",
+            "",
+            f"{hits / answered:.1%}",
+            f"{execs:,} execs; {files:.0f} files read ({mib:.1f} MiB), {failed:.0f} unreachable",
+        ),
+        (
+            "stdio read while the process ran",
+            "",
+            f"{read / (read + gone):.1%}",
+            f"{gone:.0f} execs gone or exec'd again first",
+        ),
+        (
+            "enrichment / the traced work's CPU",
+            "",
+            f"{spent / work_cpu:.2%}",
+            f"mix: {work_cpu / execs * 1e6:,.0f} us CPU/exec; hits + hashing; budget: "
+            "whole collector <= 10%",
+        ),
+    ]
 
 
 def identity_costs() -> list[Row]:

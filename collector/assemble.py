@@ -73,8 +73,16 @@ def protocol_name(sock_type: int, protocol: int) -> str:
     return f"ip/{protocol}"
 
 
-IP_PROTOCOLS = {0: "ip", 1: "icmp", 2: "igmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp",
-                255: "raw"}  # fmt: skip
+IP_PROTOCOLS = {
+    0: "ip",
+    1: "icmp",
+    2: "igmp",
+    6: "tcp",
+    17: "udp",
+    58: "icmpv6",
+    132: "sctp",
+    255: "raw",
+}
 
 
 def ip_protocol_name(protocol: int) -> str:

@@ -43,10 +43,21 @@ def proc_header(pid: int, sandbox: int, cgroup_root: Path) -> R.Header | None:
     except (OSError, StopIteration, KeyError, ValueError):
         return None
     return R.Header(
-        type=0, version=R.LAYOUT_VERSION, size=0, ktime_ns=time.monotonic_ns(),
-        cgroup_id=cgroup_id, start_ns=info.start_ns, pid=pid, tid=pid, ns_pid=ns_pid,
-        ppid=info.ppid, uid=uid, gid=gid, sandbox=sandbox, comm=comm[:15],
-    )  # fmt: skip
+        type=0,
+        version=R.LAYOUT_VERSION,
+        size=0,
+        ktime_ns=time.monotonic_ns(),
+        cgroup_id=cgroup_id,
+        start_ns=info.start_ns,
+        pid=pid,
+        tid=pid,
+        ns_pid=ns_pid,
+        ppid=info.ppid,
+        uid=uid,
+        gid=gid,
+        sandbox=sandbox,
+        comm=comm[:15],
+    )
 
 
 def held_socket_events(

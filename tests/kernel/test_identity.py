@@ -92,11 +92,24 @@ def test_run_fills_identity_and_tcp_stdio(tmp_path: Path) -> None:
         port = listener.getsockname()[1]
         listener.settimeout(30)
         proc = subprocess.Popen(
-            [*SANDTRACE, "run", "--json", "--no-tail", "--no-detect", "--",
-             "/usr/bin/python3", "-c", CONNECT_AND_EXEC, str(port), str(copy)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            [
+                *SANDTRACE,
+                "run",
+                "--json",
+                "--no-tail",
+                "--no-detect",
+                "--",
+                "/usr/bin/python3",
+                "-c",
+                CONNECT_AND_EXEC,
+                str(port),
+                str(copy),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             cwd=ROOT_DIR,
-        )  # fmt: skip
+        )
         try:
             conn, _ = listener.accept()
             with conn:
@@ -246,11 +259,18 @@ def overlay(tmp_path: Path) -> Iterator[Path]:
         (tmp_path / d).mkdir()
     merged = tmp_path / "merged"
     subprocess.run(
-        ["mount", "-t", "overlay", "overlay", "-o",
-         f"lowerdir={tmp_path / 'lower'},upperdir={tmp_path / 'upper'},"
-         f"workdir={tmp_path / 'work'}", str(merged)],
+        [
+            "mount",
+            "-t",
+            "overlay",
+            "overlay",
+            "-o",
+            f"lowerdir={tmp_path / 'lower'},upperdir={tmp_path / 'upper'},"
+            f"workdir={tmp_path / 'work'}",
+            str(merged),
+        ],
         check=True,
-    )  # fmt: skip
+    )
     try:
         yield merged
     finally:
@@ -270,8 +290,12 @@ def test_a_program_on_overlayfs_running_and_gone(
     renamed_copy("/usr/bin/sleep", lower, "runner")
     renamed_copy("/usr/bin/true", lower, "quick")
     with tracer.sandbox() as sb:
-        proc = sb.spawn([str(overlay / "runner"), "60"], stdin=subprocess.DEVNULL,
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        proc = sb.spawn(
+            [str(overlay / "runner"), "60"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         procs.append(proc)
         running = exec_of(tracer, sb, proc.pid)
         pid, _, _ = sb.run([str(overlay / "quick")])

@@ -68,5 +68,8 @@ def test_unix_connects_outside_the_sandbox_are_not_seen(
         pid, _, events = sb.python(CONNECT, os.fsdecode(path), "stream")
     unix = [e for e in events if isinstance(e, ConnectEvent) and e.family == "unix"]
     assert [e.process.pid for e in unix] == [pid]
-    assert not [e for e in tracer.events if isinstance(e, ConnectEvent) and e.path == path
-                and e.process.pid == os.getpid()]  # fmt: skip
+    assert not [
+        e
+        for e in tracer.events
+        if isinstance(e, ConnectEvent) and e.path == path and e.process.pid == os.getpid()
+    ]

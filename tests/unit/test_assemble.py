@@ -48,8 +48,7 @@ def ip4(addr: str) -> bytes:
 
 @pytest.fixture
 def asm() -> Assembler:
-    return Assembler([Scope("box", ["/box"])], lambda _id: "/box/x", lambda _p: "",
-                     host="h")  # fmt: skip
+    return Assembler([Scope("box", ["/box"])], lambda _id: "/box/x", lambda _p: "", host="h")
 
 
 def feed(asm: Assembler, *bufs: bytes) -> list[Any]:
@@ -60,13 +59,28 @@ def feed(asm: Assembler, *bufs: bytes) -> list[Any]:
 
 
 def tcp_connect(cookie: int, port: int = 443) -> bytes:
-    return pack(R.REC_CONNECT, cookie=cookie, daddr=ip4("192.0.2.7"), family=2, dport=port,
-                sock_type=1, protocol=6)  # fmt: skip
+    return pack(
+        R.REC_CONNECT,
+        cookie=cookie,
+        daddr=ip4("192.0.2.7"),
+        family=2,
+        dport=port,
+        sock_type=1,
+        protocol=6,
+    )
 
 
 def state(cookie: int, old: int, new: int, **kw: Any) -> bytes:
-    return pack(R.REC_TCP_STATE, cookie=cookie, family=2, oldstate=old, newstate=new,
-                daddr=ip4("192.0.2.7"), dport=443, **kw)  # fmt: skip
+    return pack(
+        R.REC_TCP_STATE,
+        cookie=cookie,
+        family=2,
+        oldstate=old,
+        newstate=new,
+        daddr=ip4("192.0.2.7"),
+        dport=443,
+        **kw,
+    )
 
 
 def test_tcp_connect_waits_for_its_outcome(asm: Assembler) -> None:
@@ -96,8 +110,11 @@ def test_unresolved_connects_after_the_hold(asm: Assembler) -> None:
     feed(asm, tcp_connect(4, port=1), state(4, 7, 2, flags=R.SOCK_F_NONBLOCK))
     feed(asm, tcp_connect(5, port=2), state(5, 7, 2))
     assert asm.expire(now_mono_ns=1_000 + CONNECT_HOLD_NS - 1) == []
-    out = {e.dport: e for e in asm.expire(now_mono_ns=1_000 + CONNECT_HOLD_NS)
-           if isinstance(e, ConnectEvent)}  # fmt: skip
+    out = {
+        e.dport: e
+        for e in asm.expire(now_mono_ns=1_000 + CONNECT_HOLD_NS)
+        if isinstance(e, ConnectEvent)
+    }
     assert (out[1].outcome, out[1].errno_name, out[1].nonblocking) == (
         "in_progress",
         "EINPROGRESS",
@@ -120,8 +137,18 @@ def test_connect_closed_by_owner_before_handshake(asm: Assembler) -> None:
 
 
 def test_udp_connect_is_reported_at_once(asm: Assembler) -> None:
-    (ev,) = feed(asm, pack(R.REC_CONNECT, cookie=9, daddr=ip4("192.0.2.53"), family=2,
-                           dport=53, sock_type=2, protocol=17))  # fmt: skip
+    (ev,) = feed(
+        asm,
+        pack(
+            R.REC_CONNECT,
+            cookie=9,
+            daddr=ip4("192.0.2.53"),
+            family=2,
+            dport=53,
+            sock_type=2,
+            protocol=17,
+        ),
+    )
     assert (ev.protocol, ev.daddr, ev.dport, ev.outcome) == ("udp", "192.0.2.53", 53, "success")
 
 
@@ -131,9 +158,15 @@ def test_argv_head_and_tail_with_a_gap(asm: Assembler) -> None:
     head = b"xmrig\0" + b"A" * 10
     tail = b"AAA\0-o\0stratum+tcp://pool:3333\0"
     exe = b"xmrig\0tmp\0"
-    rec = pack(R.REC_EXEC, head + tail + exe, flags=R.EXEC_F_ARGV_TRUNCATED,
-               argv_size=len(head), argv_tail_size=len(tail), argv_full_size=20_000,
-               exe_size=len(exe))  # fmt: skip
+    rec = pack(
+        R.REC_EXEC,
+        head + tail + exe,
+        flags=R.EXEC_F_ARGV_TRUNCATED,
+        argv_size=len(head),
+        argv_tail_size=len(tail),
+        argv_full_size=20_000,
+        exe_size=len(exe),
+    )
     (ev,) = feed(asm, rec)
     assert ev.argv == [b"xmrig", b"A" * 10, b"AAA", b"-o", b"stratum+tcp://pool:3333"]
     assert ev.argv_truncated and ev.argv_size == 20_000
@@ -166,8 +199,13 @@ def test_unix_connect_names_the_path_and_its_listener() -> None:
         asked.append((pid, path))
         return UnixListener(812, b"/usr/bin/dockerd") if path == b"/run/docker.sock" else None
 
-    asm = Assembler([Scope("box", ["/box"])], lambda _id: "/box/x", lambda _p: "", host="h",
-                    unix_listener=listener)  # fmt: skip
+    asm = Assembler(
+        [Scope("box", ["/box"])],
+        lambda _id: "/box/x",
+        lambda _p: "",
+        host="h",
+        unix_listener=listener,
+    )
     # what python's connect() gives: the path and its NUL; the rest of sun_path is stale
     (ev,) = feed(asm, unix_connect(b"/run/docker.sock\0junk", 17))
     assert (ev.family, ev.protocol, ev.daddr, ev.dport) == ("unix", "unix", "", 0)
@@ -184,8 +222,13 @@ def test_unix_connect_is_not_egress() -> None:
     (the runtime-socket rules judge those)."""
     policy = EgressPolicy.parse(["192.0.2.0/24"])
     engine = Engine(RuleSet(), egress=policy)
-    asm = Assembler([Scope("box", ["/box"])], lambda _id: "/box/x", lambda _p: "", host="h",
-                    unix_listener=lambda _pid, _path: None)  # fmt: skip
+    asm = Assembler(
+        [Scope("box", ["/box"])],
+        lambda _id: "/box/x",
+        lambda _p: "",
+        host="h",
+        unix_listener=lambda _pid, _path: None,
+    )
     (ev,) = feed(asm, unix_connect(b"/tmp/app.sock\0", 14))
     assert engine.feed(ev) == []
 
@@ -195,10 +238,24 @@ def test_exec_record_parts_and_parent(asm: Assembler) -> None:
     exe = b"sh\0bin\0usr\0"  # leaf first
     cwd = b"work\0tmp\0"
     data = argv + exe + cwd + b"/bin/sh\0"
-    parent = pack(R.REC_EXEC, argv + b"python3\0usr\0" + b"", pid=99, ppid=1,
-                  argv_size=len(argv), argv_full_size=len(argv), exe_size=12)  # fmt: skip
-    child = pack(R.REC_EXEC, data, argv_size=len(argv), argv_full_size=len(argv),
-                 exe_size=len(exe), cwd_size=len(cwd), filename_size=8)  # fmt: skip
+    parent = pack(
+        R.REC_EXEC,
+        argv + b"python3\0usr\0" + b"",
+        pid=99,
+        ppid=1,
+        argv_size=len(argv),
+        argv_full_size=len(argv),
+        exe_size=12,
+    )
+    child = pack(
+        R.REC_EXEC,
+        data,
+        argv_size=len(argv),
+        argv_full_size=len(argv),
+        exe_size=len(exe),
+        cwd_size=len(cwd),
+        filename_size=8,
+    )
     _, ev = feed(asm, parent, child)
     assert isinstance(ev, ExecEvent)
     assert ev.argv == [b"/bin/sh", b"-c", b"", b"x y"]
@@ -211,8 +268,9 @@ def test_exec_record_parts_and_parent(asm: Assembler) -> None:
 
 def exec_of(exe: bytes, flags: int) -> bytes:
     """An exec record of argv ["x"] whose executable's components are `exe`."""
-    return pack(R.REC_EXEC, b"x\0" + exe, argv_size=2, argv_full_size=2, exe_size=len(exe),
-                flags=flags)  # fmt: skip
+    return pack(
+        R.REC_EXEC, b"x\0" + exe, argv_size=2, argv_full_size=2, exe_size=len(exe), flags=flags
+    )
 
 
 def test_memfd_exec_is_fileless(asm: Assembler) -> None:
@@ -236,9 +294,18 @@ def test_exit_code_and_signal_decoding(asm: Assembler) -> None:
 
 
 def test_failed_bind(asm: Assembler) -> None:
-    (ev,) = feed(asm, pack(R.REC_BIND, family=2, req_addr=ip4("0.0.0.0"), req_port=22,
-                           sock_type=1, protocol=6,
-                           flags=R.BIND_F_FAILED | R.BIND_F_REQUEST_KNOWN))  # fmt: skip
+    (ev,) = feed(
+        asm,
+        pack(
+            R.REC_BIND,
+            family=2,
+            req_addr=ip4("0.0.0.0"),
+            req_port=22,
+            sock_type=1,
+            protocol=6,
+            flags=R.BIND_F_FAILED | R.BIND_F_REQUEST_KNOWN,
+        ),
+    )
     assert (ev.outcome, ev.requested_addr, ev.requested_port, ev.port) == (
         "error",
         "0.0.0.0",
@@ -303,9 +370,14 @@ def test_raw_socket_and_io_uring_records(asm: Assembler) -> None:
 
 
 def lost(at_s: float, **counts: Any) -> LostEvent:
-    return LostEvent(time_ns=int(at_s * 1e9), host="h", kernel=counts.pop("kernel", {}),
-                     user=counts.pop("user", 0), errors=counts.pop("errors", {}),
-                     **counts)  # fmt: skip
+    return LostEvent(
+        time_ns=int(at_s * 1e9),
+        host="h",
+        kernel=counts.pop("kernel", {}),
+        user=counts.pop("user", 0),
+        errors=counts.pop("errors", {}),
+        **counts,
+    )
 
 
 def test_a_loss_is_an_alert_and_a_recurring_one_is_high() -> None:
@@ -330,8 +402,13 @@ def test_a_loss_is_an_alert_and_a_recurring_one_is_high() -> None:
 
 
 def test_counted_repeats_ride_on_connects_and_on_reports(asm: Assembler) -> None:
-    udp: dict[str, Any] = {"daddr": ip4("127.0.0.1"), "family": 2, "dport": 9, "sock_type": 2,
-                           "protocol": 17}  # fmt: skip
+    udp: dict[str, Any] = {
+        "daddr": ip4("127.0.0.1"),
+        "family": 2,
+        "dport": 9,
+        "sock_type": 2,
+        "protocol": 17,
+    }
     first, carried, report = feed(
         asm,
         pack(R.REC_CONNECT, cookie=1, **udp),
@@ -344,19 +421,51 @@ def test_counted_repeats_ride_on_connects_and_on_reports(asm: Assembler) -> None
         ("repeated", 7),
     ]
     # a TCP report waits for no handshake
-    (tcp,) = feed(asm, pack(R.REC_CONNECT, cookie=2, daddr=ip4("192.0.2.7"), family=2, dport=443,
-                            sock_type=1, protocol=6, repeats=3,
-                            flags=R.SOCK_F_REPEATS_ONLY))  # fmt: skip
+    (tcp,) = feed(
+        asm,
+        pack(
+            R.REC_CONNECT,
+            cookie=2,
+            daddr=ip4("192.0.2.7"),
+            family=2,
+            dport=443,
+            sock_type=1,
+            protocol=6,
+            repeats=3,
+            flags=R.SOCK_F_REPEATS_ONLY,
+        ),
+    )
     assert (tcp.protocol, tcp.outcome, tcp.repeats) == ("tcp", "repeated", 3)
 
 
 def test_a_datagram_sent_without_connect_is_a_connect_event_sent(asm: Assembler) -> None:
-    (ev,) = feed(asm, pack(R.REC_CONNECT, cookie=4, daddr=ip4("198.51.100.5"), family=2,
-                           dport=3333, sock_type=2, protocol=17,
-                           flags=R.SOCK_F_UNCONNECTED))  # fmt: skip
+    (ev,) = feed(
+        asm,
+        pack(
+            R.REC_CONNECT,
+            cookie=4,
+            daddr=ip4("198.51.100.5"),
+            family=2,
+            dport=3333,
+            sock_type=2,
+            protocol=17,
+            flags=R.SOCK_F_UNCONNECTED,
+        ),
+    )
     assert (ev.protocol, ev.daddr, ev.dport, ev.outcome) == ("udp", "198.51.100.5", 3333, "sent")
     flags = R.SOCK_F_UNCONNECTED | R.SOCK_F_REPEATS_ONLY
-    (ev,) = feed(asm, pack(R.REC_CONNECT, cookie=4, daddr=ip4("198.51.100.5"), family=2,
-                           dport=3333, sock_type=2, protocol=17, repeats=9,
-                           flags=flags))  # fmt: skip
+    (ev,) = feed(
+        asm,
+        pack(
+            R.REC_CONNECT,
+            cookie=4,
+            daddr=ip4("198.51.100.5"),
+            family=2,
+            dport=3333,
+            sock_type=2,
+            protocol=17,
+            repeats=9,
+            flags=flags,
+        ),
+    )
     assert (ev.outcome, ev.repeats) == ("repeated", 9)

@@ -207,8 +207,9 @@ def test_value_count_alerts_as_a_count_over_the_window_says() -> None:
     for _ in range(4000):
         now += rng.choice([0.0, 0.5, 1.0, 3.0, 7.0])
         pid = rng.choice([1, 2])
-        ip = rng.choice(["", "198.51.100.1", "198.51.100.2", "198.51.100.3", "198.51.100.4",
-                         "198.51.100.5"])  # fmt: skip
+        ip = rng.choice(
+            ["", "198.51.100.1", "198.51.100.2", "198.51.100.3", "198.51.100.4", "198.51.100.5"]
+        )
         got = [a for a in e.feed(connect(now, ip=ip, pid=pid)) if a.rule_id.endswith("bb")]
         since[pid].append((now, ip))
         distinct = {v for at, v in since[pid] if at >= now - 10 and v}

@@ -201,8 +201,9 @@ def hostile_files() -> Iterator[bytes]:
     for entry in (1, 2):
         for field_off, value in [(24, 2**64 - 1), (32, 2**64 - 1), (0, 2**32 - 1)]:
             bad = bytearray(good)
-            struct.pack_into("<Q" if field_off else "<I", bad, shoff + 64 * entry + field_off,
-                             value)  # fmt: skip
+            struct.pack_into(
+                "<Q" if field_off else "<I", bad, shoff + 64 * entry + field_off, value
+            )
             yield bytes(bad)
     start = good.find(MAGIC) + 32
     yield good[:start] + b"\xff" * 11 + good[start + 11 :]
@@ -460,8 +461,17 @@ class _Source:
 def exec_record(pid: int, exe: Path, **kw: Any) -> bytes:
     parts = [p.encode() for p in reversed(exe.parts[1:])]
     path = b"".join(p + b"\0" for p in parts)
-    return pack(R.REC_EXEC, b"x\0" + path, pid=pid, tid=pid, argv_size=2, argv_full_size=2,
-                exe_size=len(path), exe_ino=exe.stat().st_ino, **kw)  # fmt: skip
+    return pack(
+        R.REC_EXEC,
+        b"x\0" + path,
+        pid=pid,
+        tid=pid,
+        argv_size=2,
+        argv_full_size=2,
+        exe_size=len(path),
+        exe_ino=exe.stat().st_ino,
+        **kw,
+    )
 
 
 def test_pipeline_fills_exec_events_in_order(

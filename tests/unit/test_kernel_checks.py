@@ -17,9 +17,13 @@ def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     btf.parent.mkdir()
     btf.write_bytes(b"\x9f\xeb")
     (tmp_path / "modules" / "6.9.0-test" / "build").mkdir(parents=True)
-    for cat, ev in [("sched", "sched_process_exec"), ("sched", "sched_process_exit"),
-                    ("sock", "inet_sock_set_state"), ("cgroup", "cgroup_attach_task"),
-                    ("io_uring", "io_uring_create")]:  # fmt: skip
+    for cat, ev in [
+        ("sched", "sched_process_exec"),
+        ("sched", "sched_process_exit"),
+        ("sock", "inet_sock_set_state"),
+        ("cgroup", "cgroup_attach_task"),
+        ("io_uring", "io_uring_create"),
+    ]:
         (tmp_path / "tracing" / "events" / cat / ev).mkdir(parents=True)
     (tmp_path / "tracing/events/sched/sched_process_exit/format").write_text(
         "\tfield:bool group_dead;\toffset:32;\tsize:1;\tsigned:0;\n"

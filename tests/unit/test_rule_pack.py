@@ -161,8 +161,9 @@ def test_the_per_value_index_memo_agrees_when_full() -> None:
     for n in range(_MEMO_SIZE * 2):
         base = hostile[n % len(hostile)]
         exe = base.process.exe if n % 7 == 0 else b"/opt/tool-%d/bin/x" % n
-        event = msgspec.structs.replace(base, process=msgspec.structs.replace(base.process,
-                                                                              exe=exe))  # fmt: skip
+        event = msgspec.structs.replace(
+            base, process=msgspec.structs.replace(base.process, exe=exe)
+        )
         expected = [
             i for i, r in enumerate(rules) if r.test(FieldDict(event=event, getters=getters))
         ]

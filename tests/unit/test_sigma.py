@@ -220,13 +220,23 @@ def test_argv_texts_from_joined_bytes_equal_joining_the_decoded_args(argv: list[
     assert RAW_JOINED[EXEC_ARGV](event) == _joined(decoded)
 
 
-_OPTION_REGEXES = [r"^-[a-zA-Z]*c$", r"^-[46AaCfGgKkMNnqsTtVvXxYy]*R", r"^--?(e|exec)$", r"x\d+",
-                   r"^/dev/(tcp|udp)/", r"(^|/)sh$", r"\bsh$"]  # fmt: skip
+_OPTION_REGEXES = [
+    r"^-[a-zA-Z]*c$",
+    r"^-[46AaCfGgKkMNnqsTtVvXxYy]*R",
+    r"^--?(e|exec)$",
+    r"x\d+",
+    r"^/dev/(tcp|udp)/",
+    r"(^|/)sh$",
+    r"\bsh$",
+]
 
 
 @settings(max_examples=1500, deadline=None)
-@given(st.lists(st.text(alphabet="-abcRxE/dv:tcpu0123\n\0 ", max_size=7), max_size=5),
-       st.sampled_from(_OPTION_REGEXES), st.booleans())  # fmt: skip
+@given(
+    st.lists(st.text(alphabet="-abcRxE/dv:tcpu0123\n\0 ", max_size=7), max_size=5),
+    st.sampled_from(_OPTION_REGEXES),
+    st.booleans(),
+)
 @example(["ls", "-xc\n"], r"^-[a-zA-Z]*c$", False)  # $ before a final newline
 @example(["a-R", "-4R"], r"^-[46AaCfGgKkMNnqsTtVvXxYy]*R", True)
 def test_one_search_over_the_joined_argv_never_misses_an_element_match(
@@ -251,13 +261,19 @@ def test_one_search_over_the_joined_argv_never_misses_an_element_match(
 
 _PREFILTER_REGEXES = [
     r"\b[0-9]{1,3}(\.[0-9]{1,3}){3}:[0-9]{1,5}:[0-9]{1,3}(\.[0-9]{1,3}){3}:[0-9]{1,5}\b",
-    r"(ab){2,}|abab", r"a.a(b|bb)", r"x(?i:AB)x", r"(a:|:a)+:", r"a{3}|b{2}a", r"(?:a.){2}[:.]",
-]  # fmt: skip
+    r"(ab){2,}|abab",
+    r"a.a(b|bb)",
+    r"x(?i:AB)x",
+    r"(a:|:a)+:",
+    r"a{3}|b{2}a",
+    r"(?:a.){2}[:.]",
+]
 
 
 @settings(max_examples=3000, deadline=None)
-@given(st.text(alphabet="aAbBx:.12 ", max_size=24), st.sampled_from(_PREFILTER_REGEXES),
-       st.booleans())  # fmt: skip
+@given(
+    st.text(alphabet="aAbBx:.12 ", max_size=24), st.sampled_from(_PREFILTER_REGEXES), st.booleans()
+)
 @example("1.2.3.4:5:6.7.8.9:1", _PREFILTER_REGEXES[0], False)
 @example("xabx", r"x(?i:AB)x", False)
 def test_a_regex_prefilter_never_turns_away_a_match(text: str, pattern: str, fold: bool) -> None:
@@ -293,9 +309,12 @@ level: high
 
 
 @settings(max_examples=1500, deadline=None)
-@given(st.lists(st.binary(max_size=6) | st.sampled_from([b"ab", b"-x", "ΑΣ".encode(), b"c d"]),
-                max_size=5),
-       st.text(alphabet="abcd\u03a3\u03c3\u03c2-x\0 ", min_size=1, max_size=4))  # fmt: skip
+@given(
+    st.lists(
+        st.binary(max_size=6) | st.sampled_from([b"ab", b"-x", "ΑΣ".encode(), b"c d"]), max_size=5
+    ),
+    st.text(alphabet="abcd\u03a3\u03c3\u03c2-x\0 ", min_size=1, max_size=4),
+)
 def test_a_command_line_needle_is_found_in_the_argv_pass(argv: list[bytes], needle: str) -> None:
     """A lowered command line is its argv lowered and joined with spaces; the argv's form
     for the automaton is the same joined with NULs (and framed by them): a needle with
@@ -333,41 +352,106 @@ def test_a_command_line_needle_is_found_in_the_argv_pass(argv: list[bytes], need
         ("/usr/bin/perl", "./s", ["/usr/bin/perl", "-w", "./s", "a"], "/dev/shm", "/dev/shm/s"),
         ("/usr/bin/env", "/tmp/a.py", ["/usr/bin/env", "python3", "/tmp/a.py"], "/", "/tmp/a.py"),
         # a script named on the interpreter's command line, after its options
-        ("/usr/bin/python3.12", "/usr/bin/python3", ["python3", "-u", "-W", "ignore", "x.py"],
-         "/var/tmp", "/var/tmp/x.py"),
-        ("/usr/bin/python3.12", "/usr/bin/python3", ["python3", "-Wd", "--", "../q.py"],
-         "/srv/p/sub", "/srv/p/q.py"),
+        (
+            "/usr/bin/python3.12",
+            "/usr/bin/python3",
+            ["python3", "-u", "-W", "ignore", "x.py"],
+            "/var/tmp",
+            "/var/tmp/x.py",
+        ),
+        (
+            "/usr/bin/python3.12",
+            "/usr/bin/python3",
+            ["python3", "-Wd", "--", "../q.py"],
+            "/srv/p/sub",
+            "/srv/p/q.py",
+        ),
         ("/usr/bin/dash", "/bin/sh", ["sh", "-ex", "/dev/shm/s"], "/", "/dev/shm/s"),
-        ("/usr/bin/bash", "/bin/bash", ["bash", "-o", "pipefail", "+x", "./run.sh"], "/w",
-         "/w/run.sh"),
+        (
+            "/usr/bin/bash",
+            "/bin/bash",
+            ["bash", "-o", "pipefail", "+x", "./run.sh"],
+            "/w",
+            "/w/run.sh",
+        ),
         ("/usr/bin/perl", "/usr/bin/perl", ["perl", "-x", "/tmp/mail.txt"], "/", "/tmp/mail.txt"),
-        ("/usr/bin/perl", "/usr/bin/perl", ["perl", "-I", "lib", "-Mstrict", "t.pl"], "/w",
-         "/w/t.pl"),
-        ("/usr/bin/ruby3.2", "/usr/bin/ruby", ["ruby", "-r", "socket", "/tmp/r.rb"], "/",
-         "/tmp/r.rb"),
-        ("/usr/bin/node", "/usr/bin/node", ["node", "--require", "x", "--inspect=9229", "a.js"],
-         "/w", "/w/a.js"),
-        ("/usr/bin/php8.2", "/usr/bin/php", ["php", "-d", "a=b", "-f", "/tmp/p.php"], "/",
-         "/tmp/p.php"),
-        ("/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", "/lib64/ld-linux-x86-64.so.2",
-         ["/lib64/ld-linux-x86-64.so.2", "--library-path", "/x", "/tmp/prog"], "/", "/tmp/prog"),
+        (
+            "/usr/bin/perl",
+            "/usr/bin/perl",
+            ["perl", "-I", "lib", "-Mstrict", "t.pl"],
+            "/w",
+            "/w/t.pl",
+        ),
+        (
+            "/usr/bin/ruby3.2",
+            "/usr/bin/ruby",
+            ["ruby", "-r", "socket", "/tmp/r.rb"],
+            "/",
+            "/tmp/r.rb",
+        ),
+        (
+            "/usr/bin/node",
+            "/usr/bin/node",
+            ["node", "--require", "x", "--inspect=9229", "a.js"],
+            "/w",
+            "/w/a.js",
+        ),
+        (
+            "/usr/bin/php8.2",
+            "/usr/bin/php",
+            ["php", "-d", "a=b", "-f", "/tmp/p.php"],
+            "/",
+            "/tmp/p.php",
+        ),
+        (
+            "/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+            "/lib64/ld-linux-x86-64.so.2",
+            ["/lib64/ld-linux-x86-64.so.2", "--library-path", "/x", "/tmp/prog"],
+            "/",
+            "/tmp/prog",
+        ),
         # inline code, a module or stdin: no other file runs
-        ("/usr/bin/python3.12", "/usr/bin/python3", ["python3", "-m", "venv", "x.py"], "/w",
-         "/usr/bin/python3.12"),
-        ("/usr/bin/python3.12", "/usr/bin/python3", ["python3", "-Ic", "print(1)"], "/w",
-         "/usr/bin/python3.12"),
+        (
+            "/usr/bin/python3.12",
+            "/usr/bin/python3",
+            ["python3", "-m", "venv", "x.py"],
+            "/w",
+            "/usr/bin/python3.12",
+        ),
+        (
+            "/usr/bin/python3.12",
+            "/usr/bin/python3",
+            ["python3", "-Ic", "print(1)"],
+            "/w",
+            "/usr/bin/python3.12",
+        ),
         ("/usr/bin/bash", "/bin/bash", ["bash", "-c", "./x.sh"], "/tmp", "/usr/bin/bash"),
         ("/usr/bin/bash", "/bin/bash", ["bash", "-s", "x.sh"], "/tmp", "/usr/bin/bash"),
-        ("/usr/bin/perl", "/usr/bin/perl", ["perl", "-ne", "print", "/tmp/f"], "/",
-         "/usr/bin/perl"),
-        ("/usr/bin/node", "/usr/bin/node", ["node", "--eval", "1", "/tmp/a.js"], "/",
-         "/usr/bin/node"),
-        ("/usr/bin/python3.12", "/usr/bin/python3", ["python3", "-"], "/tmp",
-         "/usr/bin/python3.12"),
+        (
+            "/usr/bin/perl",
+            "/usr/bin/perl",
+            ["perl", "-ne", "print", "/tmp/f"],
+            "/",
+            "/usr/bin/perl",
+        ),
+        (
+            "/usr/bin/node",
+            "/usr/bin/node",
+            ["node", "--eval", "1", "/tmp/a.js"],
+            "/",
+            "/usr/bin/node",
+        ),
+        (
+            "/usr/bin/python3.12",
+            "/usr/bin/python3",
+            ["python3", "-"],
+            "/tmp",
+            "/usr/bin/python3.12",
+        ),
         # any other program is its own file
         ("/usr/bin/gcc-12", "/usr/bin/gcc", ["gcc", "/tmp/x.c"], "/tmp", "/usr/bin/gcc-12"),
     ],
-)  # fmt: skip
+)
 def test_target_image_is_the_file_that_actually_runs(
     exe: str, filename: str, argv: list[str], cwd: str, expected: str
 ) -> None:
