@@ -32,6 +32,16 @@ from tests.serving import free_port
 ROOT = Path(__file__).resolve().parents[2]
 SYSTEM_PYTHON = "/usr/bin/python3"
 NOBODY = pwd.getpwnam("nobody")
+UNSHIPPED = (
+    ".git",
+    ".venv",
+    "build",
+    "dist",
+    "*.egg-info",
+    "__pycache__",
+    ".*_cache",
+    ".hypothesis",
+)
 
 
 def _run(
@@ -71,8 +81,12 @@ def place() -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def wheel(place: Path) -> Path:
+    # Built from a copy: setuptools keeps a build/ directory in the source tree, and stale
+    # modules left there by an earlier build would end up in the wheel.
+    source = place / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*UNSHIPPED))
     out = place / "dist"
-    _ok([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT)])
+    _ok([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(source)])
     (built,) = out.glob("sandtrace-*.whl")
     return built
 
@@ -104,6 +118,13 @@ def test_the_wheel_carries_every_probe_source_and_rule(wheel: Path) -> None:
     assert wanted - names == set()
     assert "sandtrace/cli.py" in names
     assert "api/events.py" in names
+    modules = {n for n in names if n.endswith(".py")}
+    assert modules == {str(p.relative_to(ROOT)) for p in _shipped_modules()}
+
+
+def _shipped_modules() -> list[Path]:
+    layers = ("sandtrace", "api", "probes", "collector", "detect", "service", "tail")
+    return [p for layer in layers for p in (ROOT / layer).rglob("*.py")]
 
 
 def test_installed_sandtrace_runs_a_command_traced(with_bcc: Path, place: Path) -> None:
