@@ -389,12 +389,13 @@ def watch_memory(exe: Path, sandbox: cgroups.SandboxCgroup) -> list[Row]:
         [sys.executable, "-m", "sandtrace", "watch", "--json", "--cgroup", str(sandbox.path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        text=True,
         cwd=HERE.parent,
     )
     if proc.stdout is None or proc.stderr is None:
         raise RuntimeError("watch was started without pipes")
     try:
-        proc.stderr.readline()  # "watching ...": the probes are attached
+        _wait_for_line(proc, "watching")  # the probes are attached (startup notes come first)
         micro(exe, "getppid", 1, sandbox=sandbox)
         proc.stdout.readline()
         first = time.monotonic() - t0
