@@ -97,6 +97,11 @@ class PackageIndex:
         self.builds = 0
         self.build_seconds = 0.0
 
+    def warm(self) -> None:
+        """Build the index now (in a thread of the caller's), so that the first new
+        executable does not wait for it: the collector calls it while the probes compile."""
+        self._current()
+
     def available(self) -> bool:
         """Whether this host has a dpkg database to recognise copies by."""
         return self.info_dir.is_dir()

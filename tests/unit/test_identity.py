@@ -284,6 +284,15 @@ def test_several_packaged_paths_prefer_the_executed_one(tmp_path: Path) -> None:
     assert index.original(b"\0" * 16, b"/tmp/z") == b""
 
 
+def test_a_warmed_index_is_built_once_before_any_lookup(tmp_path: Path) -> None:
+    digest = "0123456789abcdef" * 2
+    index = dpkg_index(tmp_path, f"{digest}  usr/bin/x\n")
+    index.warm()
+    assert index.builds == 1
+    assert index.original(bytes.fromhex(digest), b"/tmp/z") == b"/usr/bin/x"
+    assert index.builds == 1  # the lookup found it built
+
+
 def test_no_dpkg_database_is_said(tmp_path: Path) -> None:
     index = PackageIndex(tmp_path)
     assert not index.available()
