@@ -11,7 +11,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from api.events import Alert, AnyEvent, Process
+from api.events import Alert, AnyEvent, ConnectEvent, Process
 
 Item = AnyEvent | Alert
 # A JSON document as a schema makes it: nested dicts, lists and scalars, dumped as JSON by the
@@ -79,6 +79,22 @@ def ancestry(process: Process) -> list[Doc]:
         }
         for a in process.ancestry
     ]
+
+
+def connect_details(event: ConnectEvent) -> Doc:
+    """sandtrace's own account of a connect (ECS `sandtrace.connect`, OCSF
+    `unmapped.sandtrace.connect`): its outcome, and for a unix socket its path and the
+    process listening there."""
+    details: Doc = {
+        "outcome": event.outcome,
+        "errno": event.errno,
+        "nonblocking": event.nonblocking,
+    }
+    if event.family == "unix":
+        details |= {"path": text(event.path), "peer_pid": event.peer_pid}
+        if event.peer_exe:
+            details["peer_executable"] = text(event.peer_exe)
+    return details
 
 
 def endpoint(addr: str, port: int) -> Doc:

@@ -35,6 +35,7 @@ from service.schemas.common import (
     ancestry,
     attack_ids,
     command_line,
+    connect_details,
     endpoint,
     rfc3339,
     text,
@@ -209,20 +210,7 @@ def _connect(event: ConnectEvent, d: Doc) -> None:
         d["destination"] = endpoint(event.daddr, event.dport)
     if event.errno:
         d["error"] = {"code": event.errno_name or str(event.errno)}
-    d["sandtrace"]["connect"] = _connect_details(event)
-
-
-def _connect_details(event: ConnectEvent) -> Doc:
-    details: Doc = {
-        "outcome": event.outcome,
-        "errno": event.errno,
-        "nonblocking": event.nonblocking,
-    }
-    if event.family == "unix":
-        details |= {"path": text(event.path), "peer_pid": event.peer_pid}
-        if event.peer_exe:
-            details["peer_executable"] = text(event.peer_exe)
-    return details
+    d["sandtrace"]["connect"] = connect_details(event)
 
 
 def _raw_socket(event: RawSocketEvent, d: Doc) -> None:

@@ -45,6 +45,7 @@ from service.schemas.common import (
     ancestry,
     attack_ids,
     command_line,
+    connect_details,
     endpoint,
     text,
 )
@@ -293,16 +294,7 @@ def _connect(event: ConnectEvent, a: Activity) -> None:
         a.extra["src_endpoint"] = endpoint(event.saddr, event.sport)
         a.extra["dst_endpoint"] = endpoint(event.daddr, event.dport)
     a.extra["connection_info"] = _connection_info(event.protocol, event.family, 2)
-    connect: Doc = {
-        "outcome": event.outcome,
-        "errno": event.errno,
-        "nonblocking": event.nonblocking,
-    }
-    if event.family == "unix":
-        connect |= {"path": text(event.path), "peer_pid": event.peer_pid}
-        if event.peer_exe:
-            connect["peer_executable"] = text(event.peer_exe)
-    a.unmapped["sandtrace"]["connect"] = connect
+    a.unmapped["sandtrace"]["connect"] = connect_details(event)
 
 
 def _raw_socket(event: RawSocketEvent, a: Activity) -> None:
