@@ -235,7 +235,7 @@ class Alert(_Record, tag_field="kind", tag="alert"):
 
     kind: ClassVar[str] = "alert"
 
-    alert_id: str
+    alert_id: str  # a UUIDv7 (api.ids): unique across hosts, runs and restarts
     rule_id: str
     title: str
     level: str  # informational, low, medium, high, critical
@@ -248,6 +248,8 @@ class Alert(_Record, tag_field="kind", tag="alert"):
     events: list[Any]  # the triggering events (AnyEvent)
     count: int = 1  # events folded into this alert
     repeat: bool = False  # a summary of repeats folded after the first alert
+    folds: str = ""  # a summary's: the alert_id of the alert whose repeats it counts
+    omitted: int = 0  # triggering events left out of `events` (it is bounded)
     raised_ns: int = 0  # wall clock when the engine raised it (time_ns to here: detection lag)
 
 

@@ -8,7 +8,6 @@ process into a single alert with a count.
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import Protocol
 import msgspec.structs
 
 from api.events import Alert, AnyEvent, ConnectEvent, Event, LostEvent, Process
+from api.ids import uuid7
 from detect.codegen import generate_matcher
 from detect.correlation import NS, Counting, Distinct, Observer, Window, Windows, observer
 from detect.egress import EGRESS_RULE, BuiltinRule, EgressPolicies, EgressPolicy
@@ -97,7 +97,6 @@ class Engine:
         self._window_ns = {c.id: int(c.seconds * NS) for c in rules.correlations}
         self._folds: dict[tuple[str, str], _Fold] = {}
         self._last_loss_ns: dict[str, int] = {}  # per host
-        self._ids = itertools.count(1)
         # rule id -> the correlations that count it (they refer to rules by name or id), each
         # with what it counts of that rule's events
         self._correlations_of: dict[str, list[tuple[Correlation, Counting]]] = {}
@@ -155,7 +154,7 @@ class Engine:
         rule = LOSS_RULE if last is None or event.time_ns - last > LOSS_RECUR_NS else LOSS_RECURRING
         return [
             Alert(
-                alert_id=f"{event.host}-{next(self._ids)}",
+                alert_id=uuid7(),
                 rule_id=rule.id,
                 title=rule.title,
                 level=rule.level,
@@ -204,7 +203,7 @@ class Engine:
         if fold is not None and fold.extra:
             out.append(self._summary(fold))
         alert = Alert(
-            alert_id=f"{event.host}-{next(self._ids)}",
+            alert_id=uuid7(),
             rule_id=rule.id,
             title=rule.title,
             level=rule.level,
@@ -224,8 +223,10 @@ class Engine:
         last = fold.last if fold.last is not None else fold.alert.events[-1]
         return msgspec.structs.replace(
             fold.alert,
+            alert_id=uuid7(),
             count=fold.extra + 1,
             repeat=True,
+            folds=fold.alert.alert_id,
             time_ns=getattr(last, "time_ns", fold.alert.time_ns),
             events=[last],
             raised_ns=time.time_ns(),

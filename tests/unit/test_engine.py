@@ -43,7 +43,8 @@ def test_repeats_fold_into_one_alert_with_a_count() -> None:
     assert first[0].process.pid == 7
     assert e.expire(first[0].time_ns + 59 * 10**9) == []
     (summary,) = e.expire(first[0].time_ns + 60 * 10**9)
-    assert (summary.count, summary.repeat, summary.alert_id) == (5, True, first[0].alert_id)
+    assert (summary.count, summary.repeat, summary.folds) == (5, True, first[0].alert_id)
+    assert summary.alert_id != first[0].alert_id  # a summary is an alert of its own
     assert e.flush() == []
 
 
