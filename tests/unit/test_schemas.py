@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from api.events import (
     EVENT_TYPES,
@@ -30,16 +31,14 @@ from api.events import (
 from api.render import json_line
 from service.outputs.syslog import sd_escape, syslog_message
 from service.schemas import SCHEMAS
-from service.schemas.common import attack_ids, rfc3339
+from service.schemas.attack import Named, attack_of
+from service.schemas.common import rfc3339
 from service.schemas.ecs import ecs
 from service.schemas.native import native
 from service.schemas.ocsf import ocsf
 
 T0 = 1_700_000_000_123_456_789  # 2023-11-14T22:13:20.123456789Z
 T0_MS = 1_700_000_000_123
-OCSF_REQUIRED = json.loads(
-    (Path(__file__).parent.parent / "data" / "ocsf" / "required.json").read_text()
-)
 
 
 def process(**kw: Any) -> Process:
@@ -238,20 +237,47 @@ def test_rfc3339() -> None:
     assert rfc3339(5) == "1970-01-01T00:00:00.000000005Z"
 
 
-def test_attack_ids() -> None:
-    assert attack_ids(
+def test_attack_of_names_tactics_techniques_and_subtechniques() -> None:
+    attack = attack_of(
         [
             "attack.t1059.004",
             "attack.T1059",
             "attack.command-and-control",
             "cve.2021",
             "attack.t1496",
+            "attack.s0002",  # software, not a tactic
+            "attack.t9999",  # not in the table: its id, no name
         ]
-    ) == (
-        ["T1059", "T1496"],
-        ["T1059.004"],
-        ["command-and-control"],
     )
+    assert attack.tactics == [
+        Named("TA0011", "Command and Control", "https://attack.mitre.org/tactics/TA0011/")
+    ]
+    assert [(t.id, t.name) for t in attack.techniques] == [
+        ("T1059", "Command and Scripting Interpreter"),
+        ("T1496", "Resource Hijacking"),
+        ("T9999", ""),
+    ]
+    assert attack.subtechniques == [
+        Named("T1059.004", "Unix Shell", "https://attack.mitre.org/techniques/T1059/004/")
+    ]
+
+
+def test_attack_table_names_every_tag_of_the_built_in_rules() -> None:
+    rules = Path(__file__).parent.parent.parent / "rules"
+    tags = {
+        tag
+        for path in rules.glob("*.yml")
+        for doc in yaml.safe_load_all(path.read_text())
+        if isinstance(doc, dict)
+        for tag in doc.get("tags", [])
+    }
+    attack = attack_of(sorted(tags))
+    assert len(attack.techniques) > 10 and len(attack.tactics) > 5
+    for named in [*attack.tactics, *attack.techniques, *attack.subtechniques]:
+        assert named.name, f"{named.id} has no name in service/schemas/attack.py"
+    unknown = {t for t in tags if t.startswith("attack.") and not attack_of([t]).tactics}
+    unknown -= {t for t in tags if attack_of([t]).techniques}
+    assert not unknown, f"tags the ATT&CK table does not know: {sorted(unknown)}"
 
 
 # --- ECS -----------------------------------------------------------------------------------
@@ -508,70 +534,6 @@ def test_ecs_alert() -> None:
 
 
 # --- OCSF ----------------------------------------------------------------------------------
-
-
-def _required_for(class_uid: int) -> tuple[list[str], list[list[str]]]:
-    name = OCSF_REQUIRED["classes"][str(class_uid)]
-    required: list[str] = []
-    at_least_one: list[list[str]] = []
-    while name:
-        spec = OCSF_REQUIRED["events"][name]
-        required += spec["required"]
-        if "at_least_one" in spec:
-            at_least_one.append(spec["at_least_one"])
-        name = spec.get("extends")
-    return required, at_least_one
-
-
-def _check_objects(value: Any, where: str, problems: list[str]) -> None:
-    if isinstance(value, list):
-        for i, v in enumerate(value):
-            _check_objects(v, f"{where}[{i}]", problems)
-        return
-    if not isinstance(value, dict):
-        return
-    for key, sub in value.items():
-        if where.endswith("unmapped") or key == "unmapped":
-            continue
-        obj_type = OCSF_REQUIRED["attribute_objects"].get(key)
-        for obj in sub if isinstance(sub, list) else [sub]:
-            if obj_type and isinstance(obj, dict):
-                spec = OCSF_REQUIRED["objects"][obj_type]
-                problems += [f"{where}.{key}.{a} missing" for a in spec["required"] if a not in obj]
-                if "at_least_one" in spec and not set(spec["at_least_one"]) & set(obj):
-                    problems.append(f"{where}.{key} has none of {spec['at_least_one']}")
-        _check_objects(sub, f"{where}.{key}", problems)
-
-
-@pytest.mark.parametrize("item", ALL_ITEMS, ids=lambda i: i.kind)
-def test_ocsf_required_attributes(item: AnyEvent | Alert) -> None:
-    d = ocsf(item)
-    required, at_least_one = _required_for(d["class_uid"])
-    assert [a for a in required if a not in d] == []
-    for group in at_least_one:
-        assert set(group) & set(d), f"none of {group}"
-    problems: list[str] = []
-    _check_objects(d, "", problems)
-    assert problems == []
-    assert d["type_uid"] == d["class_uid"] * 100 + d["activity_id"]
-    assert d["class_uid"] // 1000 == d["category_uid"]
-    assert d["metadata"] == {
-        "version": "1.8.0",
-        "product": {"name": "sandtrace", "vendor_name": "sandtrace"},
-    }
-
-
-def test_required_extract_is_the_schema_we_claim() -> None:
-    # The extract's own consistency: every class maps to an event with a uid, and the
-    # class_uid is the category's * 1000 + that uid, as the schema defines it.
-    categories = {
-        "process_activity": 1,
-        "network_activity": 4,
-        "detection_finding": 2,
-        "application_error": 6,
-    }
-    for class_uid, name in OCSF_REQUIRED["classes"].items():
-        assert int(class_uid) == categories[name] * 1000 + OCSF_REQUIRED["events"][name]["uid"]
 
 
 def test_ocsf_exec() -> None:
