@@ -34,6 +34,7 @@ from api.events import (
     RawSocketEvent,
     SocketEvent,
 )
+from service.schemas.attack import attack_of
 from service.schemas.common import (
     IANA_PROTOCOLS,
     PRODUCT,
@@ -47,7 +48,6 @@ from service.schemas.common import (
     text,
     unbound,
 )
-from service.schemas.attack import attack_of
 
 ECS_VERSION = "9.4.0"
 
@@ -411,7 +411,9 @@ def _event_summary(event: Event) -> Doc:
 def _alert(alert: Alert) -> Doc:
     # Like Elastic's own alerts: the fields of the (last) triggering event, then the rule's.
     last = _last_event(alert)
-    d = _event(last) if last is not None else {"ecs": {"version": ECS_VERSION}, "sandtrace": {}}
+    d: Doc = (
+        _event(last) if last is not None else {"ecs": {"version": ECS_VERSION}, "sandtrace": {}}
+    )
     d["@timestamp"] = rfc3339(alert.time_ns)
     d["host"] = {"name": alert.host}
     d["process"] = (

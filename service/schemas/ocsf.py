@@ -44,6 +44,7 @@ from api.events import (
     RawSocketEvent,
     SocketEvent,
 )
+from service.schemas.attack import Named, attack_of
 from service.schemas.common import (
     IANA_PROTOCOLS,
     PRODUCT,
@@ -56,7 +57,6 @@ from service.schemas.common import (
     text,
     unbound,
 )
-from service.schemas.attack import Named, attack_of
 
 OCSF_VERSION = "1.8.0"
 OCSF_SEVERITY = {"informational": 1, "low": 2, "medium": 3, "high": 4, "critical": 5}
@@ -456,7 +456,9 @@ def _attacks(tags: list[str]) -> list[Doc]:
     attacks: list[Doc] = []
     tactic = _named(attack.tactics[0]) if len(attack.tactics) == 1 else None
     for technique in attack.techniques:
-        subs = [s for s in attack.subtechniques if s.id.startswith(technique.id + ".")]
+        subs: list[Named | None] = [
+            s for s in attack.subtechniques if s.id.startswith(technique.id + ".")
+        ]
         for sub in subs or [None]:
             entry: Doc = {"technique": _named(technique)}
             if sub is not None:

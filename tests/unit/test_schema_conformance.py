@@ -50,6 +50,8 @@ def _definitions() -> None:
         ECS_DEF.update(json.loads((DATA / "ecs" / f"ecs-{ECS_VERSION}.json").read_text()))
         OCSF_DEF.update(json.loads((DATA / "ocsf" / f"ocsf-{OCSF_VERSION}.json").read_text()))
         _CLASSES.update({c["class_uid"]: c for c in OCSF_DEF["classes"].values()})
+
+
 CUSTOM_NAMESPACE = "sandtrace"  # what ECS has no field for (see service/schemas/ecs.py)
 
 
@@ -87,9 +89,15 @@ ITEMS: list[Item] = [
     *ALL_ITEMS,
     # a connect from an unbound socket: no source known
     ConnectEvent(
-        **common(), protocol="tcp", family="ipv4", daddr="203.0.113.9", dport=80,
-        saddr="0.0.0.0", sport=0, outcome="in_progress",
-    ),  # fmt: skip
+        **common(),
+        protocol="tcp",
+        family="ipv4",
+        daddr="203.0.113.9",
+        dport=80,
+        saddr="0.0.0.0",
+        sport=0,
+        outcome="in_progress",
+    ),
     ExecEvent(**common(process=process(argv=[b"a\\xffb"])), argv=[b"a\xffb", b"\\"]),
     _many_events_alert(),
     _repeat_summary(),
@@ -127,7 +135,7 @@ _ECS_SCALARS: dict[str, Any] = {
 def _ecs_value_problem(name: str, kind: str, value: Any) -> str | None:
     if kind in _ECS_SCALARS:
         want = _ECS_SCALARS[kind]
-        if isinstance(value, bool) and want is not bool or not isinstance(value, want):
+        if (isinstance(value, bool) and want is not bool) or not isinstance(value, want):
             return f"{name}: {value!r} is not of ECS type {kind}"
     elif kind == "date":
         if not (isinstance(value, str) and _RFC3339.match(value)):
@@ -169,11 +177,9 @@ def ecs_problems(doc: Doc) -> list[str]:
                 else:
                     problems.append(f"{name}: not an ECS {ECS_DEF['version']} field")
                 continue
-            if isinstance(v, list) != bool(spec.get("array")):
-                if not (isinstance(v, list) and spec["type"] == "nested"):
-                    problems.append(
-                        f"{name}: {'an' if spec.get('array') else 'not an'} array in ECS"
-                    )
+            nested = isinstance(v, list) and spec["type"] == "nested"
+            if isinstance(v, list) != bool(spec.get("array")) and not nested:
+                problems.append(f"{name}: {'an' if spec.get('array') else 'not an'} array in ECS")
             for item in v if isinstance(v, list) and spec["type"] != "nested" else [v]:
                 if (p := _ecs_value_problem(name, spec["type"], item)) is not None:
                     problems.append(p)
@@ -182,7 +188,9 @@ def ecs_problems(doc: Doc) -> list[str]:
 
     walk(doc, "")
     flat = _flatten(doc)
-    problems += [f"{n}: required, missing" for n, s in fields.items() if s.get("required") and n not in flat]
+    problems += [
+        f"{n}: required, missing" for n, s in fields.items() if s.get("required") and n not in flat
+    ]
     categories = fields["event.category"]["allowed"]
     for category in flat.get("event.category", []):
         expected = categories.get(category, [])
@@ -501,7 +509,7 @@ def test_threat_names_tactics_and_techniques() -> None:
     }
     attacks = ocsf(_many_events_alert())["finding_info"]["attacks"]
     assert [
-        (a.get("tactic", {}).get("uid"), a.get("technique", {}).get("uid"), a.get("sub_technique", {}).get("uid"))
+        tuple(a.get(k, {}).get("uid") for k in ("tactic", "technique", "sub_technique"))
         for a in attacks
     ] == [
         (None, "T1046", None),
