@@ -342,6 +342,46 @@ _DICT_SCOPE["_pdict"] = _dict_function(Process, "_pdict", kind=False)
 _TO_DICT = {cls: _dict_function(cls, f"to_dict_{k}", kind=True) for k, cls in EVENT_TYPES.items()}
 
 
+# --- bytes as text -----------------------------------------------------------------------------
+# One encoding for every text form of a bytes field (JSON lines, ECS, OCSF, syslog): "escaped
+# text". Valid UTF-8 reads as itself, except that a backslash is written as two (\\); each
+# byte that is not part of valid UTF-8 is written \xNN (two lower-case hex digits). So a
+# backslash in the text always starts one of those two escapes: b"a\\xffb" (a real
+# backslash) is the text a\\xffb, b"a\xffb" (a 0xff byte) is a\xffb, and text_bytes() gives
+# back the exact bytes. The text is valid Unicode (no lone surrogates), so any JSON parser
+# in any language reads it.
+
+_INVALID_BYTE = re.compile("[\udc80-\udcff]")  # what "surrogateescape" makes of a bad byte
+_ESCAPES = re.compile(r"(\\\\|\\x[0-9a-f]{2})")
+
+
+def bytes_text(value: bytes) -> str:
+    """`value` as escaped text (see above): lossless, valid Unicode, one string."""
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError:
+        text = value.decode("utf-8", "surrogateescape").replace("\\", "\\\\")
+        return _INVALID_BYTE.sub(lambda m: f"\\x{ord(m.group()) - 0xDC00:02x}", text)
+    return text.replace("\\", "\\\\") if "\\" in text else text
+
+
+def text_bytes(text: str) -> bytes:
+    """The bytes bytes_text() was given; UnicodeError (a ValueError) when `text` is not
+    escaped text: a backslash that starts neither two backslashes nor ``x`` and two
+    lower-case hex digits, or a lone surrogate."""
+    if "\\" not in text:
+        return text.encode("utf-8")
+    out = bytearray()
+    for i, part in enumerate(_ESCAPES.split(text)):
+        if i % 2:  # an escape
+            out += b"\\" if part == "\\\\" else bytes((int(part[2:], 16),))
+        elif "\\" in part:
+            raise UnicodeError(f"not escaped text: a lone backslash in {text!r}")
+        else:
+            out += part.encode("utf-8")
+    return bytes(out)
+
+
 def encode(event: AnyEvent | Alert) -> bytes:
     """msgpack of one event as a map, tagged with the wire version."""
     d = to_dict(event)

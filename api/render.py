@@ -16,12 +16,11 @@ columns, nor more characters, than its budget. Truncation ends with "…" and ne
 escape such as ``\\x1b`` in half.
 
 JSON lines (json_line) are lossless for bytes: every bytes field of an event (see
-collector/events.py) is decoded with ``bytes.decode("utf-8", "surrogateescape")`` and the
-object is dumped with ``ensure_ascii=True``, so valid UTF-8 reads as text, each invalid byte
-0xNN appears as the escape ``\\udcNN``, and no raw control character or newline appears in
-a line. A reader gets the original bytes back with bytes_from_json(), which is
-``s.encode("utf-8", "surrogateescape")`` (in Python, json.loads keeps lone surrogates).
-Fields that are str in events.py are dumped as they are; read them as text.
+api/events.py) is written as "escaped text" (api.events.bytes_text: valid UTF-8 as itself, a
+backslash as ``\\\\``, each invalid byte as ``\\xNN``) and the object is dumped with
+``ensure_ascii=True``, so no raw control character or newline appears in a line and every
+JSON parser reads it. A reader gets the original bytes back with bytes_from_json()
+(api.events.text_bytes). Fields that are str in events.py are dumped as they are; read them as text.
 """
 
 from __future__ import annotations
@@ -51,6 +50,8 @@ from api.events import (
     LostEvent,
     RawSocketEvent,
     SocketEvent,
+    bytes_text,
+    text_bytes,
     to_dict,
 )
 
@@ -512,7 +513,7 @@ def totals_line(counts: dict[str, int], lost_kernel: int, lost_user: int) -> str
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, bytes):
-        return value.decode("utf-8", "surrogateescape")
+        return bytes_text(value)
     if isinstance(value, dict):
         return {k: _jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -522,7 +523,7 @@ def _jsonable(value: Any) -> Any:
 
 def json_dict(event: AnyEvent | Alert) -> dict[str, Any]:
     """The object json_line() dumps: to_dict() with every bytes value decoded as described in
-    the module docstring (invalid bytes as lone surrogates)."""
+    the module docstring (escaped text)."""
     d: dict[str, Any] = _jsonable(to_dict(event))
     return d
 
@@ -533,8 +534,9 @@ def json_line(event: AnyEvent | Alert) -> str:
 
 
 def bytes_from_json(s: str) -> bytes:
-    """The original bytes of a bytes field read back from a json_line() object."""
-    return s.encode("utf-8", "surrogateescape")
+    """The original bytes of a bytes field read back from a json_line() object; ValueError
+    when `s` is not escaped text."""
+    return text_bytes(s)
 
 
 class TerminalSink:

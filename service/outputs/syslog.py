@@ -1,7 +1,11 @@
 """Syslog output: RFC 5424 messages over TCP or TLS, framed by octet counting (RFC 6587).
 
 Each message carries the item in the output's schema as MSG, and a few fields a syslog
-server can filter on without parsing it as structured data (SD-ID sandtrace@32473).
+server can filter on without parsing it as structured data (SD-ID sandtrace@32473). Bytes a
+traced process controls (comm, exe) are escaped text there as in MSG (api.events.bytes_text:
+a backslash doubled, an invalid byte ``\\xNN``), then escaped as RFC 5424 asks for
+SD-PARAM values (a backslash before each backslash, ``"`` and ``]``): undo that, then the
+escaped text, for the exact bytes.
 """
 
 from __future__ import annotations

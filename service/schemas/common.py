@@ -1,17 +1,19 @@
 """What the schemas share: the item and document types, and the fields ECS and OCSF both make.
 
-Every string a traced process controls (argv, paths, comm) becomes text through text():
-valid UTF-8 stays text, each invalid byte becomes the four characters ``\\xNN``.
+Every string a traced process controls (argv, paths, comm) becomes text through text(): the
+"escaped text" of api.events.bytes_text, the one encoding of bytes in every output (valid
+UTF-8 as itself, a backslash doubled, each invalid byte ``\\xNN``; lossless, see
+api/events.py).
 """
 
 from __future__ import annotations
 
-import re
+import ipaddress
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from api.events import Alert, AnyEvent, ConnectEvent, Process
+from api.events import Alert, AnyEvent, ConnectEvent, Process, bytes_text
 
 Item = AnyEvent | Alert
 # A JSON document as a schema makes it: nested dicts, lists and scalars, dumped as JSON by the
@@ -21,14 +23,12 @@ Schema = Callable[[Item], Doc]
 
 PRODUCT = "sandtrace"
 IANA_PROTOCOLS = {"tcp": 6, "udp": 17, "icmp": 1, "ipv6-icmp": 58}
-_TECHNIQUE_TAG = re.compile(r"^attack\.(t\d{4})(?:\.(\d{3}))?$", re.IGNORECASE)
-_TACTIC_TAG = re.compile(r"^attack\.([a-z][a-z-]*)$", re.IGNORECASE)
 
 
 def text(value: bytes | str) -> str:
-    """Untrusted bytes as text: invalid UTF-8 bytes become ``\\xNN`` (see module docstring)."""
+    """Untrusted bytes as escaped text (see module docstring); a str is text already."""
     if isinstance(value, bytes):
-        return value.decode("utf-8", "backslashreplace")
+        return bytes_text(value)
     return value
 
 
@@ -47,25 +47,6 @@ def rfc3339(time_ns: int, digits: int = 9) -> str:
         ns = 0
     fraction = f"{ns:09d}"[:digits]
     return f"{base}.{fraction}Z"
-
-
-def attack_ids(tags: list[str]) -> tuple[list[str], list[str], list[str]]:
-    """(technique ids, sub-technique ids, tactic names) named by Sigma-style ATT&CK tags:
-    ``attack.t1059.004`` gives technique T1059 and sub-technique T1059.004,
-    ``attack.command-and-control`` the tactic command-and-control."""
-    techniques: list[str] = []
-    subtechniques: list[str] = []
-    tactics: list[str] = []
-    for tag in tags:
-        if m := _TECHNIQUE_TAG.match(tag):
-            technique = m.group(1).upper()
-            if technique not in techniques:
-                techniques.append(technique)
-            if m.group(2):
-                subtechniques.append(f"{technique}.{m.group(2)}")
-        elif m := _TACTIC_TAG.match(tag):
-            tactics.append(m.group(1).lower())
-    return techniques, subtechniques, tactics
 
 
 def ancestry(process: Process) -> list[Doc]:
@@ -97,12 +78,23 @@ def connect_details(event: ConnectEvent) -> Doc:
     return details
 
 
-def endpoint(addr: str, port: int) -> Doc:
-    """An ECS source/destination or OCSF src_endpoint/dst_endpoint: what is known of it."""
+def unbound(addr: str) -> bool:
+    """Whether `addr` is the unspecified address (0.0.0.0, ::): a socket bound to no address
+    yet, as a connect's source is until the kernel picks one."""
+    try:
+        return ipaddress.ip_address(addr).is_unspecified
+    except ValueError:
+        return False
+
+
+def endpoint(addr: str, port: int, *, address: bool = False) -> Doc:
+    """An ECS source/destination (with `address`: ECS has both ip and address) or an OCSF
+    src_endpoint/dst_endpoint: what is known of it; empty when nothing is."""
     d: Doc = {}
     if addr:
         d["ip"] = addr
-        d["address"] = addr
+        if address:
+            d["address"] = addr
     if port:
         d["port"] = port
     return d

@@ -1,9 +1,16 @@
-"""The ecs schema: Elastic Common Schema documents.
+"""The ecs schema: Elastic Common Schema (ECS_VERSION, declared in every document's
+``ecs.version``) documents.
 
 Field names as in the project's detection notes (DETECTIONS.md §4.1, §4.4). What ECS has no
-field for lives under ``sandtrace.*``. An event's document is made of the fields every event
-has, then those of its kind (the table EVENT_FIELDS); an alert's is its last triggering
-event's, then the rule's; a LostEvent (the collector's loss counters) is a metric document.
+field for lives under ``sandtrace.*`` (a custom namespace, as ECS advises). An event's
+document is made of the fields every event has, then those of its kind (the table
+EVENT_FIELDS); an alert's is its last triggering event's, then the rule's, with every
+triggering event it carries summarised in ``sandtrace.alert.events`` and the number left
+out in ``sandtrace.alert.omitted``; a LostEvent (the collector's loss counters) is a metric
+document. A repeat summary is an alert document of its own (``event.id`` its own alert id)
+that names the alert whose repeats it counts in ``sandtrace.alert.folds``: ECS has no field
+for another event's id. tests/unit/test_schema_conformance.py checks every document against
+the official field definitions (tests/data/ecs).
 """
 
 from __future__ import annotations
@@ -27,19 +34,22 @@ from api.events import (
     RawSocketEvent,
     SocketEvent,
 )
+from service.schemas.attack import attack_of
 from service.schemas.common import (
     IANA_PROTOCOLS,
     PRODUCT,
     Doc,
     Item,
     ancestry,
-    attack_ids,
     command_line,
     connect_details,
     endpoint,
     rfc3339,
     text,
+    unbound,
 )
+
+ECS_VERSION = "9.4.0"
 
 # Elastic's risk scores for the rule severities (as its detection rules use them).
 ECS_SEVERITY = {"informational": 21, "low": 21, "medium": 47, "high": 73, "critical": 99}
@@ -107,6 +117,7 @@ def _event(event: Event) -> Doc:
     }
     d: Doc = {
         "@timestamp": rfc3339(event.time_ns),
+        "ecs": {"version": ECS_VERSION},
         "event": {"kind": "event", "module": PRODUCT, "dataset": f"{PRODUCT}.{event.kind}"},
         "host": {"name": event.host},
         "process": _process(event.process),
@@ -204,10 +215,14 @@ def _connect(event: ConnectEvent, d: Doc) -> None:
     }
     d["network"] = _network(event.protocol, event.family, "egress")
     if event.family == "unix":  # ECS: an address may be a Unix socket
-        d["destination"] = {"address": text(event.path)} if event.path else {}
+        if event.path:
+            d["destination"] = {"address": text(event.path)}
     else:
-        d["source"] = endpoint(event.saddr, event.sport)
-        d["destination"] = endpoint(event.daddr, event.dport)
+        # The source is not bound before the connect (0.0.0.0, port 0): then it is not known.
+        source = endpoint("" if unbound(event.saddr) else event.saddr, event.sport, address=True)
+        if source:
+            d["source"] = source
+        d["destination"] = endpoint(event.daddr, event.dport, address=True)
     if event.errno:
         d["error"] = {"code": event.errno_name or str(event.errno)}
     d["sandtrace"]["connect"] = connect_details(event)
@@ -247,7 +262,7 @@ def _bind(event: BindEvent, d: Doc) -> None:
         "outcome": _OUTCOME.get(event.outcome, "unknown"),
     }
     # The bound address is where connections would arrive: the destination (ingress).
-    d["destination"] = endpoint(event.addr or event.requested_addr, event.port)
+    d["destination"] = endpoint(event.addr or event.requested_addr, event.port, address=True)
     d["network"] = _network(event.protocol, event.family, "ingress")
     d["sandtrace"]["bind"] = {
         "requested_addr": event.requested_addr,
@@ -262,18 +277,18 @@ def _listen(event: ListenEvent, d: Doc) -> None:
         "action": "listen-for-connections",
         "outcome": "success",
     }
-    d["destination"] = endpoint(event.addr, event.port)
+    d["destination"] = endpoint(event.addr, event.port, address=True)
     d["network"] = _network(event.protocol, event.family, "ingress")
 
 
 def _socket(event: SocketEvent, d: Doc) -> None:
     d["event"] |= {"category": ["network"], "type": ["info"], "action": "socket-snapshot"}
     if event.state == "listen":
-        d["destination"] = endpoint(event.laddr, event.lport)
+        d["destination"] = endpoint(event.laddr, event.lport, address=True)
         d["network"] = _network(event.protocol, event.family, "ingress")
     else:
-        d["source"] = endpoint(event.laddr, event.lport)
-        d["destination"] = endpoint(event.raddr, event.rport)
+        d["source"] = endpoint(event.laddr, event.lport, address=True)
+        d["destination"] = endpoint(event.raddr, event.rport, address=True)
         d["network"] = _network(event.protocol, event.family, "unknown")
     d["sandtrace"]["socket"] = {"state": event.state}
 
@@ -316,6 +331,7 @@ def _lost(event: LostEvent) -> Doc:
     total = sum(event.kernel.values()) + event.user + event.spool
     return {
         "@timestamp": rfc3339(event.time_ns),
+        "ecs": {"version": ECS_VERSION},
         "event": {
             "kind": "metric",  # telemetry about the pipeline, not an observed activity
             "module": PRODUCT,
@@ -348,10 +364,56 @@ def _last_event(alert: Alert) -> Event | None:
     return None
 
 
+def _threat(tags: list[str]) -> Doc | None:
+    """ECS threat.* of a rule's ATT&CK tags: ids, names and pages, each list in tag order."""
+    attack = attack_of(tags)
+    if not (attack.tactics or attack.techniques):
+        return None
+    threat: Doc = {"framework": "MITRE ATT&CK"}
+    for key, named in (("tactic", attack.tactics), ("technique", attack.techniques)):
+        if named:
+            threat[key] = {
+                "id": [n.id for n in named],
+                "name": [n.name for n in named if n.name],
+                "reference": [n.reference for n in named],
+            }
+    if attack.subtechniques:
+        threat["technique"]["subtechnique"] = {
+            "id": [n.id for n in attack.subtechniques],
+            "name": [n.name for n in attack.subtechniques if n.name],
+            "reference": [n.reference for n in attack.subtechniques],
+        }
+    return threat
+
+
+def _event_summary(event: Event) -> Doc:
+    """One triggering event of an alert as ``sandtrace.alert.events`` lists it: when, what,
+    by which process, and where to for a network event (ECS field names)."""
+    d = _event(event)
+    summary: Doc = {
+        "kind": event.kind,
+        "@timestamp": d["@timestamp"],
+        "action": d["event"]["action"],
+        "process": {
+            k: d["process"][k]
+            for k in ("pid", "entity_id", "executable", "args")
+            if k in d["process"]
+        },
+    }
+    if "outcome" in d["event"]:
+        summary["outcome"] = d["event"]["outcome"]
+    for key in ("source", "destination"):
+        if d.get(key):
+            summary[key] = d[key]
+    return summary
+
+
 def _alert(alert: Alert) -> Doc:
     # Like Elastic's own alerts: the fields of the (last) triggering event, then the rule's.
     last = _last_event(alert)
-    d = _event(last) if last is not None else {"sandtrace": {}}
+    d: Doc = (
+        _event(last) if last is not None else {"ecs": {"version": ECS_VERSION}, "sandtrace": {}}
+    )
     d["@timestamp"] = rfc3339(alert.time_ns)
     d["host"] = {"name": alert.host}
     d["process"] = (
@@ -384,15 +446,8 @@ def _alert(alert: Alert) -> Doc:
         "description": alert.description,
         "ruleset": PRODUCT,
     }
-    techniques, subtechniques, tactics = attack_ids(alert.tags)
-    if techniques or tactics:
-        threat: Doc = {"framework": "MITRE ATT&CK"}
-        if techniques:
-            threat["technique"] = {"id": techniques}
-            if subtechniques:
-                threat["technique"]["subtechnique"] = {"id": subtechniques}
-        if tactics:
-            threat["tactic"] = {"name": tactics}
+    threat = _threat(alert.tags)
+    if threat:
         d["threat"] = threat
     d["tags"] = list(alert.tags)
     sandtrace = d["sandtrace"]
@@ -404,16 +459,11 @@ def _alert(alert: Alert) -> Doc:
         "count": alert.count,
         "repeat": alert.repeat,
         "raised": rfc3339(alert.raised_ns) if alert.raised_ns else None,
-        "events": [
-            {
-                "kind": e.kind,
-                "@timestamp": rfc3339(e.time_ns),
-                "process": {"pid": e.process.pid, "entity_id": e.process.key},
-            }
-            for e in alert.events
-            if isinstance(e, Event)
-        ],
+        "events": [_event_summary(e) for e in alert.events if isinstance(e, Event)],
+        "omitted": alert.omitted,
     }
+    if alert.folds:
+        sandtrace["alert"]["folds"] = alert.folds
     if alert.process.ancestry:
         sandtrace["ancestry"] = ancestry(alert.process)
     return d

@@ -1,6 +1,6 @@
 """The native schema: sandtrace's own form, exactly the object ``api.render.json_line`` dumps.
 
-Bytes fields are lossless there (invalid UTF-8 as lone surrogates \\udcNN).
+Bytes fields are escaped text there, as in every schema (api.events.bytes_text): lossless.
 """
 
 from __future__ import annotations

@@ -5,10 +5,17 @@ exit is Terminate (2); a cgroup move is Process Activity Other (99). connect is 
 Activity (4001) Open (1), or Refuse (5) on ECONNREFUSED and Fail (4) on any other error;
 listen is Listen (7); a bind alone is Other (99, "Bind"); a socket snapshot is Listen,
 Traffic (6, established) or Other. An alert is a Detection Finding (2004) Create whose
-evidences are its triggering events. A LostEvent (the collector's loss counters) is
+evidences are its triggering events (``unmapped.sandtrace.omitted`` counts those the alert
+left out); a repeat summary is an Update (2) of the finding it folds: the same
+``finding_info.uid`` (the folded alert's id), its own alert id in ``metadata.uid`` (which
+every alert's document carries). A LostEvent (the collector's loss counters) is
 Application Error (6008) General Error (1): OCSF's class for "issues with an application
 that generates OCSF events", which is what lost telemetry is; the counters go in unmapped.
-argv and what OCSF has no attribute for go in ``unmapped``.
+argv and what OCSF has no attribute for go in ``unmapped``. A document that uses an attribute
+a profile adds (``namespace_pid`` and ``container`` from container, ``actor`` and ``device``
+from host outside System Activity) declares the profile in ``metadata.profiles``.
+tests/unit/test_schema_conformance.py checks every document against the official schema
+(tests/data/ocsf).
 
 Each kind of event has its class and a function that decides its activity (the table
 EVENT_ACTIVITIES); the document is then put together the same way for all of them.
@@ -37,17 +44,18 @@ from api.events import (
     RawSocketEvent,
     SocketEvent,
 )
+from service.schemas.attack import Named, attack_of
 from service.schemas.common import (
     IANA_PROTOCOLS,
     PRODUCT,
     Doc,
     Item,
     ancestry,
-    attack_ids,
     command_line,
     connect_details,
     endpoint,
     text,
+    unbound,
 )
 
 OCSF_VERSION = "1.8.0"
@@ -63,12 +71,18 @@ OCSF_SEVERITY_NAMES = {
 _STATUS_NAMES = {0: "Unknown", 1: "Success", 2: "Failure"}
 _DIRECTIONS = {0: "Unknown", 1: "Inbound", 2: "Outbound"}
 
-# (category_uid, category_name, class_uid, class_name)
-OcsfClass = tuple[int, str, int, str]
-_PROCESS_ACTIVITY: OcsfClass = (1, "System Activity", 1007, "Process Activity")
-_NETWORK_ACTIVITY: OcsfClass = (4, "Network Activity", 4001, "Network Activity")
-_DETECTION_FINDING: OcsfClass = (2, "Findings", 2004, "Detection Finding")
-_APPLICATION_ERROR: OcsfClass = (6, "Application Activity", 6008, "Application Error")
+# (category_uid, category_name, class_uid, class_name, the profiles its documents use)
+OcsfClass = tuple[int, str, int, str, tuple[str, ...]]
+_PROCESS_ACTIVITY: OcsfClass = (1, "System Activity", 1007, "Process Activity", ("container",))
+_NETWORK_ACTIVITY: OcsfClass = (
+    4,
+    "Network Activity",
+    4001,
+    "Network Activity",
+    ("container", "host"),
+)
+_DETECTION_FINDING: OcsfClass = (2, "Findings", 2004, "Detection Finding", ("container", "host"))
+_APPLICATION_ERROR: OcsfClass = (6, "Application Activity", 6008, "Application Error", ("host",))
 
 
 def ocsf(item: Item) -> Doc:
@@ -85,7 +99,7 @@ def _base(
     severity_id: int,
     host: str,
 ) -> Doc:
-    category_uid, category_name, class_uid, class_name = klass
+    category_uid, category_name, class_uid, class_name, profiles = klass
     return {
         "activity_id": activity_id,
         "activity_name": activity_name,
@@ -101,6 +115,7 @@ def _base(
         "metadata": {
             "version": OCSF_VERSION,
             "product": {"name": PRODUCT, "vendor_name": PRODUCT},
+            "profiles": list(profiles),
         },
         # device.type_id is required; sandtrace does not know what kind of machine it is.
         "device": {"hostname": host, "type_id": 0, "type": "Unknown"},
@@ -117,7 +132,7 @@ def _process(process: Process, container_id: str = "") -> Doc:
         "pid": process.pid,
         "uid": process.key,
         "name": text(process.comm),
-        "tid": process.tid,
+        "ptid": process.tid,  # tid is deprecated since OCSF 1.6
         "namespace_pid": process.ns_pid,
         "user": {"uid": str(process.uid), "name": process.user}
         if process.user
@@ -245,7 +260,7 @@ def _exec(event: ExecEvent, a: Activity) -> None:
 def _fork(event: ForkEvent, a: Activity) -> None:
     a.activity_id, a.activity_name = 1, "Launch"
     a.extra["launch_type_id"], a.extra["launch_type"] = 2, "Fork"
-    child = {k: v for k, v in a.proc.items() if k not in ("tid", "namespace_pid")}
+    child = {k: v for k, v in a.proc.items() if k not in ("ptid", "namespace_pid")}
     child |= {
         "pid": event.child_pid,
         "uid": event.child_key,
@@ -291,7 +306,10 @@ def _connect(event: ConnectEvent, a: Activity) -> None:
     if event.family == "unix":  # no address: the endpoint is named by its socket's path
         a.extra["dst_endpoint"] = {"name": text(event.path)}
     else:
-        a.extra["src_endpoint"] = endpoint(event.saddr, event.sport)
+        # The source is not bound before the connect (0.0.0.0, port 0): then it is not known.
+        source = endpoint("" if unbound(event.saddr) else event.saddr, event.sport)
+        if source.get("ip"):  # an endpoint names its address (a port alone says nothing)
+            a.extra["src_endpoint"] = source
         a.extra["dst_endpoint"] = endpoint(event.daddr, event.dport)
     a.extra["connection_info"] = _connection_info(event.protocol, event.family, 2)
     a.unmapped["sandtrace"]["connect"] = connect_details(event)
@@ -423,40 +441,62 @@ def _evidence(event: object) -> Doc:
     return evidence
 
 
+def _named(n: Named) -> Doc:
+    d: Doc = {"uid": n.id, "src_url": n.reference}
+    if n.name:
+        d["name"] = n.name
+    return d
+
+
+def _attacks(tags: list[str]) -> list[Doc]:
+    """OCSF attacks of a rule's ATT&CK tags: one per technique (with its first sub-technique,
+    one more per further one); the tactic in each when the rule names one, else one attack
+    per tactic. Which technique serves which tactic is the rule's to say, and tags do not."""
+    attack = attack_of(tags)
+    attacks: list[Doc] = []
+    tactic = _named(attack.tactics[0]) if len(attack.tactics) == 1 else None
+    for technique in attack.techniques:
+        subs: list[Named | None] = [
+            s for s in attack.subtechniques if s.id.startswith(technique.id + ".")
+        ]
+        for sub in subs or [None]:
+            entry: Doc = {"technique": _named(technique)}
+            if sub is not None:
+                entry["sub_technique"] = _named(sub)
+            if tactic is not None:
+                entry["tactic"] = tactic
+            attacks.append(entry)
+    if tactic is None or not attack.techniques:
+        attacks.extend({"tactic": _named(t)} for t in attack.tactics)
+    return attacks
+
+
 def _alert(alert: Alert) -> Doc:
     severity_id = OCSF_SEVERITY.get(alert.level, 0)
     created_ns = alert.raised_ns or alert.time_ns
+    update = bool(alert.repeat and alert.folds)  # a summary of repeats updates its finding
     d = _base(
         _DETECTION_FINDING,
-        activity_id=1,
-        activity_name="Create",
+        activity_id=2 if update else 1,
+        activity_name="Update" if update else "Create",
         time_ns=created_ns,
         severity_id=severity_id,
         host=alert.host,
     )
+    d["metadata"]["uid"] = alert.alert_id
     times = [e.time_ns // 1_000_000 for e in alert.events if isinstance(e, Event)]
     if times:
         d["start_time"], d["end_time"] = min(times), max(times)
-    techniques, subtechniques, tactics = attack_ids(alert.tags)
-    attacks: list[Doc] = []
-    for technique in techniques:
-        attack: Doc = {"technique": {"uid": technique}}
-        subs = [s for s in subtechniques if s.startswith(technique + ".")]
-        if subs:
-            attack["sub_technique"] = {"uid": subs[0]}
-        attacks.append(attack)
-        attacks.extend(
-            {"technique": {"uid": technique}, "sub_technique": {"uid": s}} for s in subs[1:]
-        )
     finding_info: Doc = {
-        "uid": alert.alert_id,
+        "uid": alert.folds if update else alert.alert_id,
         "title": alert.title,
         "desc": alert.description,
         "analytic": {"uid": alert.rule_id, "name": alert.title, "type_id": 1, "type": "Rule"},
-        "created_time": created_ns // 1_000_000,
         "related_events_count": alert.count,
-        "types": tactics,
+        "types": [t.name for t in attack_of(alert.tags).tactics],
     }
+    finding_info["modified_time" if update else "created_time"] = created_ns // 1_000_000
+    attacks = _attacks(alert.tags)
     if attacks:
         finding_info["attacks"] = attacks
     d["finding_info"] = finding_info
@@ -467,14 +507,18 @@ def _alert(alert: Alert) -> Doc:
     d["unmapped"] = {
         "sandtrace": {
             "kind": "alert",
+            "alert_id": alert.alert_id,
             "sandbox": alert.sandbox,
             "level": alert.level,
             "tags": list(alert.tags),
             "count": alert.count,
             "repeat": alert.repeat,
+            "omitted": alert.omitted,
             "ancestry": ancestry(alert.process),
         }
     }
+    if alert.folds:
+        d["unmapped"]["sandtrace"]["folds"] = alert.folds
     if alert.process.argv:
         d["unmapped"]["argv"] = [text(a) for a in alert.process.argv]
     return d

@@ -33,6 +33,7 @@ from api.events import (
     ExecEvent,
     LostEvent,
     Process,
+    text_bytes,
 )
 from service.outputs.base import Output
 from service.outputs.config import outputs_from_config
@@ -41,6 +42,7 @@ from service.schemas.ecs import ecs
 from service.schemas.native import native
 from service.schemas.ocsf import ocsf
 from tests.tlsutil import TLSFiles, make_tls
+from tests.unit.test_schema_conformance import ecs_problems, ocsf_problems
 
 T0 = 1_700_000_000_123_456_789
 RSYSLOGD = "/usr/sbin/rsyslogd"
@@ -258,7 +260,10 @@ def syslog_fields(r: Rsyslog) -> list[tuple[str, ...]]:
 
 @pytest.mark.asyncio
 async def test_syslog_over_tcp_to_rsyslogd(tmp_path: Path, started: Start) -> None:
-    evil = exec_event(pid=31337, argv=[b"sh", b"-c", b'\x1b[2J]"\\\xff'], comm=b'x]"\xff')
+    # a real backslash before a bad byte, then b"a\\xffb" (a real backslash) and b"a\xffb"
+    # (a real 0xff byte): apart in the output, and the exact bytes back (escaped text)
+    argv = [b"sh", b"-c", b'\x1b[2J]"\\\xff', b"a\\xffb", b"a\xffb"]
+    evil = exec_event(pid=31337, argv=argv, comm=b'x]"\xff')
     items: list[Any] = [make_alert(), evil, lost_event()]
     with run_rsyslogd(tmp_path / "rsyslog", free_port()) as rs:
         (out,) = await started(
@@ -310,9 +315,12 @@ async def test_syslog_over_tcp_to_rsyslogd(tmp_path: Path, started: Start) -> No
     ]
     messages = [json.loads(rec[7]) for rec in rs.records()]
     assert messages == [dumped(ecs(item)) for item in items]
+    assert [ecs_problems(m) for m in messages] == [[], [], []]  # ECS 9.4.0 as it arrived
     assert messages[0]["rule"]["id"] == "r-1"
     assert messages[0]["event"]["kind"] == "alert"
-    assert messages[1]["process"]["args"] == ["sh", "-c", '\x1b[2J]"\\\\xff']
+    args = messages[1]["process"]["args"]
+    assert args == ["sh", "-c", '\x1b[2J]"\\\\\\xff', "a\\\\xffb", "a\\xffb"]
+    assert [text_bytes(a) for a in args] == argv
 
 
 @pytest.mark.asyncio
@@ -403,6 +411,7 @@ async def test_syslog_over_tls(tmp_path: Path, tls: TLSFiles, started: Start) ->
         'sandbox="sb-1" pid="4242" exe="/usr/bin/curl"]'
     )
     assert json.loads(msg) == dumped(ocsf(alert))
+    assert ocsf_problems(json.loads(msg)) == []  # OCSF 1.8.0 as it arrived
     assert json.loads(msg)["finding_info"]["title"] == 'Miner "pool" [stratum]'
     assert good.stats.sent == 1
     assert good.stats.dropped == {}

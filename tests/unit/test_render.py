@@ -631,7 +631,7 @@ def test_json_line_round_trips_non_utf8_argv() -> None:
     assert "\n" not in line
     assert line.isascii()
     assert all(0x20 <= ord(ch) < 0x7F for ch in line)
-    assert '"\\udcff\\udcfeok"' in line
+    assert '"\\\\xff\\\\xfeok"' in line  # escaped text: valid Unicode, no surrogates
     assert '"caf\\u00e9"' in line
     assert '"\\u001b[31m\\n"' in line
     d = json.loads(line)

@@ -4,10 +4,14 @@ OCSF output checked against the required attributes of the real schema (tests/da
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from api.events import (
     EVENT_TYPES,
@@ -26,20 +30,20 @@ from api.events import (
     Process,
     RawSocketEvent,
     SocketEvent,
+    bytes_text,
+    text_bytes,
 )
 from api.render import json_line
 from service.outputs.syslog import sd_escape, syslog_message
 from service.schemas import SCHEMAS
-from service.schemas.common import attack_ids, rfc3339
+from service.schemas.attack import Named, attack_of
+from service.schemas.common import rfc3339
 from service.schemas.ecs import ecs
 from service.schemas.native import native
 from service.schemas.ocsf import ocsf
 
 T0 = 1_700_000_000_123_456_789  # 2023-11-14T22:13:20.123456789Z
 T0_MS = 1_700_000_000_123
-OCSF_REQUIRED = json.loads(
-    (Path(__file__).parent.parent / "data" / "ocsf" / "required.json").read_text()
-)
 
 
 def process(**kw: Any) -> Process:
@@ -238,20 +242,47 @@ def test_rfc3339() -> None:
     assert rfc3339(5) == "1970-01-01T00:00:00.000000005Z"
 
 
-def test_attack_ids() -> None:
-    assert attack_ids(
+def test_attack_of_names_tactics_techniques_and_subtechniques() -> None:
+    attack = attack_of(
         [
             "attack.t1059.004",
             "attack.T1059",
             "attack.command-and-control",
             "cve.2021",
             "attack.t1496",
+            "attack.s0002",  # software, not a tactic
+            "attack.t9999",  # not in the table: its id, no name
         ]
-    ) == (
-        ["T1059", "T1496"],
-        ["T1059.004"],
-        ["command-and-control"],
     )
+    assert attack.tactics == [
+        Named("TA0011", "Command and Control", "https://attack.mitre.org/tactics/TA0011/")
+    ]
+    assert [(t.id, t.name) for t in attack.techniques] == [
+        ("T1059", "Command and Scripting Interpreter"),
+        ("T1496", "Resource Hijacking"),
+        ("T9999", ""),
+    ]
+    assert attack.subtechniques == [
+        Named("T1059.004", "Unix Shell", "https://attack.mitre.org/techniques/T1059/004/")
+    ]
+
+
+def test_attack_table_names_every_tag_of_the_built_in_rules() -> None:
+    rules = Path(__file__).parent.parent.parent / "rules"
+    tags = {
+        tag
+        for path in rules.glob("*.yml")
+        for doc in yaml.safe_load_all(path.read_text())
+        if isinstance(doc, dict)
+        for tag in doc.get("tags", [])
+    }
+    attack = attack_of(sorted(tags))
+    assert len(attack.techniques) > 10 and len(attack.tactics) > 5
+    for named in [*attack.tactics, *attack.techniques, *attack.subtechniques]:
+        assert named.name, f"{named.id} has no name in service/schemas/attack.py"
+    unknown = {t for t in tags if t.startswith("attack.") and not attack_of([t]).tactics}
+    unknown -= {t for t in tags if attack_of([t]).techniques}
+    assert not unknown, f"tags the ATT&CK table does not know: {sorted(unknown)}"
 
 
 # --- ECS -----------------------------------------------------------------------------------
@@ -431,6 +462,7 @@ def test_ecs_cgroup_move_and_lost() -> None:
     lost = ecs(lost_event())
     assert lost == {
         "@timestamp": "2023-11-14T22:13:20.123456789Z",
+        "ecs": {"version": "9.4.0"},
         "event": {
             "kind": "metric",
             "module": "sandtrace",
@@ -478,8 +510,27 @@ def test_ecs_alert() -> None:
     }
     assert d["threat"] == {
         "framework": "MITRE ATT&CK",
-        "technique": {"id": ["T1496", "T1059"], "subtechnique": {"id": ["T1059.004", "T1059.006"]}},
-        "tactic": {"name": ["impact"]},
+        "technique": {
+            "id": ["T1496", "T1059"],
+            "name": ["Resource Hijacking", "Command and Scripting Interpreter"],
+            "reference": [
+                "https://attack.mitre.org/techniques/T1496/",
+                "https://attack.mitre.org/techniques/T1059/",
+            ],
+            "subtechnique": {
+                "id": ["T1059.004", "T1059.006"],
+                "name": ["Unix Shell", "Python"],
+                "reference": [
+                    "https://attack.mitre.org/techniques/T1059/004/",
+                    "https://attack.mitre.org/techniques/T1059/006/",
+                ],
+            },
+        },
+        "tactic": {
+            "id": ["TA0040"],
+            "name": ["Impact"],
+            "reference": ["https://attack.mitre.org/tactics/TA0040/"],
+        },
     }
     assert d["destination"]["ip"] == "203.0.113.10"
     assert d["process"]["pid"] == 4242
@@ -496,10 +547,21 @@ def test_ecs_alert() -> None:
             {
                 "kind": "connect",
                 "@timestamp": "2023-11-14T22:13:20.123456789Z",
-                "process": {"pid": 4242, "entity_id": "4242@99"},
+                "action": "connection_attempted",
+                "outcome": "success",
+                "process": {
+                    "pid": 4242,
+                    "entity_id": "4242@99",
+                    "executable": "/usr/bin/curl",
+                    "args": ["curl", "-s", "http://x/"],
+                },
+                "source": {"ip": "198.51.100.2", "address": "198.51.100.2", "port": 40000},
+                "destination": {"ip": "203.0.113.10", "address": "203.0.113.10", "port": 3333},
             }
         ],
+        "omitted": 0,
     }
+    assert d["ecs"] == {"version": "9.4.0"}
     bare = ecs(alert(events=[], level="critical", tags=[]))
     assert bare["event"]["severity"] == 99
     assert bare["event"]["category"] == ["intrusion_detection"]
@@ -508,70 +570,6 @@ def test_ecs_alert() -> None:
 
 
 # --- OCSF ----------------------------------------------------------------------------------
-
-
-def _required_for(class_uid: int) -> tuple[list[str], list[list[str]]]:
-    name = OCSF_REQUIRED["classes"][str(class_uid)]
-    required: list[str] = []
-    at_least_one: list[list[str]] = []
-    while name:
-        spec = OCSF_REQUIRED["events"][name]
-        required += spec["required"]
-        if "at_least_one" in spec:
-            at_least_one.append(spec["at_least_one"])
-        name = spec.get("extends")
-    return required, at_least_one
-
-
-def _check_objects(value: Any, where: str, problems: list[str]) -> None:
-    if isinstance(value, list):
-        for i, v in enumerate(value):
-            _check_objects(v, f"{where}[{i}]", problems)
-        return
-    if not isinstance(value, dict):
-        return
-    for key, sub in value.items():
-        if where.endswith("unmapped") or key == "unmapped":
-            continue
-        obj_type = OCSF_REQUIRED["attribute_objects"].get(key)
-        for obj in sub if isinstance(sub, list) else [sub]:
-            if obj_type and isinstance(obj, dict):
-                spec = OCSF_REQUIRED["objects"][obj_type]
-                problems += [f"{where}.{key}.{a} missing" for a in spec["required"] if a not in obj]
-                if "at_least_one" in spec and not set(spec["at_least_one"]) & set(obj):
-                    problems.append(f"{where}.{key} has none of {spec['at_least_one']}")
-        _check_objects(sub, f"{where}.{key}", problems)
-
-
-@pytest.mark.parametrize("item", ALL_ITEMS, ids=lambda i: i.kind)
-def test_ocsf_required_attributes(item: AnyEvent | Alert) -> None:
-    d = ocsf(item)
-    required, at_least_one = _required_for(d["class_uid"])
-    assert [a for a in required if a not in d] == []
-    for group in at_least_one:
-        assert set(group) & set(d), f"none of {group}"
-    problems: list[str] = []
-    _check_objects(d, "", problems)
-    assert problems == []
-    assert d["type_uid"] == d["class_uid"] * 100 + d["activity_id"]
-    assert d["class_uid"] // 1000 == d["category_uid"]
-    assert d["metadata"] == {
-        "version": "1.8.0",
-        "product": {"name": "sandtrace", "vendor_name": "sandtrace"},
-    }
-
-
-def test_required_extract_is_the_schema_we_claim() -> None:
-    # The extract's own consistency: every class maps to an event with a uid, and the
-    # class_uid is the category's * 1000 + that uid, as the schema defines it.
-    categories = {
-        "process_activity": 1,
-        "network_activity": 4,
-        "detection_finding": 2,
-        "application_error": 6,
-    }
-    for class_uid, name in OCSF_REQUIRED["classes"].items():
-        assert int(class_uid) == categories[name] * 1000 + OCSF_REQUIRED["events"][name]["uid"]
 
 
 def test_ocsf_exec() -> None:
@@ -621,7 +619,7 @@ def test_ocsf_exec() -> None:
         "pid": 4242,
         "uid": "4242@99",
         "name": "curl",
-        "tid": 4243,
+        "ptid": 4243,
         "namespace_pid": 7,
         "user": {"uid": "1000", "name": "alice"},
         "file": {"name": "curl", "path": "/usr/bin/curl", "type_id": 1, "type": "Regular File"},
@@ -675,8 +673,8 @@ def test_ocsf_connect() -> None:
         400101,
     )
     assert (d["status_id"], d["status"]) == (1, "Success")
-    assert d["src_endpoint"] == {"ip": "198.51.100.2", "address": "198.51.100.2", "port": 40000}
-    assert d["dst_endpoint"] == {"ip": "203.0.113.10", "address": "203.0.113.10", "port": 3333}
+    assert d["src_endpoint"] == {"ip": "198.51.100.2", "port": 40000}
+    assert d["dst_endpoint"] == {"ip": "203.0.113.10", "port": 3333}
     assert d["connection_info"] == {
         "direction_id": 2,
         "direction": "Outbound",
@@ -707,7 +705,7 @@ def test_ocsf_bind_listen_socket() -> None:
         )
     )
     assert (bind["activity_id"], bind["activity_name"], bind["type_uid"]) == (99, "Bind", 400199)
-    assert bind["dst_endpoint"] == {"ip": "0.0.0.0", "address": "0.0.0.0", "port": 4444}
+    assert bind["dst_endpoint"] == {"ip": "0.0.0.0", "port": 4444}
     assert bind["connection_info"]["direction_id"] == 1
     listen = ocsf(ListenEvent(**common(), family="ipv6", addr="::", port=22))
     assert (listen["activity_id"], listen["activity_name"], listen["type_uid"]) == (
@@ -762,6 +760,14 @@ def test_ocsf_lost() -> None:
     }
 
 
+IMPACT = {"uid": "TA0040", "name": "Impact", "src_url": "https://attack.mitre.org/tactics/TA0040/"}
+
+
+def _named(uid: str, name: str) -> dict[str, str]:
+    url = f"https://attack.mitre.org/techniques/{uid.replace('.', '/')}/"
+    return {"uid": uid, "name": name, "src_url": url}
+
+
 def test_ocsf_alert() -> None:
     d = ocsf(alert())
     assert (d["class_uid"], d["category_uid"], d["activity_id"], d["type_uid"]) == (
@@ -781,13 +787,23 @@ def test_ocsf_alert() -> None:
         "analytic": {"uid": "r-123", "name": "Miner pool connection", "type_id": 1, "type": "Rule"},
         "created_time": T0_MS + 2,
         "related_events_count": 3,
-        "types": ["impact"],
+        "types": ["Impact"],
         "attacks": [
-            {"technique": {"uid": "T1496"}},
-            {"technique": {"uid": "T1059"}, "sub_technique": {"uid": "T1059.004"}},
-            {"technique": {"uid": "T1059"}, "sub_technique": {"uid": "T1059.006"}},
+            {"technique": _named("T1496", "Resource Hijacking"), "tactic": IMPACT},
+            {
+                "technique": _named("T1059", "Command and Scripting Interpreter"),
+                "sub_technique": _named("T1059.004", "Unix Shell"),
+                "tactic": IMPACT,
+            },
+            {
+                "technique": _named("T1059", "Command and Scripting Interpreter"),
+                "sub_technique": _named("T1059.006", "Python"),
+                "tactic": IMPACT,
+            },
         ],
     }
+    assert d["metadata"]["uid"] == "a-1"
+    assert d["metadata"]["profiles"] == ["container", "host"]
     (evidence,) = d["evidences"]
     assert evidence["name"] == "connect"
     assert evidence["uid"] == f"4242@99/connect/{T0}"
@@ -806,7 +822,7 @@ def test_ocsf_alert() -> None:
 # --- untrusted bytes -----------------------------------------------------------------------
 
 EVIL_ARG = b'\x1b[31mred\x07 \xff\xfe ok \xe2\x80\xae]"\\'
-EVIL_TEXT = '\x1b[31mred\x07 \\xff\\xfe ok \u202e]"\\'
+EVIL_TEXT = '\x1b[31mred\x07 \\xff\\xfe ok \u202e]"\\\\'  # the real backslash doubled
 
 
 def evil_exec() -> ExecEvent:
@@ -835,13 +851,77 @@ def test_untrusted_bytes_in_ecs_and_ocsf() -> None:
         dumped = json.dumps(doc, ensure_ascii=True)
         assert "\x1b" not in dumped
         assert json.loads(dumped) == doc
-        # backslashreplace leaves valid Unicode only: a strict UTF-8 encoder accepts it.
+        # escaped text is valid Unicode only: a strict UTF-8 encoder accepts it.
         json.dumps(doc, ensure_ascii=False).encode("utf-8", "strict")
 
 
 def test_untrusted_bytes_in_native_are_lossless() -> None:
     d = native(evil_exec())
-    assert d["argv"][1].encode("utf-8", "surrogateescape") == EVIL_ARG
+    assert d["argv"][1] == EVIL_TEXT
+    assert text_bytes(d["argv"][1]) == EVIL_ARG
+
+
+# b"a\\xffb" holds a real backslash, b"a\xffb" a real 0xff byte: every output must tell them
+# apart and give back the exact bytes.
+BACKSLASH, BAD_BYTE = b"a\\xffb", b"a\xffb"
+
+
+def _two_argvs_exec() -> ExecEvent:
+    proc = process(comm=BAD_BYTE, exe=b"/tmp/" + BACKSLASH, argv=[BACKSLASH, BAD_BYTE])
+    return ExecEvent(**common(process=proc), argv=[BACKSLASH, BAD_BYTE], filename=proc.exe)
+
+
+def _sd_params(message: str) -> dict[str, str]:
+    """The SD-PARAMs of an RFC 5424 message, unescaped (RFC 5424 §6.3.3)."""
+    sd = re.search(r"\[sandtrace@32473 ((?:[^\]\\]|\\.)*)\]", message)
+    assert sd is not None
+    return {
+        m.group(1): re.sub(r"\\(.)", r"\1", m.group(2))
+        for m in re.finditer(r'(\w+)="((?:[^"\\]|\\.)*)"', sd.group(1))
+    }
+
+
+@pytest.mark.parametrize("output", ["json_line", "native", "ecs", "ocsf", "syslog"])
+def test_a_real_backslash_and_a_bad_byte_come_out_apart_and_exact(output: str) -> None:
+    event = _two_argvs_exec()
+    if output == "json_line":
+        d = json.loads(json_line(event))
+        argv, exe, comm = d["argv"], d["process"]["exe"], d["process"]["comm"]
+    elif output == "native":
+        d = json.loads(json.dumps(native(event)))
+        argv, exe, comm = d["argv"], d["process"]["exe"], d["process"]["comm"]
+    elif output == "ecs":
+        d = json.loads(json.dumps(ecs(event)))
+        argv, exe, comm = d["process"]["args"], d["process"]["executable"], d["process"]["name"]
+    elif output == "ocsf":
+        d = json.loads(json.dumps(ocsf(event)))
+        argv, exe, comm = d["unmapped"]["argv"], d["process"]["file"]["path"], d["process"]["name"]
+    else:
+        message = syslog_message(event, ecs(event), facility=1, app_name="sandtrace").decode()
+        params = _sd_params(message)
+        exe, comm = params["exe"], params["comm"]
+        d = json.loads(message.split("] ", 1)[1])
+        argv = d["process"]["args"]
+    assert argv == ["a\\\\xffb", "a\\xffb"]  # a\\xffb and a\xffb: apart
+    assert [text_bytes(a) for a in argv] == [BACKSLASH, BAD_BYTE]
+    assert text_bytes(exe) == b"/tmp/" + BACKSLASH
+    assert text_bytes(comm) == BAD_BYTE
+
+
+@settings(database=None, max_examples=300)
+@given(raw=st.binary(max_size=48))
+def test_escaped_text_round_trips_any_bytes(raw: bytes) -> None:
+    text = bytes_text(raw)
+    assert text_bytes(text) == raw
+    text.encode("utf-8", "strict")  # valid Unicode: no lone surrogates
+    if b"\\" not in raw and raw.decode("utf-8", "replace").encode() == raw:
+        assert text == raw.decode("utf-8")  # valid UTF-8 reads as itself
+
+
+def test_text_bytes_refuses_what_is_not_escaped_text() -> None:
+    for bad in ("a\\b", "a\\x4", "a\\xFF", "\\", "\udcff"):
+        with pytest.raises(UnicodeError):
+            text_bytes(bad)
 
 
 def test_sd_escape() -> None:

@@ -23,7 +23,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
 from api.events import WIRE_VERSION, Alert, AnyEvent, ExecEvent, LostEvent, decode, encode
-from api.render import TextRenderer
+from api.render import TextRenderer, bytes_from_json
 from api.tail import BadFilter, TailFilter, dropped_message, hello_message, parse_control
 from detect.testing import event_from_fields
 from service.metrics import exposition
@@ -418,7 +418,7 @@ def test_json_lines_carry_the_exact_bytes() -> None:
     assert "\x1b" not in line and "\n" not in line
     parsed = json.loads(line)
     assert parsed["process"]["pid"] == 4242
-    assert [a.encode("utf-8", "surrogateescape") for a in parsed["argv"]] == HOSTILE_ARGV
+    assert [bytes_from_json(a) for a in parsed["argv"]] == HOSTILE_ARGV
 
 
 def test_client_names_both_wire_versions() -> None:
