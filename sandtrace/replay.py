@@ -57,10 +57,11 @@ def read_events(
     """The events of one input, in order; alert lines counted and skipped, anything else
     that is not an event counted in stats.malformed (the first few said on `err`)."""
     for number, raw in enumerate(lines, 1):
-        if not raw.strip():
+        text = raw.strip()
+        if not text:
             continue
         try:
-            obj = json.loads(raw)
+            obj = json.loads(text)
         except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
             why = f"not JSON: {exc}"
         else:
