@@ -13,7 +13,9 @@ test, whether it must fire, and one or more events in order::
             fields: {Image: /tmp/xmrig, CommandLine: xmrig -o stratum+tcp://h:3333}
 
 The events go through the same field mapping as live events (detect.fields), so a case
-exercises the rule and the mapping together.
+exercises the rule and the mapping together. load_cases refuses a file it cannot run with a
+CaseError naming the file and the case; run_case runs one case through a fresh engine (the
+pack's own tests and `sandtrace rules test`).
 """
 
 from __future__ import annotations
