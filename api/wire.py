@@ -216,6 +216,16 @@ def decode_batch(body: bytes, content_type: str = CONTENT_TYPE) -> tuple[str, in
     return collector, seq, events
 
 
+def event_from_json(d: Any) -> AnyEvent:
+    """An event from a json_line() object read back with json.loads (a line of the file
+    `--events` writes), its bytes fields made bytes again and every field's type checked;
+    EventFormatError when it is not an event (an alert is not one)."""
+    event = from_dict(_bytes_back(d))
+    if isinstance(event, Alert):
+        raise EventFormatError("an alert, not an event")
+    return event  # type: ignore[no-any-return]
+
+
 def _place_processes(events: list[AnyEvent], processes: list[Process]) -> None:
     """Put each event's process in place of its index into the batch's table; BadBatch when
     an event has its process inline or an index the table lacks."""

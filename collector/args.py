@@ -145,6 +145,12 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         action="store_true",
         help="after CMD exits, wait for every process left in the sandbox (default: kill them)",
     )
+    run.add_argument(
+        "--summary",
+        metavar="FILE",
+        help="also write the end-of-run summary (alerts, executables, destinations, losses) "
+        "to FILE as JSON",
+    )
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     watch = sub.add_parser(
         "watch",

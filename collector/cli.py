@@ -35,6 +35,7 @@ from collector.proctable import ProcessTable, descendants
 from collector.startup import held_socket_events
 from collector.stdio import StdioReader
 from collector.stream import StreamSink
+from collector.summary import RunSummary
 from detect.egress import EgressPolicies
 from detect.engine import Engine
 from detect.loader import load_paths
@@ -283,6 +284,8 @@ async def _run(args: argparse.Namespace) -> int:
         rel = "/" + str(sandbox.path.relative_to(root))
         probes.trace_cgroup(sandbox.path, 0)
         tracing = _Tracing(args, probes, root, [Scope(sandbox.name, [rel])], packages)
+        summary = RunSummary(detecting=tracing.engine is not None)
+        tracing.pipeline.sinks.append(summary)
         stop = asyncio.Event()
         why_no_tail = await tracing.serve_tail()
         print(
@@ -309,6 +312,7 @@ async def _run(args: argparse.Namespace) -> int:
         stop.set()
         totals = await runner
         _print_totals(totals, tracing.pipeline.sinks)
+        summary.report(sys.stderr, args.summary)
         return code if code >= 0 else 128 - code
     finally:
         if tracing is not None:

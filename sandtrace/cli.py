@@ -18,7 +18,7 @@ import sys
 import structlog
 
 from collector import args as collector_args
-from sandtrace import __version__
+from sandtrace import __version__, tools_args
 from service import args as service_args
 from tail import args as tail_args
 
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     collector_args.add_parsers(sub)
     service_args.add_parser(sub)
     tail_args.add_parser(sub)
+    tools_args.add_parsers(sub)
     return parser
 
 
@@ -63,6 +64,14 @@ def main(argv: list[str] | None = None) -> int:
             from tail import client  # noqa: PLC0415
 
             return client.main(args)
+        if args.command == "rules":
+            from sandtrace import rules  # noqa: PLC0415
+
+            return rules.main(args)
+        if args.command == "replay":
+            from sandtrace import replay  # noqa: PLC0415
+
+            return replay.main(args)
         from collector import cli as collector  # noqa: PLC0415
 
         return collector.main(args)
