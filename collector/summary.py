@@ -13,7 +13,7 @@ from collections import Counter
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from api.events import Alert, AnyEvent, ConnectEvent, ExecEvent, LostEvent
+from api.events import Alert, AnyEvent, ConnectEvent, ExecEvent, LostEvent, bytes_text, text_bytes
 from api.render import escape
 
 LEVELS = ("critical", "high", "medium", "low", "informational")
@@ -22,8 +22,8 @@ K = TypeVar("K")
 
 
 def _text(value: bytes) -> str:
-    """A bytes field as json_line() writes it (invalid UTF-8 as lone surrogates)."""
-    return value.decode("utf-8", "surrogateescape")
+    """A bytes field as json_line() writes it (escaped text: api.events.bytes_text)."""
+    return bytes_text(value)
 
 
 def destination(event: ConnectEvent) -> tuple[str, str, int]:
@@ -144,13 +144,13 @@ class RunSummary:
         execs = d["executables"]
         runs = sum(e["count"] for e in execs)
         out.append(f"  executables: {len(execs)} distinct, {runs} execs")
-        out += _cut([f"    {e['count']:>4}  {escape(e['path'])}" for e in execs])
+        out += _cut([f"    {e['count']:>4}  {escape(text_bytes(e['path']))}" for e in execs])
         dests = d["destinations"]
         connects = sum(x["connects"] for x in dests)
         out.append(f"  destinations: {len(dests)} distinct, {connects} connects")
         out += _cut(
             [
-                f"    {x['connects']:>4}  {escape(x['destination'])}"
+                f"    {x['connects']:>4}  {escape(text_bytes(x['destination']))}"
                 + (f" ({x['failed']} failed)" if x["failed"] else "")
                 for x in dests
             ]

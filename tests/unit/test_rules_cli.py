@@ -305,7 +305,7 @@ def test_replay_raises_folds_and_skips_what_is_not_an_event(
         '{"kind": "connect", "time_ns": "soon"}',
         _connect(100, 2.0),
         "",
-        json.dumps({**recorded, "process": {**recorded["process"], "argv": ["\udcff"]}}),
+        json.dumps({**recorded, "process": {**recorded["process"], "argv": ["\\xff"]}}),
         _connect(200, 3.0),
         json_line(shm),
         "[1, 2",

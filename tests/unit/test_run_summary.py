@@ -102,7 +102,7 @@ def test_untrusted_names_are_escaped_and_long_lists_cut(tmp_path: Path) -> None:
     summary.report(stream, str(out))
     d = json.loads(out.read_text())
     assert len(d["executables"]) == SHOWN + 8
-    assert {"path": "/tmp/\udcff\udcfe", "count": 2} in d["executables"]
+    assert {"path": "/tmp/\\xff\\xfe", "count": 2} in d["executables"]
     assert d["detection"] is False
     assert stream.getvalue().splitlines() == [f"sandtrace: {line}" for line in lines]
     stream = io.StringIO()
