@@ -118,7 +118,10 @@ def _check_section(section: dict[str, Any], label: str) -> list[str]:
     kind = section.get("type")
     if kind not in OUTPUT_TYPES:
         got = f"{kind!r}" if "type" in section else "missing"
-        return [f"{label} type: {got}; expected one of {', '.join(sorted(OUTPUT_TYPES))}"]
+        return [
+            f"{label} type: {got} is not an output type; expected one of "
+            f"{', '.join(sorted(OUTPUT_TYPES))}"
+        ]
     problems: list[str] = []
     allowed = _COMMON_KEYS | _KEYS[kind]
     good: dict[str, Any] = {}  # the keys known and of their type
@@ -136,7 +139,7 @@ def _check_section(section: dict[str, Any], label: str) -> list[str]:
         else:
             good[key] = value
     problems += [
-        f"{label} {key}: missing; expected it for a {kind} output"
+        f"{label} {key}: missing; expected it (type {kind} requires it)"
         for key in _REQUIRED[kind]
         if key not in section
     ]
@@ -162,7 +165,7 @@ def _check_section(section: dict[str, Any], label: str) -> list[str]:
             "a facility name (e.g. local0) or 0-23",
         )
         if "ca_file" in good and not good.get("tls", False):
-            checks.append(("ca_file", False, "it with tls = true only"))
+            checks.append(("ca_file", False, "tls = true with it (or no ca_file)"))
     if kind in ("splunk_hec", "elasticsearch"):
         want("url", lambda v: v.startswith(("http://", "https://")), "http(s)://...")
         if good.get("insecure") and "ca_file" in good:
@@ -173,7 +176,7 @@ def _check_section(section: dict[str, Any], label: str) -> list[str]:
         if not ok
     ]
     for key in ("ca_file", "token_file", "api_key_file"):
-        if key in good:
+        if key in good and not any(p.startswith(f"{label} {key}:") for p in problems):
             why = _readable(good[key])
             if why is not None:
                 problems.append(
