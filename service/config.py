@@ -29,6 +29,12 @@
     path = "/var/log/sandtrace/alerts.jsonl"
     what = "alerts"
 
+A relative path in the file (token_file, tls_cert, tls_key, state_dir, rules; an output's
+path, ca_file, token_file, api_key_file) is relative to the file's directory, not to the
+working directory: the file and the secrets it names travel together, as in systemd's
+credentials directory (deploy/sandtrace-service.service loads them all with LoadCredential=
+and starts `sandtrace serve --config ${CREDENTIALS_DIRECTORY}/service.toml`).
+
 Every key is checked: an unknown key, a wrong type or a file that cannot be read is an error
 that names the file, the table, the key and what is expected, before the service starts (and
 with `sandtrace serve --check-config`, without starting it). Every problem is reported at
@@ -186,7 +192,7 @@ def read(path: Path) -> tuple[ServiceConfig, list[str]]:
                     "(an array of tables: [[output]] on each, two brackets)"
                 )
                 continue
-            cfg.outputs = [dict(v) for v in value]
+            cfg.outputs = [_beside(path, dict(v), _OUTPUT_PATHS) for v in value]
             cfg.output_origins = [f"{path}: [[output]] #{i}" for i in range(1, len(value) + 1)]
             continue
         keys = _SECTIONS.get(section)
@@ -214,9 +220,33 @@ def read(path: Path) -> tuple[ServiceConfig, list[str]]:
                     )
                 problems.append(f"{where}: {item!r} is {what}; expected {expected}")
                 continue
-            setattr(cfg, attr, item)
+            if attr in _PATHS and isinstance(item, list):
+                setattr(cfg, attr, [_beside_one(path, v) for v in item])
+            elif attr in _PATHS:
+                setattr(cfg, attr, _beside_one(path, item))
+            else:
+                setattr(cfg, attr, item)
             cfg.origins[attr] = where
     return cfg, problems
+
+
+_PATHS = {"token_file", "tls_cert", "tls_key", "state_dir", "rules"}
+_OUTPUT_PATHS = {"path", "ca_file", "token_file", "api_key_file"}
+
+
+def _beside_one(config: Path, value: str) -> str:
+    """A path from the file: relative ones are relative to the file's directory ("-", the
+    standard output, and "" stay as they are)."""
+    if value in ("", "-") or Path(value).is_absolute():
+        return value
+    return str(config.parent / value)
+
+
+def _beside(config: Path, section: dict[str, Any], keys: set[str]) -> dict[str, Any]:
+    return {
+        k: _beside_one(config, v) if k in keys and isinstance(v, str) else v
+        for k, v in section.items()
+    }
 
 
 def load(path: Path) -> ServiceConfig:

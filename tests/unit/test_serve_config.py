@@ -25,7 +25,7 @@ from detect.testing import event_from_fields
 from sandtrace.cli import build_parser
 from service.app import Ingest, make_app
 from service.config import ConfigError, ServiceConfig, check, load, tls_context
-from service.main import REFUSED_HINT, prepare
+from service.main import REFUSED_HINT, build_config, prepare
 from service.metrics import IngestMetrics, exposition
 from tests.serving import ROOT_DIR, free_port, serving
 from tests.tlsutil import make_tls
@@ -452,3 +452,30 @@ def test_egress_settings_reach_the_policies(tmp_path: Path) -> None:
     assert default.default.allows("127.0.0.1", 5432)
     with pytest.raises(ConfigError, match=r"^--egress-allow: egress allow-list entry 'x:1'"):
         prepare(serve_args("--egress-allow", "x:1"))
+
+
+def test_relative_paths_in_the_file_are_beside_it(tmp_path: Path) -> None:
+    """As in systemd's credentials directory: the file and the secrets it names together."""
+    conf = write(
+        tmp_path / "s.toml",
+        '[server]\ntoken_file = "token"\ntls_cert = "/abs/cert.pem"\nstate_dir = "state"\n'
+        '[detection]\nrules = ["rules", "/abs/rules"]\n'
+        '[[output]]\ntype = "jsonl"\npath = "alerts.jsonl"\n'
+        '[[output]]\ntype = "jsonl"\npath = "-"\n'
+        '[[output]]\ntype = "syslog"\naddress = "h:6514"\ntls = true\nca_file = "ca.pem"\n',
+    )
+    cfg = load(conf)
+    assert (cfg.token_file, cfg.tls_cert, cfg.state_dir) == (
+        str(tmp_path / "token"),
+        "/abs/cert.pem",
+        str(tmp_path / "state"),
+    )
+    assert cfg.rules == [str(tmp_path / "rules"), "/abs/rules"]
+    assert [o.get("path") or o.get("ca_file") for o in cfg.outputs] == [
+        str(tmp_path / "alerts.jsonl"),
+        "-",
+        str(tmp_path / "ca.pem"),
+    ]
+    # on the command line, a relative path is the working directory's, as everywhere
+    cfg, problems = build_config(serve_args("--config", str(conf), "--token-file", "tok"))
+    assert (cfg.token_file, cfg.where("token_file"), problems) == ("tok", "--token-file", [])
