@@ -479,3 +479,26 @@ def test_relative_paths_in_the_file_are_beside_it(tmp_path: Path) -> None:
     # on the command line, a relative path is the working directory's, as everywhere
     cfg, problems = build_config(serve_args("--config", str(conf), "--token-file", "tok"))
     assert (cfg.token_file, cfg.where("token_file"), problems) == ("tok", "--token-file", [])
+
+
+def test_run_and_watch_say_loudly_that_rules_were_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from collector.cli import _engine  # noqa: PLC0415
+
+    write(tmp_path / "windows.yml", REFUSED_RULE)
+    for argv in (
+        ["run", "--rules", str(tmp_path), "--", "true"],
+        ["watch", "--rules", str(tmp_path)],
+    ):
+        engine = _engine(build_parser().parse_args(argv))
+        assert engine is not None and len(engine.rules.rules) > 0
+        err = capsys.readouterr().err.splitlines()
+        assert err == [
+            f"sandtrace: rule not loaded: {tmp_path / 'windows.yml'}: a Windows rule: log source "
+            "product=windows category=process_creation service=None is not one sandtrace "
+            "provides (product linux, categories kernel_interface, network_connection, "
+            "network_listen, process_creation)",
+            "sandtrace: WARNING: 1 rule(s) refused (listed above) will raise no alerts; fix or "
+            "remove them",
+        ]
