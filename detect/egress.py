@@ -5,7 +5,9 @@ outside it. Loopback destinations (127.0.0.0/8, ::1, and 127.x as an IPv4-mapped
 address) are the sandbox talking to its own host and pass without an entry, unless the
 policy is built with ``allow_loopback=False``: then they are judged by the list like any
 other destination (a sandbox in the host's network namespace reaches every service the host
-listens with on loopback, which is worth an alert on some hosts).
+listens with on loopback, which is worth an alert on some hosts). An IPv4-mapped IPv6
+destination (::ffff:a.b.c.d, what an IPv6 socket connecting to IPv4 shows) is judged as the
+IPv4 address it is.
 """
 
 from __future__ import annotations
@@ -39,7 +41,6 @@ EGRESS_RULE = BuiltinRule(
 _EGRESS_ANSWERS = 4096  # (address, port) answers an egress policy keeps
 _PORTS_EXPECTED = "expected ports 1-65535: one (443), a range (8000-8100) or a list (80,443)"
 _PORT_ITEM = re.compile(r"([0-9]{1,5})(?:-([0-9]{1,5}))?")
-_MAPPED_V4 = 0xFFFF << 32  # ::ffff:0:0/96, IPv4 addresses as an IPv6 socket writes them
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 PortRanges = tuple[tuple[int, int], ...]
@@ -95,12 +96,6 @@ def _entry(spec: str, text: str) -> tuple[Network, PortRanges]:
         raise ValueError(f"egress allow-list entry {spec!r}: {exc}") from None
 
 
-def _is_loopback(version: int, value: int) -> bool:
-    if version == 4:
-        return value >> 24 == 127
-    return value == 1 or (value >> 32 == 0xFFFF and (value & 0xFFFFFFFF) >> 24 == 127)
-
-
 @dataclass(frozen=True, slots=True)
 class EgressPolicy:
     """Destinations a sandbox may connect to: networks, each with optional ports; loopback
@@ -147,17 +142,17 @@ class EgressPolicy:
         # Integer compares, in the order of the list: ipaddress's `in` and is_loopback cost
         # more than all the rest of the check.
         version, value = parsed
-        if self.allow_loopback and _is_loopback(version, value):
-            return True  # the sandbox talking to its own host
         if version == 6 and value >> 32 == 0xFFFF:
-            version, value = 4, value & 0xFFFFFFFF  # an IPv4 destination, as IPv4 entries say
+            version, value = 4, value & 0xFFFFFFFF  # IPv4-mapped: judged as the IPv4 address
+        if self.allow_loopback and (value >> 24 == 127 if version == 4 else value == 1):
+            return True  # the sandbox talking to its own host (127.0.0.0/8, ::1)
         for net_version, mask, network, ports in self._ints:
-            if (
-                net_version == version
-                and value & mask == network
-                and (not ports or any(first <= port <= last for first, last in ports))
-            ):
-                return True
+            if net_version == version and value & mask == network:
+                if not ports:
+                    return True
+                for first, last in ports:
+                    if first <= port <= last:
+                        return True
         return False
 
 
