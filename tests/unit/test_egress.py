@@ -162,3 +162,19 @@ def test_the_command_line_refuses_a_bad_entry_before_it_starts(
     assert done.stderr.startswith(message), done.stderr
     assert "Traceback" not in done.stderr
     assert "tracing" not in done.stderr and "watching" not in done.stderr
+
+
+@pytest.mark.parametrize("command", [["run", "--", "true"], ["watch"]])
+def test_the_command_line_switches_the_loopback_rule(command: list[str]) -> None:
+    from collector.cli import _egress  # noqa: PLC0415
+    from sandtrace.cli import build_parser  # noqa: PLC0415
+
+    def policy(*options: str) -> EgressPolicy:
+        args = build_parser().parse_args([command[0], *options, *command[1:]])
+        egress = _egress(args)
+        assert egress is not None and egress.default is not None
+        return egress.default
+
+    assert policy("--egress-allow", "192.0.2.0/24").allows("127.0.0.1", 5432)
+    checked = policy("--egress-allow", "192.0.2.0/24", "--egress-check-loopback")
+    assert not checked.allows("127.0.0.1", 5432) and checked.allows("192.0.2.3", 5432)
