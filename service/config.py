@@ -3,8 +3,8 @@
     [server]
     listen = "0.0.0.0:8780"              # HOST:PORT
     token_file = "/etc/sandtrace/token"  # collectors and tail clients send this bearer token
-    tls_cert = "/etc/sandtrace/tls/service.pem"
-    tls_key = "/etc/sandtrace/tls/service.key"
+    tls_cert = "/etc/sandtrace/service.pem"  # relative paths: beside this file
+    tls_key = "/etc/sandtrace/service.key"
     insecure = false                     # allow plain HTTP on an address other than loopback
     state_dir = "/var/lib/sandtrace-service"  # each collector's last batch, across restarts
     read_timeout = 30.0                  # seconds a request body may take to arrive (else 408)
