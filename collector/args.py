@@ -121,9 +121,16 @@ def _common_args(p: argparse.ArgumentParser) -> None:
         action="append",
         default=None,
         metavar="[SANDBOX=]NET[:PORTS]",
-        help="allow connects to NET (CIDR or address, optional ports 80,443), for "
-        "every sandbox or only SANDBOX; any other destination alerts; repeatable "
+        help="allow connects to NET (CIDR or address; optional ports 1-65535: 443, "
+        "8000-8100, 80,443), for every sandbox or only SANDBOX; any other destination "
+        "alerts, except loopback (see --egress-check-loopback); repeatable "
         "(default: no allow-list)",
+    )
+    d.add_argument(
+        "--egress-check-loopback",
+        action="store_true",
+        help="judge loopback connects (127.0.0.0/8, ::1) by the egress allow-list too; by "
+        "default a sandbox may always connect to its own host's loopback",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")
 

@@ -112,11 +112,39 @@ def _engine(args: argparse.Namespace) -> Engine | None:
     rules = load_paths(paths)
     for where, why in rules.refused:
         print(f"sandtrace: rule not loaded: {where}: {why}", file=sys.stderr)
-    try:
-        egress = EgressPolicies.parse(args.egress_allow) if args.egress_allow else None
-    except ValueError as exc:
-        raise SystemExit(f"sandtrace: {exc}") from None
-    return Engine(rules, egress)
+    if rules.refused:
+        print(
+            f"sandtrace: WARNING: {len(rules.refused)} rule(s) refused (listed above) will "
+            "raise no alerts; fix or remove them",
+            file=sys.stderr,
+        )
+    return Engine(rules, _egress(args))
+
+
+def _egress(args: argparse.Namespace) -> EgressPolicies | None:
+    """The egress allow-lists of --egress-allow; a bad entry, or options that would be
+    ignored, end the command (exit 2) naming the problem."""
+    problem = None
+    if args.egress_check_loopback and not args.egress_allow:
+        problem = "--egress-check-loopback applies to an allow-list: give --egress-allow too"
+    elif args.egress_allow and (args.server or args.no_detect):
+        problem = (
+            "--egress-allow has no effect with --server (the service checks egress: set "
+            "[detection] egress_allow in its configuration)"
+            if args.server
+            else "--egress-allow has no effect with --no-detect"
+        )
+    elif args.egress_allow:
+        try:
+            return EgressPolicies.parse(
+                args.egress_allow, allow_loopback=not args.egress_check_loopback
+            )
+        except ValueError as exc:
+            problem = f"--egress-allow: {exc}"
+    if problem is not None:
+        print(f"sandtrace: {problem}", file=sys.stderr)
+        raise SystemExit(2)
+    return None
 
 
 def _package_index() -> PackageIndex:
@@ -409,6 +437,7 @@ def main(args: argparse.Namespace) -> int:
     from probes.kernel import KernelSupportError  # noqa: PLC0415
     from probes.loader import ProbeError  # noqa: PLC0415
 
+    _egress(args)  # a bad entry is said before the probes compile
     try:
         return asyncio.run(_run(args) if args.command == "run" else _watch(args))
     except (KernelSupportError, ProbeError, cgroups.CgroupError) as exc:

@@ -1,12 +1,19 @@
 """Egress allow-lists: the destinations each sandbox may connect to.
 
 The engine checks every connect against its sandbox's list and raises EGRESS_RULE for one
-outside it.
+outside it. Loopback destinations (127.0.0.0/8, ::1, and 127.x as an IPv4-mapped IPv6
+address) are the sandbox talking to its own host and pass without an entry, unless the
+policy is built with ``allow_loopback=False``: then they are judged by the list like any
+other destination (a sandbox in the host's network namespace reaches every service the host
+listens with on loopback, which is worth an alert on some hosts). An IPv4-mapped IPv6
+destination (::ffff:a.b.c.d, what an IPv6 socket connecting to IPv4 shows) is judged as the
+IPv4 address it is.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -32,15 +39,72 @@ EGRESS_RULE = BuiltinRule(
     ["attack.exfiltration", "attack.command_and_control", "attack.t1041"],
 )
 _EGRESS_ANSWERS = 4096  # (address, port) answers an egress policy keeps
+_PORTS_EXPECTED = "expected ports 1-65535: one (443), a range (8000-8100) or a list (80,443)"
+_PORT_ITEM = re.compile(r"([0-9]{1,5})(?:-([0-9]{1,5}))?")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+PortRanges = tuple[tuple[int, int], ...]
+"""Inclusive (first, last) port ranges; empty means every port."""
+
+
+def parse_ports(text: str) -> PortRanges:
+    """``443``, ``8000-8100``, ``80,443,8000-8100`` as ranges. ValueError says what is wrong
+    and what is expected: every port lies in 1-65535 and a range runs upwards."""
+    ranges = []
+    for item in text.split(","):
+        m = _PORT_ITEM.fullmatch(item)
+        if m is None:
+            raise ValueError(f"{item!r} is not a port or a range ({_PORTS_EXPECTED})")
+        first = int(m.group(1))
+        last = int(m.group(2)) if m.group(2) is not None else first
+        for port in (first, last):
+            if not 1 <= port <= 65535:
+                raise ValueError(f"port {port} is out of range ({_PORTS_EXPECTED})")
+        if last < first:
+            raise ValueError(f"range {item} runs backwards ({_PORTS_EXPECTED})")
+        ranges.append((first, last))
+    return tuple(sorted(ranges))
+
+
+def parse_entry(text: str) -> tuple[Network, PortRanges]:
+    """One entry, ``NETWORK[:PORTS]`` or ``[IPV6-NETWORK][:PORTS]``, as (network, ports).
+    ValueError says what is wrong and what is expected."""
+    if text.startswith("["):
+        net_part, closed, rest = text[1:].partition("]")
+        if not closed or (rest and not rest.startswith(":")):
+            raise ValueError("expected [IPV6-NETWORK] or [IPV6-NETWORK]:PORTS")
+        ports_part: str | None = rest[1:] if rest else None
+    elif text.count(":") == 1:
+        net_part, _, ports_part = text.partition(":")
+    else:
+        net_part, ports_part = text, None
+    try:
+        net = ipaddress.ip_network(net_part, strict=False)
+    except ValueError as exc:
+        raise ValueError(
+            f"{exc} (expected an address or a network such as 192.0.2.0/24, optionally "
+            "followed by :PORTS)"
+        ) from None
+    return net, parse_ports(ports_part) if ports_part is not None else ()
+
+
+def _entry(spec: str, text: str) -> tuple[Network, PortRanges]:
+    """parse_entry(text), its error naming the whole entry as given (spec)."""
+    try:
+        return parse_entry(text)
+    except ValueError as exc:
+        raise ValueError(f"egress allow-list entry {spec!r}: {exc}") from None
 
 
 @dataclass(frozen=True, slots=True)
 class EgressPolicy:
-    """Destinations a sandbox may connect to: networks, each with optional ports."""
+    """Destinations a sandbox may connect to: networks, each with optional ports; loopback
+    too unless allow_loopback is False (see the module docstring)."""
 
-    allowed: tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, frozenset[int]], ...] = ()
+    allowed: tuple[tuple[Network, PortRanges], ...] = ()
+    allow_loopback: bool = True
     # `allowed` as (version, netmask, network, ports) integers
-    _ints: list[tuple[int, int, int, frozenset[int]]] = field(
+    _ints: list[tuple[int, int, int, PortRanges]] = field(
         default_factory=list, init=False, repr=False, compare=False
     )
     _answers: dict[tuple[str, int], bool] = field(
@@ -54,25 +118,11 @@ class EgressPolicy:
         )
 
     @classmethod
-    def parse(cls, specs: Iterable[str]) -> EgressPolicy:
+    def parse(cls, specs: Iterable[str], allow_loopback: bool = True) -> EgressPolicy:
         """Entries like ``192.0.2.0/24``, ``198.51.100.7:443``, ``10.0.0.0/8:80,443``,
-        ``2001:db8::/32`` and, with ports, ``[2001:db8::/32]:53``. ValueError names a bad one."""
-        allowed = []
-        for spec in specs:
-            if spec.startswith("["):
-                net_part, _, rest = spec[1:].partition("]")
-                ports_part = rest.removeprefix(":")
-            elif spec.count(":") == 1:
-                net_part, _, ports_part = spec.partition(":")
-            else:
-                net_part, ports_part = spec, ""
-            try:
-                net = ipaddress.ip_network(net_part, strict=False)
-                ports = frozenset(int(p) for p in ports_part.split(",") if p)
-            except ValueError as exc:
-                raise ValueError(f"egress allow-list entry {spec!r}: {exc}") from None
-            allowed.append((net, ports))
-        return cls(tuple(allowed))
+        ``10.0.0.0/8:8000-8100``, ``2001:db8::/32`` and, with ports, ``[2001:db8::/32]:53``.
+        ValueError names a bad one and says what is expected."""
+        return cls(tuple(_entry(spec, spec) for spec in specs), allow_loopback)
 
     def allows(self, addr: str, port: int) -> bool:
         # Sandboxes connect to the same few destinations again and again: answers are kept
@@ -92,11 +142,17 @@ class EgressPolicy:
         # Integer compares, in the order of the list: ipaddress's `in` and is_loopback cost
         # more than all the rest of the check.
         version, value = parsed
-        if value >> 24 == 127 if version == 4 else value == 1:
-            return True  # the sandbox talking to itself (127.0.0.0/8, ::1)
+        if version == 6 and value >> 32 == 0xFFFF:
+            version, value = 4, value & 0xFFFFFFFF  # IPv4-mapped: judged as the IPv4 address
+        if self.allow_loopback and (value >> 24 == 127 if version == 4 else value == 1):
+            return True  # the sandbox talking to its own host (127.0.0.0/8, ::1)
         for net_version, mask, network, ports in self._ints:
-            if net_version == version and value & mask == network and (not ports or port in ports):
-                return True
+            if net_version == version and value & mask == network:
+                if not ports:
+                    return True
+                for first, last in ports:
+                    if first <= port <= last:
+                        return True
         return False
 
 
@@ -108,21 +164,29 @@ class EgressPolicies:
     per_sandbox: dict[str, EgressPolicy] = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, specs: Iterable[str]) -> EgressPolicies:
+    def parse(cls, specs: Iterable[str], allow_loopback: bool = True) -> EgressPolicies:
         """Entries as EgressPolicy.parse takes them, each optionally prefixed ``SANDBOX=``
         (a sandbox id) to apply to that sandbox only; a sandbox named in any entry gets
-        only its own entries."""
-        shared: list[str] = []
-        named: dict[str, list[str]] = {}
+        only its own entries. allow_loopback applies to every list."""
+        shared: list[tuple[Network, PortRanges]] = []
+        named: dict[str, list[tuple[Network, PortRanges]]] = {}
         for spec in specs:
             sandbox, sep, rest = spec.partition("=")
+            if sep and not sandbox:
+                raise ValueError(
+                    f"egress allow-list entry {spec!r}: no sandbox before '=' (expected "
+                    "SANDBOX=NETWORK[:PORTS] or NETWORK[:PORTS])"
+                )
             if sep:
-                named.setdefault(sandbox, []).append(rest)
+                named.setdefault(sandbox, []).append(_entry(spec, rest))
             else:
-                shared.append(spec)
+                shared.append(_entry(spec, spec))
         return cls(
-            default=EgressPolicy.parse(shared) if shared else None,
-            per_sandbox={name: EgressPolicy.parse(entries) for name, entries in named.items()},
+            default=EgressPolicy(tuple(shared), allow_loopback) if shared else None,
+            per_sandbox={
+                name: EgressPolicy(tuple(entries), allow_loopback)
+                for name, entries in named.items()
+            },
         )
 
     def policy_for(self, sandbox: str) -> EgressPolicy | None:

@@ -30,7 +30,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     serve.add_argument(
         "--check-config",
         action="store_true",
-        help="check the configuration (files, TLS, rules, outputs), then exit",
+        help="check the configuration (files, TLS, rules, outputs), list every problem, "
+        "then exit (0: none)",
     )
     serve.add_argument("--listen", metavar="HOST:PORT", help="default 127.0.0.1:8780")
     serve.add_argument(
@@ -58,11 +59,27 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     serve.add_argument("--no-builtin-rules", action="store_true", default=None)
     serve.add_argument(
+        "--allow-refused-rules",
+        action="store_true",
+        default=None,
+        help="start even when rules cannot be loaded (each is named in a warning and raises "
+        "no alerts); by default a refused rule is a configuration error",
+    )
+    serve.add_argument(
         "--egress-allow",
         action="append",
         default=None,
         metavar="[SANDBOX=]NET[:PORTS]",
-        help="egress allow-list entry",
+        help="allow connects to NET (CIDR or address; optional ports 1-65535: 443, "
+        "8000-8100, 80,443), for every sandbox or only SANDBOX; any other destination "
+        "alerts, except loopback (see --egress-check-loopback); repeatable",
+    )
+    serve.add_argument(
+        "--egress-check-loopback",
+        action="store_true",
+        default=None,
+        help="judge loopback connects (127.0.0.0/8, ::1) by the egress allow-list too; by "
+        "default a sandbox may always connect to its own host's loopback",
     )
     serve.add_argument(
         "--alerts", metavar="FILE", help="also append every alert to FILE as JSON lines"

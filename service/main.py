@@ -28,7 +28,7 @@ from detect.engine import Engine
 from detect.loader import load_paths
 from detect.pack import builtin_rules
 from detect.ruleset import RuleSet
-from service.config import ConfigError, ServiceConfig, check, load, read_token, tls_context
+from service.config import ConfigError, ServiceConfig, check, read, read_token, tls_context
 
 if TYPE_CHECKING:
     from service.outputs.base import Output
@@ -36,51 +36,93 @@ if TYPE_CHECKING:
 log = structlog.get_logger("sandtrace.service")
 
 
-def build_config(args: argparse.Namespace) -> ServiceConfig:
-    """Defaults, then the file, then the command line."""
-    cfg = load(args.config) if args.config else ServiceConfig()
+def build_config(args: argparse.Namespace) -> tuple[ServiceConfig, list[str]]:
+    """Defaults, then the file, then the command line; and every problem with the file's
+    keys (ConfigError only when the file cannot be read or is not TOML)."""
+    cfg, problems = read(args.config) if args.config else (ServiceConfig(), [])
     for attr in ("listen", "token_file", "tls_cert", "tls_key", "state_dir", "insecure"):
         value = getattr(args, attr)
         if value is not None:
             setattr(cfg, attr, value)
-    if args.rules:
-        cfg.rules = [*cfg.rules, *args.rules]
+            cfg.origins[attr] = "--" + attr.replace("_", "-")
+    for attr in ("rules", "egress_allow"):
+        extra = getattr(args, attr)
+        if extra:
+            option = "--" + attr.replace("_", "-")
+            before = cfg.origins.get(attr)
+            cfg.origins[attr] = f"{before} and {option}" if getattr(cfg, attr) else option
+            setattr(cfg, attr, [*getattr(cfg, attr), *extra])
+    for attr in ("allow_refused_rules", "egress_check_loopback"):
+        if getattr(args, attr):
+            setattr(cfg, attr, True)
+            cfg.origins[attr] = "--" + attr.replace("_", "-")
     if args.no_builtin_rules:
         cfg.builtin_rules = False
-    if args.egress_allow:
-        cfg.egress_allow = [*cfg.egress_allow, *args.egress_allow]
     for path, what in ((args.alerts, "alerts"), (args.events, "events")):
         if path:
             cfg.outputs.append({"type": "jsonl", "path": path, "what": what, "name": f"--{what}"})
-    return cfg
+            cfg.output_origins.append(f"--{what}")
+    return cfg, problems
 
 
 def load_rules(cfg: ServiceConfig) -> RuleSet:
-    paths = ([builtin_rules()] if cfg.builtin_rules else []) + [Path(r) for r in cfg.rules]
+    """The built-in pack and the rules the configuration names (those that exist: check
+    says which do not)."""
+    paths = ([builtin_rules()] if cfg.builtin_rules else []) + [
+        Path(r) for r in cfg.rules if Path(r).exists()
+    ]
     return load_paths(paths)
 
 
+REFUSED_HINT = (
+    "a refused rule raises no alerts: fix it or remove it, or accept refused rules knowingly "
+    "with --allow-refused-rules ([detection] allow_refused_rules = true)"
+)
+
+
+def refused_problems(cfg: ServiceConfig, rules: RuleSet) -> list[str]:
+    """A problem for each rule that did not load, unless refused rules are accepted."""
+    if cfg.allow_refused_rules:
+        return []
+    return [f"{cfg.where('rules')}: {where}: rule refused: {why}" for where, why in rules.refused]
+
+
 def egress_of(cfg: ServiceConfig) -> EgressPolicies | None:
+    """The egress allow-lists; ConfigError naming every bad entry."""
+    where = cfg.where("egress_allow")
     if not cfg.egress_allow:
+        if cfg.egress_check_loopback:
+            raise ConfigError(
+                f"{cfg.where('egress_check_loopback')}: applies to an egress allow-list, and "
+                f"there is none (expected {where} entries too, or no egress_check_loopback)"
+            )
         return None
-    try:
-        return EgressPolicies.parse(cfg.egress_allow)
-    except ValueError as exc:
-        raise ConfigError(f"detection.egress_allow: {exc}") from None
+    loopback = not cfg.egress_check_loopback
+    problems = []
+    for spec in cfg.egress_allow:
+        try:
+            EgressPolicies.parse([spec], allow_loopback=loopback)
+        except ValueError as exc:
+            problems.append(f"{where}: {exc}")
+    if problems:
+        raise ConfigError(problems)
+    return EgressPolicies.parse(cfg.egress_allow, allow_loopback=loopback)
 
 
 def build_outputs(cfg: ServiceConfig) -> list[Output]:
+    """The outputs; ConfigError naming every problem with them."""
     from service.outputs.config import OutputConfigError, outputs_from_config  # noqa: PLC0415
 
     try:
-        return outputs_from_config(cfg.outputs)
+        return outputs_from_config(cfg.outputs, list(cfg.output_origins))
     except OutputConfigError as exc:
-        raise ConfigError(f"output: {exc}") from None
+        raise ConfigError(exc.problems) from None
 
 
 def _say(lines: Iterable[str]) -> None:
-    for line in lines:
-        print(f"sandtrace serve: {line}", file=sys.stderr)
+    for text in lines:
+        for line in text.splitlines():
+            print(f"sandtrace serve: {line}", file=sys.stderr)
 
 
 @dataclass(slots=True)
@@ -97,18 +139,30 @@ class Prepared:
 
 
 def prepare(args: argparse.Namespace) -> Prepared:
-    """The configuration and all it names, checked; ConfigError on the first problem."""
-    cfg = build_config(args)
-    notes = check(cfg)
-    return Prepared(
-        cfg,
-        notes,
-        read_token(cfg),
-        tls_context(cfg),
-        load_rules(cfg),
-        egress_of(cfg),
-        build_outputs(cfg),
-    )
+    """The configuration and all it names, checked; ConfigError listing every problem
+    (the settings, the files they name, refused rules, egress entries, outputs)."""
+    cfg, problems = build_config(args)
+    notes: list[str] = []
+    try:
+        notes = check(cfg)
+    except ConfigError as exc:
+        problems += exc.problems
+    rules = load_rules(cfg)
+    refused = refused_problems(cfg, rules)
+    problems += refused
+    egress = outputs = None
+    try:
+        egress = egress_of(cfg)
+    except ConfigError as exc:
+        problems += exc.problems
+    try:
+        outputs = build_outputs(cfg)
+    except ConfigError as exc:
+        problems += exc.problems
+    if problems or outputs is None:
+        raise ConfigError(problems, [REFUSED_HINT] if refused else [])
+    # check() found no problem: the token and the TLS material load
+    return Prepared(cfg, notes, read_token(cfg), tls_context(cfg), rules, egress, outputs)
 
 
 def check_config(args: argparse.Namespace) -> int:
@@ -119,14 +173,19 @@ def check_config(args: argparse.Namespace) -> int:
         _say([f"configuration error: {exc}"])
         return 2
     _say(f"note: {n}" for n in p.notes)
-    _say(f"rule not loaded: {where}: {why}" for where, why in p.rules.refused)
+    _say(
+        f"warning: rule refused, accepted (allow_refused_rules): {where}: {why}"
+        for where, why in p.rules.refused
+    )
     host, port = p.cfg.host_port
+    refused = f" ({len(p.rules.refused)} refused)" if p.rules.refused else ""
     _say(
         [
             f"configuration OK ({p.cfg.source}): listen {host}:{port} "
-            f"{'https' if p.cfg.tls else 'http'}, {len(p.rules.rules)} rules, "
+            f"{'https' if p.cfg.tls else 'http'}, {len(p.rules.rules)} rules{refused}, "
             f"{len(p.rules.correlations)} correlations, "
-            f"{len(p.egress) if p.egress else 0} egress allow-list entries, "
+            f"{len(p.egress) if p.egress else 0} egress allow-list entries"
+            f"{' (loopback checked)' if p.cfg.egress_check_loopback else ''}, "
             f"{len(p.outputs)} outputs ({', '.join(o.name for o in p.outputs) or 'none'}), "
             f"tail {'on' if p.cfg.tail else 'off'}"
         ]

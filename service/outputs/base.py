@@ -71,7 +71,11 @@ class OutputSection(TypedDict, total=False):
 
 
 class OutputConfigError(ValueError):
-    """An [[output]] table that cannot work; the message names the output and the key."""
+    """[[output]] tables that cannot work: every problem, each naming the output and key."""
+
+    def __init__(self, problems: str | list[str]) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
 
 
 class RetryableError(Exception):

@@ -72,61 +72,68 @@ def test_defaults(tmp_path: Path, secret: str) -> None:
     [
         (
             {"type": "kafka"},
-            "output 0: type: 'kafka' is not one of elasticsearch, jsonl, splunk_hec, syslog",
+            "[[output]] #1 type: 'kafka' is not an output type; expected one of elasticsearch, "
+            "jsonl, splunk_hec, syslog",
         ),
         (
             {"type": "jsonl", "name": "f", "path": "/tmp/x", "colour": 1},
-            "output 0 (f): colour: unknown key for a jsonl output",
+            "[[output]] #1 (f) colour: unknown key for a jsonl output (expected one of type, "
+            "name, what, schema, queue, batch, backoff, backoff_max, path, max_bytes, backups)",
         ),
-        ({"type": "jsonl"}, "output 0: path: missing (required for a jsonl output)"),
+        ({"type": "jsonl"}, "[[output]] #1 path: missing; expected it (type jsonl requires it)"),
         (
             {"type": "jsonl", "path": "/tmp/x", "what": "all"},
-            "output 0: what: 'all' must be one of events, alerts, both",
+            "[[output]] #1 what: 'all': expected one of events, alerts, both",
         ),
         (
             {"type": "jsonl", "path": "/tmp/x", "schema": "cef"},
-            "output 0: schema: 'cef' must be one of native, ecs, ocsf",
+            "[[output]] #1 schema: 'cef': expected one of native, ecs, ocsf",
         ),
-        ({"type": "jsonl", "path": "/tmp/x", "queue": 0}, "output 0: queue: 0 must be at least 1"),
+        (
+            {"type": "jsonl", "path": "/tmp/x", "queue": 0},
+            "[[output]] #1 queue: 0: expected at least 1",
+        ),
         (
             {"type": "jsonl", "path": "/tmp/x", "queue": "10"},
-            "output 0: queue: '10' has the wrong type",
+            "[[output]] #1 queue: '10' is a string; expected an integer",
         ),
         (
             {"type": "jsonl", "path": "/tmp/x", "queue": True},
-            "output 0: queue: True has the wrong type",
+            "[[output]] #1 queue: True is a boolean; expected an integer",
         ),
         (
             {"type": "jsonl", "path": "/nonexistent/dir/x"},
-            "output 0: path: directory /nonexistent/dir does not exist",
+            "[[output]] #1 path: directory /nonexistent/dir does not exist; expected the path of "
+            "a file in an existing directory",
         ),
         (
             {"type": "syslog", "address": "localhost"},
-            "output 0: address: 'localhost' must be HOST:PORT",
+            "[[output]] #1 address: 'localhost': expected HOST:PORT with a port 1-65535",
         ),
         (
             {"type": "syslog", "address": "h:514", "facility": "local9"},
-            "output 0: facility: 'local9' must be a facility name (e.g. local0) or 0-23",
+            "[[output]] #1 facility: 'local9': expected a facility name (e.g. local0) or 0-23",
         ),
         (
             {"type": "syslog", "address": "h:514", "ca_file": "/etc/hostname"},
-            "output 0: ca_file: '/etc/hostname' needs tls = true",
+            "[[output]] #1 ca_file: '/etc/hostname': expected tls = true with it (or no ca_file)",
         ),
         (
             {"type": "syslog", "address": "h:514", "tls": True, "ca_file": "/nonexistent"},
-            "output 0: ca_file: /nonexistent is not a readable file",
+            "[[output]] #1 ca_file: cannot read /nonexistent: No such file or directory; expected "
+            "a readable file",
         ),
         (
             {"type": "splunk_hec", "url": "h:8088", "token_file": "/etc/hostname"},
-            "output 0: url: 'h:8088' must be http(s)://...",
+            "[[output]] #1 url: 'h:8088': expected http(s)://...",
         ),
         (
             {"type": "splunk_hec", "url": "http://h"},
-            "output 0: token_file: missing (required for a splunk_hec output)",
+            "[[output]] #1 token_file: missing; expected it (type splunk_hec requires it)",
         ),
         (
             {"type": "elasticsearch", "url": "http://h"},
-            "output 0: index: missing (required for a elasticsearch output)",
+            "[[output]] #1 index: missing; expected it (type elasticsearch requires it)",
         ),
     ],
 )
@@ -138,10 +145,40 @@ def test_config_errors_name_output_and_key(section: dict[str, Any], message: str
 
 def test_config_error_names_the_index_of_the_bad_output(tmp_path: Path) -> None:
     ok = {"type": "jsonl", "path": str(tmp_path / "a")}
-    with pytest.raises(OutputConfigError, match=r"^output 2: batch: 0 must be at least 1$"):
-        outputs_from_config([ok, {**ok, "name": "b"}, {**ok, "batch": 0}])
-    with pytest.raises(OutputConfigError, match=r"^output 1 \(x\): name: used by another"):
-        outputs_from_config([{**ok, "name": "x"}, {**ok, "name": "x"}])
+    with pytest.raises(OutputConfigError) as info:
+        outputs_from_config(
+            [ok, {**ok, "name": "b", "path": str(tmp_path / "b")}, {**ok, "batch": 0}]
+        )
+    assert info.value.problems == [
+        "[[output]] #3 batch: 0: expected at least 1",
+        f"[[output]] #3 path: {tmp_path / 'a'} is also written by [[output]] #1; expected a "
+        "file of its own for each output",
+    ]
+    with pytest.raises(OutputConfigError) as info:
+        outputs_from_config([{**ok, "name": "x"}, {**ok, "name": "x", "path": str(tmp_path / "b")}])
+    assert info.value.problems == [
+        "[[output]] #2 (x) name: 'x' is also the name of [[output]] #1 (x); expected a name of "
+        "its own"
+    ]
+
+
+def test_every_problem_is_listed_and_a_ca_file_must_hold_a_certificate(tmp_path: Path) -> None:
+    not_a_cert = tmp_path / "ca.pem"
+    not_a_cert.write_text("not a certificate\n")
+    syslog = {"type": "syslog", "address": "h:514", "tls": True, "ca_file": str(not_a_cert)}
+    with pytest.raises(OutputConfigError) as info:
+        outputs_from_config(
+            [syslog, {"type": "jsonl", "path": "-", "queue": "many", "what": "all"}],
+            ["s.toml: [[output]] #1", "s.toml: [[output]] #2"],
+        )
+    first, *rest = info.value.problems
+    assert first.startswith(
+        f"s.toml: [[output]] #1 ca_file: {not_a_cert} holds no usable certificate ("
+    ) and first.endswith("); expected PEM CA certificates")
+    assert rest == [
+        "s.toml: [[output]] #2 queue: 'many' is a string; expected an integer",
+        "s.toml: [[output]] #2 what: 'all': expected one of events, alerts, both",
+    ]
 
 
 def test_wants(tmp_path: Path) -> None:

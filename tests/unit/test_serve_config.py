@@ -3,6 +3,7 @@ collector and the service, and replay state that survives a service restart."""
 
 from __future__ import annotations
 
+import argparse
 import ssl
 import subprocess
 import sys
@@ -21,8 +22,10 @@ from detect.loader import load_paths
 from detect.pack import builtin_rules
 from detect.ruleset import RuleSet
 from detect.testing import event_from_fields
+from sandtrace.cli import build_parser
 from service.app import Ingest, make_app
 from service.config import ConfigError, ServiceConfig, check, load, tls_context
+from service.main import REFUSED_HINT, build_config, prepare
 from service.metrics import IngestMetrics, exposition
 from tests.serving import ROOT_DIR, free_port, serving
 from tests.tlsutil import make_tls
@@ -77,17 +80,53 @@ what = "alerts"
 @pytest.mark.parametrize(
     ("toml", "message"),
     [
-        ('[server]\nlisten = "127.0.0.1:1"\nlisen = 3\n', "unknown key server.lisen"),
-        ("[servr]\n", "unknown section [servr]"),
-        ('[server]\nread_timeout = "soon"\n', "server.read_timeout has the wrong type"),
-        ('[server]\nlisten = "nowhere"\n', "server.listen: want HOST:PORT"),
-        ('[server]\nlisten = "192.0.2.1:8780"\n', "192.0.2.1 is not loopback and there is no TLS"),
-        ('[server]\ntoken_file = "/nonexistent/token"\n', "server.token_file: cannot read"),
-        ('[server]\ntls_cert = "/nonexistent.pem"\n', "tls_cert and server.tls_key go together"),
-        ('[detection]\negress_allow = ["not-a-net"]\n', "detection.egress_allow"),
-        ('[detection]\nrules = ["/nonexistent/rules"]\n', "detection.rules: /nonexistent/rules"),
-        ("[detection]\nfold_seconds = -1\n", "detection.fold_seconds must be 0"),
-        ('[[output]]\ntype = "carrier-pigeon"\n', "output"),
+        ('[server]\nlisten = "127.0.0.1:1"\nlisen = 3\n', "[server] lisen: unknown key (expected"),
+        ("[servr]\n", "[servr]: unknown table (expected one of [server], [detection], [tail]"),
+        (
+            '[server]\nread_timeout = "soon"\n',
+            "[server] read_timeout: 'soon' is a string; expected a number of seconds",
+        ),
+        ('[server]\nlisten = "nowhere"\n', "[server] listen: 'nowhere': expected HOST:PORT"),
+        (
+            '[server]\nlisten = "192.0.2.1:8780"\n',
+            "[server] listen: 192.0.2.1 is not loopback and there is no TLS",
+        ),
+        (
+            '[server]\ntoken_file = "/nonexistent/token"\n',
+            "[server] token_file: cannot read /nonexistent/token",
+        ),
+        (
+            '[server]\ntls_cert = "/nonexistent.pem"\n',
+            "[server] tls_cert: given without tls_key: tls_cert and tls_key go together",
+        ),
+        (
+            '[detection]\negress_allow = ["not-a-net"]\n',
+            "[detection] egress_allow: egress allow-list entry 'not-a-net'",
+        ),
+        (
+            '[detection]\negress_allow = ["192.0.2.0/24:99999"]\n',
+            "[detection] egress_allow: egress allow-list entry '192.0.2.0/24:99999': port 99999 "
+            "is out of range (expected ports 1-65535",
+        ),
+        (
+            "[detection]\negress_check_loopback = true\n",
+            "[detection] egress_check_loopback: applies to an egress allow-list, and there is none",
+        ),
+        (
+            '[detection]\nrules = ["/nonexistent/rules"]\n',
+            "[detection] rules: /nonexistent/rules does not exist",
+        ),
+        ("[detection]\nfold_seconds = -1\n", "[detection] fold_seconds: -1: expected 0"),
+        ("[tail]\nqueue = 1.5\n", "[tail] queue: 1.5 is a float; expected an integer"),
+        (
+            '[detection]\nrules = ["a", 1]\n',
+            "[detection] rules: ['a', 1] is an array with an integer; expected a list of strings",
+        ),
+        (
+            '[[output]]\ntype = "carrier-pigeon"\n',
+            "[[output]] #1 type: 'carrier-pigeon' is not an output type",
+        ),
+        ('[output]\ntype = "jsonl"\n', "[output]: is a table; expected [[output]] tables"),
         ("server = [\n", "not valid TOML"),
     ],
 )
@@ -95,7 +134,7 @@ def test_check_config_names_what_is_wrong(tmp_path: Path, toml: str, message: st
     conf = write(tmp_path / "service.toml", toml)
     done = serve_cmd("--config", str(conf), "--check-config")
     assert done.returncode == 2
-    assert "configuration error" in done.stderr and message in done.stderr, done.stderr
+    assert f"configuration error: {conf}: {message}" in done.stderr, done.stderr
 
 
 def test_command_line_overrides_the_file(tmp_path: Path) -> None:
@@ -303,3 +342,163 @@ def test_fold_seconds_decides_whether_repeats_are_one_alert(
     docs = [json.loads(line) for line in alerts.read_text().splitlines()]
     per_rule = Counter(d["rule_id"] for d in docs if not d["repeat"])
     assert per_rule and set(per_rule.values()) == {expected}, per_rule
+
+
+REFUSED_RULE = """title: a Windows rule
+logsource: {product: windows, category: process_creation}
+detection: {s: {Image: x.exe}, condition: s}
+"""
+
+
+def serve_args(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(["serve", *argv])
+
+
+def test_every_problem_is_reported_at_once_with_its_file_table_and_key(tmp_path: Path) -> None:
+    """One run names them all: the file's tables and keys (outputs counted from 1), the
+    settings given on the command line by their option, and what each expects."""
+    not_a_cert = write(tmp_path / "ca.pem", "not a certificate\n")
+    log = tmp_path / "alerts.jsonl"
+    conf = write(
+        tmp_path / "s.toml",
+        f"""
+[server]
+read_timeout = "soon"
+colour = "blue"
+[detection]
+fold_seconds = -1
+egress_allow = ["10.0.0.0/8:0", "192.0.2.1:443"]
+[[output]]
+type = "jsonl"
+path = "{log}"
+[[output]]
+type = "syslog"
+name = "siem"
+address = "siem:6514"
+tls = true
+ca_file = "{not_a_cert}"
+queue = "big"
+""",
+    )
+    with pytest.raises(ConfigError) as info:
+        prepare(serve_args("--config", str(conf), "--listen", "nowhere", "--alerts", str(log)))
+    problems = info.value.problems
+    cert_problem = next(p for p in problems if "ca_file" in p)
+    assert cert_problem.startswith(
+        f"{conf}: [[output]] #2 (siem) ca_file: {not_a_cert} holds no usable certificate"
+    )
+    assert [p for p in problems if p != cert_problem] == [
+        f"{conf}: [server] read_timeout: 'soon' is a string; expected a number of seconds",
+        f"{conf}: [server] colour: unknown key (expected one of listen, token_file, tls_cert, "
+        "tls_key, insecure, state_dir, read_timeout)",
+        "--listen: 'nowhere': expected HOST:PORT with a port 1-65535, e.g. 0.0.0.0:8780",
+        f"{conf}: [detection] fold_seconds: -1: expected 0 (every alert alone) or more seconds",
+        f"{conf}: [detection] egress_allow: egress allow-list entry '10.0.0.0/8:0': port 0 is "
+        "out of range (expected ports 1-65535: one (443), a range (8000-8100) or a list "
+        "(80,443))",
+        f"{conf}: [[output]] #2 (siem) queue: 'big' is a string; expected an integer",
+        f"--alerts path: {log} is also written by {conf}: [[output]] #1; expected a file of its "
+        "own for each output",
+    ]
+    assert str(info.value).startswith(f"{len(problems)} problems:\n  {conf}: [server]")
+
+
+def test_a_refused_rule_is_an_error_unless_accepted_knowingly(tmp_path: Path) -> None:
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    write(rules / "windows.yml", REFUSED_RULE)
+    conf = write(tmp_path / "s.toml", f'[detection]\nrules = ["{rules}"]\n')
+    with pytest.raises(ConfigError) as info:
+        prepare(serve_args("--config", str(conf)))
+    (problem,) = info.value.problems
+    assert problem.startswith(
+        f"{conf}: [detection] rules: {rules / 'windows.yml'}: a Windows rule: rule refused: "
+        "log source product=windows"
+    )
+    assert info.value.hints == [REFUSED_HINT]
+    with pytest.raises(ConfigError, match=r"^--rules: .*windows\.yml: a Windows rule: rule"):
+        prepare(serve_args("--rules", str(rules)))
+    # accepted: by the option, or by the key in [detection]; the refusal is kept, not lost
+    accepted = prepare(serve_args("--config", str(conf), "--allow-refused-rules"))
+    assert [where for where, _ in accepted.rules.refused] == [
+        f"{rules / 'windows.yml'}: a Windows rule"
+    ]
+    write(conf, f'[detection]\nrules = ["{rules}"]\nallow_refused_rules = true\n')
+    assert len(prepare(serve_args("--config", str(conf))).rules.refused) == 1
+    # the built-in pack alone loads whole
+    assert prepare(serve_args()).rules.refused == []
+
+
+def test_egress_settings_reach_the_policies(tmp_path: Path) -> None:
+    conf = write(
+        tmp_path / "s.toml",
+        '[detection]\negress_allow = ["192.0.2.0/24:8000-8100"]\negress_check_loopback = true\n',
+    )
+    egress = prepare(serve_args("--config", str(conf))).egress
+    assert egress is not None and egress.default is not None
+    assert not egress.default.allow_loopback
+    assert [egress.default.allows("192.0.2.1", p) for p in (7999, 8000, 8100, 8101)] == [
+        False,
+        True,
+        True,
+        False,
+    ]
+    assert not egress.default.allows("127.0.0.1", 5432)
+    by_option = prepare(serve_args("--egress-allow", "192.0.2.0/24", "--egress-check-loopback"))
+    assert by_option.egress is not None and by_option.egress.default is not None
+    assert not by_option.egress.default.allow_loopback
+    default = prepare(serve_args("--egress-allow", "192.0.2.0/24")).egress
+    assert default is not None and default.default is not None
+    assert default.default.allows("127.0.0.1", 5432)
+    with pytest.raises(ConfigError, match=r"^--egress-allow: egress allow-list entry 'x:1'"):
+        prepare(serve_args("--egress-allow", "x:1"))
+
+
+def test_relative_paths_in_the_file_are_beside_it(tmp_path: Path) -> None:
+    """As in systemd's credentials directory: the file and the secrets it names together."""
+    conf = write(
+        tmp_path / "s.toml",
+        '[server]\ntoken_file = "token"\ntls_cert = "/abs/cert.pem"\nstate_dir = "state"\n'
+        '[detection]\nrules = ["rules", "/abs/rules"]\n'
+        '[[output]]\ntype = "jsonl"\npath = "alerts.jsonl"\n'
+        '[[output]]\ntype = "jsonl"\npath = "-"\n'
+        '[[output]]\ntype = "syslog"\naddress = "h:6514"\ntls = true\nca_file = "ca.pem"\n',
+    )
+    cfg = load(conf)
+    assert (cfg.token_file, cfg.tls_cert, cfg.state_dir) == (
+        str(tmp_path / "token"),
+        "/abs/cert.pem",
+        str(tmp_path / "state"),
+    )
+    assert cfg.rules == [str(tmp_path / "rules"), "/abs/rules"]
+    assert [o.get("path") or o.get("ca_file") for o in cfg.outputs] == [
+        str(tmp_path / "alerts.jsonl"),
+        "-",
+        str(tmp_path / "ca.pem"),
+    ]
+    # on the command line, a relative path is the working directory's, as everywhere
+    cfg, problems = build_config(serve_args("--config", str(conf), "--token-file", "tok"))
+    assert (cfg.token_file, cfg.where("token_file"), problems) == ("tok", "--token-file", [])
+
+
+def test_run_and_watch_say_loudly_that_rules_were_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from collector.cli import _engine  # noqa: PLC0415
+
+    write(tmp_path / "windows.yml", REFUSED_RULE)
+    for argv in (
+        ["run", "--rules", str(tmp_path), "--", "true"],
+        ["watch", "--rules", str(tmp_path)],
+    ):
+        engine = _engine(build_parser().parse_args(argv))
+        assert engine is not None and len(engine.rules.rules) > 0
+        err = capsys.readouterr().err.splitlines()
+        assert err == [
+            f"sandtrace: rule not loaded: {tmp_path / 'windows.yml'}: a Windows rule: log source "
+            "product=windows category=process_creation service=None is not one sandtrace "
+            "provides (product linux, categories kernel_interface, network_connection, "
+            "network_listen, process_creation)",
+            "sandtrace: WARNING: 1 rule(s) refused (listed above) will raise no alerts; fix or "
+            "remove them",
+        ]
