@@ -80,7 +80,7 @@ def build_outputs(cfg: ServiceConfig) -> list[Output]:
 
 def _say(lines: Iterable[str]) -> None:
     for line in lines:
-        print(f"sandtrace serve: {line}", file=sys.stderr)
+        print(f"sandtrace: {line}", file=sys.stderr)
 
 
 @dataclass(slots=True)

@@ -53,7 +53,7 @@ def test_tail_follows_a_watch_over_its_socket(tmp_path: Path) -> None:
                 procs.append(proc)
                 err = Lines(proc, "stderr")
                 what = "everything" if name == "all" else "kind=exec"
-                assert err.next() == f"sandtrace tail: following {sock_path} ({what}); Ctrl-C stops"
+                assert err.next() == f"sandtrace: following {sock_path} ({what}); Ctrl-C stops"
                 tails[name] = (Lines(proc, "stdout"), err)
 
             argv = [PYTHON, "-c", CONNECTOR, str(port), "\x1b[31mred"]
@@ -103,7 +103,7 @@ def test_tail_follows_a_watch_over_its_socket(tmp_path: Path) -> None:
             assert not sock_path.exists()
             for out, err in tails.values():
                 assert err.next() == (
-                    f"sandtrace tail: {sock_path} closed the stream; reconnecting, Ctrl-C stops"
+                    f"sandtrace: {sock_path} closed the stream; reconnecting, Ctrl-C stops"
                 )
                 assert err.next().endswith(
                     "retrying, Ctrl-C stops. is `sandtrace watch` running (without --no-tail)?"

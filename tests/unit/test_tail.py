@@ -393,19 +393,28 @@ def shown(item: AnyEvent | Alert, color: bool, output: str = "compact") -> str:
     follower = Follower(target, TailFilter(), out, renderer)
     follower._show(encode(item))
     lines = out.getvalue().splitlines()
-    return lines[-1]
+    if renderer is None:
+        return lines[-1]
+    return "\n".join(lines[1:])  # after the header: an event's line, or an alert's two
 
 
 @pytest.mark.parametrize("color", [False, True])
 def test_compact_lines_escape_every_traced_string(color: bool) -> None:
     event = hostile_exec()
     for item in (event, alert_on(event)):
-        line = shown(item, color)
-        plain = SGR.sub("", line)
-        assert "\x1b" not in plain and "\n" not in line and "\x07" not in plain
-        assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in plain)
-        assert "\u202e" not in plain
-        assert "\\x1b[31mred" in plain
+        lines = shown(item, color).split("\n")
+        assert len(lines) == (2 if isinstance(item, Alert) else 1)
+        for line in lines:
+            plain = SGR.sub("", line)
+            assert "\x1b" not in plain and "\x07" not in plain
+            assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in plain)
+            assert "\u202e" not in plain
+        assert "\\x1b[31mred" in SGR.sub("", lines[0])
+    alert_context = SGR.sub("", shown(alert_on(event), color).split("\n")[1])
+    assert alert_context == (
+        "             cmd: /bin/sh '\\x1b[2J\\x1b]0;owned\\x07' 'two\\nlines' "
+        "'bad\\xff\\xfeutf8' '\\u{202e}evil'"
+    )
     exec_line = SGR.sub("", shown(event, color))
     assert exec_line.endswith(
         "4242    \\x1b[31mred      /bin/sh '\\x1b[2J\\x1b]0;owned\\x07' 'two\\nlines' "
@@ -439,7 +448,7 @@ def test_client_says_how_many_it_missed(capsys: pytest.CaptureFixture[str]) -> N
     )
     follower._notice(parse_control(dropped_message(3, 10)))
     assert capsys.readouterr().err == (
-        "sandtrace tail: missed 3 events/alerts (this tail read too slowly; 10 missed in all)\n"
+        "sandtrace: missed 3 events/alerts (this tail read too slowly; 10 missed in all)\n"
     )
 
 
