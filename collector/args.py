@@ -14,6 +14,7 @@ DEFAULT_SPOOL = Path("/var/lib/sandtrace/spool")
 EXAMPLES_RUN = """examples:
   sudo sandtrace run -- curl -s http://192.0.2.10/
   sudo sandtrace run --json --events run.jsonl -- python3 agent.py
+  sudo sandtrace run --json -- ./build.sh | jq -c 'select(.kind == "alert")'
   sudo sandtrace run --wait-all -- ./start-services.sh
 """
 EXAMPLES_WATCH = """examples:

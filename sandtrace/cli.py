@@ -23,11 +23,28 @@ from service import args as service_args
 from tail import args as tail_args
 
 
+def examples(*blocks: str) -> str:
+    """One "examples:" section made of each subcommand's own (each starts "examples:")."""
+    lines = ["examples:"]
+    for block in blocks:
+        head, _, body = block.partition("\n")
+        if head != "examples:":
+            raise ValueError(f"an examples block starts with 'examples:', not {head!r}")
+        lines += [line for line in body.splitlines() if line.strip()]
+    return "\n".join(lines) + "\n"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sandtrace",
         description="Trace exec, connect and bind of sandboxed processes with eBPF.",
-        epilog=collector_args.EXAMPLES_RUN + "\n" + collector_args.EXAMPLES_WATCH,
+        # Every subcommand's examples, once each, in the order of the subcommands below.
+        epilog=examples(
+            collector_args.EXAMPLES_RUN,
+            collector_args.EXAMPLES_WATCH,
+            service_args.EXAMPLES,
+            tail_args.EXAMPLES,
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"sandtrace {__version__}")
