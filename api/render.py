@@ -531,8 +531,8 @@ def _alert_context(alert: Alert, width: int | None) -> list[_Segment]:
         if not dests:
             continue
         atoms: list[str] = []
-        for i, dest in enumerate(dests[:_ALERT_DESTINATIONS]):
-            atoms += [",", " ", *dest] if i else list(dest)
+        for i, shown in enumerate(dests[:_ALERT_DESTINATIONS]):
+            atoms += [",", " ", *shown] if i else list(shown)
         if len(dests) > _ALERT_DESTINATIONS:
             atoms += [*f" and {len(dests) - _ALERT_DESTINATIONS} more"]
         if segments:

@@ -238,7 +238,8 @@ class _Outputs:
     @classmethod
     def build(cls, args: argparse.Namespace) -> _Outputs:
         engine = _engine(args)
-        return cls(engine, [*_sinks(args), *_stream(args)])
+        stream = _stream(args)  # before the terminal's header: its refusals come alone
+        return cls(engine, [*_sinks(args), *stream])
 
     def discarded(self) -> int:
         """Events discarded on the way to the service (never to arrive there)."""
@@ -268,6 +269,7 @@ class _Tracing:
         root: Path,
         scopes: list[Scope],
         packages: PackageIndex,
+        *,
         outputs: _Outputs,
     ) -> None:
         resolver = cgroups.CgroupResolver(root)
@@ -337,7 +339,9 @@ async def _run(args: argparse.Namespace) -> int:
         sandbox = cgroups.create_sandbox(root)
         rel = "/" + str(sandbox.path.relative_to(root))
         probes.trace_cgroup(sandbox.path, 0)
-        tracing = _Tracing(args, probes, root, [Scope(sandbox.name, [rel])], packages, outputs)
+        tracing = _Tracing(
+            args, probes, root, [Scope(sandbox.name, [rel])], packages, outputs=outputs
+        )
         stop = asyncio.Event()
         why_no_tail = await tracing.serve_tail()
         print(
@@ -389,7 +393,7 @@ def _command_output(args: argparse.Namespace) -> IO[bytes] | int | None:
     JSON lines only, so that `run --json | jq` reads nothing else); else stdout."""
     if args.command_output:
         try:
-            return Path(args.command_output).open("wb")  # noqa: SIM115 - closed once started
+            return Path(args.command_output).open("wb")  # closed once CMD has started
         except OSError as exc:
             raise SystemExit(
                 f"sandtrace: cannot open --command-output {args.command_output}: "
@@ -407,12 +411,11 @@ def _cgroup_dir(spec: str, root: Path) -> Path:
     candidates: list[Path] = []
     if spec.isdigit():
         ino = int(spec)
-        found = [
-            Path(d)
-            for d, _subdirs, _files in os.walk(root)
-            if os.stat(d, follow_symlinks=False).st_ino == ino
-        ]
-        candidates += found[:1]
+        for d, _subdirs, _files in os.walk(root):
+            with contextlib.suppress(OSError):  # a cgroup removed meanwhile
+                if Path(d).stat(follow_symlinks=False).st_ino == ino:
+                    candidates.append(Path(d))
+                    break
     else:
         given = Path(spec)
         if given.is_absolute():
@@ -482,7 +485,7 @@ async def _watch(args: argparse.Namespace) -> int:
         if not args.all:
             for index, pids in pids_by_scope.items():
                 probes.add_traced_pids(pids, index)
-        tracing = _Tracing(args, probes, root, scopes, packages, outputs)
+        tracing = _Tracing(args, probes, root, scopes, packages, outputs=outputs)
         for pids in pids_by_scope.values():
             for p in pids:
                 tracing.assembler.procs.seed_from_proc(p)

@@ -239,8 +239,10 @@ def test_watch_takes_a_cgroup_in_every_form_sandtrace_prints() -> None:
             args = [a for form in forms for a in ("--cgroup", form)]
             watch = sandtrace("watch", "--json", "--no-detect", "--no-tail", *args)
             procs.append(watch)
-            assert Lines(watch, "stderr").until("watching", timeout=120).startswith(
-                f"sandtrace: watching {rels[0]}, {rels[1]}, {rels[2]} (no detection)"
+            assert (
+                Lines(watch, "stderr")
+                .until("watching", timeout=120)
+                .startswith(f"sandtrace: watching {rels[0]}, {rels[1]}, {rels[2]} (no detection)")
             )
             for i, box in enumerate(boxes):
                 subprocess.run(["/bin/true", f"box{i}"], preexec_fn=box.join, check=True)

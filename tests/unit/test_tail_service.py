@@ -356,9 +356,7 @@ def test_tail_over_https_checks_the_certificate(tmp_path: Path) -> None:
             check=False,
         )
         assert refused.returncode == 2
-        assert refused.stderr.startswith(
-            f"sandtrace: TLS with https://127.0.0.1:{port} failed"
-        )
+        assert refused.stderr.startswith(f"sandtrace: TLS with https://127.0.0.1:{port} failed")
         assert refused.stderr.endswith("give its CA with --ca-file\n")
 
 
