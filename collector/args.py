@@ -172,10 +172,10 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "run",
         help="run a command in a fresh sandbox and trace it",
         description="Start CMD in a new cgroup v2 sandbox, trace it and every descendant, "
-        "and exit with CMD's exit code once every event has been printed (or 3 when CMD "
-        "succeeded but events were discarded on the way to --server). With --json, stdout "
-        "carries only JSON lines: CMD's own stdout goes to stderr, or to --command-output "
-        "FILE.",
+        "and exit with CMD's exit code\nonce every event has been printed (or 3 when CMD "
+        "succeeded but events were discarded on the way\nto --server).\n\n"
+        "With --json, stdout carries JSON lines only: CMD's own stdout goes to stderr, or "
+        "to\n--command-output FILE.",
         epilog=EXAMPLES_RUN,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

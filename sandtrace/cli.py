@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 import structlog
@@ -69,7 +70,10 @@ def configure_logging(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except BrokenPipeError:  # e.g. `sandtrace --help | head -3`: the reader had enough
+        return _reader_gone()
     configure_logging(args.verbose)
     try:
         if args.command == "serve":
@@ -85,6 +89,16 @@ def main(argv: list[str] | None = None) -> int:
         return collector.main(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _reader_gone()
+
+
+def _reader_gone() -> int:
+    """Whoever read stdout went away: no more output, not even the interpreter's last
+    flush (which would fail again, with a traceback)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 0
 
 
 if __name__ == "__main__":

@@ -169,6 +169,25 @@ def test_version_is_the_package_s() -> None:
     assert version("sandtrace") == project["version"]
 
 
+def test_help_into_a_reader_that_went_away_is_no_error() -> None:
+    """`sandtrace --help | head -1`, when head has gone before the help is written."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write to the pipe fails: EPIPE
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "sandtrace", "run", "--help"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT_DIR,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert (result.returncode, result.stderr) == (0, "")
+
+
 def test_help_shows_each_example_once_under_one_heading() -> None:
     out = sandtrace("--help").stdout
     epilog = out[out.index("\nexamples:\n") + 1 :]

@@ -10,6 +10,7 @@ import json
 import re
 import socket
 import stat
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -235,6 +236,16 @@ def test_control_frames() -> None:
         "filter": {"kind": "exec"},
     }
     assert parse_control(dropped_message(7, 9)) == {"type": "dropped", "count": 7, "total": 9}
+    # a notice only when there is something to say (a client that does not know the key
+    # ignores it: the protocol's version stays)
+    noticed = parse_control(hello_message(TailFilter(), "no alerts here"))
+    assert noticed == {
+        "type": "hello",
+        "wire_version": WIRE_VERSION,
+        "tail_version": 1,
+        "filter": {},
+        "notice": "no alerts here",
+    }
     for bad in ("nope", "[1]", '{"count": 1}'):
         with pytest.raises(ValueError, match="control frame"):
             parse_control(bad)
@@ -367,6 +378,43 @@ async def test_local_socket_replaces_a_stale_one_and_keeps_other_files(tmp_path:
     assert path.read_text() == "not a socket"
     with pytest.raises(TailSocketError, match="cannot create"):
         await LocalTail(TailHub(), path / "sub" / "tail.sock").start()
+
+
+@pytest.mark.asyncio
+async def test_local_socket_greets_with_the_hub_s_notice(tmp_path: Path) -> None:
+    path = tmp_path / "tail.sock"
+    local = LocalTail(TailHub(notice="detection runs elsewhere\x1b[2J"), path)
+    await local.start()
+    try:
+        connector = aiohttp.UnixConnector(path=str(path))
+        async with (
+            aiohttp.ClientSession(connector=connector) as session,
+            session.ws_connect("http://localhost/v1/tail", params={"alerts_only": "1"}) as ws,
+        ):
+            hello = parse_control(await ws.receive_str(timeout=5))
+            assert hello["notice"] == "detection runs elsewhere\x1b[2J"
+        # the client shows it once, escaped (whoever serves the socket wrote it)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "sandtrace",
+            "tail",
+            "--socket",
+            str(path),
+            "--alerts-only",
+            stderr=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.DEVNULL,
+        )
+        assert proc.stderr is not None
+        lines = [(await proc.stderr.readline()).decode() for _ in range(2)]
+        assert lines == [
+            f"sandtrace: following {path} (alerts_only=1); Ctrl-C stops\n",
+            "sandtrace: detection runs elsewhere\\x1b[2J\n",
+        ]
+        proc.terminate()
+        assert await proc.wait() == 0
+    finally:
+        await local.close()
 
 
 # --- what the client prints ----------------------------------------------------------------
