@@ -229,8 +229,8 @@ def _print_totals(totals: Totals, sinks: list[Sink] | None = None) -> None:
 @dataclass(slots=True)
 class _Outputs:
     """What the command line asks for, built (files opened, rules loaded, the service's URL
-    checked) before the probes compile, so that a mistake is said at once, not ~10 s later
-    after the compile."""
+    checked) before the probes compile, so that a mistake is said at once, not seconds
+    later after the compile."""
 
     engine: Engine | None
     sinks: list[Sink]  # terminal, files, service
