@@ -271,21 +271,24 @@ def _signal_name(signo: int) -> str:
 
 
 class TextRenderer:
-    """One line per event for a terminal, at most width columns (colour codes not counted).
+    """One line per event for a terminal, at most width columns (colour codes not counted;
+    width None: lines are never cut, for output that is not a terminal).
 
     Columns: time (local, or tz), [host,] kind, pid, comm, then the detail of the event,
-    which is the field cut with … when the line is too long.
+    which is the field cut with … when the line is too long. An alert takes two lines: what
+    matched (level, rule title and rule id), then, indented, what the process did (where it
+    connected or listened) and its command line, the facts an analyst acts on.
     """
 
     def __init__(
         self,
         color: bool,
-        width: int = 80,
+        width: int | None = 80,
         show_host: bool = False,
         *,
         tz: tzinfo | None = None,
     ) -> None:
-        if width < 1:
+        if width is not None and width < 1:
             raise ValueError(f"line width must be at least 1, not {width}")
         self.color = color
         self.width = width
@@ -326,7 +329,9 @@ class TextRenderer:
         return self._finish(segments)
 
     def alert_line(self, alert: Alert) -> str:
-        """The one line that shows an alert, highlighted on a colour terminal."""
+        """The lines (one, or two joined by a newline) that show an alert, highlighted on a
+        colour terminal: level, rule title and rule id; then, indented under the kind
+        column, the destinations of its events and the acting process's command line."""
         style = _ALERT_STYLES.get(alert.level, "1;7")
         segments: list[_Segment] = [_plain(self._time(alert.time_ns) + " ")]
         if self.show_host:
@@ -337,9 +342,14 @@ class TextRenderer:
         segments.append(_plain(f" {alert.process.pid:<{_PID_WIDTH}} "))
         segments.append(("", [*_cell(alert.process.comm, _COMM_WIDTH), " "]))
         count = f" x{alert.count}" if alert.count > 1 else ""
-        text = f"[{alert.level}{count}] {alert.title}"
-        segments.append((style, _atoms(text)))
-        return self._finish(segments)
+        segments.append((style, _atoms(f"[{alert.level}{count}] {alert.title}")))
+        segments.append(("", [*" (rule ", *_atoms(alert.rule_id), ")"]))
+        first = self._finish(segments)
+        context = _alert_context(alert, self.width)
+        if not context:
+            return first
+        indent = _TIME_WIDTH + 1 + (_HOST_WIDTH + 1 if self.show_host else 0)
+        return first + "\n" + self._finish([_plain(" " * indent), *context])
 
     def _time(self, time_ns: int) -> str:
         seconds, ns = divmod(time_ns, 1_000_000_000)
@@ -367,7 +377,7 @@ class TextRenderer:
                 break
             runs.pop()
         flat = list(chain.from_iterable(atoms for _, atoms in runs))
-        kept, cut = _fit(flat, self.width)
+        kept, cut = (flat, False) if self.width is None else _fit(flat, self.width)
         if cut:
             left = len(kept) - 1  # atoms kept before the … that replaces the next one
             styled: list[tuple[str, str]] = []
@@ -398,19 +408,16 @@ class TextRenderer:
         return "".join(out)
 
 
-def _detail(event: Event, width: int) -> list[_Segment]:
+def _detail(event: Event, width: int | None) -> list[_Segment]:
     if isinstance(event, ExecEvent):
         return _exec_detail(event, width)
     if isinstance(event, ConnectEvent):
         return _connect_detail(event)
     if isinstance(event, BindEvent):
-        atoms = [*_atoms(event.protocol), " "]
+        # The address bound, whether the port was asked for or left to the kernel (0).
         addr = event.addr or event.requested_addr
-        if event.requested_port == 0 and event.port:
-            atoms += [*_host_port(addr, 0), *f"->:{event.port}"]
-        else:
-            atoms += _host_port(addr, event.port or event.requested_port)
-        segments: list[_Segment] = [("", atoms)]
+        port = event.port or event.requested_port
+        segments: list[_Segment] = [("", [*_atoms(event.protocol), " ", *_host_port(addr, port)])]
         if event.outcome and event.outcome != "success":
             segments.append(("", [" "]))
             segments.append((_ERROR_STYLE, _atoms(event.outcome)))
@@ -452,7 +459,7 @@ def _detail(event: Event, width: int) -> list[_Segment]:
     return [("", _atoms(event.kind))]
 
 
-def _exec_detail(event: ExecEvent, width: int) -> list[_Segment]:
+def _exec_detail(event: ExecEvent, width: int | None) -> list[_Segment]:
     # The markers go first: they matter most and a long path or argv must not push them out.
     markers = [
         name
@@ -468,6 +475,77 @@ def _exec_detail(event: ExecEvent, width: int) -> list[_Segment]:
     segments.append(("", _argv_atoms([exe, *event.argv[1:]], width)))
     if event.argv_truncated:
         segments.append(_plain(" [truncated]", _MARKER_STYLE))
+    return segments
+
+
+# An alert's second line names at most this many destinations, then "and N more".
+_ALERT_DESTINATIONS = 3
+_LABEL_STYLE = "2"  # dim: "to:", "on:", "cmd:"
+
+
+def _destination(event: object) -> tuple[str, tuple[str, ...]] | None:
+    """Where a network event went ("to", its atoms) or listened ("on", its atoms)."""
+    if isinstance(event, ConnectEvent):
+        if event.family == "unix":
+            return "to", ("unix", " ", *_atoms(event.path))
+        return "to", (*_atoms(event.protocol), " ", *_host_port(event.daddr, event.dport))
+    if isinstance(event, BindEvent | ListenEvent):
+        if isinstance(event, BindEvent):
+            addr = event.addr or event.requested_addr
+            port = event.port or event.requested_port
+        else:
+            addr, port = event.addr, event.port
+        return "on", (*_atoms(event.protocol), " ", *_host_port(addr, port))
+    if isinstance(event, SocketEvent):
+        if event.raddr and event.rport:
+            return "to", (*_atoms(event.protocol), " ", *_host_port(event.raddr, event.rport))
+        return "on", (*_atoms(event.protocol), " ", *_host_port(event.laddr, event.lport))
+    return None
+
+
+def _command_line(alert: Alert, width: int | None) -> list[str]:
+    """The acting process's command line as exec lines show it (its executable's path in
+    place of argv[0]): from its exec among the alert's events (what matched), else from the
+    alert's process."""
+    proc = alert.process
+    argv, exe = proc.argv, proc.exe
+    for event in reversed(alert.events):
+        if isinstance(event, ExecEvent) and event.process.pid == proc.pid and event.argv:
+            argv, exe = event.argv, event.process.exe or exe or event.filename
+            break
+    if not argv and not exe:
+        return []
+    return _argv_atoms([exe or argv[0], *argv[1:]], width)
+
+
+def _alert_context(alert: Alert, width: int | None) -> list[_Segment]:
+    """An alert's second line: "to:"/"on:" its events' distinct destinations (the first
+    few, then "and N more"; events the alert left out are counted), then "cmd:" the acting
+    process's command line. Empty when the alert carries neither."""
+    found: dict[str, list[tuple[str, ...]]] = {"to": [], "on": []}
+    for event in alert.events:
+        dest = _destination(event)
+        if dest is not None and dest[1] not in found[dest[0]]:
+            found[dest[0]].append(dest[1])
+    segments: list[_Segment] = []
+    for label, dests in found.items():
+        if not dests:
+            continue
+        atoms: list[str] = []
+        for i, shown in enumerate(dests[:_ALERT_DESTINATIONS]):
+            atoms += [",", " ", *shown] if i else list(shown)
+        if len(dests) > _ALERT_DESTINATIONS:
+            atoms += [*f" and {len(dests) - _ALERT_DESTINATIONS} more"]
+        if segments:
+            segments.append(_plain("  "))
+        segments += [_plain(f"{label}:", _LABEL_STYLE), ("", [" ", *atoms])]
+    if alert.omitted:
+        segments.append(_plain(f"{' ' if segments else ''}(+{alert.omitted} events left out)"))
+    cmd = _command_line(alert, width)
+    if cmd:
+        if segments:
+            segments.append(_plain("  "))
+        segments += [_plain("cmd:", _LABEL_STYLE), ("", [" ", *cmd])]
     return segments
 
 
@@ -568,6 +646,20 @@ class TerminalSink:
 
     def close(self) -> None:
         self.stream.flush()
+
+
+def line_width(choice: int | None, stream: IO[str]) -> int | None:
+    """The width of text lines: --width when given; else the terminal's width when stream
+    is a terminal (80 when it cannot be told); else None, no cut (a file or a pipe keeps
+    whole lines, for grep and for the analyst who reads them later)."""
+    if choice is not None:
+        return choice
+    if not stream.isatty():
+        return None
+    try:
+        return os.get_terminal_size(stream.fileno()).columns or 80
+    except (OSError, ValueError):
+        return 80
 
 
 def use_color(choice: str, stream: IO[str]) -> bool:

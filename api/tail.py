@@ -17,7 +17,9 @@ Frames, server to client:
   - binary: one event or alert, exactly api.events.encode(item) (msgpack, carrying the
     event wire version in "v");
   - text: a JSON control message with a "type": first ``hello`` with the server's event
-    wire version and tail protocol version and the filter it applies, then ``dropped``
+    wire version and tail protocol version and the filter it applies, and, when the server
+    cannot give everything the filter asks for, a ``notice`` saying why (e.g. a collector
+    that streams to a service and detects nothing itself: no alerts here), then ``dropped``
     whenever this client fell behind: its queue was full, so ``count`` items were not sent
     to it (``total`` so far). Nothing is dropped silently.
 """
@@ -106,15 +108,17 @@ class TailFilter:
         return not self.alerts_only and (not self.kinds or item.kind in self.kinds)
 
 
-def hello_message(flt: TailFilter) -> str:
-    return json.dumps(
-        {
-            "type": "hello",
-            "wire_version": WIRE_VERSION,
-            "tail_version": TAIL_PROTOCOL,
-            "filter": flt.query(),
-        }
-    )
+def hello_message(flt: TailFilter, notice: str = "") -> str:
+    """The greeting; `notice`, when given, is for the client to show its user once."""
+    message: dict[str, object] = {
+        "type": "hello",
+        "wire_version": WIRE_VERSION,
+        "tail_version": TAIL_PROTOCOL,
+        "filter": flt.query(),
+    }
+    if notice:
+        message["notice"] = notice
+    return json.dumps(message)
 
 
 def dropped_message(count: int, total: int) -> str:

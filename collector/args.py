@@ -7,30 +7,68 @@ import argparse
 from pathlib import Path
 
 from api.tail import DEFAULT_SOCKET
+from tail.args import WIDTH_HELP, width_arg
 
 DEFAULT_SPOOL = Path("/var/lib/sandtrace/spool")
 
 EXAMPLES_RUN = """examples:
   sudo sandtrace run -- curl -s http://192.0.2.10/
   sudo sandtrace run --json --events run.jsonl -- python3 agent.py
+  sudo sandtrace run --json -- ./build.sh | jq -c 'select(.kind == "alert")'
   sudo sandtrace run --wait-all -- ./start-services.sh
 """
 EXAMPLES_WATCH = """examples:
   sudo sandtrace watch                       # sandtrace's sandboxes and container cgroups
   sudo sandtrace watch --cgroup /sys/fs/cgroup/mybox --cgroup /sys/fs/cgroup/other
+  sudo sandtrace watch --cgroup /sandtrace/st-1a2b3c4d   # as run's startup line names it
   sudo sandtrace watch --pid 4242            # a process and all its descendants
   sudo sandtrace watch --all --json          # the whole host, as JSON lines
 """
+
+
+def _number(text: str, kind: type[int] | type[float]) -> int | float:
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want a number, not {text!r}") from None
+
+
+def _ring_pages(text: str) -> int:
+    pages = int(_number(text, int))
+    if pages < 1 or pages & (pages - 1):
+        raise argparse.ArgumentTypeError(f"want a power of two (1, 2, 4, ... 1024), not {pages}")
+    return pages
+
+
+def _mib(text: str) -> int:
+    mib = int(_number(text, int))
+    if mib <= 0:
+        raise argparse.ArgumentTypeError(f"want a positive number of MiB, not {mib}")
+    return mib
+
+
+def _linger(text: str) -> float:
+    seconds = float(_number(text, float))
+    if not 0 < seconds <= 60:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"want seconds above 0, at most 60, not {text}")
+    return seconds
+
+
+def _pid(text: str) -> int:
+    pid = int(_number(text, int))
+    if pid < 1:
+        raise argparse.ArgumentTypeError(f"want a process id (1 or more), not {pid}")
+    return pid
 
 
 def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON lines instead of text")
     p.add_argument("--events", metavar="FILE", help="also append every event to FILE as JSON")
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
-    p.add_argument("--width", type=int, default=80, help="line width of text output")
+    p.add_argument("--width", type=width_arg, default=None, metavar="N", help=WIDTH_HELP)
     p.add_argument(
         "--ring-pages",
-        type=int,
+        type=_ring_pages,
         default=1024,
         help="kernel ring buffer size in pages, a power of two (default 1024 = 4 MiB)",
     )
@@ -77,7 +115,7 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--server-linger",
-        type=float,
+        type=_linger,
         default=0.05,
         metavar="SECONDS",
         help="send a batch once its first event is this old, if it has not filled (500 "
@@ -94,7 +132,7 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--spool-max",
         metavar="MIB",
-        type=int,
+        type=_mib,
         default=256,
         help="size bound of the spool in MiB; beyond it the oldest batches are "
         "discarded and counted (default 256)",
@@ -141,7 +179,10 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "run",
         help="run a command in a fresh sandbox and trace it",
         description="Start CMD in a new cgroup v2 sandbox, trace it and every descendant, "
-        "and exit with CMD's exit code once every event has been printed.",
+        "and exit with CMD's exit code\nonce every event has been printed (or 3 when CMD "
+        "succeeded but events were discarded on the way\nto --server).\n\n"
+        "With --json, stdout carries JSON lines only: CMD's own stdout goes to stderr, or "
+        "to\n--command-output FILE.",
         epilog=EXAMPLES_RUN,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -158,6 +199,12 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="also write the end-of-run summary (alerts, executables, destinations, losses) "
         "to FILE as JSON",
     )
+    run.add_argument(
+        "--command-output",
+        metavar="FILE",
+        help="write CMD's stdout to FILE (default: stdout, or stderr with --json, so that "
+        "stdout is JSON lines only)",
+    )
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     watch = sub.add_parser(
         "watch",
@@ -173,13 +220,15 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "--cgroup",
         action="append",
         default=[],
-        metavar="PATH",
-        help="trace this cgroup v2 directory and its subtree (repeatable)",
+        metavar="CGROUP",
+        help="trace this cgroup v2 subtree (repeatable): its directory "
+        "(/sys/fs/cgroup/...), its path under the cgroup root as sandtrace prints it "
+        "(/sandtrace/st-1a2b3c4d or sandtrace/st-1a2b3c4d), or its cgroup id (inode number)",
     )
     watch.add_argument(
         "--pid",
         action="append",
-        type=int,
+        type=_pid,
         default=[],
         metavar="PID",
         help="trace this process and all its descendants (repeatable)",

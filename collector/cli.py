@@ -6,17 +6,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import structlog
 
 from api.endpoints import read_token_file
-from api.render import TerminalSink, TextRenderer, totals_line, use_color
+from api.render import TerminalSink, TextRenderer, line_width, totals_line, use_color
 from collector import cgroups
 from collector.args import DEFAULT_SPOOL
 from collector.assemble import Assembler, Scope
@@ -47,19 +50,35 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("sandtrace")
 
+EXIT_DISCARDED = 3  # run: CMD succeeded, but events were discarded on the way to --server
+
+
+def _say(message: str) -> None:
+    """A line for the user on stderr (logs go through structlog)."""
+    print(f"sandtrace: {message}", file=sys.stderr, flush=True)
+
+
+def _file_sink(option: str, path: str, *, alerts_only: bool = False) -> JsonFileSink:
+    try:
+        return JsonFileSink(path, alerts_only=alerts_only)
+    except OSError as exc:
+        raise SystemExit(f"sandtrace: cannot open {option} {path}: {exc.strerror or exc}") from None
+
 
 def _sinks(args: argparse.Namespace) -> list[Sink]:
+    sinks: list[Sink] = []
+    if args.events:
+        sinks.append(_file_sink("--events", args.events))
+    if args.alerts:
+        sinks.append(_file_sink("--alerts", args.alerts, alerts_only=True))
     renderer = (
         None
         if args.json
-        else TextRenderer(color=use_color(args.color, sys.stdout), width=args.width)
+        else TextRenderer(
+            color=use_color(args.color, sys.stdout), width=line_width(args.width, sys.stdout)
+        )
     )
-    sinks: list[Sink] = [TerminalSink(sys.stdout, renderer, alerts_only=args.alerts_only)]
-    if args.events:
-        sinks.append(JsonFileSink(args.events))
-    if args.alerts:
-        sinks.append(JsonFileSink(args.alerts, alerts_only=True))
-    return sinks
+    return [TerminalSink(sys.stdout, renderer, alerts_only=args.alerts_only), *sinks]
 
 
 def _stream(args: argparse.Namespace) -> list[Sink]:
@@ -71,13 +90,16 @@ def _stream(args: argparse.Namespace) -> list[Sink]:
             token = read_token_file(args.server_token_file)
         except ValueError as exc:
             raise SystemExit(f"sandtrace: --server-token-file: {exc}") from None
-    if args.spool_max <= 0:
-        raise SystemExit("sandtrace: --spool-max must be a positive number of MiB")
     spool = args.spool_dir
     if spool is None and args.command == "watch":
         spool = DEFAULT_SPOOL  # a long-running collector; a run is one command's life
-    if not 0 < args.server_linger <= 60:
-        raise SystemExit("sandtrace: --server-linger is a number of seconds above 0, at most 60")
+    try:
+        urlsplit(args.server).port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        raise SystemExit(
+            f"sandtrace: --server: {args.server!r} has no valid port (want "
+            "http://HOST:PORT or https://HOST:PORT, PORT from 1 to 65535)"
+        ) from None
     try:
         return [
             StreamSink(
@@ -89,6 +111,7 @@ def _stream(args: argparse.Namespace) -> list[Sink]:
                 linger=args.server_linger,
                 spool_dir=None if args.no_spool else spool,
                 spool_bytes=args.spool_max << 20,
+                notify=_say,
             )
         ]
     except ValueError as exc:
@@ -185,9 +208,7 @@ def _load_probes(args: argparse.Namespace, trace_all: bool = False) -> Probes:
 
     features = kernel.check()
     for note in features.notes:
-        print(f"sandtrace: {note}", file=sys.stderr)
-    if args.ring_pages < 1 or args.ring_pages & (args.ring_pages - 1):
-        raise SystemExit("sandtrace: --ring-pages must be a power of two")
+        _say(note)
     return Probes(
         ProbeConfig(
             ring_pages=args.ring_pages,
@@ -234,6 +255,38 @@ def _print_totals(totals: Totals, sinks: list[Sink] | None = None) -> None:
         )
 
 
+@dataclass(slots=True)
+class _Outputs:
+    """What the command line asks for, built (files opened, rules loaded, the service's URL
+    checked) before the probes compile, so that a mistake is said at once, not seconds
+    later after the compile."""
+
+    engine: Engine | None
+    sinks: list[Sink]  # terminal, files, service
+
+    @classmethod
+    def build(cls, args: argparse.Namespace) -> _Outputs:
+        engine = _engine(args)
+        stream = _stream(args)  # before the terminal's header: its refusals come alone
+        return cls(engine, [*_sinks(args), *stream])
+
+    def discarded(self) -> int:
+        """Events discarded on the way to the service (never to arrive there)."""
+        return sum(s.stats.discarded for s in self.sinks if isinstance(s, StreamSink))
+
+
+def _tail_notice(args: argparse.Namespace, engine: Engine | None) -> str:
+    """What a local tail is told when it cannot get alerts from here (empty when it can)."""
+    if args.server:
+        return (
+            f"detection runs in the service at {args.server}; alerts are not available here "
+            f"(follow them with: sandtrace tail --server {args.server})"
+        )
+    if engine is None:
+        return "detection is off in this collector (--no-detect); alerts are not available here"
+    return ""
+
+
 class _Tracing:
     """What `run` and `watch` share, built in one place: the pipeline from the probes to
     every sink (terminal, files, service, live tail) and the live tail's socket."""
@@ -245,15 +298,17 @@ class _Tracing:
         root: Path,
         scopes: list[Scope],
         packages: PackageIndex,
+        *,
+        outputs: _Outputs,
     ) -> None:
         resolver = cgroups.CgroupResolver(root)
         self.assembler = Assembler(
             scopes, resolver.path_of, cgroups.container_id_from_path, procs=ProcessTable()
         )
-        self.engine = _engine(args)
+        self.engine = outputs.engine
         self.detecting = _detecting(self.engine, args.server)
-        self.hub = None if args.no_tail else TailHub()
-        sinks = [EscapeFollower(probes, root), *_sinks(args), *_stream(args)]
+        self.hub = None if args.no_tail else TailHub(notice=_tail_notice(args, self.engine))
+        sinks = [EscapeFollower(probes, root), *outputs.sinks]
         if self.hub is not None:
             sinks.append(CallbackSink(self.hub.publish))
         self.enricher = _enricher(packages)
@@ -301,8 +356,10 @@ def _wait_empty(sandbox: cgroups.SandboxCgroup) -> None:
 async def _run(args: argparse.Namespace) -> int:
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
-        raise SystemExit("sandtrace run: give a command after --, e.g. sandtrace run -- ls")
+        raise SystemExit("sandtrace: run: give a command after --, e.g. sandtrace run -- ls")
     root = cgroups.find_cgroup2_root()
+    command_output = _command_output(args)
+    outputs = _Outputs.build(args)
     packages = _package_index()
     probes = _load_probes(args)
     sandbox = None
@@ -311,7 +368,9 @@ async def _run(args: argparse.Namespace) -> int:
         sandbox = cgroups.create_sandbox(root)
         rel = "/" + str(sandbox.path.relative_to(root))
         probes.trace_cgroup(sandbox.path, 0)
-        tracing = _Tracing(args, probes, root, [Scope(sandbox.name, [rel])], packages)
+        tracing = _Tracing(
+            args, probes, root, [Scope(sandbox.name, [rel])], packages, outputs=outputs
+        )
         summary = RunSummary(detecting=tracing.engine is not None)
         tracing.pipeline.sinks.append(summary)
         stop = asyncio.Event()
@@ -324,12 +383,17 @@ async def _run(args: argparse.Namespace) -> int:
         _say_no_tail(why_no_tail, busy_is_normal=True)
         runner = asyncio.create_task(tracing.pipeline.run(stop))
         try:
-            child = await asyncio.create_subprocess_exec(*cmd, preexec_fn=sandbox.join)
+            child = await asyncio.create_subprocess_exec(
+                *cmd, preexec_fn=sandbox.join, stdout=command_output
+            )
         except OSError as exc:
             stop.set()
             await runner
-            print(f"sandtrace: cannot start {cmd[0]}: {exc}", file=sys.stderr)
+            _say(f"cannot start {cmd[0]}: {exc.strerror or exc}")
             return 127
+        finally:
+            if command_output is not None and not isinstance(command_output, int):
+                command_output.close()  # the child has its own copy
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, child.send_signal, sig)
@@ -341,6 +405,12 @@ async def _run(args: argparse.Namespace) -> int:
         totals = await runner
         _print_totals(totals, tracing.pipeline.sinks)
         summary.report(sys.stderr, args.summary)
+        if code == 0 and outputs.discarded():
+            _say(
+                f"exit status {EXIT_DISCARDED}: {cmd[0]} succeeded, but "
+                f"{outputs.discarded()} events never reached {args.server}"
+            )
+            return EXIT_DISCARDED
         return code if code >= 0 else 128 - code
     finally:
         if tracing is not None:
@@ -348,6 +418,49 @@ async def _run(args: argparse.Namespace) -> int:
         probes.close()
         if sandbox is not None:
             sandbox.destroy()
+
+
+def _command_output(args: argparse.Namespace) -> IO[bytes] | int | None:
+    """Where CMD's stdout goes: --command-output FILE; with --json, stderr (stdout is for
+    JSON lines only, so that `run --json | jq` reads nothing else); else stdout."""
+    if args.command_output:
+        try:
+            return Path(args.command_output).open("wb")  # closed once CMD has started
+        except OSError as exc:
+            raise SystemExit(
+                f"sandtrace: cannot open --command-output {args.command_output}: "
+                f"{exc.strerror or exc}"
+            ) from None
+    if args.json:
+        return sys.stderr.fileno()
+    return None
+
+
+def _cgroup_dir(spec: str, root: Path) -> Path:
+    """The cgroup v2 directory --cgroup names: its directory, its path under the cgroup
+    root as sandtrace's startup line prints it (/sandtrace/st-1a2b3c4d, or without the
+    leading slash), or its cgroup id (the directory's inode number)."""
+    candidates: list[Path] = []
+    if spec.isdigit():
+        ino = int(spec)
+        for d, _subdirs, _files in os.walk(root):
+            with contextlib.suppress(OSError):  # a cgroup removed meanwhile
+                if Path(d).stat(follow_symlinks=False).st_ino == ino:
+                    candidates.append(Path(d))
+                    break
+    else:
+        given = Path(spec)
+        if given.is_absolute():
+            candidates.append(given.resolve())
+        candidates.append((root / spec.lstrip("/")).resolve())
+    for path in candidates:
+        if path.is_relative_to(root) and (path / "cgroup.procs").exists():
+            return path
+    raise SystemExit(
+        f"sandtrace: watch --cgroup {spec!r}: no such cgroup v2 directory under {root} (give "
+        f"its directory, its path under {root} such as /sandtrace/st-1a2b3c4d, or its cgroup "
+        "id)"
+    )
 
 
 def _watch_scopes(
@@ -360,16 +473,14 @@ def _watch_scopes(
         scopes.append(Scope("host", ["/"]))
         cgroup_dirs.append(root)
     for c in args.cgroup:
-        path = Path(c).resolve()
-        if not path.is_relative_to(root) or not (path / "cgroup.procs").exists():
-            raise SystemExit(f"sandtrace watch: {c} is not a cgroup v2 directory under {root}")
-        rel = "/" + str(path.relative_to(root))
+        path = _cgroup_dir(c, root)
+        rel = "/" + str(path.relative_to(root)) if path != root else "/"
         scopes.append(Scope(rel, [rel]))
         cgroup_dirs.append(path)
     pid_scopes: list[tuple[int, int]] = []
     for pid in args.pid:
         if not Path(f"/proc/{pid}").exists():
-            raise SystemExit(f"sandtrace watch: no process {pid}")
+            raise SystemExit(f"sandtrace: watch --pid {pid}: no such process")
         pid_scopes.append((pid, len(scopes)))
         scopes.append(Scope(f"pid-{pid}", []))
     if not scopes:
@@ -389,6 +500,7 @@ async def _watch(args: argparse.Namespace) -> int:
     scopes, cgroup_dirs, pid_scopes = await asyncio.to_thread(_watch_scopes, args, root)
     pids_by_scope = {index: cgroups.pids_in_subtree(path) for index, path in enumerate(cgroup_dirs)}
     pids_by_scope.update({index: descendants(pid) for pid, index in pid_scopes})
+    outputs = _Outputs.build(args)
     packages = _package_index()
     probes = _load_probes(args, trace_all=args.all)
     tracing = None
@@ -405,7 +517,7 @@ async def _watch(args: argparse.Namespace) -> int:
         if not args.all:
             for index, pids in pids_by_scope.items():
                 probes.add_traced_pids(pids, index)
-        tracing = _Tracing(args, probes, root, scopes, packages)
+        tracing = _Tracing(args, probes, root, scopes, packages, outputs=outputs)
         for pids in pids_by_scope.values():
             for p in pids:
                 tracing.assembler.procs.seed_from_proc(p)
@@ -441,5 +553,5 @@ def main(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(_run(args) if args.command == "run" else _watch(args))
     except (KernelSupportError, ProbeError, cgroups.CgroupError) as exc:
-        print(f"sandtrace: {exc}", file=sys.stderr)
+        _say(str(exc))
         return 2

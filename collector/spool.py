@@ -113,6 +113,11 @@ class Spool:
     def __len__(self) -> int:
         return len(self._files)
 
+    @property
+    def events(self) -> int:
+        """The events the spooled batches hold (each batch's own LostEvent not counted)."""
+        return sum(f.events - (1 if f.carried else 0) for f in self._files)
+
     def put(
         self, seq: int, events: int, carried: int, body: bytes, keep: int | None = None
     ) -> list[Spooled]:

@@ -12,6 +12,10 @@ While the service is unreachable, slow or failing, the collector keeps working:
   the service refuses for good) is counted by cause, and the count travels to the service in
   a LostEvent at the head of the next batch, like the kernel's losses.
 
+When the service stops taking batches, the collector says so once (to `notify`, the
+user's stderr, and in the log), naming the reason and where events now wait; when it takes
+them again, it says what was held, spooled and discarded meanwhile.
+
 Retries back off exponentially. A batch the service can never accept (400 malformed, 413 too
 large) is discarded and counted; a refusal that configuration can fix (401 token, 409 wire
 version, 415) is retried, with an error that says what to fix, and the spool fills meanwhile.
@@ -22,11 +26,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import secrets
 import socket
 import ssl
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +65,17 @@ class StreamStats:
     discarded_by: Counter[str] = field(default_factory=Counter)
     # memory_full (no spool), spool_full, spool_error (disk), rejected (by the service),
     # shutdown (no spool, service gone at exit)
+    spooled_events: int = 0  # events written to the disk spool (the service was behind)
+    outages: int = 0  # times the service stopped taking batches
+
+
+@dataclass(slots=True)
+class _Outage:
+    """Since when the service has not taken a batch, and the counts at that moment."""
+
+    since: float
+    discarded: int
+    spooled: int
 
 
 @dataclass(slots=True)
@@ -85,6 +102,7 @@ class StreamSink:
         insecure: bool = False,
         collector_id: str | None = None,
         transport: str = "http",
+        notify: Callable[[str], None] | None = None,
     ) -> None:
         if transport not in ("http", "websocket"):
             raise ValueError(f"transport is http or websocket, not {transport!r}")
@@ -116,6 +134,8 @@ class StreamSink:
         self._task: asyncio.Task[None] | None = None
         self._last_warning = 0.0
         self._last_failure = -10.0
+        self.notify = notify  # tells the user (stderr) when the service goes and comes back
+        self._outage: _Outage | None = None
         if self.spool is not None and len(self.spool):
             log.info("replaying spooled batches", batches=len(self.spool), bytes=self.spool.bytes)
 
@@ -275,6 +295,7 @@ class StreamSink:
                 spool=str(spool.directory),
             )
             return
+        self.stats.spooled_events += batch.events - (1 if batch.carried else 0)
         for old in dropped:
             self._discard(old.events, old.carried, "spool_full")
         if dropped:
@@ -282,6 +303,57 @@ class StreamSink:
                 "spool full; oldest batches discarded (a larger --spool-max keeps more)",
                 batches=len(dropped),
                 spool_bytes=spool.bytes,
+            )
+
+    @property
+    def held_events(self) -> int:
+        """Events sealed into batches the service has not acknowledged yet."""
+        memory = sum(b.events - (1 if b.carried else 0) for b in self._memory)
+        return memory + (self.spool.events if self.spool is not None else 0)
+
+    def _outage_begins(self, reason: str) -> None:
+        """Say once, when the service stops taking batches, why and where events wait."""
+        if self._outage is not None:
+            return
+        self.stats.outages += 1
+        self._outage = _Outage(time.monotonic(), self.stats.discarded, self.stats.spooled_events)
+        if self.spool is not None:
+            holding = f"holding events, spooling to {self.spool.directory}"
+        else:
+            holding = (
+                f"holding events in memory ({self.memory_bytes / 2**20:g} MiB at most, then the "
+                "oldest are discarded: no spool)"
+            )
+        # a warning in the log, or the user's line on stderr and the log's at info level
+        # (with no second copy on the same stderr)
+        say = log.info if self.notify is not None else log.warning
+        say("service unreachable", url=self.base_url, reason=reason, holding=holding)
+        if self.notify is not None:
+            self.notify(f"service {self.base_url} {reason}; {holding}")
+
+    def _outage_ends(self) -> None:
+        """Say, once the service takes a batch again, what the outage cost."""
+        outage, self._outage = self._outage, None
+        if outage is None:
+            return
+        seconds = time.monotonic() - outage.since
+        spooled = self.stats.spooled_events - outage.spooled
+        discarded = self.stats.discarded - outage.discarded
+        held = self.held_events
+        say = log.info if self.notify is not None else log.warning
+        say(
+            "service reachable again",
+            url=self.base_url,
+            after_seconds=round(seconds, 1),
+            held_events=held,
+            spooled_events=spooled,
+            discarded_events=discarded,
+        )
+        if self.notify is not None:
+            self.notify(
+                f"service {self.base_url} reachable again after {seconds:.1f} s; sending "
+                f"{held} held events ({spooled} were spooled); {discarded} events discarded "
+                "meanwhile"
             )
 
     def _discard(self, events: int, carried: int, cause: str) -> None:
@@ -391,14 +463,17 @@ class StreamSink:
                 )
             else:
                 log.debug("service unreachable", url=self.base_url, error=str(exc))
+            self._outage_begins(f"unreachable ({_reason(exc)})")
             await transport.reset()
             return "retry"
         if status == 200:
+            self._outage_ends()  # before counting this batch: it was held too
             self.stats.sent_batches += 1
             self.stats.sent_events += batch.events
             return "ok"
         text = text[:300]
         if status in PERMANENT:
+            self._outage_ends()  # it answers: reachable, even if it cannot take this one
             log.error(
                 "service refused a batch for good; discarded",
                 status=status,
@@ -410,9 +485,21 @@ class StreamSink:
             return "rejected"
         if status in FIXABLE:
             self._warn(FIXABLE[status], status=status, answer=text)
+            self._outage_begins(f"refuses batches ({status}: {FIXABLE[status]})")
         else:
             log.info("service did not take a batch; retrying", status=status, answer=text)
+            self._outage_begins(f"does not take batches (HTTP {status})")
         return "retry"
+
+
+def _reason(exc: BaseException) -> str:
+    """What went wrong, in a few words: the OS's reason when there is one."""
+    cause = getattr(exc, "os_error", None) or exc
+    if isinstance(cause, OSError) and cause.errno:
+        return os.strerror(cause.errno)  # "Connection refused", not asyncio's wording
+    if isinstance(cause, TimeoutError):
+        return "timed out"
+    return getattr(cause, "strerror", None) or str(cause) or type(cause).__name__
 
 
 SEND_TIMEOUT = 10.0

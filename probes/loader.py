@@ -307,7 +307,16 @@ class Probes:
     """The loaded programs: scope maps, cgroup attachments, and the record reader."""
 
     def __init__(self, config: ProbeConfig, features: kernel.KernelFeatures) -> None:
-        from bcc import BPF  # noqa: PLC0415 - only this module may need BCC
+        try:
+            from bcc import BPF  # noqa: PLC0415 - only this module may need BCC
+        except ImportError as exc:
+            raise ProbeError(
+                f"BCC's Python module cannot be imported ({exc}): install it with "
+                "`apt-get install python3-bpfcc` on Debian/Ubuntu (`dnf install python3-bcc` "
+                "on Fedora), and run sandtrace with a Python that sees the system's packages "
+                "(scripts/setup.sh makes such a .venv); `sandtrace serve` and `sandtrace tail` "
+                "need no BCC"
+            ) from None
 
         self.config = config
         self.features = features

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 import structlog
@@ -23,11 +24,28 @@ from service import args as service_args
 from tail import args as tail_args
 
 
+def examples(*blocks: str) -> str:
+    """One "examples:" section made of each subcommand's own (each starts "examples:")."""
+    lines = ["examples:"]
+    for block in blocks:
+        head, _, body = block.partition("\n")
+        if head != "examples:":
+            raise ValueError(f"an examples block starts with 'examples:', not {head!r}")
+        lines += [line for line in body.splitlines() if line.strip()]
+    return "\n".join(lines) + "\n"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sandtrace",
         description="Trace exec, connect and bind of sandboxed processes with eBPF.",
-        epilog=collector_args.EXAMPLES_RUN + "\n" + collector_args.EXAMPLES_WATCH,
+        # Every subcommand's examples, once each, in the order of the subcommands below.
+        epilog=examples(
+            collector_args.EXAMPLES_RUN,
+            collector_args.EXAMPLES_WATCH,
+            service_args.EXAMPLES,
+            tail_args.EXAMPLES,
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"sandtrace {__version__}")
@@ -53,7 +71,10 @@ def configure_logging(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except BrokenPipeError:  # e.g. `sandtrace --help | head -3`: the reader had enough
+        return _reader_gone()
     configure_logging(args.verbose)
     try:
         if args.command == "serve":
@@ -77,6 +98,16 @@ def main(argv: list[str] | None = None) -> int:
         return collector.main(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _reader_gone()
+
+
+def _reader_gone() -> int:
+    """Whoever read stdout went away: no more output, not even the interpreter's last
+    flush (which would fail again, with a traceback)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 0
 
 
 if __name__ == "__main__":

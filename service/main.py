@@ -122,7 +122,7 @@ def build_outputs(cfg: ServiceConfig) -> list[Output]:
 def _say(lines: Iterable[str]) -> None:
     for text in lines:
         for line in text.splitlines():
-            print(f"sandtrace serve: {line}", file=sys.stderr)
+            print(f"sandtrace: {line}", file=sys.stderr)
 
 
 @dataclass(slots=True)

@@ -14,6 +14,28 @@ EXAMPLES = f"""examples:
 """
 
 
+def width_arg(text: str) -> int:
+    """--width: a line width of at least 1 column (argparse says so, with usage, exit 2)."""
+    try:
+        width = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"want a line width in columns (at least 1), not {text!r}"
+        ) from None
+    if width < 1:
+        raise argparse.ArgumentTypeError(
+            f"want a line width of at least 1 column, not {width} (leave --width out for the "
+            "terminal's width, or whole lines when the output is not a terminal)"
+        )
+    return width
+
+
+WIDTH_HELP = (
+    "cut text lines at N columns (default: the terminal's width; lines are not cut when "
+    "the output is not a terminal)"
+)
+
+
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "tail",
@@ -69,5 +91,5 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="compact coloured lines (default) or JSON lines",
     )
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
-    p.add_argument("--width", type=int, default=80, help="line width of compact output")
+    p.add_argument("--width", type=width_arg, default=None, metavar="N", help=WIDTH_HELP)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")

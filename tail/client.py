@@ -25,7 +25,7 @@ from yarl import URL
 from api.backoff import Backoff
 from api.endpoints import InsecureURL, check_url, read_token_file
 from api.events import WIRE_VERSION, EventFormatError, WireVersionError, decode
-from api.render import TerminalSink, TextRenderer, escape, use_color
+from api.render import TerminalSink, TextRenderer, escape, line_width, use_color
 from api.tail import (
     TAIL_PATH,
     TAIL_PROTOCOL,
@@ -93,7 +93,7 @@ def target_of(args: argparse.Namespace) -> Target:
 
 
 def _say(message: str) -> None:
-    print(f"sandtrace tail: {message}", file=sys.stderr, flush=True)
+    print(f"sandtrace: {message}", file=sys.stderr, flush=True)
 
 
 class Follower:
@@ -109,6 +109,7 @@ class Follower:
         self.out: TerminalSink | None = None  # made (header printed) once connected
         self.connected_once = False
         self.last_problem = ""  # told once, until the next connection
+        self.noticed = ""  # the server's notice, told once
 
     async def run(self, stop: asyncio.Event) -> None:
         backoff = Backoff(0.5, MAX_BACKOFF)
@@ -167,7 +168,8 @@ class Follower:
                 return  # going away already
             if hello.type != aiohttp.WSMsgType.TEXT:
                 raise TailError(f"{self.target.label} did not greet as a sandtrace tail server")
-            self._check_hello(parse_control(hello.data))
+            greeting = parse_control(hello.data)
+            self._check_hello(greeting)
             self._sink()
             if not self.connected_once:
                 _say(f"following {self.target.label} ({self._describe()}); Ctrl-C stops")
@@ -175,6 +177,10 @@ class Follower:
                 _say(f"reconnected to {self.target.label}")
             self.connected_once = True
             self.last_problem = ""
+            notice = greeting.get("notice")
+            if isinstance(notice, str) and notice and notice != self.noticed:
+                _say(escape(notice))  # the server's words: shown escaped, like all it sends
+                self.noticed = notice
             async for msg in ws:
                 if msg.type == aiohttp.WSMsgType.BINARY:
                     self._show(msg.data)
@@ -257,11 +263,9 @@ async def follow(args: argparse.Namespace) -> int:
         return 2
     renderer = None
     if args.output == "compact":
-        if args.width < 1:
-            _say("--width must be at least 1")
-            return 2
         show_host = target.unix is None and len(flt.hosts) != 1
-        renderer = TextRenderer(use_color(args.color, sys.stdout), args.width, show_host)
+        width = line_width(args.width, sys.stdout)
+        renderer = TextRenderer(use_color(args.color, sys.stdout), width, show_host)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

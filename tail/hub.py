@@ -90,7 +90,10 @@ class Subscriber:
 class TailHub:
     """Fans events and alerts out to live-tail subscribers; publish() never blocks."""
 
-    def __init__(self, max_queue: int = DEFAULT_QUEUE, max_clients: int = MAX_CLIENTS) -> None:
+    def __init__(
+        self, max_queue: int = DEFAULT_QUEUE, max_clients: int = MAX_CLIENTS, notice: str = ""
+    ) -> None:
+        self.notice = notice  # told to every client in its hello (e.g. why no alerts come)
         self.max_queue = max_queue
         self.max_clients = max_clients  # each holds up to max_queue frames: memory stays bounded
         self.refused = 0
@@ -205,7 +208,7 @@ def add_tail_routes(app: web.Application, hub: TailHub, token: str | None) -> No
             hub.handlers.add(task)
         tasks: list[asyncio.Task[None]] = []
         try:
-            await ws.send_str(hello_message(flt))
+            await ws.send_str(hello_message(flt, hub.notice))
             tasks = [
                 asyncio.create_task(_send(ws, hub, sub)),
                 asyncio.create_task(_read_until_closed(ws)),

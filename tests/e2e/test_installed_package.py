@@ -146,9 +146,9 @@ def test_installed_sandtrace_runs_a_command_traced(with_bcc: Path, place: Path) 
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
-    shell_pid = int(lines[0])
-    events = [json.loads(line) for line in lines[1:]]
+    # with --json the shell's own output goes to stderr: stdout is JSON lines only
+    shell_pid = int(next(line for line in done.stderr.splitlines() if line.isdigit()))
+    events = [json.loads(line) for line in done.stdout.splitlines()]
     execs = [e for e in events if e["kind"] == "exec"]
     assert [(e["process"]["pid"], e["filename"]) for e in execs] == [
         (shell_pid, "/bin/sh"),

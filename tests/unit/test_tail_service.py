@@ -170,9 +170,20 @@ def send(port: int, seq: int, events: list[AnyEvent]) -> None:
 
 
 def alert_line(pid: int, host: str | None = None) -> str:
+    """A miner alert's two lines: what matched, then the miner's command line, escaped."""
     hms = datetime.fromtimestamp(T0 // 1_000_000_000).strftime("%H:%M:%S")
     host_column = "" if host is None else f"{host:<12} "
-    return f"{hms}.000 {host_column}ALERT   {pid:<7} test             [high] miner flags"
+    return (
+        f"{hms}.000 {host_column}ALERT   {pid:<7} test             [high] miner flags "
+        "(rule 00000000-0000-4000-8000-00000000f00d)\n"
+        f"{' ' * (13 + len(host_column))}cmd: /tmp/.x/kworker -o stratum+tcp://198.51.100.1:3333 "
+        "'\\x1b[2J'"
+    )
+
+
+def two(lines: Lines) -> str:
+    """The next two lines (an alert's), as the renderer made them."""
+    return lines.next() + "\n" + lines.next()
 
 
 def kinds_pids(lines: list[str]) -> list[tuple[str, int]]:
@@ -208,7 +219,7 @@ def test_tail_shows_what_its_filters_let_through(tmp_path: Path) -> None:
         )
 
         assert alerts.next().startswith("TIME         KIND    PID")  # the header, no HOST column
-        assert [alerts.next(), alerts.next()] == [alert_line(4321), alert_line(4323)]
+        assert [two(alerts), two(alerts)] == [alert_line(4321), alert_line(4323)]
         assert kinds_pids([connects.next() for _ in range(4)]) == [
             ("connect", 5000),
             ("connect", 5001),
@@ -260,7 +271,7 @@ def test_tail_refusals_exit_2_with_a_clear_message(tmp_path: Path) -> None:
         )
         assert (refused.returncode, refused.stdout) == (2, "")
         assert refused.stderr == (
-            f"sandtrace tail: http://127.0.0.1:{port} refused the token (401): check --token-file\n"
+            f"sandtrace: http://127.0.0.1:{port} refused the token (401): check --token-file\n"
         )
         bad_kind = subprocess.run(
             [
@@ -280,7 +291,7 @@ def test_tail_refusals_exit_2_with_a_clear_message(tmp_path: Path) -> None:
             check=False,
         )
         assert bad_kind.returncode == 2
-        assert bad_kind.stderr.startswith("sandtrace tail: unknown kind 'exce'; known: bind,")
+        assert bad_kind.stderr.startswith("sandtrace: unknown kind 'exce'; known: bind,")
 
 
 def test_tail_reconnects_when_the_service_comes_back(tmp_path: Path) -> None:
@@ -291,15 +302,15 @@ def test_tail_reconnects_when_the_service_comes_back(tmp_path: Path) -> None:
         procs[0].send_signal(signal.SIGTERM)
         assert procs[0].wait(timeout=20) == 0, first.seen
         assert err.next() == (
-            f"sandtrace tail: http://127.0.0.1:{port} closed the stream; reconnecting, Ctrl-C stops"
+            f"sandtrace: http://127.0.0.1:{port} closed the stream; reconnecting, Ctrl-C stops"
         )
-        assert err.next().startswith(f"sandtrace tail: cannot reach http://127.0.0.1:{port} (")
+        assert err.next().startswith(f"sandtrace: cannot reach http://127.0.0.1:{port} (")
         assert err.seen[-1].endswith("retrying, Ctrl-C stops. is `sandtrace serve` running there?")
         serve(procs, tmp_path, port)
-        assert err.next(timeout=20) == f"sandtrace tail: reconnected to http://127.0.0.1:{port}"
+        assert err.next(timeout=20) == f"sandtrace: reconnected to http://127.0.0.1:{port}"
         send(port, 0, [miner(4400, "H", "sbX")])
         assert out.next().startswith("TIME         HOST         KIND")  # once only
-        assert out.next() == alert_line(4400, "H")
+        assert two(out) == alert_line(4400, "H")
         out.proc.send_signal(signal.SIGINT)
         assert out.proc.wait(timeout=10) == 0
 
@@ -324,7 +335,7 @@ def test_tail_over_https_checks_the_certificate(tmp_path: Path) -> None:
             assert resp.status == 200
         out.next()  # the header
         assert out.next().split()[1:3] == ["exec", "4500"]
-        assert out.next() == alert_line(4500)
+        assert two(out) == alert_line(4500)
         refused = subprocess.run(
             [
                 sys.executable,
@@ -345,9 +356,7 @@ def test_tail_over_https_checks_the_certificate(tmp_path: Path) -> None:
             check=False,
         )
         assert refused.returncode == 2
-        assert refused.stderr.startswith(
-            f"sandtrace tail: TLS with https://127.0.0.1:{port} failed"
-        )
+        assert refused.stderr.startswith(f"sandtrace: TLS with https://127.0.0.1:{port} failed")
         assert refused.stderr.endswith("give its CA with --ca-file\n")
 
 
@@ -406,6 +415,6 @@ def test_tail_names_both_wire_versions_when_they_differ(tmp_path: Path) -> None:
     code, out, err = asyncio.run(scenario())
     assert (code, out) == (2, b"")
     assert err.decode() == (
-        f"sandtrace tail: {path} sends event wire version {WIRE_VERSION + 1}; this sandtrace "
+        f"sandtrace: {path} sends event wire version {WIRE_VERSION + 1}; this sandtrace "
         f"reads version {WIRE_VERSION}: run the same sandtrace version on both sides\n"
     )
