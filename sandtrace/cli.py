@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
             collector_args.EXAMPLES_WATCH,
             service_args.EXAMPLES,
             tail_args.EXAMPLES,
+            tools_args.EXAMPLES_RULES,
+            tools_args.EXAMPLES_REPLAY,
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -37,7 +37,7 @@ def sandtrace_serve(*args: str, timeout: float = 60) -> subprocess.CompletedProc
 
 def problem_lines(stderr: str) -> list[str]:
     """The report's problem lines (after 'configuration error: N problems:')."""
-    prefix = "sandtrace serve:   "
+    prefix = "sandtrace:   "
     return [line.removeprefix(prefix) for line in stderr.splitlines() if line.startswith(prefix)]
 
 
@@ -106,7 +106,7 @@ def assert_reports_every_problem(
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
     lines = problem_lines(done.stderr)
-    assert f"sandtrace serve: configuration error: {len(expected)} problems:" in done.stderr
+    assert f"sandtrace: configuration error: {len(expected)} problems:" in done.stderr
     assert len(lines) == len(expected), done.stderr
     for start in expected:
         assert sum(line.startswith(start) for line in lines) == 1, (start, done.stderr)
@@ -163,7 +163,7 @@ def test_a_refused_rule_fails_the_check_unless_accepted(tmp_path: Path) -> None:
     assert refused.returncode == 2, refused.stderr
     assert "Traceback" not in refused.stderr and "configuration OK" not in refused.stderr
     assert (
-        f"sandtrace serve: configuration error: {conf}: [detection] rules: {where}: rule "
+        f"sandtrace: configuration error: {conf}: [detection] rules: {where}: rule "
         "refused: log source product=windows" in refused.stderr
     )
     assert "--allow-refused-rules" in refused.stderr  # the way out, said
@@ -171,7 +171,7 @@ def test_a_refused_rule_fails_the_check_unless_accepted(tmp_path: Path) -> None:
     accepted = sandtrace_serve("--config", str(conf), "--check-config", "--allow-refused-rules")
     assert accepted.returncode == 0, accepted.stderr
     assert (
-        f"sandtrace serve: warning: rule refused, accepted (allow_refused_rules): {where}: "
+        f"sandtrace: warning: rule refused, accepted (allow_refused_rules): {where}: "
         in accepted.stderr
     )
     assert "rules (1 refused)" in accepted.stderr and "configuration OK" in accepted.stderr
