@@ -343,7 +343,8 @@ def test_replay_reads_stdin_and_prints_text_with_the_built_in_pack(tmp_path: Pat
         "replay", "--color", "never", "--width", "120", "-", stdin=json_line(shm) + "\n"
     )
     assert run.returncode == 0, run.stderr
-    header, line = run.stdout.splitlines()
+    header, line, detail = run.stdout.splitlines()  # an alert: its line and what it did
+    assert detail.split() == ["cmd:", "/dev/shm/x"]
     assert header.split() == ["TIME", "KIND", "PID", "COMM", "DETAIL"]
     assert line.split()[1:4] == ["ALERT", "7", "test"]
     assert "[medium] Execution From A Temporary" in line
