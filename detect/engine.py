@@ -9,9 +9,10 @@ process into a single alert with a count.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec.structs
 
@@ -70,13 +71,65 @@ def loss_summary(event: LostEvent) -> str:
 _Action = tuple[Rule, bool, Observer | None]
 """What a match of a rule does: the rule, whether it alerts, the correlations it feeds."""
 
+MAX_EVENTS = 32
+"""An alert lists at most this many of the events that raised it (a summary, of those it
+folds): the first half and the latest half, in the order they happened; `omitted` counts
+the others. A correlation over a flood, or an hour of repeats, stays one bounded alert."""
+_HEAD = MAX_EVENTS // 2
+_TAIL = MAX_EVENTS - _HEAD
+
+
+def bounded(events: list[Any]) -> tuple[list[Any], int]:
+    """`events` cut to MAX_EVENTS (the first and the latest), and how many were left out."""
+    if len(events) <= MAX_EVENTS:
+        return events, 0
+    return events[:_HEAD] + events[-_TAIL:], len(events) - MAX_EVENTS
+
+
+def egress_description(events: Sequence[Any], omitted: int = 0) -> str:
+    """What an egress alert says: the destinations of the connects it lists, never one it
+    does not list."""
+    where = list(
+        dict.fromkeys(
+            f"{e.protocol} {e.daddr}:{e.dport}" for e in events if type(e) is ConnectEvent
+        )
+    )
+    named = ", ".join(where[:3]) + (f" and {len(where) - 3} more" if len(where) > 3 else "")
+    verb = "is" if len(where) == 1 else "are"
+    rest = f" ({omitted} more connects not listed)" if omitted else ""
+    return f"{named} {verb} not on the allow-list{rest}"
+
 
 @dataclass(slots=True)
 class _Fold:
+    """An alert raised for a rule and a process, and the repeats folded into it until
+    `until_ns`: the events of all of them, bounded as an alert's are (kept from the first
+    repeat on: an alert that never repeats costs nothing more)."""
+
     alert: Alert
     until_ns: int
     extra: int = 0
-    last: Event | None = None
+    head: list[Any] | None = None
+    tail: deque[Any] | None = None
+    omitted: int = 0
+
+    def add(self, event: Any) -> None:
+        """One more event folded (the first call takes the alert's own events first)."""
+        head, tail = self.head, self.tail
+        if head is None or tail is None:
+            head, tail = self.head, self.tail = [], deque(maxlen=_TAIL)
+            self.omitted = self.alert.omitted
+            for first in self.alert.events:
+                self.add(first)
+        if len(head) < _HEAD:
+            head.append(event)
+            return
+        if len(tail) == _TAIL:
+            self.omitted += 1
+        tail.append(event)
+
+    def events(self) -> list[Any]:
+        return [*(self.head or ()), *(self.tail or ())]
 
 
 class Engine:
@@ -170,14 +223,18 @@ class Engine:
         ]
 
     def expire(self, now_ns: int) -> list[Alert]:
-        """Close fold windows that have ended (repeats they folded come out as summaries) and
-        forget correlation windows with nothing recent in them, so memory stays bounded by
-        what is active."""
+        """Close fold windows that have ended by `now_ns` (event time: the clock of the host
+        the events come from; repeats they folded come out as summaries) and forget
+        correlation windows with nothing recent in them and losses too old to make the next
+        one recur, so memory stays bounded by what is active."""
         for cid, windows in self._windows.items():
             horizon = now_ns - self._window_ns[cid]
             for wkey, window in list(windows.items()):
                 if window.last() < horizon:
                     del windows[wkey]
+        for host, at in list(self._last_loss_ns.items()):
+            if now_ns - at > LOSS_RECUR_NS:
+                del self._last_loss_ns[host]
         out = []
         for fkey, fold in list(self._folds.items()):
             if fold.until_ns <= now_ns:
@@ -189,19 +246,37 @@ class Engine:
     def flush(self) -> list[Alert]:
         return self.expire(1 << 62)
 
+    def idle(self) -> bool:
+        """Nothing held: no fold open, no correlation window, no recent loss. An idle
+        engine can be dropped without changing what a new one would raise."""
+        return not (self._folds or self._last_loss_ns or any(self._windows.values()))
+
     # -- internals --------------------------------------------------------------------------
 
-    def _raise(self, out: list[Alert], rule: RuleInfo, description: str, event: Event) -> None:
-        """An alert for `rule` on `event`, or a count on the one already raised for this rule
-        and process within the fold window."""
+    def _raise(
+        self,
+        out: list[Alert],
+        rule: RuleInfo,
+        description: str,
+        event: Event,
+        raised: list[Any] | None = None,
+    ) -> None:
+        """An alert for `rule` on `event` (the last of `raised`, the events that raised it
+        when there are several), or a count on the one already raised for this rule and
+        process within the fold window."""
         key = (rule.id, event.process.key)
         fold = self._folds.get(key)
         if fold is not None and event.time_ns < fold.until_ns:
             fold.extra += 1
-            fold.last = event
+            if raised is None:
+                fold.add(event)
+            else:
+                for each in raised:
+                    fold.add(each)
             return
         if fold is not None and fold.extra:
             out.append(self._summary(fold))
+        events, omitted = ([event], 0) if raised is None else bounded(raised)
         alert = Alert(
             alert_id=uuid7(),
             rule_id=rule.id,
@@ -213,22 +288,30 @@ class Engine:
             host=event.host,
             sandbox=event.sandbox,
             process=event.process,
-            events=[event],
+            events=events,
+            omitted=omitted,
             raised_ns=time.time_ns(),
         )
         self._folds[key] = _Fold(alert, event.time_ns + self.fold_ns)
         out.append(alert)
 
     def _summary(self, fold: _Fold) -> Alert:
-        last = fold.last if fold.last is not None else fold.alert.events[-1]
+        """The repeats folded into an alert: a new alert (its own id, `folds` naming the
+        first) counting them all and listing their events, the first alert's included."""
+        events = fold.events()
+        description = fold.alert.description
+        if fold.alert.rule_id == EGRESS_RULE.id:  # the destinations it lists, not the first's
+            description = egress_description(events, fold.omitted)
         return msgspec.structs.replace(
             fold.alert,
             alert_id=uuid7(),
+            description=description,
             count=fold.extra + 1,
             repeat=True,
             folds=fold.alert.alert_id,
-            time_ns=getattr(last, "time_ns", fold.alert.time_ns),
-            events=[last],
+            time_ns=events[-1].time_ns,
+            events=events,
+            omitted=fold.omitted,
             raised_ns=time.time_ns(),
         )
 
@@ -248,5 +331,6 @@ class Engine:
     ) -> None:
         corr = counting.corr
         detail = f"{corr.kind} {seen} in {corr.seconds:g}s"
-        self._raise(out, corr, f"{corr.description} ({detail})".strip(), event)
+        raised = window.raised(counting)
+        self._raise(out, corr, f"{corr.description} ({detail})".strip(), event, raised)
         window.clear()  # the next alert needs a window of its own
