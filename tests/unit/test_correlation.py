@@ -145,7 +145,7 @@ def test_a_repeat_of_a_correlation_is_folded_with_its_events() -> None:
 
 
 def test_fifty_repeats_fold_into_a_summary_of_the_first_and_the_latest() -> None:
-    engine = Engine(rules(EVENT_COUNT.split("---")[0]), fold_seconds=60)
+    engine = Engine(rules(EVENT_COUNT.split("---", maxsplit=1)[0]), fold_seconds=60)
     events = [connect(i * 0.5, "198.51.100.1", port=3333) for i in range(50)]
     (alert,) = fed(engine, events, "00000000-0000-4000-8000-0000000000aa")
     assert alert.events == events[:1] and alert.omitted == 0
