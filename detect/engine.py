@@ -8,6 +8,7 @@ process into a single alert with a count.
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -43,6 +44,9 @@ LOSS_TAGS = ["attack.defense-evasion", "attack.t1562.006"]  # impair defenses: i
 LOSS_RULE = BuiltinRule(LOSS_RULE_ID, "Events were lost", "medium", LOSS_TAGS)
 LOSS_RECURRING = BuiltinRule(LOSS_RULE_ID, "Events were lost again", "high", LOSS_TAGS)
 LOSS_RECUR_NS = 600 * NS
+SWEEP_NS = 10 * NS
+"""Expiry looks over the correlation windows at most this often (event time): a window
+outlives its timespan by up to this much, and a second's expiry costs nothing per window."""
 """A loss within this time of the previous one from the same host is high, not medium: a
 flood that keeps the probes' buffers full is itself a way to hide."""
 _NO_PROCESS = Process(pid=0, tid=0, ns_pid=0, ppid=0, uid=0, gid=0, comm=b"", start_ns=0, key="")
@@ -156,6 +160,8 @@ class Engine:
         self._windows: dict[str, Windows] = {c.id: {} for c in rules.correlations}
         self._window_ns = {c.id: int(c.seconds * NS) for c in rules.correlations}
         self._folds: dict[tuple[str, str], _Fold] = {}
+        self._fold_ends: list[tuple[int, tuple[str, str]]] = []  # heap of (until_ns, key)
+        self._swept_ns = -SWEEP_NS  # when expire last looked over the correlation windows
         self._last_loss_ns: dict[str, int] = {}  # per host
         # rule id -> the correlations that count it (they refer to rules by name or id), each
         # with what it counts of that rule's events
@@ -236,21 +242,30 @@ class Engine:
 
     def expire(self, now_ns: int) -> list[Alert]:
         """Close fold windows that have ended by `now_ns` (event time: the clock of the host
-        the events come from; repeats they folded come out as summaries) and forget
-        correlation windows with nothing recent in them and losses too old to make the next
-        one recur, so memory stays bounded by what is active."""
-        for cid, windows in self._windows.items():
-            horizon = now_ns - self._window_ns[cid]
-            for wkey, window in list(windows.items()):
-                if window.last() < horizon:
-                    del windows[wkey]
-        for host, at in list(self._last_loss_ns.items()):
-            if now_ns - at > LOSS_RECUR_NS:
-                del self._last_loss_ns[host]
+        the events come from; repeats they folded come out as summaries, in the order their
+        windows ended) and forget correlation windows with nothing recent in them and losses
+        too old to make the next one recur, so memory stays bounded by what is active.
+
+        Called every second (by the service, for every host): folds are found by when they
+        end (a heap), not by a pass over all of them; correlation windows are looked over
+        at most every SWEEP_NS of event time."""
+        if now_ns - self._swept_ns >= SWEEP_NS:
+            self._swept_ns = now_ns
+            for cid, windows in self._windows.items():
+                horizon = now_ns - self._window_ns[cid]
+                for wkey, window in list(windows.items()):
+                    if window.last() < horizon:
+                        del windows[wkey]
+            for host, at in list(self._last_loss_ns.items()):
+                if now_ns - at > LOSS_RECUR_NS:
+                    del self._last_loss_ns[host]
         out = []
-        for fkey, fold in list(self._folds.items()):
-            if fold.until_ns <= now_ns:
-                del self._folds[fkey]
+        ends, folds = self._fold_ends, self._folds
+        while ends and ends[0][0] <= now_ns:
+            until, key = heapq.heappop(ends)
+            fold = folds.get(key)
+            if fold is not None and fold.until_ns <= until:  # not one raised since
+                del folds[key]
                 if fold.extra:
                     out.append(self._summary(fold))
         return out
@@ -304,7 +319,9 @@ class Engine:
             omitted=omitted,
             raised_ns=time.time_ns(),
         )
-        self._folds[key] = _Fold(alert, event.time_ns + self.fold_ns)
+        until = event.time_ns + self.fold_ns
+        self._folds[key] = _Fold(alert, until)
+        heapq.heappush(self._fold_ends, (until, key))
         out.append(alert)
 
     def _summary(self, fold: _Fold) -> Alert:

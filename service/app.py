@@ -106,10 +106,15 @@ class Ingest:
         engine_factory: Callable[[RuleSet], Engine] = Engine,
         on_batch: Callable[[str, int, list[AnyEvent]], None] | None = None,
         state_dir: Path | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """on_batch gets a batch's events and on_alert each alert in the order they
         happened: a batch in pieces, each alert right after the piece that ends with the
-        event that raised it (a batch that raises none in one piece, the same list)."""
+        event that raised it (a batch that raises none in one piece, the same list).
+        `clock` is the wall clock expiry measures hosts' silences with (a bench runs an
+        hour in seconds)."""
+        self.clock = clock
         self.rules = rules
         self.on_alert = on_alert or (lambda _a: None)
         self.on_batch = on_batch or (lambda _c, _s, _e: None)
@@ -209,7 +214,7 @@ class Ingest:
 
     def _heard_from(self, host: str, time_ns: int) -> None:
         heard = self.heard.get(host)
-        self.heard[host] = (time_ns if heard is None else max(heard[0], time_ns), time.monotonic())
+        self.heard[host] = (time_ns if heard is None else max(heard[0], time_ns), self.clock())
 
     def _publish(
         self, collector: str, seq: int, events: list[AnyEvent], raised: list[tuple[int, Alert]]
@@ -233,9 +238,9 @@ class Ingest:
 
         Fold and correlation windows are in a host's own event time, whatever its clock
         says against the service's: a host's clock is taken to be its latest event's time
-        advanced by the wall-clock time since that event came (`now`, time.monotonic()), less
-        EXPIRY_GRACE_NS."""
-        now = time.monotonic() if now is None else now
+        advanced by the wall-clock time since that event came (`now`, by default the clock's),
+        less EXPIRY_GRACE_NS."""
+        now = self.clock() if now is None else now
         out: list[Alert] = []
         for host, engine in list(self.engines.items()):
             latest, at = self.heard.get(host, (0, now))
