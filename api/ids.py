@@ -13,26 +13,36 @@ import threading
 import time
 import uuid
 
-_lock = threading.Lock()
-_last_ms = 0
-_seq = 0
+
+class _Counter:
+    """The millisecond the last id was made in and the count within it (one per process)."""
+
+    __slots__ = ("last_ms", "lock", "seq")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.last_ms = 0
+        self.seq = 0
+
+
+_counter = _Counter()
 
 
 def uuid7(now_ns: int | None = None) -> str:
     """A new UUIDv7 as its canonical string (8-4-4-4-12 lower-case hex)."""
-    global _last_ms, _seq
     ms = (time.time_ns() if now_ns is None else now_ns) // 1_000_000
     rand = int.from_bytes(os.urandom(10), "big")
-    with _lock:
-        if ms <= _last_ms:  # same millisecond (or the clock stepped back): count on
-            _seq += 1
-            if _seq > 0xFFF:  # 4,096 ids in one millisecond: borrow the next one
-                _last_ms += 1
-                _seq = 0
-            ms = _last_ms
+    c = _counter
+    with c.lock:
+        if ms <= c.last_ms:  # same millisecond (or the clock stepped back): count on
+            c.seq += 1
+            if c.seq > 0xFFF:  # 4,096 ids in one millisecond: borrow the next one
+                c.last_ms += 1
+                c.seq = 0
+            ms = c.last_ms
         else:
-            _last_ms = ms
-            _seq = rand >> 68 & 0x7FF  # a random start leaves room to count up
-        seq = _seq
+            c.last_ms = ms
+            c.seq = rand >> 68 & 0x7FF  # a random start leaves room to count up
+        seq = c.seq
     value = (ms & (1 << 48) - 1) << 80 | 0x7 << 76 | seq << 64 | 0b10 << 62 | rand & (1 << 62) - 1
     return str(uuid.UUID(int=value))

@@ -39,8 +39,7 @@ def test_a_hundred_thousand_are_unique_and_sorted() -> None:
 
 
 def test_ids_made_within_one_millisecond_count_up(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ids, "_last_ms", 0)  # the module's clock state, restored after
-    monkeypatch.setattr(ids, "_seq", 0)
+    monkeypatch.setattr(ids, "_counter", ids._Counter())  # a fresh state, restored after
     now = 1_900_000_000_000 * 1_000_000 + 123_456  # one fixed instant
     made = [uuid7(now) for _ in range(1000)]
     assert made == sorted(made) and len(set(made)) == 1000
