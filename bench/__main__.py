@@ -11,7 +11,9 @@
 6. exec identity and standard streams: hashing a new executable, the per-exec cost on a
    cache hit, the cache's hit rate over an agent-like exec mix (bench/identity.py);
 7. what each short process costs a real `watch`: its CPU against a fork+exec loop's at
-   100/s, 1,000/s and unpaced, and idle (bench/lifecycle.py).
+   100/s, 1,000/s and unpaced, and idle (bench/lifecycle.py);
+8. the detection service's memory over 90 minutes of a fleet's events, compressed into a
+   minute through its own ingest path and per-second expiry (bench/soak.py).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from bench import Row, print_table
 from bench.identity import identity_costs
 from bench.lifecycle import lifecycle
 from bench.service import free_port, service_ingest
+from bench.soak import soak
 from collector import cgroups
 from collector import records as R
 from collector.assemble import Assembler, Scope
@@ -629,6 +632,7 @@ def main(argv: list[str] | None = None) -> int:
             "service",
             "identity",
             "lifecycle",
+            "soak",
         ],
         action="append",
     )
@@ -640,7 +644,17 @@ def main(argv: list[str] | None = None) -> int:
     root = cgroups.find_cgroup2_root()
     only = set(
         args.only
-        or ["host", "throughput", "flood", "memory", "detect", "service", "identity", "lifecycle"]
+        or [
+            "host",
+            "throughput",
+            "flood",
+            "memory",
+            "detect",
+            "service",
+            "identity",
+            "lifecycle",
+            "soak",
+        ]
     )
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmpdir:
@@ -667,6 +681,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows += identity_costs()
             if "lifecycle" in only:
                 rows += lifecycle(sandbox)
+            if "soak" in only:
+                rows += soak()
         finally:
             sandbox.destroy()
             if not parent_existed:

@@ -8,10 +8,12 @@ process into a single alert with a count.
 
 from __future__ import annotations
 
+import heapq
 import time
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec.structs
 
@@ -42,6 +44,9 @@ LOSS_TAGS = ["attack.defense-evasion", "attack.t1562.006"]  # impair defenses: i
 LOSS_RULE = BuiltinRule(LOSS_RULE_ID, "Events were lost", "medium", LOSS_TAGS)
 LOSS_RECURRING = BuiltinRule(LOSS_RULE_ID, "Events were lost again", "high", LOSS_TAGS)
 LOSS_RECUR_NS = 600 * NS
+SWEEP_NS = 10 * NS
+"""Expiry looks over the correlation windows at most this often (event time): a window
+outlives its timespan by up to this much, and a second's expiry costs nothing per window."""
 """A loss within this time of the previous one from the same host is high, not medium: a
 flood that keeps the probes' buffers full is itself a way to hide."""
 _NO_PROCESS = Process(pid=0, tid=0, ns_pid=0, ppid=0, uid=0, gid=0, comm=b"", start_ns=0, key="")
@@ -67,16 +72,70 @@ def loss_summary(event: LostEvent) -> str:
     return "; ".join(parts) + where
 
 
+Matcher = Callable[[AnyEvent], list[int]]
+"""A compiled matcher: the indices of its category's rules an event matches."""
 _Action = tuple[Rule, bool, Observer | None]
 """What a match of a rule does: the rule, whether it alerts, the correlations it feeds."""
+
+MAX_EVENTS = 32
+"""An alert lists at most this many of the events that raised it (a summary, of those it
+folds): the first half and the latest half, in the order they happened; `omitted` counts
+the others. A correlation over a flood, or an hour of repeats, stays one bounded alert."""
+_HEAD = MAX_EVENTS // 2
+_TAIL = MAX_EVENTS - _HEAD
+
+
+def bounded(events: list[Any]) -> tuple[list[Any], int]:
+    """`events` cut to MAX_EVENTS (the first and the latest), and how many were left out."""
+    if len(events) <= MAX_EVENTS:
+        return events, 0
+    return events[:_HEAD] + events[-_TAIL:], len(events) - MAX_EVENTS
+
+
+def egress_description(events: Sequence[Any], omitted: int = 0) -> str:
+    """What an egress alert says: the destinations of the connects it lists, never one it
+    does not list."""
+    where = list(
+        dict.fromkeys(
+            f"{e.protocol} {e.daddr}:{e.dport}" for e in events if type(e) is ConnectEvent
+        )
+    )
+    named = ", ".join(where[:3]) + (f" and {len(where) - 3} more" if len(where) > 3 else "")
+    verb = "is" if len(where) == 1 else "are"
+    rest = f" ({omitted} more connects not listed)" if omitted else ""
+    return f"{named} {verb} not on the allow-list{rest}"
 
 
 @dataclass(slots=True)
 class _Fold:
+    """An alert raised for a rule and a process, and the repeats folded into it until
+    `until_ns`: the events of all of them, bounded as an alert's are (kept from the first
+    repeat on: an alert that never repeats costs nothing more)."""
+
     alert: Alert
     until_ns: int
     extra: int = 0
-    last: Event | None = None
+    head: list[Any] | None = None
+    tail: deque[Any] | None = None
+    omitted: int = 0
+
+    def add(self, event: Any) -> None:
+        """One more event folded (the first call takes the alert's own events first)."""
+        head, tail = self.head, self.tail
+        if head is None or tail is None:
+            head, tail = self.head, self.tail = [], deque(maxlen=_TAIL)
+            self.omitted = self.alert.omitted
+            for first in self.alert.events:
+                self.add(first)
+        if len(head) < _HEAD:
+            head.append(event)
+            return
+        if len(tail) == _TAIL:
+            self.omitted += 1
+        tail.append(event)
+
+    def events(self) -> list[Any]:
+        return [*(self.head or ()), *(self.tail or ())]
 
 
 class Engine:
@@ -85,7 +144,12 @@ class Engine:
         rules: RuleSet,
         egress: EgressPolicy | EgressPolicies | None = None,
         fold_seconds: float = 60.0,
+        matchers: dict[type, Matcher] | None = None,
     ) -> None:
+        """`matchers`: the compiled matchers of `rules` by event type, to share among the
+        engines of one rule set (the service's, one per host): filled by the first engine,
+        reused by the others. Half a megabyte and 30 ms each otherwise, and their caches of
+        executable paths are then one for all hosts."""
         self.rules = rules
         self.egress = EgressPolicies(default=egress) if isinstance(egress, EgressPolicy) else egress
         self.fold_ns = int(fold_seconds * NS)
@@ -96,6 +160,8 @@ class Engine:
         self._windows: dict[str, Windows] = {c.id: {} for c in rules.correlations}
         self._window_ns = {c.id: int(c.seconds * NS) for c in rules.correlations}
         self._folds: dict[tuple[str, str], _Fold] = {}
+        self._fold_ends: list[tuple[int, tuple[str, str]]] = []  # heap of (until_ns, key)
+        self._swept_ns = -SWEEP_NS  # when expire last looked over the correlation windows
         self._last_loss_ns: dict[str, int] = {}  # per host
         # rule id -> the correlations that count it (they refer to rules by name or id), each
         # with what it counts of that rule's events
@@ -112,13 +178,18 @@ class Engine:
                         self.silent.add(rule.id)
         # event type -> a matcher generated for its fields, its getters, and per rule of its
         # category what a match does: (rule, whether it alerts, the correlations it feeds)
-        self._plan: dict[type, tuple[Callable[[AnyEvent], list[int]], list[_Action]]] = {}
+        self._plan: dict[type, tuple[Matcher, list[_Action]]] = {}
         for etype, getters in GETTERS.items():
             category = category_of_type(etype)
             if category in self._by_category:
                 rs = self._by_category[category]
                 actions = [(r, r.id not in self.silent, self._observer(r, getters)) for r in rs]
-                self._plan[etype] = (generate_matcher(rs, getters), actions)
+                matcher = matchers.get(etype) if matchers is not None else None
+                if matcher is None:
+                    matcher = generate_matcher(rs, getters)
+                    if matchers is not None:
+                        matchers[etype] = matcher
+                self._plan[etype] = (matcher, actions)
 
     # -- public -----------------------------------------------------------------------------
 
@@ -170,18 +241,31 @@ class Engine:
         ]
 
     def expire(self, now_ns: int) -> list[Alert]:
-        """Close fold windows that have ended (repeats they folded come out as summaries) and
-        forget correlation windows with nothing recent in them, so memory stays bounded by
-        what is active."""
-        for cid, windows in self._windows.items():
-            horizon = now_ns - self._window_ns[cid]
-            for wkey, window in list(windows.items()):
-                if window.last() < horizon:
-                    del windows[wkey]
+        """Close fold windows that have ended by `now_ns` (event time: the clock of the host
+        the events come from; repeats they folded come out as summaries, in the order their
+        windows ended) and forget correlation windows with nothing recent in them and losses
+        too old to make the next one recur, so memory stays bounded by what is active.
+
+        Called every second (by the service, for every host): folds are found by when they
+        end (a heap), not by a pass over all of them; correlation windows are looked over
+        at most every SWEEP_NS of event time."""
+        if now_ns - self._swept_ns >= SWEEP_NS:
+            self._swept_ns = now_ns
+            for cid, windows in self._windows.items():
+                horizon = now_ns - self._window_ns[cid]
+                for wkey, window in list(windows.items()):
+                    if window.last() < horizon:
+                        del windows[wkey]
+            for host, at in list(self._last_loss_ns.items()):
+                if now_ns - at > LOSS_RECUR_NS:
+                    del self._last_loss_ns[host]
         out = []
-        for fkey, fold in list(self._folds.items()):
-            if fold.until_ns <= now_ns:
-                del self._folds[fkey]
+        ends, folds = self._fold_ends, self._folds
+        while ends and ends[0][0] <= now_ns:
+            until, key = heapq.heappop(ends)
+            fold = folds.get(key)
+            if fold is not None and fold.until_ns <= until:  # not one raised since
+                del folds[key]
                 if fold.extra:
                     out.append(self._summary(fold))
         return out
@@ -189,19 +273,37 @@ class Engine:
     def flush(self) -> list[Alert]:
         return self.expire(1 << 62)
 
+    def idle(self) -> bool:
+        """Nothing held: no fold open, no correlation window, no recent loss. An idle
+        engine can be dropped without changing what a new one would raise."""
+        return not (self._folds or self._last_loss_ns or any(self._windows.values()))
+
     # -- internals --------------------------------------------------------------------------
 
-    def _raise(self, out: list[Alert], rule: RuleInfo, description: str, event: Event) -> None:
-        """An alert for `rule` on `event`, or a count on the one already raised for this rule
-        and process within the fold window."""
+    def _raise(
+        self,
+        out: list[Alert],
+        rule: RuleInfo,
+        description: str,
+        event: Event,
+        raised: list[Any] | None = None,
+    ) -> None:
+        """An alert for `rule` on `event` (the last of `raised`, the events that raised it
+        when there are several), or a count on the one already raised for this rule and
+        process within the fold window."""
         key = (rule.id, event.process.key)
         fold = self._folds.get(key)
         if fold is not None and event.time_ns < fold.until_ns:
             fold.extra += 1
-            fold.last = event
+            if raised is None:
+                fold.add(event)
+            else:
+                for each in raised:
+                    fold.add(each)
             return
         if fold is not None and fold.extra:
             out.append(self._summary(fold))
+        events, omitted = ([event], 0) if raised is None else bounded(raised)
         alert = Alert(
             alert_id=uuid7(),
             rule_id=rule.id,
@@ -213,22 +315,32 @@ class Engine:
             host=event.host,
             sandbox=event.sandbox,
             process=event.process,
-            events=[event],
+            events=events,
+            omitted=omitted,
             raised_ns=time.time_ns(),
         )
-        self._folds[key] = _Fold(alert, event.time_ns + self.fold_ns)
+        until = event.time_ns + self.fold_ns
+        self._folds[key] = _Fold(alert, until)
+        heapq.heappush(self._fold_ends, (until, key))
         out.append(alert)
 
     def _summary(self, fold: _Fold) -> Alert:
-        last = fold.last if fold.last is not None else fold.alert.events[-1]
+        """The repeats folded into an alert: a new alert (its own id, `folds` naming the
+        first) counting them all and listing their events, the first alert's included."""
+        events = fold.events()
+        description = fold.alert.description
+        if fold.alert.rule_id == EGRESS_RULE.id:  # the destinations it lists, not the first's
+            description = egress_description(events, fold.omitted)
         return msgspec.structs.replace(
             fold.alert,
             alert_id=uuid7(),
+            description=description,
             count=fold.extra + 1,
             repeat=True,
             folds=fold.alert.alert_id,
-            time_ns=getattr(last, "time_ns", fold.alert.time_ns),
-            events=[last],
+            time_ns=events[-1].time_ns,
+            events=events,
+            omitted=fold.omitted,
             raised_ns=time.time_ns(),
         )
 
@@ -248,5 +360,6 @@ class Engine:
     ) -> None:
         corr = counting.corr
         detail = f"{corr.kind} {seen} in {corr.seconds:g}s"
-        self._raise(out, corr, f"{corr.description} ({detail})".strip(), event)
+        raised = window.raised(counting)
+        self._raise(out, corr, f"{corr.description} ({detail})".strip(), event, raised)
         window.clear()  # the next alert needs a window of its own

@@ -43,6 +43,15 @@ log = structlog.get_logger("sandtrace.service")
 
 _time_ns = operator.attrgetter("time_ns")
 
+EXPIRY_GRACE_NS = 2_000_000_000
+"""Expiry takes a host's clock to be this much behind its estimate (its latest event's time
+advanced by the wall-clock time since that event came): events still on their way (a
+collector's linger, the network) may yet fall into a fold window that is about to end."""
+ENGINE_IDLE_S = 600.0
+"""A host's engine is dropped once the host has sent nothing for this long and the engine
+holds nothing (a new one raises what it would have); 10 minutes, so a host that reports now
+and then does not have its engine rebuilt each time."""
+
 
 class SeqState:
     """Each collector's last acknowledged batch, kept in a file so that a restarted service
@@ -97,12 +106,22 @@ class Ingest:
         engine_factory: Callable[[RuleSet], Engine] = Engine,
         on_batch: Callable[[str, int, list[AnyEvent]], None] | None = None,
         state_dir: Path | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """on_batch gets a batch's events and on_alert each alert in the order they
+        happened: a batch in pieces, each alert right after the piece that ends with the
+        event that raised it (a batch that raises none in one piece, the same list).
+        `clock` is the wall clock expiry measures hosts' silences with (a bench runs an
+        hour in seconds)."""
+        self.clock = clock
         self.rules = rules
         self.on_alert = on_alert or (lambda _a: None)
         self.on_batch = on_batch or (lambda _c, _s, _e: None)
         self._engine_factory = engine_factory
         self.engines: dict[str, Engine] = {}
+        # per host: its latest event's time, and time.monotonic() when that event came
+        self.heard: dict[str, tuple[int, float]] = {}
         self.state = SeqState(state_dir) if state_dir is not None else None
         self.last_seq: dict[str, int] = self.state.load() if self.state is not None else {}
         self.committed_seq = dict(self.last_seq)  # as of ticket `committed`
@@ -151,14 +170,15 @@ class Ingest:
         if seq <= self.last_seq.get(collector, -1):
             self.stats.batches["replayed"] += 1
             return self.ticket if seq > self.committed_seq.get(collector, -1) else 0
-        self.on_batch(collector, seq, events)
         stats = self.stats
         host, run = "", 0
         feed = self.engine_for(events[0].host).feed if events else None
-        for event in events:  # the hot loop: per batch bookkeeping stays outside it
+        raised: list[tuple[int, Alert]] = []  # (the index of the event that raised it, alert)
+        for i, event in enumerate(events):  # the hot loop: per batch bookkeeping stays outside
             if event.host != host:
                 if run:
                     stats.events_in[host] += run
+                    self._heard_from(host, events[i - 1].time_ns)
                 host, run = event.host, 0
                 feed = self.engine_for(host).feed
             run += 1
@@ -173,9 +193,11 @@ class Ingest:
             if alerts:
                 for alert in alerts:
                     stats.alerts[alert.rule_id] += 1
-                    self.on_alert(alert)
+                    raised.append((i, alert))
         if run:
             stats.events_in[host] += run
+            self._heard_from(host, events[-1].time_ns)
+        self._publish(collector, seq, events, raised)
         if events:  # how old the oldest event of the batch is by now
             oldest = min(map(_time_ns, events))
             stats.lag.observe(max(time.time_ns() - oldest, 0) / 1e9)
@@ -189,6 +211,58 @@ class Ingest:
         self.ticket += 1
         self._uncommitted.append((self.ticket, collector, seq))
         return self.ticket
+
+    def _heard_from(self, host: str, time_ns: int) -> None:
+        heard = self.heard.get(host)
+        self.heard[host] = (time_ns if heard is None else max(heard[0], time_ns), self.clock())
+
+    def _publish(
+        self, collector: str, seq: int, events: list[AnyEvent], raised: list[tuple[int, Alert]]
+    ) -> None:
+        """The batch's events and alerts to on_batch and on_alert in the order they
+        happened: each alert right after the event that raised it."""
+        start = 0
+        for at, alert in raised:
+            if at >= start:
+                self.on_batch(collector, seq, events[start : at + 1])
+                start = at + 1
+            self.on_alert(alert)
+        if start < len(events) or not raised:
+            self.on_batch(collector, seq, events[start:] if start else events)
+
+    def expire(self, now: float | None = None) -> list[Alert]:
+        """End what each host's engine holds that is over (the repeat summaries go to
+        on_alert, and are returned), and drop the engines of hosts quiet for ENGINE_IDLE_S
+        that hold nothing. Called every second by the service: without it a summary would
+        wait for the host's next event past its fold window, and idle state would stay.
+
+        Fold and correlation windows are in a host's own event time, whatever its clock
+        says against the service's: a host's clock is taken to be its latest event's time
+        advanced by the wall-clock time since that event came (`now`, by default the clock's),
+        less EXPIRY_GRACE_NS."""
+        now = self.clock() if now is None else now
+        out: list[Alert] = []
+        for host, engine in list(self.engines.items()):
+            latest, at = self.heard.get(host, (0, now))
+            alerts = engine.expire(latest + int((now - at) * 1e9) - EXPIRY_GRACE_NS)
+            for alert in alerts:
+                self.stats.alerts[alert.rule_id] += 1
+                self.on_alert(alert)
+            out += alerts
+            if now - at >= ENGINE_IDLE_S and engine.idle():
+                del self.engines[host]
+                self.heard.pop(host, None)
+        return out
+
+    def flush(self) -> list[Alert]:
+        """At shutdown: every host's pending repeat summaries, to on_alert (and returned)."""
+        out: list[Alert] = []
+        for engine in self.engines.values():
+            for alert in engine.flush():
+                self.stats.alerts[alert.rule_id] += 1
+                self.on_alert(alert)
+                out.append(alert)
+        return out
 
     def _unprocessable(self, event: AnyEvent, exc: Exception) -> None:
         """Counted and logged (the first of each kind of failure with its traceback); the

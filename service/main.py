@@ -24,13 +24,14 @@ import structlog
 
 from api.events import Alert, AnyEvent
 from detect.egress import EgressPolicies
-from detect.engine import Engine
+from detect.engine import Engine, Matcher
 from detect.loader import load_paths
 from detect.pack import builtin_rules
 from detect.ruleset import RuleSet
 from service.config import ConfigError, ServiceConfig, check, read, read_token, tls_context
 
 if TYPE_CHECKING:
+    from service.app import Gate, Ingest
     from service.outputs.base import Output
 
 log = structlog.get_logger("sandtrace.service")
@@ -241,12 +242,13 @@ async def serve(args: argparse.Namespace) -> int:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
+    matchers: dict[type, Matcher] = {}  # compiled once, shared by every host's engine
     ingest = Ingest(
         rules,
         on_alert=on_alert,
         on_batch=on_batch,
         state_dir=state,
-        engine_factory=lambda r: Engine(r, egress, cfg.fold_seconds),
+        engine_factory=lambda r: Engine(r, egress, cfg.fold_seconds, matchers),
     )
     if ingest.state is not None:  # before the files open: see outputs.jsonl.OutputGate
         _say(take_back(outputs, ingest.state.outputs))
@@ -264,6 +266,7 @@ async def serve(args: argparse.Namespace) -> int:
     runner = web.AppRunner(app)
     await runner.setup()
     host, port = cfg.host_port
+    expiry: asyncio.Task[None] | None = None
     try:
         try:
             await web.TCPSite(runner, host, port, ssl_context=ssl_ctx).start()
@@ -287,15 +290,18 @@ async def serve(args: argparse.Namespace) -> int:
                 "Ctrl-C or SIGTERM stops"
             ]
         )
+        expiry = asyncio.create_task(expire_every_second(ingest, gate if gate else None))
         await stop.wait()
     finally:
+        if expiry is not None:
+            expiry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await expiry
         if hub is not None:
             with contextlib.suppress(Exception):
                 await hub.aclose()
         await runner.cleanup()
-        for engine in ingest.engines.values():  # folded repeats still pending
-            for alert in engine.flush():
-                on_alert(alert)
+        ingest.flush()  # folded repeats still pending
         last = ingest.new_ticket()  # the files' ends after these, kept for the next start
         gate.end_batch(last)
         # each output gets the same few seconds to deliver what it holds, at the same time
@@ -304,6 +310,33 @@ async def serve(args: argparse.Namespace) -> int:
         # (counted as dropped) keeps the batches after it to be sent again
         ingest.commit(min((o.resolved for o in gate.outputs), default=last), gate.points)
     return 0
+
+
+EXPIRY_INTERVAL = 1.0
+
+
+async def expire_every_second(ingest: Ingest, gate: Gate | None) -> None:
+    """Every second, what the engines hold that is over ends (Ingest.expire): repeat
+    summaries go out while the service runs, to every output and the tails like any alert,
+    and are committed as a batch is (a crash afterwards does not take them back from the
+    files). A failure is logged and the next second tries again."""
+    failed = False
+    while True:
+        await asyncio.sleep(EXPIRY_INTERVAL)
+        try:
+            if not ingest.expire():
+                continue
+            ticket = ingest.new_ticket()
+            if gate is not None:
+                gate.end_batch(ticket)
+                await gate.settle(ticket)
+            ingest.commit(ticket, gate.points if gate is not None else None)
+        except Exception as exc:  # a bug: logged (the first with its traceback), not fatal
+            if failed:
+                log.error("expiring the engines failed again", error=repr(exc))  # noqa: TRY400
+            else:
+                log.exception("expiring the engines failed", error=repr(exc))
+            failed = True
 
 
 def failpoint() -> Callable[[int, int], None] | None:

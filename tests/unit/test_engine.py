@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from api.events import AnyEvent
+from api.events import AnyEvent, ConnectEvent, LostEvent
 from detect.egress import EGRESS_RULE_ID, EgressPolicies, EgressPolicy
 from detect.engine import Engine
 from detect.loader import load_text
@@ -46,6 +46,39 @@ def test_repeats_fold_into_one_alert_with_a_count() -> None:
     assert (summary.count, summary.repeat, summary.folds) == (5, True, first[0].alert_id)
     assert summary.alert_id != first[0].alert_id  # a summary is an alert of its own
     assert e.flush() == []
+
+
+TEMPORAL = """---
+title: pool then pool elsewhere
+id: 00000000-0000-4000-8000-0000000000dd
+correlation: {type: temporal, rules: [pool_port], group-by: [DestinationIp], timespan: 30s}
+level: high
+"""
+
+
+def test_engine_state_empties_after_expiry() -> None:
+    """Folds, correlation windows and the last loss go once expiry passes their ends, so an
+    engine holds only what is active (the service expires every host's engine on a timer)."""
+    e = engine(VALUE_COUNT + TEMPORAL, fold_seconds=60)
+    for i in range(5):
+        for pid in (7, 8):
+            e.feed(connect(i, ip=f"198.51.100.{i}", pid=pid))
+    lost = LostEvent(
+        time_ns=connect(5).time_ns, host="testhost", kernel={"exec": 3}, user=0, errors={}
+    )
+    assert len(e.feed(lost)) == 1
+    assert e._folds and any(e._windows.values()) and e._last_loss_ns and not e.idle()
+    t0 = connect(0).time_ns
+    assert e.expire(t0 + 30 * 10**9) == []  # the windows' timespans are over, the folds not
+    assert not any(e._windows.values()) and e._folds and not e.idle()
+    summaries = e.expire(t0 + 63 * 10**9)  # the last fold began at 3 s (value_count, once)
+    assert sorted((a.rule_id[-2:], a.process.pid, a.count) for a in summaries) == [
+        ("dd", 7, 5),  # the temporal correlation fires at each of a process's connects
+        ("dd", 8, 5),
+    ]
+    assert e._folds == {} and e._last_loss_ns  # a loss is remembered for 10 minutes
+    assert e.expire(connect(5).time_ns + 601 * 10**9) == []
+    assert e._last_loss_ns == {} and e.idle()
 
 
 def test_other_process_is_not_folded() -> None:
@@ -155,32 +188,58 @@ def test_egress_allow_lists_per_sandbox() -> None:
     assert len(policies) == 2
 
 
-def _greedy_prefix(order: list[str], seen: list[str]) -> int:
-    """The reference: walk the window's values in order, advancing on each next rule."""
-    i = 0
-    for name in seen:
-        if i < len(order) and name == order[i]:
-            i += 1
-    return i
+def _greedy(order: list[str], seen: list[str]) -> list[int]:
+    """The reference: walk the window's values in order, advancing on each next rule; the
+    indices of the entries taken."""
+    taken: list[int] = []
+    for at, name in enumerate(seen):
+        if len(taken) < len(order) and name == order[len(taken)]:
+            taken.append(at)
+    return taken
 
 
 def test_ordered_window_agrees_with_a_walk_of_its_entries() -> None:
     """The ordered prefix comes from per-value positions, not a walk of the window (which
     cost a pass over up to an hour of entries per event); both must agree as the window
-    slides, including orders that name a rule twice."""
+    slides, including orders that name a rule twice, and so must the events an alert of
+    it lists."""
     import random  # noqa: PLC0415
 
+    import msgspec.structs  # noqa: PLC0415
+
+    from detect.correlation import Counting  # noqa: PLC0415
     from detect.correlation import Window as _Window  # noqa: PLC0415
+    from detect.ruleset import Correlation  # noqa: PLC0415
 
     rng = random.Random(3)
+    base = connect(0)
+    assert isinstance(base, ConnectEvent)
+    rule = engine().rules.rules[0]
     checked = 0
     for order in (["a", "b"], ["a", "b", "c"], ["a", "a", "b"], ["b", "a", "b"]):
+        corr = Correlation(
+            id="c",
+            title="c",
+            level="high",
+            description="",
+            tags=[],
+            kind="temporal_ordered",
+            rules=order,
+            group_by=["ProcessId"],
+            seconds=20,
+            op="gte",
+            count=len(order),
+            field=None,
+            source="t",
+        )
+        counting = Counting(corr, rule)
         window = _Window()
         now = 0
         for _ in range(3000):
             now += rng.randint(0, 3)
             value = rng.choice("abcd")
-            window.entries.append((now, value))
+            event = msgspec.structs.replace(base, time_ns=now)
+            window.entries.append((now, value, event))
             window.values[value] = window.values.get(value, 0) + 1
             window.place(value)
             if window.entries[0][0] < now - 20:
@@ -188,9 +247,12 @@ def test_ordered_window_agrees_with_a_walk_of_its_entries() -> None:
             if rng.random() < 0.01:
                 window.clear()
                 continue
-            expected = _greedy_prefix(order, [v for _, v in window.entries])
-            assert window.ordered_prefix(order) == expected
-            checked += expected == len(order)
+            taken = _greedy(order, [v for _, v, _ in window.entries])
+            assert window.ordered_prefix(order) == len(taken)
+            if len(taken) == len(order):
+                checked += 1
+                listed = [window.entries[i][2] for i in taken]
+                assert all(a is b for a, b in zip(window.raised(counting), listed, strict=True))
     assert checked > 100  # full matches were among the cases
 
 

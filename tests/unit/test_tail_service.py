@@ -229,8 +229,8 @@ def test_tail_shows_what_its_filters_let_through(tmp_path: Path) -> None:
         got = [box.next() for _ in range(4)]
         assert kinds_pids(got) == [
             ("exec", 4321),
+            ("alert", 4321),  # right after the event that raised it
             ("connect", 5000),
-            ("alert", 4321),
             ("connect", 5003),
         ]
         exec_line = json.loads(got[0])
@@ -240,11 +240,47 @@ def test_tail_shows_what_its_filters_let_through(tmp_path: Path) -> None:
             b"stratum+tcp://198.51.100.1:3333",
             b"\x1b[2J",
         ]
-        assert json.loads(got[2])["events"][0]["process"]["pid"] == 4321
+        assert json.loads(got[1])["events"][0]["process"]["pid"] == 4321
         for lines in (alerts, connects, box):
             assert lines.quiet(0.5), lines.buf
             lines.proc.send_signal(signal.SIGTERM)
             assert lines.proc.wait(timeout=10) == 0
+
+
+def test_tail_sees_each_alert_right_after_the_event_that_raised_it(tmp_path: Path) -> None:
+    """A batch whose third event raises an alert, then one whose first and last do: the
+    tail gets the events and alerts in the order they happened, not a batch's events and
+    then its alerts."""
+    port = free_port()
+    with processes() as procs:
+        serve(procs, tmp_path, port)
+        out, _ = tail(procs, tmp_path, port, "-o", "json")
+        send(
+            port,
+            0,
+            [
+                connect(1, "H", "sb"),
+                connect(2, "H", "sb"),
+                miner(3, "H", "sb"),  # raises an alert
+                connect(4, "H", "sb"),
+                connect(5, "H", "sb"),
+            ],
+        )
+        send(port, 1, [miner(6, "H", "sb"), connect(7, "H", "sb"), miner(8, "H", "sb")])
+        assert kinds_pids([out.next() for _ in range(11)]) == [
+            ("connect", 1),
+            ("connect", 2),
+            ("exec", 3),
+            ("alert", 3),
+            ("connect", 4),
+            ("connect", 5),
+            ("exec", 6),
+            ("alert", 6),
+            ("connect", 7),
+            ("exec", 8),
+            ("alert", 8),
+        ]
+        assert out.quiet(0.5), out.buf
 
 
 def test_tail_refusals_exit_2_with_a_clear_message(tmp_path: Path) -> None:
