@@ -182,9 +182,8 @@ class Ingest:
                 host, run = event.host, 0
                 feed = self.engine_for(host).feed
             run += 1
-            if event.__class__ is LostEvent:
+            if event.__class__ is LostEvent:  # counted, and to the engine: a loss alerts
                 self._count_losses(event)
-                continue
             try:
                 alerts = feed(event)  # type: ignore[misc]
             except Exception as exc:  # a bug the decoder's type checks did not keep out
