@@ -614,6 +614,20 @@ def _wait_for_line(proc: subprocess.Popen[str], text: str) -> None:
     threading.Thread(target=proc.stderr.read, daemon=True).start()  # never block on a full pipe
 
 
+ROWS = [
+    "host",
+    "throughput",
+    "flood",
+    "memory",
+    "detect",
+    "service",
+    "identity",
+    "lifecycle",
+    "soak",
+]
+"""The row groups `--only` picks from; all of them by default."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
@@ -623,17 +637,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7, help="host overhead rounds each way")
     parser.add_argument(
         "--only",
-        choices=[
-            "host",
-            "throughput",
-            "flood",
-            "memory",
-            "detect",
-            "service",
-            "identity",
-            "lifecycle",
-            "soak",
-        ],
+        choices=ROWS,
         action="append",
     )
     args = parser.parse_args(argv)
@@ -642,20 +646,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     features = kernel.check()
     root = cgroups.find_cgroup2_root()
-    only = set(
-        args.only
-        or [
-            "host",
-            "throughput",
-            "flood",
-            "memory",
-            "detect",
-            "service",
-            "identity",
-            "lifecycle",
-            "soak",
-        ]
-    )
+    only = set(args.only or ROWS)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmpdir:
         exe = Path(tmpdir) / "micro"
