@@ -167,9 +167,13 @@ def watching(sandbox: cgroups.SandboxCgroup, *flags: str) -> Iterator[Watch]:
     """A real `sandtrace watch --cgroup <sandbox> <flags>` (its stdout to /dev/null, its
     live tail on a socket of its own), from its "watching" line until it is stopped."""
     with tempfile.TemporaryDirectory() as tmp:
+        # SANDTRACE_BENCH_PROFILE=FILE: the event loop's thread under cProfile, stats to FILE
+        profile = os.environ.get("SANDTRACE_BENCH_PROFILE")
+        profiler = ["-m", "cProfile", "-o", profile] if profile else []
         proc = subprocess.Popen(
             [
                 sys.executable,
+                *profiler,
                 "-m",
                 "sandtrace",
                 "watch",

@@ -47,7 +47,7 @@ AF_INET6 = 10
 # type, version, size and time), h[4:14] of any record.
 _ContextKey = tuple[object, ...]
 _CONTEXT_CACHE_MAX = 4096
-_TABLE_CHANGES = frozenset((R.REC_EXEC, R.REC_FORK, R.REC_EXIT, R.REC_CGROUP_MOVE))
+_TABLE_CHANGES = frozenset((R.REC_EXEC, R.REC_FORK, R.REC_CGROUP_MOVE))
 
 CONNECT_HOLD_NS = 300_000_000
 """How long a TCP connect waits for its handshake outcome before it is shown as pending."""
@@ -161,6 +161,8 @@ class Assembler:
         self.unix_listener = unix_listener or UnixListeners().find
         self._pending: dict[int, _PendingConnect] = {}
         self._context_cache: dict[_ContextKey, _Context] = {}
+        self._context_keys: dict[int, list[_ContextKey]] = {}  # pid -> contexts that show it
+        self._cgroups: dict[tuple[int, int], tuple[str, str, str]] = {}
         self._wall_offset = 0
         self.sync_clock()
 
@@ -207,24 +209,54 @@ class Assembler:
 
     def _common(self, h: R.Header | R.AnyRecord) -> _Common:
         # Everything but the time depends only on header fields and the process table, so
-        # a burst of events from one thread builds its context once. The cache is dropped
-        # whenever the table changes (fork, exec, exit, move): ancestry and exe may differ.
+        # the events of one process build their context once. A change to the table drops
+        # only the contexts that show the process it changed (see _forget).
         key: _ContextKey = h[4:14]  # cgroup_id .. comm
         context = self._context_cache.get(key)
         if context is None:
             if len(self._context_cache) >= _CONTEXT_CACHE_MAX:
                 self._context_cache.clear()
-            path = self._cgroup_path(h.cgroup_id)
+                self._context_keys.clear()
+            sandbox, path, container_id = self._cgroup_context(h.cgroup_id, h.sandbox)
+            process = self._process(h)
             context = _Context(
                 host=self.host,
-                sandbox=self.sandbox_name(h.sandbox),
+                sandbox=sandbox,
                 cgroup_id=h.cgroup_id,
                 cgroup_path=path,
-                container_id=self._container_id(path),
-                process=self._process(h),
+                container_id=container_id,
+                process=process,
             )
             self._context_cache[key] = context
+            keys = self._context_keys
+            for pid in (h.pid, h.ppid, *[a.pid for a in process.ancestry]):
+                keys.setdefault(pid, []).append(key)
         return {"time_ns": h.ktime_ns + self._wall_offset, "mono_ns": h.ktime_ns, **context}
+
+    def _cgroup_context(self, cgroup_id: int, sandbox: int) -> tuple[str, str, str]:
+        """(sandbox name, cgroup path, container id) of a cgroup, cached once its path is
+        known (a path not found yet may be found by a later rescan)."""
+        found = self._cgroups.get((cgroup_id, sandbox))
+        if found is None:
+            path = self._cgroup_path(cgroup_id)
+            found = (self.sandbox_name(sandbox), path, self._container_id(path))
+            if path:
+                if len(self._cgroups) >= _CONTEXT_CACHE_MAX:
+                    self._cgroups.clear()
+                self._cgroups[(cgroup_id, sandbox)] = found
+        return found
+
+    def _forget(self, pid: int) -> None:
+        """Drop the cached contexts that show process `pid` as it was: its own, its
+        children's (their ppid) and its descendants' (their ancestry). Called before the
+        table changes it: an exec (new exe and argv), a fork (a new child, maybe one whose
+        own children came first), a move to another cgroup. An exit changes nothing a
+        context shows."""
+        keys = self._context_keys.pop(pid, None)
+        if keys:
+            cache = self._context_cache
+            for key in keys:
+                cache.pop(key, None)
 
     # -- records ----------------------------------------------------------------------------
 
@@ -243,8 +275,14 @@ class Assembler:
 
     def feed(self, rec: R.AnyRecord) -> list[AnyEvent]:
         """Events for one record (often one, none while a connect awaits its outcome)."""
-        if rec.type in _TABLE_CHANGES:
-            self._context_cache.clear()
+        kind = rec.type
+        if kind in _TABLE_CHANGES:
+            if kind == R.REC_FORK:
+                self._forget(rec.child_pid)  # type: ignore[union-attr]
+            elif kind == R.REC_CGROUP_MOVE:
+                self._forget(rec.target_pid)  # type: ignore[union-attr]
+            else:
+                self._forget(rec.pid)
         # The most frequent kinds first.
         match rec:
             case R.ConnectRecord():
