@@ -324,6 +324,71 @@ def test_context_follows_exec(asm: Assembler) -> None:
     assert ev.process.exe == b"/x"
 
 
+def udp_connect(pid: int, ppid: int, start_ns: int, port: int) -> bytes:
+    return pack(
+        R.REC_CONNECT,
+        pid=pid,
+        tid=pid,
+        ppid=ppid,
+        start_ns=start_ns,
+        family=2,
+        sock_type=2,
+        protocol=17,
+        dport=port,
+    )
+
+
+def test_an_exec_renews_the_context_of_the_process_and_its_descendants(asm: Assembler) -> None:
+    """A child's cached context shows its parent's program; the parent's exec changes it,
+    a sibling's fork does not, and a fork leaves the parent's own context as it was."""
+
+    def exec_as(pid: int, ppid: int, start_ns: int, name: bytes) -> bytes:
+        argv = b"/" + name + b"\0"
+        return pack(
+            R.REC_EXEC,
+            argv + name + b"\0",
+            pid=pid,
+            tid=pid,
+            ppid=ppid,
+            start_ns=start_ns,
+            argv_size=len(argv),
+            argv_full_size=len(argv),
+            exe_size=len(name) + 1,
+        )
+
+    feed(asm, exec_as(200, 1, 1_000, b"first"))
+    feed(asm, pack(R.REC_FORK, pid=200, tid=200, ppid=1, start_ns=1_000, child_pid=201,
+                   child_start_ns=2_000))  # fmt: skip
+    (before,) = feed(asm, udp_connect(201, 200, 2_000, 1))
+    assert [a.exe for a in before.process.ancestry] == [b"/first"]
+    feed(asm, pack(R.REC_FORK, pid=200, tid=200, ppid=1, start_ns=1_000, child_pid=202,
+                   child_start_ns=3_000))  # fmt: skip
+    (still,) = feed(asm, udp_connect(201, 200, 2_000, 2))
+    assert [a.exe for a in still.process.ancestry] == [b"/first"]
+    feed(asm, exec_as(200, 1, 1_000, b"second"))
+    (after,) = feed(asm, udp_connect(201, 200, 2_000, 3))
+    assert [a.exe for a in after.process.ancestry] == [b"/second"]
+    (parent,) = feed(asm, udp_connect(200, 1, 1_000, 4))
+    assert parent.process.exe == b"/second"
+
+
+def test_a_child_seen_before_its_fork_gets_its_parent_once_the_fork_comes(
+    asm: Assembler,
+) -> None:
+    """Records of a new process may come before its parent's fork record (other CPUs):
+    its context is renewed when the fork makes its parent known."""
+    feed(asm, pack(R.REC_EXEC, b"/p\0p\0", pid=300, tid=300, ppid=1, start_ns=1_000,
+                   argv_size=3, argv_full_size=3, exe_size=2))  # fmt: skip
+    feed(asm, pack(R.REC_FORK, pid=301, tid=301, ppid=300, start_ns=2_000, child_pid=302,
+                   child_start_ns=3_000))  # fmt: skip
+    (early,) = feed(asm, udp_connect(302, 301, 3_000, 1))
+    assert early.process.ancestry == []
+    feed(asm, pack(R.REC_FORK, pid=300, tid=300, ppid=1, start_ns=1_000, child_pid=301,
+                   child_start_ns=2_000))  # fmt: skip
+    (late,) = feed(asm, udp_connect(302, 301, 3_000, 2))
+    assert [a.pid for a in late.process.ancestry] == [301, 300]
+
+
 def test_bad_records_are_reported_not_fatal(asm: Assembler) -> None:
     events, errors = asm.feed_batches([[b"\x01", pack(R.REC_EXIT)[:20], b"\x63\x00\x01\x00"]])
     assert events == []
