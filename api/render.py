@@ -470,7 +470,7 @@ def _detail(event: Event, width: int | None) -> list[_Segment]:
 
 def _response_detail(event: ResponseEvent) -> list[_Segment]:
     """What was done, to what, with what result, and why: "KILL 4242 (+2) ok, alert ID
-    [high] TITLE" or "FREEZE st-1a2b3c4d failed: ERROR, alert ...". """
+    [high] TITLE" or "FREEZE st-1a2b3c4d failed: ERROR, alert ..."."""
     what = event.action.upper() or "ACTION"
     target = f"{event.target_pid}" if event.action == "kill" else event.sandbox
     atoms = [*_atoms(what), " ", *_atoms(target)]
