@@ -360,7 +360,7 @@ class _Tracing:
         self.enricher = _enricher(packages)
         self.responder = _responder(args, root, scopes, self.assembler.host)
         if self.responder is not None:
-            sinks.append(self.responder)
+            sinks.insert(0, self.responder)  # acts first; reports after the others have it
             for sink in outputs.sinks:
                 if isinstance(sink, StreamSink):
                     sink.on_order = self.responder.order_from_service

@@ -108,12 +108,9 @@ def _loopback(addr: str) -> bool:
 
 
 def _entry(sandbox: str, name: str, ports: list[int]) -> str:
-    """``[SANDBOX=]NET[:PORTS]``: an IPv6 address as a /128 network (its colons would read
-    as a port otherwise), ports as a list."""
-    try:
-        net = str(ipaddress.ip_network(name)) if ":" in name else name
-    except ValueError:
-        net = name
+    """``[SANDBOX=]NET[:PORTS]``: an IPv6 address in brackets (its colons would read as a
+    port otherwise), ports as a list."""
+    net = f"[{name}]" if ":" in name else name
     where = f"{sandbox}=" if sandbox else ""
     return f"{where}{net}" + (f":{','.join(map(str, ports))}" if ports else "")
 

@@ -84,6 +84,7 @@ def test_run_kill_on_high_kills_the_miner_and_the_run_goes_on(miner: Path, tmp_p
             f"{miner} 60 & echo miner $!; wait $!; echo exit $?; echo after",
         ],
         cwd=ROOT_DIR,
+        check=False,
         capture_output=True,
         text=True,
         timeout=120,
@@ -144,7 +145,7 @@ def _respond(responder: Responder, orders: list[Order]) -> list[ResponseEvent]:
     got: list[ResponseEvent] = []
 
     async def go() -> None:
-        responder.out = lambda e: got.append(e)  # type: ignore[arg-type,misc]
+        responder.out = got.append  # type: ignore[assignment]
         for order in orders:
             responder.order_from_service(order)
         await responder.aclose()
@@ -159,7 +160,7 @@ def test_a_process_outside_the_sandbox_or_a_reused_pid_is_never_signalled(
 ) -> None:
     root = cgroups.find_cgroup2_root()
     outside = subprocess.Popen([str(miner), "60"])  # on the host, not in the sandbox
-    inside = subprocess.Popen([str(miner), "60"], preexec_fn=sandbox.join)
+    inside = subprocess.Popen([str(miner), "60"], preexec_fn=sandbox.join)  # noqa: PLW1509 - no threads yet
     try:
         responder = Responder(
             {sandbox.name: TracedSandbox([sandbox.path])},
@@ -212,7 +213,7 @@ def test_a_process_outside_the_sandbox_or_a_reused_pid_is_never_signalled(
 
 def test_kill_reaches_the_descendants_in_the_sandbox(sandbox: cgroups.SandboxCgroup) -> None:
     root = cgroups.find_cgroup2_root()
-    parent = subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60 & wait"], preexec_fn=sandbox.join)
+    parent = subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60 & wait"], preexec_fn=sandbox.join)  # noqa: PLW1509 - no threads yet
     try:
         deadline = time.monotonic() + 5
         while len(sandbox.pids()) < 3 and time.monotonic() < deadline:
@@ -258,13 +259,13 @@ def test_watch_freeze_on_high_then_sandbox_thaw_and_kill(
     # a process that keeps counting: it stops while frozen and goes on once thawed
     counting = subprocess.Popen(
         ["sh", "-c", f"i=0; while true; do i=$((i+1)); echo $i > {counter}; sleep 0.02; done"],
-        preexec_fn=sandbox.join,
+        preexec_fn=sandbox.join,  # noqa: PLW1509 - no threads yet,
     )
     with processes() as procs:
         watch = sandtrace("watch", "--json", "--no-tail", "--cgroup", rel, "--freeze-on", "high")
         procs.append(watch)
         Lines(watch, "stderr").until("watching", timeout=120)
-        miner_proc = subprocess.Popen([str(miner), "60"], preexec_fn=sandbox.join)
+        miner_proc = subprocess.Popen([str(miner), "60"], preexec_fn=sandbox.join)  # noqa: PLW1509 - no threads yet
         try:
             out = Lines(watch, "stdout")
             while True:
@@ -286,6 +287,7 @@ def test_watch_freeze_on_high_then_sandbox_thaw_and_kill(
             thaw = subprocess.run(
                 [sys.executable, "-m", "sandtrace", "sandbox", "thaw", sandbox.name, "--json"],
                 cwd=ROOT_DIR,
+                check=False,
                 capture_output=True,
                 text=True,
                 timeout=60,
@@ -307,6 +309,7 @@ def test_watch_freeze_on_high_then_sandbox_thaw_and_kill(
             kill = subprocess.run(
                 [sys.executable, "-m", "sandtrace", "sandbox", "kill", rel, "--json"],
                 cwd=ROOT_DIR,
+                check=False,
                 capture_output=True,
                 text=True,
                 timeout=60,
@@ -336,6 +339,7 @@ def test_sandbox_refuses_what_is_not_a_sandbox() -> None:
         run = subprocess.run(
             [sys.executable, "-m", "sandtrace", "sandbox", "thaw", name],
             cwd=ROOT_DIR,
+            check=False,
             capture_output=True,
             text=True,
             timeout=60,
@@ -375,6 +379,7 @@ def test_the_service_orders_the_kill_over_the_collectors_connection(
                 f"{miner} 60 & echo miner $!; wait $!; echo exit $?",
             ],
             cwd=ROOT_DIR,
+            check=False,
             capture_output=True,
             text=True,
             timeout=120,
