@@ -215,6 +215,28 @@ class IoUringEvent(Event, tag="io_uring"):
     flags: int = 0  # IORING_SETUP_*
 
 
+class ResponseEvent(Event, tag="response"):
+    """An action sandtrace took against a sandbox, ordered by an alert (embedded detection or
+    the service's) or by an operator (`sandtrace sandbox`). Its process is the one the
+    action is about: the alerting process (whose pid and key the action checked before
+    acting), or for an operator's command sandtrace's own."""
+
+    kind: ClassVar[str] = "response"
+
+    action: str = ""  # kill | freeze | thaw
+    origin: str = ""  # embedded (this collector's rules) | service | operator
+    result: str = ""  # ok | failed | refused (outside the traced sandboxes) | gone (exited)
+    error: str = ""  # why, when the result is not ok
+    alert_id: str = ""  # the alert that ordered it ("" for an operator's command)
+    rule_id: str = ""
+    title: str = ""
+    level: str = ""
+    target_pid: int = 0  # kill: the alerting process
+    target_key: str = ""
+    pids: list[int] = field(default_factory=list)  # kill: every process signalled
+    took_ns: int = 0  # from the order to the action's result
+
+
 class LostEvent(_Record, tag_field="kind", tag="lost"):
     """Records that could not be delivered since the previous LostEvent, by cause."""
 
@@ -265,6 +287,7 @@ AnyEvent = (
     | LostEvent
     | RawSocketEvent
     | IoUringEvent
+    | ResponseEvent
 )
 
 EVENT_TYPES: dict[str, type[Any]] = {
@@ -282,6 +305,7 @@ EVENT_TYPES: dict[str, type[Any]] = {
         Alert,
         RawSocketEvent,
         IoUringEvent,
+        ResponseEvent,
     )
 }
 

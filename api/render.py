@@ -49,6 +49,7 @@ from api.events import (
     ListenEvent,
     LostEvent,
     RawSocketEvent,
+    ResponseEvent,
     SocketEvent,
     bytes_text,
     text_bytes,
@@ -73,7 +74,12 @@ _PID_WIDTH = 7  # pid_max is at most 4194304
 _COMM_WIDTH = 16
 
 # Short names for the kind column; a kind not listed is shown as it is (escaped).
-_KIND_LABELS = {"cgroup_move": "move", "raw_socket": "raw", "io_uring": "uring"}
+_KIND_LABELS = {
+    "cgroup_move": "move",
+    "raw_socket": "raw",
+    "io_uring": "uring",
+    "response": "respond",
+}
 
 # SGR parameters. Only TextRenderer(color=True) ever emits them.
 _KIND_STYLES = {
@@ -88,6 +94,7 @@ _KIND_STYLES = {
     "raw_socket": "1;35",  # bold magenta
     "io_uring": "35",
     "lost": "1;31",  # bold red
+    "response": "1;31",
 }
 _MARKER_STYLE = "1;33"  # bold yellow: [memfd], [deleted], left sandbox
 _ERROR_STYLE = "31"
@@ -456,7 +463,32 @@ def _detail(event: Event, width: int | None) -> list[_Segment]:
         return [_plain(f"{event.family} {event.protocol} (protocol {event.protocol_number})")]
     if isinstance(event, IoUringEvent):
         return [_plain(f"fd {event.fd}, {event.sq_entries}/{event.cq_entries} entries")]
+    if isinstance(event, ResponseEvent):
+        return _response_detail(event)
     return [("", _atoms(event.kind))]
+
+
+def _response_detail(event: ResponseEvent) -> list[_Segment]:
+    """What was done, to what, with what result, and why: "KILL 4242 (+2) ok, alert ID
+    [high] TITLE" or "FREEZE st-1a2b3c4d failed: ERROR, alert ..."."""
+    what = event.action.upper() or "ACTION"
+    target = f"{event.target_pid}" if event.action == "kill" else event.sandbox
+    atoms = [*_atoms(what), " ", *_atoms(target)]
+    if event.action == "kill" and len(event.pids) > 1:
+        atoms += [*f" (+{len(event.pids) - 1})"]
+    segments: list[_Segment] = [(_MARKER_STYLE, atoms), _plain(" ")]
+    if event.result == "ok":
+        segments.append(_plain("ok"))
+    else:
+        segments.append((_ERROR_STYLE, _atoms(event.result or "unknown")))
+        if event.error:
+            segments.append(("", [":", " ", *_atoms(event.error)]))
+    if event.alert_id:
+        why = f", alert {event.alert_id} [{event.level}] "
+        segments.append(("", [*_atoms(why), *_atoms(event.title)]))
+    elif event.origin:
+        segments.append(("", [*", by ", *_atoms(event.origin)]))
+    return segments
 
 
 def _exec_detail(event: ExecEvent, width: int | None) -> list[_Segment]:

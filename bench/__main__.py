@@ -13,7 +13,9 @@
 7. what each short process costs a real `watch`: its CPU against a fork+exec loop's at
    100/s, 1,000/s and unpaced, and idle (bench/lifecycle.py);
 8. the detection service's memory over 90 minutes of a fleet's events, compressed into a
-   minute through its own ingest path and per-second expiry (bench/soak.py).
+   minute through its own ingest path and per-second expiry (bench/soak.py);
+9. response: from a miner's exec in a sandbox to the process killed, embedded and on
+   the service's orders, p50 and p99 (bench/response.py).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from api.events import ConnectEvent, ExecEvent
 from bench import Row, print_table
 from bench.identity import identity_costs
 from bench.lifecycle import lifecycle
+from bench.response import response_latency
 from bench.service import free_port, service_ingest
 from bench.soak import soak
 from collector import cgroups
@@ -674,6 +677,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows += lifecycle(sandbox)
             if "soak" in only:
                 rows += soak()
+            if "response" in only:
+                rows += response_latency(sandbox)
         finally:
             sandbox.destroy()
             if not parent_existed:

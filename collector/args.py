@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from api.orders import LEVELS
 from api.tail import DEFAULT_SOCKET
 from tail.args import WIDTH_HELP, width_arg
 
@@ -16,6 +17,7 @@ EXAMPLES_RUN = """examples:
   sudo sandtrace run --json --events run.jsonl -- python3 agent.py
   sudo sandtrace run --json -- ./build.sh | jq -c 'select(.kind == "alert")'
   sudo sandtrace run --wait-all -- ./start-services.sh
+  sudo sandtrace run --kill-on high -- ./install.sh   # kill what raises a high alert
 """
 EXAMPLES_WATCH = """examples:
   sudo sandtrace watch                       # sandtrace's sandboxes and container cgroups
@@ -23,6 +25,7 @@ EXAMPLES_WATCH = """examples:
   sudo sandtrace watch --cgroup /sandtrace/st-1a2b3c4d   # as run's startup line names it
   sudo sandtrace watch --pid 4242            # a process and all its descendants
   sudo sandtrace watch --all --json          # the whole host, as JSON lines
+  sudo sandtrace watch --cgroup /sandtrace/st-1a2b3c4d --freeze-on critical
 """
 
 
@@ -169,6 +172,22 @@ def _common_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="judge loopback connects (127.0.0.0/8, ::1) by the egress allow-list too; by "
         "default a sandbox may always connect to its own host's loopback",
+    )
+    r = p.add_argument_group("response")
+    r.add_argument(
+        "--kill-on",
+        choices=LEVELS,
+        metavar="LEVEL",
+        help="kill the process that raised an alert of LEVEL or higher, and its descendants "
+        f"in the sandbox ({', '.join(LEVELS)}); with --server, the service orders it when it "
+        "is set to respond (kill_on)",
+    )
+    r.add_argument(
+        "--freeze-on",
+        choices=LEVELS,
+        metavar="LEVEL",
+        help="freeze the whole sandbox (cgroup.freeze) on an alert of LEVEL or higher, for "
+        "inspection; `sandtrace sandbox thaw|kill NAME` ends the freeze",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")
 

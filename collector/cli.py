@@ -35,6 +35,7 @@ from collector.pipeline import (
     Totals,
 )
 from collector.proctable import ProcessTable, descendants
+from collector.response import Responder, TracedSandbox
 from collector.startup import held_socket_events
 from collector.stdio import StdioReader
 from collector.stream import StreamSink
@@ -275,6 +276,51 @@ class _Outputs:
         return sum(s.stats.discarded for s in self.sinks if isinstance(s, StreamSink))
 
 
+def _check_response(args: argparse.Namespace) -> None:
+    """--kill-on and --freeze-on act inside sandboxes: refused where there are none."""
+    if not (args.kill_on or args.freeze_on):
+        return
+    if getattr(args, "all", False):
+        raise SystemExit(
+            "sandtrace: --kill-on and --freeze-on act inside sandboxes; --all traces the "
+            "whole host (give --cgroup or --pid instead)"
+        )
+    if args.freeze_on and getattr(args, "pid", None) and not getattr(args, "cgroup", None):
+        raise SystemExit(
+            "sandtrace: --freeze-on freezes a sandbox's cgroup; a --pid scope has none of "
+            "its own (trace the cgroup with --cgroup, or use --kill-on)"
+        )
+    if args.no_detect and not args.server:
+        raise SystemExit(
+            "sandtrace: --kill-on and --freeze-on act on alerts; --no-detect raises none"
+        )
+
+
+def _responder(
+    args: argparse.Namespace, root: Path, scopes: list[Scope], host: str
+) -> Responder | None:
+    """The responder of --kill-on/--freeze-on, knowing the sandboxes it may act on; with
+    --server, also the one that takes the service's orders (refusing them, reported, when
+    neither option was given)."""
+    if not (args.kill_on or args.freeze_on or args.server):
+        return None
+    sandboxes = {}
+    for scope in scopes:
+        dirs = [root / rel.lstrip("/") for rel in scope.cgroup_paths if rel != "/"]
+        root_pid = int(scope.name[4:]) if scope.name.startswith("pid-") else 0
+        if dirs or root_pid:
+            sandboxes[scope.name] = TracedSandbox(dirs, root_pid)
+    return Responder(
+        sandboxes,
+        root,
+        host=host,
+        kill_on=args.kill_on,
+        freeze_on=args.freeze_on,
+        say=_say,
+        embedded=not args.server,
+    )
+
+
 def _tail_notice(args: argparse.Namespace, engine: Engine | None) -> str:
     """What a local tail is told when it cannot get alerts from here (empty when it can)."""
     if args.server:
@@ -312,9 +358,17 @@ class _Tracing:
         if self.hub is not None:
             sinks.append(CallbackSink(self.hub.publish))
         self.enricher = _enricher(packages)
+        self.responder = _responder(args, root, scopes, self.assembler.host)
+        if self.responder is not None:
+            sinks.insert(0, self.responder)  # acts first; reports after the others have it
+            for sink in outputs.sinks:
+                if isinstance(sink, StreamSink):
+                    sink.on_order = self.responder.order_from_service
         self.pipeline = Pipeline(
             probes, self.assembler, sinks, engine=self.engine, enricher=self.enricher
         )
+        if self.responder is not None:
+            self.responder.out = self.pipeline.emit
         self.tail_socket = Path(args.tail_socket)
         self.local_tail: LocalTail | None = None
 
@@ -400,6 +454,8 @@ async def _run(args: argparse.Namespace) -> int:
         code = await child.wait()
         if args.wait_all:
             await asyncio.to_thread(_wait_empty, sandbox)
+        if tracing.responder is not None:
+            await tracing.responder.aclose()
         await asyncio.to_thread(sandbox.destroy)
         stop.set()
         totals = await runner
@@ -550,6 +606,7 @@ def main(args: argparse.Namespace) -> int:
     from probes.loader import ProbeError  # noqa: PLC0415
 
     _egress(args)  # a bad entry is said before the probes compile
+    _check_response(args)
     try:
         return asyncio.run(_run(args) if args.command == "run" else _watch(args))
     except (KernelSupportError, ProbeError, cgroups.CgroupError) as exc:

@@ -42,6 +42,7 @@ import structlog
 from api.backoff import Backoff
 from api.endpoints import check_url
 from api.events import Alert, AnyEvent, LostEvent
+from api.orders import Order, OrderError, order_from_json
 from api.wire import CONTENT_TYPE, encode_batch
 from collector.spool import Spool, SpoolCorrupt
 
@@ -135,6 +136,8 @@ class StreamSink:
         self._last_warning = 0.0
         self._last_failure = -10.0
         self.notify = notify  # tells the user (stderr) when the service goes and comes back
+        # the response orders of acknowledgements (collector.response.Responder's)
+        self.on_order: Callable[[Order], None] | None = None
         self._outage: _Outage | None = None
         if self.spool is not None and len(self.spool):
             log.info("replaying spooled batches", batches=len(self.spool), bytes=self.spool.bytes)
@@ -470,6 +473,7 @@ class StreamSink:
             self._outage_ends()  # before counting this batch: it was held too
             self.stats.sent_batches += 1
             self.stats.sent_events += batch.events
+            self._take_orders(text)
             return "ok"
         text = text[:300]
         if status in PERMANENT:
@@ -490,6 +494,23 @@ class StreamSink:
             log.info("service did not take a batch; retrying", status=status, answer=text)
             self._outage_begins(f"does not take batches (HTTP {status})")
         return "retry"
+
+    def _take_orders(self, answer: str) -> None:
+        """The response orders an acknowledgement carries (api/orders.py), to on_order; one
+        this build cannot read is logged and left."""
+        if self.on_order is None or '"orders"' not in answer:
+            return
+        try:
+            orders = json.loads(answer).get("orders", [])
+        except (ValueError, AttributeError):
+            return
+        for raw in orders if isinstance(orders, list) else []:
+            try:
+                order = order_from_json(raw)
+            except OrderError as exc:
+                log.warning("service order not taken", error=str(exc))
+                continue
+            self.on_order(order)
 
 
 def _reason(exc: BaseException) -> str:
@@ -533,7 +554,7 @@ class _Http(_Transport):
         }
         timeout = aiohttp.ClientTimeout(total=SEND_TIMEOUT)
         async with self.session.post(self.url, data=body, headers=headers, timeout=timeout) as resp:
-            return resp.status, "" if resp.status == 200 else await resp.text()
+            return resp.status, await resp.text()  # an ack may carry orders
 
 
 class _WebSocket(_Transport):
@@ -564,7 +585,7 @@ class _WebSocket(_Transport):
             raise aiohttp.ClientError(f"service closed the stream ({msg.type.name}, {msg.extra})")
         answer = json.loads(msg.data)
         if "ack" in answer:
-            return 200, ""
+            return 200, msg.data  # it may carry orders
         return int(answer.get("status", 400)), str(answer.get("message", answer))
 
     async def reset(self) -> None:

@@ -3,6 +3,8 @@
     sandtrace run|watch   the collector (root, BCC): probes -> collector
     sandtrace serve       the detection service (no root, no BCC): service -> detect
     sandtrace tail        follow a watch or a service live: tail
+    sandtrace sandbox     freeze, thaw or kill a sandbox: collector (root)
+    sandtrace policy      an egress allow-list proposed from recorded events
 
 Building the parser imports only each part's argparse module, so `sandtrace serve` and
 `sandtrace tail` start where BCC is absent, and `--help` is quick everywhere.
@@ -19,7 +21,8 @@ import sys
 import structlog
 
 from collector import args as collector_args
-from sandtrace import __version__, tools_args
+from collector import sandbox_args
+from sandtrace import __version__, policy_args, tools_args
 from service import args as service_args
 from tail import args as tail_args
 
@@ -47,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
             tail_args.EXAMPLES,
             tools_args.EXAMPLES_RULES,
             tools_args.EXAMPLES_REPLAY,
+            sandbox_args.EXAMPLES,
+            policy_args.EXAMPLES,
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -56,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     service_args.add_parser(sub)
     tail_args.add_parser(sub)
     tools_args.add_parsers(sub)
+    sandbox_args.add_parser(sub)
+    policy_args.add_parser(sub)
     return parser
 
 
@@ -91,6 +98,16 @@ def main(argv: list[str] | None = None) -> int:
             from sandtrace import rules  # noqa: PLC0415
 
             return rules.main(args)
+        if args.command == "policy":
+            from sandtrace import policy  # noqa: PLC0415
+
+            return policy.main(args)
+        if args.command == "sandbox":
+            from collector import response  # noqa: PLC0415
+
+            return response.sandbox_main(
+                args.action, args.name, as_json=args.json, timeout=args.timeout
+            )
         if args.command == "replay":
             from sandtrace import replay  # noqa: PLC0415
 

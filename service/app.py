@@ -6,7 +6,8 @@ GET /v1/tail streams events and alerts to live-tail clients (tail/hub.py), and /
 /readyz and /metrics report. It needs neither root nor BCC.
 
 The service answers {"ack": seq} once a batch is handled: the engine has seen it, the file
-outputs have written it, and, with a state directory, the replay state says so. A batch
+outputs have written it, and, with a state directory, the replay state says so. Set to
+respond, it adds "orders" when the batch's alerts order a kill or a freeze (api/orders.py). A batch
 already handled (same collector, a sequence number it has seen) is acknowledged again without
 being handled twice. Bad input gets a 4xx with a reason, counted per reason.
 """
@@ -29,6 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from api.events import Alert, AnyEvent, LostEvent
+from api.orders import Order, order_to_json, orders_for
 from api.wire import CONTENT_TYPES, MAX_BATCH_BYTES, BadBatch, decode_batch
 from detect.engine import Engine
 from detect.ruleset import RuleSet
@@ -108,6 +110,8 @@ class Ingest:
         state_dir: Path | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        kill_on: str | None = None,
+        freeze_on: str | None = None,
     ) -> None:
         """on_batch gets a batch's events and on_alert each alert in the order they
         happened: a batch in pieces, each alert right after the piece that ends with the
@@ -130,6 +134,10 @@ class Ingest:
         self._uncommitted: deque[tuple[int, str, int]] = deque()  # (ticket, collector, seq)
         self.stats = Stats()
         self._failures: set[str] = set()
+        # Response (api/orders.py): the orders the alerts of the batch just handled give,
+        # for its acknowledgement (taken by take_orders right after handle)
+        self.kill_on, self.freeze_on = kill_on, freeze_on
+        self._orders: list[Order] = []
 
     def new_ticket(self) -> int:
         """A ticket for what is not a batch (the alerts flushed at shutdown)."""
@@ -197,6 +205,10 @@ class Ingest:
             stats.events_in[host] += run
             self._heard_from(host, events[-1].time_ns)
         self._publish(collector, seq, events, raised)
+        if self.kill_on or self.freeze_on:
+            now = time.time_ns()
+            for _, alert in raised:
+                self._orders += orders_for(alert, self.kill_on, self.freeze_on, now_ns=now)
         if events:  # how old the oldest event of the batch is by now
             oldest = min(map(_time_ns, events))
             stats.lag.observe(max(time.time_ns() - oldest, 0) / 1e9)
@@ -210,6 +222,22 @@ class Ingest:
         self.ticket += 1
         self._uncommitted.append((self.ticket, collector, seq))
         return self.ticket
+
+    def take_orders(self) -> list[dict[str, Any]]:
+        """The response orders of the batch handle() just took, as its acknowledgement
+        carries them (api/orders.py), counted by action."""
+        orders, self._orders = self._orders, []
+        for order in orders:
+            self.stats.orders[order.action] += 1
+            log.info(
+                "response ordered",
+                action=order.action,
+                host=order.host,
+                sandbox=order.sandbox,
+                pid=order.process.pid,
+                alert=order.alert_id,
+            )
+        return [order_to_json(o) for o in orders]
 
     def _heard_from(self, host: str, time_ns: int) -> None:
         heard = self.heard.get(host)
@@ -330,12 +358,17 @@ def make_app(
     for collector in metrics:
         registry.register(collector)
 
-    async def accept(collector: str, seq: int, events: list[AnyEvent]) -> None:
-        """Handle a batch and return once it may be acknowledged."""
+    async def accept(collector: str, seq: int, events: list[AnyEvent]) -> dict[str, Any]:
+        """Handle a batch and return, once it may be acknowledged, its acknowledgement:
+        {"ack": seq}, with "orders" when its alerts order a response (api/orders.py)."""
         fresh = ingest.ticket
         ticket = ingest.handle(collector, seq, events)
+        answer: dict[str, Any] = {"ack": seq}
+        orders = ingest.take_orders()
+        if orders:
+            answer["orders"] = orders
         if not ticket:
-            return
+            return answer
         if gate is not None:
             if ticket > fresh:
                 gate.end_batch(ticket)
@@ -343,6 +376,7 @@ def make_app(
         if failpoint is not None:
             failpoint(ticket, sum(ingest.stats.alerts.values()))
         ingest.commit(ticket, gate.points if gate is not None else None)
+        return answer
 
     def authorized(request: web.Request) -> bool:
         if token is None:
@@ -376,13 +410,13 @@ def make_app(
             collector, seq, events = decode_batch(body, request.content_type)
         except BadBatch as exc:
             return reject(exc.status, exc.reason, str(exc))
-        await accept(collector, seq, events)
+        answer = await accept(collector, seq, events)
         ingest.note_collector(
             collector,
             _int_header(request, "Sandtrace-Spool-Bytes"),
             _int_header(request, "Sandtrace-Held-Batches"),
         )
-        return web.json_response({"ack": seq})
+        return web.json_response(answer)
 
     async def stream(request: web.Request) -> web.StreamResponse:
         """The same batches over one WebSocket: binary frames are batches, each answered
@@ -432,9 +466,9 @@ def make_app(
             except BadBatch as exc:
                 await ws.send_json(rejected(exc.status, exc.reason, str(exc)))
                 continue
-            await accept(collector, seq, events)
+            answer = await accept(collector, seq, events)
             ingest.note_collector(collector, spool_bytes, held)
-            await ws.send_json({"ack": seq})
+            await ws.send_json(answer)
 
     streams: set[web.WebSocketResponse] = set()
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from api.orders import LEVELS
+
 EXAMPLES = """examples:
   sandtrace serve --listen 127.0.0.1:8780 --token-file /etc/sandtrace/token
   sandtrace serve --config /etc/sandtrace/service.toml
   sandtrace serve --config /etc/sandtrace/service.toml --check-config
+  sandtrace serve --kill-on high --freeze-on critical   # order collectors to respond
 """
 
 
@@ -80,6 +83,20 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default=None,
         help="judge loopback connects (127.0.0.0/8, ::1) by the egress allow-list too; by "
         "default a sandbox may always connect to its own host's loopback",
+    )
+    serve.add_argument(
+        "--kill-on",
+        choices=LEVELS,
+        metavar="LEVEL",
+        help="order the collector of an alert of LEVEL or higher to kill the alerting process "
+        f"and its descendants ({', '.join(LEVELS)}); the collector acts when started with "
+        "--kill-on too",
+    )
+    serve.add_argument(
+        "--freeze-on",
+        choices=LEVELS,
+        metavar="LEVEL",
+        help="order the collector of an alert of LEVEL or higher to freeze its sandbox",
     )
     serve.add_argument(
         "--alerts", metavar="FILE", help="also append every alert to FILE as JSON lines"

@@ -19,6 +19,11 @@
     fold_seconds = 60                    # repeats of a rule for one process within this
                                          # span are one alert with a count (0: each alone)
 
+    [response]                           # orders sent back to the collector of the batch
+    kill_on = "high"                     # kill the alerting process (and its descendants)
+    freeze_on = "critical"               # freeze its whole sandbox; levels: informational,
+                                         # low, medium, high, critical (default: neither)
+
     [tail]
     enabled = true
     queue = 10000                        # items held per tail client before it misses some
@@ -51,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from api.endpoints import is_loopback, read_token_file
+from api.orders import LEVELS
 
 
 class ConfigError(ValueError):
@@ -86,6 +92,8 @@ class ServiceConfig:
     egress_allow: list[str] = field(default_factory=list)
     egress_check_loopback: bool = False
     fold_seconds: float = 60.0
+    kill_on: str = ""  # "" or a level: api.orders.LEVELS
+    freeze_on: str = ""
     tail: bool = True
     tail_queue: int = 10_000
     tail_clients: int = 64
@@ -138,6 +146,10 @@ _SECTIONS: dict[str, dict[str, tuple[str, _KeyType, str]]] = {
         "egress_allow": ("egress_allow", list, "a list of strings: allow-list entries"),
         "egress_check_loopback": ("egress_check_loopback", bool, "true or false"),
         "fold_seconds": ("fold_seconds", _NUMBER, "a number of seconds"),
+    },
+    "response": {
+        "kill_on": ("kill_on", str, "a level: informational, low, medium, high or critical"),
+        "freeze_on": ("freeze_on", str, "a level: informational, low, medium, high or critical"),
     },
     "tail": {
         "enabled": ("tail", bool, "true or false"),
@@ -224,6 +236,9 @@ def read(path: Path) -> tuple[ServiceConfig, list[str]]:
                 setattr(cfg, attr, [_beside_one(path, v) for v in item])
             elif attr in _PATHS:
                 setattr(cfg, attr, _beside_one(path, item))
+            elif attr in ("kill_on", "freeze_on") and item not in LEVELS:
+                problems.append(f"{where}: {item!r} is not a level; expected {expected}")
+                continue
             else:
                 setattr(cfg, attr, item)
             cfg.origins[attr] = where

@@ -53,6 +53,10 @@ def build_config(args: argparse.Namespace) -> tuple[ServiceConfig, list[str]]:
             before = cfg.origins.get(attr)
             cfg.origins[attr] = f"{before} and {option}" if getattr(cfg, attr) else option
             setattr(cfg, attr, [*getattr(cfg, attr), *extra])
+    for attr in ("kill_on", "freeze_on"):
+        if getattr(args, attr, None):
+            setattr(cfg, attr, getattr(args, attr))
+            cfg.origins[attr] = "--" + attr.replace("_", "-")
     for attr in ("allow_refused_rules", "egress_check_loopback"):
         if getattr(args, attr):
             setattr(cfg, attr, True)
@@ -249,6 +253,8 @@ async def serve(args: argparse.Namespace) -> int:
         on_batch=on_batch,
         state_dir=state,
         engine_factory=lambda r: Engine(r, egress, cfg.fold_seconds, matchers),
+        kill_on=cfg.kill_on or None,
+        freeze_on=cfg.freeze_on or None,
     )
     if ingest.state is not None:  # before the files open: see outputs.jsonl.OutputGate
         _say(take_back(outputs, ingest.state.outputs))

@@ -60,6 +60,7 @@ class Stats:
     collector_lost: Counter[tuple[str, str]] = field(default_factory=Counter)  # (host, cause)
     collectors: dict[str, CollectorInfo] = field(default_factory=dict)
     lag: Lag = field(default_factory=Lag)
+    orders: Counter[str] = field(default_factory=Counter)  # response orders sent, per action
 
 
 class IngestMetrics(Collector):
@@ -75,6 +76,7 @@ class IngestMetrics(Collector):
             ("sandtrace_batches", "Batches, per result", "result", stats.batches),
             ("sandtrace_alerts", "Alerts raised, per rule", "rule", stats.alerts),
             ("sandtrace_rejected", "Batches rejected, per reason", "reason", stats.rejected),
+            ("sandtrace_orders", "Response orders sent, per action", "action", stats.orders),
         )
         for name, help_text, label, counter in counters:
             family = CounterMetricFamily(name, help_text, labels=[label])

@@ -32,6 +32,7 @@ from api.events import (
     LostEvent,
     Process,
     RawSocketEvent,
+    ResponseEvent,
     SocketEvent,
 )
 from service.schemas.attack import attack_of
@@ -308,6 +309,38 @@ def _cgroup_move(event: CgroupMoveEvent, d: Doc) -> None:
     }
 
 
+# What a response did, as ECS event.type: a kill ends processes, a freeze or thaw changes them.
+_RESPONSE_TYPES = {"kill": ["end"], "freeze": ["change"], "thaw": ["change"]}
+
+
+def _response(event: ResponseEvent, d: Doc) -> None:
+    # process is the one the action is about (the alerting process); why is in event.reason
+    # and rule.*, the alert's id in sandtrace.response (ECS has no field for another event's).
+    d["event"] |= {
+        "category": ["process"],
+        "type": _RESPONSE_TYPES.get(event.action, ["info"]),
+        "action": f"sandbox-{event.action}",
+        "outcome": "success" if event.result == "ok" else "failure",
+    }
+    if event.alert_id:
+        d["event"]["reason"] = f"alert {event.alert_id}: {event.title}"
+        d["rule"] = {"id": event.rule_id, "name": event.title, "ruleset": PRODUCT}
+    if event.error:
+        d["error"] = {"message": event.error}
+    d["message"] = f"sandtrace {event.action} {event.result}"
+    d["sandtrace"]["response"] = {
+        "action": event.action,
+        "origin": event.origin,
+        "result": event.result,
+        "alert_id": event.alert_id,
+        "level": event.level,
+        "target_pid": event.target_pid,
+        "target_entity_id": event.target_key,
+        "pids": list(event.pids),
+        "took_ns": event.took_ns,
+    }
+
+
 # Each kind of event adds its fields to the document of the fields all events have. (The
 # functions take the type they are filed under: Any stands for "that type" here.)
 EVENT_FIELDS: dict[type[Event], Callable[[Any, Doc], None]] = {
@@ -321,6 +354,7 @@ EVENT_FIELDS: dict[type[Event], Callable[[Any, Doc], None]] = {
     CgroupMoveEvent: _cgroup_move,
     RawSocketEvent: _raw_socket,
     IoUringEvent: _io_uring,
+    ResponseEvent: _response,
 }
 
 

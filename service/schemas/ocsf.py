@@ -42,6 +42,7 @@ from api.events import (
     LostEvent,
     Process,
     RawSocketEvent,
+    ResponseEvent,
     SocketEvent,
 )
 from service.schemas.attack import Named, attack_of
@@ -221,9 +222,10 @@ def _event(event: Event) -> Doc:
         d["status"] = _STATUS_NAMES[a.status_id]
     d |= a.extra
     actor = d["actor"]
-    actor["user"] = {"uid": str(event.process.uid)}
-    if event.process.user:
-        actor["user"]["name"] = event.process.user
+    if "app_name" not in actor:  # the acting process's user (sandtrace's own is not known)
+        actor["user"] = {"uid": str(event.process.uid)}
+        if event.process.user:
+            actor["user"]["name"] = event.process.user
     d["unmapped"] = a.unmapped
     return d
 
@@ -373,6 +375,33 @@ def _socket(event: SocketEvent, a: Activity) -> None:
     a.unmapped["sandtrace"]["socket"] = {"state": event.state}
 
 
+def _response(event: ResponseEvent, a: Activity) -> None:
+    # A kill is Process Activity Terminate of the alerting process (the document's process);
+    # a freeze or thaw acts on the whole sandbox (Other). The actor is sandtrace itself, an
+    # application, not a process the event describes.
+    if event.action == "kill":
+        a.activity_id, a.activity_name = 2, "Terminate"
+    else:
+        a.activity_id, a.activity_name = 99, event.action.capitalize() or "Other"
+    a.status_id = 1 if event.result == "ok" else 2
+    if event.error:
+        a.extra["status_detail"] = event.error
+    a.extra["actor"] = {"app_name": PRODUCT}
+    a.unmapped["sandtrace"]["response"] = {
+        "action": event.action,
+        "origin": event.origin,
+        "result": event.result,
+        "alert_id": event.alert_id,
+        "rule_id": event.rule_id,
+        "title": event.title,
+        "level": event.level,
+        "target_pid": event.target_pid,
+        "target_uid": event.target_key,
+        "pids": list(event.pids),
+        "took_ns": event.took_ns,
+    }
+
+
 # Each kind of event: its OCSF class, and what decides its activity. (The functions take the
 # type they are filed under: Any stands for "that type" here.)
 EVENT_ACTIVITIES: dict[type[Event], tuple[OcsfClass, Callable[[Any, Activity], None]]] = {
@@ -386,6 +415,7 @@ EVENT_ACTIVITIES: dict[type[Event], tuple[OcsfClass, Callable[[Any, Activity], N
     SocketEvent: (_NETWORK_ACTIVITY, _socket),
     RawSocketEvent: (_PROCESS_ACTIVITY, _raw_socket),
     IoUringEvent: (_PROCESS_ACTIVITY, _io_uring),
+    ResponseEvent: (_PROCESS_ACTIVITY, _response),
 }
 
 

@@ -81,7 +81,10 @@ what = "alerts"
     ("toml", "message"),
     [
         ('[server]\nlisten = "127.0.0.1:1"\nlisen = 3\n', "[server] lisen: unknown key (expected"),
-        ("[servr]\n", "[servr]: unknown table (expected one of [server], [detection], [tail]"),
+        (
+            "[servr]\n",
+            "[servr]: unknown table (expected one of [server], [detection], [response], [tail]",
+        ),
         (
             '[server]\nread_timeout = "soon"\n',
             "[server] read_timeout: 'soon' is a string; expected a number of seconds",

@@ -1,0 +1,48 @@
+"""The command line of `sandtrace policy suggest`: argparse only."""
+
+from __future__ import annotations
+
+import argparse
+
+EXAMPLES = """examples:
+  sandtrace policy suggest run.jsonl                 # per sandbox, with counts
+  sandtrace policy suggest --any-sandbox --format flags run-*.jsonl
+  sandtrace policy suggest --format toml events.jsonl >> service.toml
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`policy suggest`."""
+    policy = sub.add_parser(
+        "policy",
+        help="propose an egress allow-list from recorded events",
+        description="Policies made from what sandboxes did.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    what = policy.add_subparsers(dest="policy_command", required=True)
+    suggest = what.add_parser(
+        "suggest",
+        help="an egress allow-list that lets every recorded connect pass",
+        description="Read the JSON lines `run`/`watch --events` write (- for stdin) and "
+        "propose the egress\nallow-list entries ([SANDBOX=]NET[:PORTS]) that let every "
+        "connect they recorded pass, with\nthe count of each: a start for moving from "
+        "audit to enforcement. Loopback and unix\nsocket connects are left out (a note "
+        "says how many).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    suggest.add_argument("files", nargs="+", metavar="FILE", help="events, as JSON lines")
+    suggest.add_argument(
+        "--format",
+        choices=["text", "flags", "toml"],
+        default="text",
+        help="entries with counts (default), run/watch options, or the service's TOML",
+    )
+    suggest.add_argument(
+        "--any-sandbox",
+        action="store_true",
+        help="one list for every sandbox (entries without SANDBOX=): for `run`, whose "
+        "sandbox ids are new on every run",
+    )
+    suggest.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")
