@@ -627,6 +627,7 @@ ROWS = [
     "identity",
     "lifecycle",
     "soak",
+    "response",
 ]
 """The row groups `--only` picks from; all of them by default."""
 

@@ -136,7 +136,12 @@ def test_the_cases_cover_every_known_subcommand() -> None:
 @pytest.mark.parametrize("sub", subcommands())
 def test_every_subcommand_refuses_what_it_does_not_know(sub: str) -> None:
     # what a subcommand needs besides options, so that the unknown option is what it refuses
-    needs = {"rules": ["check", "rules"], "replay": ["events.jsonl"]}.get(sub, [])
+    needs = {
+        "rules": ["check", "rules"],
+        "replay": ["events.jsonl"],
+        "sandbox": ["thaw", "st-1"],
+        "policy": ["suggest", "events.jsonl"],
+    }.get(sub, [])
     assert_clear_error(sandtrace(sub, *needs, "--no-such-option"), "unrecognized arguments")
     result = sandtrace(sub, "--help")
     assert result.returncode == 0 and "Traceback" not in result.stderr
