@@ -32,7 +32,12 @@ ZONE = {
     "edge.pools.test": {"A": ["127.0.0.90"], "TTL": 120},
     "www.example.test": {"A": ["127.0.0.89"], "TTL": 60},
 }
-LISTENERS = {"stratum": "127.0.0.90", "http": "127.0.0.89", "tls": "127.0.0.91", "ssh": "127.0.0.92"}
+LISTENERS = {
+    "stratum": "127.0.0.90",
+    "http": "127.0.0.89",
+    "tls": "127.0.0.91",
+    "ssh": "127.0.0.92",
+}
 
 CLIENT = r"""
 import json, socket, ssl, struct, sys
