@@ -205,8 +205,7 @@ def name_hash(name: str) -> int:
     """The kernel's hash of a question name (bpf/include/flows.h, struct dns_addr_val):
     FNV-1a 64 over the name in wire form, ASCII upper-case letters lowered."""
     h = FNV64_OFFSET
-    for c in wire_name(name):
-        if 0x41 <= c <= 0x5A:
-            c += 0x20
+    for byte in wire_name(name):
+        c = byte + 0x20 if 0x41 <= byte <= 0x5A else byte
         h = ((h ^ c) * FNV64_PRIME) & 0xFFFFFFFFFFFFFFFF
     return h

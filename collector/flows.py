@@ -89,7 +89,8 @@ def stratum_method(payload: bytes) -> str:
         obj = json.loads(line)
     except (ValueError, RecursionError):
         obj = None
-    if isinstance(obj, dict) and isinstance(obj.get("method"), str):
-        return obj["method"][:64]
+    method = obj.get("method") if isinstance(obj, dict) else None
+    if isinstance(method, str):
+        return method[:64]
     m = _METHOD.search(payload)  # a request longer than the capture
     return m.group(1).decode("ascii") if m else ""

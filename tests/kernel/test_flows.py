@@ -21,7 +21,6 @@ import pytest
 from api.events import ConnectEvent, DnsEvent
 from collector.assemble import FLOW_HOLD_NS
 from collector.dns import name_hash
-from tests.e2e.testhosts import wait_listening
 from tests.kernel.tracer import Tracer, of
 from tests.tlsutil import make_tls
 
