@@ -148,6 +148,19 @@ class ConnectEvent(Event, tag="connect"):
     # the previous event for it (a flood of repeats is one event a second). With outcome
     # "repeated" the event reports only such a count, no connect of its own.
     repeats: int = 0
+    # Names and protocols (where the kernel has cgroup_skb hooks; see README, "Names and
+    # protocols"). All of it comes from the sandbox's own packets and is untrusted.
+    # The name the sandbox resolved daddr as (a DNS answer it received), else the server
+    # name of a TLS ClientHello on this flow; "" when neither was seen.
+    hostname: str = ""
+    hostname_source: str = ""  # "dns" | "sni" | ""
+    # What the flow speaks, from its first bytes each way whatever the port: ssh, tls, http,
+    # stratum, dns; "unknown" for bytes that match none; "" when no payload was seen.
+    app_protocol: str = ""
+    sni: str = ""  # a TLS ClientHello's server name
+    http_host: str = ""  # an HTTP request's Host
+    # the first line said: an HTTP request line, a Stratum method, an SSH banner
+    app_detail: str = ""
 
 
 class BindEvent(Event, tag="bind"):
@@ -237,6 +250,30 @@ class ResponseEvent(Event, tag="response"):
     took_ns: int = 0  # from the order to the action's result
 
 
+class DnsEvent(Event, tag="dns"):
+    """A DNS answer a traced process received (from port 53, UDP or TCP), as it came: the
+    names in it are whatever the answering server chose, untrusted."""
+
+    kind: ClassVar[str] = "dns"
+
+    query_name: str = ""  # lower-case, no trailing dot; bytes that are not UTF-8 as \xNN
+    query_type: str = ""  # "A", "AAAA", "CNAME", ..., "TYPE<n>"
+    rcode: int = 0  # response code: 0 NOERROR, 3 NXDOMAIN, ...
+    rcode_name: str = ""
+    addresses: list[str] = field(default_factory=list)  # A/AAAA answers of the question
+    cnames: list[str] = field(default_factory=list)  # the CNAME chain from it, in order
+    # every answer record as "TYPE data" ("A 192.0.2.7", "CNAME edge.example.net", "MX ")
+    answers: list[str] = field(default_factory=list)
+    ttl: int = 0  # the shortest TTL of the answers
+    resolver: str = ""  # the address the answer came from
+    resolver_port: int = 0
+    protocol: str = ""  # "udp" | "tcp"
+    transaction_id: int = 0
+    truncated: bool = False  # the TC bit, or the message was longer than sandtrace captures
+    mapped: int = 0  # addresses the kernel entered in its per-sandbox name map
+    error: str = ""  # why the message could not be read whole ("" when it could)
+
+
 class LostEvent(_Record, tag_field="kind", tag="lost"):
     """Records that could not be delivered since the previous LostEvent, by cause."""
 
@@ -288,6 +325,7 @@ AnyEvent = (
     | RawSocketEvent
     | IoUringEvent
     | ResponseEvent
+    | DnsEvent
 )
 
 EVENT_TYPES: dict[str, type[Any]] = {
@@ -306,6 +344,7 @@ EVENT_TYPES: dict[str, type[Any]] = {
         RawSocketEvent,
         IoUringEvent,
         ResponseEvent,
+        DnsEvent,
     )
 }
 

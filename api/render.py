@@ -41,6 +41,7 @@ from api.events import (
     BindEvent,
     CgroupMoveEvent,
     ConnectEvent,
+    DnsEvent,
     Event,
     ExecEvent,
     ExitEvent,
@@ -465,6 +466,8 @@ def _detail(event: Event, width: int | None) -> list[_Segment]:
         return [_plain(f"fd {event.fd}, {event.sq_entries}/{event.cq_entries} entries")]
     if isinstance(event, ResponseEvent):
         return _response_detail(event)
+    if isinstance(event, DnsEvent):
+        return _dns_detail(event)
     return [("", _atoms(event.kind))]
 
 
@@ -488,6 +491,28 @@ def _response_detail(event: ResponseEvent) -> list[_Segment]:
         segments.append(("", [*_atoms(why), *_atoms(event.title)]))
     elif event.origin:
         segments.append(("", [*", by ", *_atoms(event.origin)]))
+    return segments
+
+
+def _dns_detail(event: DnsEvent) -> list[_Segment]:
+    """`NAME TYPE RCODE -> cname, address, ... via RESOLVER:53/udp`: the names are the
+    answering server's, escaped."""
+    atoms = [*_atoms(event.query_name or "?"), " ", *_atoms(event.query_type)]
+    segments: list[_Segment] = [("", atoms)]
+    rcode = event.rcode_name or f"RCODE{event.rcode}"
+    segments.append(("", [" "]))
+    segments.append((_ERROR_STYLE if event.rcode else "", _atoms(rcode)))
+    results = [*event.cnames, *event.addresses]
+    if results:
+        shown: list[str] = [*" -> "]
+        for i, r in enumerate(results):
+            shown += [",", " ", *_atoms(r)] if i else _atoms(r)
+        segments.append(("", shown))
+    where = [*" via ", *_host_port(event.resolver, event.resolver_port), "/", *event.protocol]
+    segments.append(("", where))
+    if event.error:
+        segments.append(("", [" "]))
+        segments.append((_ERROR_STYLE, [*"unreadable: ", *_atoms(event.error)]))
     return segments
 
 
@@ -586,6 +611,10 @@ def _connect_detail(event: ConnectEvent) -> list[_Segment]:
         atoms = [*"unix ", *_atoms(event.path)]
     else:
         atoms = [*_atoms(event.protocol), " ", *_host_port(event.daddr, event.dport)]
+    if event.hostname:  # the name resolved for it (or a TLS server name), escaped
+        atoms += [" ", "(", *_atoms(event.hostname), ")"]
+    if event.app_protocol:
+        atoms += [" ", *_atoms(event.app_protocol)]
     segments: list[_Segment] = [("", atoms)]
     if event.outcome:
         style = _ERROR_STYLE if event.outcome == "error" else ""

@@ -129,6 +129,40 @@ def host_overhead(
     return rows
 
 
+FLOW_OPS = {"tcp-pingpong": 100_000, "sendto": 100_000}
+
+
+def flows(
+    exe: Path, features: kernel.KernelFeatures, sandbox: cgroups.SandboxCgroup, rounds: int
+) -> list[Row]:
+    """What classifying flows and reading DNS answers costs per packet (cgroup_skb programs
+    on the sandbox cgroup): a loopback TCP request/response loop and unconnected UDP sends,
+    inside the sandbox with the flow programs and without them, and on the host (outside any
+    sandbox) with nothing loaded and with every probe loaded, in alternating rounds."""
+    sandboxed: dict[str, dict[str, list[float]]] = {"off": {}, "on": {}}
+    host: dict[str, dict[str, list[float]]] = {"off": {}, "on": {}}
+    for r in range(rounds):
+        for op, n in FLOW_OPS.items():
+            host["off"].setdefault(op, []).append(micro(exe, op, n))
+        for state, config in (("off", {"flows": False}), ("on", {})):
+            with loaded(features, sandbox, **config) as probes:
+                if state == "on" and not probes.classifies_flows:
+                    raise RuntimeError("this kernel lacks the cgroup_skb hooks flows need")
+                for op, n in FLOW_OPS.items():
+                    sandboxed[state].setdefault(op, []).append(micro(exe, op, n, sandbox=sandbox))
+                    if state == "on":
+                        host["on"].setdefault(op, []).append(micro(exe, op, n))
+        progress(f"flows: round {r + 1}/{rounds}")
+    rows: list[Row] = []
+    for op in FLOW_OPS:
+        unit = "ns/round trip" if op == "tcp-pingpong" else "ns/call"
+        for label, table in (("sandbox", sandboxed), ("host", host)):
+            b, w = min(table["off"][op]), min(table["on"][op])
+            what = "flows off -> on" if label == "sandbox" else "nothing loaded -> probes loaded"
+            rows.append((f"{label} {op} ({unit}), {what}", f"{b:.0f}", f"{w:.0f}", f"{w / b:.3f}x"))
+    return rows
+
+
 def paced_run(
     exe: Path,
     probes: Probes,
@@ -628,6 +662,7 @@ ROWS = [
     "lifecycle",
     "soak",
     "response",
+    "flows",
 ]
 """The row groups `--only` picks from; all of them by default."""
 
@@ -680,6 +715,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows += soak()
             if "response" in only:
                 rows += response_latency(sandbox)
+            if "flows" in only:
+                rows += flows(exe, features, sandbox, args.rounds)
         finally:
             sandbox.destroy()
             if not parent_existed:

@@ -62,6 +62,27 @@ int main(int argc, char **argv)
 		for (long i = 0; i < n; i++)
 			sendto(s, &byte, 1, 0, (struct sockaddr *)&dst, sizeof(dst));
 		t1 = now();
+	} else if (!strcmp(what, "tcp-pingpong")) {
+		/* n request/response round trips of 64 bytes over one loopback TCP connection */
+		struct sockaddr_in addr = any;
+		socklen_t len = sizeof(addr);
+		int l = socket(AF_INET, SOCK_STREAM, 0), c = socket(AF_INET, SOCK_STREAM, 0), a;
+		char buf[64] = "GET / HTTP/1.1";
+
+		bind(l, (struct sockaddr *)&addr, sizeof(addr));
+		listen(l, 1);
+		getsockname(l, (struct sockaddr *)&addr, &len);
+		connect(c, (struct sockaddr *)&addr, sizeof(addr));
+		a = accept(l, NULL, NULL);
+		t0 = now();
+		for (long i = 0; i < n; i++) {
+			if (write(c, buf, sizeof(buf)) != sizeof(buf) ||
+			    read(a, buf, sizeof(buf)) != sizeof(buf) ||
+			    write(a, buf, sizeof(buf)) != sizeof(buf) ||
+			    read(c, buf, sizeof(buf)) != sizeof(buf))
+				return 1;
+		}
+		t1 = now();
 	} else if (!strcmp(what, "socket")) {
 		t0 = now();
 		for (long i = 0; i < n; i++)

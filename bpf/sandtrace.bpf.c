@@ -11,4 +11,5 @@
 #include "unix_connect.bpf.c"
 #include "sock_create.bpf.c"
 #include "io_uring.bpf.c"
-#include "udp_egress.bpf.c"
+#include "skb_egress.bpf.c"
+#include "skb_ingress.bpf.c"

@@ -25,17 +25,25 @@ int sock_create(struct bpf_sock *sk)
 	u64 cookie;
 	s32 sb;
 
+#ifdef HAVE_FLOWS
+	if (sk->type != SOCK_RAW && sk->type != SOCK_DGRAM && sk->type != SOCK_STREAM)
+		return 1;
+#else
 	if (sk->type != SOCK_RAW && sk->type != SOCK_DGRAM)
 		return 1;
+#endif
 	sb = lookup_sandbox();
 	if (sb < 0)
 		return 1;
 	fill_header(&r.hdr, REC_SOCK_CREATE, sizeof(r), sb);
 #ifdef HAVE_UDP_EGRESS
-	/* The process a datagram socket's sends without connect() belong to (udp_egress). */
-	if (sk->type == SOCK_DGRAM) {
+	/* The process a socket's packets belong to: a datagram socket's sends without connect()
+	 * (skb_egress), and, where flows are classified, any socket's first bytes each way. */
+	if (sk->type != SOCK_RAW) {
+		struct sock_owner owner = { .hdr = r.hdr };
+
 		cookie = bpf_get_socket_cookie(sk);
-		if (udp_owner.update(&cookie, &r.hdr) != 0)
+		if (sock_owner.update(&cookie, &owner) != 0)
 			count_error(ERR_STASH_MAP_FULL);
 		return 1;
 	}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno as errno_mod
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TypedDict
@@ -19,6 +20,7 @@ from api.events import (
     BindEvent,
     CgroupMoveEvent,
     ConnectEvent,
+    DnsEvent,
     ExecEvent,
     ExitEvent,
     ForkEvent,
@@ -28,6 +30,8 @@ from api.events import (
     RawSocketEvent,
     SocketEvent,
 )
+from collector import dns as dns_mod
+from collector import flows as flows_mod
 from collector import records as R
 from collector.proctable import Names, ProcessTable
 from collector.sockets import HeldSocket, UnixListener, UnixListeners
@@ -51,6 +55,19 @@ _TABLE_CHANGES = frozenset((R.REC_EXEC, R.REC_FORK, R.REC_CGROUP_MOVE))
 
 CONNECT_HOLD_NS = 300_000_000
 """How long a TCP connect waits for its handshake outcome before it is shown as pending."""
+FLOW_HOLD_NS = 100_000_000
+"""Where flows are classified (Assembler(flow_hold_ns=...)): how long a connect, once its
+outcome is known, waits for the first bytes of its flow, either way, so that the event
+carries what the flow speaks. Client and server alike speak within a round trip of the
+handshake in every protocol classified; a flow silent for longer goes without."""
+DNS_NAMES_MAX = 65536
+"""Addresses remembered per host with the name a sandbox resolved them as (oldest dropped)."""
+DNS_NAME_MIN_KEEP_NS = 300_000_000_000
+"""An answer names its addresses for its TTL, but at least this long: answers with TTL 0
+are common, and the connect comes after the answer."""
+FLOWS_MAX = 16384
+"""Sockets whose first bytes are remembered (oldest dropped), for connects seen after them
+(a datagram socket's sends to more destinations)."""
 
 
 def fmt_addr(family: int, raw: bytes) -> str:
@@ -135,6 +152,42 @@ class _Common(_Context):
 class _PendingConnect:
     event: ConnectEvent
     deadline_ns: int
+    resolved: bool = False  # the outcome is known; waiting for the flow's first bytes
+
+
+@dataclass(slots=True)
+class FlowInfo:
+    """What a socket's first bytes said (collector.flows), from either direction."""
+
+    app_protocol: str = ""
+    sni: str = ""
+    http_host: str = ""
+    detail: str = ""
+
+    def merge(self, other: FlowInfo) -> None:
+        """Add what the other direction said: a protocol told is kept over "unknown"."""
+        if not self.app_protocol or (self.app_protocol == "unknown" and other.app_protocol):
+            self.app_protocol = other.app_protocol
+        self.sni = self.sni or other.sni
+        self.http_host = self.http_host or other.http_host
+        self.detail = self.detail or other.detail
+
+
+def flow_info(rec: R.FlowRecord) -> FlowInfo:
+    """A flow record's protocol and what its bytes name (SNI, Host, method, banner)."""
+    payload = rec.payload[: min(rec.payload_size, R.FLOW_PAYLOAD_MAX)]
+    app = R.APPLICATION_NAMES.get(rec.app, "") or "unknown"
+    info = FlowInfo(app)
+    if app == "tls" and not rec.flags & R.FLOW_F_INGRESS:
+        info.sni = flows_mod.tls_server_name(payload)
+    elif app == "http" and not rec.flags & R.FLOW_F_INGRESS:
+        info.http_host = flows_mod.http_host(payload)
+        info.detail = flows_mod.http_request_line(payload)
+    elif app == "stratum":
+        info.detail = flows_mod.stratum_method(payload)
+    elif app == "ssh":
+        info.detail = flows_mod.http_request_line(payload)  # the banner's line
+    return info
 
 
 class Assembler:
@@ -150,6 +203,7 @@ class Assembler:
         procs: ProcessTable | None = None,
         names: Names | None = None,
         unix_listener: Callable[[int, bytes], UnixListener | None] | None = None,
+        flow_hold_ns: int = 0,
     ) -> None:
         self.scopes = scopes
         self._cgroup_path = cgroup_path
@@ -160,6 +214,11 @@ class Assembler:
         # Who listens on a unix socket address, as a process sees it (collector.sockets).
         self.unix_listener = unix_listener or UnixListeners().find
         self._pending: dict[int, _PendingConnect] = {}
+        # With flows classified in the kernel: how long a connect waits for its first bytes.
+        self.flow_hold_ns = flow_hold_ns
+        self._flows: OrderedDict[int, FlowInfo] = OrderedDict()  # socket cookie -> first bytes
+        # (sandbox index, address) -> (name resolved, until when: CLOCK_MONOTONIC ns)
+        self._names: OrderedDict[tuple[int, str], tuple[str, int]] = OrderedDict()
         self._context_cache: dict[_ContextKey, _Context] = {}
         self._context_keys: dict[int, list[_ContextKey]] = {}  # pid -> contexts that show it
         self._cgroups: dict[tuple[int, int], tuple[str, str, str]] = {}
@@ -310,6 +369,10 @@ class Assembler:
                         protocol_number=rec.protocol,
                     )
                 ]
+            case R.FlowRecord():
+                return self._flow(rec)
+            case R.DnsRecord():
+                return [self._dns(rec)]
             case R.IoUringRecord():
                 return [
                     IoUringEvent(
@@ -400,6 +463,7 @@ class Assembler:
             sport=f.sport,
             repeats=f.repeats,
         )
+        self._name(ev, f.sandbox)
         if f.flags & R.SOCK_F_REPEATS_ONLY:
             # Only a count of repeats the kernel held: no connect, no outcome to wait for.
             ev.outcome = "repeated"
@@ -407,13 +471,96 @@ class Assembler:
         if f.flags & R.SOCK_F_UNCONNECTED:
             # The first datagram of a socket to this destination, sent without connect().
             ev.outcome = "sent"
-            return [ev]
+            return self._await_flow(ev, f.cookie, f.ktime_ns)
         if ev.protocol != "tcp":
             # Datagram connect only sets the peer; the hook runs as the call does.
             ev.outcome = "success"
-            return [ev]
+            return self._await_flow(ev, f.cookie, f.ktime_ns)
         self._pending[f.cookie] = _PendingConnect(ev, f.ktime_ns + CONNECT_HOLD_NS)
         return []
+
+    # -- names and protocols ----------------------------------------------------------------
+
+    def _name(self, ev: ConnectEvent, sandbox: int) -> None:
+        """The name the sandbox resolved the destination as, when an answer it received
+        (still holding) gave it."""
+        entry = self._names.get((sandbox, ev.daddr))
+        if entry is not None and entry[1] >= ev.mono_ns:
+            ev.hostname, ev.hostname_source = entry[0], "dns"
+
+    def _classify(self, ev: ConnectEvent, info: FlowInfo) -> None:
+        ev.app_protocol = info.app_protocol
+        ev.sni = info.sni
+        ev.http_host = info.http_host
+        ev.app_detail = info.detail
+        if not ev.hostname and info.sni:
+            ev.hostname, ev.hostname_source = info.sni, "sni"
+
+    def _await_flow(self, ev: ConnectEvent, cookie: int, now_ns: int) -> list[AnyEvent]:
+        """A connect whose outcome is known: out now with what its flow's first bytes said,
+        or held for them (flow_hold_ns) when they have not come yet."""
+        info = self._flows.get(cookie)
+        if info is not None:
+            self._classify(ev, info)
+            return [ev]
+        if not self.flow_hold_ns or cookie in self._pending:
+            return [ev]
+        self._pending[cookie] = _PendingConnect(ev, now_ns + self.flow_hold_ns, resolved=True)
+        return []
+
+    def _flow(self, f: R.FlowRecord) -> list[AnyEvent]:
+        info = flow_info(f)
+        known = self._flows.get(f.cookie)
+        if known is not None:
+            known.merge(info)
+            info = known
+        else:
+            self._flows[f.cookie] = info
+            if len(self._flows) > FLOWS_MAX:
+                self._flows.popitem(last=False)
+        pend = self._pending.get(f.cookie)
+        if pend is None:
+            return []
+        self._classify(pend.event, info)
+        if not pend.resolved:
+            return []  # the handshake's outcome is still awaited
+        del self._pending[f.cookie]
+        return [pend.event]
+
+    def _dns(self, f: R.DnsRecord) -> DnsEvent:
+        payload = f.payload[: min(f.payload_size, R.DNS_PAYLOAD_MAX)]
+        ev = DnsEvent(
+            **self._common(f),
+            resolver=fmt_addr(f.family, f.server),
+            resolver_port=f.server_port,
+            protocol=protocol_name(0, f.protocol),
+            mapped=f.mapped,
+            truncated=f.payload_full > f.payload_size,
+        )
+        try:
+            msg = dns_mod.parse(payload)
+        except dns_mod.DnsError as exc:
+            ev.error = str(exc)
+            return ev
+        ev.query_name = msg.query_name
+        ev.query_type = msg.query_type
+        ev.rcode = msg.rcode
+        ev.rcode_name = dns_mod.rcode_name(msg.rcode)
+        ev.transaction_id = msg.id
+        ev.truncated = ev.truncated or msg.truncated
+        ev.addresses = msg.addresses
+        ev.cnames = msg.chain()[1:]
+        ev.answers = [f"{a.type} {a.data}".rstrip() for a in msg.answers]
+        ev.ttl = msg.min_ttl()
+        if msg.response and msg.rcode == 0 and msg.query_name:
+            until = f.ktime_ns + max(ev.ttl * 1_000_000_000, DNS_NAME_MIN_KEEP_NS)
+            for addr in ev.addresses:
+                key = (f.sandbox, addr)
+                self._names.pop(key, None)
+                self._names[key] = (msg.query_name, until)
+            while len(self._names) > DNS_NAMES_MAX:
+                self._names.popitem(last=False)
+        return ev
 
     def _unix_connect(self, f: R.UnixConnectRecord) -> ConnectEvent:
         """A connect to a unix socket. The hook runs before the address is looked up, so
@@ -452,13 +599,14 @@ class Assembler:
                     daddr=fmt_addr(f.family, f.daddr),
                     dport=f.dport,
                 )
+                self._name(ev, f.sandbox)
                 pend = _PendingConnect(ev, f.ktime_ns + CONNECT_HOLD_NS)
                 self._pending[f.cookie] = pend
             # A non-blocking call returns EINPROGRESS here; its handshake's outcome is still
             # awaited for the hold time, like a blocking one's (see _unresolved).
             pend.event.nonblocking = bool(f.flags & R.SOCK_F_NONBLOCK)
             return []
-        if pend is None or f.oldstate != TCP_SYN_SENT:
+        if pend is None or pend.resolved or f.oldstate != TCP_SYN_SENT:
             return []
         del self._pending[f.cookie]
         ev = pend.event
@@ -466,7 +614,8 @@ class Assembler:
             ev.outcome = "success"
             ev.saddr = fmt_addr(f.family, f.saddr)
             ev.sport = f.sport
-        elif f.err:
+            return self._await_flow(ev, f.cookie, f.ktime_ns)
+        if f.err:
             ev.outcome = "error"
             ev.errno = f.err
             ev.errno_name = errno_name(f.err)
@@ -498,7 +647,7 @@ class Assembler:
                 now_ns is not None and pend.deadline_ns <= now_ns
             ):
                 del self._pending[cookie]
-                out.append(_unresolved(pend.event))
+                out.append(pend.event if pend.resolved else _unresolved(pend.event))
         return out
 
     def expire(self, now_mono_ns: int | None = None) -> list[AnyEvent]:

@@ -22,7 +22,7 @@ from api.endpoints import read_token_file
 from api.render import TerminalSink, TextRenderer, line_width, totals_line, use_color
 from collector import cgroups
 from collector.args import DEFAULT_SPOOL
-from collector.assemble import Assembler, Scope
+from collector.assemble import FLOW_HOLD_NS, Assembler, Scope
 from collector.enrich import ExecEnricher
 from collector.identity import Identities
 from collector.packages import PackageIndex
@@ -349,7 +349,11 @@ class _Tracing:
     ) -> None:
         resolver = cgroups.CgroupResolver(root)
         self.assembler = Assembler(
-            scopes, resolver.path_of, cgroups.container_id_from_path, procs=ProcessTable()
+            scopes,
+            resolver.path_of,
+            cgroups.container_id_from_path,
+            procs=ProcessTable(),
+            flow_hold_ns=FLOW_HOLD_NS if probes.classifies_flows else 0,
         )
         self.engine = outputs.engine
         self.detecting = _detecting(self.engine, args.server)

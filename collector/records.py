@@ -18,7 +18,7 @@ import struct
 from collections.abc import Callable, Iterable
 from typing import Annotated, Any, NamedTuple, get_type_hints
 
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 
 REC_UNDEFINED = 0
 REC_EXEC = 1
@@ -31,7 +31,9 @@ REC_CGROUP_MOVE = 7
 REC_UNIX_CONNECT = 8
 REC_SOCK_CREATE = 9
 REC_IO_URING = 10
-REC_MAX = 11
+REC_FLOW = 11
+REC_DNS = 12
+REC_MAX = 13
 
 RECORD_NAMES = {
     REC_EXEC: "exec",
@@ -44,6 +46,8 @@ RECORD_NAMES = {
     REC_UNIX_CONNECT: "unix_connect",
     REC_SOCK_CREATE: "sock_create",
     REC_IO_URING: "io_uring",
+    REC_FLOW: "flow",
+    REC_DNS: "dns",
 }
 
 # enum error_counter: slots of the kernel's per-CPU `errors` map.
@@ -71,6 +75,26 @@ SOCK_F_LOCAL_KNOWN = 1 << 1
 SOCK_F_REPEATS_ONLY = 1 << 2
 SOCK_F_UNCONNECTED = 1 << 3
 
+FLOW_F_INGRESS = 1 << 0
+
+# enum app_protocol: what a flow speaks, as the kernel told it from its first bytes.
+APP_UNKNOWN = 0
+APP_SSH = 1
+APP_TLS = 2
+APP_HTTP = 3
+APP_STRATUM = 4
+APP_DNS = 5
+APP_MAX = 6
+
+APPLICATION_NAMES = {
+    APP_UNKNOWN: "",
+    APP_SSH: "ssh",
+    APP_TLS: "tls",
+    APP_HTTP: "http",
+    APP_STRATUM: "stratum",
+    APP_DNS: "dns",
+}
+
 BIND_F_FAILED = 1 << 0
 BIND_F_REQUEST_KNOWN = 1 << 1
 
@@ -79,6 +103,8 @@ ARGV_MAX = 16384
 ARGV_TAIL_MAX = 4096
 CGROUP_PATH_MAX = 256
 UNIX_PATH_MAX = 108
+FLOW_PAYLOAD_MAX = 256
+DNS_PAYLOAD_MAX = 512
 
 # Field types: the C type's struct code, in the annotation's metadata.
 U16 = Annotated[int, "H"]
@@ -89,6 +115,8 @@ Comm = Annotated[bytes, f"{TASK_COMM_LEN}s"]  # char[TASK_COMM_LEN]
 Addr = Annotated[bytes, "16s"]  # __u8[16]: an IPv4 address in its first 4 bytes
 CgroupPath = Annotated[bytes, f"{CGROUP_PATH_MAX}s"]  # char[CGROUP_PATH_MAX]
 UnixPath = Annotated[bytes, f"{UNIX_PATH_MAX}s"]  # char[UNIX_PATH_MAX]
+FlowPayload = Annotated[bytes, f"{FLOW_PAYLOAD_MAX}s"]  # __u8[FLOW_PAYLOAD_MAX]
+DnsPayload = Annotated[bytes, f"{DNS_PAYLOAD_MAX}s"]  # __u8[DNS_PAYLOAD_MAX]
 # A plain bytes field, last, is a C flexible array member: the record's variable data.
 
 
@@ -365,6 +393,66 @@ class IoUringRecord(NamedTuple):
     flags: U32  # IORING_SETUP_*
 
 
+class FlowRecord(NamedTuple):
+    """struct flow_record: the first payload one way of a socket a traced process made; the
+    header is the socket maker's."""
+
+    type: U16
+    version: U16
+    size: U32
+    ktime_ns: U64
+    cgroup_id: U64
+    start_ns: U64
+    pid: U32
+    tid: U32
+    ns_pid: U32
+    ppid: U32
+    uid: U32
+    gid: U32
+    sandbox: U32
+    comm: Comm
+    cookie: U64
+    laddr: Addr  # the socket's own address
+    raddr: Addr  # the peer's
+    family: U16
+    lport: U16
+    rport: U16
+    protocol: U16  # IPPROTO_TCP or IPPROTO_UDP
+    app: U32  # APP_*, as the kernel told it
+    flags: U32  # FLOW_F_*
+    payload_size: U32  # bytes of payload captured
+    payload_full: U32  # bytes of payload the packet had
+    payload: FlowPayload
+
+
+class DnsRecord(NamedTuple):
+    """struct dns_record: a DNS message from port 53 to a socket a traced process made."""
+
+    type: U16
+    version: U16
+    size: U32
+    ktime_ns: U64
+    cgroup_id: U64
+    start_ns: U64
+    pid: U32
+    tid: U32
+    ns_pid: U32
+    ppid: U32
+    uid: U32
+    gid: U32
+    sandbox: U32
+    comm: Comm
+    cookie: U64
+    server: Addr  # the address the answer came from
+    family: U16
+    server_port: U16
+    protocol: U16
+    payload_size: U32  # bytes of the message captured
+    payload_full: U32  # bytes of the message in the packet
+    mapped: U32  # A and AAAA answers the kernel entered in its dns_names map
+    payload: DnsPayload
+
+
 AnyRecord = (
     ExecRecord
     | ForkRecord
@@ -376,6 +464,8 @@ AnyRecord = (
     | UnixConnectRecord
     | SockCreateRecord
     | IoUringRecord
+    | FlowRecord
+    | DnsRecord
 )
 
 RECORD_CLASSES: dict[int, type[AnyRecord]] = {
@@ -389,6 +479,8 @@ RECORD_CLASSES: dict[int, type[AnyRecord]] = {
     REC_UNIX_CONNECT: UnixConnectRecord,
     REC_SOCK_CREATE: SockCreateRecord,
     REC_IO_URING: IoUringRecord,
+    REC_FLOW: FlowRecord,
+    REC_DNS: DnsRecord,
 }
 
 
@@ -404,6 +496,8 @@ C_STRUCTS: dict[type[Header | AnyRecord], str] = {
     UnixConnectRecord: "unix_connect_record",
     SockCreateRecord: "sock_create_record",
     IoUringRecord: "io_uring_record",
+    FlowRecord: "flow_record",
+    DnsRecord: "dns_record",
 }
 
 

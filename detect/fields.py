@@ -27,6 +27,7 @@ from api.events import (
     AnyEvent,
     BindEvent,
     ConnectEvent,
+    DnsEvent,
     Event,
     ExecEvent,
     IoUringEvent,
@@ -42,6 +43,8 @@ NETWORK_LISTEN = "network_listen"  # sandtrace's own: bind, listen, sockets held
 # sandtrace's own: kernel interfaces that get around what the connect and bind hooks show,
 # raw IP sockets and io_uring instances
 KERNEL_INTERFACE = "kernel_interface"
+# Sigma's (Sysmon's) DNS category: the answers a sandboxed process received
+DNS_QUERY = "dns_query"
 
 # Fields every category has: who did it, in which sandbox.
 COMMON_FIELDS = {
@@ -111,6 +114,33 @@ CATEGORY_FIELDS: dict[str, dict[str, str]] = {
         "DestinationPath": "unix socket path, or @name for an abstract one ('' for IP)",
         "DestinationImage": "executable of the process listening on the unix socket, if found",
         "DestinationProcessId": "pid of the process listening on the unix socket, 0 if not found",
+        # names and protocols, from the sandbox's own packets (untrusted: the peer and the
+        # process choose them)
+        "DestinationHostname": (
+            "the name the sandbox resolved DestinationIp as (a DNS answer it received), else"
+            " the server name of a TLS ClientHello on the flow; '' when neither was seen"
+        ),
+        "ApplicationProtocol": (
+            "what the flow speaks, from its first bytes whatever the port: ssh, tls, http,"
+            " stratum, dns; unknown for none of those; '' when no payload was seen"
+        ),
+        "TlsServerName": "server name (SNI) of the flow's TLS ClientHello",
+        "HttpHost": "Host of the flow's HTTP request",
+        "ApplicationDetail": "an HTTP request line, a Stratum method, an SSH banner",
+    },
+    DNS_QUERY: {
+        **COMMON_FIELDS,
+        "QueryName": "the question's name, lower-case, without the trailing dot",
+        "QueryType": "A, AAAA, CNAME, MX, TXT, ..., TYPE<n>",
+        "QueryStatus": "the response code as a number: 0 NOERROR, 2 SERVFAIL, 3 NXDOMAIN",
+        "QueryStatusName": "the response code's name: NOERROR, NXDOMAIN, ...",
+        "QueryResults": (
+            "the question's addresses and its CNAME chain's names (list: matches when any"
+            " element does)"
+        ),
+        "ResolverIp": "the address the answer came from",
+        "ResolverPort": "the port it came from (53)",
+        "Protocol": "udp or tcp",
     },
     NETWORK_LISTEN: {
         **COMMON_FIELDS,
@@ -135,7 +165,7 @@ CATEGORY_FIELDS: dict[str, dict[str, str]] = {
 
 
 # Fields whose values are lists (a rule's test holds when it holds for any element).
-LIST_FIELDS = frozenset({"Argv", "AncestorImages"})
+LIST_FIELDS = frozenset({"Argv", "AncestorImages", "QueryResults"})
 # Fields whose values are always text (str), so a regex can run on them as they are.
 TEXT_FIELDS = frozenset(
     {
@@ -159,6 +189,11 @@ TEXT_FIELDS = frozenset(
         "Comm",
         "DestinationPath",
         "DestinationImage",
+        "DestinationHostname",
+        "TlsServerName",
+        "HttpHost",
+        "ApplicationDetail",
+        "QueryName",
     }
 )
 # Keyword rules (no field named) search these fields.
@@ -210,6 +245,8 @@ def category_of_type(etype: type) -> str | None:
         return NETWORK_LISTEN
     if issubclass(etype, RawSocketEvent | IoUringEvent):
         return KERNEL_INTERFACE
+    if issubclass(etype, DnsEvent):
+        return DNS_QUERY
     return None
 
 
@@ -579,6 +616,22 @@ GETTERS: dict[type, dict[str, Getter]] = {
         "DestinationPath": _decoding("e.path"),
         "DestinationImage": _decoding("e.peer_exe"),
         "DestinationProcessId": _x("e.peer_pid"),
+        "DestinationHostname": _x("e.hostname", "str"),
+        "ApplicationProtocol": _x("e.app_protocol", "str"),
+        "TlsServerName": _x("e.sni", "str"),
+        "HttpHost": _x("e.http_host", "str"),
+        "ApplicationDetail": _x("e.app_detail", "str"),
+    },
+    DnsEvent: {
+        **COMMON_GETTERS,
+        "QueryName": _x("e.query_name", "str"),
+        "QueryType": _x("e.query_type", "str"),
+        "QueryStatus": _x("e.rcode"),
+        "QueryStatusName": _x("e.rcode_name", "str"),
+        "QueryResults": _x("e.addresses + e.cnames"),
+        "ResolverIp": _x("e.resolver", "str"),
+        "ResolverPort": _x("e.resolver_port"),
+        "Protocol": _x("e.protocol", "str"),
     },
     BindEvent: {
         **COMMON_GETTERS,

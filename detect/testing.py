@@ -31,6 +31,7 @@ from api.events import (
     AnyEvent,
     BindEvent,
     ConnectEvent,
+    DnsEvent,
     ExecEvent,
     IoUringEvent,
     ListenEvent,
@@ -38,7 +39,13 @@ from api.events import (
     RawSocketEvent,
 )
 from detect.engine import Engine
-from detect.fields import KERNEL_INTERFACE, NETWORK_CONNECTION, NETWORK_LISTEN, PROCESS_CREATION
+from detect.fields import (
+    DNS_QUERY,
+    KERNEL_INTERFACE,
+    NETWORK_CONNECTION,
+    NETWORK_LISTEN,
+    PROCESS_CREATION,
+)
 from detect.ruleset import RuleSet
 
 T0 = 1_800_000_000 * 1_000_000_000
@@ -61,7 +68,9 @@ KNOWN_FIELDS = frozenset({
     "DestinationPort", "SourceIp", "SourcePort", "Outcome", "ErrnoName", "Action", "LocalIp",
     "LocalPort", "RequestedPort", "Initiated", "DestinationIsIpv6", "ExecFileName", "GoModule",
     "Sha256", "Stdio", "Comm", "DestinationPath", "DestinationImage", "DestinationProcessId",
-    "Family", "ProtocolNumber", "Flags", "SqEntries",
+    "Family", "ProtocolNumber", "Flags", "SqEntries", "DestinationHostname",
+    "ApplicationProtocol", "TlsServerName", "HttpHost", "ApplicationDetail", "QueryName",
+    "QueryType", "QueryStatus", "QueryResults", "ResolverIp",
 })  # fmt: skip
 # OriginalFileName sets the packaged file the executable copies (original_exe); GoModule the
 # Go main module; Sha256 the digest (Hashes reads "SHA256=<it>"); Stdio the three standard
@@ -163,6 +172,27 @@ def event_from_fields(category: str, fields: dict[str, Any], at: float = 0.0) ->
             sport=int(fields.get("SourcePort", 0)),
             outcome=str(fields.get("Outcome", "success")),
             errno_name=str(fields.get("ErrnoName", "")),
+            hostname=str(fields.get("DestinationHostname", "")),
+            hostname_source="dns" if "DestinationHostname" in fields else "",
+            app_protocol=str(fields.get("ApplicationProtocol", "")),
+            sni=str(fields.get("TlsServerName", "")),
+            http_host=str(fields.get("HttpHost", "")),
+            app_detail=str(fields.get("ApplicationDetail", "")),
+        )
+    if category == DNS_QUERY:
+        results = [str(r) for r in fields.get("QueryResults", [])]
+        status = int(fields.get("QueryStatus", 0))
+        return DnsEvent(
+            **common,
+            query_name=str(fields.get("QueryName", "")),
+            query_type=str(fields.get("QueryType", "A")),
+            rcode=status,
+            rcode_name={0: "NOERROR", 3: "NXDOMAIN"}.get(status, f"RCODE{status}"),
+            addresses=[r for r in results if r[:1].isdigit() or ":" in r],
+            cnames=[r for r in results if not (r[:1].isdigit() or ":" in r)],
+            resolver=str(fields.get("ResolverIp", "192.0.2.53")),
+            resolver_port=53,
+            protocol="udp",
         )
     if category == NETWORK_LISTEN:
         addr = str(fields.get("LocalIp", "0.0.0.0"))  # noqa: S104 - a field value

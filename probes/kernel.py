@@ -48,7 +48,16 @@ OPTIONAL_HOOKS: dict[str, tuple[str, str]] = {
         "4.10",
         "raw IP sockets, and UDP datagrams sent without connect(), made in sandboxes are not seen",
     ),
-    "BPF_CGROUP_INET_EGRESS": ("4.10", "UDP datagrams sent without connect() are not seen"),
+    "BPF_CGROUP_INET_EGRESS": (
+        "4.10",
+        "UDP datagrams sent without connect() are not seen; flows are not classified by "
+        "protocol and DNS answers are not read",
+    ),
+    "BPF_CGROUP_INET_INGRESS": (
+        "4.10",
+        "flows are not classified by protocol, and DNS answers are not read: connects carry "
+        "no host name",
+    ),
     "BPF_CGROUP_UNIX_CONNECT": (
         "6.7",
         "connects of sandboxed processes to unix sockets (docker.sock, containerd.sock, "

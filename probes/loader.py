@@ -54,7 +54,8 @@ _PROG_TYPE_CGROUP_SOCK_ADDR = 18
 OPTIONAL_SOCKET_HOOKS: dict[str, tuple[str, int]] = {
     "connect_unix": ("BPF_CGROUP_UNIX_CONNECT", _PROG_TYPE_CGROUP_SOCK_ADDR),
     "sock_create": ("BPF_CGROUP_INET_SOCK_CREATE", _PROG_TYPE_CGROUP_SOCK),
-    "udp_egress": ("BPF_CGROUP_INET_EGRESS", _PROG_TYPE_CGROUP_SKB),
+    "skb_egress": ("BPF_CGROUP_INET_EGRESS", _PROG_TYPE_CGROUP_SKB),
+    "skb_ingress": ("BPF_CGROUP_INET_INGRESS", _PROG_TYPE_CGROUP_SKB),
 }
 """Programs of the hooks a kernel may lack: name -> (their attach type in the kernel's enum
 bpf_attach_type, whose value comes from BTF: probes.kernel.OPTIONAL_HOOKS; program type).
@@ -63,7 +64,11 @@ _HAVE_FLAG = {
     "BPF_CGROUP_UNIX_CONNECT": "HAVE_UNIX_CONNECT",
     "BPF_CGROUP_INET_SOCK_CREATE": "HAVE_SOCK_CREATE",
     "BPF_CGROUP_INET_EGRESS": "HAVE_UDP_EGRESS",
+    "BPF_CGROUP_INET_INGRESS": "HAVE_SKB_INGRESS",
 }
+FLOW_HOOKS = ("BPF_CGROUP_INET_SOCK_CREATE", "BPF_CGROUP_INET_EGRESS", "BPF_CGROUP_INET_INGRESS")
+"""The hooks flows are classified and DNS answers read with (bpf/include/flows.h): every one
+is needed."""
 _BPF_F_ALLOW_MULTI = 2
 
 
@@ -151,15 +156,25 @@ class ProbeConfig:
     # loop, and a wake-up costs more than assembling a fork, an exec and an exit. It adds at
     # most this much to the latency from syscall to event (target: p99 < 10 ms).
     hand_over_interval: float = 0.004
+    # Classify each sandbox socket's first bytes each way and read its DNS answers (cgroup_skb
+    # programs on the sandbox cgroups: a cost per packet that only the sandbox's traffic pays).
+    flows: bool = True
 
 
-def attach_types(features: kernel.KernelFeatures) -> dict[str, int]:
-    """Every socket hook this kernel has -> its attach type."""
+def attach_types(features: kernel.KernelFeatures, flows: bool = True) -> dict[str, int]:
+    """Every socket hook this kernel has (and the configuration uses) -> its attach type."""
     out = dict(_ATTACH)
     for name, (hook, _) in OPTIONAL_SOCKET_HOOKS.items():
         if hook in features.attach_types:
             out[name] = features.attach_types[hook]
+    if not (flows and has_flows(features)):
+        out.pop("skb_ingress", None)
     return out
+
+
+def has_flows(features: kernel.KernelFeatures) -> bool:
+    """Whether this kernel has every hook flows are classified with (FLOW_HOOKS)."""
+    return all(hook in features.attach_types for hook in FLOW_HOOKS)
 
 
 def load_socket_hook(bpf: Any, name: str, features: kernel.KernelFeatures | None = None) -> Any:
@@ -188,6 +203,8 @@ def compile_flags(config: ProbeConfig, features: kernel.KernelFeatures) -> list[
         if hook in _HAVE_FLAG:
             cflags += [f"-D{k}={v}" for k, v in optional_offsets(btf, hook).items()]
             cflags.append(f"-D{_HAVE_FLAG[hook]}")
+    if config.flows and has_flows(features):
+        cflags.append("-DHAVE_FLOWS")
     cflags.append(f"-DRINGBUF_PAGES={config.ring_pages}")
     cflags.append(f"-DPRIORITY_RINGBUF_PAGES={PRIORITY_RING_PAGES}")
     cflags.append(f"-DREPEAT_WINDOW_NS={config.repeat_window_ns}ULL")
@@ -332,7 +349,8 @@ class Probes:
                 "output above says why (run `sudo make setup` if kernel headers are missing)"
             ) from exc
         self.compile_seconds = time.monotonic() - started
-        self._attach = attach_types(features)
+        self._attach = attach_types(features, config.flows)
+        self.classifies_flows = "skb_ingress" in self._attach
         self._sock_fns = {
             name: load_socket_hook(self.bpf, name, features)
             for name in self._attach
@@ -440,8 +458,8 @@ class Probes:
             return 0
         now = time.monotonic_ns() if now_ns is None else now_ns  # the kernel's clock
         out: list[bytes] = []
-        # connects (sock_addr.bpf.c), and datagrams sent without connect (udp_egress.bpf.c)
-        for name, hook in ((b"dest_seen", "connect4"), (b"udp_seen", "udp_egress")):
+        # connects (sock_addr.bpf.c), and datagrams sent without connect (skb_egress.bpf.c)
+        for name, hook in ((b"dest_seen", "connect4"), (b"udp_seen", "skb_egress")):
             if hook not in self._sock_fns:
                 continue
             table = self.bpf[name]

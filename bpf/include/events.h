@@ -18,7 +18,7 @@
 #include <linux/types.h>
 #endif
 
-#define SANDTRACE_LAYOUT_VERSION 3
+#define SANDTRACE_LAYOUT_VERSION 4
 
 #define TASK_COMM_LEN 16
 
@@ -44,7 +44,9 @@ enum record_type {
 	REC_UNIX_CONNECT = 8,
 	REC_SOCK_CREATE = 9,
 	REC_IO_URING = 10,
-	REC_MAX = 11,
+	REC_FLOW = 11,
+	REC_DNS = 12,
+	REC_MAX = 13,
 };
 
 /* Failures that cost a probe some of its state, not a record: each indexes the per-CPU
@@ -222,6 +224,59 @@ struct io_uring_record {
 	__u32 sq_entries;
 	__u32 cq_entries;
 	__u32 flags; /* IORING_SETUP_* */
+};
+
+/* What a flow speaks, told from its first bytes in one direction (flows.h). */
+enum app_protocol {
+	APP_UNKNOWN = 0, /* payload that matched none of the others */
+	APP_SSH = 1, /* "SSH-2.0-" or "SSH-1.99-" */
+	APP_TLS = 2, /* a TLS handshake record holding a ClientHello (or, inbound, ServerHello) */
+	APP_HTTP = 3, /* an HTTP/1 request line (or, inbound, "HTTP/1.") */
+	APP_STRATUM = 4, /* JSON-RPC naming a mining method: "login", "mining.*" */
+	APP_DNS = 5, /* port 53 */
+	APP_MAX = 6,
+};
+
+#define FLOW_PAYLOAD_MAX 256
+#define FLOW_F_INGRESS (1U << 0) /* the payload came in; else it went out */
+
+/* The first packet with payload in one direction of a socket a traced process made (one
+ * record per socket and direction), from the cgroup_skb programs, which run in no process's
+ * context: the header is the socket maker's, kept by socket cookie (sock_create.bpf.c). */
+struct flow_record {
+	struct record_header hdr;
+	__u64 cookie;
+	__u8 laddr[16]; /* the socket's own address */
+	__u8 raddr[16]; /* the peer's */
+	__u16 family;
+	__u16 lport;
+	__u16 rport;
+	__u16 protocol; /* IPPROTO_TCP or IPPROTO_UDP */
+	__u32 app; /* enum app_protocol, as the kernel told it */
+	__u32 flags; /* FLOW_F_* */
+	__u32 payload_size; /* bytes of payload captured */
+	__u32 payload_full; /* bytes of payload the packet had */
+	__u8 payload[FLOW_PAYLOAD_MAX];
+};
+
+#define DNS_PAYLOAD_MAX 512
+
+/* A DNS message from port 53 that reached a socket a traced process made (UDP, or a TCP
+ * segment, whose 2-byte length prefix is skipped), as it arrived: user space parses it
+ * whole. The kernel has already entered its A and AAAA answers in the dns_names map. */
+struct dns_record {
+	struct record_header hdr;
+	__u64 cookie;
+	__u8 server[16]; /* the address the answer came from */
+	__u16 family;
+	__u16 server_port;
+	__u16 protocol;
+	__u16 _pad0;
+	__u32 payload_size; /* bytes of the message captured */
+	__u32 payload_full; /* bytes of the message in the packet */
+	__u32 mapped; /* A and AAAA answers the kernel entered in dns_names */
+	__u32 _pad1;
+	__u8 payload[DNS_PAYLOAD_MAX];
 };
 
 #endif /* SANDTRACE_EVENTS_H */

@@ -46,9 +46,20 @@ struct dest_seen {
 	struct connect_record rec;
 };
 
-/* Who made a datagram socket in a sandbox, by socket cookie, for the egress program, which
- * sees packets without process context (udp_egress.bpf.c; filled by sock_create.bpf.c). */
-BPF_TABLE("lru_hash", u64, struct record_header, udp_owner, SOCK_STASH_MAX);
+/* Who made a socket in a sandbox (datagram sockets; stream ones too where flows are
+ * classified), by socket cookie, for the cgroup_skb programs, which see packets without
+ * process context (skb_egress.bpf.c, skb_ingress.bpf.c; filled by sock_create.bpf.c); and
+ * which directions of its flow were classified already (flows.h). */
+struct sock_owner {
+	struct record_header hdr;
+	u32 flow_done; /* FLOW_DONE_* */
+	u32 _pad0;
+};
+
+#define FLOW_DONE_OUT (1U << 0)
+#define FLOW_DONE_IN (1U << 1)
+
+BPF_TABLE("lru_hash", u64, struct sock_owner, sock_owner, SOCK_STASH_MAX);
 
 /* Thread -> cookie of the TCP connect it is making, until the socket reaches SYN_SENT. */
 BPF_TABLE("lru_hash", u32, u64, connect_stash, SOCK_STASH_MAX);

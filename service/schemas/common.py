@@ -71,6 +71,16 @@ def connect_details(event: ConnectEvent) -> Doc:
         "errno": event.errno,
         "nonblocking": event.nonblocking,
     }
+    if event.app_protocol:  # what the flow spoke, and what its first bytes named
+        details |= {"app_protocol": event.app_protocol}
+        for name, value in (
+            ("hostname_source", event.hostname_source),
+            ("sni", event.sni),  # (OCSF's tls object wants the version, not known here)
+            ("http_host", event.http_host),
+            ("app_detail", event.app_detail),
+        ):
+            if value:
+                details[name] = value
     if event.family == "unix":
         details |= {"path": text(event.path), "peer_pid": event.peer_pid}
         if event.peer_exe:

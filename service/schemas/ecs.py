@@ -23,6 +23,7 @@ from api.events import (
     BindEvent,
     CgroupMoveEvent,
     ConnectEvent,
+    DnsEvent,
     Event,
     ExecEvent,
     ExitEvent,
@@ -226,7 +227,50 @@ def _connect(event: ConnectEvent, d: Doc) -> None:
         d["destination"] = endpoint(event.daddr, event.dport, address=True)
     if event.errno:
         d["error"] = {"code": event.errno_name or str(event.errno)}
+    if event.hostname:
+        d["destination"]["domain"] = event.hostname
+    if event.app_protocol and event.app_protocol != "unknown":
+        d["network"]["protocol"] = event.app_protocol
+    if event.sni:
+        d["tls"] = {"client": {"server_name": event.sni}}
     d["sandtrace"]["connect"] = connect_details(event)
+
+
+def _dns(event: DnsEvent, d: Doc) -> None:
+    """A DNS answer the process received (ECS dns.type "answer"); the resolver is the server."""
+    d["event"] |= {
+        "category": ["network"],
+        "type": ["protocol", "info"],
+        "action": "dns_answer_received",
+        "outcome": "success" if event.rcode == 0 and not event.error else "failure",
+    }
+    d["network"] = _network(event.protocol, "", "ingress") | {"protocol": "dns"}
+    dns: Doc = {"type": "answer", "id": str(event.transaction_id)}
+    if event.query_name:
+        dns["question"] = {"name": event.query_name, "type": event.query_type}
+    if not event.error:
+        dns["response_code"] = event.rcode_name
+    chain = [event.query_name, *event.cnames]
+    answers: list[Doc] = [
+        {"name": chain[i], "type": "CNAME", "data": target, "ttl": event.ttl}
+        for i, target in enumerate(event.cnames)
+    ]
+    answers += [
+        {"name": chain[-1], "type": "AAAA" if ":" in a else "A", "data": a, "ttl": event.ttl}
+        for a in event.addresses
+    ]
+    if answers:
+        dns["answers"] = answers
+    if event.addresses:
+        dns["resolved_ip"] = list(event.addresses)
+    d["dns"] = dns
+    d["server"] = endpoint(event.resolver, event.resolver_port, address=True)
+    d["sandtrace"]["dns"] = {
+        "truncated": event.truncated,
+        "mapped": event.mapped,
+        "answers": event.answers,
+        "error": event.error,
+    }
 
 
 def _raw_socket(event: RawSocketEvent, d: Doc) -> None:
@@ -355,6 +399,7 @@ EVENT_FIELDS: dict[type[Event], Callable[[Any, Doc], None]] = {
     RawSocketEvent: _raw_socket,
     IoUringEvent: _io_uring,
     ResponseEvent: _response,
+    DnsEvent: _dns,
 }
 
 

@@ -33,6 +33,7 @@ from api.events import (
     BindEvent,
     CgroupMoveEvent,
     ConnectEvent,
+    DnsEvent,
     Event,
     ExecEvent,
     ExitEvent,
@@ -82,6 +83,7 @@ _NETWORK_ACTIVITY: OcsfClass = (
     "Network Activity",
     ("container", "host"),
 )
+_DNS_ACTIVITY: OcsfClass = (4, "Network Activity", 4003, "DNS Activity", ("container", "host"))
 _DETECTION_FINDING: OcsfClass = (2, "Findings", 2004, "Detection Finding", ("container", "host"))
 _APPLICATION_ERROR: OcsfClass = (6, "Application Activity", 6008, "Application Error", ("host",))
 
@@ -213,7 +215,7 @@ def _event(event: Event) -> Doc:
         severity_id=1,
         host=event.host,
     )
-    if klass is _NETWORK_ACTIVITY:
+    if klass is _NETWORK_ACTIVITY or klass is _DNS_ACTIVITY:
         a.extra["actor"] = {"process": a.proc}
     else:
         d["process"] = a.proc
@@ -314,7 +316,51 @@ def _connect(event: ConnectEvent, a: Activity) -> None:
             a.extra["src_endpoint"] = source
         a.extra["dst_endpoint"] = endpoint(event.daddr, event.dport)
     a.extra["connection_info"] = _connection_info(event.protocol, event.family, 2)
+    if event.hostname:
+        a.extra["dst_endpoint"]["hostname"] = event.hostname
+    if event.app_protocol and event.app_protocol != "unknown":
+        a.extra["app_name"] = event.app_protocol
     a.unmapped["sandtrace"]["connect"] = connect_details(event)
+
+
+_RCODE_CAPTIONS = {
+    0: "NoError",
+    1: "FormError",
+    2: "ServError",
+    3: "NXDomain",
+    4: "NotImp",
+    5: "Refused",
+    6: "YXDomain",
+    7: "YXRRSet",
+    8: "NXRRSet",
+    9: "NotAuth",
+    10: "NotZone",
+}
+
+
+def _dns(event: DnsEvent, a: Activity) -> None:
+    """A DNS answer the process received: DNS Activity, Response; the resolver is the
+    destination the query went to."""
+    a.activity_id, a.activity_name = 2, "Response"
+    a.status_id = 1 if event.rcode == 0 and not event.error else 2
+    if event.query_name:
+        a.extra["query"] = {"hostname": event.query_name, "type": event.query_type}
+    answers = [{"rdata": r, "type": "CNAME"} for r in event.cnames]
+    answers += [{"rdata": r, "type": "AAAA" if ":" in r else "A"} for r in event.addresses]
+    if answers:
+        a.extra["answers"] = [answer | {"ttl": event.ttl} for answer in answers]
+    if not event.error:
+        a.extra["rcode_id"] = event.rcode if event.rcode in _RCODE_CAPTIONS else 99
+        a.extra["rcode"] = _RCODE_CAPTIONS.get(event.rcode, event.rcode_name)
+    a.extra["connection_info"] = _connection_info(event.protocol, "", 2)
+    a.extra["dst_endpoint"] = endpoint(event.resolver, event.resolver_port)
+    a.unmapped["sandtrace"]["dns"] = {
+        "transaction_id": event.transaction_id,
+        "truncated": event.truncated,
+        "mapped": event.mapped,
+        "answers": event.answers,
+        "error": event.error,
+    }
 
 
 def _raw_socket(event: RawSocketEvent, a: Activity) -> None:
@@ -416,6 +462,7 @@ EVENT_ACTIVITIES: dict[type[Event], tuple[OcsfClass, Callable[[Any, Activity], N
     RawSocketEvent: (_PROCESS_ACTIVITY, _raw_socket),
     IoUringEvent: (_PROCESS_ACTIVITY, _io_uring),
     ResponseEvent: (_PROCESS_ACTIVITY, _response),
+    DnsEvent: (_DNS_ACTIVITY, _dns),
 }
 
 

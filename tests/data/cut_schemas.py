@@ -26,7 +26,13 @@ import yaml
 
 ECS_REF = "v9.4.0"
 OCSF_REF = "3dcb905d26523ce4d5d0ba3c28c8507e2c859407"  # "v1.8.0 prep": version.json 1.8.0
-OCSF_CLASSES = ("process_activity", "network_activity", "detection_finding", "application_error")
+OCSF_CLASSES = (
+    "process_activity",
+    "network_activity",
+    "dns_activity",
+    "detection_finding",
+    "application_error",
+)
 HERE = Path(__file__).parent
 
 

@@ -39,6 +39,7 @@ def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 # The optional attach types as this 6.18 kernel's enum bpf_attach_type numbers them.
 ATTACH_TYPES = {
+    "BPF_CGROUP_INET_INGRESS": 0,
     "BPF_CGROUP_INET_EGRESS": 1,
     "BPF_CGROUP_INET_SOCK_CREATE": 2,
     "BPF_CGROUP_UNIX_CONNECT": 49,
@@ -66,7 +67,11 @@ def test_optional_hooks_come_from_btf(host: Path) -> None:
 def test_a_kernel_without_the_unix_connect_hook_says_what_is_missed(
     host: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    old = {"BPF_CGROUP_INET_EGRESS": 1, "BPF_CGROUP_INET_SOCK_CREATE": 2}
+    old = {
+        "BPF_CGROUP_INET_INGRESS": 0,
+        "BPF_CGROUP_INET_EGRESS": 1,
+        "BPF_CGROUP_INET_SOCK_CREATE": 2,
+    }
     monkeypatch.setattr(probe_btf.BTF, "from_file", lambda _path: FakeBTF(old))
     features = kernel.check()
     assert features.attach_types == old
@@ -87,7 +92,9 @@ def test_unreadable_btf_enum_is_said(host: Path, monkeypatch: pytest.MonkeyPatch
     assert notes[0] == f"could not read bpf_attach_type from {host / 'btf/vmlinux'}: not BTF data"
     assert "no BPF_CGROUP_INET_SOCK_CREATE hook" in notes[1]
     assert "no BPF_CGROUP_INET_EGRESS hook" in notes[2]
-    assert "no BPF_CGROUP_UNIX_CONNECT hook" in notes[3]
+    assert "no BPF_CGROUP_INET_INGRESS hook" in notes[3]
+    assert "DNS answers are not read" in notes[3]
+    assert "no BPF_CGROUP_UNIX_CONNECT hook" in notes[4]
 
 
 def test_a_kernel_without_io_uring_says_so(host: Path) -> None:

@@ -27,7 +27,15 @@ EVENTS_H = ROOT / "bpf/include/events.h"
 # Python constants that mirror a C constant of another name; the rest share their C name.
 RENAMED = {"LAYOUT_VERSION": "SANDTRACE_LAYOUT_VERSION"}
 # C constants sized in the header and mirrored in Python, beyond enumerators and flags.
-SIZES = ["TASK_COMM_LEN", "ARGV_MAX", "ARGV_TAIL_MAX", "CGROUP_PATH_MAX", "UNIX_PATH_MAX"]
+SIZES = [
+    "TASK_COMM_LEN",
+    "ARGV_MAX",
+    "ARGV_TAIL_MAX",
+    "CGROUP_PATH_MAX",
+    "UNIX_PATH_MAX",
+    "FLOW_PAYLOAD_MAX",
+    "DNS_PAYLOAD_MAX",
+]
 # What a C member's type is in the struct module (byte arrays: "<size>s").
 C_TYPE_CODES = {"__u16": "H", "__u32": "I", "__s32": "i", "__u64": "Q"}
 
@@ -37,7 +45,7 @@ _MEMBER = re.compile(r"(struct \w+|__[us]\d+|char) (\w+)(\[\w*\])?;")
 _ENUM = re.compile(r"^enum \w+ \{\n(.*?)^\};", re.M | re.S)
 _ENUMERATOR = re.compile(r"^\s*(\w+)\s*=", re.M)
 _FLAG = re.compile(r"^#define (\w+_F_\w+)\s", re.M)
-_PY_CONSTANT = re.compile(r"(REC|ERR)_[A-Z0-9_]+|[A-Z0-9]+_F_[A-Z0-9_]+")
+_PY_CONSTANT = re.compile(r"(REC|ERR|APP)_[A-Z0-9_]+|[A-Z0-9]+_F_[A-Z0-9_]+")
 
 
 @dataclass
@@ -255,8 +263,8 @@ MUTATIONS = [
     ),
     (("#define BIND_F_FAILED", "#define BIND_F_GONE"), "BIND_F_FAILED: in Python, not in C"),
     (
-        ("#define SANDTRACE_LAYOUT_VERSION 3", "#define SANDTRACE_LAYOUT_VERSION 4"),
-        "SANDTRACE_LAYOUT_VERSION: C 4",
+        ("#define SANDTRACE_LAYOUT_VERSION 4", "#define SANDTRACE_LAYOUT_VERSION 5"),
+        "SANDTRACE_LAYOUT_VERSION: C 5",
     ),
     (
         ("#define CGROUP_PATH_MAX 256", "#define CGROUP_PATH_MAX 128"),

@@ -500,7 +500,7 @@ def test_run_and_watch_say_loudly_that_rules_were_refused(
         assert err == [
             f"sandtrace: rule not loaded: {tmp_path / 'windows.yml'}: a Windows rule: log source "
             "product=windows category=process_creation service=None is not one sandtrace "
-            "provides (product linux, categories kernel_interface, network_connection, "
+            "provides (product linux, categories dns_query, kernel_interface, network_connection, "
             "network_listen, process_creation)",
             "sandtrace: WARNING: 1 rule(s) refused (listed above) will raise no alerts; fix or "
             "remove them",

@@ -159,12 +159,51 @@ def test_broken_yaml_is_refused_not_fatal() -> None:
     assert rules.rules == [] and rules.refused and rules.refused[0][0].startswith("broken.yml")
 
 
+MINING_POOLS = "a46c93b7-55ed-4d27-a41b-c259456c4746"  # net_connection_lnx_crypto_mining_...
+NGROK = "19bf6fdb-7721-4f3d-867f-53467f6a5db6"  # net_connection_lnx_ngrok_tunnel
+LOCALTONET = "c4568f5d-131f-4e78-83d4-45b2da0ec4f1"  # net_connection_lnx_domain_localtonet_...
+
+
+@pytest.mark.parametrize(
+    ("hostname", "fired"),
+    [
+        ("pool.supportxmr.com", [MINING_POOLS]),
+        ("XMR-EU1.nanopool.org", [MINING_POOLS]),
+        ("pool.supportxmr.com.example.net", []),
+        ("1.tcp.tunnel.us.ngrok.com", [NGROK]),
+        ("abc123.localto.net", [LOCALTONET]),
+        ("localto.net.example.org", []),
+        ("github.com", []),
+        ("", []),
+    ],
+)
+def test_sigmahq_destination_hostname_rules_fire_on_the_resolved_name(
+    hostname: str, fired: list[str]
+) -> None:
+    """SigmaHQ's Linux rules keyed on DestinationHostname, unchanged, against connects that
+    carry the name the sandbox resolved (the collector's DNS view)."""
+    engine = Engine(load_paths([SIGMAHQ]))
+    connect = event_from_fields(
+        "network_connection",
+        {
+            "Image": "/work/helper",
+            "DestinationIp": "203.0.113.10",
+            "DestinationPort": 443,
+            "DestinationHostname": hostname,
+        },
+    )
+    assert [a.rule_id for a in engine.feed(connect)] == fired
+
+
 def test_real_sigmahq_rules_load_unchanged_and_fire() -> None:
     rules = load_paths([SIGMAHQ])
     assert rules.refused == []
     assert {r.id for r in rules.rules} == {
         "9069ea3c-b213-4c52-be13-86506a227ab1",
         "83dcd9f6-9ca8-4af7-a16e-a1c7a6b51871",
+        MINING_POOLS,
+        NGROK,
+        LOCALTONET,
     }
     engine = Engine(rules)
     miner = event_from_fields(

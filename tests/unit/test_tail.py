@@ -116,7 +116,7 @@ def test_filter_parses_lists_and_round_trips() -> None:
     [
         (
             {"kind": "exec,exce"},
-            "unknown kind 'exce'; known: bind, cgroup_move, connect, exec, "
+            "unknown kind 'exce'; known: bind, cgroup_move, connect, dns, exec, "
             "exit, fork, io_uring, listen, raw_socket, response, socket",
         ),
         ({"kind": "alert"}, "unknown kind 'alert'"),

@@ -1,9 +1,9 @@
 /* SPDX-License-Identifier: GPL-2.0-only */
 /*
- * Datagrams sent without connect() (sendto/sendmsg naming a destination), from a cgroup_skb
- * egress program on the traced cgroups only: cgroups without a program skip the hook almost
- * for free (unlike cgroup/sendmsg4/6, which every unconnected UDP send on the host would
- * run). A packet carries no process context, so the process that made the socket is kept by
+ * Packets a sandbox sends, from a cgroup_skb egress program on the traced cgroups only:
+ * cgroups without a program skip the hook almost for free. It classifies each socket's first
+ * bytes out (flows.h), and reports datagrams sent without connect() (sendto/sendmsg naming a destination): unlike
+ * cgroup/sendmsg4/6, which every unconnected UDP send on the host would run. A packet carries no process context, so the process that made the socket is kept by
  * socket cookie when the socket is made (sock_create.bpf.c); the first datagram of a socket
  * to a destination is sent as a connect record (SOCK_F_UNCONNECTED), the ones after it
  * counted as repeats, like connects (sock_addr.bpf.c).
@@ -14,12 +14,17 @@
 #include "counters.h"
 #include "output.h"
 #include "sock_stash.h"
+#include "flows.h"
 
 #ifdef HAVE_UDP_EGRESS
 
+#ifndef ETH_P_IP
 #define ETH_P_IP 0x0800
 #define ETH_P_IPV6 0x86DD
+#endif
+#ifndef IPPROTO_UDP
 #define IPPROTO_UDP 17
+#endif
 
 BPF_TABLE("lru_hash", struct dest_key, struct dest_seen, udp_seen, DEST_SEEN_MAX);
 BPF_PERCPU_ARRAY(udp_scratch, struct dest_seen, 1);
@@ -58,29 +63,32 @@ static __always_inline bool udp_destination(struct __sk_buff *skb, struct dest_k
 	return true;
 }
 
-int udp_egress(struct __sk_buff *skb)
+int skb_egress(struct __sk_buff *skb)
 {
 	struct dest_key key = {};
 	struct dest_seen *seen, *fresh;
 	struct bpf_sock *sk = skb->sk;
-	struct record_header *owner;
+	struct sock_owner *owner;
 	u64 cookie, now;
 	u32 zero = 0;
 
 	if (!sk)
 		return 1;
+#ifdef HAVE_FLOWS
+	flow_packet(skb, false);
+#endif
 	sk = bpf_sk_fullsock(sk);
 	/* a connected socket's datagrams were reported at connect() */
 	if (!sk || sk->type != SOCK_DGRAM || sk->dst_port)
 		return 1;
 	cookie = bpf_get_socket_cookie(skb);
-	owner = udp_owner.lookup(&cookie);
+	owner = sock_owner.lookup(&cookie);
 	if (!owner)
 		return 1;
 	if (!udp_destination(skb, &key))
 		return 1;
 	key.start_ns = cookie; /* per socket, not per process */
-	key.tgid = owner->pid;
+	key.tgid = owner->hdr.pid;
 	key.sock_type = SOCK_DGRAM;
 	key.protocol = IPPROTO_UDP;
 	now = bpf_ktime_get_ns();
@@ -93,7 +101,7 @@ int udp_egress(struct __sk_buff *skb)
 	if (!fresh)
 		return 1;
 	__builtin_memset(&fresh->rec, 0, sizeof(fresh->rec));
-	fresh->rec.hdr = *owner;
+	fresh->rec.hdr = owner->hdr;
 	fresh->rec.hdr.type = REC_CONNECT;
 	fresh->rec.hdr.size = sizeof(fresh->rec);
 	fresh->rec.hdr.ktime_ns = now;
