@@ -3,14 +3,16 @@
 A batch is a map:
     {"v": <batch version>, "collector": "<id>", "seq": <int>, "processes": [...],
      "events": [...]}
-Version 3 (what collectors send, msgpack ``application/msgpack``): each event is a row,
+Version 4 (what collectors send, msgpack ``application/msgpack``): each event is a row,
 api.events.to_row(): its kind, then its fields in order, bytes as bin; in place of its
 process, the index of that process in "processes", the batch's table of distinct processes
 (each a Process row). A process does many things in a burst, and its row (argv, ancestry) is
 most of an event's: sent once, a batch is smaller, and the service decodes, keeps and frees
 each process once. Version 2 is version 3 without the table, every event with its process
-inline. Version 1: each event is a map, api.events.to_dict(), in msgpack or in JSON
-(``application/json``, bytes fields as strings the way api.render.json_line writes
+inline; version 3 is version 4 without `dns` and `response` events and the names and
+protocols of connects (a service that reads 3 at most says so, 409, instead of failing on a
+kind it does not know). Version 1: each event is a map, api.events.to_dict(), in msgpack or
+in JSON (``application/json``, bytes fields as strings the way api.render.json_line writes
 them, read back with bytes_from_json); JSON batches are always version 1, the readable form
 for other producers. decode_batch() accepts any bytes and either returns the batch, every
 event's field types checked, or raises BadBatch with the HTTP status and a reason,
@@ -41,8 +43,8 @@ from api.events import (
 )
 from api.render import bytes_from_json, json_line
 
-BATCH_VERSION = 3  # rows and a process table; versions 1 (maps) and 2 (rows) are still read
-BATCH_VERSIONS = (1, 2, 3)
+BATCH_VERSION = 4  # rows and a process table; versions 1 (maps), 2 and 3 are still read
+BATCH_VERSIONS = (1, 2, 3, 4)
 MAX_BATCH_BYTES = 8 << 20
 MAX_BATCH_EVENTS = 50_000
 CONTENT_TYPE = "application/msgpack"
@@ -163,7 +165,7 @@ def decode_batch(body: bytes, content_type: str = CONTENT_TYPE) -> tuple[str, in
         wanted = " or ".join(CONTENT_TYPES)
         raise BadBatch(415, "content_type", f"send {wanted}, not {content_type}")
     if version not in BATCH_VERSIONS or (from_json and version != 1):
-        readable = "version 1" if from_json else "versions 1 to 3"
+        readable = "version 1" if from_json else "versions 1 to 4"
         raise BadBatch(
             409,
             "version",
@@ -174,7 +176,7 @@ def decode_batch(body: bytes, content_type: str = CONTENT_TYPE) -> tuple[str, in
         raise BadBatch(400, "malformed", "batch has no collector id")
     if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
         raise BadBatch(400, "malformed", "batch has no sequence number")
-    if version in (2, 3):
+    if version in (2, 3, 4):
         if not isinstance(raw, msgspec.Raw) or not raw:
             raise BadBatch(400, "malformed", "batch events is not a list")
         try:
