@@ -31,6 +31,7 @@ from api.events import (
 from collector import records as R
 from collector.proctable import Names, ProcessTable
 from collector.sockets import HeldSocket, UnixListener, UnixListeners
+from collector.stdio import from_record as stdio_from_record
 
 TCP_ESTABLISHED = 1
 TCP_SYN_SENT = 2
@@ -355,6 +356,8 @@ class Assembler:
             path_truncated=bool(f.flags & (R.EXEC_F_EXE_TRUNCATED | R.EXEC_F_CWD_TRUNCATED)),
             parent_exe=parent.exe if parent is not None else b"",
             parent_argv=list(parent.argv) if parent is not None else [],
+            # Captured at exec; [] when the kernel could not, for the enricher to read /proc.
+            stdio=stdio_from_record(f, parts.stdio_names),
         )
 
     def _fork(self, f: R.ForkRecord) -> ForkEvent:

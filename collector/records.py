@@ -18,7 +18,7 @@ import struct
 from collections.abc import Callable, Iterable
 from typing import Annotated, Any, NamedTuple, get_type_hints
 
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 
 REC_UNDEFINED = 0
 REC_EXEC = 1
@@ -65,6 +65,14 @@ EXEC_F_FILENAME_TRUNCATED = 1 << 3
 EXEC_F_MEMFD = 1 << 4
 EXEC_F_UNLINKED = 1 << 5
 EXEC_F_NO_MM = 1 << 6
+EXEC_F_STDIO = 1 << 7
+
+STDIO_F_OPEN = 1 << 0
+STDIO_F_UNREADABLE = 1 << 1
+STDIO_F_PATH = 1 << 2
+STDIO_F_PSEUDO = 1 << 3
+STDIO_F_TRUNCATED = 1 << 4
+STDIO_F_UNLINKED = 1 << 5
 
 SOCK_F_NONBLOCK = 1 << 0
 SOCK_F_LOCAL_KNOWN = 1 << 1
@@ -79,6 +87,7 @@ ARGV_MAX = 16384
 ARGV_TAIL_MAX = 4096
 CGROUP_PATH_MAX = 256
 UNIX_PATH_MAX = 108
+STDIO_FDS = 3
 
 # Field types: the C type's struct code, in the annotation's metadata.
 U16 = Annotated[int, "H"]
@@ -90,6 +99,25 @@ Addr = Annotated[bytes, "16s"]  # __u8[16]: an IPv4 address in its first 4 bytes
 CgroupPath = Annotated[bytes, f"{CGROUP_PATH_MAX}s"]  # char[CGROUP_PATH_MAX]
 UnixPath = Annotated[bytes, f"{UNIX_PATH_MAX}s"]  # char[UNIX_PATH_MAX]
 # A plain bytes field, last, is a C flexible array member: the record's variable data.
+
+
+class StdioFd(NamedTuple):
+    """struct stdio_fd: one standard stream of a process at exec (see events.h)."""
+
+    ino: U64
+    addr: Addr  # an inet socket's peer address (IPv4: its first 4 bytes)
+    flags: U32  # STDIO_F_*
+    mode: U32  # i_mode
+    rdev: U32  # the kernel's encoding: major << 20 | minor
+    name_size: U32  # bytes of this stream's name in the exec record's data
+    family: U16
+    sock_type: U16
+    protocol: U16
+    port: U16  # an inet socket's peer port, host byte order
+
+
+_STDIO_FD_SIZE = 48
+Stdio = Annotated[bytes, f"{STDIO_FDS * _STDIO_FD_SIZE}s"]  # struct stdio_fd[STDIO_FDS]
 
 
 class Header(NamedTuple):
@@ -139,7 +167,8 @@ class ExecRecord(NamedTuple):
     exe_nlink: U32
     old_tid: U32  # thread that called execve, before de_thread
     argv_tail_size: U32  # bytes of argv's end captured after the head
-    data: bytes  # argv head, argv tail, exe components, cwd components, file name: exec_parts
+    stdio: Stdio  # fds 0-2 (with EXEC_F_STDIO): stdio_fds
+    data: bytes  # argv, exe, cwd, file name, the streams' names: exec_parts
 
 
 class ForkRecord(NamedTuple):
@@ -392,8 +421,9 @@ RECORD_CLASSES: dict[int, type[AnyRecord]] = {
 }
 
 
-C_STRUCTS: dict[type[Header | AnyRecord], str] = {
+C_STRUCTS: dict[type[Header | StdioFd | AnyRecord], str] = {
     Header: "record_header",
+    StdioFd: "stdio_fd",
     ExecRecord: "exec_record",
     ForkRecord: "fork_record",
     ExitRecord: "exit_record",
@@ -529,6 +559,16 @@ class ExecParts(NamedTuple):
     exe: bytes
     cwd: bytes
     filename: bytes
+    stdio_names: list[bytes]  # each standard stream's name as the kernel wrote it
+
+
+_STDIO_FD = layout(StdioFd).struct
+assert _STDIO_FD.size == _STDIO_FD_SIZE
+
+
+def stdio_fds(rec: ExecRecord) -> list[StdioFd]:
+    """The standard streams an exec record describes (meaningful with EXEC_F_STDIO)."""
+    return [StdioFd._make(t) for t in _STDIO_FD.iter_unpack(rec.stdio)]
 
 
 def exec_parts(rec: ExecRecord) -> ExecParts:
@@ -541,7 +581,15 @@ def exec_parts(rec: ExecRecord) -> ExecParts:
     f = c + rec.filename_size
     if f > len(data):
         raise RecordError(f"exec record data has {len(data)} bytes; its sizes need {f}")
-    filename = data[c:f]
+    names = []
+    if rec.flags & EXEC_F_STDIO:
+        for fd in stdio_fds(rec):
+            end = f + fd.name_size
+            if end > len(data):
+                raise RecordError(f"exec record data has {len(data)} bytes; stdio needs {end}")
+            names.append(data[f:end])
+            f = end
+    filename = data[c : c + rec.filename_size]
     return ExecParts(
         argv=argv_of(data[:h], data[h:a], rec.argv_full_size),
         exe=join_components(data[a:e]),
@@ -549,4 +597,5 @@ def exec_parts(rec: ExecRecord) -> ExecParts:
         cwd=join_components(data[e:c])
         or (b"/" if rec.cwd_size == 0 and not rec.flags & EXEC_F_CWD_TRUNCATED else b""),
         filename=filename.rstrip(b"\0"),
+        stdio_names=names,
     )

@@ -27,7 +27,14 @@ EVENTS_H = ROOT / "bpf/include/events.h"
 # Python constants that mirror a C constant of another name; the rest share their C name.
 RENAMED = {"LAYOUT_VERSION": "SANDTRACE_LAYOUT_VERSION"}
 # C constants sized in the header and mirrored in Python, beyond enumerators and flags.
-SIZES = ["TASK_COMM_LEN", "ARGV_MAX", "ARGV_TAIL_MAX", "CGROUP_PATH_MAX", "UNIX_PATH_MAX"]
+SIZES = [
+    "TASK_COMM_LEN",
+    "ARGV_MAX",
+    "ARGV_TAIL_MAX",
+    "CGROUP_PATH_MAX",
+    "UNIX_PATH_MAX",
+    "STDIO_FDS",
+]
 # What a C member's type is in the struct module (byte arrays: "<size>s").
 C_TYPE_CODES = {"__u16": "H", "__u32": "I", "__s32": "i", "__u64": "Q"}
 
@@ -116,10 +123,11 @@ def compile_header(path: Path, workdir: Path) -> CHeader:
 
 def flat_members(header: CHeader, struct_name: str) -> list[tuple[str, Member]]:
     """(struct the member is measured in, member), nested structs (the header) flattened,
-    padding left out."""
+    padding left out. An array of structs (an exec record's stdio) stays one member: bytes
+    in Python, whose element struct is compared on its own."""
     out: list[tuple[str, Member]] = []
     for m in header.structs[struct_name]:
-        if m.ctype.startswith("struct "):
+        if m.ctype.startswith("struct ") and m.array is None:
             assert header.values[f"offsetof {struct_name} {m.name}"] == 0, f"{m.name} not first"
             out += flat_members(header, m.ctype.removeprefix("struct "))
         elif not m.name.startswith("_pad"):
@@ -255,8 +263,8 @@ MUTATIONS = [
     ),
     (("#define BIND_F_FAILED", "#define BIND_F_GONE"), "BIND_F_FAILED: in Python, not in C"),
     (
-        ("#define SANDTRACE_LAYOUT_VERSION 3", "#define SANDTRACE_LAYOUT_VERSION 4"),
-        "SANDTRACE_LAYOUT_VERSION: C 4",
+        ("#define SANDTRACE_LAYOUT_VERSION 4", "#define SANDTRACE_LAYOUT_VERSION 5"),
+        "SANDTRACE_LAYOUT_VERSION: C 5",
     ),
     (
         ("#define CGROUP_PATH_MAX 256", "#define CGROUP_PATH_MAX 128"),
@@ -267,12 +275,17 @@ MUTATIONS = [
         "connect_record: C members",
     ),
     (("__u32 exit_code;", "__s32 exit_code;"), "exit_record.exit_code: __s32 is 'i', not 'I'"),
+    (("#define STDIO_FDS 3", "#define STDIO_FDS 4"), "exec_record.stdio: struct stdio_fd is '192s'"),
+    (
+        ("\t__u16 protocol;\n\t__u16 port;", "\t__u16 port;\n\t__u16 protocol;"),
+        "stdio_fd: C members",
+    ),
     (
         (
             "\t__u32 old_tid; /* thread that called execve, before de_thread */\n",
             "\t__u32 old_tid;\n\t__u32 more;\n\t__u32 _pad9;\n",
         ),
-        "exec_record: sizeof 136",
+        "exec_record: sizeof 280",
     ),
     (
         (
