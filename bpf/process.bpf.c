@@ -19,8 +19,8 @@
  * every write stays inside the buffer; the buffer is larger than the mask by one read. */
 #define EXEC_DATA_MASK 0x7fff
 #define EXEC_DATA_CAP (EXEC_DATA_MASK + 1 + NAME_MAX_LEN)
-#define EXEC_DATA_USED                                                                      \
-	(ARGV_MAX + ARGV_TAIL_MAX + 2 * PATH_BUDGET + FILENAME_MAX_LEN +                      \
+#define EXEC_DATA_USED                                                   \
+	(ARGV_MAX + ARGV_TAIL_MAX + 2 * PATH_BUDGET + FILENAME_MAX_LEN + \
 	 STDIO_FDS * STDIO_PATH_BUDGET)
 
 _Static_assert(EXEC_DATA_USED <= EXEC_DATA_MASK, "exec data budget exceeds its mask");
@@ -154,12 +154,12 @@ static __always_inline void unix_name(struct exec_scratch *s, struct stdio_fd *d
 	asm volatile("" : "+r"(len));
 	len &= 0x7f;
 	if (bpf_probe_read_kernel(&s->data[off & EXEC_DATA_MASK], len,
-				  (void *)(addr + OFF_UNIX_ADDRESS_NAME + OFF_SOCKADDR_UN_PATH)) == 0)
+				  (void *)(addr + OFF_UNIX_ADDRESS_NAME + OFF_SOCKADDR_UN_PATH)) ==
+	    0)
 		s->cursor = off + len;
 }
 
-static __always_inline void describe_socket(struct exec_scratch *s, struct stdio_fd *d,
-					    u64 file)
+static __always_inline void describe_socket(struct exec_scratch *s, struct stdio_fd *d, u64 file)
 {
 	u64 sock = rd_u64(file, OFF_FILE_PRIVATE_DATA);
 	u64 sk = sock ? rd_u64(sock, OFF_SOCKET_SK) : 0;
@@ -223,7 +223,8 @@ static __always_inline void capture_stdio(struct exec_scratch *s, u64 task)
 		if (type == S_IFSOCK) {
 			describe_socket(s, d, file);
 		} else if (type != S_IFCHR || !well_known_device(d->rdev)) {
-			enum walk_result walk = walk_path(s, file + OFF_FILE_F_PATH, STDIO_PATH_BUDGET);
+			enum walk_result walk =
+				walk_path(s, file + OFF_FILE_F_PATH, STDIO_PATH_BUDGET);
 
 			d->flags |= STDIO_F_PATH;
 			if (walk == WALK_TRUNCATED)

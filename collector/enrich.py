@@ -75,7 +75,7 @@ class Batch:
 
 def _complete(ev: ExecEvent, ident: Identity | None, stdio: list[str]) -> ExecEvent:
     if ident is None:
-        return msgspec.structs.replace(ev, stdio=stdio)
+        return ev if stdio is ev.stdio else msgspec.structs.replace(ev, stdio=stdio)
     return msgspec.structs.replace(
         ev,
         sha256=ident.sha256,
@@ -103,14 +103,15 @@ class ExecEnricher:
                 continue
             pid = ev.process.pid
             ident, live = self.identities.find(pid, ev.exe_inode, ev.process.exe, files)
+            sockets: list[PendingSocket] = []
             if ev.stdio:  # captured in the kernel at exec (collector/stdio.py)
                 self.stdio.stats.captured += 1
-                stdio, sockets = ev.stdio, []
+                stdio = ev.stdio
             elif live:
                 stdio, sockets = self.stdio.read(pid)
             else:
                 self.stdio.stats.unknown += 1
-                stdio, sockets = list(UNKNOWN), []
+                stdio = list(UNKNOWN)
             if isinstance(ident, PendingFile) or sockets:
                 if batch is None:
                     batch = Batch(self, events, files)

@@ -563,7 +563,8 @@ class ExecParts(NamedTuple):
 
 
 _STDIO_FD = layout(StdioFd).struct
-assert _STDIO_FD.size == _STDIO_FD_SIZE
+if _STDIO_FD.size != _STDIO_FD_SIZE:
+    raise TypeError(f"StdioFd is {_STDIO_FD.size} bytes; ExecRecord.stdio assumes {_STDIO_FD_SIZE}")
 
 
 def stdio_fds(rec: ExecRecord) -> list[StdioFd]:

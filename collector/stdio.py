@@ -41,11 +41,10 @@ from __future__ import annotations
 
 import os
 import re
-from collections import OrderedDict
-from dataclasses import dataclass
-
 import socket
 import stat
+from collections import OrderedDict
+from dataclasses import dataclass
 
 import structlog
 
@@ -122,6 +121,16 @@ def _unix_entry(name: bytes) -> str:
     return "unix:" + _text(name.split(b"\0", 1)[0])
 
 
+def _leaf_end(path: bytes, size: int) -> bytes:
+    """The last whole components of `path` in at most `size` bytes (the last one, cut, if
+    it alone is longer)."""
+    if len(path) <= size:
+        return path
+    cut = path[-size:]
+    slash = cut.find(b"/")
+    return cut[slash:] if slash >= 0 else cut
+
+
 def kernel_entry(fd: R.StdioFd, name: bytes) -> str:
     """The entry of one standard stream as the exec probe captured it (`name`: its bytes of
     the record's data, a path's components leaf first or a unix socket's sun_path)."""
@@ -148,9 +157,9 @@ def kernel_entry(fd: R.StdioFd, name: bytes) -> str:
             return "file:" + _text(b"anon_inode:" + leaf)
         path = b"/" + leaf
     else:
-        path = R.join_components(name)
+        path = R.join_components(name) or b"/"  # a whole walk of no components: the root
         if fd.flags & R.STDIO_F_TRUNCATED:  # its leaf end, which names the file
-            path = b"..." + path[3 - MAX_DETAIL :]
+            path = b"..." + _leaf_end(path, MAX_DETAIL - 3)
     if fd.flags & R.STDIO_F_UNLINKED:
         path += b" (deleted)"
     return _path_entry(path)

@@ -226,9 +226,9 @@ class BTF:
                         return bit_off + found[0], found[1], found[2]
         return None
 
-    def bits_of(self, struct_name: str, member: str) -> tuple[int, int]:
-        """(bit offset, width in bits) of an integer member of a struct, a bitfield or not:
-        a member that is a plain integer on one kernel is a bitfield on another
+    def bits_of(self, struct_name: str, member: str) -> tuple[int, int, bool]:
+        """(bit offset, width in bits, whether it is a bitfield) of an integer member of a
+        struct: a member that is a plain integer on one kernel is a bitfield on another
         (``sock.sk_protocol`` was 8 bits of a word before Linux 5.6)."""
         type_id = self._struct(struct_name)
         found = self._find_bits(type_id, member)
@@ -239,12 +239,12 @@ class BTF:
         if t is None or t.kind not in (KIND_INT, KIND_ENUM):
             raise BTFError(f"{struct_name}.{member} is not an integer")
         if width:
-            return bit_off, width
+            return bit_off, width, True
         if t.kind == KIND_INT:
             (enc,) = struct.unpack_from("<I", self._types_blob, t.body)
             bits, extra = enc & 0xFF, (enc >> 16) & 0xFF
-            return bit_off + extra, bits
-        return bit_off, t.size_or_type * 8
+            return bit_off + extra, bits, bits != t.size_or_type * 8 or extra != 0
+        return bit_off, t.size_or_type * 8, False
 
     def has_member(self, struct_name: str, path: str) -> bool:
         try:
@@ -367,9 +367,8 @@ def stdio_offsets(btf: BTF) -> StdioOffsets:
     flags = {macro: btf.offsetof(s, member) for macro, (s, member) in STDIO_OFFSETS.items()}
     layouts = {}
     for name, (s, member) in STDIO_BITS.items():
-        bit_off, width = btf.bits_of(s, member)
+        bit_off, width, bitfield = btf.bits_of(s, member)
         word, shift, mask = word_bits(bit_off, width)
         flags |= {f"WORD_{name}": word, f"SHIFT_{name}": shift, f"MASK_{name}": mask}
-        exact = bit_off % 8 == 0 and width in (8, 16, 32)
-        layouts[member] = f"a {width}-bit {'member' if exact else 'bitfield'}"
+        layouts[member] = f"a {width}-bit {'bitfield' if bitfield else 'member'}"
     return StdioOffsets(flags, layouts["sk_protocol"])

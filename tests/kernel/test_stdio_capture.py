@@ -49,9 +49,7 @@ def exec_streams(sb: Sandbox, argv: list[str], exe: str = TRUE, **fds: Any) -> l
     execs = [
         e
         for e in sb.events()
-        if isinstance(e, ExecEvent)
-        and e.process.pid == proc.pid
-        and e.process.exe == exe.encode()
+        if isinstance(e, ExecEvent) and e.process.pid == proc.pid and e.process.exe == exe.encode()
     ]
     assert len(execs) == 1, execs
     return execs[0].stdio
@@ -59,7 +57,7 @@ def exec_streams(sb: Sandbox, argv: list[str], exe: str = TRUE, **fds: Any) -> l
 
 def proc_view(fd: int) -> str:
     """What the /proc reader makes of the test's own fd: the entry the kernel's must equal."""
-    kind = classify(os.readlink(f"/proc/self/fd/{fd}").encode("utf-8", "surrogateescape"))
+    kind = classify(os.fsencode(Path(f"/proc/self/fd/{fd}").readlink()))
     assert isinstance(kind, str)
     return kind
 
@@ -106,9 +104,7 @@ def test_null_pipe_and_a_file_by_its_exact_path(
 ) -> None:
     path = tmp_path / "out\xe9 \x1b[31m.log"
     out = stack.enter_context(path.open("wb"))
-    got = exec_streams(
-        sb, [TRUE], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=out
-    )
+    got = exec_streams(sb, [TRUE], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=out)
     assert got == ["null", "pipe", f"file:{path}"]
     assert got[2] == proc_view(out.fileno())
 
@@ -152,9 +148,7 @@ def test_unix_sockets_pair_bound_and_abstract(
 
 
 def test_closed_fds(sb: Sandbox) -> None:
-    got = exec_streams(
-        sb, ["/bin/sh", "-c", f"exec {TRUE} <&- 2>&-"], stdout=subprocess.DEVNULL
-    )
+    got = exec_streams(sb, ["/bin/sh", "-c", f"exec {TRUE} <&- 2>&-"], stdout=subprocess.DEVNULL)
     assert got == ["closed", "null", "closed"]
 
 

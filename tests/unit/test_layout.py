@@ -275,7 +275,10 @@ MUTATIONS = [
         "connect_record: C members",
     ),
     (("__u32 exit_code;", "__s32 exit_code;"), "exit_record.exit_code: __s32 is 'i', not 'I'"),
-    (("#define STDIO_FDS 3", "#define STDIO_FDS 4"), "exec_record.stdio: struct stdio_fd is '192s'"),
+    (
+        ("#define STDIO_FDS 3", "#define STDIO_FDS 4"),
+        "exec_record.stdio: struct stdio_fd is '192s'",
+    ),
     (
         ("\t__u16 protocol;\n\t__u16 port;", "\t__u16 port;\n\t__u16 protocol;"),
         "stdio_fd: C members",
