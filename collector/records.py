@@ -559,7 +559,7 @@ class ExecParts(NamedTuple):
     exe: bytes
     cwd: bytes
     filename: bytes
-    stdio_names: list[bytes]  # each standard stream's name as the kernel wrote it
+    stdio_names: bytes  # the standard streams' names as the kernel wrote them: stdio_names
 
 
 _STDIO_FD = layout(StdioFd).struct
@@ -567,9 +567,21 @@ if _STDIO_FD.size != _STDIO_FD_SIZE:
     raise TypeError(f"StdioFd is {_STDIO_FD.size} bytes; ExecRecord.stdio assumes {_STDIO_FD_SIZE}")
 
 
-def stdio_fds(rec: ExecRecord) -> list[StdioFd]:
-    """The standard streams an exec record describes (meaningful with EXEC_F_STDIO)."""
-    return [StdioFd._make(t) for t in _STDIO_FD.iter_unpack(rec.stdio)]
+def stdio_fds(stdio: bytes) -> list[StdioFd]:
+    """The standard streams an exec record's `stdio` describes (with EXEC_F_STDIO)."""
+    return [StdioFd._make(t) for t in _STDIO_FD.iter_unpack(stdio)]
+
+
+def stdio_names(fds: list[StdioFd], data: bytes) -> list[bytes]:
+    """Each stream's name, from the exec record's data after the file name."""
+    names, pos = [], 0
+    for fd in fds:
+        end = pos + fd.name_size
+        if end > len(data):
+            raise RecordError(f"exec record has {len(data)} bytes of stdio names; needs {end}")
+        names.append(data[pos:end])
+        pos = end
+    return names
 
 
 def exec_parts(rec: ExecRecord) -> ExecParts:
@@ -582,15 +594,7 @@ def exec_parts(rec: ExecRecord) -> ExecParts:
     f = c + rec.filename_size
     if f > len(data):
         raise RecordError(f"exec record data has {len(data)} bytes; its sizes need {f}")
-    names = []
-    if rec.flags & EXEC_F_STDIO:
-        for fd in stdio_fds(rec):
-            end = f + fd.name_size
-            if end > len(data):
-                raise RecordError(f"exec record data has {len(data)} bytes; stdio needs {end}")
-            names.append(data[f:end])
-            f = end
-    filename = data[c : c + rec.filename_size]
+    filename = data[c:f]
     return ExecParts(
         argv=argv_of(data[:h], data[h:a], rec.argv_full_size),
         exe=join_components(data[a:e]),
@@ -598,5 +602,5 @@ def exec_parts(rec: ExecRecord) -> ExecParts:
         cwd=join_components(data[e:c])
         or (b"/" if rec.cwd_size == 0 and not rec.flags & EXEC_F_CWD_TRUNCATED else b""),
         filename=filename.rstrip(b"\0"),
-        stdio_names=names,
+        stdio_names=data[f:],
     )

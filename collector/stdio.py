@@ -39,6 +39,7 @@ backslash escapes for bytes that are not UTF-8 and cut at MAX_DETAIL bytes.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import socket
@@ -56,6 +57,7 @@ log = structlog.get_logger("sandtrace.collector")
 STDIO_FDS = (0, 1, 2)
 MAX_DETAIL = 512
 SOCKET_CACHE = 1024
+STREAMS_CACHE = 1024  # sets of streams captured at exec, decoded
 UNKNOWN = ["unknown", "unknown", "unknown"]
 _SOCKET = re.compile(rb"socket:\[(\d+)\]")
 _TTY = re.compile(rb"/dev/(?:pts/\d+|tty[^/]*|console)")
@@ -165,12 +167,20 @@ def kernel_entry(fd: R.StdioFd, name: bytes) -> str:
     return _path_entry(path)
 
 
-def from_record(rec: R.ExecRecord, names: list[bytes]) -> list[str]:
+def from_record(rec: R.ExecRecord, names: bytes) -> list[str]:
     """The three entries of an exec record that carries them (EXEC_F_STDIO; `names` from
     exec_parts); [] when it does not, for `StdioReader` to read /proc."""
     if not rec.flags & R.EXEC_F_STDIO:
         return []
-    return [kernel_entry(fd, name) for fd, name in zip(R.stdio_fds(rec), names, strict=True)]
+    return list(_entries(rec.stdio, names))
+
+
+@functools.lru_cache(maxsize=STREAMS_CACHE)
+def _entries(stdio: bytes, names: bytes) -> tuple[str, ...]:
+    """Cached on the record's bytes: a shell's children share its streams (the inode
+    numbers tell one pipe or socket from the next), so most execs repeat one already seen."""
+    fds = R.stdio_fds(stdio)
+    return tuple(map(kernel_entry, fds, R.stdio_names(fds, names)))
 
 
 def _unmapped(addr: str) -> str:

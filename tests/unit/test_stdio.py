@@ -368,7 +368,7 @@ def test_an_exec_record_carries_its_streams() -> None:
     fd, _ = fd_of(REG, PATH, name=b"o\0tmp\0")
     short = exec_record(R.EXEC_F_STDIO, [(fd, b"o\0")])
     events, errors = asm.feed_batches([[short]])
-    assert events == [] and len(errors) == 1 and "stdio needs" in errors[0], errors
+    assert events == [] and len(errors) == 1 and "stdio names" in errors[0], errors
 
 
 def test_the_enricher_reads_proc_only_for_streams_the_kernel_did_not_capture(
