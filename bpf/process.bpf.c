@@ -223,14 +223,31 @@ static __always_inline void capture_stdio(struct exec_scratch *s, u64 task)
 		if (type == S_IFSOCK) {
 			describe_socket(s, d, file);
 		} else if (type != S_IFCHR || !well_known_device(d->rdev)) {
-			enum walk_result walk =
-				walk_path(s, file + OFF_FILE_F_PATH, STDIO_PATH_BUDGET);
+			u64 dentry = rd_u64(file, OFF_FILE_F_PATH + OFF_PATH_DENTRY);
+			u64 dop = rd_u64(dentry, OFF_DENTRY_D_OP);
 
 			d->flags |= STDIO_F_PATH;
-			if (walk == WALK_TRUNCATED)
-				d->flags |= STDIO_F_TRUNCATED;
-			else if (walk == WALK_PSEUDO)
-				d->flags |= STDIO_F_PSEUDO;
+			if (dop && rd_u64(dop, OFF_DENTRY_OPS_D_DNAME)) {
+				/* Its file system makes its name up (pipe:[N],
+				 * anon_inode:[eventfd]), as readlink shows it: only the
+				 * dentry's own name is kept. */
+				u64 off = s->cursor;
+				long n = bpf_probe_read_kernel_str(
+					&s->data[off & EXEC_DATA_MASK], NAME_MAX_LEN,
+					(void *)rd_u64(dentry, OFF_DENTRY_D_NAME_NAME));
+
+				d->flags |= STDIO_F_DNAME;
+				if (n > 0)
+					s->cursor = off + n;
+			} else {
+				enum walk_result walk =
+					walk_path(s, file + OFF_FILE_F_PATH, STDIO_PATH_BUDGET);
+
+				if (walk == WALK_TRUNCATED)
+					d->flags |= STDIO_F_TRUNCATED;
+				else if (walk == WALK_PSEUDO)
+					d->flags |= STDIO_F_PSEUDO;
+			}
 			if (rd_u32(inode, OFF_INODE_I_NLINK) == 0)
 				d->flags |= STDIO_F_UNLINKED;
 		}

@@ -20,12 +20,16 @@ walk as the executable's. `from_record` turns that into the entries above with n
 read, so a process that is gone by the time its exec is read has its streams all the same.
 Terminals are told by device number (major 4, 5:0 /dev/tty, 5:1 /dev/console, 136-143 pts;
 another terminal device, such as /dev/ttyUSB0, by its path), /dev/null as the character
-device 1:3. What the kernel record gives differently from /proc/PID/fd: a path longer than
-the walk's budget (bpf STDIO_PATH_BUDGET, about 512 bytes and more) keeps its leaf end, after
-".../"; a file with no links left is " (deleted)" (readlink asks whether its name was
-removed); an anonymous inode is "file:anon_inode:NAME" and a memfd "file:/memfd:NAME
-(deleted)", as readlink shows them; paths are relative to the root of the file's mount
-namespace, as the executable's are.
+device 1:3; a pipe, and an anonymous inode ("file:anon_inode:[eventfd]"), by the name their
+file system gives them; a memfd is "file:/memfd:NAME (deleted)", as readlink shows it.
+
+What the kernel record cannot give as /proc/PID/fd does: a path the walk does not finish
+within its budget (events.h STDIO_PATH_BUDGET: paths of up to 512 bytes always fit) keeps
+its leaf end, after ".../"; " (deleted)" follows a file with no links left (readlink asks
+whether its name was removed, which a rename over it also does); another file named by its
+file system (a pidfd, a namespace file) shows the dentry's own name, not readlink's; paths
+are relative to the root of the file's mount namespace, as the executable's are, not to
+the collector's root.
 
 `StdioReader` reads /proc/PID/fd/N instead, for kernels that lack a struct member the
 capture reads (the loader then says so at startup, and the records come without
@@ -151,13 +155,17 @@ def kernel_entry(fd: R.StdioFd, name: bytes) -> str:
             return "null"
         if _is_tty(*dev):
             return "tty"
-    if fd.flags & R.STDIO_F_PSEUDO:
-        leaf = name.rstrip(b"\0")
+    if fd.flags & R.STDIO_F_DNAME:  # named by its file system, as readlink shows it
         if kind == stat.S_IFIFO:
             return "pipe"
-        if kind == 0:  # an anonymous inode has no file type
+        leaf = name.rstrip(b"\0")
+        if kind == 0:  # an anonymous inode has no file type: "anon_inode:[eventfd]"
             return "file:" + _text(b"anon_inode:" + leaf)
-        path = b"/" + leaf
+        if not fd.flags & R.STDIO_F_UNLINKED:  # a pidfd, a namespace file: its own name
+            return "file:" + _text(leaf)
+        path = b"/" + leaf  # a memfd or shared memory: "/memfd:NAME (deleted)"
+    elif fd.flags & R.STDIO_F_PSEUDO:  # no path reaches it
+        path = b"/" + name.rstrip(b"\0")
     else:
         path = R.join_components(name) or b"/"  # a whole walk of no components: the root
         if fd.flags & R.STDIO_F_TRUNCATED:  # its leaf end, which names the file

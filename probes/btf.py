@@ -324,6 +324,8 @@ STDIO_OFFSETS: dict[str, tuple[str, str]] = {
     "OFF_FDTABLE_MAX_FDS": ("fdtable", "max_fds"),
     "OFF_FDTABLE_FD": ("fdtable", "fd"),
     "OFF_FILE_PRIVATE_DATA": ("file", "private_data"),
+    "OFF_DENTRY_D_OP": ("dentry", "d_op"),
+    "OFF_DENTRY_OPS_D_DNAME": ("dentry_operations", "d_dname"),
     "OFF_INODE_I_MODE": ("inode", "i_mode"),
     "OFF_INODE_I_RDEV": ("inode", "i_rdev"),
     "OFF_SOCKET_SK": ("socket", "sk"),

@@ -91,9 +91,10 @@ struct record_header {
 #define STDIO_F_OPEN (1U << 0) /* the fd is open; without it, closed */
 #define STDIO_F_UNREADABLE (1U << 1) /* the fd table or the file could not be read */
 #define STDIO_F_PATH (1U << 2) /* its name in data[] is a file path, components leaf first */
-#define STDIO_F_PSEUDO (1U << 3) /* the path is a pseudo file's (pipe, memfd, anon inode) */
+#define STDIO_F_PSEUDO (1U << 3) /* no path reaches it: its name is its one component */
 #define STDIO_F_TRUNCATED (1U << 4) /* the name is cut short (the path's leaf end kept) */
 #define STDIO_F_UNLINKED (1U << 5) /* the file has no links left */
+#define STDIO_F_DNAME (1U << 6) /* its file system names it (pipe, anon inode): leaf in data */
 
 /* One standard stream of a process at exec: the open file's inode, and for a socket its
  * family, type, protocol and peer. A unix socket's name (the peer's when it has one, else its

@@ -20,7 +20,13 @@ from typing import Any
 import pytest
 
 from api.events import ExecEvent
-from collector.stdio import classify
+from collector import cgroups
+from collector.enrich import ExecEnricher
+from collector.identity import Identities
+from collector.stdio import StdioReader, classify
+from probes import kernel, loader
+from probes.btf import BTFError
+from probes.loader import ProbeConfig, Probes
 from tests.kernel.tracer import PYTHON, Sandbox, Tracer
 
 TRUE = os.path.realpath("/bin/true")
@@ -195,3 +201,38 @@ def test_a_path_longer_than_the_walk_keeps_its_leaf_end(
     tail = got[1].removeprefix("file:...")
     assert f"{deep}/leaf.log".endswith(tail)
     assert len(tail) > 400
+
+
+def test_a_kernel_without_a_member_the_capture_reads_falls_back_to_proc(
+    monkeypatch: pytest.MonkeyPatch, stack: ExitStack, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def missing(_btf: object) -> None:
+        raise BTFError("struct unix_sock has no member peer")
+
+    monkeypatch.setattr(loader, "stdio_offsets", missing)
+    probes = Probes(ProbeConfig(), kernel.check())  # compiled without HAVE_STDIO_CAPTURE
+    stack.callback(probes.close)
+    assert "struct unix_sock has no member peer" in capsys.readouterr().out  # said at startup
+    tracer = Tracer(probes, cgroups.find_cgroup2_root())
+    sb = stack.enter_context(tracer.sandbox())
+    proc = sb.spawn(
+        ["/usr/bin/sleep", "60"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    stack.callback(proc.communicate)
+    stack.callback(proc.kill)
+    tracer.wait_for(lambda evs: any(isinstance(e, ExecEvent) for e in evs))
+    [ev] = [e for e in sb.events() if isinstance(e, ExecEvent)]
+    assert ev.process.pid == proc.pid
+    assert ev.stdio == []  # not captured: left to the enricher
+    enricher = ExecEnricher(Identities(None), StdioReader())
+    stack.callback(enricher.close)
+    events: list[Any] = [ev]
+    batch = enricher.begin(events)
+    if batch is not None:
+        batch.work()
+        batch.apply()
+    assert events[0].stdio == ["null", "pipe", "null"]
+    assert (enricher.stdio.stats.captured, enricher.stdio.stats.inspected) == (0, 1)

@@ -260,6 +260,7 @@ def fd_of(  # noqa: PLR0917 - the table below reads best positionally
 
 PATH = R.STDIO_F_OPEN | R.STDIO_F_PATH
 PSEUDO = PATH | R.STDIO_F_PSEUDO
+DNAME = PATH | R.STDIO_F_DNAME
 CHR, REG, FIFO, SOCK = stat.S_IFCHR | 0o620, stat.S_IFREG | 0o644, stat.S_IFIFO, stat.S_IFSOCK
 V4 = socket.inet_pton(socket.AF_INET, "192.0.2.1")
 V6 = socket.inet_pton(socket.AF_INET6, "2001:db8::1")
@@ -283,16 +284,18 @@ STREAM, DGRAM, RAW = socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_RAW
         (fd_of(CHR, PATH, dev(5, 2), name=b"ptmx\0dev\0"), "file:/dev/ptmx"),
         (fd_of(CHR, PATH, dev(188, 0), name=b"ttyUSB0\0dev\0"), "tty"),
         (fd_of(CHR, PATH, dev(1, 5), name=b"zero\0dev\0"), "file:/dev/zero"),
-        (fd_of(FIFO, PSEUDO, name=b"\0"), "pipe"),
+        (fd_of(FIFO, DNAME, name=b"\0"), "pipe"),
         (fd_of(FIFO, PATH, name=b"fifo\0tmp\0"), "file:/tmp/fifo"),
         (fd_of(REG, PATH, name=b"out.log\0tmp\0"), "file:/tmp/out.log"),
         (fd_of(REG, PATH, name=b"\xff\x1b[31m\0tmp\0"), "file:/tmp/\\xff\x1b[31m"),
         (fd_of(REG, PATH | R.STDIO_F_UNLINKED, name=b"x\0tmp\0"), "file:/tmp/x (deleted)"),
         (
-            fd_of(REG, PSEUDO | R.STDIO_F_UNLINKED, name=b"memfd:p\0"),
+            fd_of(REG, DNAME | R.STDIO_F_UNLINKED, name=b"memfd:p\0"),
             "file:/memfd:p (deleted)",
         ),
-        (fd_of(0o600, PSEUDO, name=b"[eventfd]\0"), "file:anon_inode:[eventfd]"),
+        (fd_of(REG, PSEUDO | R.STDIO_F_UNLINKED, name=b"x\0"), "file:/x (deleted)"),
+        (fd_of(0o600, DNAME, name=b"[eventfd]\0"), "file:anon_inode:[eventfd]"),
+        (fd_of(REG, DNAME, name=b"ns\0"), "file:ns"),
         (
             fd_of(REG, PATH | R.STDIO_F_TRUNCATED, name=b"leaf\0deep\0"),
             "file:.../deep/leaf",
