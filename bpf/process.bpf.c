@@ -45,10 +45,10 @@ enum walk_result {
 /*
  * Write the components of a struct path into s->data at s->cursor, leaf first, each
  * NUL-terminated, crossing mount points up to the root of the mount namespace, as d_path
- * would, in at most `budget` bytes (> NAME_MAX_LEN). Returns WALK_TRUNCATED if the budget or
- * the depth ran out before the root, and
- * WALK_PSEUDO if the path is a pseudo file's, which no path reaches (its dentry is its own
- * parent: a memfd or an anonymous inode), whose only component is then its name.
+ * would, in at most `budget` bytes (more than NAME_MAX_LEN). Returns WALK_TRUNCATED if the
+ * budget or the depth ran out before the root, and WALK_PSEUDO if the path is a pseudo
+ * file's, which no path reaches (its dentry is its own parent: a memfd or an anonymous
+ * inode), whose only component is then its name.
  *
  * The cursor lives in map memory on purpose: the verifier does not track values it loads
  * from a map, so every path through an iteration reaches the next with the same state and

@@ -11,7 +11,8 @@
                     an abstract name; "unix:" when neither has a name (a socketpair)
     socket          any other socket (netlink, packet, ...), or one that could not be found
     closed          the fd is not open
-    unknown         the process is gone, or runs another program already
+    unknown         the process is gone, or runs another program already (read from
+                    /proc), or the kernel could not read the fd
 
 The exec probe captures them in the kernel, at exec (bpf/process.bpf.c, struct stdio_fd in
 events.h): each fd's inode (type, device number), a socket's family, type, protocol and
