@@ -264,12 +264,13 @@ def hit_rate(enrich_s: float, hash_s_per_mib: float) -> list[Row]:
         raise RuntimeError(f"the exec mix failed: {proc.stderr[-2000:]}")
     m = re.search(
         r"exec identity: (\d+) cache hits, (\d+) files hashed \(([\d.]+) MiB\), (\d+) too "
-        r"large to hash, (\d+) unreachable; stdio: (\d+) read, (\d+) gone",
+        r"large to hash, (\d+) unreachable; stdio: (\d+) captured at exec, (\d+) read, "
+        r"(\d+) gone",
         proc.stderr,
     )
     if m is None:
         raise RuntimeError(f"no identity totals in: {proc.stderr[-2000:]}")
-    hits, files, mib, _large, failed, read, gone = (float(g) for g in m.groups())
+    hits, files, mib, _large, failed, captured, read, gone = (float(g) for g in m.groups())
     execs = proc.stdout.count('"kind":"exec"')
     answered = hits + files
     spent = enrich_s * execs + hash_s_per_mib * mib  # every exec's lookup, every file read
@@ -282,10 +283,10 @@ def hit_rate(enrich_s: float, hash_s_per_mib: float) -> list[Row]:
             f"{execs:,} execs; {files:.0f} files read ({mib:.1f} MiB), {failed:.0f} unreachable",
         ),
         (
-            "stdio read while the process ran",
+            "stdio known (captured at exec, or read while the process ran)",
             "",
-            f"{read / (read + gone):.1%}",
-            f"{gone:.0f} execs gone or exec'd again first",
+            f"{(captured + read) / max(captured + read + gone, 1):.1%}",
+            f"{captured:.0f} captured, {read:.0f} read, {gone:.0f} gone or exec'd again first",
         ),
         (
             "enrichment / the traced work's CPU",

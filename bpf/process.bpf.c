@@ -19,7 +19,9 @@
  * every write stays inside the buffer; the buffer is larger than the mask by one read. */
 #define EXEC_DATA_MASK 0x7fff
 #define EXEC_DATA_CAP (EXEC_DATA_MASK + 1 + NAME_MAX_LEN)
-#define EXEC_DATA_USED (ARGV_MAX + ARGV_TAIL_MAX + 2 * PATH_BUDGET + FILENAME_MAX_LEN)
+#define EXEC_DATA_USED                                                   \
+	(ARGV_MAX + ARGV_TAIL_MAX + 2 * PATH_BUDGET + FILENAME_MAX_LEN + \
+	 STDIO_FDS * STDIO_PATH_BUDGET)
 
 _Static_assert(EXEC_DATA_USED <= EXEC_DATA_MASK, "exec data budget exceeds its mask");
 
@@ -43,15 +45,16 @@ enum walk_result {
 /*
  * Write the components of a struct path into s->data at s->cursor, leaf first, each
  * NUL-terminated, crossing mount points up to the root of the mount namespace, as d_path
- * would. Returns WALK_TRUNCATED if the budget or the depth ran out before the root, and
- * WALK_PSEUDO if the path is a pseudo file's, which no path reaches (its dentry is its own
- * parent: a memfd or an anonymous inode), whose only component is then its name.
+ * would, in at most `budget` bytes (more than NAME_MAX_LEN). Returns WALK_TRUNCATED if the
+ * budget or the depth ran out before the root, and WALK_PSEUDO if the path is a pseudo
+ * file's, which no path reaches (its dentry is its own parent: a memfd or an anonymous
+ * inode), whose only component is then its name.
  *
  * The cursor lives in map memory on purpose: the verifier does not track values it loads
  * from a map, so every path through an iteration reaches the next with the same state and
  * is pruned, instead of the walk's branches multiplying across iterations.
  */
-static __always_inline enum walk_result walk_path(struct exec_scratch *s, u64 path)
+static __always_inline enum walk_result walk_path(struct exec_scratch *s, u64 path, u32 budget)
 {
 	u64 dentry = rd_u64(path, OFF_PATH_DENTRY);
 	u64 vfsmnt = rd_u64(path, OFF_PATH_MNT);
@@ -76,7 +79,7 @@ static __always_inline enum walk_result walk_path(struct exec_scratch *s, u64 pa
 			mnt_root = rd_u64(mnt + OFF_MOUNT_MNT, OFF_VFSMOUNT_MNT_ROOT);
 			continue;
 		}
-		if (off - start > PATH_BUDGET - NAME_MAX_LEN)
+		if (off - start > budget - NAME_MAX_LEN)
 			return WALK_TRUNCATED;
 		n = bpf_probe_read_kernel_str(&s->data[off & EXEC_DATA_MASK], NAME_MAX_LEN,
 					      (void *)rd_u64(dentry, OFF_DENTRY_D_NAME_NAME));
@@ -105,6 +108,153 @@ static __always_inline bool is_memfd_name(struct exec_scratch *s, u32 off)
 	}
 	return true;
 }
+
+#ifdef HAVE_STDIO_CAPTURE
+#define S_IFMT 0170000
+#define S_IFSOCK 0140000
+#define S_IFCHR 0020000
+#define AF_UNIX 1
+#define AF_INET 2
+#define AF_INET6 10
+#define KDEV_MINOR_BITS 20
+
+#define SOCK_FIELD(sk, name) ((rd_u32(sk, WORD_##name) >> SHIFT_##name) & MASK_##name)
+
+/* Terminals and /dev/null need no path: the collector names them by their device number. */
+static __always_inline bool well_known_device(u32 rdev)
+{
+	u32 major = rdev >> KDEV_MINOR_BITS, minor = rdev & ((1U << KDEV_MINOR_BITS) - 1);
+
+	return (major == 1 && minor == 3) || major == 4 || (major == 5 && minor <= 1) ||
+	       (major >= 136 && major <= 143);
+}
+
+/* The name of unix socket sk for its stdio entry, written at s->cursor: its peer's address
+ * when the peer is bound, else its own; nothing for an unbound pair. */
+static __always_inline void unix_name(struct exec_scratch *s, struct stdio_fd *d, u64 sk)
+{
+	u64 peer = rd_u64(sk, OFF_UNIX_SOCK_PEER);
+	u64 addr = peer ? rd_u64(peer, OFF_UNIX_SOCK_ADDR) : 0;
+	u64 off = s->cursor;
+	u32 len;
+
+	if (!addr)
+		addr = rd_u64(sk, OFF_UNIX_SOCK_ADDR);
+	if (!addr)
+		return;
+	len = rd_u32(addr, OFF_UNIX_ADDRESS_LEN);
+	if (len <= OFF_SOCKADDR_UN_PATH)
+		return;
+	len -= OFF_SOCKADDR_UN_PATH;
+	if (len > UNIX_PATH_MAX) {
+		len = UNIX_PATH_MAX;
+		d->flags |= STDIO_F_TRUNCATED;
+	}
+	/* The compiler knows len <= UNIX_PATH_MAX and would drop a mask; the verifier needs one. */
+	asm volatile("" : "+r"(len));
+	len &= 0x7f;
+	if (bpf_probe_read_kernel(&s->data[off & EXEC_DATA_MASK], len,
+				  (void *)(addr + OFF_UNIX_ADDRESS_NAME + OFF_SOCKADDR_UN_PATH)) ==
+	    0)
+		s->cursor = off + len;
+}
+
+static __always_inline void describe_socket(struct exec_scratch *s, struct stdio_fd *d, u64 file)
+{
+	u64 sock = rd_u64(file, OFF_FILE_PRIVATE_DATA);
+	u64 sk = sock ? rd_u64(sock, OFF_SOCKET_SK) : 0;
+
+	if (!sk) {
+		d->flags |= STDIO_F_UNREADABLE;
+		return;
+	}
+	d->family = rd_u16(sk, OFF_SOCK_FAMILY);
+	d->sock_type = SOCK_FIELD(sk, SOCK_TYPE);
+	d->protocol = SOCK_FIELD(sk, SOCK_PROTOCOL);
+	if (d->family == AF_INET || d->family == AF_INET6) {
+		d->port = bpf_ntohs(rd_u16(sk, OFF_SOCK_DPORT));
+		if (d->family == AF_INET)
+			bpf_probe_read_kernel(d->addr, 4, (void *)(sk + OFF_SOCK_DADDR));
+		else
+			bpf_probe_read_kernel(d->addr, 16, (void *)(sk + OFF_SOCK_V6_DADDR));
+	} else if (d->family == AF_UNIX) {
+		unix_name(s, d, sk);
+	}
+}
+
+/*
+ * Describe fds 0, 1 and 2 of the exec'ing task in r->stdio, their names at s->cursor: what
+ * the process was given to read and write, captured before it can exit. The fd table is the
+ * task's own by now (exec unshared it) and its close-on-exec fds are closed.
+ */
+static __always_inline void capture_stdio(struct exec_scratch *s, u64 task)
+{
+	struct exec_record *r = &s->rec;
+	u64 files = rd_u64(task, OFF_TASK_FILES);
+	u64 fdt = files ? rd_u64(files, OFF_FILES_FDT) : 0;
+	u32 max_fds = fdt ? rd_u32(fdt, OFF_FDTABLE_MAX_FDS) : 0;
+	u64 fds = fdt ? rd_u64(fdt, OFF_FDTABLE_FD) : 0;
+
+	r->flags |= EXEC_F_STDIO;
+	for (u32 i = 0; i < STDIO_FDS; i++) {
+		struct stdio_fd *d = &r->stdio[i];
+		u64 file, inode, start = s->cursor;
+		u32 type;
+
+		if (!fds) {
+			d->flags = STDIO_F_UNREADABLE;
+			continue;
+		}
+		if (i >= max_fds)
+			continue;
+		file = rd_u64(fds, i * sizeof(u64));
+		if (!file)
+			continue;
+		d->flags = STDIO_F_OPEN;
+		inode = rd_u64(file, OFF_FILE_F_INODE);
+		if (!inode) {
+			d->flags |= STDIO_F_UNREADABLE;
+			continue;
+		}
+		d->ino = rd_u64(inode, OFF_INODE_I_INO);
+		d->mode = rd_u16(inode, OFF_INODE_I_MODE);
+		d->rdev = rd_u32(inode, OFF_INODE_I_RDEV);
+		type = d->mode & S_IFMT;
+		if (type == S_IFSOCK) {
+			describe_socket(s, d, file);
+		} else if (type != S_IFCHR || !well_known_device(d->rdev)) {
+			u64 dentry = rd_u64(file, OFF_FILE_F_PATH + OFF_PATH_DENTRY);
+			u64 dop = rd_u64(dentry, OFF_DENTRY_D_OP);
+
+			d->flags |= STDIO_F_PATH;
+			if (dop && rd_u64(dop, OFF_DENTRY_OPS_D_DNAME)) {
+				/* Its file system makes its name up (pipe:[N],
+				 * anon_inode:[eventfd]), as readlink shows it: only the
+				 * dentry's own name is kept. */
+				u64 off = s->cursor;
+				long n = bpf_probe_read_kernel_str(
+					&s->data[off & EXEC_DATA_MASK], NAME_MAX_LEN,
+					(void *)rd_u64(dentry, OFF_DENTRY_D_NAME_NAME));
+
+				d->flags |= STDIO_F_DNAME;
+				if (n > 0)
+					s->cursor = off + n;
+			} else {
+				enum walk_result walk =
+					walk_path(s, file + OFF_FILE_F_PATH, STDIO_PATH_BUDGET);
+
+				if (walk == WALK_TRUNCATED)
+					d->flags |= STDIO_F_TRUNCATED;
+				else if (walk == WALK_PSEUDO)
+					d->flags |= STDIO_F_PSEUDO;
+			}
+			if (rd_u32(inode, OFF_INODE_I_NLINK) == 0)
+				d->flags |= STDIO_F_UNLINKED;
+		}
+		d->name_size = s->cursor - start;
+	}
+}
+#endif /* HAVE_STDIO_CAPTURE */
 
 TRACEPOINT_PROBE(sched, sched_process_exec)
 {
@@ -170,7 +320,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 		if (r->exe_nlink == 0)
 			r->flags |= EXEC_F_UNLINKED;
 		s->cursor = off;
-		walk = walk_path(s, file + OFF_FILE_F_PATH);
+		walk = walk_path(s, file + OFF_FILE_F_PATH, PATH_BUDGET);
 		if (walk == WALK_TRUNCATED)
 			r->flags |= EXEC_F_EXE_TRUNCATED;
 		/* A memfd is a pseudo file named "memfd:...". A deleted file of that name still
@@ -188,7 +338,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 		u32 before = off;
 
 		s->cursor = off;
-		if (walk_path(s, fs + OFF_FS_PWD) == WALK_TRUNCATED)
+		if (walk_path(s, fs + OFF_FS_PWD, PATH_BUDGET) == WALK_TRUNCATED)
 			r->flags |= EXEC_F_CWD_TRUNCATED;
 		off = s->cursor & EXEC_DATA_MASK;
 		r->cwd_size = off - before;
@@ -207,6 +357,11 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	}
 
 emit_empty:
+#ifdef HAVE_STDIO_CAPTURE
+	s->cursor = off & EXEC_DATA_MASK;
+	capture_stdio(s, task);
+	off = s->cursor;
+#endif
 	size = sizeof(*r) + (off & EXEC_DATA_MASK);
 	r->hdr.size = size;
 	emit_priority(args, r, size, REC_EXEC);

@@ -35,6 +35,7 @@ from collector import flows as flows_mod
 from collector import records as R
 from collector.proctable import Names, ProcessTable
 from collector.sockets import HeldSocket, UnixListener, UnixListeners
+from collector.stdio import from_record as stdio_from_record
 
 TCP_ESTABLISHED = 1
 TCP_SYN_SENT = 2
@@ -399,6 +400,8 @@ class Assembler:
 
     def _exec(self, f: R.ExecRecord) -> ExecEvent:
         parts = R.exec_parts(f)
+        # Captured at exec; [] when the kernel could not, for the enricher to read /proc.
+        stdio = stdio_from_record(f, parts.stdio_names)
         # The kernel tells a memfd (its file has no path at all) from a deleted file.
         fileless = bool(f.flags & R.EXEC_F_MEMFD)
         unlinked = bool(f.flags & R.EXEC_F_UNLINKED)
@@ -418,6 +421,7 @@ class Assembler:
             path_truncated=bool(f.flags & (R.EXEC_F_EXE_TRUNCATED | R.EXEC_F_CWD_TRUNCATED)),
             parent_exe=parent.exe if parent is not None else b"",
             parent_argv=list(parent.argv) if parent is not None else [],
+            stdio=stdio,
         )
 
     def _fork(self, f: R.ForkRecord) -> ForkEvent:

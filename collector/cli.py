@@ -244,7 +244,8 @@ def _print_totals(totals: Totals, sinks: list[Sink] | None = None) -> None:
             f"sandtrace: exec identity: {e['identity_hits']} cache hits, "
             f"{e['identity_misses']} files hashed ({e['identity_bytes_hashed'] / 2**20:.1f} MiB), "
             f"{e['identity_too_large']} too large to hash, {e['identity_failures']} unreachable; "
-            f"stdio: {e['stdio_inspected']} read, {e['stdio_unknown']} gone, "
+            f"stdio: {e['stdio_captured']} captured at exec, {e['stdio_inspected']} read, "
+            f"{e['stdio_unknown']} gone, "
             f"{e['stdio_socket_lookups']} socket lookups ({e['stdio_socket_failures']} failed)",
             file=sys.stderr,
         )

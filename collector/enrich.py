@@ -3,7 +3,8 @@
 
 A batch is completed in two halves so that events keep their order and rules see every
 field on the exec event itself. `begin` runs on the event loop: for each exec, one stat of
-/proc/PID/exe and three readlinks; known files are filled in at once, new files are opened.
+/proc/PID/exe (and three readlinks of /proc/PID/fd where the kernel did not capture the
+streams at exec); known files are filled in at once, new files are opened.
 If anything is left (files to read, sockets to look up), the pipeline awaits `Batch.work`
 in the worker thread and then `Batch.apply` before it hands the batch on; other batches wait
 behind it, so a process's later events never overtake its exec.
@@ -74,7 +75,7 @@ class Batch:
 
 def _complete(ev: ExecEvent, ident: Identity | None, stdio: list[str]) -> ExecEvent:
     if ident is None:
-        return msgspec.structs.replace(ev, stdio=stdio)
+        return ev if stdio is ev.stdio else msgspec.structs.replace(ev, stdio=stdio)
     return msgspec.structs.replace(
         ev,
         sha256=ident.sha256,
@@ -102,11 +103,15 @@ class ExecEnricher:
                 continue
             pid = ev.process.pid
             ident, live = self.identities.find(pid, ev.exe_inode, ev.process.exe, files)
-            if live:
+            sockets: list[PendingSocket] = []
+            if ev.stdio:  # captured in the kernel at exec (collector/stdio.py)
+                self.stdio.stats.captured += 1
+                stdio = ev.stdio
+            elif live:
                 stdio, sockets = self.stdio.read(pid)
             else:
                 self.stdio.stats.unknown += 1
-                stdio, sockets = list(UNKNOWN), []
+                stdio = list(UNKNOWN)
             if isinstance(ident, PendingFile) or sockets:
                 if batch is None:
                     batch = Batch(self, events, files)

@@ -18,7 +18,7 @@ import struct
 from collections.abc import Callable, Iterable
 from typing import Annotated, Any, NamedTuple, get_type_hints
 
-LAYOUT_VERSION = 4
+LAYOUT_VERSION = 5
 
 REC_UNDEFINED = 0
 REC_EXEC = 1
@@ -69,6 +69,15 @@ EXEC_F_FILENAME_TRUNCATED = 1 << 3
 EXEC_F_MEMFD = 1 << 4
 EXEC_F_UNLINKED = 1 << 5
 EXEC_F_NO_MM = 1 << 6
+EXEC_F_STDIO = 1 << 7
+
+STDIO_F_OPEN = 1 << 0
+STDIO_F_UNREADABLE = 1 << 1
+STDIO_F_PATH = 1 << 2
+STDIO_F_PSEUDO = 1 << 3
+STDIO_F_TRUNCATED = 1 << 4
+STDIO_F_UNLINKED = 1 << 5
+STDIO_F_DNAME = 1 << 6
 
 SOCK_F_NONBLOCK = 1 << 0
 SOCK_F_LOCAL_KNOWN = 1 << 1
@@ -105,6 +114,7 @@ CGROUP_PATH_MAX = 256
 UNIX_PATH_MAX = 108
 FLOW_PAYLOAD_MAX = 256
 DNS_PAYLOAD_MAX = 512
+STDIO_FDS = 3
 
 # Field types: the C type's struct code, in the annotation's metadata.
 U16 = Annotated[int, "H"]
@@ -118,6 +128,25 @@ UnixPath = Annotated[bytes, f"{UNIX_PATH_MAX}s"]  # char[UNIX_PATH_MAX]
 FlowPayload = Annotated[bytes, f"{FLOW_PAYLOAD_MAX}s"]  # __u8[FLOW_PAYLOAD_MAX]
 DnsPayload = Annotated[bytes, f"{DNS_PAYLOAD_MAX}s"]  # __u8[DNS_PAYLOAD_MAX]
 # A plain bytes field, last, is a C flexible array member: the record's variable data.
+
+
+class StdioFd(NamedTuple):
+    """struct stdio_fd: one standard stream of a process at exec (see events.h)."""
+
+    ino: U64
+    addr: Addr  # an inet socket's peer address (IPv4: its first 4 bytes)
+    flags: U32  # STDIO_F_*
+    mode: U32  # i_mode
+    rdev: U32  # the kernel's encoding: major << 20 | minor
+    name_size: U32  # bytes of this stream's name in the exec record's data
+    family: U16
+    sock_type: U16
+    protocol: U16
+    port: U16  # an inet socket's peer port, host byte order
+
+
+_STDIO_FD_SIZE = 48
+Stdio = Annotated[bytes, f"{STDIO_FDS * _STDIO_FD_SIZE}s"]  # struct stdio_fd[STDIO_FDS]
 
 
 class Header(NamedTuple):
@@ -167,7 +196,8 @@ class ExecRecord(NamedTuple):
     exe_nlink: U32
     old_tid: U32  # thread that called execve, before de_thread
     argv_tail_size: U32  # bytes of argv's end captured after the head
-    data: bytes  # argv head, argv tail, exe components, cwd components, file name: exec_parts
+    stdio: Stdio  # fds 0-2 (with EXEC_F_STDIO): stdio_fds
+    data: bytes  # argv, exe, cwd, file name, the streams' names: exec_parts
 
 
 class ForkRecord(NamedTuple):
@@ -484,8 +514,9 @@ RECORD_CLASSES: dict[int, type[AnyRecord]] = {
 }
 
 
-C_STRUCTS: dict[type[Header | AnyRecord], str] = {
+C_STRUCTS: dict[type[Header | StdioFd | AnyRecord], str] = {
     Header: "record_header",
+    StdioFd: "stdio_fd",
     ExecRecord: "exec_record",
     ForkRecord: "fork_record",
     ExitRecord: "exit_record",
@@ -623,6 +654,29 @@ class ExecParts(NamedTuple):
     exe: bytes
     cwd: bytes
     filename: bytes
+    stdio_names: bytes  # the standard streams' names as the kernel wrote them: stdio_names
+
+
+_STDIO_FD = layout(StdioFd).struct
+if _STDIO_FD.size != _STDIO_FD_SIZE:
+    raise TypeError(f"StdioFd is {_STDIO_FD.size} bytes; ExecRecord.stdio assumes {_STDIO_FD_SIZE}")
+
+
+def stdio_fds(stdio: bytes) -> list[StdioFd]:
+    """The standard streams an exec record's `stdio` describes (with EXEC_F_STDIO)."""
+    return [StdioFd._make(t) for t in _STDIO_FD.iter_unpack(stdio)]
+
+
+def stdio_names(fds: list[StdioFd], data: bytes) -> list[bytes]:
+    """Each stream's name, from the exec record's data after the file name."""
+    names, pos = [], 0
+    for fd in fds:
+        end = pos + fd.name_size
+        if end > len(data):
+            raise RecordError(f"exec record has {len(data)} bytes of stdio names; needs {end}")
+        names.append(data[pos:end])
+        pos = end
+    return names
 
 
 def exec_parts(rec: ExecRecord) -> ExecParts:
@@ -643,4 +697,5 @@ def exec_parts(rec: ExecRecord) -> ExecParts:
         cwd=join_components(data[e:c])
         or (b"/" if rec.cwd_size == 0 and not rec.flags & EXEC_F_CWD_TRUNCATED else b""),
         filename=filename.rstrip(b"\0"),
+        stdio_names=data[f:],
     )

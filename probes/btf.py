@@ -206,6 +206,46 @@ class BTF:
                 out[self._str(name_off)] = value
         return out
 
+    def _find_bits(self, type_id: int, member: str) -> tuple[int, int, int] | None:
+        """(bit offset, member type id, bitfield width or 0) of ``member``, looking through
+        anonymous members."""
+        t = self._types[type_id]
+        for i, (name, mtype, bit_off) in enumerate(self._members(type_id)):
+            if name == member:
+                width = 0
+                if t is not None and t.kind_flag:
+                    raw = _MEMBER.unpack_from(self._types_blob, t.body + i * 12)[2]
+                    width = raw >> 24
+                return bit_off, mtype, width
+            if not name:
+                inner = self._resolve(mtype)
+                it = self._types[inner]
+                if it is not None and it.kind in (KIND_STRUCT, KIND_UNION):
+                    found = self._find_bits(inner, member)
+                    if found is not None:
+                        return bit_off + found[0], found[1], found[2]
+        return None
+
+    def bits_of(self, struct_name: str, member: str) -> tuple[int, int, bool]:
+        """(bit offset, width in bits, whether it is a bitfield) of an integer member of a
+        struct: a member that is a plain integer on one kernel is a bitfield on another
+        (``sock.sk_protocol`` was 8 bits of a word before Linux 5.6)."""
+        type_id = self._struct(struct_name)
+        found = self._find_bits(type_id, member)
+        if found is None:
+            raise BTFError(f"struct {struct_name} has no member {member}")
+        bit_off, mtype, width = found
+        t = self._types[self._resolve(mtype)]
+        if t is None or t.kind not in (KIND_INT, KIND_ENUM):
+            raise BTFError(f"{struct_name}.{member} is not an integer")
+        if width:
+            return bit_off, width, True
+        if t.kind == KIND_INT:
+            (enc,) = struct.unpack_from("<I", self._types_blob, t.body)
+            bits, extra = enc & 0xFF, (enc >> 16) & 0xFF
+            return bit_off + extra, bits, bits != t.size_or_type * 8 or extra != 0
+        return bit_off, t.size_or_type * 8, False
+
     def has_member(self, struct_name: str, path: str) -> bool:
         try:
             self.offsetof(struct_name, path)
@@ -274,3 +314,63 @@ def optional_offsets(btf: BTF, hook: str) -> dict[str, int]:
     """The offsets optional hook `hook` needs (OPTIONAL_OFFSETS); BTFError when one is
     missing."""
     return {m: btf.offsetof(s, member) for m, (s, member) in OPTIONAL_OFFSETS.get(hook, {}).items()}
+
+
+# What the exec probe reads to describe a process's standard streams (bpf/process.bpf.c).
+# A kernel that lacks one of them gets no stdio capture: the collector reads /proc instead.
+STDIO_OFFSETS: dict[str, tuple[str, str]] = {
+    "OFF_TASK_FILES": ("task_struct", "files"),
+    "OFF_FILES_FDT": ("files_struct", "fdt"),
+    "OFF_FDTABLE_MAX_FDS": ("fdtable", "max_fds"),
+    "OFF_FDTABLE_FD": ("fdtable", "fd"),
+    "OFF_FILE_PRIVATE_DATA": ("file", "private_data"),
+    "OFF_DENTRY_D_OP": ("dentry", "d_op"),
+    "OFF_DENTRY_OPS_D_DNAME": ("dentry_operations", "d_dname"),
+    "OFF_INODE_I_MODE": ("inode", "i_mode"),
+    "OFF_INODE_I_RDEV": ("inode", "i_rdev"),
+    "OFF_SOCKET_SK": ("socket", "sk"),
+    "OFF_SOCK_FAMILY": ("sock", "__sk_common.skc_family"),
+    "OFF_SOCK_DADDR": ("sock", "__sk_common.skc_daddr"),
+    "OFF_SOCK_DPORT": ("sock", "__sk_common.skc_dport"),
+    "OFF_SOCK_V6_DADDR": ("sock", "__sk_common.skc_v6_daddr"),
+    "OFF_UNIX_SOCK_ADDR": ("unix_sock", "addr"),
+    "OFF_UNIX_SOCK_PEER": ("unix_sock", "peer"),
+    "OFF_UNIX_ADDRESS_LEN": ("unix_address", "len"),
+    "OFF_UNIX_ADDRESS_NAME": ("unix_address", "name"),
+    "OFF_SOCKADDR_UN_PATH": ("sockaddr_un", "sun_path"),
+}
+# Integer members read as (32-bit word, shift, mask): a bitfield on some kernels.
+STDIO_BITS: dict[str, tuple[str, str]] = {
+    "SOCK_TYPE": ("sock", "sk_type"),
+    "SOCK_PROTOCOL": ("sock", "sk_protocol"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class StdioOffsets:
+    """The -D flags of the in-kernel stdio capture, and how sk_protocol was found."""
+
+    flags: dict[str, int]
+    protocol_layout: str  # said at startup: "a 16-bit member", "an 8-bit bitfield"
+
+
+def word_bits(bit_off: int, width: int) -> tuple[int, int, int]:
+    """(byte offset of the aligned 32-bit word, shift, mask) that reads an integer of
+    `width` bits at `bit_off` (little-endian bit numbering, as BTF gives it)."""
+    word = bit_off // 32
+    shift = bit_off - word * 32
+    if shift + width > 32:
+        raise BTFError(f"a {width}-bit member at bit {bit_off} spans two 32-bit words")
+    return word * 4, shift, (1 << width) - 1
+
+
+def stdio_offsets(btf: BTF) -> StdioOffsets:
+    """Everything the in-kernel stdio capture needs; BTFError naming what is missing."""
+    flags = {macro: btf.offsetof(s, member) for macro, (s, member) in STDIO_OFFSETS.items()}
+    layouts = {}
+    for name, (s, member) in STDIO_BITS.items():
+        bit_off, width, bitfield = btf.bits_of(s, member)
+        word, shift, mask = word_bits(bit_off, width)
+        flags |= {f"WORD_{name}": word, f"SHIFT_{name}": shift, f"MASK_{name}": mask}
+        layouts[member] = f"a {width}-bit {'bitfield' if bitfield else 'member'}"
+    return StdioOffsets(flags, layouts["sk_protocol"])

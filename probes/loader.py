@@ -24,7 +24,7 @@ import structlog
 
 from api.resources import shipped
 from probes import kernel
-from probes.btf import BTF, kernel_offsets, optional_offsets
+from probes.btf import BTF, BTFError, kernel_offsets, optional_offsets, stdio_offsets
 from probes.ringbuf import RingBufferReader
 
 log = structlog.get_logger("sandtrace.probes")
@@ -194,6 +194,23 @@ def uses_perf_buffer(config: ProbeConfig, features: kernel.KernelFeatures) -> bo
     return config.perf_buffer or not features.ring_buffer
 
 
+def stdio_flags(btf: BTF) -> list[str]:
+    """The flags of the in-kernel capture of the standard streams at exec; none, and a
+    warning, when this kernel lacks a member it reads: the collector then reads
+    /proc/PID/fd, which misses processes that exit at once."""
+    try:
+        found = stdio_offsets(btf)
+    except BTFError as exc:
+        log.warning(
+            "standard streams are read from /proc, not captured at exec: processes that "
+            "exit at once show them as unknown",
+            reason=str(exc),
+        )
+        return []
+    log.info("standard streams captured at exec", sk_protocol=found.protocol_layout)
+    return [*(f"-D{k}={v}" for k, v in found.flags.items()), "-DHAVE_STDIO_CAPTURE"]
+
+
 def compile_flags(config: ProbeConfig, features: kernel.KernelFeatures) -> list[str]:
     """The -D flags the probes are compiled with: this kernel's struct offsets (from BTF)
     and the configuration's choices."""
@@ -205,6 +222,7 @@ def compile_flags(config: ProbeConfig, features: kernel.KernelFeatures) -> list[
             cflags.append(f"-D{_HAVE_FLAG[hook]}")
     if config.flows and has_flows(features):
         cflags.append("-DHAVE_FLOWS")
+    cflags += stdio_flags(btf)
     cflags.append(f"-DRINGBUF_PAGES={config.ring_pages}")
     cflags.append(f"-DPRIORITY_RINGBUF_PAGES={PRIORITY_RING_PAGES}")
     cflags.append(f"-DREPEAT_WINDOW_NS={config.repeat_window_ns}ULL")

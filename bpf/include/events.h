@@ -18,7 +18,7 @@
 #include <linux/types.h>
 #endif
 
-#define SANDTRACE_LAYOUT_VERSION 4
+#define SANDTRACE_LAYOUT_VERSION 5
 
 #define TASK_COMM_LEN 16
 
@@ -31,6 +31,10 @@
 #define FILENAME_MAX_LEN 256
 #define PATH_MAX_DEPTH 40
 #define NAME_MAX_LEN 256
+/* The standard streams (fds 0, 1, 2) described in an exec record, and the bytes of data[]
+ * each one's path walk may take. */
+#define STDIO_FDS 3
+#define STDIO_PATH_BUDGET 768
 
 enum record_type {
 	REC_UNDEFINED = 0,
@@ -84,13 +88,40 @@ struct record_header {
 #define EXEC_F_MEMFD (1U << 4) /* executable is an anonymous memory file (memfd_create) */
 #define EXEC_F_UNLINKED (1U << 5) /* executable file has no links left */
 #define EXEC_F_NO_MM (1U << 6)
+#define EXEC_F_STDIO (1U << 7) /* stdio[] was filled in (the kernel has what it reads) */
+
+#define STDIO_F_OPEN (1U << 0) /* the fd is open; without it, closed */
+#define STDIO_F_UNREADABLE (1U << 1) /* the fd table or the file could not be read */
+#define STDIO_F_PATH (1U << 2) /* its name in data[] is a file path, components leaf first */
+#define STDIO_F_PSEUDO (1U << 3) /* no path reaches it: its name is its one component */
+#define STDIO_F_TRUNCATED (1U << 4) /* the name is cut short (the path's leaf end kept) */
+#define STDIO_F_UNLINKED (1U << 5) /* the file has no links left */
+#define STDIO_F_DNAME (1U << 6) /* its file system names it (pipe, anon inode): leaf in data */
+
+/* One standard stream of a process at exec: the open file's inode, and for a socket its
+ * family, type, protocol and peer. A unix socket's name (the peer's when it has one, else its
+ * own; sun_path's bytes, an abstract name's starting with NUL) or a file's path goes in the
+ * record's data[]. */
+struct stdio_fd {
+	__u64 ino;
+	__u8 addr[16]; /* an inet socket's peer address (IPv4: its first 4 bytes) */
+	__u32 flags; /* STDIO_F_* */
+	__u32 mode; /* i_mode: its S_IFMT bits are the file's type */
+	__u32 rdev; /* a device's number as the kernel encodes it: major << 20 | minor */
+	__u32 name_size; /* bytes of this stream's name in data[] */
+	__u16 family;
+	__u16 sock_type;
+	__u16 protocol;
+	__u16 port; /* an inet socket's peer port, host byte order */
+};
 
 /*
  * data[] holds, back to back: argv's head (argv_size bytes, NUL-separated, as the kernel laid
  * it out), argv's tail (argv_tail_size bytes: the last bytes of argv, which follow the head
  * directly when argv_size + argv_tail_size == argv_full_size, else begin inside an argument),
  * the executable's path components leaf first (each NUL-terminated), the working directory's
- * components leaf first, and the file name given to execve.
+ * components leaf first, the file name given to execve, and the names of the standard
+ * streams 0, 1, 2 (stdio[i].name_size bytes each).
  */
 struct exec_record {
 	struct record_header hdr;
@@ -105,6 +136,7 @@ struct exec_record {
 	__u32 old_tid; /* thread that called execve, before de_thread */
 	__u32 argv_tail_size; /* bytes of argv's end captured after the head */
 	__u32 _pad0;
+	struct stdio_fd stdio[STDIO_FDS];
 	__u8 data[];
 };
 

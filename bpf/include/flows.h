@@ -88,8 +88,7 @@ struct packet_info {
 
 /* Read the IP and TCP/UDP headers (the packet starts at the network header in cgroup_skb);
  * false for anything else. IPv6 extension headers are not followed. */
-static __always_inline bool packet_info(struct __sk_buff *skb, bool ingress,
-					struct packet_info *p)
+static __always_inline bool packet_info(struct __sk_buff *skb, bool ingress, struct packet_info *p)
 {
 	u8 first = 0, next = 0, doff = 0;
 	u16 ports[2] = {};
@@ -205,10 +204,10 @@ static __always_inline u32 classify(const u8 *p, u32 size, struct packet_info *p
 	/* handshake record, TLS 1.x, ClientHello (1) out or ServerHello (2) in */
 	if (size >= 6 && p[0] == 0x16 && p[1] == 0x03 && p[5] == (ingress ? 2 : 1))
 		return APP_TLS;
-	if (!ingress && (STARTS(p, size, "GET ") || STARTS(p, size, "POST ") ||
-			 STARTS(p, size, "HEAD ") || STARTS(p, size, "PUT ") ||
-			 STARTS(p, size, "DELETE ") || STARTS(p, size, "OPTIONS ") ||
-			 STARTS(p, size, "PATCH ") || STARTS(p, size, "CONNECT ")))
+	if (!ingress &&
+	    (STARTS(p, size, "GET ") || STARTS(p, size, "POST ") || STARTS(p, size, "HEAD ") ||
+	     STARTS(p, size, "PUT ") || STARTS(p, size, "DELETE ") || STARTS(p, size, "OPTIONS ") ||
+	     STARTS(p, size, "PATCH ") || STARTS(p, size, "CONNECT ")))
 		return APP_HTTP;
 	if (ingress && STARTS(p, size, "HTTP/1."))
 		return APP_HTTP;

@@ -40,6 +40,14 @@ static __always_inline u32 rd_u32(u64 base, u32 off)
 	return v;
 }
 
+static __always_inline u16 rd_u16(u64 base, u32 off)
+{
+	u16 v = 0;
+
+	bpf_probe_read_kernel(&v, sizeof(v), (void *)(base + off));
+	return v;
+}
+
 /* The pid of a task (of its thread-group leader, for the process) inside the task's own pid
  * namespace: the last of struct pid's numbers; 0 when it cannot be read. */
 static __always_inline u32 ns_pid_of(u64 task)

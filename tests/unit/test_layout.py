@@ -35,6 +35,7 @@ SIZES = [
     "UNIX_PATH_MAX",
     "FLOW_PAYLOAD_MAX",
     "DNS_PAYLOAD_MAX",
+    "STDIO_FDS",
 ]
 # What a C member's type is in the struct module (byte arrays: "<size>s").
 C_TYPE_CODES = {"__u16": "H", "__u32": "I", "__s32": "i", "__u64": "Q"}
@@ -124,10 +125,11 @@ def compile_header(path: Path, workdir: Path) -> CHeader:
 
 def flat_members(header: CHeader, struct_name: str) -> list[tuple[str, Member]]:
     """(struct the member is measured in, member), nested structs (the header) flattened,
-    padding left out."""
+    padding left out. An array of structs (an exec record's stdio) stays one member: bytes
+    in Python, whose element struct is compared on its own."""
     out: list[tuple[str, Member]] = []
     for m in header.structs[struct_name]:
-        if m.ctype.startswith("struct "):
+        if m.ctype.startswith("struct ") and m.array is None:
             assert header.values[f"offsetof {struct_name} {m.name}"] == 0, f"{m.name} not first"
             out += flat_members(header, m.ctype.removeprefix("struct "))
         elif not m.name.startswith("_pad"):
@@ -263,8 +265,8 @@ MUTATIONS = [
     ),
     (("#define BIND_F_FAILED", "#define BIND_F_GONE"), "BIND_F_FAILED: in Python, not in C"),
     (
-        ("#define SANDTRACE_LAYOUT_VERSION 4", "#define SANDTRACE_LAYOUT_VERSION 5"),
-        "SANDTRACE_LAYOUT_VERSION: C 5",
+        ("#define SANDTRACE_LAYOUT_VERSION 5", "#define SANDTRACE_LAYOUT_VERSION 6"),
+        "SANDTRACE_LAYOUT_VERSION: C 6",
     ),
     (
         ("#define CGROUP_PATH_MAX 256", "#define CGROUP_PATH_MAX 128"),
@@ -276,11 +278,19 @@ MUTATIONS = [
     ),
     (("__u32 exit_code;", "__s32 exit_code;"), "exit_record.exit_code: __s32 is 'i', not 'I'"),
     (
+        ("#define STDIO_FDS 3", "#define STDIO_FDS 4"),
+        "exec_record.stdio: struct stdio_fd is '192s'",
+    ),
+    (
+        ("\t__u16 protocol;\n\t__u16 port;", "\t__u16 port;\n\t__u16 protocol;"),
+        "stdio_fd: C members",
+    ),
+    (
         (
             "\t__u32 old_tid; /* thread that called execve, before de_thread */\n",
             "\t__u32 old_tid;\n\t__u32 more;\n\t__u32 _pad9;\n",
         ),
-        "exec_record: sizeof 136",
+        "exec_record: sizeof 280",
     ),
     (
         (
