@@ -86,9 +86,7 @@ def exec_pids(run: Run, exe: str) -> set[int]:
 
 def connects_to(run: Run, addr: str, port: int) -> list[dict[str, Any]]:
     return [
-        e
-        for e in run.events
-        if e["kind"] == "connect" and (e["daddr"], e["dport"]) == (addr, port)
+        e for e in run.events if e["kind"] == "connect" and (e["daddr"], e["dport"]) == (addr, port)
     ]
 
 
