@@ -8,7 +8,8 @@ Topology (`make_testnet`): namespace `inside` (where the sandboxed command runs,
     outside 198.51.100.1/24, 203.0.113.10/24, 198.51.100.20-29/24 (no listeners: RST)
 
 Neither namespace has a default route or any link to the host, so nothing can leave them.
-Services (`run_sshd`, `run_mining_pool`, `run_http_host`) run inside `outside`, each waits
+Services (`run_sshd`, `run_mining_pool`, `run_http_host`, `run_dns_server`) run inside
+`outside` (on the ports the scenario names, the usual ones unless told), each waits
 until it really listens (`ss` in the namespace) and each is stopped and its temporary
 directory removed on exit, also when the body raises. `make_testnet` kills every process
 still left in either namespace (a backgrounded `ssh -f`, a session sshd) before deleting
@@ -40,6 +41,7 @@ SERVICES_DIR = Path(__file__).resolve().parent / "services"
 POOL_SCRIPT = SERVICES_DIR / "pool.py"
 MINER_SCRIPT = SERVICES_DIR / "miner.py"
 HTTP_SCRIPT = SERVICES_DIR / "http_server.py"
+DNS_SCRIPT = SERVICES_DIR / "dns_server.py"
 SSHD = Path("/usr/sbin/sshd")
 START_TIMEOUT = 10.0
 
@@ -335,7 +337,8 @@ class SshServer:
 
 
 @contextlib.contextmanager
-def run_sshd(net: NetNS) -> Iterator[SshServer]:
+def run_sshd(net: NetNS, port: int = 22) -> Iterator[SshServer]:
+    """sshd on 198.51.100.1:`port` (22 unless told) and 203.0.113.10:2222."""
     if not SSHD.exists():
         raise RuntimeError(f"{SSHD} is missing: apt-get install openssh-server")
     with temp_dir("st-sshd-") as d:
@@ -346,7 +349,7 @@ def run_sshd(net: NetNS) -> Iterator[SshServer]:
                 capture_output=True,
             )
         shutil.copyfile(d / "client_ed25519.pub", d / "authorized_keys")
-        server = SshServer(dir=d, client_key=d / "client_ed25519", pid=0)
+        server = SshServer(dir=d, client_key=d / "client_ed25519", pid=0, port=port)
         config = SSHD_CONFIG.format(
             addr=server.addr,
             port=server.port,
@@ -358,7 +361,7 @@ def run_sshd(net: NetNS) -> Iterator[SshServer]:
         argv = ["sh", "-c", SSHD_LAUNCH, "sshd-launch", str(d), str(SSHD)]
         endpoints = [(server.addr, server.port), (server.alt_addr, server.alt_port)]
         with service(net.outside, argv, server.log, endpoints) as proc:
-            yield SshServer(dir=d, client_key=server.client_key, pid=proc.pid)
+            yield SshServer(dir=d, client_key=server.client_key, pid=proc.pid, port=port)
 
 
 # --- mining pool ---------------------------------------------------------------------------
@@ -398,9 +401,10 @@ class MiningPool:
 
 
 @contextlib.contextmanager
-def run_mining_pool(net: NetNS) -> Iterator[MiningPool]:
+def run_mining_pool(net: NetNS, port: int = 3333) -> Iterator[MiningPool]:
+    """The pool on 198.51.100.1:`port` (3333 unless told)."""
     with temp_dir("st-pool-") as d:
-        pool = MiningPool(dir=d, pid=0)
+        pool = MiningPool(dir=d, pid=0, port=port)
         argv = [
             PYTHON,
             str(POOL_SCRIPT),
@@ -412,7 +416,7 @@ def run_mining_pool(net: NetNS) -> Iterator[MiningPool]:
             str(pool.log),
         ]
         with service(net.outside, argv, d / "pool.out", [(pool.addr, pool.port)]) as proc:
-            yield MiningPool(dir=d, pid=proc.pid)
+            yield MiningPool(dir=d, pid=proc.pid, port=port)
 
 
 def install_miner(dest: Path) -> Path:
@@ -434,6 +438,7 @@ class HttpHost:
     pid: int
     addr: str = "198.51.100.1"
     port: int = 8000
+    scheme: str = "http"  # "https" when it serves over TLS
 
     @property
     def root(self) -> Path:
@@ -444,7 +449,7 @@ class HttpHost:
         return self.dir / "http.jsonl"
 
     def url(self, name: str) -> str:
-        return f"http://{self.addr}:{self.port}/{name.lstrip('/')}"
+        return f"{self.scheme}://{self.addr}:{self.port}/{name.lstrip('/')}"
 
     def put(self, name: str, content: str | bytes, mode: int = 0o644) -> str:
         """Serve `content` as `name`; return its URL."""
@@ -461,9 +466,14 @@ class HttpHost:
 
 
 @contextlib.contextmanager
-def run_http_host(net: NetNS) -> Iterator[HttpHost]:
+def run_http_host(
+    net: NetNS, port: int = 8000, tls: tuple[Path, Path] | None = None
+) -> Iterator[HttpHost]:
+    """The HTTP host on 198.51.100.1:`port` (8000 unless told); over TLS with `tls`, a
+    (certificate, key) pair of PEM files."""
     with temp_dir("st-http-") as d:
-        host = HttpHost(dir=d, pid=0)
+        scheme = "https" if tls else "http"
+        host = HttpHost(dir=d, pid=0, port=port, scheme=scheme)
         host.root.mkdir()
         argv = [
             PYTHON,
@@ -477,5 +487,67 @@ def run_http_host(net: NetNS) -> Iterator[HttpHost]:
             "--log",
             str(host.log),
         ]
+        if tls:
+            argv += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
         with service(net.outside, argv, d / "http.out", [(host.addr, host.port)]) as proc:
-            yield HttpHost(dir=d, pid=proc.pid)
+            yield HttpHost(dir=d, pid=proc.pid, port=port, scheme=scheme)
+
+
+# --- DNS -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DnsServer:
+    """`services/dns_server.py` in `outside`, authoritative for the test's zone; the resolver
+    of every program run in `inside` through `ip netns exec` while it runs."""
+
+    dir: Path
+    pid: int
+    addr: str = "198.51.100.1"
+    port: int = 53
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "queries.jsonl"
+
+    def queries(self) -> list[dict[str, Any]]:
+        """Records `{"ts", "peer", "proto", "name", "type"}`, in arrival order."""
+        return read_jsonl(self.log)
+
+
+@contextlib.contextmanager
+def run_dns_server(net: NetNS, zone: dict[str, Any]) -> Iterator[DnsServer]:
+    """Serve `zone` (see services/dns_server.py) on 198.51.100.1:53, UDP and TCP, and make it
+    the resolver of `inside`: `ip netns exec` binds the files of /etc/netns/NAME over /etc,
+    so the namespace's own resolv.conf names this server and nothing else (the host's
+    resolver is unreachable from the namespace anyway)."""
+    etc = Path("/etc/netns") / net.inside
+    with temp_dir("st-dns-") as d:
+        server = DnsServer(dir=d, pid=0)
+        (d / "zone.json").write_text(json.dumps(zone))
+        argv = [
+            PYTHON,
+            str(DNS_SCRIPT),
+            "--bind",
+            server.addr,
+            "--port",
+            str(server.port),
+            "--zone",
+            str(d / "zone.json"),
+            "--log",
+            str(server.log),
+        ]
+        made_parent = not etc.parent.exists()
+        etc.mkdir(parents=True)
+        try:
+            (etc / "resolv.conf").write_text(
+                f"nameserver {server.addr}\noptions timeout:2 attempts:1\n"
+            )
+            endpoints = [(server.addr, server.port)]
+            with service(net.outside, argv, d / "dns.out", endpoints) as proc:
+                yield DnsServer(dir=d, pid=proc.pid)
+        finally:
+            shutil.rmtree(etc, ignore_errors=True)
+            if made_parent:
+                with contextlib.suppress(OSError):
+                    etc.parent.rmdir()  # unless another test's namespace has files there

@@ -2,6 +2,7 @@
 """A static file server for tests that logs every request as a JSON line.
 
     http_server.py --bind 198.51.100.1 --port 8000 --directory DIR --log FILE
+                   [--tls-cert PEM --tls-key PEM]   # HTTPS
 
 Each line of FILE: {"ts", "client", "method", "path", "status", "user_agent"}, flushed at
 once. Standard library only.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import ssl
 import time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from typing import IO, Any, ClassVar
@@ -42,11 +44,17 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--directory", required=True)
     parser.add_argument("--log", required=True)
+    parser.add_argument("--tls-cert")
+    parser.add_argument("--tls-key")
     args = parser.parse_args()
     with open(args.log, "a", encoding="utf-8") as log:  # noqa: PTH123 - keep it plain stdlib
         Handler.log_file = log
         handler = functools.partial(Handler, directory=args.directory)
         with ThreadingHTTPServer((args.bind, args.port), handler) as server:
+            if args.tls_cert:
+                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                ctx.load_cert_chain(args.tls_cert, args.tls_key)
+                server.socket = ctx.wrap_socket(server.socket, server_side=True)
             server.serve_forever()
 
 
