@@ -36,6 +36,7 @@ from collector.startup import held_socket_events
 from collector.stdio import StdioReader
 from collector.stream import StreamSink
 from collector.summary import RunSummary
+from fleet.connect import is_nats_url
 from detect.egress import EgressPolicies
 from detect.engine import Engine
 from detect.loader import load_paths
@@ -66,7 +67,7 @@ def _stream(args: argparse.Namespace) -> list[Sink]:
     if not args.server:
         return []
     token = None
-    if args.server_token_file:
+    if args.server_token_file and not is_nats_url(args.server):
         try:
             token = read_token_file(args.server_token_file)
         except ValueError as exc:
@@ -78,6 +79,27 @@ def _stream(args: argparse.Namespace) -> list[Sink]:
         spool = DEFAULT_SPOOL  # a long-running collector; a run is one command's life
     if not 0 < args.server_linger <= 60:
         raise SystemExit("sandtrace: --server-linger is a number of seconds above 0, at most 60")
+    if is_nats_url(args.server):  # a fleet on NATS JetStream (collector/natsstream.py)
+        from collector.natsstream import NatsStreamSink  # noqa: PLC0415
+
+        try:
+            return [
+                NatsStreamSink(
+                    args.server,
+                    args.server_token_file,
+                    nkey_file=args.server_nkey_file,
+                    creds_file=args.server_creds_file,
+                    ca_file=args.server_ca_file,
+                    insecure=args.insecure,
+                    linger=args.server_linger,
+                    spool_dir=None if args.no_spool else spool,
+                    spool_bytes=args.spool_max << 20,
+                )
+            ]
+        except ValueError as exc:
+            raise SystemExit(f"sandtrace: --server: {exc}") from None
+        except OSError as exc:
+            raise SystemExit(f"sandtrace: cannot use the spool directory {spool}: {exc}") from None
     try:
         return [
             StreamSink(

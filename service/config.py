@@ -63,6 +63,7 @@ class ServiceConfig:
     tail_queue: int = 10_000
     tail_clients: int = 64
     outputs: list[dict[str, Any]] = field(default_factory=list)
+    fleet: dict[str, Any] = field(default_factory=dict)  # checked by service/fleetconfig.py
     source: str = "defaults"
 
     @property
@@ -117,9 +118,14 @@ def load(path: Path) -> ServiceConfig:
                 raise ConfigError(f"{path}: outputs are [[output]] tables")
             cfg.outputs = [dict(v) for v in value]
             continue
+        if section == "fleet":  # `serve --nats`: its keys are checked by service/fleetconfig
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: fleet must be a table")
+            cfg.fleet = dict(value)
+            continue
         keys = _SECTIONS.get(section)
         if keys is None:
-            known = ", ".join([*_SECTIONS, "output"])
+            known = ", ".join([*_SECTIONS, "output", "fleet"])
             raise ConfigError(f"{path}: unknown section [{section}] (known: {known})")
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: {section} must be a table")

@@ -142,6 +142,10 @@ async def serve(args: argparse.Namespace) -> int:
     from service.outputs.metrics import OutputMetrics  # noqa: PLC0415
     from tail.hub import TailHub  # noqa: PLC0415
 
+    if getattr(args, "nats", None) or (args.config and _has_fleet(args.config)):
+        from service.fleet import serve_fleet  # noqa: PLC0415
+
+        return await serve_fleet(args)
     if args.check_config:
         return check_config(args)
     try:
@@ -245,6 +249,14 @@ async def serve(args: argparse.Namespace) -> int:
         # (counted as dropped) keeps the batches after it to be sent again
         ingest.commit(min((o.resolved for o in gate.outputs), default=last), gate.points)
     return 0
+
+
+def _has_fleet(path: Path) -> bool:
+    """Whether a configuration file has a [fleet] url: then serve runs as a fleet worker."""
+    try:
+        return bool(load(path).fleet.get("url"))
+    except ConfigError:
+        return False  # prepare() says what is wrong with it
 
 
 def failpoint() -> Callable[[int, int], None] | None:
