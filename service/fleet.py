@@ -138,6 +138,7 @@ class Worker:
         self.kv: Any = None
         self.stopping = False
         self.publish_failures = 0
+        self.duplicates = 0  # outputs already stored (their batch was handled before)
         self.lease_losses = 0
 
     # -- lifetime ---------------------------------------------------------------------------
@@ -462,7 +463,8 @@ class Worker:
                     )
                     for subject, body, msg_id in outputs
                 ]
-                await asyncio.wait_for(asyncio.gather(*futures), 10.0)
+                acks = await asyncio.wait_for(asyncio.gather(*futures), 10.0)
+                self.duplicates += sum(1 for ack in acks if ack.duplicate)
                 return
             except asyncio.CancelledError:
                 raise
@@ -557,6 +559,11 @@ class FleetMetrics(Collector):
             for number, st in sorted(w.stats.items()):
                 family.add_metric([w.id, str(number)], getattr(st, attr))  # type: ignore[attr-defined]
             yield family
+        yield CounterMetricFamily(
+            "sandtrace_fleet_outputs_deduplicated",
+            "Outputs JetStream had already stored (a batch handled again after a failover)",
+            value=w.duplicates,
+        )
         yield CounterMetricFamily(
             "sandtrace_fleet_publish_failures",
             "Failed attempts to store a batch's outputs (each retried)",

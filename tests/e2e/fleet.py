@@ -46,7 +46,7 @@ FLEET_RULE_ID = "6d0c1f54-3a43-4b8e-9d59-1f2e50a0c0de"
 BASE_PID = 100_000
 
 
-def write_config(directory: Path, extra: str = "") -> Path:
+def write_config(directory: Path, extra: str = "", fold_seconds: int = 0) -> Path:
     """A rules directory with FLEET_RULE only, and a service configuration that uses it and
     folds nothing (each hit is its own alert)."""
     rules = directory / "rules"
@@ -58,7 +58,7 @@ def write_config(directory: Path, extra: str = "") -> Path:
 [detection]
 rules = ["{rules}"]
 builtin_rules = false
-fold_seconds = 0
+fold_seconds = {fold_seconds}
 
 [fleet]
 lease_seconds = 2
@@ -95,15 +95,25 @@ class Proc:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=10)
+        self.close()
+
+    def close(self) -> None:
+        """Once it has exited: the rest of its stderr read, the pipe closed."""
+        if self.reader is not None:
+            self.reader.join(timeout=10)
+        if self.proc.stderr is not None and not self.proc.stderr.closed:
+            self.proc.stderr.close()
 
     def stop(self, timeout: float = 30) -> int:
         if self.proc.poll() is None:
             self.proc.terminate()
         try:
-            return self.proc.wait(timeout=timeout)
+            code = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill()
             raise
+        self.close()
+        return code
 
 
 def spawn(cmd: list[str], env: dict[str, str] | None = None) -> Proc:
@@ -172,13 +182,16 @@ def cleaning(procs: list[Proc]) -> Iterator[list[Proc]]:
 # -- the synthetic collector ---------------------------------------------------------------
 
 
-def event(host: str, n: int, hit: bool) -> ExecEvent:
+def event(host: str, n: int, hit: bool, same_process: bool = False) -> ExecEvent:
     pid = BASE_PID + n
+    start = n
+    if hit and same_process:  # one process that keeps doing it: its repeats fold
+        pid, start = BASE_PID - 1, 0
     exe = b"/usr/local/bin/fleet-hit" if hit else b"/usr/bin/true"
     argv = [exe.rsplit(b"/", 1)[1], host.encode(), str(n).encode()]
     process = Process(
         pid=pid, tid=pid, ns_pid=pid, ppid=1, uid=0, gid=0, comm=argv[0][:15],
-        start_ns=n, key=f"{pid}@{n}", exe=exe, argv=argv,
+        start_ns=start, key=f"{pid}@{start}", exe=exe, argv=argv,
     )
     return ExecEvent(
         time_ns=time.time_ns(), mono_ns=time.monotonic_ns(), host=host, sandbox="sb-fleet",
@@ -200,7 +213,7 @@ async def _stream(args: argparse.Namespace) -> None:
     n = 0
     for _ in range(args.batches):
         for _ in range(args.events):
-            sink.emit(event(args.host, n, n % args.hit_every == 0))
+            sink.emit(event(args.host, n, n % args.hit_every == 0, args.same_process))
             n += 1
         await asyncio.sleep(args.pause)
     await sink.aclose(deadline=args.deadline)
@@ -223,6 +236,7 @@ def main() -> None:
     p.add_argument("--pause", type=float, default=0.02)
     p.add_argument("--deadline", type=float, default=120.0)
     p.add_argument("--spool-dir")
+    p.add_argument("--same-process", action="store_true", help="every hit by one process")
     asyncio.run(_stream(p.parse_args()))
 
 

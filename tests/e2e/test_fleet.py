@@ -1,0 +1,213 @@
+"""A fleet on a real 3-node NATS JetStream cluster on loopback: real `sandtrace serve --nats`
+workers, collectors streaming through the collector's NATS sink, and failures in the middle
+of the stream (a worker and a NATS node SIGKILLed). The ground truth is what the collectors
+sent: every event numbered per host, every hit of the test rule known in advance."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from api.events import Alert, decode
+from fleet import names
+from tests.e2e.fleet import (
+    FLEET_RULE_ID,
+    Proc,
+    cleaning,
+    start_collector,
+    start_worker,
+    write_config,
+)
+from tests.e2e.natscluster import NatsCluster, nats_cluster
+
+HOSTS = ["gpu-node-1", "gpu-node-2", "trainer.a.example", "trainer.b.example"]
+
+
+async def read_stream(url: str, stream: str) -> list[Any]:
+    """Every message of a stream, in stream order."""
+    import nats  # noqa: PLC0415
+    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy  # noqa: PLC0415
+
+    nc = await nats.connect(url.split(","))
+    try:
+        js = nc.jetstream(timeout=10)
+        total = (await js.stream_info(stream)).state.messages
+        sub = await js.pull_subscribe(
+            ">", None, stream=stream,
+            config=ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL),
+        )
+        out: list[Any] = []
+        while len(out) < total:
+            out += await sub.fetch(min(256, total - len(out)), timeout=10)
+        return out
+    finally:
+        await nc.close()
+
+
+def healthz(port: int) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:  # noqa: S310
+        result: dict[str, Any] = json.load(resp)
+        return result
+
+
+def metrics(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:  # noqa: S310
+        return str(resp.read().decode())
+
+
+def wait_until(what: str, check: Any, timeout: float = 60) -> None:
+    """Until check() is true; an error from it (a server still electing a stream leader)
+    counts as not yet."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while True:
+        try:
+            if check():
+                return
+        except Exception as exc:
+            last = exc
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what} (last error: {last!r})")
+        time.sleep(0.3)
+
+
+def siem_batches(cluster: NatsCluster) -> list[Any]:
+    return asyncio.run(read_stream(cluster.url, names.SIEM_STREAM))
+
+
+def check_outputs(cluster: NatsCluster, sent: dict[str, int], hit_every: int) -> None:
+    """Every event handled once, in each host's order; every alert exactly once."""
+    batches = siem_batches(cluster)
+    numbers: dict[str, list[int]] = {h: [] for h in sent}
+    for msg in batches:
+        for line in msg.data.decode().splitlines():
+            doc = json.loads(line)
+            numbers[doc["host"]].append(int(doc["argv"][2]))
+    for host, count in sent.items():
+        assert numbers[host] == list(range(count)), f"{host}: events lost, doubled or reordered"
+    alerts = [decode(m.data) for m in asyncio.run(read_stream(cluster.url, names.ALERTS_STREAM))]
+    assert all(isinstance(a, Alert) and a.rule_id == FLEET_RULE_ID for a in alerts)
+    got = Counter((a.host, int(a.process.argv[2])) for a in alerts if isinstance(a, Alert))
+    want = Counter(
+        (h, n) for h, count in sent.items() for n in range(0, count if hit_every else 1, hit_every or 1)
+    )
+    assert got == want, f"missing {want - got}, doubled {got - want}"
+
+
+def test_sigkill_a_worker_and_a_nats_node_mid_stream(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "partitions = 8\nreplicas = 3")
+    batches, events, hit_every = 120, 40, 7
+    with nats_cluster() as cluster, cleaning([]) as procs:
+        w1, port1 = start_worker(cluster.url, config, "w1")
+        procs.append(w1)
+        w2, port2 = start_worker(cluster.url, config, "w2")
+        procs.append(w2)
+        wait_until(
+            "both workers hold partitions",
+            lambda: len(healthz(port1)["partitions"]) == 4 and len(healthz(port2)["partitions"]) == 4,
+        )
+        collectors: list[Proc] = []
+        for host in HOSTS:
+            collectors.append(
+                start_collector(cluster.url, host, batches, "--events", str(events),
+                                "--hit-every", str(hit_every), "--pause", "0.05")
+            )
+        procs.extend(collectors)
+        wait_until("w1 handles batches", lambda: "sandtrace_fleet_batches_total" in metrics(port1)
+                   and sum(_values(metrics(port1), "sandtrace_fleet_batches_total")) >= 20)
+        w1.kill()
+        cluster.kill(0)
+        for c in collectors:
+            assert c.proc.wait(timeout=180) == 0, c.log()
+            assert "discarded 0" in c.log(), c.log()
+        wait_until("w2 holds every partition", lambda: len(healthz(port2)["partitions"]) == 8)
+        total = len(HOSTS) * batches
+        wait_until("every batch handled", lambda: len(siem_batches(cluster)) >= total, timeout=120)
+        check_outputs(cluster, {h: batches * events for h in HOSTS}, hit_every)
+        page = metrics(port2)
+        assert sum(_values(page, "sandtrace_fleet_takeovers_total")) >= 8
+        assert "sandtrace_fleet_partition_lag_batches" in page
+        assert w2.proc.poll() is None, w2.log()
+
+
+def _values(page: str, name: str) -> list[float]:
+    return [float(line.rsplit(" ", 1)[1]) for line in page.splitlines() if line.startswith(name + "{")]
+
+
+@pytest.mark.parametrize("workers", [1])
+def test_batches_and_alerts_are_stored_once_when_sent_twice(tmp_path: Path, workers: int) -> None:
+    """A collector restarted on its spool sends batches again under the same ids: stored
+    once (the duplicate window), handled once."""
+    config = write_config(tmp_path)
+    spool = tmp_path / "spool"
+    with nats_cluster() as cluster, cleaning([]) as procs:
+        w, _port = start_worker(cluster.url, config, "w1")
+        procs.append(w)
+        first = start_collector(cluster.url, "node-x", 5, "--spool-dir", str(spool))
+        procs.append(first)
+        assert first.proc.wait(timeout=60) == 0, first.log()
+        # the same batches again: the same collector id (from the spool) and sequence numbers
+        copy = asyncio.run(read_stream(cluster.url, names.EVENTS_STREAM))
+        assert len(copy) == 5
+        asyncio.run(_republish(cluster.url, copy))
+        wait_until("handled", lambda: len(siem_batches(cluster)) >= 5)
+        time.sleep(1.0)
+        assert len(asyncio.run(read_stream(cluster.url, names.EVENTS_STREAM))) == 5
+        check_outputs(cluster, {"node-x": 5 * 50}, 7)
+
+
+async def _republish(url: str, msgs: list[Any]) -> None:
+    import nats  # noqa: PLC0415
+
+    nc = await nats.connect(url.split(","))
+    try:
+        js = nc.jetstream()
+        for m in msgs:
+            host = names.host_of_token(m.subject.split(".")[-1])
+            ack = await js.publish(names.events_subject(host), m.data, headers=dict(m.headers))
+            assert ack.duplicate
+    finally:
+        await nc.close()
+
+
+def test_a_new_owner_rebuilds_detection_state_from_the_stream(tmp_path: Path) -> None:
+    """Repeats of one rule by one process fold into the first alert (fold_seconds): the
+    worker that takes the host over after a SIGKILL replays the stream's last fold span,
+    so it knows the alert was raised and raises none again."""
+    config = write_config(tmp_path, "partitions = 8\nreplicas = 3", fold_seconds=600)
+    host = "folding-node"
+    partition = names.fnv1a_partition(host, 8)
+    with nats_cluster() as cluster, cleaning([]) as procs:
+        w1, port1 = start_worker(cluster.url, config, "w1")
+        w2, port2 = start_worker(cluster.url, config, "w2")
+        procs += [w1, w2]
+        wait_until(
+            "both workers hold partitions",
+            lambda: len(healthz(port1)["partitions"]) == 4 and len(healthz(port2)["partitions"]) == 4,
+        )
+        owner, owner_port, heir, heir_port = (
+            (w1, port1, w2, port2) if partition in healthz(port1)["partitions"] else (w2, port2, w1, port1)
+        )
+        collector = start_collector(
+            cluster.url, host, 80, "--events", "40", "--hit-every", "5", "--same-process",
+            "--pause", "0.05",
+        )
+        procs.append(collector)
+        wait_until(
+            "the owner handles batches",
+            lambda: sum(_values(metrics(owner_port), "sandtrace_fleet_batches_total")) >= 20,
+        )
+        owner.kill()
+        assert collector.proc.wait(timeout=180) == 0, collector.log()
+        wait_until("every batch handled", lambda: len(siem_batches(cluster)) >= 80, timeout=120)
+        page = metrics(heir_port)
+        rebuilt = sum(_values(page, "sandtrace_fleet_rebuilt_batches_total"))
+        assert rebuilt >= 20, heir.log()
+        check_outputs(cluster, {host: 80 * 40}, 0)  # one alert: the first hit, n = 0
