@@ -26,6 +26,7 @@ from api.backoff import Backoff
 from api.endpoints import InsecureURL, check_url, read_token_file
 from api.events import WIRE_VERSION, EventFormatError, WireVersionError, decode
 from api.render import TerminalSink, TextRenderer, escape, use_color
+from fleet.connect import is_nats_url
 from api.tail import (
     TAIL_PATH,
     TAIL_PROTOCOL,
@@ -251,6 +252,14 @@ async def follow(args: argparse.Namespace) -> int:
             + [("host", h) for h in args.host]
             + ([("alerts_only", "1")] if args.alerts_only else [])
         )
+        if is_nats_url(args.server):  # a fleet on NATS JetStream: tail/natsfollow.py
+            from tail.natsfollow import follow_fleet  # noqa: PLC0415
+
+            if args.output == "compact" and args.width < 1:
+                raise TailError("--width must be at least 1")
+            return await follow_fleet(args, flt, _renderer(args, len(flt.hosts) != 1))
+        if args.from_start:
+            raise TailError("--from-start goes with a nats:// --server (the fleet's alert stream)")
         target = target_of(args)
     except (BadFilter, TailError) as exc:
         _say(str(exc))
@@ -291,6 +300,12 @@ async def follow(args: argparse.Namespace) -> int:
             with contextlib.suppress(BrokenPipeError):
                 follower.out.close()
     return 0
+
+
+def _renderer(args: argparse.Namespace, show_host: bool) -> TextRenderer | None:
+    if args.output != "compact":
+        return None
+    return TextRenderer(use_color(args.color, sys.stdout), max(args.width, 1), show_host)
 
 
 def main(args: argparse.Namespace) -> int:

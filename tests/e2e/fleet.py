@@ -116,15 +116,19 @@ class Proc:
         return code
 
 
-def spawn(cmd: list[str], env: dict[str, str] | None = None) -> Proc:
+def spawn(cmd: list[str], env: dict[str, str] | None = None, stdout: Path | None = None) -> Proc:
+    """Start cmd in the checkout (its stdout to the file `stdout`, or nowhere)."""
+    sink = stdout.open("w") if stdout is not None else subprocess.DEVNULL
     proc = subprocess.Popen(
         cmd,
         cwd=ROOT_DIR,
-        stdout=subprocess.DEVNULL,
+        stdout=sink,
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, **(env or {})},
     )
+    if stdout is not None:
+        sink.close()  # type: ignore[union-attr]  # the child has its own copy
     handle = Proc(proc)
 
     def drain() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 import urllib.request
 from collections import Counter
@@ -21,6 +22,7 @@ from tests.e2e.fleet import (
     FLEET_RULE_ID,
     Proc,
     cleaning,
+    spawn,
     start_collector,
     start_worker,
     write_config,
@@ -211,3 +213,46 @@ def test_a_new_owner_rebuilds_detection_state_from_the_stream(tmp_path: Path) ->
         rebuilt = sum(_values(page, "sandtrace_fleet_rebuilt_batches_total"))
         assert rebuilt >= 20, heir.log()
         check_outputs(cluster, {host: 80 * 40}, 0)  # one alert: the first hit, n = 0
+
+
+def test_tail_follows_the_fleet_and_replays_its_alert_stream(tmp_path: Path) -> None:
+    """`sandtrace tail --server nats://`: live events of one host (filtered), and with
+    --from-start every alert of the stream, once, filtered by host."""
+    config = write_config(tmp_path)
+    with nats_cluster() as cluster, cleaning([]) as procs:
+        worker, _port = start_worker(cluster.url, config, "w1")
+        procs.append(worker)
+        tail_cmd = [sys.executable, "-m", "sandtrace", "tail", "--server", cluster.url, "-o", "json"]
+        live = spawn_tail([*tail_cmd, "--host", "node-a", "--kind", "exec"], tmp_path / "live.jsonl")
+        procs.append(live)
+        live.wait_for("following the fleet")
+        time.sleep(1.0)  # the subscription is in place before the collectors start
+        for host in ("node-a", "node-b"):
+            c = start_collector(cluster.url, host, 4, "--events", "30", "--hit-every", "10")
+            procs.append(c)
+            assert c.proc.wait(timeout=60) == 0, c.log()
+        wait_until("live events shown", lambda: _lines(tmp_path / "live.jsonl") >= 120)
+        replay = spawn_tail(
+            [*tail_cmd, "--alerts-only", "--from-start", "--host", "node-b"], tmp_path / "replay.jsonl"
+        )
+        procs.append(replay)
+        wait_until("alerts replayed", lambda: _lines(tmp_path / "replay.jsonl") >= 12)
+        time.sleep(1.0)
+        assert live.stop() == 0 and replay.stop() == 0
+        events = [json.loads(x) for x in (tmp_path / "live.jsonl").read_text().splitlines()]
+        assert [(e["host"], e["kind"], int(e["argv"][2])) for e in events if e["kind"] == "exec"] == [
+            ("node-a", "exec", n) for n in range(120)
+        ]
+        alerts = [json.loads(x) for x in (tmp_path / "replay.jsonl").read_text().splitlines()]
+        assert sorted(int(a["process"]["argv"][2]) for a in alerts) == list(range(0, 120, 10))
+        assert {a["host"] for a in alerts} == {"node-b"}
+
+
+def spawn_tail(cmd: list[str], out: Path) -> Proc:
+    """A tail whose stdout goes to `out` (stderr read as for every Proc)."""
+    handle = spawn(cmd, stdout=out)
+    return handle
+
+
+def _lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
