@@ -11,7 +11,9 @@
 6. exec identity and standard streams: hashing a new executable, the per-exec cost on a
    cache hit, the cache's hit rate over an agent-like exec mix (bench/identity.py);
 7. what each short process costs a real `watch`: its CPU against a fork+exec loop's at
-   100/s, 1,000/s and unpaced, and idle (bench/lifecycle.py).
+   100/s, 1,000/s and unpaced, and idle (bench/lifecycle.py);
+8. a fleet on NATS JetStream (`--only fleet`): events/s with one and
+   two `serve --nats` workers, and event -> alert p99 through NATS (bench/fleet.py).
 """
 
 from __future__ import annotations
@@ -629,6 +631,7 @@ def main(argv: list[str] | None = None) -> int:
             "service",
             "identity",
             "lifecycle",
+            "fleet",
         ],
         action="append",
     )
@@ -640,7 +643,17 @@ def main(argv: list[str] | None = None) -> int:
     root = cgroups.find_cgroup2_root()
     only = set(
         args.only
-        or ["host", "throughput", "flood", "memory", "detect", "service", "identity", "lifecycle"]
+        or [
+            "host",
+            "throughput",
+            "flood",
+            "memory",
+            "detect",
+            "service",
+            "identity",
+            "lifecycle",
+            "fleet",
+        ]
     )
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmpdir:
@@ -667,6 +680,10 @@ def main(argv: list[str] | None = None) -> int:
                 rows += identity_costs()
             if "lifecycle" in only:
                 rows += lifecycle(sandbox)
+            if "fleet" in only:
+                from bench.fleet import fleet_rows  # noqa: PLC0415
+
+                rows += fleet_rows()
         finally:
             sandbox.destroy()
             if not parent_existed:

@@ -58,7 +58,9 @@ def _common_args(p: argparse.ArgumentParser) -> None:
         "to a fleet on NATS JetStream (nats://HOST:PORT[,HOST:PORT...], tls:// for TLS) "
         "instead of detecting here",
     )
-    p.add_argument("--server-nkey-file", metavar="FILE", help="NATS NKey seed for a nats:// --server")
+    p.add_argument(
+        "--server-nkey-file", metavar="FILE", help="NATS NKey seed for a nats:// --server"
+    )
     p.add_argument(
         "--server-creds-file", metavar="FILE", help="NATS credentials file for a nats:// --server"
     )

@@ -36,11 +36,11 @@ from collector.startup import held_socket_events
 from collector.stdio import StdioReader
 from collector.stream import StreamSink
 from collector.summary import RunSummary
-from fleet.connect import is_nats_url
 from detect.egress import EgressPolicies
 from detect.engine import Engine
 from detect.loader import load_paths
 from detect.pack import builtin_rules
+from fleet.connect import is_nats_url
 from tail.hub import LocalTail, TailHub, TailSocketBusy, TailSocketError
 
 if TYPE_CHECKING:

@@ -95,15 +95,22 @@ class _NatsTransport(_Transport):
 
         self.last_error = None
         pending = asyncio.ensure_future(
-            connect(self.sink.target, f"sandtrace-collector {self.sink.collector_id}", error_cb=self._error)
+            connect(
+                self.sink.target,
+                f"sandtrace-collector {self.sink.collector_id}",
+                error_cb=self._error,
+            )
         )
         try:
             self.nc = await asyncio.wait_for(pending, SEND_TIMEOUT)
         except TimeoutError:
-            if isinstance(self.last_error, nats.errors.AuthorizationError) or "authorization" in str(
-                self.last_error
-            ).lower():
-                raise _Refused(401, f"the NATS cluster refused this collector: {self.last_error}") from None
+            if (
+                isinstance(self.last_error, nats.errors.AuthorizationError)
+                or "authorization" in str(self.last_error).lower()
+            ):
+                raise _Refused(
+                    401, f"the NATS cluster refused this collector: {self.last_error}"
+                ) from None
             raise ConnectionError(
                 f"no NATS server at {self.sink.target.label} answers ({self.last_error})"
             ) from None

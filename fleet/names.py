@@ -78,7 +78,10 @@ def partition_transform(partitions: int) -> tuple[str, str]:
     """The events stream's subject transform (source, destination): nats-server hashes the
     host token (FNV-1a) into one of `partitions` partitions as it stores the batch, so a host
     is always in the same partition, whichever collector or server took its batch."""
-    return f"{EVENTS_PREFIX}.*", f"{PARTITION_PREFIX}.{{{{partition({partitions},1)}}}}.{{{{wildcard(1)}}}}"
+    return (
+        f"{EVENTS_PREFIX}.*",
+        f"{PARTITION_PREFIX}.{{{{partition({partitions},1)}}}}.{{{{wildcard(1)}}}}",
+    )
 
 
 def partition_of_subject(subject: str) -> int:

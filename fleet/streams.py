@@ -138,12 +138,33 @@ async def ensure(js: Any, s: FleetSettings, *, create: bool = True) -> list[str]
                 await js.update_stream(config)
                 notes.append(f"stream {config.name}: {', '.join(changed)} updated")
             else:
-                notes.append(f"stream {config.name}: {', '.join(changed)} differ (updated at start)")
+                notes.append(
+                    f"stream {config.name}: {', '.join(changed)} differ (updated at start)"
+                )
     try:
         await js.key_value(names.LEASES_BUCKET)
     except (NotFoundError, Exception) as exc:  # the client raises BucketNotFoundError
         if type(exc).__name__ not in ("BucketNotFoundError", "NotFoundError"):
             raise
+        found = False
+    else:
+        found = True
+    if found:
+        # A lease lives as long as the bucket keeps a key: its age limit is the lease length.
+        # Workers that renew every lease/4 with keys kept for less would lose their leases.
+        info = await js.stream_info(f"KV_{names.LEASES_BUCKET}")
+        if abs((info.config.max_age or 0) - s.lease_seconds) > 0.001:
+            if create:
+                info.config.max_age = s.lease_seconds
+                info.config.duplicate_window = min(info.config.duplicate_window or 0, s.lease_seconds)
+                await js.update_stream(info.config)
+                notes.append(f"lease bucket {names.LEASES_BUCKET}: lease length updated")
+            else:
+                notes.append(
+                    f"lease bucket {names.LEASES_BUCKET}: lease length {info.config.max_age:g} s, "
+                    f"not {s.lease_seconds:g} s (updated at start; run every worker alike)"
+                )
+    else:
         if create:
             await js.create_key_value(
                 KeyValueConfig(

@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import math
 import os
 import secrets
@@ -102,6 +103,7 @@ class Partition:
     task: asyncio.Task[None] | None = None
     alerts: list[Alert] = field(default_factory=list)  # of the batch being handled
     rebuilding: bool = False
+    attempt: int = 0  # consumers made for this lease
 
 
 def rebuild_span(rules: RuleSet, fold_seconds: float) -> float:
@@ -289,7 +291,9 @@ class Worker:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # NATS unavailable for a moment: start over
-                log.warning("partition consumer failed; retrying", partition=part.number, error=repr(exc))
+                log.warning(
+                    "partition consumer failed; retrying", partition=part.number, error=repr(exc)
+                )
                 await asyncio.sleep(backoff.next())
 
     async def _consume_once(self, part: Partition) -> None:
@@ -300,7 +304,8 @@ class Worker:
         subject = names.partition_subject(part.number)
         resume, old = await self._resume_point(part.number)
         await self._rebuild(part, resume)
-        name = f"p{part.number}-{self.id}-{part.revision}"
+        part.attempt += 1  # a consumer of its own per attempt: an earlier one may linger
+        name = f"p{part.number}-{self.id}-{part.revision}-{part.attempt}"
         config = ConsumerConfig(
             durable_name=name,
             filter_subject=subject,
@@ -335,6 +340,7 @@ class Worker:
                 if meta.num_delivered > 1:
                     stats.redelivered += 1
                 await self._handle(part, msg)
+                await asyncio.sleep(0)  # the other partitions, the leases and /metrics too
 
     async def _resume_point(self, number: int) -> tuple[int, list[str]]:
         """The stream sequence every batch up to which was handled, and the partition's
@@ -387,6 +393,7 @@ class Worker:
                         break
                     self._feed(part, msg.data)
                     stats.rebuilt_batches += 1
+                    await asyncio.sleep(0)  # leases are renewed while a long span replays
                     if msg.metadata.sequence.stream == resume:
                         done = True
                         break
@@ -396,7 +403,9 @@ class Worker:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         if stats.rebuilt_batches:
-            log.info("partition state rebuilt", partition=part.number, batches=stats.rebuilt_batches)
+            log.info(
+                "partition state rebuilt", partition=part.number, batches=stats.rebuilt_batches
+            )
 
     def _feed(self, part: Partition, body: bytes) -> tuple[str, int, list[AnyEvent]] | None:
         try:
@@ -463,7 +472,9 @@ class Worker:
                     )
                     for subject, body, msg_id in outputs
                 ]
-                acks = await asyncio.wait_for(asyncio.gather(*futures), 10.0)
+                gathered = asyncio.gather(*futures)
+                gathered.add_done_callback(_retrieve)  # cancelled with the partition: quiet
+                acks = await asyncio.wait_for(gathered, 10.0)
                 self.duplicates += sum(1 for ack in acks if ack.duplicate)
                 return
             except asyncio.CancelledError:
@@ -492,6 +503,11 @@ class Worker:
         return total
 
 
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 def _merge(into: Stats, other: Stats) -> None:
     into.events_in.update(other.events_in)
     into.batches.update(other.batches)
@@ -515,14 +531,16 @@ class FleetMetrics(Collector):
         w = self.worker
         yield from IngestMetrics(w.ingest_stats()).collect()
         owned = GaugeMetricFamily(
-            "sandtrace_fleet_partition_owned", "1 for each partition this worker holds",
+            "sandtrace_fleet_partition_owned",
+            "1 for each partition this worker holds",
             labels=["worker", "partition"],
         )
         for number in sorted(w.owned):
             owned.add_metric([w.id, str(number)], 1)
         yield owned
         yield GaugeMetricFamily(
-            "sandtrace_fleet_workers", "Workers alive, as this worker last counted them",
+            "sandtrace_fleet_workers",
+            "Workers alive, as this worker last counted them",
             value=w.live_workers,
         )
         families: list[tuple[str, str, str, type]] = [
@@ -535,14 +553,24 @@ class FleetMetrics(Collector):
                 "redelivered",
                 Counter,
             ),
-            ("sandtrace_fleet_rejected", "Undecodable batches dropped, per partition", "rejected", Counter),
+            (
+                "sandtrace_fleet_rejected",
+                "Undecodable batches dropped, per partition",
+                "rejected",
+                Counter,
+            ),
             (
                 "sandtrace_fleet_rebuilt_batches",
                 "Batches replayed to rebuild detection state on taking a partition over",
                 "rebuilt_batches",
                 Counter,
             ),
-            ("sandtrace_fleet_takeovers", "Times this worker took the partition", "takeovers", Counter),
+            (
+                "sandtrace_fleet_takeovers",
+                "Times this worker took the partition",
+                "takeovers",
+                Counter,
+            ),
             (
                 "sandtrace_fleet_partition_lag_batches",
                 "Batches stored in the partition and not yet handled (at the last fetch)",
@@ -582,9 +610,9 @@ async def serve_fleet(args: argparse.Namespace) -> int:
     """Run one worker until SIGINT or SIGTERM (or, with --check-config, check and exit)."""
     from aiohttp import web  # noqa: PLC0415
 
+    from service.config import ConfigError  # noqa: PLC0415
     from service.fleetconfig import fleet_options  # noqa: PLC0415
     from service.main import prepare  # noqa: PLC0415
-    from service.config import ConfigError  # noqa: PLC0415
 
     try:
         p = prepare(args)
@@ -603,6 +631,11 @@ async def serve_fleet(args: argparse.Namespace) -> int:
     def make_engine(rules: RuleSet) -> Engine:
         return Engine(rules, p.egress, cfg.fold_seconds)
 
+    # As serve does (service/main.py): Ingest makes many short-lived objects per event;
+    # collect the young generation every 50,000 allocations and keep the rules out of scans.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
     worker = Worker(
         target,
         settings,
@@ -625,6 +658,11 @@ async def serve_fleet(args: argparse.Namespace) -> int:
             _say(f"configuration error: {exc}")
             return 2
         except Exception as exc:  # unreachable for now: the cluster may still be starting
+            from nats.js.errors import APIError  # noqa: PLC0415
+
+            if isinstance(exc, APIError) and exc.code not in (None, 503):
+                _say(f"configuration error: JetStream refused the fleet's streams: {exc}")
+                return 2
             if not told:
                 _say(f"cannot reach NATS at {target.label} ({exc!r}); retrying, Ctrl-C stops")
                 told = True

@@ -26,7 +26,6 @@ from api.backoff import Backoff
 from api.endpoints import InsecureURL, check_url, read_token_file
 from api.events import WIRE_VERSION, EventFormatError, WireVersionError, decode
 from api.render import TerminalSink, TextRenderer, escape, use_color
-from fleet.connect import is_nats_url
 from api.tail import (
     TAIL_PATH,
     TAIL_PROTOCOL,
@@ -34,6 +33,7 @@ from api.tail import (
     TailFilter,
     parse_control,
 )
+from fleet.connect import is_nats_url
 
 log = structlog.get_logger("sandtrace.tail")
 

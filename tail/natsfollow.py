@@ -98,7 +98,9 @@ class FleetFollower:
         try:
             js = nc.jetstream(timeout=10)
             hosts = sorted(self.filter.hosts)
-            alert_subjects = [names.alerts_subject(h) for h in hosts] or [f"{names.ALERTS_PREFIX}.*"]
+            alert_subjects = [names.alerts_subject(h) for h in hosts] or [
+                f"{names.ALERTS_PREFIX}.*"
+            ]
             policy = DeliverPolicy.ALL if self.from_start else DeliverPolicy.NEW
             for subject in alert_subjects:
                 await js.subscribe(
@@ -109,7 +111,9 @@ class FleetFollower:
                     deliver_policy=policy,
                 )
             if not self.filter.alerts_only:
-                for subject in [names.events_subject(h) for h in hosts] or [f"{names.EVENTS_PREFIX}.*"]:
+                for subject in [names.events_subject(h) for h in hosts] or [
+                    f"{names.EVENTS_PREFIX}.*"
+                ]:
                     await nc.subscribe(subject, cb=self.on_batch, pending_bytes_limit=256 << 20)
             parts = [f"{k}={v}" for k, v in self.filter.query().items()]
             since = "from the start of the alert stream" if self.from_start else "live"
@@ -125,7 +129,9 @@ class FleetFollower:
                 await nc.close()
 
 
-async def follow_fleet(args: argparse.Namespace, flt: TailFilter, renderer: TextRenderer | None) -> int:
+async def follow_fleet(
+    args: argparse.Namespace, flt: TailFilter, renderer: TextRenderer | None
+) -> int:
     try:
         where = target(
             args.server,

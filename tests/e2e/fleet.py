@@ -86,7 +86,9 @@ class Proc:
         while text not in self.log():
             if self.proc.poll() is not None:
                 time.sleep(0.2)
-                raise AssertionError(f"exited ({self.proc.returncode}) before {text!r}:\n{self.log()}")
+                raise AssertionError(
+                    f"exited ({self.proc.returncode}) before {text!r}:\n{self.log()}"
+                )
             if time.monotonic() > deadline:
                 raise AssertionError(f"no {text!r} within {timeout} s:\n{self.log()}")
             time.sleep(0.05)
@@ -167,8 +169,18 @@ def start_worker(url: str, config: Path, worker_id: str, *extra: str) -> tuple[P
 
 def start_collector(url: str, host: str, batches: int, *extra: str) -> Proc:
     return spawn(
-        [sys.executable, "-m", "tests.e2e.fleet", "--server", url, "--host", host,
-         "--batches", str(batches), *extra]
+        [
+            sys.executable,
+            "-m",
+            "tests.e2e.fleet",
+            "--server",
+            url,
+            "--host",
+            host,
+            "--batches",
+            str(batches),
+            *extra,
+        ]
     )
 
 
@@ -194,13 +206,29 @@ def event(host: str, n: int, hit: bool, same_process: bool = False) -> ExecEvent
     exe = b"/usr/local/bin/fleet-hit" if hit else b"/usr/bin/true"
     argv = [exe.rsplit(b"/", 1)[1], host.encode(), str(n).encode()]
     process = Process(
-        pid=pid, tid=pid, ns_pid=pid, ppid=1, uid=0, gid=0, comm=argv[0][:15],
-        start_ns=start, key=f"{pid}@{start}", exe=exe, argv=argv,
+        pid=pid,
+        tid=pid,
+        ns_pid=pid,
+        ppid=1,
+        uid=0,
+        gid=0,
+        comm=argv[0][:15],
+        start_ns=start,
+        key=f"{pid}@{start}",
+        exe=exe,
+        argv=argv,
     )
     return ExecEvent(
-        time_ns=time.time_ns(), mono_ns=time.monotonic_ns(), host=host, sandbox="sb-fleet",
-        cgroup_id=1, cgroup_path="/sandtrace/sb-fleet", container_id="", process=process,
-        argv=argv, filename=exe,
+        time_ns=time.time_ns(),
+        mono_ns=time.monotonic_ns(),
+        host=host,
+        sandbox="sb-fleet",
+        cgroup_id=1,
+        cgroup_path="/sandtrace/sb-fleet",
+        container_id="",
+        process=process,
+        argv=argv,
+        filename=exe,
     )
 
 

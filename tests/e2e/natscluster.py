@@ -85,7 +85,7 @@ class NatsCluster:
     def healthy(self, index: int) -> bool:
         url = f"http://127.0.0.1:{self.nodes[index].http_port}/healthz"
         try:
-            with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 (loopback)
+            with urllib.request.urlopen(url, timeout=1) as resp:
                 return bool(json.load(resp).get("status") == "ok")
         except (OSError, ValueError):
             return False

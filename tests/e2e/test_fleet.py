@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import socket
+import subprocess
 import sys
 import time
 import urllib.request
@@ -42,7 +45,9 @@ async def read_stream(url: str, stream: str) -> list[Any]:
         js = nc.jetstream(timeout=10)
         total = (await js.stream_info(stream)).state.messages
         sub = await js.pull_subscribe(
-            ">", None, stream=stream,
+            ">",
+            None,
+            stream=stream,
             config=ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL),
         )
         out: list[Any] = []
@@ -54,13 +59,13 @@ async def read_stream(url: str, stream: str) -> list[Any]:
 
 
 def healthz(port: int) -> dict[str, Any]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:  # noqa: S310
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
         result: dict[str, Any] = json.load(resp)
         return result
 
 
 def metrics(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:  # noqa: S310
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         return str(resp.read().decode())
 
 
@@ -98,7 +103,9 @@ def check_outputs(cluster: NatsCluster, sent: dict[str, int], hit_every: int) ->
     assert all(isinstance(a, Alert) and a.rule_id == FLEET_RULE_ID for a in alerts)
     got = Counter((a.host, int(a.process.argv[2])) for a in alerts if isinstance(a, Alert))
     want = Counter(
-        (h, n) for h, count in sent.items() for n in range(0, count if hit_every else 1, hit_every or 1)
+        (h, n)
+        for h, count in sent.items()
+        for n in range(0, count if hit_every else 1, hit_every or 1)
     )
     assert got == want, f"missing {want - got}, doubled {got - want}"
 
@@ -113,17 +120,33 @@ def test_sigkill_a_worker_and_a_nats_node_mid_stream(tmp_path: Path) -> None:
         procs.append(w2)
         wait_until(
             "both workers hold partitions",
-            lambda: len(healthz(port1)["partitions"]) == 4 and len(healthz(port2)["partitions"]) == 4,
+            lambda: (
+                len(healthz(port1)["partitions"]) == 4 and len(healthz(port2)["partitions"]) == 4
+            ),
         )
         collectors: list[Proc] = []
         for host in HOSTS:
             collectors.append(
-                start_collector(cluster.url, host, batches, "--events", str(events),
-                                "--hit-every", str(hit_every), "--pause", "0.05")
+                start_collector(
+                    cluster.url,
+                    host,
+                    batches,
+                    "--events",
+                    str(events),
+                    "--hit-every",
+                    str(hit_every),
+                    "--pause",
+                    "0.05",
+                )
             )
         procs.extend(collectors)
-        wait_until("w1 handles batches", lambda: "sandtrace_fleet_batches_total" in metrics(port1)
-                   and sum(_values(metrics(port1), "sandtrace_fleet_batches_total")) >= 20)
+        wait_until(
+            "w1 handles batches",
+            lambda: (
+                "sandtrace_fleet_batches_total" in metrics(port1)
+                and sum(_values(metrics(port1), "sandtrace_fleet_batches_total")) >= 20
+            ),
+        )
         w1.kill()
         cluster.kill(0)
         for c in collectors:
@@ -132,7 +155,7 @@ def test_sigkill_a_worker_and_a_nats_node_mid_stream(tmp_path: Path) -> None:
         wait_until("w2 holds every partition", lambda: len(healthz(port2)["partitions"]) == 8)
         total = len(HOSTS) * batches
         wait_until("every batch handled", lambda: len(siem_batches(cluster)) >= total, timeout=120)
-        check_outputs(cluster, {h: batches * events for h in HOSTS}, hit_every)
+        check_outputs(cluster, dict.fromkeys(HOSTS, batches * events), hit_every)
         page = metrics(port2)
         assert sum(_values(page, "sandtrace_fleet_takeovers_total")) >= 8
         assert "sandtrace_fleet_partition_lag_batches" in page
@@ -140,7 +163,9 @@ def test_sigkill_a_worker_and_a_nats_node_mid_stream(tmp_path: Path) -> None:
 
 
 def _values(page: str, name: str) -> list[float]:
-    return [float(line.rsplit(" ", 1)[1]) for line in page.splitlines() if line.startswith(name + "{")]
+    return [
+        float(line.rsplit(" ", 1)[1]) for line in page.splitlines() if line.startswith(name + "{")
+    ]
 
 
 @pytest.mark.parametrize("workers", [1])
@@ -192,14 +217,26 @@ def test_a_new_owner_rebuilds_detection_state_from_the_stream(tmp_path: Path) ->
         procs += [w1, w2]
         wait_until(
             "both workers hold partitions",
-            lambda: len(healthz(port1)["partitions"]) == 4 and len(healthz(port2)["partitions"]) == 4,
+            lambda: (
+                len(healthz(port1)["partitions"]) == 4 and len(healthz(port2)["partitions"]) == 4
+            ),
         )
         owner, owner_port, heir, heir_port = (
-            (w1, port1, w2, port2) if partition in healthz(port1)["partitions"] else (w2, port2, w1, port1)
+            (w1, port1, w2, port2)
+            if partition in healthz(port1)["partitions"]
+            else (w2, port2, w1, port1)
         )
         collector = start_collector(
-            cluster.url, host, 80, "--events", "40", "--hit-every", "5", "--same-process",
-            "--pause", "0.05",
+            cluster.url,
+            host,
+            80,
+            "--events",
+            "40",
+            "--hit-every",
+            "5",
+            "--same-process",
+            "--pause",
+            "0.05",
         )
         procs.append(collector)
         wait_until(
@@ -222,8 +259,19 @@ def test_tail_follows_the_fleet_and_replays_its_alert_stream(tmp_path: Path) -> 
     with nats_cluster() as cluster, cleaning([]) as procs:
         worker, _port = start_worker(cluster.url, config, "w1")
         procs.append(worker)
-        tail_cmd = [sys.executable, "-m", "sandtrace", "tail", "--server", cluster.url, "-o", "json"]
-        live = spawn_tail([*tail_cmd, "--host", "node-a", "--kind", "exec"], tmp_path / "live.jsonl")
+        tail_cmd = [
+            sys.executable,
+            "-m",
+            "sandtrace",
+            "tail",
+            "--server",
+            cluster.url,
+            "-o",
+            "json",
+        ]
+        live = spawn_tail(
+            [*tail_cmd, "--host", "node-a", "--kind", "exec"], tmp_path / "live.jsonl"
+        )
         procs.append(live)
         live.wait_for("following the fleet")
         time.sleep(1.0)  # the subscription is in place before the collectors start
@@ -233,16 +281,17 @@ def test_tail_follows_the_fleet_and_replays_its_alert_stream(tmp_path: Path) -> 
             assert c.proc.wait(timeout=60) == 0, c.log()
         wait_until("live events shown", lambda: _lines(tmp_path / "live.jsonl") >= 120)
         replay = spawn_tail(
-            [*tail_cmd, "--alerts-only", "--from-start", "--host", "node-b"], tmp_path / "replay.jsonl"
+            [*tail_cmd, "--alerts-only", "--from-start", "--host", "node-b"],
+            tmp_path / "replay.jsonl",
         )
         procs.append(replay)
         wait_until("alerts replayed", lambda: _lines(tmp_path / "replay.jsonl") >= 12)
         time.sleep(1.0)
         assert live.stop() == 0 and replay.stop() == 0
         events = [json.loads(x) for x in (tmp_path / "live.jsonl").read_text().splitlines()]
-        assert [(e["host"], e["kind"], int(e["argv"][2])) for e in events if e["kind"] == "exec"] == [
-            ("node-a", "exec", n) for n in range(120)
-        ]
+        assert [
+            (e["host"], e["kind"], int(e["argv"][2])) for e in events if e["kind"] == "exec"
+        ] == [("node-a", "exec", n) for n in range(120)]
         alerts = [json.loads(x) for x in (tmp_path / "replay.jsonl").read_text().splitlines()]
         assert sorted(int(a["process"]["argv"][2]) for a in alerts) == list(range(0, 120, 10))
         assert {a["host"] for a in alerts} == {"node-b"}
@@ -250,9 +299,55 @@ def test_tail_follows_the_fleet_and_replays_its_alert_stream(tmp_path: Path) -> 
 
 def spawn_tail(cmd: list[str], out: Path) -> Proc:
     """A tail whose stdout goes to `out` (stderr read as for every Proc)."""
-    handle = spawn(cmd, stdout=out)
-    return handle
+    return spawn(cmd, stdout=out)
 
 
 def _lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_sandtrace_run_streams_to_the_fleet(tmp_path: Path, work: Path) -> None:
+    """A real collector (`sandtrace run --server nats://`, kernel tracing) streams to the
+    fleet: the worker raises the test rule's alert for the traced program, once."""
+    config = write_config(tmp_path)
+    program = work / "fleet-hit"
+    shutil.copy("/bin/true", program)
+    with nats_cluster() as cluster, cleaning([]) as procs:
+        worker, _port = start_worker(cluster.url, config, "w1")
+        procs.append(worker)
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "sandtrace",
+                "run",
+                "--server",
+                cluster.url,
+                "--no-tail",
+                "--",
+                str(program),
+                "fleet-hit",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+            cwd=work,
+        )
+        assert run.returncode == 0, run.stderr
+        assert "streamed" in run.stderr, run.stderr
+        assert "discarded 0" in run.stderr, run.stderr
+        wait_until(
+            "the alert stored",
+            lambda: len(asyncio.run(read_stream(cluster.url, names.ALERTS_STREAM))) >= 1,
+        )
+        time.sleep(1.0)
+        alerts = [
+            decode(m.data) for m in asyncio.run(read_stream(cluster.url, names.ALERTS_STREAM))
+        ]
+        assert len(alerts) == 1
+        alert = alerts[0]
+        assert isinstance(alert, Alert)
+        assert alert.rule_id == FLEET_RULE_ID
+        assert alert.host == socket.gethostname()
+        assert alert.process.exe == str(program).encode()
