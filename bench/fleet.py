@@ -166,7 +166,7 @@ def latency(seconds: float, tmp: Path) -> tuple[list[float], int]:
     return delays, int(seconds / 0.02)
 
 
-def fleet_rows(batches: int = 1600, seconds: float = 20.0) -> list[Row]:
+def fleet_rows(batches: int = 800, seconds: float = 20.0) -> list[Row]:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)

@@ -292,12 +292,14 @@ class Worker:
                 raise
             except Exception as exc:  # NATS unavailable for a moment: start over
                 log.warning(
-                    "partition consumer failed; retrying", partition=part.number, error=repr(exc)
+                    "partition consumer failed; retrying",
+                    partition=part.number,
+                    error=repr(exc),
+                    exc_info=exc,
                 )
                 await asyncio.sleep(backoff.next())
 
     async def _consume_once(self, part: Partition) -> None:
-        import nats.errors  # noqa: PLC0415
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy  # noqa: PLC0415
 
         js = self.js
@@ -330,7 +332,7 @@ class Worker:
                 continue
             try:
                 msgs = await sub.fetch(FETCH, timeout=1.0)
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats' own, or asyncio's from a fetch cut short
                 continue
             for msg in msgs:
                 if not part.active:
@@ -360,7 +362,6 @@ class Worker:
     async def _rebuild(self, part: Partition, resume: int) -> None:
         """Feed the batches of the last rebuild_seconds up to `resume` through the engines,
         their alerts discarded (published already, when those batches were handled)."""
-        import nats.errors  # noqa: PLC0415
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy  # noqa: PLC0415
 
         if resume == 0 or self.rebuild_seconds <= 0:
@@ -385,7 +386,7 @@ class Worker:
             while not done:
                 try:
                     msgs = await sub.fetch(FETCH * 4, timeout=2.0)
-                except nats.errors.TimeoutError:
+                except TimeoutError:  # nats' own, or asyncio's from a fetch cut short
                     break
                 for msg in msgs:
                     if msg.metadata.sequence.stream > resume:
