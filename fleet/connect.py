@@ -36,8 +36,8 @@ def parse_servers(url: str) -> list[str]:
     if not sep or scheme not in SCHEMES:
         raise NatsConfigError(f"{url!r} is not nats://HOST:PORT[,HOST:PORT...] (or tls://)")
     servers = []
-    for part in rest.split(","):
-        part = part.strip().rstrip("/")
+    for given in rest.split(","):
+        part = given.strip().rstrip("/")
         parsed = urlsplit(f"{scheme}://{part}")
         try:
             port = parsed.port

@@ -156,7 +156,9 @@ async def ensure(js: Any, s: FleetSettings, *, create: bool = True) -> list[str]
         if abs((info.config.max_age or 0) - s.lease_seconds) > 0.001:
             if create:
                 info.config.max_age = s.lease_seconds
-                info.config.duplicate_window = min(info.config.duplicate_window or 0, s.lease_seconds)
+                info.config.duplicate_window = min(
+                    info.config.duplicate_window or 0, s.lease_seconds
+                )
                 await js.update_stream(info.config)
                 notes.append(f"lease bucket {names.LEASES_BUCKET}: lease length updated")
             else:
@@ -164,17 +166,16 @@ async def ensure(js: Any, s: FleetSettings, *, create: bool = True) -> list[str]
                     f"lease bucket {names.LEASES_BUCKET}: lease length {info.config.max_age:g} s, "
                     f"not {s.lease_seconds:g} s (updated at start; run every worker alike)"
                 )
-    else:
-        if create:
-            await js.create_key_value(
-                KeyValueConfig(
-                    bucket=names.LEASES_BUCKET,
-                    history=1,
-                    ttl=s.lease_seconds,
-                    replicas=s.replicas,
-                )
+    elif create:
+        await js.create_key_value(
+            KeyValueConfig(
+                bucket=names.LEASES_BUCKET,
+                history=1,
+                ttl=s.lease_seconds,
+                replicas=s.replicas,
             )
-            notes.append(f"lease bucket {names.LEASES_BUCKET} made")
-        else:
-            notes.append(f"lease bucket {names.LEASES_BUCKET} missing (made at start)")
+        )
+        notes.append(f"lease bucket {names.LEASES_BUCKET} made")
+    else:
+        notes.append(f"lease bucket {names.LEASES_BUCKET} missing (made at start)")
     return notes

@@ -55,6 +55,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -287,7 +288,6 @@ class Worker:
         while part.number in self.owned:
             try:
                 await self._consume_once(part)
-                return
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # NATS unavailable for a moment: start over
@@ -298,6 +298,8 @@ class Worker:
                     exc_info=exc,
                 )
                 await asyncio.sleep(backoff.next())
+            else:
+                return
 
     async def _consume_once(self, part: Partition) -> None:
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy  # noqa: PLC0415
@@ -371,7 +373,7 @@ class Worker:
             filter_subject=names.partition_subject(part.number),
             ack_policy=AckPolicy.NONE,
             deliver_policy=DeliverPolicy.BY_START_TIME,
-            opt_start_time=time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(since)) + "Z",
+            opt_start_time=datetime.fromtimestamp(since, UTC),
             inactive_threshold=30.0,
             mem_storage=True,
             num_replicas=1,
@@ -476,14 +478,15 @@ class Worker:
                 gathered = asyncio.gather(*futures)
                 gathered.add_done_callback(_retrieve)  # cancelled with the partition: quiet
                 acks = await asyncio.wait_for(gathered, 10.0)
-                self.duplicates += sum(1 for ack in acks if ack.duplicate)
-                return
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self.publish_failures += 1
                 log.warning("publishing outputs failed; retrying", error=repr(exc))
                 await asyncio.sleep(backoff.next())
+            else:
+                self.duplicates += sum(1 for ack in acks if ack.duplicate)
+                return
 
     def _note(self, part: Partition, msg: Any, collector: str) -> None:
         headers = msg.headers or {}

@@ -351,3 +351,69 @@ def test_sandtrace_run_streams_to_the_fleet(tmp_path: Path, work: Path) -> None:
         assert alert.rule_id == FLEET_RULE_ID
         assert alert.host == socket.gethostname()
         assert alert.process.exe == str(program).encode()
+
+
+def test_the_spool_covers_a_cluster_that_cannot_be_reached(tmp_path: Path) -> None:
+    """Every NATS node down: the collector keeps its batches in its spool, also across its
+    own restart; once the cluster is back, the restarted collector delivers them, each
+    handled once."""
+    config = write_config(tmp_path)
+    spool = tmp_path / "spool"
+    with nats_cluster() as cluster, cleaning([]) as procs:
+        worker, _port = start_worker(cluster.url, config, "w1")
+        procs.append(worker)
+        for i in range(3):
+            cluster.kill(i)
+        first = start_collector(
+            cluster.url, "node-s", 12, "--spool-dir", str(spool), "--deadline", "1"
+        )
+        procs.append(first)
+        assert first.proc.wait(timeout=60) == 0, first.log()
+        assert "sent 0 events in 0 batches; discarded 0; spool 12" in first.log(), first.log()
+        for i in range(3):
+            cluster.start(i)
+        cluster.wait_healthy()
+        again = start_collector(cluster.url, "node-s", 0, "--spool-dir", str(spool))
+        procs.append(again)
+        assert again.proc.wait(timeout=120) == 0, again.log()
+        assert "sent 600 events in 12 batches; discarded 0; spool 0" in again.log(), again.log()
+        wait_until("handled", lambda: len(siem_batches(cluster)) >= 12, timeout=90)
+        check_outputs(cluster, {"node-s": 600}, 7)
+
+
+def test_check_config_checks_the_streams(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "partitions = 4")
+
+    def check(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "sandtrace",
+                "serve",
+                "--config",
+                str(config),
+                "--check-config",
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    with nats_cluster() as cluster, cleaning([]) as procs:
+        before = check("--nats", cluster.url)
+        assert before.returncode == 0, before.stderr
+        assert "note: stream SANDTRACE_EVENTS missing (a worker makes it" in before.stderr
+        assert "configuration OK" in before.stderr
+        worker, _port = start_worker(cluster.url, config, "w1")
+        procs.append(worker)
+        after = check("--nats", cluster.url)
+        assert after.returncode == 0 and "missing" not in after.stderr, after.stderr
+        other = check("--nats", cluster.url, "--partitions", "8")
+        assert other.returncode == 2
+        assert "made with another fleet.partitions" in other.stderr
+        assert "Traceback" not in other.stderr
+    gone = check("--nats", cluster.url)
+    assert gone.returncode == 2 and "cannot reach NATS" in gone.stderr, gone.stderr
