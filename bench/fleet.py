@@ -97,12 +97,21 @@ async def _preload(url: str, batches: int) -> int:
         await nc.close()
 
 
-def drain(workers: int, batches: int, tmp: Path) -> tuple[float, float]:
-    """(events/s, events per worker CPU-second) for `workers` workers draining the stream."""
-    config = write_config(tmp / f"w{workers}", f"partitions = {PARTITIONS}\nreplicas = 3")
-    text = config.read_text().replace("builtin_rules = false", "builtin_rules = true")
+def bench_config(directory: Path, builtin: bool) -> Path:
+    """The tests' configuration with the default lease (10 s) and no SIEM events; with the
+    built-in pack or the tests' one rule."""
+    config = write_config(directory, f"partitions = {PARTITIONS}\nreplicas = 3")
+    text = config.read_text().replace(
+        "builtin_rules = false", f"builtin_rules = {str(builtin).lower()}"
+    )
     text = text.replace("lease_seconds = 2", "lease_seconds = 10").replace("ack_wait = 10", "")
     config.write_text(text.replace('siem_events = ["native"]', "siem_events = []"))
+    return config
+
+
+def drain(workers: int, batches: int, tmp: Path) -> tuple[float, float]:
+    """(events/s, events per worker CPU-second) for `workers` workers draining the stream."""
+    config = bench_config(tmp / f"w{workers}", builtin=True)
     with nats_cluster() as cluster, cleaning([]) as procs:
         total = asyncio.run(_preload(cluster.url, batches))
         started: list[tuple[Proc, int]] = []
@@ -128,6 +137,7 @@ async def _latency(url: str, seconds: float) -> list[float]:
     from collector.natsstream import NatsStreamSink  # noqa: PLC0415
 
     delays: list[float] = []
+    raised: list[float] = []  # of which the event to the engine's alert
     nc = await nats.connect(url.split(","))
     js = nc.jetstream()
 
@@ -135,6 +145,7 @@ async def _latency(url: str, seconds: float) -> list[float]:
         alert = decode(msg.data)
         if isinstance(alert, Alert):
             delays.append((time.time_ns() - alert.time_ns) / 1e6)
+            raised.append((alert.raised_ns - alert.time_ns) / 1e6)
 
     await js.subscribe(
         f"{names.ALERTS_PREFIX}.*",
@@ -151,13 +162,17 @@ async def _latency(url: str, seconds: float) -> list[float]:
         n += 1
         await asyncio.sleep(0.02)
     await sink.aclose(10)
-    await asyncio.sleep(2)
+    await asyncio.sleep(5)
     await nc.close()
+    raised.sort()
+    if raised:
+        progress(f"event -> engine's alert: p50 {statistics.median(raised):.1f} ms, "
+                 f"p99 {raised[int(len(raised) * 0.99)]:.1f} ms")
     return delays
 
 
 def latency(seconds: float, tmp: Path) -> tuple[list[float], int]:
-    config = write_config(tmp / "latency", f"partitions = {PARTITIONS}\nreplicas = 3")
+    config = bench_config(tmp / "latency", builtin=False)
     with nats_cluster() as cluster, cleaning([]) as procs:
         worker, _port = start_worker(cluster.url, config, "bench-latency")
         procs.append(worker)
