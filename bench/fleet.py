@@ -166,8 +166,10 @@ async def _latency(url: str, seconds: float) -> list[float]:
     await nc.close()
     raised.sort()
     if raised:
-        progress(f"event -> engine's alert: p50 {statistics.median(raised):.1f} ms, "
-                 f"p99 {raised[int(len(raised) * 0.99)]:.1f} ms")
+        progress(
+            f"event -> engine's alert: p50 {statistics.median(raised):.1f} ms, "
+            f"p99 {raised[int(len(raised) * 0.99)]:.1f} ms"
+        )
     return delays
 
 

@@ -91,28 +91,26 @@ class _NatsTransport(_Transport):
         log.debug("nats", error=repr(exc))
 
     async def _connect(self) -> None:
-        import nats.errors  # noqa: PLC0415
-
+        """Connect, trying each server a few times (a refusal must not spin: the sender's
+        backoff paces the next try); _Refused when the cluster refused the credentials."""
         self.last_error = None
-        pending = asyncio.ensure_future(
-            connect(
-                self.sink.target,
-                f"sandtrace-collector {self.sink.collector_id}",
-                error_cb=self._error,
-            )
-        )
+        await self.close()
         try:
-            self.nc = await asyncio.wait_for(pending, SEND_TIMEOUT)
-        except TimeoutError:
-            if (
-                isinstance(self.last_error, nats.errors.AuthorizationError)
-                or "authorization" in str(self.last_error).lower()
-            ):
-                raise _Refused(
-                    401, f"the NATS cluster refused this collector: {self.last_error}"
-                ) from None
+            self.nc = await asyncio.wait_for(
+                connect(
+                    self.sink.target,
+                    f"sandtrace-collector {self.sink.collector_id}",
+                    attempts=2,
+                    error_cb=self._error,
+                ),
+                SEND_TIMEOUT,
+            )
+        except Exception as exc:
+            why = self.last_error or exc
+            if "authorization" in str(why).lower() or "authentication" in str(why).lower():
+                raise _Refused(401, f"the NATS cluster refused this collector: {why}") from None
             raise ConnectionError(
-                f"no NATS server at {self.sink.target.label} answers ({self.last_error})"
+                f"no NATS server at {self.sink.target.label} answers ({why!r})"
             ) from None
         self.js = self.nc.jetstream(timeout=SEND_TIMEOUT)
 
@@ -121,7 +119,7 @@ class _NatsTransport(_Transport):
         import nats.js.errors  # noqa: PLC0415
 
         try:
-            if self.nc is None:
+            if self.nc is None or self.nc.is_closed:
                 await self._connect()
             if len(body) > self.nc.max_payload:
                 return 413, f"batch of {len(body)} bytes over the cluster's max_payload"

@@ -10,6 +10,7 @@ most one of a token (a file), an NKey seed (a file) or a credentials file (JWT a
 
 from __future__ import annotations
 
+import logging
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,17 +129,35 @@ def target(
     return NatsTarget(servers, context, token, nkey_file, creds_file)
 
 
-async def connect(where: NatsTarget, name: str, **callbacks: Any) -> Any:
-    """A connected nats.aio.client.Client that reconnects for ever; raises what nats.connect
-    raises when no server answers now (callers retry with their backoff)."""
+async def connect(where: NatsTarget, name: str, attempts: int = -1, **callbacks: Any) -> Any:
+    """A connected nats.aio.client.Client that reconnects (for ever, or `attempts` times per
+    server, after which it closes and the caller connects again with its own backoff);
+    raises what nats.connect raises when no server answers now."""
     import nats  # noqa: PLC0415
 
+    if where.tls is not None:
+        _quiet_tls_eof()
     return await nats.connect(
         **where.options(),
         name=name,
         allow_reconnect=True,
-        max_reconnect_attempts=-1,
+        max_reconnect_attempts=attempts,
         reconnect_time_wait=0.5,
         connect_timeout=2,
         **callbacks,
     )
+
+
+class _TlsEofNoise(logging.Filter):
+    """asyncio warns "returning true from eof_received() has no effect when using ssl" each
+    time a NATS server closes a TLS connection (nats-py's stream protocol says it would keep
+    the connection half open); it says nothing an operator can act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "eof_received" not in record.getMessage()
+
+
+def _quiet_tls_eof() -> None:
+    logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _TlsEofNoise) for f in logger.filters):
+        logger.addFilter(_TlsEofNoise())

@@ -304,6 +304,10 @@ class Worker:
     async def _consume_once(self, part: Partition) -> None:
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy  # noqa: PLC0415
 
+        while not part.active:  # a lease not renewed lately: another may hold it by now
+            if part.number not in self.owned:
+                return
+            await asyncio.sleep(0.2)
         js = self.js
         subject = names.partition_subject(part.number)
         resume, old = await self._resume_point(part.number)
@@ -696,7 +700,7 @@ async def serve_fleet(args: argparse.Namespace) -> int:
     await runner.setup()
     host, port = cfg.host_port
     try:
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, ssl_context=p.ssl_ctx).start()
     except OSError as exc:
         await runner.cleanup()
         await worker.close()
@@ -705,7 +709,7 @@ async def serve_fleet(args: argparse.Namespace) -> int:
     _say(
         f"worker {worker.id} serving the fleet at {target.label} ({len(p.rules.rules)} rules, "
         f"{settings.partitions} partitions, rebuild {worker.rebuild_seconds:g} s; metrics on "
-        f"http://{host}:{port}/metrics); Ctrl-C or SIGTERM stops"
+        f"{'https' if p.ssl_ctx else 'http'}://{host}:{port}/metrics); Ctrl-C or SIGTERM stops"
     )
     try:
         await worker.run(stop)

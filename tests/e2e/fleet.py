@@ -237,6 +237,8 @@ async def _stream(args: argparse.Namespace) -> None:
 
     sink = NatsStreamSink(
         args.server,
+        args.token_file,
+        ca_file=args.ca_file,
         host=args.host,
         batch_events=args.events,
         linger=0.05,
@@ -259,6 +261,9 @@ async def _stream(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    from sandtrace.cli import configure_logging  # noqa: PLC0415
+
+    configure_logging(verbose=False)  # warnings on stderr, as the real collector's
     p = argparse.ArgumentParser()
     p.add_argument("--server", required=True)
     p.add_argument("--host", required=True)
@@ -268,6 +273,8 @@ def main() -> None:
     p.add_argument("--pause", type=float, default=0.02)
     p.add_argument("--deadline", type=float, default=120.0)
     p.add_argument("--spool-dir")
+    p.add_argument("--token-file")
+    p.add_argument("--ca-file")
     p.add_argument("--same-process", action="store_true", help="every hit by one process")
     asyncio.run(_stream(p.parse_args()))
 

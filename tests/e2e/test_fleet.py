@@ -31,6 +31,7 @@ from tests.e2e.fleet import (
     write_config,
 )
 from tests.e2e.natscluster import NatsCluster, nats_cluster
+from tests.tlsutil import make_tls
 
 HOSTS = ["gpu-node-1", "gpu-node-2", "trainer.a.example", "trainer.b.example"]
 
@@ -417,3 +418,70 @@ def test_check_config_checks_the_streams(tmp_path: Path) -> None:
         assert "Traceback" not in other.stderr
     gone = check("--nats", cluster.url)
     assert gone.returncode == 2 and "cannot reach NATS" in gone.stderr, gone.stderr
+
+
+def test_tls_and_a_token_or_else_a_clear_refusal(tmp_path: Path) -> None:
+    """A cluster that requires TLS and a token: a worker and a collector with the CA and
+    the token deliver; a collector with the wrong token is refused, says what to fix, and
+    keeps its batches (the spool) instead of losing them."""
+    tls = make_tls(tmp_path / "tls", hosts=["127.0.0.1", "localhost"])
+    token = tmp_path / "token"
+    token.write_text("fleet-s3cret\n")
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not-it\n")
+    extra = (
+        f'tls {{ cert_file: "{tls.cert}", key_file: "{tls.key}" }}\n'
+        'authorization { token: "fleet-s3cret" }\n'
+    )
+    config = write_config(tmp_path)
+    with nats_cluster(extra=extra) as cluster, cleaning([]) as procs:
+        url = cluster.url.replace("nats://", "tls://")
+        auth = ["--nats-token-file", str(token), "--nats-ca-file", str(tls.ca)]
+        worker, _port = start_worker(url, config, "w1", *auth)
+        procs.append(worker)
+        good = start_collector(
+            url, "node-t", 3, "--token-file", str(token), "--ca-file", str(tls.ca)
+        )
+        procs.append(good)
+        assert good.proc.wait(timeout=60) == 0, good.log()
+        assert "sent 150 events in 3 batches; discarded 0" in good.log(), good.log()
+        refused = start_collector(
+            url,
+            "node-u",
+            2,
+            "--token-file",
+            str(wrong),
+            "--ca-file",
+            str(tls.ca),
+            "--spool-dir",
+            str(tmp_path / "spool"),
+            "--deadline",
+            "12",
+        )
+        procs.append(refused)
+        assert refused.proc.wait(timeout=60) == 0, refused.log()
+        assert "the NATS cluster refused this collector" in refused.log(), refused.log()
+        assert "sent 0 events in 0 batches; discarded 0; spool 2" in refused.log()
+        clear = start_collector(cluster.url, "node-v", 1, "--deadline", "12")
+        procs.append(clear)
+        assert clear.proc.wait(timeout=60) == 0
+        assert "sent 0 events" in clear.log(), clear.log()
+        wait_until("handled", lambda: _alerts_of(url, token, tls.ca) >= 22)
+        assert _alerts_of(url, token, tls.ca) == 22  # 150 events, every 7th a hit
+
+
+def _alerts_of(url: str, token: Path, ca: Path) -> int:
+    async def count() -> int:
+        import nats  # noqa: PLC0415
+
+        from fleet.connect import target  # noqa: PLC0415
+
+        where = target(url, token_file=str(token), ca_file=str(ca))
+        nc = await nats.connect(**where.options())
+        try:
+            info = await nc.jetstream().stream_info(names.ALERTS_STREAM)
+            return int(info.state.messages)
+        finally:
+            await nc.close()
+
+    return asyncio.run(count())
