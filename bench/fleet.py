@@ -130,7 +130,7 @@ def drain(workers: int, batches: int, tmp: Path) -> tuple[float, float]:
     return total / wall, total / cpu
 
 
-async def _latency(url: str, seconds: float) -> list[float]:
+async def _latency(url: str, seconds: float) -> tuple[list[float], int]:
     import nats  # noqa: PLC0415
     from nats.js.api import DeliverPolicy  # noqa: PLC0415
 
@@ -156,6 +156,16 @@ async def _latency(url: str, seconds: float) -> list[float]:
     )
     sink = NatsStreamSink(url, host="latency-node", collector_id="bench-latency")
     n = 0
+    # until the worker has made the partition's consumer and handles batches as they come
+    deadline = time.monotonic() + 60
+    while not delays and time.monotonic() < deadline:
+        sink.emit(event("latency-node", n, True))
+        n += 1
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(1)
+    delays.clear()
+    raised.clear()
+    first = n
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         sink.emit(event("latency-node", n, True))
@@ -164,13 +174,14 @@ async def _latency(url: str, seconds: float) -> list[float]:
     await sink.aclose(10)
     await asyncio.sleep(5)
     await nc.close()
+    progress(f"latency: {len(delays)} alerts of {n - first} events")
     raised.sort()
     if raised:
         progress(
-            f"event -> engine's alert: p50 {statistics.median(raised):.1f} ms, "
+            f"event -> the worker's alert: p50 {statistics.median(raised):.1f} ms, "
             f"p99 {raised[int(len(raised) * 0.99)]:.1f} ms"
         )
-    return delays
+    return delays, n - first
 
 
 def latency(seconds: float, tmp: Path) -> tuple[list[float], int]:
@@ -178,9 +189,7 @@ def latency(seconds: float, tmp: Path) -> tuple[list[float], int]:
     with nats_cluster() as cluster, cleaning([]) as procs:
         worker, _port = start_worker(cluster.url, config, "bench-latency")
         procs.append(worker)
-        time.sleep(3)  # the worker holds its partitions
-        delays = asyncio.run(_latency(cluster.url, seconds))
-    return delays, int(seconds / 0.02)
+        return asyncio.run(_latency(cluster.url, seconds))
 
 
 def fleet_rows(batches: int = 800, seconds: float = 20.0) -> list[Row]:

@@ -331,14 +331,20 @@ class Worker:
                     await js.delete_consumer(names.EVENTS_STREAM, stale)
         sub = await js.pull_subscribe_bind(name, names.EVENTS_STREAM)
         stats = self.stats[part.number]
+        stats.pending = FETCH  # not known yet: assume a backlog
         log.info("partition consuming", partition=part.number, after=resume, consumer=name)
         while part.number in self.owned:
             if not part.active:
                 await asyncio.sleep(0.2)
                 continue
+            # Ask for what is known to wait, at most FETCH: a pull for more batches than are
+            # stored is held by the server until it fills or expires, and the first batch
+            # would wait with it; caught up, one batch at a time comes as soon as it is stored.
+            want = max(1, min(FETCH, stats.pending))
             try:
-                msgs = await sub.fetch(FETCH, timeout=1.0)
+                msgs = await sub.fetch(want, timeout=1.0)
             except TimeoutError:  # nats' own, or asyncio's from a fetch cut short
+                stats.pending = 0  # nothing waits: the next pull is for one batch
                 continue
             for msg in msgs:
                 if not part.active:
