@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import structlog
+
 from api.endpoints import is_loopback, read_token_file
 
 SCHEMES = ("nats", "tls")
@@ -137,6 +139,9 @@ async def connect(where: NatsTarget, name: str, attempts: int = -1, **callbacks:
 
     if where.tls is not None:
         _quiet_tls_eof()
+    # nats-py prints a traceback for every failed attempt unless told otherwise; the
+    # callers say what failed in words of their own
+    callbacks.setdefault("error_cb", _debug_error)
     return await nats.connect(
         **where.options(),
         name=name,
@@ -161,3 +166,7 @@ def _quiet_tls_eof() -> None:
     logger = logging.getLogger("asyncio")
     if not any(isinstance(f, _TlsEofNoise) for f in logger.filters):
         logger.addFilter(_TlsEofNoise())
+
+
+async def _debug_error(exc: Exception) -> None:
+    structlog.get_logger("sandtrace.nats").debug("nats", error=repr(exc))

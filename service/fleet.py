@@ -730,6 +730,11 @@ async def _check(target: NatsTarget, settings: FleetSettings, p: Any) -> int:
 
     try:
         nc = await asyncio.wait_for(connect(target, "sandtrace-check"), 10)
+    except TimeoutError:
+        _say(
+            f"configuration error: cannot reach NATS at {target.label}: no server answered in 10 s"
+        )
+        return 2
     except Exception as exc:
         _say(f"configuration error: cannot reach NATS at {target.label}: {exc!r}")
         return 2
