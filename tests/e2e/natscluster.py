@@ -12,6 +12,7 @@ removed (processes killed, directories deleted) when the `with` ends, also on fa
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import shutil
 import signal
@@ -20,11 +21,24 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.serving import free_port
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> Callable[[], None]:
+    """What the child runs before exec: SIGKILL it when the process that started it exits
+    (prctl is looked up here, in the parent: the child only makes the one system call)."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def child() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+    return child
 
 
 def nats_server_binary() -> str:
@@ -72,6 +86,8 @@ class NatsCluster:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                # also when the test run itself is killed; the child makes one system call
+                preexec_fn=_die_with_parent(),  # noqa: PLW1509
             )
 
     def kill(self, index: int) -> None:
