@@ -303,6 +303,7 @@ class Worker:
 
     async def _consume_once(self, part: Partition) -> None:
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy  # noqa: PLC0415
+        from nats.js.errors import ServiceUnavailableError  # noqa: PLC0415
 
         while not part.active:  # a lease not renewed lately: another may hold it by now
             if part.number not in self.owned:
@@ -345,6 +346,9 @@ class Worker:
                 msgs = await sub.fetch(want, timeout=1.0)
             except TimeoutError:  # nats' own, or asyncio's from a fetch cut short
                 stats.pending = 0  # nothing waits: the next pull is for one batch
+                continue
+            except ServiceUnavailableError:  # the consumer's leader is being elected
+                await asyncio.sleep(0.5)
                 continue
             for msg in msgs:
                 if not part.active:

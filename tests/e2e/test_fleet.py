@@ -37,7 +37,21 @@ HOSTS = ["gpu-node-1", "gpu-node-2", "trainer.a.example", "trainer.b.example"]
 
 
 async def read_stream(url: str, stream: str) -> list[Any]:
-    """Every message of a stream, in stream order."""
+    """Every message of a stream, in stream order. A reader's consumer that is not ready yet
+    (JetStream answers 503 while it places it) is tried again, a few times."""
+    from nats.js.errors import ServiceUnavailableError  # noqa: PLC0415
+
+    for attempt in range(5):
+        try:
+            return await _read_stream(url, stream)
+        except ServiceUnavailableError:
+            if attempt == 4:
+                raise
+            await asyncio.sleep(1)
+    raise AssertionError("unreachable")
+
+
+async def _read_stream(url: str, stream: str) -> list[Any]:
     import nats  # noqa: PLC0415
     from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy  # noqa: PLC0415
 
@@ -49,7 +63,12 @@ async def read_stream(url: str, stream: str) -> list[Any]:
             ">",
             None,
             stream=stream,
-            config=ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL),
+            config=ConsumerConfig(
+                ack_policy=AckPolicy.NONE,
+                deliver_policy=DeliverPolicy.ALL,
+                num_replicas=1,
+                mem_storage=True,
+            ),
         )
         out: list[Any] = []
         while len(out) < total:
