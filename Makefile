@@ -8,7 +8,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 BPF_SOURCES := $(wildcard bpf/*.c bpf/include/*.h)
-PY_SOURCES := sandtrace api probes collector detect service tail tests bench
+PY_SOURCES := sandtrace api probes collector detect service tail fleet tests bench
 
 .PHONY: help setup venv run test test-unit lint check bench bench-instructions format clean
 

@@ -16,6 +16,8 @@
    minute through its own ingest path and per-second expiry (bench/soak.py);
 9. response: from a miner's exec in a sandbox to the process killed, embedded and on
    the service's orders, p50 and p99 (bench/response.py).
+10. a fleet on NATS JetStream (`--only fleet`): events/s with one and
+   two `serve --nats` workers, and event -> alert p99 through NATS (bench/fleet.py).
 """
 
 from __future__ import annotations
@@ -663,6 +665,7 @@ ROWS = [
     "soak",
     "response",
     "flows",
+    "fleet",
 ]
 """The row groups `--only` picks from; all of them by default."""
 
@@ -717,6 +720,10 @@ def main(argv: list[str] | None = None) -> int:
                 rows += response_latency(sandbox)
             if "flows" in only:
                 rows += flows(exe, features, sandbox, args.rounds)
+            if "fleet" in only:
+                from bench.fleet import fleet_rows  # noqa: PLC0415
+
+                rows += fleet_rows()
         finally:
             sandbox.destroy()
             if not parent_existed:

@@ -95,7 +95,15 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--server",
         metavar="URL",
-        help="stream events to a detection service (sandtrace serve) instead of detecting here",
+        help="stream events to a detection service (sandtrace serve: http[s]://HOST:PORT) or "
+        "to a fleet on NATS JetStream (nats://HOST:PORT[,HOST:PORT...], tls:// for TLS) "
+        "instead of detecting here",
+    )
+    p.add_argument(
+        "--server-nkey-file", metavar="FILE", help="NATS NKey seed for a nats:// --server"
+    )
+    p.add_argument(
+        "--server-creds-file", metavar="FILE", help="NATS credentials file for a nats:// --server"
     )
     p.add_argument(
         "--server-token-file", metavar="FILE", help="bearer token for --server, read from FILE"

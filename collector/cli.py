@@ -44,6 +44,7 @@ from detect.egress import EgressPolicies
 from detect.engine import Engine
 from detect.loader import load_paths
 from detect.pack import builtin_rules
+from fleet.connect import is_nats_url
 from tail.hub import LocalTail, TailHub, TailSocketBusy, TailSocketError
 
 if TYPE_CHECKING:
@@ -86,7 +87,7 @@ def _stream(args: argparse.Namespace) -> list[Sink]:
     if not args.server:
         return []
     token = None
-    if args.server_token_file:
+    if args.server_token_file and not is_nats_url(args.server):
         try:
             token = read_token_file(args.server_token_file)
         except ValueError as exc:
@@ -94,6 +95,27 @@ def _stream(args: argparse.Namespace) -> list[Sink]:
     spool = args.spool_dir
     if spool is None and args.command == "watch":
         spool = DEFAULT_SPOOL  # a long-running collector; a run is one command's life
+    if is_nats_url(args.server):  # a fleet on NATS JetStream (collector/natsstream.py)
+        from collector.natsstream import NatsStreamSink  # noqa: PLC0415
+
+        try:
+            return [
+                NatsStreamSink(
+                    args.server,
+                    args.server_token_file,
+                    nkey_file=args.server_nkey_file,
+                    creds_file=args.server_creds_file,
+                    ca_file=args.server_ca_file,
+                    insecure=args.insecure,
+                    linger=args.server_linger,
+                    spool_dir=None if args.no_spool else spool,
+                    spool_bytes=args.spool_max << 20,
+                )
+            ]
+        except ValueError as exc:
+            raise SystemExit(f"sandtrace: --server: {exc}") from None
+        except OSError as exc:
+            raise SystemExit(f"sandtrace: cannot use the spool directory {spool}: {exc}") from None
     try:
         urlsplit(args.server).port  # noqa: B018 - raises on a port that is not a number
     except ValueError:

@@ -108,7 +108,7 @@ class StreamSink:
         if transport not in ("http", "websocket"):
             raise ValueError(f"transport is http or websocket, not {transport!r}")
         self.transport = transport
-        self.base_url = check_url(url, insecure)
+        self.base_url = self._base_url(url, insecure)
         self.url = self.base_url + "/v1/batches"
         self.token = token
         self.batch_events = batch_events
@@ -217,6 +217,16 @@ class StreamSink:
                 batches=left,
                 bytes=self.spool.bytes if self.spool else 0,
             )
+
+    def _base_url(self, url: str, insecure: bool) -> str:
+        """The service's address, checked (a NATS sink checks its own: collector/natsstream)."""
+        return check_url(url, insecure)
+
+    def _open_transport(self, session: aiohttp.ClientSession) -> _Transport:
+        """What sends the batches: HTTP or WebSocket here, NATS in collector/natsstream."""
+        if self.transport == "websocket":
+            return _WebSocket(session, self.base_url + "/v1/stream")
+        return _Http(session, self.url)
 
     # -- state -------------------------------------------------------------------------------
 
@@ -410,11 +420,7 @@ class StreamSink:
         backoff = Backoff(0.25, self.max_backoff)
         connector = aiohttp.TCPConnector(ssl=ssl_ctx)
         async with aiohttp.ClientSession(headers=headers, connector=connector) as session:
-            transport: _Transport = (
-                _WebSocket(session, self.base_url + "/v1/stream")
-                if self.transport == "websocket"
-                else _Http(session, self.url)
-            )
+            transport = self._open_transport(session)
             try:
                 while True:
                     # a count of discards alone waits until nothing else is held: it must

@@ -12,6 +12,8 @@ EXAMPLES = """examples:
   sandtrace serve --config /etc/sandtrace/service.toml
   sandtrace serve --config /etc/sandtrace/service.toml --check-config
   sandtrace serve --kill-on high --freeze-on critical   # order collectors to respond
+  sandtrace serve --nats nats://10.0.0.1:4222,10.0.0.2:4222 --nats-ca-file ca.pem \
+      --nats-creds-file worker.creds --listen 0.0.0.0:9780   # one worker of a fleet
 """
 
 
@@ -104,4 +106,22 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     serve.add_argument(
         "--events", metavar="FILE", help="also append every event to FILE as JSON lines"
     )
+    fleet = serve.add_argument_group(
+        "fleet on NATS JetStream (see README, 'Fleet on NATS JetStream'; [fleet] in --config)"
+    )
+    fleet.add_argument(
+        "--nats",
+        metavar="nats://HOST:PORT[,HOST:PORT...]",
+        help="run as one worker of a fleet: take batches from this NATS cluster's JetStream "
+        "instead of serving HTTP (--listen then serves /metrics only)",
+    )
+    fleet.add_argument("--nats-token-file", metavar="FILE", help="NATS token, read from FILE")
+    fleet.add_argument("--nats-nkey-file", metavar="FILE", help="NATS NKey seed file")
+    fleet.add_argument("--nats-creds-file", metavar="FILE", help="NATS credentials file")
+    fleet.add_argument("--nats-ca-file", metavar="FILE", help="verify NATS servers' TLS with FILE")
+    fleet.add_argument(
+        "--partitions", type=int, metavar="N", help="host partitions (default 16; fixed)"
+    )
+    fleet.add_argument("--replicas", type=int, metavar="N", help="stream replicas (default 3)")
+    fleet.add_argument("--worker-id", metavar="ID", help="this worker's name (default host-pid)")
     serve.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")

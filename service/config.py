@@ -98,6 +98,7 @@ class ServiceConfig:
     tail_queue: int = 10_000
     tail_clients: int = 64
     outputs: list[dict[str, Any]] = field(default_factory=list)
+    fleet: dict[str, Any] = field(default_factory=dict)  # checked by service/fleetconfig.py
     source: str = "defaults"
     # where each setting came from, for messages: attribute -> "FILE: [table] key" or
     # "--option"; output_origins: one "FILE: [[output]] #N" or "--alerts" per output
@@ -195,7 +196,7 @@ def read(path: Path) -> tuple[ServiceConfig, list[str]]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     cfg = ServiceConfig(source=str(path))
     problems: list[str] = []
-    known = ", ".join([*(f"[{s}]" for s in _SECTIONS), "[[output]]"])
+    known = ", ".join([*(f"[{s}]" for s in _SECTIONS), "[fleet]", "[[output]]"])
     for section, value in data.items():
         if section == "output":
             if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
@@ -206,6 +207,12 @@ def read(path: Path) -> tuple[ServiceConfig, list[str]]:
                 continue
             cfg.outputs = [_beside(path, dict(v), _OUTPUT_PATHS) for v in value]
             cfg.output_origins = [f"{path}: [[output]] #{i}" for i in range(1, len(value) + 1)]
+            continue
+        if section == "fleet":  # `serve --nats`: its keys are checked by service/fleetconfig
+            if not isinstance(value, dict):
+                problems.append(f"{path}: fleet: is {toml_type(value)}; expected a table [fleet]")
+            else:
+                cfg.fleet = dict(value)
             continue
         keys = _SECTIONS.get(section)
         if keys is None:

@@ -28,7 +28,7 @@ from detect.engine import Engine, Matcher
 from detect.loader import load_paths
 from detect.pack import builtin_rules
 from detect.ruleset import RuleSet
-from service.config import ConfigError, ServiceConfig, check, read, read_token, tls_context
+from service.config import ConfigError, ServiceConfig, check, load, read, read_token, tls_context
 
 if TYPE_CHECKING:
     from service.app import Gate, Ingest
@@ -206,6 +206,10 @@ async def serve(args: argparse.Namespace) -> int:
     from service.outputs.metrics import OutputMetrics  # noqa: PLC0415
     from tail.hub import TailHub  # noqa: PLC0415
 
+    if getattr(args, "nats", None) or (args.config and _has_fleet(args.config)):
+        from service.fleet import serve_fleet  # noqa: PLC0415
+
+        return await serve_fleet(args)
     if args.check_config:
         return check_config(args)
     try:
@@ -343,6 +347,14 @@ async def expire_every_second(ingest: Ingest, gate: Gate | None) -> None:
             else:
                 log.exception("expiring the engines failed", error=repr(exc))
             failed = True
+
+
+def _has_fleet(path: Path) -> bool:
+    """Whether a configuration file has a [fleet] url: then serve runs as a fleet worker."""
+    try:
+        return bool(load(path).fleet.get("url"))
+    except ConfigError:
+        return False  # prepare() says what is wrong with it
 
 
 def failpoint() -> Callable[[int, int], None] | None:

@@ -11,6 +11,8 @@ EXAMPLES = f"""examples:
   sudo sandtrace tail --alerts-only --kind exec
   sandtrace tail --server https://sandtrace.example:8780 --token-file ~/.sandtrace-token \\
       --host build-7 -o json
+  sandtrace tail --server nats://10.0.0.1:4222,10.0.0.2:4222 --ca-file nats-ca.pem \\
+      --alerts-only --from-start                # a whole fleet, its alert stream replayed
 """
 
 
@@ -46,7 +48,19 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--server", metavar="URL", help="the detection service (http or https)")
+    p.add_argument(
+        "--server",
+        metavar="URL",
+        help="the detection service (http or https), or a fleet's NATS cluster "
+        "(nats://HOST:PORT[,HOST:PORT...], tls:// for TLS)",
+    )
+    p.add_argument(
+        "--from-start",
+        action="store_true",
+        help="with nats://: replay the fleet's alert stream from its beginning, then follow",
+    )
+    p.add_argument("--nkey-file", metavar="FILE", help="NATS NKey seed for a nats:// --server")
+    p.add_argument("--creds-file", metavar="FILE", help="NATS credentials for a nats:// --server")
     p.add_argument("--token-file", metavar="FILE", help="bearer token for --server, from FILE")
     p.add_argument("--ca-file", metavar="FILE", help="CA certificate(s) to verify an https server")
     p.add_argument(

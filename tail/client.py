@@ -33,6 +33,7 @@ from api.tail import (
     TailFilter,
     parse_control,
 )
+from fleet.connect import is_nats_url
 
 log = structlog.get_logger("sandtrace.tail")
 
@@ -257,6 +258,10 @@ async def follow(args: argparse.Namespace) -> int:
             + [("host", h) for h in args.host]
             + ([("alerts_only", "1")] if args.alerts_only else [])
         )
+        if _fleet(args):  # a fleet on NATS JetStream: tail/natsfollow.py
+            from tail.natsfollow import follow_fleet  # noqa: PLC0415
+
+            return await follow_fleet(args, flt, _renderer(args, len(flt.hosts) != 1))
         target = target_of(args)
     except (BadFilter, TailError) as exc:
         _say(str(exc))
@@ -295,6 +300,23 @@ async def follow(args: argparse.Namespace) -> int:
             with contextlib.suppress(BrokenPipeError):
                 follower.out.close()
     return 0
+
+
+def _fleet(args: argparse.Namespace) -> bool:
+    """Whether --server is a fleet's NATS cluster; TailError for options that need one."""
+    if not is_nats_url(args.server):
+        if args.from_start:
+            raise TailError("--from-start goes with a nats:// --server (the fleet's alert stream)")
+        return False
+    if args.output == "compact" and args.width < 1:
+        raise TailError("--width must be at least 1")
+    return True
+
+
+def _renderer(args: argparse.Namespace, show_host: bool) -> TextRenderer | None:
+    if args.output != "compact":
+        return None
+    return TextRenderer(use_color(args.color, sys.stdout), max(args.width, 1), show_host)
 
 
 def main(args: argparse.Namespace) -> int:

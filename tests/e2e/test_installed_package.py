@@ -123,7 +123,7 @@ def test_the_wheel_carries_every_probe_source_and_rule(wheel: Path) -> None:
 
 
 def _shipped_modules() -> list[Path]:
-    layers = ("sandtrace", "api", "probes", "collector", "detect", "service", "tail")
+    layers = ("sandtrace", "api", "probes", "collector", "detect", "service", "tail", "fleet")
     return [p for layer in layers for p in (ROOT / layer).rglob("*.py")]
 
 

@@ -2,6 +2,7 @@
 
     sandtrace (the entry point) -> collector -> probes, tail, detect -> api
                                 -> service   -> tail, detect          -> api
+    collector, service, tail -> fleet (NATS names, connection, streams) -> api
 
 Every `import` and `from ... import` in a layer's modules, at any depth (lazy imports in
 functions count too), must name the layer itself, a layer it may use, or something outside
@@ -22,10 +23,11 @@ MAY_IMPORT: dict[str, set[str]] = {
     "api": set(),
     "probes": {"api"},
     "detect": {"api"},
-    "tail": {"api"},
-    "collector": {"api", "probes", "detect", "tail"},
-    "service": {"api", "detect", "tail"},
-    "sandtrace": {"api", "probes", "collector", "detect", "service", "tail"},
+    "fleet": {"api"},
+    "tail": {"api", "fleet"},
+    "collector": {"api", "probes", "detect", "tail", "fleet"},
+    "service": {"api", "detect", "tail", "fleet"},
+    "sandtrace": {"api", "probes", "collector", "detect", "service", "tail", "fleet"},
 }
 LAYERS = set(MAY_IMPORT)
 # Modules whose presence in api would mean it does I/O or serves something itself.
