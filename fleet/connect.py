@@ -29,7 +29,10 @@ class NatsConfigError(ValueError):
 
 
 def is_nats_url(url: str | None) -> bool:
-    return bool(url) and urlsplit(str(url).split(",")[0]).scheme in SCHEMES
+    """Whether `url` names NATS servers (by its scheme alone: whatever follows is checked
+    where it is used, so a malformed rest is said there, not raised here)."""
+    scheme, sep, _ = str(url or "").partition("://")
+    return bool(sep) and scheme in SCHEMES
 
 
 def parse_servers(url: str) -> list[str]:
