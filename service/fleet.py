@@ -621,7 +621,7 @@ class FleetMetrics(Collector):
 
 
 def _say(line: str) -> None:
-    print(f"sandtrace serve: {line}", file=sys.stderr, flush=True)
+    print(f"sandtrace: {line}", file=sys.stderr, flush=True)
 
 
 async def serve_fleet(args: argparse.Namespace) -> int:

@@ -31,7 +31,7 @@ log = structlog.get_logger("sandtrace.tail")
 
 
 def _say(message: str) -> None:
-    print(f"sandtrace tail: {message}", file=sys.stderr, flush=True)
+    print(f"sandtrace: {message}", file=sys.stderr, flush=True)
 
 
 class FleetFollower:
