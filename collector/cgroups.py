@@ -77,6 +77,35 @@ def find_cgroup2_root(mountinfo: str | None = None) -> Path:
     return Path(candidates[0][1])
 
 
+def named_cgroup(
+    spec: str, root: Path, *, sandbox_ids: bool = False, allow_root: bool = False
+) -> Path | None:
+    """The cgroup v2 directory `spec` names, or None: its directory, its path under `root`
+    as sandtrace prints it (/sandtrace/st-1a2b3c4d, with or without the leading slash), or
+    its cgroup id (the directory's inode number); with `sandbox_ids`, also a bare sandbox
+    id (st-1a2b3c4d). `root` itself only with `allow_root`."""
+    candidates: list[Path] = []
+    if spec.isdigit():
+        ino = int(spec)
+        for d, _subdirs, _files in os.walk(root):
+            with contextlib.suppress(OSError):  # a cgroup removed meanwhile
+                if Path(d).stat(follow_symlinks=False).st_ino == ino:
+                    candidates.append(Path(d))
+                    break
+    else:
+        given = Path(spec)
+        if given.is_absolute():
+            candidates.append(given.resolve())
+        candidates.append((root / spec.lstrip("/")).resolve())
+        if sandbox_ids and "/" not in spec:
+            candidates.append(root / "sandtrace" / spec)
+    for path in candidates:
+        inside = path.is_relative_to(root) and (allow_root or path != root)
+        if inside and (path / "cgroup.procs").exists():
+            return path
+    return None
+
+
 def cgroup_id(path: Path) -> int:
     """The cgroup v2 id of the cgroup directory `path` (its inode number)."""
     try:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import signal
 import sys
 import threading
@@ -523,22 +522,9 @@ def _cgroup_dir(spec: str, root: Path) -> Path:
     """The cgroup v2 directory --cgroup names: its directory, its path under the cgroup
     root as sandtrace's startup line prints it (/sandtrace/st-1a2b3c4d, or without the
     leading slash), or its cgroup id (the directory's inode number)."""
-    candidates: list[Path] = []
-    if spec.isdigit():
-        ino = int(spec)
-        for d, _subdirs, _files in os.walk(root):
-            with contextlib.suppress(OSError):  # a cgroup removed meanwhile
-                if Path(d).stat(follow_symlinks=False).st_ino == ino:
-                    candidates.append(Path(d))
-                    break
-    else:
-        given = Path(spec)
-        if given.is_absolute():
-            candidates.append(given.resolve())
-        candidates.append((root / spec.lstrip("/")).resolve())
-    for path in candidates:
-        if path.is_relative_to(root) and (path / "cgroup.procs").exists():
-            return path
+    path = cgroups.named_cgroup(spec, root, allow_root=True)
+    if path is not None:
+        return path
     raise SystemExit(
         f"sandtrace: watch --cgroup {spec!r}: no such cgroup v2 directory under {root} (give "
         f"its directory, its path under {root} such as /sandtrace/st-1a2b3c4d, or its cgroup "

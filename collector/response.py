@@ -439,24 +439,9 @@ def sandbox_dir(spec: str, root: Path) -> Path:
     """The cgroup directory NAME names: a sandbox id as `run` prints it (st-1a2b3c4d), its
     path under the cgroup root (/sandtrace/st-1a2b3c4d), its directory, or its cgroup id;
     never the root itself. ValueError says why not."""
-    candidates: list[Path] = []
-    if spec.isdigit():
-        ino = int(spec)
-        for d, _subdirs, _files in os.walk(root):
-            with contextlib.suppress(OSError):
-                if Path(d).stat(follow_symlinks=False).st_ino == ino:
-                    candidates.append(Path(d))
-                    break
-    else:
-        given = Path(spec)
-        if given.is_absolute():
-            candidates.append(given.resolve())
-        candidates.append((root / spec.lstrip("/")).resolve())
-        if "/" not in spec:
-            candidates.append(root / "sandtrace" / spec)
-    for path in candidates:
-        if path != root and path.is_relative_to(root) and (path / "cgroup.procs").exists():
-            return path
+    path = cgroups.named_cgroup(spec, root, sandbox_ids=True)
+    if path is not None:
+        return path
     raise ValueError(
         f"no sandbox cgroup {spec!r} under {root} (give the sandbox id as sandtrace printed "
         "it, e.g. st-1a2b3c4d, its cgroup path such as /sandtrace/st-1a2b3c4d, its "
