@@ -87,7 +87,10 @@ class _NatsTransport(_Transport):
         self.last_error: BaseException | None = None
 
     async def _error(self, exc: Exception) -> None:
-        self.last_error = exc
+        # A refusal stays the reason: the server closes the connection after its
+        # "Authorization Violation", and the broken pipe that follows must not hide it.
+        if self.last_error is None or not _refusal(self.last_error):
+            self.last_error = exc
         log.debug("nats", error=repr(exc))
 
     async def _connect(self) -> None:
@@ -107,7 +110,7 @@ class _NatsTransport(_Transport):
             )
         except Exception as exc:
             why = self.last_error or exc
-            if "authorization" in str(why).lower() or "authentication" in str(why).lower():
+            if _refusal(why):
                 raise _Refused(401, f"the NATS cluster refused this collector: {why}") from None
             raise ConnectionError(
                 f"no NATS server at {self.sink.target.label} answers ({why!r})"
@@ -161,3 +164,9 @@ class _Refused(Exception):
 
 
 __all__ = ["NatsConfigError", "NatsStreamSink"]
+
+
+def _refusal(exc: BaseException) -> bool:
+    """Whether a connection error is the cluster refusing the credentials."""
+    text = str(exc).lower()
+    return "authorization" in text or "authentication" in text
