@@ -88,21 +88,75 @@ def parse_entry(text: str) -> tuple[Network, PortRanges]:
     return net, parse_ports(ports_part) if ports_part is not None else ()
 
 
-def _entry(spec: str, text: str) -> tuple[Network, PortRanges]:
-    """parse_entry(text), its error naming the whole entry as given (spec)."""
-    try:
+_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
+_NAME_EXPECTED = (
+    "expected a DNS name such as pypi.org or a wildcard such as *.githubusercontent.com, "
+    "optionally followed by :PORTS"
+)
+
+
+def parse_name(text: str) -> str:
+    """A DNS name or wildcard as a policy keeps it: lower case, no trailing dot; ``*.`` only
+    as the first label (``*.example.org`` stands for every name strictly below
+    example.org, not example.org itself). ValueError says what is wrong and what is
+    expected."""
+    name = text.lower().removesuffix(".")
+    labels = name.split(".")
+    wildcard = labels[0] == "*"
+    if wildcard:
+        labels = labels[1:]
+    if not labels or len(name) > 253:
+        raise ValueError(f"{text!r} is not a DNS name ({_NAME_EXPECTED})")
+    for label in labels:
+        if not _LABEL.fullmatch(label):
+            what = "'*' is allowed only as the first label" if "*" in label else "bad label"
+            raise ValueError(f"{text!r}: {what} {label!r} ({_NAME_EXPECTED})")
+    return name
+
+
+def name_matches(pattern: str, hostname: str) -> bool:
+    """Whether hostname (lower case, no trailing dot) is the name pattern stands for:
+    itself, or for ``*.domain`` any name strictly below domain."""
+    if pattern.startswith("*."):
+        return hostname.endswith(pattern[1:])
+    return hostname == pattern
+
+
+def parse_destination(text: str) -> tuple[Network | str, PortRanges]:
+    """An allow-list entry: a network as parse_entry takes it, or a name or wildcard as
+    parse_name takes it (``pypi.org``, ``*.githubusercontent.com:443``), with its ports.
+    A name comes back as a str."""
+    if text.startswith("[") or text.count(":") > 1:
         return parse_entry(text)
+    host, sep, ports = text.partition(":")
+    try:
+        ipaddress.ip_network(host, strict=False)
+    except ValueError:
+        if any(c.isalpha() or c == "*" for c in host) and "/" not in host:
+            return parse_name(host), parse_ports(ports) if sep else ()
+    return parse_entry(text)
+
+
+def _entry(spec: str, text: str) -> tuple[Network | str, PortRanges]:
+    """parse_destination(text), its error naming the whole entry as given (spec)."""
+    try:
+        return parse_destination(text)
     except ValueError as exc:
         raise ValueError(f"egress allow-list entry {spec!r}: {exc}") from None
 
 
 @dataclass(frozen=True, slots=True)
 class EgressPolicy:
-    """Destinations a sandbox may connect to: networks, each with optional ports; loopback
-    too unless allow_loopback is False (see the module docstring)."""
+    """Destinations a sandbox may connect to: networks, each with optional ports; names and
+    wildcards (``names``, as parse_name keeps them), each with optional ports, matched
+    against the name the sandbox resolved for an address; loopback too unless
+    allow_loopback is False (see the module docstring). ``resolvers`` are the only DNS
+    servers the sandbox may query (empty: the nameservers of its resolv.conf)."""
 
     allowed: tuple[tuple[Network, PortRanges], ...] = ()
     allow_loopback: bool = True
+    names: tuple[tuple[str, PortRanges], ...] = ()
+    resolvers: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...] = ()
     # `allowed` as (version, netmask, network, ports) integers
     _ints: list[tuple[int, int, int, PortRanges]] = field(
         default_factory=list, init=False, repr=False, compare=False
@@ -120,9 +174,22 @@ class EgressPolicy:
     @classmethod
     def parse(cls, specs: Iterable[str], allow_loopback: bool = True) -> EgressPolicy:
         """Entries like ``192.0.2.0/24``, ``198.51.100.7:443``, ``10.0.0.0/8:80,443``,
-        ``10.0.0.0/8:8000-8100``, ``2001:db8::/32`` and, with ports, ``[2001:db8::/32]:53``.
-        ValueError names a bad one and says what is expected."""
-        return cls(tuple(_entry(spec, spec) for spec in specs), allow_loopback)
+        ``10.0.0.0/8:8000-8100``, ``2001:db8::/32``, with ports ``[2001:db8::/32]:53``,
+        and names: ``pypi.org``, ``*.githubusercontent.com:443``. ValueError names a bad
+        one and says what is expected."""
+        return cls.of([_entry(spec, spec) for spec in specs], allow_loopback)
+
+    @classmethod
+    def of(
+        cls, entries: Iterable[tuple[Network | str, PortRanges]], allow_loopback: bool = True
+    ) -> EgressPolicy:
+        """A policy of parsed entries, networks and names (str) mixed."""
+        entries = list(entries)
+        return cls(
+            tuple((d, p) for d, p in entries if not isinstance(d, str)),
+            allow_loopback,
+            tuple((d, p) for d, p in entries if isinstance(d, str)),
+        )
 
     def allows(self, addr: str, port: int) -> bool:
         # Sandboxes connect to the same few destinations again and again: answers are kept
@@ -168,8 +235,8 @@ class EgressPolicies:
         """Entries as EgressPolicy.parse takes them, each optionally prefixed ``SANDBOX=``
         (a sandbox id) to apply to that sandbox only; a sandbox named in any entry gets
         only its own entries. allow_loopback applies to every list."""
-        shared: list[tuple[Network, PortRanges]] = []
-        named: dict[str, list[tuple[Network, PortRanges]]] = {}
+        shared: list[tuple[Network | str, PortRanges]] = []
+        named: dict[str, list[tuple[Network | str, PortRanges]]] = {}
         for spec in specs:
             sandbox, sep, rest = spec.partition("=")
             if sep and not sandbox:
@@ -182,10 +249,9 @@ class EgressPolicies:
             else:
                 shared.append(_entry(spec, spec))
         return cls(
-            default=EgressPolicy(tuple(shared), allow_loopback) if shared else None,
+            default=EgressPolicy.of(shared, allow_loopback) if shared else None,
             per_sandbox={
-                name: EgressPolicy(tuple(entries), allow_loopback)
-                for name, entries in named.items()
+                name: EgressPolicy.of(entries, allow_loopback) for name, entries in named.items()
             },
         )
 
@@ -193,5 +259,5 @@ class EgressPolicies:
         return self.per_sandbox.get(sandbox, self.default)
 
     def __len__(self) -> int:
-        own = sum(len(p.allowed) for p in self.per_sandbox.values())
-        return own + (len(self.default.allowed) if self.default else 0)
+        policies = [*self.per_sandbox.values(), *([self.default] if self.default else [])]
+        return sum(len(p.allowed) + len(p.names) for p in policies)
