@@ -10,13 +10,23 @@ import sys
 import pytest
 
 from api.events import AnyEvent
-from detect.egress import EGRESS_RULE_ID, EgressPolicies, EgressPolicy, parse_ports
+from detect.egress import (
+    EGRESS_RULE_ID,
+    EgressPolicies,
+    EgressPolicy,
+    name_matches,
+    parse_ports,
+)
 from detect.engine import Engine
 from detect.ruleset import RuleSet
 from detect.testing import event_from_fields
 from tests.serving import ROOT_DIR
 
 PORTS_EXPECTED = "(expected ports 1-65535: one (443), a range (8000-8100) or a list (80,443))"
+NAME_EXPECTED = (
+    "(expected a DNS name such as pypi.org or a wildcard such as *.githubusercontent.com, "
+    "optionally followed by :PORTS)"
+)
 
 
 @pytest.mark.parametrize(
@@ -38,10 +48,15 @@ PORTS_EXPECTED = "(expected ports 1-65535: one (443), a range (8000-8100) or a l
         ("[2001:db8::/32]x", "expected [IPV6-NETWORK] or [IPV6-NETWORK]:PORTS"),
         ("[2001:db8::/32:53", "expected [IPV6-NETWORK] or [IPV6-NETWORK]:PORTS"),
         (
-            "abc",
-            "'abc' does not appear to be an IPv4 or IPv6 network (expected an address or a "
-            "network such as 192.0.2.0/24, optionally followed by :PORTS)",
+            "192.0.2.300",
+            "'192.0.2.300' does not appear to be an IPv4 or IPv6 network (expected an address "
+            "or a network such as 192.0.2.0/24, optionally followed by :PORTS)",
         ),
+        ("a.*.org", f"'a.*.org': '*' is allowed only as the first label '*' {NAME_EXPECTED}"),
+        ("ex ample.org", f"'ex ample.org': bad label 'ex ample' {NAME_EXPECTED}"),
+        ("-a.example.org", f"'-a.example.org': bad label '-a' {NAME_EXPECTED}"),
+        ("pypi.org:0", f"port 0 is out of range {PORTS_EXPECTED}"),
+        ("*", f"'*' is not a DNS name {NAME_EXPECTED}"),
     ],
 )
 def test_a_bad_entry_is_named_with_what_is_expected(entry: str, why: str) -> None:
@@ -140,9 +155,9 @@ def sandtrace(*args: str) -> subprocess.CompletedProcess[str]:
             f"is out of range {PORTS_EXPECTED}",
         ),
         (
-            ["--egress-allow", "abc"],
-            "sandtrace: --egress-allow: egress allow-list entry 'abc': 'abc' does not appear to "
-            "be an IPv4 or IPv6 network",
+            ["--egress-allow", "192.0.2.300"],
+            "sandtrace: --egress-allow: egress allow-list entry '192.0.2.300': '192.0.2.300' "
+            "does not appear to be an IPv4 or IPv6 network",
         ),
         (
             ["--egress-check-loopback"],
@@ -178,3 +193,32 @@ def test_the_command_line_switches_the_loopback_rule(command: list[str]) -> None
     assert policy("--egress-allow", "192.0.2.0/24").allows("127.0.0.1", 5432)
     checked = policy("--egress-allow", "192.0.2.0/24", "--egress-check-loopback")
     assert not checked.allows("127.0.0.1", 5432) and checked.allows("192.0.2.3", 5432)
+
+
+def test_names_and_wildcards_are_kept_apart_from_networks() -> None:
+    policies = EgressPolicies.parse(
+        ["PyPI.org.", "sb=*.Example.ORG:443", "192.0.2.0/24", "[2001:db8::/32]:53"]
+    )
+    assert policies.default is not None
+    assert policies.default.names == (("pypi.org", ()),)
+    assert [str(net) for net, _ in policies.default.allowed] == ["192.0.2.0/24", "2001:db8::/32"]
+    assert policies.per_sandbox["sb"].names == (("*.example.org", ((443, 443),)),)
+    assert policies.per_sandbox["sb"].allowed == ()
+    assert len(policies) == 4
+
+
+@pytest.mark.parametrize(
+    ("pattern", "hostname", "matches"),
+    [
+        ("pypi.org", "pypi.org", True),
+        ("pypi.org", "files.pypi.org", False),
+        ("*.example.org", "a.example.org", True),
+        ("*.example.org", "a.b.example.org", True),
+        ("*.example.org", "example.org", False),
+        ("*.example.org", "badexample.org", False),
+    ],
+)
+def test_a_wildcard_stands_for_names_strictly_below_its_domain(
+    pattern: str, hostname: str, matches: bool
+) -> None:
+    assert name_matches(pattern, hostname) is matches
