@@ -169,9 +169,11 @@ def _common_args(p: argparse.ArgumentParser) -> None:
         "--egress-allow",
         action="append",
         default=None,
-        metavar="[SANDBOX=]NET[:PORTS]",
-        help="allow connects to NET (CIDR or address; optional ports 1-65535: 443, "
-        "8000-8100, 80,443), for every sandbox or only SANDBOX; any other destination "
+        metavar="[SANDBOX=]DEST[:PORTS]",
+        help="allow connects to DEST: a network or address (192.0.2.0/24), a name "
+        "(pypi.org) or a wildcard (*.example.org: any name below it) the sandbox resolved; "
+        "optional ports 1-65535: 443, 8000-8100, 80,443; for every sandbox or only "
+        "SANDBOX; any other destination "
         "alerts, except loopback (see --egress-check-loopback); repeatable "
         "(default: no allow-list)",
     )
@@ -180,6 +182,22 @@ def _common_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="judge loopback connects (127.0.0.0/8, ::1) by the egress allow-list too; by "
         "default a sandbox may always connect to its own host's loopback",
+    )
+    d.add_argument(
+        "--resolver",
+        action="append",
+        default=None,
+        metavar="[SANDBOX=]ADDR",
+        help="the only DNS servers the sandbox (or only SANDBOX) may query; DNS to any "
+        "other alerts; repeatable (default: the nameservers of the host's /etc/resolv.conf); "
+        "needs --egress-allow",
+    )
+    d.add_argument(
+        "--egress-policy",
+        metavar="FILE",
+        help="the egress policy in a TOML file (allow entries, resolvers, check_loopback, "
+        "per sandbox; see README, 'Egress policy'), re-read on SIGHUP; instead of "
+        "--egress-allow, --resolver and --egress-check-loopback",
     )
     r = p.add_argument_group("response")
     r.add_argument(

@@ -10,7 +10,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -22,6 +24,7 @@ from api.render import TerminalSink, TextRenderer, line_width, totals_line, use_
 from collector import cgroups
 from collector.args import DEFAULT_SPOOL
 from collector.assemble import FLOW_HOLD_NS, Assembler, Scope
+from collector.egresspolicy import EgressPolicySource
 from collector.enrich import ExecEnricher
 from collector.identity import Identities
 from collector.packages import PackageIndex
@@ -43,6 +46,7 @@ from detect.egress import EgressPolicies
 from detect.engine import Engine
 from detect.loader import load_paths
 from detect.pack import builtin_rules
+from detect.policyfile import PolicyFileError
 from fleet.connect import is_nats_url
 from tail.hub import LocalTail, TailHub, TailSocketBusy, TailSocketError
 
@@ -145,8 +149,9 @@ def _stream(args: argparse.Namespace) -> list[Sink]:
         ) from None
 
 
-def _engine(args: argparse.Namespace) -> Engine | None:
-    """The detection engine with the built-in pack and the user's rules; refusals said."""
+def _engine(args: argparse.Namespace, egress: EgressPolicySource | None) -> Engine | None:
+    """The detection engine with the built-in pack and the user's rules, judging egress by
+    `egress` (and by each policy it reloads); refusals said."""
     if args.no_detect or args.server:
         return None  # with --server, the service detects
     paths = [] if args.no_builtin_rules else [builtin_rules()]
@@ -163,31 +168,69 @@ def _engine(args: argparse.Namespace) -> Engine | None:
             "raise no alerts; fix or remove them",
             file=sys.stderr,
         )
-    return Engine(rules, _egress(args))
+    engine = Engine(rules, egress.policies if egress is not None else None)
+    if egress is not None:
+        egress.on_policy_change(partial(setattr, engine, "egress"))  # first: then the others
+    return engine
 
 
-def _egress(args: argparse.Namespace) -> EgressPolicies | None:
-    """The egress allow-lists of --egress-allow; a bad entry, or options that would be
-    ignored, end the command (exit 2) naming the problem."""
-    problem = None
-    if args.egress_check_loopback and not args.egress_allow:
-        problem = "--egress-check-loopback applies to an allow-list: give --egress-allow too"
-    elif args.egress_allow and (args.server or args.no_detect):
-        problem = (
-            "--egress-allow has no effect with --server (the service checks egress: set "
-            "[detection] egress_allow in its configuration)"
+def _egress(args: argparse.Namespace) -> EgressPolicySource | None:
+    """The egress policy of --egress-allow and --resolver, or of --egress-policy; a bad
+    entry, or options that would be ignored, end the command (exit 2) naming the problem
+    (every problem of a policy file)."""
+    given = [
+        option
+        for option, value in (
+            ("--egress-allow", args.egress_allow),
+            ("--resolver", args.resolver),
+            ("--egress-check-loopback", args.egress_check_loopback),
+            ("--egress-policy", args.egress_policy),
+        )
+        if value
+    ]
+    problems: list[str] = []
+    if given and (args.server or args.no_detect):
+        problems.append(
+            f"{given[0]} has no effect with --server (the service checks egress: set "
+            "[detection] egress_allow or egress_policy in its configuration)"
             if args.server
-            else "--egress-allow has no effect with --no-detect"
+            else f"{given[0]} has no effect with --no-detect"
+        )
+    elif args.egress_policy and len(given) > 1:
+        problems.append(
+            f"--egress-policy holds the whole policy: give {', '.join(given[1:])} in its file "
+            "instead (allow, resolvers, check_loopback)"
+        )
+    elif args.egress_policy:
+        try:
+            return EgressPolicySource.from_file(Path(args.egress_policy))
+        except PolicyFileError as exc:
+            problems += [f"--egress-policy: {problem}" for problem in exc.problems]
+    elif args.egress_check_loopback and not args.egress_allow:
+        problems.append("--egress-check-loopback applies to an allow-list: give --egress-allow too")
+    elif args.resolver and not args.egress_allow:
+        problems.append(
+            "--resolver applies to an egress allow-list: give --egress-allow too (or both "
+            "in an --egress-policy file)"
         )
     elif args.egress_allow:
+        loopback = not args.egress_check_loopback
         try:
-            return EgressPolicies.parse(
-                args.egress_allow, allow_loopback=not args.egress_check_loopback
-            )
+            EgressPolicies.parse(args.egress_allow, allow_loopback=loopback)
         except ValueError as exc:
-            problem = f"--egress-allow: {exc}"
-    if problem is not None:
+            problems.append(f"--egress-allow: {exc}")
+        else:
+            try:
+                policies = EgressPolicies.parse(
+                    args.egress_allow, allow_loopback=loopback, resolvers=args.resolver or ()
+                )
+            except ValueError as exc:
+                problems.append(f"--resolver: {exc}")
+            else:
+                return EgressPolicySource(policies)
+    for problem in problems:
         print(f"sandtrace: {problem}", file=sys.stderr)
+    if problems:
         raise SystemExit(2)
     return None
 
@@ -213,14 +256,16 @@ def _enricher(packages: PackageIndex | None = None) -> ExecEnricher:
     return ExecEnricher(Identities(packages if packages.available() else None), StdioReader())
 
 
-def _detecting(engine: Engine | None, server: str | None = None) -> str:
+def _detecting(
+    engine: Engine | None, server: str | None = None, egress: EgressPolicySource | None = None
+) -> str:
     """What the startup line says about detection."""
     if server:
         return f"streaming to {server}"
     if engine is None:
         return "no detection"
     rules = engine.rules
-    allow = f", egress allow-list of {len(engine.egress)}" if engine.egress else ""
+    allow = f", {egress.describe()}" if egress is not None else ""
     return f"{len(rules.rules)} rules, {len(rules.correlations)} correlations{allow}"
 
 
@@ -286,12 +331,14 @@ class _Outputs:
 
     engine: Engine | None
     sinks: list[Sink]  # terminal, files, service
+    egress: EgressPolicySource | None  # the engine's egress policy
 
     @classmethod
     def build(cls, args: argparse.Namespace) -> _Outputs:
-        engine = _engine(args)
+        egress = _egress(args)
+        engine = _engine(args, egress)
         stream = _stream(args)  # before the terminal's header: its refusals come alone
-        return cls(engine, [*_sinks(args), *stream])
+        return cls(engine, [*_sinks(args), *stream], egress)
 
     def discarded(self) -> int:
         """Events discarded on the way to the service (never to arrive there)."""
@@ -378,7 +425,8 @@ class _Tracing:
             flow_hold_ns=FLOW_HOLD_NS if probes.classifies_flows else 0,
         )
         self.engine = outputs.engine
-        self.detecting = _detecting(self.engine, args.server)
+        self.egress = outputs.egress
+        self.detecting = _detecting(self.engine, args.server, self.egress)
         self.hub = None if args.no_tail else TailHub(notice=_tail_notice(args, self.engine))
         sinks = [EscapeFollower(probes, root), *outputs.sinks]
         if self.hub is not None:
@@ -397,6 +445,40 @@ class _Tracing:
             self.responder.out = self.pipeline.emit
         self.tail_socket = Path(args.tail_socket)
         self.local_tail: LocalTail | None = None
+        self._reloads: set[asyncio.Task[None]] = set()
+
+    def on_policy_change(self, callback: Callable[[EgressPolicies], None]) -> None:
+        """Call `callback` with the new egress policies after each reload of the policy
+        file (the engine already judges by them); nothing without --egress-policy."""
+        if self.egress is not None:
+            self.egress.on_policy_change(callback)
+
+    def reload_on_sighup(self, loop: asyncio.AbstractEventLoop) -> None:
+        """With --egress-policy, SIGHUP re-reads the file (tracing goes on meanwhile; a file
+        with problems keeps the policy in use, and they are said). Without it SIGHUP keeps
+        its default action."""
+        source = self.egress
+        if source is None or source.path is None:
+            return
+
+        async def reload() -> None:
+            problems = await source.reload()
+            for problem in problems:
+                _say(f"SIGHUP: {problem}")
+            if problems:
+                _say(
+                    f"SIGHUP: {source.path} not reloaded ({len(problems)} problems, listed "
+                    "above); the previous egress policy stays"
+                )
+            else:
+                _say(f"SIGHUP: {source.describe()}")
+
+        def reload_soon() -> None:
+            task = loop.create_task(reload())
+            self._reloads.add(task)
+            task.add_done_callback(self._reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, reload_soon)
 
     async def serve_tail(self) -> TailSocketError | None:
         """Serve the live tail on its Unix socket before the startup line, so that a tail
@@ -477,6 +559,7 @@ async def _run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, child.send_signal, sig)
+        tracing.reload_on_sighup(loop)
         code = await child.wait()
         if args.wait_all:
             await asyncio.to_thread(_wait_empty, sandbox)
@@ -595,6 +678,7 @@ async def _watch(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        tracing.reload_on_sighup(loop)
         why_no_tail = await tracing.serve_tail()
         what = ", ".join(s.name for s in scopes)
         print(

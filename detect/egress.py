@@ -1,12 +1,19 @@
-"""Egress allow-lists: the destinations each sandbox may connect to.
+"""Egress allow-lists: the destinations each sandbox may connect to, and the DNS servers
+it may query.
 
-The engine checks every connect against its sandbox's list and raises EGRESS_RULE for one
-outside it. Loopback destinations (127.0.0.0/8, ::1, and 127.x as an IPv4-mapped IPv6
-address) are the sandbox talking to its own host and pass without an entry, unless the
-policy is built with ``allow_loopback=False``: then they are judged by the list like any
-other destination (a sandbox in the host's network namespace reaches every service the host
-listens with on loopback, which is worth an alert on some hosts). An IPv4-mapped IPv6
-destination (::ffff:a.b.c.d, what an IPv6 socket connecting to IPv4 shows) is judged as the
+The engine checks every connect (and unconnected UDP send) against its sandbox's list and
+raises EGRESS_RULE for one outside it: a destination passes when its address lies in a
+network entry, or when the name the sandbox resolved for it (the event's ``hostname``)
+matches a name entry, with that entry's ports. Without a hostname only the networks can let
+a destination pass. DNS (port 53, and the sandbox's ``dns`` answers) is judged by the
+resolvers instead: a server that is not one of them raises RESOLVER_RULE.
+
+Loopback destinations (127.0.0.0/8, ::1, and 127.x as an IPv4-mapped IPv6 address) are the
+sandbox talking to its own host and pass without an entry, unless the policy is built with
+``allow_loopback=False``: then they are judged by the list like any other destination (a
+sandbox in the host's network namespace reaches every service the host listens with on
+loopback, which is worth an alert on some hosts). An IPv4-mapped IPv6 destination
+(::ffff:a.b.c.d, what an IPv6 socket connecting to IPv4 shows) is judged as the
 IPv4 address it is.
 """
 
@@ -15,7 +22,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from detect.addresses import ip_int
 
@@ -38,7 +45,15 @@ EGRESS_RULE = BuiltinRule(
     "high",
     ["attack.exfiltration", "attack.command_and_control", "attack.t1041"],
 )
-_EGRESS_ANSWERS = 4096  # (address, port) answers an egress policy keeps
+RESOLVER_RULE_ID = "sandtrace-egress-resolver"
+RESOLVER_RULE = BuiltinRule(
+    RESOLVER_RULE_ID,
+    "DNS to a server that is not one of the sandbox's resolvers",
+    "high",
+    ["attack.exfiltration", "attack.command_and_control", "attack.t1071.004"],
+)
+DNS_PORT = 53
+_EGRESS_ANSWERS = 4096  # (address, port, hostname) answers an egress policy keeps
 _PORTS_EXPECTED = "expected ports 1-65535: one (443), a range (8000-8100) or a list (80,443)"
 _PORT_ITEM = re.compile(r"([0-9]{1,5})(?:-([0-9]{1,5}))?")
 
@@ -137,6 +152,24 @@ def parse_destination(text: str) -> tuple[Network | str, PortRanges]:
     return parse_entry(text)
 
 
+Resolver = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def parse_resolver(text: str) -> Resolver:
+    """A DNS server's address (``192.0.2.53``, ``2001:db8::53``), IPv4-mapped IPv6 taken as
+    the IPv4 address it is. ValueError says what is wrong and what is expected."""
+    try:
+        ip = ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not an IP address (expected a DNS server's address such as "
+            "192.0.2.53 or 2001:db8::53, without a port: DNS is port 53)"
+        ) from None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
 def _entry(spec: str, text: str) -> tuple[Network | str, PortRanges]:
     """parse_destination(text), its error naming the whole entry as given (spec)."""
     try:
@@ -161,8 +194,12 @@ class EgressPolicy:
     _ints: list[tuple[int, int, int, PortRanges]] = field(
         default_factory=list, init=False, repr=False, compare=False
     )
-    _answers: dict[tuple[str, int], bool] = field(
+    _answers: dict[tuple[str, int, str], bool] = field(
         default_factory=dict, init=False, repr=False, compare=False
+    )
+    # `resolvers` as (version, address) integers
+    _resolver_ints: set[tuple[int, int]] = field(
+        default_factory=set, init=False, repr=False, compare=False
     )
 
     def __post_init__(self) -> None:
@@ -170,6 +207,23 @@ class EgressPolicy:
             (net.version, int(net.netmask), int(net.network_address), ports)
             for net, ports in self.allowed
         )
+        self._resolver_ints.update((r.version, int(r)) for r in self.resolvers)
+
+    def with_resolvers(self, resolvers: Iterable[Resolver]) -> EgressPolicy:
+        """This policy with `resolvers` as its DNS servers (a new policy: one in use is
+        never changed, so an engine judging with it sees it whole)."""
+        return replace(self, resolvers=tuple(resolvers))
+
+    def is_resolver(self, addr: str) -> bool:
+        """Whether addr (an IPv4-mapped IPv6 address as its IPv4 address) is one of the
+        resolvers."""
+        parsed = ip_int(addr)
+        if parsed is None:
+            return False
+        version, value = parsed
+        if version == 6 and value >> 32 == 0xFFFF:
+            version, value = 4, value & 0xFFFFFFFF
+        return (version, value) in self._resolver_ints
 
     @classmethod
     def parse(cls, specs: Iterable[str], allow_loopback: bool = True) -> EgressPolicy:
@@ -191,16 +245,32 @@ class EgressPolicy:
             tuple((d, p) for d, p in entries if isinstance(d, str)),
         )
 
-    def allows(self, addr: str, port: int) -> bool:
+    def allows(self, addr: str, port: int, hostname: str = "") -> bool:
+        """Whether a connect to addr:port passes: addr in a network entry, or hostname (the
+        name the sandbox resolved addr as; "" when none) matching a name entry, each with
+        its ports."""
         # Sandboxes connect to the same few destinations again and again: answers are kept
         # (a bounded number, forgotten all at once when full; the list never changes).
-        key = (addr, port)
+        key = (addr, port, hostname)
         answer = self._answers.get(key)
         if answer is None:
             if len(self._answers) >= _EGRESS_ANSWERS:
                 self._answers.clear()
-            answer = self._answers[key] = self._allows(addr, port)
+            answer = self._answers[key] = self._allows(addr, port) or (
+                bool(hostname) and self._allows_name(hostname, port)
+            )
         return answer
+
+    def _allows_name(self, hostname: str, port: int) -> bool:
+        # The event's name is the sandbox's own (a DNS answer, a ClientHello): compared as
+        # parse_name keeps the entries, lower case without the root's dot.
+        name = hostname.lower().removesuffix(".")
+        for pattern, ports in self.names:
+            if name_matches(pattern, name) and (
+                not ports or any(first <= port <= last for first, last in ports)
+            ):
+                return True
+        return False
 
     def _allows(self, addr: str, port: int) -> bool:
         parsed = ip_int(addr)
@@ -223,6 +293,26 @@ class EgressPolicy:
         return False
 
 
+def _resolver(spec: str, text: str) -> Resolver:
+    """parse_resolver(text), its error naming the whole entry as given (spec)."""
+    try:
+        return parse_resolver(text)
+    except ValueError as exc:
+        raise ValueError(f"resolver {spec!r}: {exc}") from None
+
+
+def _sandbox_of(spec: str, what: str) -> tuple[str, str]:
+    """(sandbox, rest) of ``[SANDBOX=]REST``; sandbox "" when there is no prefix."""
+    sandbox, sep, rest = spec.partition("=")
+    if not sep:
+        return "", spec
+    if not sandbox:
+        raise ValueError(
+            f"{what} {spec!r}: no sandbox before '=' (expected SANDBOX=ENTRY or ENTRY)"
+        )
+    return sandbox, rest
+
+
 @dataclass(slots=True)
 class EgressPolicies:
     """Egress allow-lists per sandbox, and one for every sandbox not named."""
@@ -231,33 +321,74 @@ class EgressPolicies:
     per_sandbox: dict[str, EgressPolicy] = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, specs: Iterable[str], allow_loopback: bool = True) -> EgressPolicies:
+    def parse(
+        cls, specs: Iterable[str], allow_loopback: bool = True, resolvers: Iterable[str] = ()
+    ) -> EgressPolicies:
         """Entries as EgressPolicy.parse takes them, each optionally prefixed ``SANDBOX=``
         (a sandbox id) to apply to that sandbox only; a sandbox named in any entry gets
-        only its own entries. allow_loopback applies to every list."""
+        only its own entries. allow_loopback applies to every list. `resolvers`: DNS
+        servers' addresses, ``[SANDBOX=]ADDR``, the same way (a sandbox named only there
+        keeps the shared entries, with its own resolvers). ValueError names a bad entry,
+        or a sandbox given resolvers but no allow-list."""
         shared: list[tuple[Network | str, PortRanges]] = []
         named: dict[str, list[tuple[Network | str, PortRanges]]] = {}
         for spec in specs:
-            sandbox, sep, rest = spec.partition("=")
-            if sep and not sandbox:
-                raise ValueError(
-                    f"egress allow-list entry {spec!r}: no sandbox before '=' (expected "
-                    "SANDBOX=NETWORK[:PORTS] or NETWORK[:PORTS])"
-                )
-            if sep:
+            sandbox, rest = _sandbox_of(spec, "egress allow-list entry")
+            if sandbox:
                 named.setdefault(sandbox, []).append(_entry(spec, rest))
             else:
                 shared.append(_entry(spec, spec))
-        return cls(
-            default=EgressPolicy.of(shared, allow_loopback) if shared else None,
-            per_sandbox={
-                name: EgressPolicy.of(entries, allow_loopback) for name, entries in named.items()
-            },
-        )
+        shared_dns: list[Resolver] = []
+        named_dns: dict[str, list[Resolver]] = {}
+        for spec in resolvers:
+            sandbox, rest = _sandbox_of(spec, "resolver")
+            if sandbox:
+                named_dns.setdefault(sandbox, []).append(_resolver(spec, rest))
+            else:
+                shared_dns.append(_resolver(spec, spec))
+        default = EgressPolicy.of(shared, allow_loopback) if shared else None
+        if default is None and shared_dns:
+            raise ValueError(
+                "resolvers for every sandbox, and no allow-list entry for every sandbox "
+                "(expected allow-list entries without SANDBOX= too)"
+            )
+        for sandbox in named_dns:
+            if sandbox not in named and default is None:
+                raise ValueError(
+                    f"resolver for sandbox {sandbox!r}, which has no allow-list (expected "
+                    f"allow-list entries {sandbox}=... or entries for every sandbox)"
+                )
+        per_sandbox = {
+            name: EgressPolicy.of(entries, allow_loopback) for name, entries in named.items()
+        }
+        for sandbox in named_dns:
+            if sandbox not in per_sandbox and default is not None:
+                per_sandbox[sandbox] = default
+        if default is not None:
+            default = default.with_resolvers(shared_dns)
+        for sandbox, policy in per_sandbox.items():
+            per_sandbox[sandbox] = policy.with_resolvers(named_dns.get(sandbox, shared_dns))
+        return cls(default=default, per_sandbox=per_sandbox)
 
     def policy_for(self, sandbox: str) -> EgressPolicy | None:
         return self.per_sandbox.get(sandbox, self.default)
 
+    def policies(self) -> list[EgressPolicy]:
+        """Every policy: the sandboxes' and the default."""
+        return [*self.per_sandbox.values(), *([self.default] if self.default else [])]
+
+    def with_default_resolvers(self, resolvers: Iterable[Resolver]) -> EgressPolicies:
+        """These policies, each without resolvers of its own given `resolvers` (the
+        nameservers the collector read in resolv.conf): new policies, these unchanged."""
+        found = tuple(resolvers)
+
+        def filled(policy: EgressPolicy) -> EgressPolicy:
+            return policy if policy.resolvers else policy.with_resolvers(found)
+
+        return EgressPolicies(
+            default=filled(self.default) if self.default else None,
+            per_sandbox={name: filled(p) for name, p in self.per_sandbox.items()},
+        )
+
     def __len__(self) -> int:
-        policies = [*self.per_sandbox.values(), *([self.default] if self.default else [])]
-        return sum(len(p.allowed) + len(p.names) for p in policies)
+        return sum(len(p.allowed) + len(p.names) for p in self.policies())

@@ -17,11 +17,18 @@ from typing import Any, Protocol
 
 import msgspec.structs
 
-from api.events import Alert, AnyEvent, ConnectEvent, Event, LostEvent, Process
+from api.events import Alert, AnyEvent, ConnectEvent, DnsEvent, Event, LostEvent, Process
 from api.ids import uuid7
 from detect.codegen import generate_matcher
 from detect.correlation import NS, Counting, Distinct, Observer, Window, Windows, observer
-from detect.egress import EGRESS_RULE, BuiltinRule, EgressPolicies, EgressPolicy
+from detect.egress import (
+    DNS_PORT,
+    EGRESS_RULE,
+    RESOLVER_RULE,
+    BuiltinRule,
+    EgressPolicies,
+    EgressPolicy,
+)
 from detect.fields import GETTERS, Getter, category_of_type
 from detect.ruleset import Correlation, Rule, RuleSet
 
@@ -92,14 +99,17 @@ def bounded(events: list[Any]) -> tuple[list[Any], int]:
     return events[:_HEAD] + events[-_TAIL:], len(events) - MAX_EVENTS
 
 
+def destination(event: ConnectEvent) -> str:
+    """A connect's destination as an egress alert names it: protocol, address and port,
+    and the name the sandbox resolved the address as when there is one."""
+    where = f"{event.protocol} {event.daddr}:{event.dport}"
+    return f"{where} ({event.hostname})" if event.hostname else where
+
+
 def egress_description(events: Sequence[Any], omitted: int = 0) -> str:
     """What an egress alert says: the destinations of the connects it lists, never one it
     does not list."""
-    where = list(
-        dict.fromkeys(
-            f"{e.protocol} {e.daddr}:{e.dport}" for e in events if type(e) is ConnectEvent
-        )
-    )
+    where = list(dict.fromkeys(destination(e) for e in events if type(e) is ConnectEvent))
     named = ", ".join(where[:3]) + (f" and {len(where) - 3} more" if len(where) > 3 else "")
     verb = "is" if len(where) == 1 else "are"
     rest = f" ({omitted} more connects not listed)" if omitted else ""
@@ -206,14 +216,49 @@ class Engine:
                     self._raise(out, rule, rule.description, event)  # type: ignore[arg-type]
                 if observe is not None:
                     observe(out, event)  # type: ignore[arg-type]
-        # A unix socket's connect (family "unix") is local IPC, not egress.
-        egress = self.egress
-        if type(event) is ConnectEvent and egress is not None and event.family != "unix":
-            policy = egress.per_sandbox.get(event.sandbox, egress.default)  # policy_for
-            if policy is not None and not policy.allows(event.daddr, event.dport):
-                where = f"{event.protocol} {event.daddr}:{event.dport}"
-                self._raise(out, EGRESS_RULE, f"{where} is not on the allow-list", event)
+        egress = self.egress  # read once: a reload swaps the whole mapping between events
+        if egress is not None:
+            if type(event) is ConnectEvent:
+                self._egress(out, egress, event)
+            elif type(event) is DnsEvent:
+                self._dns(out, egress, event)
         return out
+
+    def _egress(self, out: list[Alert], egress: EgressPolicies, event: ConnectEvent) -> None:
+        """The egress check of a connect or UDP send: DNS (port 53) by the sandbox's
+        resolvers when it has some, every other destination by its allow-list."""
+        if event.family == "unix":
+            return  # a unix socket's connect is local IPC, not egress
+        policy = egress.per_sandbox.get(event.sandbox, egress.default)  # policy_for
+        if policy is None:
+            return
+        if event.dport == DNS_PORT and policy.resolvers:
+            if not policy.is_resolver(event.daddr):
+                self._raise(
+                    out,
+                    RESOLVER_RULE,
+                    f"DNS to {destination(event)}, not one of the sandbox's resolvers "
+                    f"({', '.join(map(str, policy.resolvers))})",
+                    event,
+                )
+        elif not policy.allows(event.daddr, event.dport, event.hostname):
+            self._raise(out, EGRESS_RULE, f"{destination(event)} is not on the allow-list", event)
+
+    def _dns(self, out: list[Alert], egress: EgressPolicies, event: DnsEvent) -> None:
+        """A DNS answer the sandbox received from a server that is not one of its
+        resolvers (a query sent there, answered)."""
+        policy = egress.per_sandbox.get(event.sandbox, egress.default)
+        if policy is None or not policy.resolvers or not event.resolver:
+            return
+        if not policy.is_resolver(event.resolver):
+            self._raise(
+                out,
+                RESOLVER_RULE,
+                f"DNS answer for {event.query_name} {event.query_type} from "
+                f"{event.resolver}:{event.resolver_port}, not one of the sandbox's resolvers "
+                f"({', '.join(map(str, policy.resolvers))})",
+                event,
+            )
 
     def _loss(self, event: LostEvent) -> list[Alert]:
         """An alert for events lost: whatever was lost may have been the one that mattered
