@@ -198,7 +198,8 @@ def _egress(args: argparse.Namespace) -> EgressPolicySource | None:
         )
     elif args.egress_policy and len(given) > 1:
         problems.append(
-            f"--egress-policy holds the whole policy: give {', '.join(given[1:])} in its file "
+            "--egress-policy holds the whole policy: give "
+            f"{', '.join(o for o in given if o != '--egress-policy')} in its file "
             "instead (allow, resolvers, check_loopback)"
         )
     elif args.egress_policy:

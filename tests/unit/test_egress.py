@@ -187,8 +187,8 @@ def test_the_command_line_switches_the_loopback_rule(command: list[str]) -> None
     def policy(*options: str) -> EgressPolicy:
         args = build_parser().parse_args([command[0], *options, *command[1:]])
         egress = _egress(args)
-        assert egress is not None and egress.default is not None
-        return egress.default
+        assert egress is not None and egress.policies.default is not None
+        return egress.policies.default
 
     assert policy("--egress-allow", "192.0.2.0/24").allows("127.0.0.1", 5432)
     checked = policy("--egress-allow", "192.0.2.0/24", "--egress-check-loopback")
