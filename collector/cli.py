@@ -545,6 +545,7 @@ async def _run(args: argparse.Namespace) -> int:
         )
         _say_no_tail(why_no_tail, busy_is_normal=True)
         runner = asyncio.create_task(tracing.pipeline.run(stop))
+        tracing.reload_on_sighup(asyncio.get_running_loop())  # before CMD can ask for one
         try:
             child = await asyncio.create_subprocess_exec(
                 *cmd, preexec_fn=sandbox.join, stdout=command_output
@@ -560,7 +561,6 @@ async def _run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, child.send_signal, sig)
-        tracing.reload_on_sighup(loop)
         code = await child.wait()
         if args.wait_all:
             await asyncio.to_thread(_wait_empty, sandbox)
