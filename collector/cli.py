@@ -149,7 +149,7 @@ def _stream(args: argparse.Namespace) -> list[Sink]:
         ) from None
 
 
-def _engine(args: argparse.Namespace, egress: EgressPolicySource | None) -> Engine | None:
+def _engine(args: argparse.Namespace, egress: EgressPolicySource | None = None) -> Engine | None:
     """The detection engine with the built-in pack and the user's rules, judging egress by
     `egress` (and by each policy it reloads); refusals said."""
     if args.no_detect or args.server:

@@ -14,6 +14,10 @@
     builtin_rules = true
     egress_allow = ["10.0.0.0/8", "sandbox-7=192.0.2.0/24:443", "192.0.2.9:8000-8100"]
     egress_check_loopback = false        # true: loopback connects are judged by the list too
+    resolvers = ["192.0.2.53", "sandbox-7=198.51.100.53"]  # the only DNS servers sandboxes
+                                         # may query (default: DNS is not judged apart)
+    # egress_policy = "egress.toml"      # instead of the three above: a policy file
+                                         # (README, "Egress policy"), re-read on SIGHUP
     allow_refused_rules = false          # true: a rule that cannot load is a warning, not an
                                          # error (it raises no alerts)
     fold_seconds = 60                    # repeats of a rule for one process within this
@@ -91,6 +95,8 @@ class ServiceConfig:
     allow_refused_rules: bool = False
     egress_allow: list[str] = field(default_factory=list)
     egress_check_loopback: bool = False
+    resolvers: list[str] = field(default_factory=list)
+    egress_policy: str = ""
     fold_seconds: float = 60.0
     kill_on: str = ""  # "" or a level: api.orders.LEVELS
     freeze_on: str = ""
@@ -146,6 +152,8 @@ _SECTIONS: dict[str, dict[str, tuple[str, _KeyType, str]]] = {
         "allow_refused_rules": ("allow_refused_rules", bool, "true or false"),
         "egress_allow": ("egress_allow", list, "a list of strings: allow-list entries"),
         "egress_check_loopback": ("egress_check_loopback", bool, "true or false"),
+        "resolvers": ("resolvers", list, "a list of strings: DNS servers' addresses"),
+        "egress_policy": ("egress_policy", str, "a string: an egress policy file's path"),
         "fold_seconds": ("fold_seconds", _NUMBER, "a number of seconds"),
     },
     "response": {
@@ -252,7 +260,7 @@ def read(path: Path) -> tuple[ServiceConfig, list[str]]:
     return cfg, problems
 
 
-_PATHS = {"token_file", "tls_cert", "tls_key", "state_dir", "rules"}
+_PATHS = {"token_file", "tls_cert", "tls_key", "state_dir", "rules", "egress_policy"}
 _OUTPUT_PATHS = {"path", "ca_file", "token_file", "api_key_file"}
 
 

@@ -27,6 +27,7 @@ from detect.egress import EgressPolicies
 from detect.engine import Engine, Matcher
 from detect.loader import load_paths
 from detect.pack import builtin_rules
+from detect.policyfile import PolicyFileError, read_policy_file
 from detect.ruleset import RuleSet
 from service.config import ConfigError, ServiceConfig, check, load, read, read_token, tls_context
 
@@ -93,14 +94,34 @@ def refused_problems(cfg: ServiceConfig, rules: RuleSet) -> list[str]:
 
 
 def egress_of(cfg: ServiceConfig) -> EgressPolicies | None:
-    """The egress allow-lists; ConfigError naming every bad entry."""
+    """The egress policies: of egress_allow and resolvers, or of the egress_policy file;
+    ConfigError naming every bad entry."""
     where = cfg.where("egress_allow")
-    if not cfg.egress_allow:
-        if cfg.egress_check_loopback:
+    if cfg.egress_policy:
+        others = [
+            cfg.where(attr)
+            for attr in ("egress_allow", "resolvers", "egress_check_loopback")
+            if getattr(cfg, attr)
+        ]
+        if others:
             raise ConfigError(
-                f"{cfg.where('egress_check_loopback')}: applies to an egress allow-list, and "
-                f"there is none (expected {where} entries too, or no egress_check_loopback)"
+                f"{cfg.where('egress_policy')}: the policy file holds the whole policy "
+                f"(expected {' and '.join(others)} in the file instead: allow, resolvers, "
+                "check_loopback)"
             )
+        try:
+            return read_policy_file(Path(cfg.egress_policy))
+        except PolicyFileError as exc:
+            raise ConfigError(
+                [f"{cfg.where('egress_policy')}: {problem}" for problem in exc.problems]
+            ) from None
+    if not cfg.egress_allow:
+        for attr in ("egress_check_loopback", "resolvers"):
+            if getattr(cfg, attr):
+                raise ConfigError(
+                    f"{cfg.where(attr)}: applies to an egress allow-list, and there is none "
+                    f"(expected {where} entries too, or no {attr})"
+                )
         return None
     loopback = not cfg.egress_check_loopback
     problems = []
@@ -111,7 +132,35 @@ def egress_of(cfg: ServiceConfig) -> EgressPolicies | None:
             problems.append(f"{where}: {exc}")
     if problems:
         raise ConfigError(problems)
-    return EgressPolicies.parse(cfg.egress_allow, allow_loopback=loopback)
+    for spec in cfg.resolvers:
+        try:
+            EgressPolicies.parse(cfg.egress_allow, allow_loopback=loopback, resolvers=[spec])
+        except ValueError as exc:
+            problems.append(f"{cfg.where('resolvers')}: {exc}")
+    if problems:
+        raise ConfigError(problems)
+    return EgressPolicies.parse(cfg.egress_allow, allow_loopback=loopback, resolvers=cfg.resolvers)
+
+
+def reload_egress(cfg: ServiceConfig, ingest: Ingest, holder: list[EgressPolicies | None]) -> None:
+    """SIGHUP: the egress_policy file read again and put in every host's engine (and in
+    holder[0], which engines made later take); a file with problems keeps the policy in
+    use, and they are said."""
+    try:
+        policies = read_policy_file(Path(cfg.egress_policy))
+    except PolicyFileError as exc:
+        _say(f"SIGHUP: {problem}" for problem in exc.problems)
+        _say(
+            [
+                f"SIGHUP: {cfg.egress_policy} not reloaded ({len(exc.problems)} problems, "
+                "listed above); the previous egress policy stays"
+            ]
+        )
+        return
+    holder[0] = policies
+    for engine in ingest.engines.values():
+        engine.egress = policies
+    _say([f"SIGHUP: egress policy {cfg.egress_policy} of {len(policies)}"])
 
 
 def build_outputs(cfg: ServiceConfig) -> list[Output]:
@@ -251,12 +300,13 @@ async def serve(args: argparse.Namespace) -> int:
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
     matchers: dict[type, Matcher] = {}  # compiled once, shared by every host's engine
+    current_egress = [egress]  # the policy engines made from now on take (SIGHUP)
     ingest = Ingest(
         rules,
         on_alert=on_alert,
         on_batch=on_batch,
         state_dir=state,
-        engine_factory=lambda r: Engine(r, egress, cfg.fold_seconds, matchers),
+        engine_factory=lambda r: Engine(r, current_egress[0], cfg.fold_seconds, matchers),
         kill_on=cfg.kill_on or None,
         freeze_on=cfg.freeze_on or None,
     )
@@ -292,6 +342,8 @@ async def serve(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        if cfg.egress_policy:
+            loop.add_signal_handler(signal.SIGHUP, reload_egress, cfg, ingest, current_egress)
         scheme = "https" if ssl_ctx else "http"
         _say(
             [

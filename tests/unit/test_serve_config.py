@@ -103,8 +103,8 @@ what = "alerts"
             "[server] tls_cert: given without tls_key: tls_cert and tls_key go together",
         ),
         (
-            '[detection]\negress_allow = ["not-a-net"]\n',
-            "[detection] egress_allow: egress allow-list entry 'not-a-net'",
+            '[detection]\negress_allow = ["not a net"]\n',
+            "[detection] egress_allow: egress allow-list entry 'not a net'",
         ),
         (
             '[detection]\negress_allow = ["192.0.2.0/24:99999"]\n',
@@ -453,8 +453,8 @@ def test_egress_settings_reach_the_policies(tmp_path: Path) -> None:
     default = prepare(serve_args("--egress-allow", "192.0.2.0/24")).egress
     assert default is not None and default.default is not None
     assert default.default.allows("127.0.0.1", 5432)
-    with pytest.raises(ConfigError, match=r"^--egress-allow: egress allow-list entry 'x:1'"):
-        prepare(serve_args("--egress-allow", "x:1"))
+    with pytest.raises(ConfigError, match=r"^--egress-allow: egress allow-list entry 'x y:1'"):
+        prepare(serve_args("--egress-allow", "x y:1"))
 
 
 def test_relative_paths_in_the_file_are_beside_it(tmp_path: Path) -> None:
