@@ -133,7 +133,7 @@ def parse_policy(data: dict[str, Any], source: str) -> EgressPolicies:
                 )
                 continue
             for sandbox, table in value.items():
-                where = f"{source}: [sandbox.{_key(sandbox)}]"
+                where = f"{source}: [sandbox.{toml_key(sandbox)}]"
                 sandboxes[sandbox] = _table(where, table, problems)
         else:
             problems.append(f"{source}: [{name}]: unknown table (expected {_TABLES})")
@@ -145,7 +145,7 @@ def parse_policy(data: dict[str, Any], source: str) -> EgressPolicies:
     for sandbox, table in sandboxes.items():
         if table.allow is None and (default is None or default.allow is None):
             problems.append(
-                f"{source}: [sandbox.{_key(sandbox)}]: no allow key and no [default] allow "
+                f"{source}: [sandbox.{toml_key(sandbox)}]: no allow key and no [default] allow "
                 "to take (expected allow = [...] in either)"
             )
     if not data:
@@ -168,7 +168,7 @@ def parse_policy(data: dict[str, Any], source: str) -> EgressPolicies:
     )
 
 
-def _key(name: str) -> str:
+def toml_key(name: str) -> str:
     """A sandbox id as a TOML key: quoted unless bare (ids like /sandtrace/ci need quotes)."""
     if name and all(c.isalnum() or c in "-_" for c in name) and name.isascii():
         return name

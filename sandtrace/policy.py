@@ -2,15 +2,17 @@
 
 Read the JSON lines `run`/`watch` ``--events`` write, count the connects of each sandbox to
 each destination, and propose the entries (in the ``--egress-allow`` syntax,
-``[SANDBOX=]NET[:PORTS]``, or as the service's TOML) that would have let all of them pass:
-a start for moving from audit (trace, look) to enforcement (the allow-list alerts on the
-rest). Loopback destinations and unix sockets are left out (an allow-list lets loopback
-pass unless told otherwise, and unix sockets are not egress), and a note says how many.
+``[SANDBOX=]DEST[:PORTS]``, as the service's TOML, or as an ``--egress-policy`` file) that
+would have let all of them pass: a start for moving from audit (trace, look) to enforcement
+(the allow-list alerts on the rest). Loopback destinations and unix sockets are left out (an
+allow-list lets loopback pass unless told otherwise, and unix sockets are not egress), and a
+note says how many.
 
-A destination is named by its host name when the event carries one (the name the process
-looked up), else by its address: a name survives the address changes of a service behind a
-CDN, and reads better. Events of this version carry addresses only; `_destination` is the
-one place that chooses.
+A destination is named by its host name when the event carries one (the name the sandbox
+resolved for the address, else a TLS server name), else by its address: a name survives the
+address changes of a service behind a CDN, and reads better. `_destination` is the one place
+that chooses. A policy file also names the DNS servers the sandbox asked (port 53 connects
+and the servers of its DNS answers) as its resolvers, instead of allow entries for them.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO
 
-from api.events import ConnectEvent, EventFormatError
+from api.events import ConnectEvent, DnsEvent, EventFormatError
 from api.wire import event_from_json
+from detect.egress import DNS_PORT, parse_name, parse_resolver
+from detect.policyfile import toml_key
 
 
 @dataclass(slots=True)
@@ -41,6 +45,9 @@ class Suggestion:
 
     # sandbox -> destination (name or address) -> its connects
     sandboxes: dict[str, dict[str, _Destination]] = field(default_factory=lambda: defaultdict(dict))
+    # sandbox -> DNS server address -> queries sent to it (port 53 connects) and answers
+    # received from it (dns events)
+    resolvers: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
     loopback: int = 0  # connects to loopback, left out
     unix: int = 0  # unix socket connects, left out
     events: int = 0  # events read
@@ -54,6 +61,8 @@ class Suggestion:
         if _loopback(event.daddr):
             self.loopback += count
             return
+        if event.dport == DNS_PORT:
+            self.resolvers[event.sandbox][_unmapped(event.daddr)] += count
         name = _destination(event)
         dest = self.sandboxes[event.sandbox].get(name)
         if dest is None:
@@ -64,10 +73,26 @@ class Suggestion:
         if event.protocol:
             dest.protocols.add(event.protocol)
 
-    def entries(self, *, any_sandbox: bool = False) -> list[tuple[str, str, int, str]]:
+    def add_answer(self, event: DnsEvent) -> None:
+        if event.resolver:
+            self.resolvers[event.sandbox][_unmapped(event.resolver)] += 1
+
+    def resolvers_of(self, sandbox: str, *, any_sandbox: bool = False) -> list[str]:
+        """The DNS servers a sandbox (every sandbox, with any_sandbox) asked, most used
+        first."""
+        counts: Counter[str] = Counter()
+        for name, servers in self.resolvers.items():
+            if any_sandbox or name == sandbox:
+                counts.update(servers)
+        return sorted(counts, key=lambda a: (-counts[a], a))
+
+    def entries(
+        self, *, any_sandbox: bool = False, dns_apart: bool = False
+    ) -> list[tuple[str, str, int, str]]:
         """(sandbox, entry, connects, protocols) per destination: busiest sandbox first,
         in each the most connected destination first (then by name). With `any_sandbox`,
-        one list for every sandbox (entries without SANDBOX=)."""
+        one list for every sandbox (entries without SANDBOX=). With `dns_apart`, entries for
+        DNS servers on port 53 alone are left out (a policy names them as resolvers)."""
         groups: dict[str, dict[str, _Destination]] = self.sandboxes
         if any_sandbox:
             merged: dict[str, _Destination] = {}
@@ -85,16 +110,35 @@ class Suggestion:
             dests = groups[sandbox]
             for name in sorted(dests, key=lambda n: (-dests[n].connects, n)):
                 d = dests[name]
-                entry = _entry(sandbox, name, sorted(d.ports))
+                ports = sorted(d.ports)
+                asked = self.resolvers_of(sandbox, any_sandbox=any_sandbox) if dns_apart else []
+                if DNS_PORT in ports and _unmapped(name) in asked:
+                    ports.remove(DNS_PORT)  # the policy's resolvers allow it
+                    if not ports:
+                        continue
+                entry = _entry(sandbox, name, ports)
                 out.append((sandbox, entry, d.connects, ",".join(sorted(d.protocols))))
         return out
 
 
 def _destination(event: ConnectEvent) -> str:
     """What names a destination in the allow-list: its host name when the event carries
-    one (preferred), else its address."""
-    name = getattr(event, "hostname", "") or getattr(event, "daddr_name", "")
-    return name if isinstance(name, str) and name else event.daddr
+    one that an allow-list takes (preferred), else its address. DNS goes by address: a
+    resolver is named by its address."""
+    if event.hostname and event.dport != DNS_PORT:
+        try:
+            return parse_name(event.hostname)
+        except ValueError:
+            pass  # a name the sandbox was answered with, not one a policy can hold
+    return event.daddr
+
+
+def _unmapped(addr: str) -> str:
+    """An address as a policy keeps it: an IPv4-mapped IPv6 address as its IPv4 address."""
+    try:
+        return str(parse_resolver(addr))
+    except ValueError:
+        return addr
 
 
 def _loopback(addr: str) -> bool:
@@ -144,11 +188,17 @@ def read_events(paths: Iterable[str], suggestion: Suggestion) -> None:
             suggestion.events += 1
             if isinstance(event, ConnectEvent):
                 suggestion.add(event)
+            elif isinstance(event, DnsEvent):
+                suggestion.add_answer(event)
 
 
 def render(suggestion: Suggestion, fmt: str, *, any_sandbox: bool, out: IO[str]) -> None:
     """The allow-list as `fmt`: "text" (entries, each with its count, under a header per
-    sandbox), "flags" (the options of run/watch) or "toml" (the service's [detection])."""
+    sandbox), "flags" (the options of run/watch), "toml" (the service's [detection]) or
+    "policy" (an --egress-policy file, resolvers apart)."""
+    if fmt == "policy":
+        _render_policy(suggestion, any_sandbox=any_sandbox, out=out)
+        return
     entries = suggestion.entries(any_sandbox=any_sandbox)
     if fmt == "flags":
         out.write(" ".join(f"--egress-allow {entry}" for _, entry, _, _ in entries) + "\n")
@@ -166,6 +216,30 @@ def render(suggestion: Suggestion, fmt: str, *, any_sandbox: bool, out: IO[str])
             total = sum(c for s, _, c, _ in entries if s == sandbox)
             out.write(f"# sandbox {sandbox or '(any)'}: {total} connects\n")
         out.write(f"{entry}  # {n} connects ({protocols or '?'})\n")
+
+
+def _render_policy(suggestion: Suggestion, *, any_sandbox: bool, out: IO[str]) -> None:
+    """An --egress-policy file: a [default] table (any_sandbox) or a [sandbox.NAME] table per
+    sandbox, each with its allow entries (counted) and the resolvers it asked."""
+    entries = suggestion.entries(any_sandbox=any_sandbox, dns_apart=True)
+    out.write(f"# sandtrace policy suggest: {suggestion.events} events\n")
+    tables = list(dict.fromkeys(sandbox for sandbox, _, _, _ in entries))
+    for sandbox in suggestion.resolvers:  # a sandbox that only asked DNS
+        if not any_sandbox and sandbox not in tables and suggestion.resolvers[sandbox]:
+            tables.append(sandbox)
+    if any_sandbox and not tables:
+        tables = [""]
+    for sandbox in tables:
+        out.write("\n[default]\n" if any_sandbox else f"\n[sandbox.{toml_key(sandbox)}]\n")
+        out.write("allow = [\n")
+        for s, entry, n, protocols in entries:
+            if s == sandbox:  # the table names the sandbox: the entry without SANDBOX=
+                bare = entry.removeprefix(f"{s}=") if s else entry
+                out.write(f"    {json.dumps(bare)},  # {n} connects ({protocols or '?'})\n")
+        out.write("]\n")
+        servers = suggestion.resolvers_of(sandbox, any_sandbox=any_sandbox)
+        if servers:
+            out.write(f"resolvers = [{', '.join(json.dumps(a) for a in servers)}]\n")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -199,7 +273,7 @@ def main(args: argparse.Namespace) -> int:
         left.append(f"{suggestion.unix} unix socket connects (not egress)")
     if left:
         print(f"sandtrace: note: left out {' and '.join(left)}", file=sys.stderr)
-    if not suggestion.sandboxes:
+    if not suggestion.sandboxes and not (args.format == "policy" and suggestion.resolvers):
         print(
             f"sandtrace: policy suggest: no connect to propose in {suggestion.events} events",
             file=sys.stderr,

@@ -8,6 +8,8 @@ EXAMPLES = """examples:
   sandtrace policy suggest run.jsonl                 # per sandbox, with counts
   sandtrace policy suggest --any-sandbox --format flags run-*.jsonl
   sandtrace policy suggest --format toml events.jsonl >> service.toml
+  sandtrace policy suggest --any-sandbox --format policy run.jsonl > egress.toml
+  sandtrace run --egress-policy egress.toml -- CMD
 """
 
 
@@ -25,19 +27,20 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "suggest",
         help="an egress allow-list that lets every recorded connect pass",
         description="Read the JSON lines `run`/`watch --events` write (- for stdin) and "
-        "propose the egress\nallow-list entries ([SANDBOX=]NET[:PORTS]) that let every "
-        "connect they recorded pass, with\nthe count of each: a start for moving from "
-        "audit to enforcement. Loopback and unix\nsocket connects are left out (a note "
-        "says how many).",
+        "propose the egress\nallow-list entries ([SANDBOX=]DEST[:PORTS]; DEST is the name "
+        "the sandbox resolved, else\nthe address) that let every connect they recorded "
+        "pass, with the count of each: a start\nfor moving from audit to enforcement. "
+        "Loopback and unix socket connects are left out\n(a note says how many).",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     suggest.add_argument("files", nargs="+", metavar="FILE", help="events, as JSON lines")
     suggest.add_argument(
         "--format",
-        choices=["text", "flags", "toml"],
+        choices=["text", "flags", "toml", "policy"],
         default="text",
-        help="entries with counts (default), run/watch options, or the service's TOML",
+        help="entries with counts (default), run/watch options, the service's TOML, or an "
+        "--egress-policy file (names the DNS servers asked as resolvers)",
     )
     suggest.add_argument(
         "--any-sandbox",
