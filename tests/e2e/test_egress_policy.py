@@ -276,3 +276,53 @@ def test_sighup_reloads_the_policy_file_without_losing_events(
     assert counted > before + 50
     assert len(trues) == counted
     assert not [e for e in run.events if e["kind"] == "lost"]
+
+
+def test_a_policy_suggested_from_a_recording_lets_the_same_work_pass(
+    testnet: NetNS, dns: DnsServer, http: HttpHost, work: Path
+) -> None:
+    # Record (no policy), suggest a policy file from the recording, then run the same work
+    # and one name more under it: only that name alerts.
+    work_script = f"{curl(PKG, 'a.txt')} && {curl(MIRROR, 'b.txt')}"
+    recorded = sandtrace_run(testnet, work_script, work)
+    assert recorded.returncode == 0, recorded.stderr
+    suggest = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sandtrace",
+            "policy",
+            "suggest",
+            "--any-sandbox",
+            "--format",
+            "policy",
+            str(work / "events.jsonl"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert suggest.returncode == 0, suggest.stderr
+    lines = suggest.stdout.splitlines()
+    assert lines[2:] == [
+        "[default]",
+        "allow = [",
+        f'    "{MIRROR}:{PORT}",  # 1 connects (tcp)',  # ties: by name
+        f'    "{PKG}:{PORT}",  # 1 connects (tcp)',
+        "]",
+        f'resolvers = ["{dns.addr}"]',
+    ]
+    policy = work / "suggested.toml"
+    policy.write_text(suggest.stdout)
+    for name in ("events.jsonl", "alerts.jsonl"):
+        (work / name).unlink(missing_ok=True)
+    run = sandtrace_run(
+        testnet, f"{work_script} && {curl(OTHER, 'c.txt')}", work, "--egress-policy", str(policy)
+    )
+    assert run.returncode == 0, run.stderr
+    _, _, other = curl_pids(run)
+    assert [(a["process"]["pid"], a["description"]) for a in by_rule(run, EGRESS)] == [
+        (other, f"tcp {http.addr}:{PORT} ({OTHER}) is not on the allow-list")
+    ]
+    assert by_rule(run, RESOLVER) == []
