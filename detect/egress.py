@@ -201,6 +201,13 @@ class EgressPolicy:
     _resolver_ints: set[tuple[int, int]] = field(
         default_factory=set, init=False, repr=False, compare=False
     )
+    # `names` by name: the exact ones, and the wildcards by the domain they stand below
+    _exact: dict[str, list[PortRanges]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    _below: dict[str, list[PortRanges]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         self._ints.extend(
@@ -208,6 +215,11 @@ class EgressPolicy:
             for net, ports in self.allowed
         )
         self._resolver_ints.update((r.version, int(r)) for r in self.resolvers)
+        for pattern, ports in self.names:
+            if pattern.startswith("*."):
+                self._below.setdefault(pattern[2:], []).append(ports)
+            else:
+                self._exact.setdefault(pattern, []).append(ports)
 
     def with_resolvers(self, resolvers: Iterable[Resolver]) -> EgressPolicy:
         """This policy with `resolvers` as its DNS servers (a new policy: one in use is
@@ -262,13 +274,19 @@ class EgressPolicy:
         return answer
 
     def _allows_name(self, hostname: str, port: int) -> bool:
+        """Whether an entry for hostname itself, or a wildcard for a domain above it, allows
+        port: a lookup per label of the name (as name_matches would answer), whatever the
+        number of entries."""
         # The event's name is the sandbox's own (a DNS answer, a ClientHello): compared as
         # parse_name keeps the entries, lower case without the root's dot.
         name = hostname.lower().removesuffix(".")
-        for pattern, ports in self.names:
-            if name_matches(pattern, name) and (
-                not ports or any(first <= port <= last for first, last in ports)
-            ):
+        found = list(self._exact.get(name, ()))
+        dot = name.find(".")
+        while dot >= 0:
+            found += self._below.get(name[dot + 1 :], ())
+            dot = name.find(".", dot + 1)
+        for ports in found:
+            if not ports or any(first <= port <= last for first, last in ports):
                 return True
         return False
 

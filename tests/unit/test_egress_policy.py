@@ -86,6 +86,27 @@ def test_a_name_entry_allows_the_address_the_sandbox_resolved_for_it() -> None:
     assert not policy.allows("203.0.113.5", 443, "")
 
 
+@pytest.mark.parametrize(
+    ("hostname", "port", "allowed"),
+    [
+        ("a.b.example.org", 443, True),  # any depth below the wildcard's domain
+        ("b.example.org", 443, True),
+        ("example.org", 443, False),  # the domain itself is not below it
+        ("example.org", 80, True),  # ...but has an entry of its own
+        ("b.example.org", 80, False),
+        ("x.deep.example.org", 22, True),  # two wildcards apply: either's ports
+        ("x.deep.example.org", 443, True),
+        ("deep.example.org", 22, False),
+        ("x.deep.example.org", 25, False),
+        ("org", 443, False),
+        ("xexample.org", 443, False),
+    ],
+)
+def test_wildcards_at_every_level(hostname: str, port: int, allowed: bool) -> None:
+    policy = EgressPolicy.parse(["*.example.org:443", "example.org:80", "*.deep.example.org:22"])
+    assert policy.allows("203.0.113.5", port, hostname) is allowed
+
+
 def test_the_answer_cache_keys_on_the_hostname() -> None:
     policy = EgressPolicy.parse(["pypi.org"])
     # the same address and port, asked first with the allowed name, then without one and
