@@ -468,7 +468,7 @@ class _Tracing:
                 _say(f"SIGHUP: {problem}")
             if problems:
                 _say(
-                    f"SIGHUP: {source.path} not reloaded ({len(problems)} problems, listed "
+                    f"SIGHUP: {source.path} not reloaded ({_problems(len(problems))}, listed "
                     "above); the previous egress policy stays"
                 )
             else:
@@ -497,6 +497,10 @@ class _Tracing:
     async def close(self) -> None:
         if self.local_tail is not None:
             await self.local_tail.close()
+
+
+def _problems(n: int) -> str:
+    return f"{n} problem" if n == 1 else f"{n} problems"
 
 
 def _say_no_tail(why: TailSocketError | None, *, busy_is_normal: bool = False) -> None:

@@ -91,9 +91,10 @@ class EgressPolicySource:
         text = f"{what} of {len(self.policies)}"
         if self.uses_host_resolvers():
             servers = ", ".join(map(str, self.host_resolvers))
+            where = "in the file's resolvers" if self.path else "with --resolver"
             text += (
                 f", resolvers {servers} from the host's {self.resolv_conf} (a sandbox in a "
-                "mount namespace of its own may have others: name them with --resolver)"
+                f"mount namespace of its own may have others: name them {where})"
             )
         return text
 

@@ -152,8 +152,9 @@ def reload_egress(cfg: ServiceConfig, ingest: Ingest, holder: list[EgressPolicie
         _say(f"SIGHUP: {problem}" for problem in exc.problems)
         _say(
             [
-                f"SIGHUP: {cfg.egress_policy} not reloaded ({len(exc.problems)} problems, "
-                "listed above); the previous egress policy stays"
+                f"SIGHUP: {cfg.egress_policy} not reloaded ({len(exc.problems)} "
+                f"problem{'s' if len(exc.problems) != 1 else ''}, listed above); the previous "
+                "egress policy stays"
             ]
         )
         return

@@ -241,7 +241,7 @@ def test_sighup_reloads_the_policy_file_without_losing_events(
         assert stderr.wait_for("sandtrace: SIGHUP: ").startswith(
             f"sandtrace: SIGHUP: {policy}: [default] allow[0]: 'bad name': "
         )
-        stderr.wait_for(f"sandtrace: SIGHUP: {policy} not reloaded (1 problems, listed above)")
+        stderr.wait_for(f"sandtrace: SIGHUP: {policy} not reloaded (1 problem, listed above)")
         policy_file(policy, [f"{PKG}:{PORT}", f"{OTHER}:{PORT}"], [dns.addr])
         before = lines_in(work / "count")
         proc.send_signal(signal.SIGHUP)

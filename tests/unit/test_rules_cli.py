@@ -362,7 +362,7 @@ def test_replay_egress_allow_list_and_usage_errors(tmp_path: Path) -> None:
     for argv, said in (
         (["replay", str(tmp_path / "gone.jsonl")], "events file"),
         (["replay", "--rules", str(tmp_path / "none"), str(events)], "rules path"),
-        (["replay", "--egress-allow", "not-a-net", str(events)], "egress allow-list entry"),
+        (["replay", "--egress-allow", "not a net", str(events)], "egress allow-list entry"),
         (["replay", "-", "-"], "stdin (-) can be read only once"),
         (["replay", "--width", "0", str(events)], "--width"),
     ):
