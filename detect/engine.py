@@ -101,8 +101,11 @@ def bounded(events: list[Any]) -> tuple[list[Any], int]:
 
 def destination(event: ConnectEvent) -> str:
     """A connect's destination as an egress alert names it: protocol, address and port,
-    and the name the sandbox resolved the address as when there is one."""
+    and the name the sandbox resolved the address as when there is one (a TLS server name
+    said as such: the client chose it)."""
     where = f"{event.protocol} {event.daddr}:{event.dport}"
+    if event.hostname_source == "sni":
+        return f"{where} (TLS server name {event.hostname})"
     return f"{where} ({event.hostname})" if event.hostname else where
 
 
@@ -241,7 +244,12 @@ class Engine:
                     f"({', '.join(map(str, policy.resolvers))})",
                     event,
                 )
-        elif not policy.allows(event.daddr, event.dport, event.hostname):
+        # Only a name from a DNS answer the sandbox received can allow: a TLS server name is
+        # whatever the client put in its ClientHello, and would let any address pass as an
+        # allowed name (in-kernel enforcement, at connect time, has no ClientHello either).
+        elif not policy.allows(
+            event.daddr, event.dport, event.hostname if event.hostname_source == "dns" else ""
+        ):
             self._raise(out, EGRESS_RULE, f"{destination(event)} is not on the allow-list", event)
 
     def _dns(self, out: list[Alert], egress: EgressPolicies, event: DnsEvent) -> None:

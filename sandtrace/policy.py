@@ -8,8 +8,9 @@ would have let all of them pass: a start for moving from audit (trace, look) to 
 allow-list lets loopback pass unless told otherwise, and unix sockets are not egress), and a
 note says how many.
 
-A destination is named by its host name when the event carries one (the name the sandbox
-resolved for the address, else a TLS server name), else by its address: a name survives the
+A destination is named by the name the sandbox resolved for its address when the event
+carries one (a DNS answer the sandbox received; not a TLS server name, which a policy does
+not trust), else by its address: a name survives the
 address changes of a service behind a CDN, and reads better. `_destination` is the one place
 that chooses. A policy file also names the DNS servers the sandbox asked (port 53 connects
 and the servers of its DNS answers) as its resolvers, instead of allow entries for them.
@@ -122,10 +123,11 @@ class Suggestion:
 
 
 def _destination(event: ConnectEvent) -> str:
-    """What names a destination in the allow-list: its host name when the event carries
-    one that an allow-list takes (preferred), else its address. DNS goes by address: a
+    """What names a destination in the allow-list: the name the sandbox resolved for it
+    (preferred) when an allow-list can hold it, else its address. A TLS server name does
+    not count (a policy's names allow by DNS answers only), and DNS goes by address: a
     resolver is named by its address."""
-    if event.hostname and event.dport != DNS_PORT:
+    if event.hostname and event.hostname_source == "dns" and event.dport != DNS_PORT:
         try:
             return parse_name(event.hostname)
         except ValueError:

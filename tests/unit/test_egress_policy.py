@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from api.events import AnyEvent
@@ -126,6 +127,19 @@ def test_the_engine_alerts_by_name_and_names_the_destination() -> None:
     [other] = engine.feed(connect("203.0.113.5", 443, "pool.evil.example", pid=3))
     assert other.description == "tcp 203.0.113.5:443 (pool.evil.example) is not on the allow-list"
     assert engine.feed(connect("203.0.113.5", 80, "pypi.org", pid=4))[0].rule_id == EGRESS_RULE_ID
+
+
+def test_a_tls_server_name_never_allows() -> None:
+    """The client writes its ClientHello: a server name there is a claim, not a lookup."""
+    engine = Engine(RuleSet(), EgressPolicies.parse(["pypi.org:443"]))
+    claimed = msgspec.structs.replace(
+        connect("203.0.113.66", 443, "pypi.org", pid=1), hostname_source="sni"
+    )
+    [alert] = engine.feed(claimed)
+    assert alert.description == (
+        "tcp 203.0.113.66:443 (TLS server name pypi.org) is not on the allow-list"
+    )
+    assert engine.feed(connect("203.0.113.66", 443, "pypi.org", pid=2)) == []  # resolved
 
 
 def test_egress_alerts_per_process_still_fold() -> None:

@@ -58,6 +58,7 @@ EVENTS: list[AnyEvent] = [
     # an address no name explains, and a name no policy can hold: by address
     connect("/sandtrace/ci", "198.51.100.7", 8443),
     connect("/sandtrace/ci", "198.51.100.8", 443, "bad name\\x00"),
+    connect("/sandtrace/ci", "198.51.100.9", 443, "pypi.org", hostname_source="sni"),
     # DNS: to the resolver (a query), and its answers
     connect("/sandtrace/ci", "192.0.2.53", 53, protocol="udp"),
     answer("/sandtrace/ci", "192.0.2.53", "pypi.org"),
@@ -79,12 +80,13 @@ def test_names_are_proposed_with_counts(recorded: Path, capsys: pytest.CaptureFi
     assert main(["policy", "suggest", str(recorded)]) == 0
     out, _ = capsys.readouterr()
     assert out.splitlines() == [
-        "# sandbox /sandtrace/ci: 11 connects",
+        "# sandbox /sandtrace/ci: 12 connects",
         "/sandtrace/ci=pypi.org:443  # 6 connects (tcp)",
         "/sandtrace/ci=files.pythonhosted.org:80,443  # 2 connects (tcp)",
         "/sandtrace/ci=192.0.2.53:53  # 1 connects (udp)",
         "/sandtrace/ci=198.51.100.7:8443  # 1 connects (tcp)",
         "/sandtrace/ci=198.51.100.8:443  # 1 connects (tcp)",
+        "/sandtrace/ci=198.51.100.9:443  # 1 connects (tcp)",  # a TLS name: by address
         "# sandbox web: 1 connects",
         "web=github.com:443  # 1 connects (tcp)",
     ]
@@ -96,7 +98,7 @@ def test_the_policy_format_is_a_policy_file(
     assert main(["policy", "suggest", "--format", "policy", str(recorded)]) == 0
     out, _ = capsys.readouterr()
     assert out.splitlines() == [
-        "# sandtrace policy suggest: 12 events",
+        "# sandtrace policy suggest: 13 events",
         "",
         '[sandbox."/sandtrace/ci"]',
         "allow = [",
@@ -104,6 +106,7 @@ def test_the_policy_format_is_a_policy_file(
         '    "files.pythonhosted.org:80,443",  # 2 connects (tcp)',
         '    "198.51.100.7:8443",  # 1 connects (tcp)',
         '    "198.51.100.8:443",  # 1 connects (tcp)',
+        '    "198.51.100.9:443",  # 1 connects (tcp)',
         "]",
         'resolvers = ["192.0.2.53"]',
         "",
