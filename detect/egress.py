@@ -345,9 +345,10 @@ class EgressPolicies:
         """Entries as EgressPolicy.parse takes them, each optionally prefixed ``SANDBOX=``
         (a sandbox id) to apply to that sandbox only; a sandbox named in any entry gets
         only its own entries. allow_loopback applies to every list. `resolvers`: DNS
-        servers' addresses, ``[SANDBOX=]ADDR``, the same way (a sandbox named only there
-        keeps the shared entries, with its own resolvers). ValueError names a bad entry,
-        or a sandbox given resolvers but no allow-list."""
+        servers' addresses, ``[SANDBOX=]ADDR``, the same way (shared ones for every policy
+        without its own; a sandbox named only there keeps the shared entries, with its own
+        resolvers). ValueError names a bad entry, or a sandbox given resolvers but no
+        allow-list."""
         shared: list[tuple[Network | str, PortRanges]] = []
         named: dict[str, list[tuple[Network | str, PortRanges]]] = {}
         for spec in specs:
@@ -365,11 +366,6 @@ class EgressPolicies:
             else:
                 shared_dns.append(_resolver(spec, spec))
         default = EgressPolicy.of(shared, allow_loopback) if shared else None
-        if default is None and shared_dns:
-            raise ValueError(
-                "resolvers for every sandbox, and no allow-list entry for every sandbox "
-                "(expected allow-list entries without SANDBOX= too)"
-            )
         for sandbox in named_dns:
             if sandbox not in named and default is None:
                 raise ValueError(

@@ -210,6 +210,12 @@ def test_resolvers_per_sandbox() -> None:
     assert rules_of(engine, dns("198.51.100.53", sandbox="ci", pid=2)) == [RESOLVER_RULE_ID]
 
 
+def test_shared_resolvers_apply_to_sandboxes_with_entries_of_their_own_only() -> None:
+    egress = EgressPolicies.parse(["ci=github.com"], resolvers=["192.0.2.53"])
+    assert egress.default is None  # sandboxes not named are not checked, DNS neither
+    assert [str(r) for r in egress.per_sandbox["ci"].resolvers] == ["192.0.2.53"]
+
+
 @pytest.mark.parametrize(
     ("resolvers", "message"),
     [
