@@ -31,6 +31,7 @@ from api.events import ConnectEvent, DnsEvent, EventFormatError
 from api.wire import event_from_json
 from detect.egress import DNS_PORT, parse_name, parse_resolver
 from detect.policyfile import toml_key
+from sandtrace.suffixes import PUBLIC_SUFFIX_LIST, PublicSuffixes
 
 
 @dataclass(slots=True)
@@ -38,6 +39,17 @@ class _Destination:
     connects: int = 0
     ports: Counter[int] = field(default_factory=Counter)
     protocols: set[str] = field(default_factory=set)
+    names: int = 1  # the names a wildcard stands for
+
+    def merge(self, other: _Destination) -> None:
+        self.connects += other.connects
+        self.ports.update(other.ports)
+        self.protocols |= other.protocols
+
+    def what(self) -> str:
+        """What an entry's comment says besides its count: its protocols (and names)."""
+        protocols = ",".join(sorted(self.protocols)) or "?"
+        return f"{protocols}; {self.names} names" if self.names > 1 else protocols
 
 
 @dataclass(slots=True)
@@ -88,22 +100,28 @@ class Suggestion:
         return sorted(counts, key=lambda a: (-counts[a], a))
 
     def entries(
-        self, *, any_sandbox: bool = False, dns_apart: bool = False
+        self,
+        *,
+        any_sandbox: bool = False,
+        dns_apart: bool = False,
+        wildcards: int = 0,
+        suffixes: PublicSuffixes | None = None,
     ) -> list[tuple[str, str, int, str]]:
-        """(sandbox, entry, connects, protocols) per destination: busiest sandbox first,
-        in each the most connected destination first (then by name). With `any_sandbox`,
-        one list for every sandbox (entries without SANDBOX=). With `dns_apart`, entries for
-        DNS servers on port 53 alone are left out (a policy names them as resolvers)."""
+        """(sandbox, entry, connects, what) per destination: busiest sandbox first, in
+        each the most connected destination first (then by name). With `any_sandbox`, one
+        list for every sandbox (entries without SANDBOX=). With `dns_apart`, entries for
+        DNS servers on port 53 alone are left out (a policy names them as resolvers). With
+        `wildcards` and `suffixes`, that many names or more below one registrable domain
+        are one ``*.DOMAIN`` entry."""
         groups: dict[str, dict[str, _Destination]] = self.sandboxes
         if any_sandbox:
             merged: dict[str, _Destination] = {}
             for dests in self.sandboxes.values():
                 for name, d in dests.items():
-                    m = merged.setdefault(name, _Destination())
-                    m.connects += d.connects
-                    m.ports.update(d.ports)
-                    m.protocols |= d.protocols
+                    merged.setdefault(name, _Destination()).merge(d)
             groups = {"": merged} if merged else {}
+        if wildcards and suffixes is not None:
+            groups = {s: _wildcarded(d, wildcards, suffixes) for s, d in groups.items()}
         out = []
         for sandbox in sorted(
             groups, key=lambda s: (-sum(d.connects for d in groups[s].values()), s)
@@ -118,8 +136,39 @@ class Suggestion:
                     if not ports:
                         continue
                 entry = _entry(sandbox, name, ports)
-                out.append((sandbox, entry, d.connects, ",".join(sorted(d.protocols))))
+                out.append((sandbox, entry, d.connects, d.what()))
         return out
+
+
+def _wildcarded(
+    dests: dict[str, _Destination], min_names: int, suffixes: PublicSuffixes
+) -> dict[str, _Destination]:
+    """dests with every `min_names` or more names strictly below one registrable domain
+    made one ``*.DOMAIN`` destination (the domain's own name, if there, stays apart: a
+    wildcard does not stand for it). Addresses and names below a public suffix alone are
+    left as they are."""
+    below: dict[str, list[str]] = defaultdict(list)
+    for name in dests:
+        if _is_address(name):
+            continue
+        domain = suffixes.registrable(name)
+        if domain is not None and name != domain:
+            below[domain].append(name)
+    out = dict(dests)
+    for domain, names in below.items():
+        if len(names) >= min_names:
+            wildcard = out[f"*.{domain}"] = _Destination(names=len(names))
+            for name in names:
+                wildcard.merge(out.pop(name))
+    return out
+
+
+def _is_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _destination(event: ConnectEvent) -> str:
@@ -194,14 +243,28 @@ def read_events(paths: Iterable[str], suggestion: Suggestion) -> None:
                 suggestion.add_answer(event)
 
 
-def render(suggestion: Suggestion, fmt: str, *, any_sandbox: bool, out: IO[str]) -> None:
+def render(
+    suggestion: Suggestion,
+    fmt: str,
+    *,
+    any_sandbox: bool,
+    out: IO[str],
+    wildcards: int = 0,
+    suffixes: PublicSuffixes | None = None,
+) -> None:
     """The allow-list as `fmt`: "text" (entries, each with its count, under a header per
     sandbox), "flags" (the options of run/watch), "toml" (the service's [detection]) or
-    "policy" (an --egress-policy file, resolvers apart)."""
+    "policy" (an --egress-policy file, resolvers apart); names grouped in wildcards as
+    Suggestion.entries does."""
+    entries = suggestion.entries(
+        any_sandbox=any_sandbox,
+        dns_apart=fmt == "policy",
+        wildcards=wildcards,
+        suffixes=suffixes,
+    )
     if fmt == "policy":
-        _render_policy(suggestion, any_sandbox=any_sandbox, out=out)
+        _render_policy(suggestion, entries, any_sandbox=any_sandbox, out=out)
         return
-    entries = suggestion.entries(any_sandbox=any_sandbox)
     if fmt == "flags":
         out.write(" ".join(f"--egress-allow {entry}" for _, entry, _, _ in entries) + "\n")
         return
@@ -220,10 +283,16 @@ def render(suggestion: Suggestion, fmt: str, *, any_sandbox: bool, out: IO[str])
         out.write(f"{entry}  # {n} connects ({protocols or '?'})\n")
 
 
-def _render_policy(suggestion: Suggestion, *, any_sandbox: bool, out: IO[str]) -> None:
-    """An --egress-policy file: a [default] table (any_sandbox) or a [sandbox.NAME] table per
-    sandbox, each with its allow entries (counted) and the resolvers it asked."""
-    entries = suggestion.entries(any_sandbox=any_sandbox, dns_apart=True)
+def _render_policy(
+    suggestion: Suggestion,
+    entries: list[tuple[str, str, int, str]],
+    *,
+    any_sandbox: bool,
+    out: IO[str],
+) -> None:
+    """An --egress-policy file of `entries`: a [default] table (any_sandbox) or a
+    [sandbox.NAME] table per sandbox, each with its allow entries (counted) and the
+    resolvers it asked."""
     out.write(f"# sandtrace policy suggest: {suggestion.events} events\n")
     tables = list(dict.fromkeys(sandbox for sandbox, _, _, _ in entries))
     for sandbox in suggestion.resolvers:  # a sandbox that only asked DNS
@@ -287,5 +356,21 @@ def main(args: argparse.Namespace) -> int:
             "proposes entries for any sandbox",
             file=sys.stderr,
         )
-    render(suggestion, args.format, any_sandbox=args.any_sandbox, out=sys.stdout)
+    suffixes = None
+    if args.wildcards:
+        suffixes = PublicSuffixes.read()
+        if suffixes is None:
+            print(
+                f"sandtrace: note: --wildcards needs the Public Suffix List ({PUBLIC_SUFFIX_LIST}"
+                ", Debian's publicsuffix package): names are proposed one by one",
+                file=sys.stderr,
+            )
+    render(
+        suggestion,
+        args.format,
+        any_sandbox=args.any_sandbox,
+        out=sys.stdout,
+        wildcards=args.wildcards,
+        suffixes=suffixes,
+    )
     return 0

@@ -9,8 +9,21 @@ EXAMPLES = """examples:
   sandtrace policy suggest --any-sandbox --format flags run-*.jsonl
   sandtrace policy suggest --format toml events.jsonl >> service.toml
   sandtrace policy suggest --any-sandbox --format policy run.jsonl > egress.toml
+  sandtrace policy suggest --wildcards 3 run.jsonl   # *.example.org for 3+ names below it
   sandtrace run --egress-policy egress.toml -- CMD
 """
+
+
+def _at_least_two(text: str) -> int:
+    """--wildcards N: a whole number of names, 2 or more (a wildcard for one name would
+    allow more than was seen, for nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of names, 2 or more")
+    return value
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -47,5 +60,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         action="store_true",
         help="one list for every sandbox (entries without SANDBOX=): for `run`, whose "
         "sandbox ids are new on every run",
+    )
+    suggest.add_argument(
+        "--wildcards",
+        type=_at_least_two,
+        default=0,
+        metavar="N",
+        help="propose *.DOMAIN for N or more names below one registrable domain (by the "
+        "Public Suffix List: names below a public suffix such as github.io are never "
+        "grouped); default: every name on its own",
     )
     suggest.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")

@@ -15,6 +15,7 @@ from detect.engine import Engine
 from detect.policyfile import read_policy_file
 from detect.ruleset import RuleSet
 from sandtrace.cli import main
+from sandtrace.suffixes import PUBLIC_SUFFIX_LIST, PublicSuffixes
 from tests.unit.test_schemas import common, process
 
 
@@ -142,3 +143,83 @@ def test_any_sandbox_is_one_default_table(
     assert out.splitlines()[2:4] == ["[default]", "allow = ["]
     assert out.splitlines()[-1] == 'resolvers = ["192.0.2.53", "198.51.100.53"]'
     assert '    "github.com:443",  # 1 connects (tcp)' in out.splitlines()
+
+
+SUFFIXES = "// a part of the list\norg\nio\ngithub.io\nuk\nco.uk\n*.ck\n!www.ck\n"
+
+
+@pytest.mark.parametrize(
+    ("name", "registrable"),
+    [
+        ("files.pypi.org", "pypi.org"),
+        ("a.b.pypi.org", "pypi.org"),
+        ("pypi.org", "pypi.org"),
+        ("org", None),
+        ("www.example.co.uk", "example.co.uk"),
+        ("co.uk", None),
+        ("alice.github.io", "alice.github.io"),  # github.io is a public suffix
+        ("a.alice.github.io", "alice.github.io"),
+        ("x.foo.ck", "x.foo.ck"),  # *.ck: foo.ck is a public suffix
+        ("a.www.ck", "www.ck"),  # !www.ck: but www.ck is not
+        ("a.example.test", "example.test"),  # no rule: the last label is the suffix
+    ],
+)
+def test_registrable_domains_follow_the_public_suffix_list(
+    name: str, registrable: str | None
+) -> None:
+    assert PublicSuffixes.parse(SUFFIXES).registrable(name) == registrable
+
+
+def test_the_distributions_list_is_read() -> None:
+    suffixes = PublicSuffixes.read(PUBLIC_SUFFIX_LIST)
+    assert suffixes is not None, f"{PUBLIC_SUFFIX_LIST}: install Debian's publicsuffix"
+    assert suffixes.registrable("raw.githubusercontent.com") == "raw.githubusercontent.com"
+    assert suffixes.registrable("files.pythonhosted.org") == "pythonhosted.org"
+    assert PublicSuffixes.read(Path("/nonexistent/list.dat")) is None
+
+
+def test_wildcards_group_names_below_one_registrable_domain(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    events = [
+        *[connect("ci", "192.0.2.1", 443, f"{n}.pythonhosted.org") for n in ("a", "b", "c")],
+        connect("ci", "192.0.2.1", 80, "d.e.pythonhosted.org"),
+        connect("ci", "192.0.2.2", 443, "pythonhosted.org"),  # the domain itself: apart
+        connect("ci", "192.0.2.3", 443, "x.example.co.uk"),
+        connect("ci", "192.0.2.4", 443, "y.example.co.uk"),  # 2 < 3: each on its own
+        *[connect("ci", "192.0.2.5", 443, f"{n}.github.io") for n in ("al", "bo", "cy")],
+        connect("ci", "192.0.2.6", 443),
+    ]
+    path = tmp_path / "events.jsonl"
+    path.write_text("".join(json_line(e) + "\n" for e in events))
+    assert main(["policy", "suggest", "--wildcards", "3", "--format", "policy", str(path)]) == 0
+    out, _ = capsys.readouterr()
+    assert out.splitlines()[2:] == [
+        "[sandbox.ci]",
+        "allow = [",
+        '    "*.pythonhosted.org:80,443",  # 4 connects (tcp; 4 names)',
+        '    "192.0.2.6:443",  # 1 connects (tcp)',
+        '    "al.github.io:443",  # 1 connects (tcp)',  # owners apart: never grouped
+        '    "bo.github.io:443",  # 1 connects (tcp)',
+        '    "cy.github.io:443",  # 1 connects (tcp)',
+        '    "pythonhosted.org:443",  # 1 connects (tcp)',
+        '    "x.example.co.uk:443",  # 1 connects (tcp)',
+        '    "y.example.co.uk:443",  # 1 connects (tcp)',
+        "]",
+    ]
+    policy = tmp_path / "egress.toml"
+    policy.write_text(out)
+    engine = Engine(RuleSet(), read_policy_file(policy))
+    assert [a for e in events for a in engine.feed(e)] == []
+
+
+@pytest.mark.parametrize("value", ["1", "0", "many"])
+def test_wildcards_takes_two_or_more(
+    value: str, recorded: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["policy", "suggest", "--wildcards", value, str(recorded)])
+    assert info.value.code == 2
+    assert f"argument --wildcards: {value!r}: expected a number of names, 2 or more" in (
+        capsys.readouterr().err
+    )
