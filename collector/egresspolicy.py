@@ -69,6 +69,7 @@ class EgressPolicySource:
         self.path = path
         self.resolv_conf = resolv_conf
         self.host_resolvers = host_resolvers(resolv_conf)
+        self.took_host_resolvers = False  # some policy named no resolvers: took the host's
         self.policies = self._filled(policies)
         self._subscribers: list[PolicyCallback] = []
         self._reloading = asyncio.Lock()
@@ -79,17 +80,14 @@ class EgressPolicySource:
         return cls(read_policy_file(path), path, resolv_conf)
 
     def _filled(self, policies: EgressPolicies) -> EgressPolicies:
+        self.took_host_resolvers = any(not p.resolvers for p in policies.policies())
         return policies.with_default_resolvers(self.host_resolvers)
-
-    def uses_host_resolvers(self) -> bool:
-        """Whether some policy took the host's nameservers (none were given for it)."""
-        return any(p.resolvers == self.host_resolvers for p in self.policies.policies())
 
     def describe(self) -> str:
         """What the startup line says about the policy."""
         what = f"egress policy {self.path}" if self.path else "egress allow-list"
         text = f"{what} of {len(self.policies)}"
-        if self.uses_host_resolvers():
+        if self.took_host_resolvers:
             servers = ", ".join(map(str, self.host_resolvers))
             where = "in the file's resolvers" if self.path else "with --resolver"
             text += (
@@ -99,23 +97,32 @@ class EgressPolicySource:
         return text
 
     def on_policy_change(self, callback: PolicyCallback) -> None:
-        """Call `callback` with the new policies after every reload that changed them."""
+        """Call `callback` with the new policies (resolvers filled in) after every reload,
+        in the order subscribed, on the event loop's thread: the hook for whatever else
+        holds sandboxes to the policy."""
         self._subscribers.append(callback)
 
     async def reload(self) -> list[str]:
-        """Re-read the file (in a worker thread): the new policies in use, every subscriber
-        told; or, when the file has problems, the old policies kept and the problems
-        returned for the caller to say. Reloads one at a time, in the order asked."""
-        if self.path is None:
+        """Re-read the file and the host's resolv.conf (in a worker thread): the new
+        policies in use, every subscriber told; or, when the file has problems, the old
+        policies kept and the problems returned for the caller to say. Reloads one at a
+        time, in the order asked."""
+        path = self.path
+        if path is None:
             return []
+
+        def read() -> tuple[EgressPolicies, tuple[Resolver, ...]]:
+            return read_policy_file(path), host_resolvers(self.resolv_conf)
+
         async with self._reloading:
             try:
-                policies = await asyncio.to_thread(read_policy_file, self.path)
+                policies, resolvers = await asyncio.to_thread(read)
             except PolicyFileError as exc:
-                log.debug("egress policy not reloaded", path=str(self.path))
+                log.debug("egress policy not reloaded", path=str(path))
                 return exc.problems
+            self.host_resolvers = resolvers
             self.apply(policies)
-            log.info("egress policy reloaded", path=str(self.path), entries=len(policies))
+            log.info("egress policy reloaded", path=str(path), entries=len(policies))
             return []
 
     def apply(self, policies: EgressPolicies) -> None:

@@ -258,6 +258,10 @@ def test_resolv_conf_fills_only_policies_without_resolvers(tmp_path: Path) -> No
     assert [str(r) for r in source.policies.default.resolvers] == ["192.0.2.1"]
     assert [str(r) for r in source.policies.per_sandbox["ci"].resolvers] == ["192.0.2.99"]
     assert egress.default is not None and egress.default.resolvers == ()  # not changed
+    given = EgressPolicySource(
+        EgressPolicies.parse(["pypi.org"], resolvers=["192.0.2.1"]), resolv_conf=conf
+    )
+    assert given.describe() == "egress allow-list of 1"  # its resolvers are its own
     assert source.describe().startswith(
         f"egress allow-list of 2, resolvers 192.0.2.1 from the host's {conf} (a sandbox in "
         "a mount namespace of its own may have others"
@@ -386,12 +390,14 @@ def test_a_reload_swaps_the_policy_and_a_bad_file_keeps_the_old(tmp_path: Path) 
     old = source.policies
 
     path.write_text('[default]\nallow = ["pypi.org", "github.com"]\n')
+    conf.write_text("nameserver 192.0.2.54\n")  # resolv.conf is read again too
     assert asyncio.run(source.reload()) == []
     assert told == [source.policies] and engine.egress is source.policies
     assert rules_of(engine, connect("203.0.113.9", 443, "github.com", pid=2)) == []
     assert source.policies.default is not None
-    assert [str(r) for r in source.policies.default.resolvers] == ["192.0.2.53"]
+    assert [str(r) for r in source.policies.default.resolvers] == ["192.0.2.54"]
     assert old.default is not None and old.default.names == (("pypi.org", ()),)  # unchanged
+    assert [str(r) for r in old.default.resolvers] == ["192.0.2.53"]
 
     path.write_text('[default]\nallow = ["pypi.org", "bad name"]\n')
     kept = source.policies
