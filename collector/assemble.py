@@ -33,7 +33,7 @@ from api.events import (
 from collector import dns as dns_mod
 from collector import flows as flows_mod
 from collector import records as R
-from collector.proctable import Names, ProcessTable
+from collector.proctable import ExecIdentity, Names, ProcessTable
 from collector.sockets import HeldSocket, UnixListener, UnixListeners
 from collector.stdio import from_record as stdio_from_record
 
@@ -250,7 +250,7 @@ class Assembler:
         exe, argv = (
             (info.exe, list(info.argv)) if info is not None and info.key == key else (b"", [])
         )
-        return Process(
+        process = Process(
             pid=h.pid,
             tid=h.tid,
             ns_pid=h.ns_pid,
@@ -266,6 +266,12 @@ class Assembler:
             group=self.names.group(h.gid),
             ancestry=self.procs.ancestry(h.pid),
         )
+        ident = info.ident if info is not None and info.key == key else None
+        if ident is not None:  # its program's, from its completed exec (identify)
+            process.sha256, process.original_exe = ident.sha256, ident.original_exe
+            process.go_module, process.cwd = ident.go_module, ident.cwd
+            process.filename = ident.filename
+        return process
 
     def _common(self, h: R.Header | R.AnyRecord) -> _Common:
         # Everything but the time depends only on header fields and the process table, so
@@ -317,6 +323,16 @@ class Assembler:
             cache = self._context_cache
             for key in keys:
                 cache.pop(key, None)
+
+    def identify(self, pid: int, key: str, ident: ExecIdentity) -> None:
+        """Remember what process `pid` (`key`) now runs, from its completed exec event (or
+        its parent's, for a child forked before that was known): the events of the process
+        that follow, and of the children it forks, carry it (Process.sha256 ...)."""
+        info = self.procs.get(pid)
+        if info is None or info.key != key:
+            return
+        info.ident = ident
+        self._forget(pid)
 
     # -- records ----------------------------------------------------------------------------
 

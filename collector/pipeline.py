@@ -204,6 +204,7 @@ class Pipeline:
         if batch is not None:
             await asyncio.get_running_loop().run_in_executor(self.enricher.pool, batch.work)
             batch.apply()
+        self.enricher.carry(events, self.assembler.identify)
 
     def check_losses(self) -> None:
         """Emit a LostEvent for whatever was lost since the last check."""

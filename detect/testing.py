@@ -72,7 +72,8 @@ KNOWN_FIELDS = frozenset({
     "ApplicationProtocol", "TlsServerName", "HttpHost", "ApplicationDetail", "QueryName",
     "QueryType", "QueryStatus", "QueryResults", "ResolverIp",
 })  # fmt: skip
-# OriginalFileName sets the packaged file the executable copies (original_exe); GoModule the
+# OriginalFileName sets the packaged file the executable copies (original_exe, on the exec event
+# and on the process of any event); GoModule the
 # Go main module; Sha256 the digest (Hashes reads "SHA256=<it>"); Stdio the three standard
 # streams as the collector gives them ("tcp:203.0.113.7:4444", "pipe", ...); ExecFileName the
 # name given to execve (by default Image); Comm the process name (by default "test").
@@ -124,6 +125,11 @@ def event_from_fields(category: str, fields: dict[str, Any], at: float = 0.0) ->
         user=str(fields.get("User", "agent")),
         group="agent",
         ancestry=ancestry,
+        sha256=str(fields.get("Sha256", "")),
+        original_exe=_b(fields.get("OriginalFileName", "")),
+        go_module=str(fields.get("GoModule", "")),
+        cwd=_b(fields.get("CurrentDirectory", "")),
+        filename=_b(fields.get("ExecFileName", "")),
     )
     common: dict[str, Any] = {
         "time_ns": T0 + int(at * 1e9),
