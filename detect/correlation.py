@@ -16,7 +16,7 @@ from typing import Any
 
 from api.events import Alert, Event
 from detect.codegen import CodeContext
-from detect.fields import ALWAYS_STR, Getter
+from detect.fields import ALWAYS_STR, GROUP_LIST_FIELDS, Getter
 from detect.ruleset import Correlation, Rule
 
 NS = 1_000_000_000
@@ -38,7 +38,7 @@ class Counting:
     def __init__(self, corr: Correlation, rule: Rule) -> None:
         self.corr = corr
         self.rule_id = rule.id
-        self.group_by = tuple(corr.group_by)
+        self.group_by = corr.group_fields(rule)
         self.window_ns = int(corr.seconds * NS)
         temporal = corr.kind.startswith("temporal")
         # value_count counts distinct values of a field; temporal ones, distinct rules
@@ -272,19 +272,23 @@ def observer(
         after = _needs_before(counting)
         if after is None:
             window = "_Window" if counting.field is None else "_Distinct"
-            body += [
-                f"    w = W{n}.get({key})",
+            lines = [
+                f"    w = W{n}.get(k)",
                 "    if w is None:",
-                f"        w = W{n}[{key}] = {window}()",
+                f"        w = W{n}[k] = {window}()",
+                *_count(n, counting, value, getters, scope),
             ]
-            body += _count(n, counting, value, getters, scope)
         else:  # an entry no earlier rule of the order precedes can never be part of it
             scope[f"P{n}"] = after
-            body += [
-                f"    w = W{n}.get({key})",
+            lines = [
+                f"    w = W{n}.get(k)",
                 f"    if w is not None and P{n} in w.positions:",
                 *[f"    {line}" for line in _count(n, counting, value, getters, scope)],
             ]
+        if counting.group_by[0] in GROUP_LIST_FIELDS:  # the event is in the group of each
+            body += [f"    for k in {key} or ():", *[f"    {line}" for line in lines]]
+        else:
+            body += [f"    k = {key}", *lines]
     lines = ["def observe(out, e):", "    now = e.time_ns"]
     lines += [f"    {local} = {source}" for source, local in reads.items()]
     lines += body

@@ -168,6 +168,19 @@ CATEGORY_FIELDS: dict[str, dict[str, str]] = {
 }
 
 
+# Fields only correlations read, to group events (not for a detection's tests): every
+# category has them.
+GROUP_FIELDS = {
+    "LineageProcessIds": (
+        "the process's pid, then its ancestors' up to the sandbox's first process, nearest"
+        " first (list): grouped by it, an event joins the group of each, so a correlation can"
+        " follow what a process's descendants do (Sigma aliases name it for one rule and"
+        " ProcessId for another)"
+    ),
+}
+# Group fields whose values are lists (an event is in the group of each element).
+GROUP_LIST_FIELDS = frozenset({"LineageProcessIds"})
+
 # Fields whose values are lists (a rule's test holds when it holds for any element).
 LIST_FIELDS = frozenset({"Argv", "AncestorImages", "QueryResults"})
 # Fields whose values are always text (str), so a regex can run on them as they are.
@@ -570,6 +583,7 @@ COMMON_GETTERS: dict[str, Getter] = {
     "User": _x("e.process.user or str(e.process.uid)"),
     "Uid": _x("e.process.uid"),
     "Comm": _x(text_expression("e.process.comm")),
+    "LineageProcessIds": _x("[e.process.pid, *[a.pid for a in e.process.ancestry]]"),
     # what the process runs, as its exec event said (exec events read their own fields)
     "CurrentDirectory": _decoding("e.process.cwd"),
     "OriginalFileName": _x(
