@@ -27,7 +27,7 @@ MODULES_DIR="/lib/modules/$KERNEL_RELEASE"
 PACKAGES=(
 	python3-bpfcc bpfcc-tools bpftool clang-format python3-venv python3-dev
 	iproute2 openssh-server openssh-client rsyslog rsyslog-gnutls procps
-	netcat-openbsd socat curl wget git gcc libc6-dev openssl systemd age
+	netcat-openbsd socat curl wget git gcc libc6-dev openssl systemd age golang-go rpm
 )
 
 step() { printf '==> %s\n' "$*"; }
