@@ -193,9 +193,10 @@ def _egress(args: argparse.Namespace) -> EgressPolicies | None:
 
 
 def _package_index() -> PackageIndex:
-    """The dpkg digest index, built from now on in the background (while the probes compile:
-    BCC's compiler does not hold the GIL), so that the first new executable finds it ready
-    instead of holding up every event behind its exec while it is built (~0.3 s)."""
+    """The package digest index (dpkg, rpm, apk), built from now on in the background
+    (while the probes compile: BCC's compiler does not hold the GIL), so that the first new
+    executable finds it ready instead of holding up every event behind its exec while it is
+    built (~0.3 s)."""
     packages = PackageIndex()
     if packages.available():
         threading.Thread(target=packages.warm, name="sandtrace-packages", daemon=True).start()
@@ -203,11 +204,12 @@ def _package_index() -> PackageIndex:
 
 
 def _enricher(packages: PackageIndex | None = None) -> ExecEnricher:
-    """Exec identity and standard streams; a host without a dpkg database is said once."""
+    """Exec identity and standard streams; a host without a package database is said once."""
     packages = packages or PackageIndex()
     if not packages.available():
         print(
-            "sandtrace: no dpkg database: renamed system binaries are recognised by name only",
+            "sandtrace: no package database (dpkg, rpm, apk): renamed system binaries are"
+            " recognised by name only",
             file=sys.stderr,
         )
     return ExecEnricher(Identities(packages if packages.available() else None), StdioReader())

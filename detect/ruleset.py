@@ -6,8 +6,8 @@ silently; a RuleSet keeps the refusals next to the rules that loaded.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -67,10 +67,8 @@ class Correlation:
         as the field it names for this rule."""
         out = []
         for name in self.group_by:
-            mapping = self.aliases.get(name)
-            if mapping is not None:
-                name = mapping.get(rule.name, mapping.get(rule.id, name))
-            out.append(name)
+            mapping = self.aliases.get(name, {})
+            out.append(mapping.get(rule.name, mapping.get(rule.id, name)))
         return tuple(out)
 
 
