@@ -217,13 +217,16 @@ class CgroupMoveEvent(Event, tag="cgroup_move"):
 
 
 class RawSocketEvent(Event, tag="raw_socket"):
-    """A raw IP socket a traced process made: it can craft packets no connect or bind shows."""
+    """A raw IP or packet socket a traced process made: it can craft packets no connect or
+    bind shows."""
 
     kind: ClassVar[str] = "raw_socket"
 
-    family: str = ""  # "ipv4" | "ipv6"
-    protocol: str = ""  # the IP protocol it was opened for: "icmp", "tcp", "udp", "ip/<n>"
-    protocol_number: int = 0  # as given to socket(): 255 is IPPROTO_RAW
+    family: str = ""  # "ipv4" | "ipv6" | "packet" (AF_PACKET)
+    # the IP protocol it was opened for: "icmp", "tcp", "udp", "ip/<n>"; a packet socket's
+    # ethertype: "all", "ip", "ipv6", "arp", "none", "eth/0x<hex>"
+    protocol: str = ""
+    protocol_number: int = 0  # as given to socket(), in host order: 255 is IPPROTO_RAW
 
 
 class IoUringEvent(Event, tag="io_uring"):

@@ -47,6 +47,7 @@ IPPROTO_TCP = 6
 IPPROTO_UDP = 17
 AF_INET = 2
 AF_INET6 = 10
+AF_PACKET = 17
 
 # The key of the cached event context: the header's fields from cgroup_id to comm (all but
 # type, version, size and time), h[4:14] of any record.
@@ -80,7 +81,7 @@ def fmt_addr(family: int, raw: bytes) -> str:
 
 
 def family_name(family: int) -> str:
-    return {AF_INET: "ipv4", AF_INET6: "ipv6"}.get(family, f"af/{family}")
+    return {AF_INET: "ipv4", AF_INET6: "ipv6", AF_PACKET: "packet"}.get(family, f"af/{family}")
 
 
 def protocol_name(sock_type: int, protocol: int) -> str:
@@ -105,6 +106,17 @@ IP_PROTOCOLS = {
 
 def ip_protocol_name(protocol: int) -> str:
     return IP_PROTOCOLS.get(protocol, f"ip/{protocol}")
+
+
+# Ethertypes a packet socket is asked for (linux/if_ether.h): 0 receives nothing until bound.
+ETHERTYPES = {0: "none", 0x0003: "all", 0x0800: "ip", 0x0806: "arp", 0x86DD: "ipv6"}
+
+
+def socket_protocol_name(family: int, protocol: int) -> str:
+    """A raw socket's protocol: the IP protocol, or a packet socket's ethertype."""
+    if family == AF_PACKET:
+        return ETHERTYPES.get(protocol, f"eth/0x{protocol:04x}")
+    return ip_protocol_name(protocol)
 
 
 def errno_name(err: int) -> str:
@@ -382,7 +394,7 @@ class Assembler:
                     RawSocketEvent(
                         **self._common(rec),
                         family=family_name(rec.family),
-                        protocol=ip_protocol_name(rec.protocol),
+                        protocol=socket_protocol_name(rec.family, rec.protocol),
                         protocol_number=rec.protocol,
                     )
                 ]

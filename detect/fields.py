@@ -158,10 +158,15 @@ CATEGORY_FIELDS: dict[str, dict[str, str]] = {
     },
     KERNEL_INTERFACE: {
         **COMMON_FIELDS,
-        "Action": "raw_socket (a raw IP socket was made) or io_uring (a ring was set up)",
-        "Family": "raw sockets: ipv4 or ipv6",
-        "Protocol": "raw sockets: the IP protocol, icmp, icmpv6, tcp, udp, raw, ip/<n>",
-        "ProtocolNumber": "raw sockets: the protocol number given to socket()",
+        "Action": (
+            "raw_socket (a raw IP or packet socket was made) or io_uring (a ring was set up)"
+        ),
+        "Family": "raw sockets: ipv4, ipv6, or packet (AF_PACKET: link-layer frames)",
+        "Protocol": (
+            "raw sockets: the IP protocol, icmp, icmpv6, tcp, udp, raw, ip/<n>; packet"
+            " sockets: the ethertype, all, ip, ipv6, arp, none, eth/0x<hex>"
+        ),
+        "ProtocolNumber": "raw sockets: the protocol number given to socket() (host order)",
         "Flags": "io_uring: its IORING_SETUP_* flags",
         "SqEntries": "io_uring: submission queue entries",
     },
