@@ -35,6 +35,7 @@ from collector.pipeline import (
 )
 from collector.proctable import ProcessTable, descendants
 from collector.response import Responder, TracedSandbox
+from collector.packet_sockets import PacketSocketPoller
 from collector.startup import held_socket_events
 from collector.stdio import StdioReader
 from collector.stream import StreamSink
@@ -392,8 +393,17 @@ class _Tracing:
             for sink in outputs.sinks:
                 if isinstance(sink, StreamSink):
                     sink.on_order = self.responder.order_from_service
+        # Without kprobes, packet sockets are looked up in /proc instead of seen being made.
+        pollers = []
+        if not probes.features.packet_kprobe:
+            pollers.append(PacketSocketPoller(self.assembler, root).poll)
         self.pipeline = Pipeline(
-            probes, self.assembler, sinks, engine=self.engine, enricher=self.enricher
+            probes,
+            self.assembler,
+            sinks,
+            engine=self.engine,
+            enricher=self.enricher,
+            pollers=pollers,
         )
         if self.responder is not None:
             self.responder.out = self.pipeline.emit

@@ -182,6 +182,10 @@ class ProcessTable:
 
     # --- reading ---------------------------------------------------------------------
 
+    def live_pids(self) -> list[int]:
+        """The pids of the processes the table holds that have not exited."""
+        return [pid for pid, info in self._procs.items() if not info.exited]
+
     def ancestry(self, pid: int, limit: int = 32) -> list[AncestorRef]:
         """Ancestors of `pid`, parent first, as far as the table knows them.
 

@@ -36,9 +36,10 @@ class KernelFeatures:
 
 
 BLIND_SPOTS = [
-    "AF_PACKET (packet) sockets: their creation in a sandbox is an event (a kprobe on "
-    "packet_create), their traffic is not: frames sent or read on them pass no connect, "
-    "bind or cgroup hook, and a hook on every packet would slow the whole host",
+    "AF_PACKET (packet) sockets: a sandbox's are events when made (a kprobe on "
+    "packet_create; without kprobes, found held in /proc within a second), their traffic "
+    "is not seen: frames sent or read on them pass no connect, bind or cgroup hook, and a "
+    "hook on every packet would slow the whole host",
 ]
 """What no hook sandtrace uses can see on any kernel; said at startup with the notes."""
 
@@ -185,12 +186,15 @@ def check(require_root: bool = True) -> KernelFeatures:
     if not has_kprobes():
         notes.append(
             "this kernel has no kprobes (CONFIG_KPROBE_EVENTS): packet (AF_PACKET) sockets "
-            "made in sandboxes are not reported"
+            "made in sandboxes are looked for in /proc once a second instead, so one made "
+            "and closed between two looks is not reported"
         )
     elif not has_kernel_function(PACKET_CREATE):
         notes.append(
             f"no {PACKET_CREATE} in this kernel now (no AF_PACKET, or af_packet is a module "
-            "not loaded yet): packet (AF_PACKET) sockets made in sandboxes are not reported"
+            "not loaded yet): packet (AF_PACKET) sockets made in sandboxes are looked for in "
+            "/proc once a second instead, so one made and closed between two looks is not "
+            "reported"
         )
     else:
         packet = True
