@@ -25,6 +25,7 @@ from collector.assemble import FLOW_HOLD_NS, Assembler, Scope
 from collector.enrich import ExecEnricher
 from collector.identity import Identities
 from collector.packages import PackageIndex
+from collector.packet_sockets import PacketSocketPoller
 from collector.pipeline import (
     CallbackSink,
     EscapeFollower,
@@ -35,7 +36,6 @@ from collector.pipeline import (
 )
 from collector.proctable import ProcessTable, descendants
 from collector.response import Responder, TracedSandbox
-from collector.packet_sockets import PacketSocketPoller
 from collector.startup import held_socket_events
 from collector.stdio import StdioReader
 from collector.stream import StreamSink

@@ -79,7 +79,7 @@ class PacketSocketPoller:
 
     def _netns(self, pid: int) -> int | None:
         try:
-            return os.stat(f"{self.proc}/{pid}/ns/net").st_ino
+            return os.stat(f"{self.proc}/{pid}/ns/net").st_ino  # noqa: PTH116 - per pid, each second
         except OSError:
             return None
 
@@ -114,13 +114,13 @@ class PacketSocketPoller:
         for pid in pids:
             fd_dir = f"{self.proc}/{pid}/fd"
             try:
-                fds = os.listdir(fd_dir)
+                fds = os.listdir(fd_dir)  # noqa: PTH208 - names only, no Path per fd
             except OSError:
                 continue
             held = set()
             for fd in fds:
                 try:
-                    ino = wanted.get(os.readlink(f"{fd_dir}/{fd}"))
+                    ino = wanted.get(os.readlink(f"{fd_dir}/{fd}"))  # noqa: PTH115 - per fd
                 except OSError:
                     continue
                 if ino is not None and ino not in held:
