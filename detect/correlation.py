@@ -182,6 +182,21 @@ def _needs_before(counting: Counting) -> Counted | None:
     return order[at - 1] if at > 0 else None
 
 
+def _cannot_complete(counting: Counting) -> bool:
+    """Whether an entry of this counting's rule can never be the one that completes its
+    temporal_ordered correlation: a new entry is the window's newest, so an in-order chain
+    it completes ends with it, and only the order's last rule ends one. With the built-in
+    pack, every remote connect skips the ordered count this way."""
+    order = counting.corr.rules
+    return (
+        counting.op == ">="
+        and counting.ref == len(order)
+        and bool(order)
+        and counting.value != order[-1]
+        and order.count(order[-1]) == 1
+    )
+
+
 def _count(
     n: int, counting: Counting, value: str, getters: Mapping[str, Getter], scope: dict[str, Any]
 ) -> list[str]:
@@ -216,6 +231,8 @@ def _count(
         lines.append("    w.place(v)")
     lines += [f"    if x[0][0] < {horizon}:", f"        w.forget({horizon})"]
     if counting.op is None:
+        return lines
+    if kind == "temporal_ordered" and _cannot_complete(counting):
         return lines
     if kind == "temporal_ordered":
         scope[f"O{n}"] = counting.corr.rules

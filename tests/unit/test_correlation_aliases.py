@@ -111,3 +111,72 @@ def test_a_list_field_groups_only_on_its_own() -> None:
     assert rules.correlations == []
     [(_, why)] = rules.refused
     assert why == "list field LineageProcessIds can group only on its own (one group-by)"
+
+
+THREE = (
+    CONNECT.replace("name: remote", "name: a", 1)
+    + """title: listen
+id: 44444444-4444-4444-8444-444444444444
+name: b
+status: experimental
+logsource: {product: linux, category: network_listen}
+detection:
+  s:
+    Action: listen
+  condition: s
+level: informational
+---
+title: shell exec
+id: 55555555-5555-4555-8555-555555555555
+name: c
+status: experimental
+logsource: {product: linux, category: process_creation}
+detection:
+  s:
+    Image|endswith: /bash
+  condition: s
+level: informational
+---
+title: a then b then c
+id: 66666666-6666-4666-8666-666666666666
+status: experimental
+correlation:
+  type: temporal_ordered
+  rules: [a, b, c]
+  group-by: [ProcessId]
+  timespan: 10s
+level: high
+"""
+)
+
+
+def test_an_ordered_correlation_completes_only_in_order() -> None:
+    """Only an entry of the order's last rule can complete it (the engine skips the count
+    for the others): every order of three events, and repeats, give what the order says."""
+    rules = load(THREE)
+    assert rules.refused == []
+    step = {
+        "a": ("network_connection", {"ProcessId": 7, "DestinationIp": "192.0.2.1"}),
+        "b": ("network_listen", {"ProcessId": 7, "Action": "listen"}),
+        "c": ("process_creation", {"ProcessId": 7, "Image": "/bin/bash"}),
+    }
+    for sequence, expected in [
+        ("abc", True),
+        ("acb", False),
+        ("bac", False),
+        ("cab", False),
+        ("bca", False),
+        ("abac", True),
+        ("acbc", True),
+        ("cbabc", True),
+        ("aab", False),
+        ("ccba", False),
+    ]:
+        engine = Engine(rules)
+        alerts = [
+            a
+            for i, name in enumerate(sequence)
+            for a in engine.feed(event_from_fields(*step[name], at=float(i)))
+        ]
+        fired = any(a.rule_id == "66666666-6666-4666-8666-666666666666" for a in alerts)
+        assert fired == expected, sequence
