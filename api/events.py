@@ -52,6 +52,15 @@ class Process(_Record):
     user: str = ""  # user name for uid, when the host knows it
     group: str = ""
     ancestry: list[AncestorRef] = field(default_factory=list)
+    # What the process's current program is, as its exec event said once the collector
+    # completed it (on events after the exec; "" or empty before, or when not known): the
+    # executable's identity, the working directory at exec and the name given to execve,
+    # so that network events are judged by identity and by the file that actually runs.
+    sha256: str = ""
+    original_exe: bytes = b""
+    go_module: str = ""
+    cwd: bytes = b""
+    filename: bytes = b""
 
 
 class AncestorRef(_Record):
@@ -208,13 +217,16 @@ class CgroupMoveEvent(Event, tag="cgroup_move"):
 
 
 class RawSocketEvent(Event, tag="raw_socket"):
-    """A raw IP socket a traced process made: it can craft packets no connect or bind shows."""
+    """A raw IP or packet socket a traced process made: it can craft packets no connect or
+    bind shows."""
 
     kind: ClassVar[str] = "raw_socket"
 
-    family: str = ""  # "ipv4" | "ipv6"
-    protocol: str = ""  # the IP protocol it was opened for: "icmp", "tcp", "udp", "ip/<n>"
-    protocol_number: int = 0  # as given to socket(): 255 is IPPROTO_RAW
+    family: str = ""  # "ipv4" | "ipv6" | "packet" (AF_PACKET)
+    # the IP protocol it was opened for: "icmp", "tcp", "udp", "ip/<n>"; a packet socket's
+    # ethertype: "all", "ip", "ipv6", "arp", "none", "eth/0x<hex>"
+    protocol: str = ""
+    protocol_number: int = 0  # as given to socket(), in host order: 255 is IPPROTO_RAW
 
 
 class IoUringEvent(Event, tag="io_uring"):
@@ -602,7 +614,7 @@ _DECODERS = {cls: msgspec.msgpack.Decoder(cls) for cls in EVENT_TYPES.values()}
 
 # --- rows: the compact form batches carry ----------------------------------------------------
 # An event as an array: its kind, then its fields in declaration order, the process as an
-# array of its own fields (ancestry last, each ancestor an array): the records' own msgpack
+# array of its own fields (each ancestor an array): the records' own msgpack
 # encoding. Without the field names, a batch is half the size of the map form. Any change to
 # the fields of an event type changes the layout: bump the batch version in service/wire.py.
 

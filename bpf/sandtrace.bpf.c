@@ -11,5 +11,6 @@
 #include "unix_connect.bpf.c"
 #include "sock_create.bpf.c"
 #include "io_uring.bpf.c"
+#include "packet_socket.bpf.c"
 #include "skb_egress.bpf.c"
 #include "skb_ingress.bpf.c"

@@ -33,7 +33,7 @@ from api.events import (
 from collector import dns as dns_mod
 from collector import flows as flows_mod
 from collector import records as R
-from collector.proctable import Names, ProcessTable
+from collector.proctable import ExecIdentity, Names, ProcessTable
 from collector.sockets import HeldSocket, UnixListener, UnixListeners
 from collector.stdio import from_record as stdio_from_record
 
@@ -47,6 +47,7 @@ IPPROTO_TCP = 6
 IPPROTO_UDP = 17
 AF_INET = 2
 AF_INET6 = 10
+AF_PACKET = 17
 
 # The key of the cached event context: the header's fields from cgroup_id to comm (all but
 # type, version, size and time), h[4:14] of any record.
@@ -80,7 +81,7 @@ def fmt_addr(family: int, raw: bytes) -> str:
 
 
 def family_name(family: int) -> str:
-    return {AF_INET: "ipv4", AF_INET6: "ipv6"}.get(family, f"af/{family}")
+    return {AF_INET: "ipv4", AF_INET6: "ipv6", AF_PACKET: "packet"}.get(family, f"af/{family}")
 
 
 def protocol_name(sock_type: int, protocol: int) -> str:
@@ -105,6 +106,17 @@ IP_PROTOCOLS = {
 
 def ip_protocol_name(protocol: int) -> str:
     return IP_PROTOCOLS.get(protocol, f"ip/{protocol}")
+
+
+# Ethertypes a packet socket is asked for (linux/if_ether.h): 0 receives nothing until bound.
+ETHERTYPES = {0: "none", 0x0003: "all", 0x0800: "ip", 0x0806: "arp", 0x86DD: "ipv6"}
+
+
+def socket_protocol_name(family: int, protocol: int) -> str:
+    """A raw socket's protocol: the IP protocol, or a packet socket's ethertype."""
+    if family == AF_PACKET:
+        return ETHERTYPES.get(protocol, f"eth/0x{protocol:04x}")
+    return ip_protocol_name(protocol)
 
 
 def errno_name(err: int) -> str:
@@ -250,7 +262,7 @@ class Assembler:
         exe, argv = (
             (info.exe, list(info.argv)) if info is not None and info.key == key else (b"", [])
         )
-        return Process(
+        process = Process(
             pid=h.pid,
             tid=h.tid,
             ns_pid=h.ns_pid,
@@ -266,6 +278,12 @@ class Assembler:
             group=self.names.group(h.gid),
             ancestry=self.procs.ancestry(h.pid),
         )
+        ident = info.ident if info is not None and info.key == key else None
+        if ident is not None:  # its program's, from its completed exec (identify)
+            process.sha256, process.original_exe = ident.sha256, ident.original_exe
+            process.go_module, process.cwd = ident.go_module, ident.cwd
+            process.filename = ident.filename
+        return process
 
     def _common(self, h: R.Header | R.AnyRecord) -> _Common:
         # Everything but the time depends only on header fields and the process table, so
@@ -318,6 +336,16 @@ class Assembler:
             for key in keys:
                 cache.pop(key, None)
 
+    def identify(self, pid: int, key: str, ident: ExecIdentity) -> None:
+        """Remember what process `pid` (`key`) now runs, from its completed exec event (or
+        its parent's, for a child forked before that was known): the events of the process
+        that follow, and of the children it forks, carry it (Process.sha256 ...)."""
+        info = self.procs.get(pid)
+        if info is None or info.key != key:
+            return
+        info.ident = ident
+        self._forget(pid)
+
     # -- records ----------------------------------------------------------------------------
 
     def feed_batches(self, batches: Iterable[Iterable[bytes]]) -> tuple[list[AnyEvent], list[str]]:
@@ -366,7 +394,7 @@ class Assembler:
                     RawSocketEvent(
                         **self._common(rec),
                         family=family_name(rec.family),
-                        protocol=ip_protocol_name(rec.protocol),
+                        protocol=socket_protocol_name(rec.family, rec.protocol),
                         protocol_number=rec.protocol,
                     )
                 ]

@@ -28,6 +28,7 @@ from collector.egresspolicy import EgressPolicySource
 from collector.enrich import ExecEnricher
 from collector.identity import Identities
 from collector.packages import PackageIndex
+from collector.packet_sockets import PacketSocketPoller
 from collector.pipeline import (
     CallbackSink,
     EscapeFollower,
@@ -237,9 +238,10 @@ def _egress(args: argparse.Namespace) -> EgressPolicySource | None:
 
 
 def _package_index() -> PackageIndex:
-    """The dpkg digest index, built from now on in the background (while the probes compile:
-    BCC's compiler does not hold the GIL), so that the first new executable finds it ready
-    instead of holding up every event behind its exec while it is built (~0.3 s)."""
+    """The package digest index (dpkg, rpm, apk), built from now on in the background
+    (while the probes compile: BCC's compiler does not hold the GIL), so that the first new
+    executable finds it ready instead of holding up every event behind its exec while it is
+    built (~0.3 s)."""
     packages = PackageIndex()
     if packages.available():
         threading.Thread(target=packages.warm, name="sandtrace-packages", daemon=True).start()
@@ -247,11 +249,12 @@ def _package_index() -> PackageIndex:
 
 
 def _enricher(packages: PackageIndex | None = None) -> ExecEnricher:
-    """Exec identity and standard streams; a host without a dpkg database is said once."""
+    """Exec identity and standard streams; a host without a package database is said once."""
     packages = packages or PackageIndex()
     if not packages.available():
         print(
-            "sandtrace: no dpkg database: renamed system binaries are recognised by name only",
+            "sandtrace: no package database (dpkg, rpm, apk): renamed system binaries are"
+            " recognised by name only",
             file=sys.stderr,
         )
     return ExecEnricher(Identities(packages if packages.available() else None), StdioReader())
@@ -439,8 +442,17 @@ class _Tracing:
             for sink in outputs.sinks:
                 if isinstance(sink, StreamSink):
                     sink.on_order = self.responder.order_from_service
+        # Without kprobes, packet sockets are looked up in /proc instead of seen being made.
+        pollers = []
+        if not probes.features.packet_kprobe:
+            pollers.append(PacketSocketPoller(self.assembler, root).poll)
         self.pipeline = Pipeline(
-            probes, self.assembler, sinks, engine=self.engine, enricher=self.enricher
+            probes,
+            self.assembler,
+            sinks,
+            engine=self.engine,
+            enricher=self.enricher,
+            pollers=pollers,
         )
         if self.responder is not None:
             self.responder.out = self.pipeline.emit

@@ -8,18 +8,26 @@ streams at exec); known files are filled in at once, new files are opened.
 If anything is left (files to read, sockets to look up), the pipeline awaits `Batch.work`
 in the worker thread and then `Batch.apply` before it hands the batch on; other batches wait
 behind it, so a process's later events never overtake its exec.
+
+Then `carry` gives what each completed exec says to the events of its process that follow
+(Process.sha256, original_exe, go_module, cwd, filename), so that a connect or bind is judged
+by identity too: through the process table for later batches, and to the events of the
+same batch, assembled before the exec was completed, directly. No new lookups: only what the
+exec event already holds.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgspec
 import structlog
 
-from api.events import AnyEvent, ExecEvent
+from api.events import AnyEvent, Event, ExecEvent, ForkEvent, Process
 from collector.identity import FileKey, Identities, Identity, PendingFile
+from collector.proctable import ExecIdentity
 from collector.stdio import UNKNOWN, PendingSocket, StdioReader
 
 log = structlog.get_logger("sandtrace.collector")
@@ -92,15 +100,19 @@ class ExecEnricher:
         self.pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="sandtrace-identity"
         )
+        self._first_exec = -1  # index of the first exec of the batch begun, -1 for none
 
     def begin(self, events: list[AnyEvent]) -> Batch | None:
         """Complete the exec events of `events` in place where the answers are at hand;
         the rest, if any, as a Batch to finish with `work` (thread) and `apply` (loop)."""
         batch: Batch | None = None
         files: dict[FileKey, PendingFile] = {}  # new files, each opened once per batch
+        self._first_exec = -1
         for i, ev in enumerate(events):
             if type(ev) is not ExecEvent:
                 continue
+            if self._first_exec < 0:
+                self._first_exec = i
             pid = ev.process.pid
             ident, live = self.identities.find(pid, ev.exe_inode, ev.process.exe, files)
             sockets: list[PendingSocket] = []
@@ -121,6 +133,49 @@ class ExecEnricher:
             else:
                 events[i] = _complete(ev, ident, stdio)
         return batch
+
+    def carry(
+        self, events: list[AnyEvent], identify: Callable[[int, str, ExecIdentity], None]
+    ) -> None:
+        """Once the execs of the batch begun are complete: what each says its process runs
+        goes to `identify` (the process table: Assembler.identify, for later batches), and to
+        the events of this batch that follow it, of the process and of the children it forks
+        (their Process is replaced by a copy with the identity, one copy per Process object:
+        the events of one process share theirs)."""
+        start, self._first_exec = self._first_exec, -1
+        if start < 0:
+            return
+        current: dict[str, ExecIdentity] = {}  # process key -> what it runs now
+        copies: dict[int, tuple[Process, Process]] = {}  # id(process) -> (it, its copy)
+        for i in range(start, len(events)):
+            ev = events[i]
+            if not isinstance(ev, Event):  # no process (a loss report)
+                continue
+            process = ev.process
+            if type(ev) is ExecEvent:
+                ident = ExecIdentity(ev.sha256, ev.original_exe, ev.go_module, ev.cwd, ev.filename)
+                identify(process.pid, process.key, ident)
+                current[process.key] = ident
+            else:
+                found = current.get(process.key)
+                if found is None:
+                    continue
+                ident = found
+                if type(ev) is ForkEvent:  # forked before the parent's exec was complete
+                    identify(ev.child_pid, ev.child_key, ident)
+                    current[ev.child_key] = ident
+            pair = copies.get(id(process))
+            if pair is None:
+                copy = msgspec.structs.replace(
+                    process,
+                    sha256=ident.sha256,
+                    original_exe=ident.original_exe,
+                    go_module=ident.go_module,
+                    cwd=ident.cwd,
+                    filename=ident.filename,
+                )
+                copies[id(process)] = pair = (process, copy)
+            ev.process = pair[1]
 
     def counters(self) -> dict[str, int]:
         ident = self.identities.stats.as_dict()

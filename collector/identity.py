@@ -10,8 +10,8 @@ that one.
 Identities are cached per file version, (device, inode, ctime, size), in a bounded LRU, so
 an exec of a known file costs one stat. A new file is opened at once (the open file stays
 readable whatever happens to the process or the path), then read once by a worker thread,
-which computes SHA-256 and MD5 together (MD5 only to look the file up among the package
-manager's digests), parses Go build information with a few bounded reads, and looks the
+which computes SHA-256 and the package databases' digests together (MD5, SHA-1: only to
+look the file up among them), parses Go build information with a few bounded reads, and looks the
 digest up in the package index. Files above `max_bytes` get no digest (counted).
 """
 
@@ -172,22 +172,26 @@ class Identities:
         if size > self.max_bytes:
             return Identity("", b"", go_module(info))
         sha = hashlib.sha256()
-        # MD5 only to find the file among the package manager's digests, when there are any
-        md5 = hashlib.md5(usedforsecurity=False) if self.packages is not None else None
+        # The package databases' own digests (MD5 for dpkg, SHA-1 for apk, ...), only to find
+        # the file among them, when there are any
+        wanted = self.packages.algorithms() if self.packages is not None else frozenset()
+        more = [(n, hashlib.new(n, usedforsecurity=False)) for n in wanted if n != "sha256"]
         done = 0
         while done < size:
             chunk = os.pread(fd, min(CHUNK, size - done), done)
             if not chunk:
                 break
             sha.update(chunk)
-            if md5 is not None:
-                md5.update(chunk)
+            for _, h in more:
+                h.update(chunk)
             done += len(chunk)
         if done != size:
             raise OSError(f"file changed while read ({done} of {size} bytes)")
         original = b""
-        if self.packages is not None and md5 is not None:
-            original = self.packages.original(md5.digest(), item.exe)
+        if self.packages is not None and wanted:
+            digests = {name: h.digest() for name, h in more}
+            digests["sha256"] = sha.digest()
+            original = self.packages.original_of(digests, item.exe)
         return Identity(sha.hexdigest(), original, go_module(info))
 
     def settle(self, item: PendingFile) -> Identity | None:

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -163,9 +163,13 @@ class Pipeline:
         engine: Detector | None = None,
         *,
         enricher: ExecEnricher | None = None,
+        pollers: Sequence[Callable[[], list[AnyEvent]]] = (),
     ) -> None:
         self.engine = engine
         self.enricher = enricher
+        # What the kernel cannot report and is looked up instead, each called every turn
+        # (it decides how often it looks): packet sockets without kprobes.
+        self.pollers = list(pollers)
         self.probes = probes
         self.assembler = assembler
         self.sinks = sinks
@@ -204,6 +208,7 @@ class Pipeline:
         if batch is not None:
             await asyncio.get_running_loop().run_in_executor(self.enricher.pool, batch.work)
             batch.apply()
+        self.enricher.carry(events, self.assembler.identify)
 
     def check_losses(self) -> None:
         """Emit a LostEvent for whatever was lost since the last check."""
@@ -260,6 +265,9 @@ class Pipeline:
                 await self._process_batches()
                 for ev in self.assembler.expire():
                     self.emit(ev)
+                for poll in self.pollers:
+                    for ev in poll():
+                        self.emit(ev)
                 if self.engine is not None:
                     for alert in self.engine.expire(time.time_ns()):
                         self.emit(alert)

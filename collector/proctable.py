@@ -34,6 +34,18 @@ def process_key(pid: int, start_ns: int) -> str:
     return f"{pid}@{start_ns}"
 
 
+@dataclass(frozen=True, slots=True)
+class ExecIdentity:
+    """What a process's program is, from its completed exec event: carried by the events of
+    the process that follow (collector.enrich)."""
+
+    sha256: str
+    original_exe: bytes
+    go_module: str
+    cwd: bytes
+    filename: bytes
+
+
 @dataclass(slots=True)
 class ProcInfo:
     pid: int
@@ -43,6 +55,7 @@ class ProcInfo:
     argv: list[bytes]
     start_ns: int
     exited: bool = False
+    ident: ExecIdentity | None = None  # its program's, once its exec was completed
 
 
 def _clock_tick_ns() -> int:
@@ -122,6 +135,7 @@ class ProcessTable:
             info.ppid = ppid
             info.exe = exe
             info.argv = list(argv)
+            info.ident = None  # a new program, known once its exec is completed
             return info
         info = ProcInfo(
             pid=pid,
@@ -152,6 +166,7 @@ class ProcessTable:
             exe=parent.exe if parent is not None else b"",
             argv=list(parent.argv) if parent is not None else [],
             start_ns=child_start_ns,
+            ident=parent.ident if parent is not None else None,
         )
         self._insert(info)
         return info
@@ -166,6 +181,10 @@ class ProcessTable:
         self._trim()
 
     # --- reading ---------------------------------------------------------------------
+
+    def live_pids(self) -> list[int]:
+        """The pids of the processes the table holds that have not exited."""
+        return [pid for pid, info in self._procs.items() if not info.exited]
 
     def ancestry(self, pid: int, limit: int = 32) -> list[AncestorRef]:
         """Ancestors of `pid`, parent first, as far as the table knows them.

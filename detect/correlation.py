@@ -16,7 +16,7 @@ from typing import Any
 
 from api.events import Alert, Event
 from detect.codegen import CodeContext
-from detect.fields import ALWAYS_STR, Getter
+from detect.fields import ALWAYS_STR, GROUP_LIST_FIELDS, Getter
 from detect.ruleset import Correlation, Rule
 
 NS = 1_000_000_000
@@ -38,7 +38,7 @@ class Counting:
     def __init__(self, corr: Correlation, rule: Rule) -> None:
         self.corr = corr
         self.rule_id = rule.id
-        self.group_by = tuple(corr.group_by)
+        self.group_by = corr.group_fields(rule)
         self.window_ns = int(corr.seconds * NS)
         temporal = corr.kind.startswith("temporal")
         # value_count counts distinct values of a field; temporal ones, distinct rules
@@ -182,6 +182,21 @@ def _needs_before(counting: Counting) -> Counted | None:
     return order[at - 1] if at > 0 else None
 
 
+def _cannot_complete(counting: Counting) -> bool:
+    """Whether an entry of this counting's rule can never be the one that completes its
+    temporal_ordered correlation: a new entry is the window's newest, so an in-order chain
+    it completes ends with it, and only the order's last rule ends one. With the built-in
+    pack, every remote connect skips the ordered count this way."""
+    order = counting.corr.rules
+    return (
+        counting.op == ">="
+        and counting.ref == len(order)
+        and bool(order)
+        and counting.value != order[-1]
+        and order.count(order[-1]) == 1
+    )
+
+
 def _count(
     n: int, counting: Counting, value: str, getters: Mapping[str, Getter], scope: dict[str, Any]
 ) -> list[str]:
@@ -216,6 +231,8 @@ def _count(
         lines.append("    w.place(v)")
     lines += [f"    if x[0][0] < {horizon}:", f"        w.forget({horizon})"]
     if counting.op is None:
+        return lines
+    if kind == "temporal_ordered" and _cannot_complete(counting):
         return lines
     if kind == "temporal_ordered":
         scope[f"O{n}"] = counting.corr.rules
@@ -272,19 +289,23 @@ def observer(
         after = _needs_before(counting)
         if after is None:
             window = "_Window" if counting.field is None else "_Distinct"
-            body += [
-                f"    w = W{n}.get({key})",
+            lines = [
+                f"    w = W{n}.get(k)",
                 "    if w is None:",
-                f"        w = W{n}[{key}] = {window}()",
+                f"        w = W{n}[k] = {window}()",
+                *_count(n, counting, value, getters, scope),
             ]
-            body += _count(n, counting, value, getters, scope)
         else:  # an entry no earlier rule of the order precedes can never be part of it
             scope[f"P{n}"] = after
-            body += [
-                f"    w = W{n}.get({key})",
+            lines = [
+                f"    w = W{n}.get(k)",
                 f"    if w is not None and P{n} in w.positions:",
                 *[f"    {line}" for line in _count(n, counting, value, getters, scope)],
             ]
+        if counting.group_by[0] in GROUP_LIST_FIELDS:  # the event is in the group of each
+            body += [f"    for k in {key} or ():", *[f"    {line}" for line in lines]]
+        else:
+            body += [f"    k = {key}", *lines]
     lines = ["def observe(out, e):", "    now = e.time_ns"]
     lines += [f"    {local} = {source}" for source, local in reads.items()]
     lines += body

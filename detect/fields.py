@@ -52,7 +52,8 @@ COMMON_FIELDS = {
     "TargetImage": (
         "the file that actually runs: the script when Image is its interpreter (run by #! or"
         " named on the command line), the program when Image is the dynamic loader, else"
-        " Image; network events read it from the process's argv, without a working directory"
+        " Image; other events work it out from the process's argv, working directory and"
+        " execve name as its exec event had them"
     ),
     "CommandLine": "argv joined with spaces",
     "Argv": "argv as a list (matches when any element does)",
@@ -61,6 +62,17 @@ COMMON_FIELDS = {
     "ParentImage": "parent's executable",
     "ParentCommandLine": "parent's argv joined with spaces",
     "AncestorImages": "executables of all ancestors up to the sandbox's first process (list)",
+    "CurrentDirectory": (
+        "working directory at exec (other events: the process's, from its exec event; ''"
+        " until that is known)"
+    ),
+    "OriginalFileName": (
+        "what the executable is, whatever it is called: the packaged file it is a copy of"
+        " (/usr/bin/ssh), else a Go program's main module (github.com/jpillora/chisel),"
+        " else ''; other events: the process's, from its exec event"
+    ),
+    "GoModule": "a Go program's main module path, '' when not Go or not known",
+    "Hashes": "'SHA256=<hex>' of the executable's content, '' when not known",
     "User": "user name (or uid when the host has no name for it)",
     "Uid": "numeric user id",
     "Comm": "the kernel's 15-character process name",
@@ -73,15 +85,7 @@ COMMON_FIELDS = {
 CATEGORY_FIELDS: dict[str, dict[str, str]] = {
     PROCESS_CREATION: {
         **COMMON_FIELDS,
-        "CurrentDirectory": "working directory at exec",
         "ExecFileName": "the file name given to execve, as given",
-        "OriginalFileName": (
-            "what the executable is, whatever it is called: the packaged file it is a copy of"
-            " (/usr/bin/ssh), else a Go program's main module (github.com/jpillora/chisel),"
-            " else ''"
-        ),
-        "GoModule": "a Go program's main module path, '' when not Go or not known",
-        "Hashes": "'SHA256=<hex>' of the executable's content, '' when not known",
         "StdinType": (
             "what fd 0 was at exec: tty, pipe, null, file, tcp, udp, unix, socket, closed,"
             " unknown ('' when not known)"
@@ -154,15 +158,33 @@ CATEGORY_FIELDS: dict[str, dict[str, str]] = {
     },
     KERNEL_INTERFACE: {
         **COMMON_FIELDS,
-        "Action": "raw_socket (a raw IP socket was made) or io_uring (a ring was set up)",
-        "Family": "raw sockets: ipv4 or ipv6",
-        "Protocol": "raw sockets: the IP protocol, icmp, icmpv6, tcp, udp, raw, ip/<n>",
-        "ProtocolNumber": "raw sockets: the protocol number given to socket()",
+        "Action": (
+            "raw_socket (a raw IP or packet socket was made) or io_uring (a ring was set up)"
+        ),
+        "Family": "raw sockets: ipv4, ipv6, or packet (AF_PACKET: link-layer frames)",
+        "Protocol": (
+            "raw sockets: the IP protocol, icmp, icmpv6, tcp, udp, raw, ip/<n>; packet"
+            " sockets: the ethertype, all, ip, ipv6, arp, none, eth/0x<hex>"
+        ),
+        "ProtocolNumber": "raw sockets: the protocol number given to socket() (host order)",
         "Flags": "io_uring: its IORING_SETUP_* flags",
         "SqEntries": "io_uring: submission queue entries",
     },
 }
 
+
+# Fields only correlations read, to group events (not for a detection's tests): every
+# category has them.
+GROUP_FIELDS = {
+    "LineageProcessIds": (
+        "the process's pid, then its ancestors' up to the sandbox's first process, nearest"
+        " first (list): grouped by it, an event joins the group of each, so a correlation can"
+        " follow what a process's descendants do (Sigma aliases name it for one rule and"
+        " ProcessId for another)"
+    ),
+}
+# Group fields whose values are lists (an event is in the group of each element).
+GROUP_LIST_FIELDS = frozenset({"LineageProcessIds"})
 
 # Fields whose values are lists (a rule's test holds when it holds for any element).
 LIST_FIELDS = frozenset({"Argv", "AncestorImages", "QueryResults"})
@@ -449,20 +471,35 @@ def target_image(
 _PROCESS_TARGETS: dict[tuple[bytes, ...], str] = {}
 
 
-def process_target(exe: bytes, argv: list[bytes]) -> str:
-    """target_image of a running process (network events: no execve name, no working
-    directory), worked out once per interpreter command line: a process connects many times
-    with the same argv."""
-    if _options_of(exe) is None:
+def process_target(
+    exe: bytes,
+    argv: list[bytes],
+    filename: bytes = b"",
+    cwd: bytes = b"",
+    identity: bytes = b"",
+) -> str:
+    """target_image of a running process (other events than exec: the execve name, working
+    directory and identity its exec event had, b"" when not known), worked out once per
+    interpreter command line: a process connects many times with the same argv."""
+    if (
+        _options_of(exe) is None
+        and (not identity or _options_of(identity) is None)
+        and not (
+            filename
+            and len(argv) > 1
+            and filename != exe
+            and (argv[1] == filename or (len(argv) > 2 and argv[2] == filename))
+        )
+    ):  # not an interpreter (by name or identity), not a #! script
         return exe.decode("utf-8", "backslashreplace")
     if len(argv) > 16:  # kept out of the memo: long command lines would fill it
-        return target_image(exe, b"", argv, b"")
-    key = (exe, *argv)
+        return target_image(exe, filename, argv, cwd, identity)
+    key = (exe, filename, cwd, identity, *argv)
     target = _PROCESS_TARGETS.get(key)
     if target is None:
         if len(_PROCESS_TARGETS) >= 4096:
             _PROCESS_TARGETS.clear()
-        target = _PROCESS_TARGETS[key] = target_image(exe, b"", argv, b"")
+        target = _PROCESS_TARGETS[key] = target_image(exe, filename, argv, cwd, identity)
     return target
 
 
@@ -536,7 +573,11 @@ def _x(source: str, form: str = "") -> Getter:
 # Network events carry the process's current argv and parent from the process table.
 COMMON_GETTERS: dict[str, Getter] = {
     "Image": _decoding("e.process.exe"),
-    "TargetImage": _x("process_target(e.process.exe, e.process.argv)", "str"),
+    "TargetImage": _x(
+        "process_target(e.process.exe, e.process.argv, e.process.filename, e.process.cwd,"
+        " e.process.original_exe)",
+        "str",
+    ),
     "CommandLine": _x("command_line(_argv(e))"),
     "Argv": _x('[a.decode("utf-8", "backslashreplace") for a in _argv(e)]'),
     "ProcessId": _x("e.process.pid"),
@@ -547,6 +588,16 @@ COMMON_GETTERS: dict[str, Getter] = {
     "User": _x("e.process.user or str(e.process.uid)"),
     "Uid": _x("e.process.uid"),
     "Comm": _x(text_expression("e.process.comm")),
+    "LineageProcessIds": _x("[e.process.pid, *[a.pid for a in e.process.ancestry]]"),
+    # what the process runs, as its exec event said (exec events read their own fields)
+    "CurrentDirectory": _decoding("e.process.cwd"),
+    "OriginalFileName": _x(
+        f"({text_expression('e.process.original_exe')} if e.process.original_exe"
+        " else e.process.go_module)",
+        "str",
+    ),
+    "GoModule": _x("e.process.go_module", "str"),
+    "Hashes": _x('("SHA256=" + e.process.sha256) if e.process.sha256 else ""', "str"),
     "Sandbox": _x("e.sandbox", "str"),
     "ContainerId": _x("e.container_id", "str"),
     "CgroupPath": _x("e.cgroup_path", "str"),

@@ -18,7 +18,7 @@ from sigma.exceptions import SigmaError
 from sigma.rule import SigmaRule
 
 from detect.conditions import Join, compile_condition
-from detect.fields import CATEGORY_FIELDS, PRODUCT
+from detect.fields import CATEGORY_FIELDS, GROUP_LIST_FIELDS, PRODUCT
 from detect.ruleset import Correlation, Rule, RuleError, RuleSet
 
 
@@ -77,6 +77,17 @@ def _correlation(rule: SigmaCorrelationRule, source: str) -> Correlation:
         if len(fieldref) != 1:
             raise RuleError("a value_count over several fields is not supported")
         fieldref = fieldref[0]
+    refs = [r.reference for r in rule.rules or []]
+    group_by = list(rule.group_by or [])
+    aliases: dict[str, dict[str, str]] = rule.aliases.to_dict() if rule.aliases else {}
+    for alias, mapping in aliases.items():
+        unmapped = [ref for ref in refs if ref not in mapping]
+        if alias in group_by and unmapped:
+            raise RuleError(f"alias {alias} names no field for rule(s) {unmapped}")
+    group_fields = {aliases.get(g, {}).get(ref, g) for g in group_by for ref in refs}
+    lists = sorted(group_fields & GROUP_LIST_FIELDS)
+    if lists and len(group_by) != 1:
+        raise RuleError(f"list field {lists[0]} can group only on its own (one group-by)")
     return Correlation(
         id=str(rule.id) if rule.id else rule.title,
         title=rule.title,
@@ -84,14 +95,15 @@ def _correlation(rule: SigmaCorrelationRule, source: str) -> Correlation:
         description=rule.description or "",
         tags=_tags(rule),
         kind=kind,
-        rules=[r.reference for r in rule.rules or []],
-        group_by=list(rule.group_by or []),
+        rules=refs,
+        group_by=group_by,
         seconds=float(rule.timespan.seconds),
         op=op,
         count=int(count),
         field=fieldref,
         source=source,
         generate=bool(getattr(rule, "generate", False)),
+        aliases=aliases,
     )
 
 

@@ -6,6 +6,7 @@ silently; a RuleSet keeps the refusals next to the rules that loaded.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -58,6 +59,17 @@ class Correlation:
     field: str | None  # value_count's field
     source: str
     generate: bool = False  # whether the rules it counts also alert on their own
+    # Sigma correlation aliases: a group-by name -> per rule (name or id) the field it reads
+    aliases: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
+
+    def group_fields(self, rule: Rule) -> tuple[str, ...]:
+        """The fields whose values group `rule`'s events: the group-by names, an alias read
+        as the field it names for this rule."""
+        out = []
+        for name in self.group_by:
+            mapping = self.aliases.get(name, {})
+            out.append(mapping.get(rule.name, mapping.get(rule.id, name)))
+        return tuple(out)
 
 
 @dataclass(slots=True)

@@ -70,12 +70,15 @@ KNOWN_FIELDS = frozenset({
     "Sha256", "Stdio", "Comm", "DestinationPath", "DestinationImage", "DestinationProcessId",
     "Family", "ProtocolNumber", "Flags", "SqEntries", "DestinationHostname",
     "ApplicationProtocol", "TlsServerName", "HttpHost", "ApplicationDetail", "QueryName",
-    "QueryType", "QueryStatus", "QueryResults", "ResolverIp",
+    "QueryType", "QueryStatus", "QueryResults", "ResolverIp", "AncestorProcessIds",
 })  # fmt: skip
-# OriginalFileName sets the packaged file the executable copies (original_exe); GoModule the
+# OriginalFileName sets the packaged file the executable copies (original_exe, on the exec event
+# and on the process of any event); GoModule the
 # Go main module; Sha256 the digest (Hashes reads "SHA256=<it>"); Stdio the three standard
 # streams as the collector gives them ("tcp:203.0.113.7:4444", "pipe", ...); ExecFileName the
-# name given to execve (by default Image); Comm the process name (by default "test").
+# name given to execve (by default Image); Comm the process name (by default "test");
+# AncestorProcessIds the ancestors' pids, nearest first (the first is the parent's: it
+# overrides ParentProcessId), for correlations that follow a process's descendants.
 
 
 def _b(value: object) -> bytes:
@@ -109,11 +112,22 @@ def event_from_fields(category: str, fields: dict[str, Any], at: float = 0.0) ->
             for i, exe in enumerate(fields.get("AncestorImages", [])[1:])
         ],
     ]
+    if "AncestorProcessIds" in fields:  # the ancestors' pids, nearest first
+        images = [fields.get("ParentImage", ""), *fields.get("AncestorImages", [])[1:]]
+        ancestry = [
+            AncestorRef(
+                pid=int(p),
+                key=f"{p}@1",
+                exe=_b(images[i] if i < len(images) else ""),
+                argv=parent_argv if i == 0 else [],
+            )
+            for i, p in enumerate(fields["AncestorProcessIds"])
+        ]
     process = Process(
         pid=pid,
         tid=pid,
         ns_pid=pid,
-        ppid=int(fields.get("ParentProcessId", 4241)),
+        ppid=ancestry[0].pid if ancestry else int(fields.get("ParentProcessId", 4241)),
         uid=int(fields.get("Uid", 1000)),
         gid=1000,
         comm=_b(fields.get("Comm", "test")),
@@ -124,6 +138,11 @@ def event_from_fields(category: str, fields: dict[str, Any], at: float = 0.0) ->
         user=str(fields.get("User", "agent")),
         group="agent",
         ancestry=ancestry,
+        sha256=str(fields.get("Sha256", "")),
+        original_exe=_b(fields.get("OriginalFileName", "")),
+        go_module=str(fields.get("GoModule", "")),
+        cwd=_b(fields.get("CurrentDirectory", "")),
+        filename=_b(fields.get("ExecFileName", "")),
     )
     common: dict[str, Any] = {
         "time_ns": T0 + int(at * 1e9),

@@ -289,6 +289,7 @@ OFFSETS: dict[str, tuple[str, str]] = {
     "OFF_SOCK_SK_SOCKET": ("sock", "sk_socket"),
     "OFF_SOCK_SK_ERR": ("sock", "sk_err"),
     "OFF_SOCKET_FILE": ("socket", "file"),
+    "OFF_SOCKET_TYPE": ("socket", "type"),
 }
 
 SIZES: dict[str, str] = {"SIZE_UPID": "upid"}
@@ -301,6 +302,20 @@ OPTIONAL_OFFSETS: dict[str, dict[str, tuple[str, str]]] = {
         "OFF_SOCK_ADDR_KERN_UADDRLEN": ("bpf_sock_addr_kern", "uaddrlen"),
     },
 }
+
+
+# The kprobe on packet_create (bpf/packet_socket.bpf.c) reads its arguments 2 to 4 from the
+# struct pt_regs it gets: the calling convention's argument registers, per machine.
+KPROBE_ARG_REGISTERS: dict[str, tuple[str, ...]] = {"x86_64": ("di", "si", "dx", "cx")}
+
+
+def kprobe_arg_offsets(btf: BTF, machine: str) -> dict[str, int]:
+    """OFF_PT_REGS_ARG1.. (offsets in struct pt_regs of a function's first arguments) for
+    `machine` (platform.machine()); BTFError when it is not known how to read them."""
+    registers = KPROBE_ARG_REGISTERS.get(machine)
+    if registers is None:
+        raise BTFError(f"function arguments are not read from kprobes on {machine}")
+    return {f"OFF_PT_REGS_ARG{i}": btf.offsetof("pt_regs", r) for i, r in enumerate(registers, 1)}
 
 
 def kernel_offsets(btf: BTF) -> dict[str, int]:

@@ -32,14 +32,36 @@ class KernelFeatures:
     # enum bpf_attach_type: read from BTF, since BCC's own table predates the newer ones.
     attach_types: dict[str, int] = field(default_factory=dict)
     io_uring_tracepoint: bool = False  # io_uring:io_uring_create exists
+    packet_kprobe: bool = False  # packet_create can be kprobed (packet socket creation)
 
 
 BLIND_SPOTS = [
-    "AF_PACKET sockets made in sandboxes are not seen: the cgroup sock_create hook sees inet "
-    "sockets only, and the hooks that would see them (a syscall tracepoint on socket(), a "
-    "tracepoint on every send) would slow every process on the host",
+    "AF_PACKET (packet) sockets: a sandbox's are events when made (a kprobe on "
+    "packet_create; without kprobes, found held in /proc within a second), their traffic "
+    "is not seen: frames sent or read on them pass no connect, bind or cgroup hook, and a "
+    "hook on every packet would slow the whole host",
 ]
 """What no hook sandtrace uses can see on any kernel; said at startup with the notes."""
+
+KALLSYMS = Path("/proc/kallsyms")
+KPROBE_PMU = Path("/sys/bus/event_source/devices/kprobe")
+PACKET_CREATE = "packet_create"  # af_packet's socket() handler: kprobed for packet sockets
+
+
+def has_kprobes() -> bool:
+    """Whether BPF programs can be attached to kprobes: the perf kprobe PMU (Linux 4.17+)
+    or tracefs's kprobe_events."""
+    return KPROBE_PMU.is_dir() or (TRACEFS / "kprobe_events").exists()
+
+
+def has_kernel_function(name: str) -> bool:
+    """Whether the running kernel has function `name` (built in or in a loaded module)."""
+    try:
+        with KALLSYMS.open("rb") as f:
+            wanted = name.encode()
+            return any(line.split()[2:3] == [wanted] for line in f)
+    except OSError:
+        return False
 
 
 # Optional cgroup hooks: attach type -> (the kernel that brought it, what is missed without it).
@@ -160,8 +182,24 @@ def check(require_root: bool = True) -> KernelFeatures:
             "tracepoint io_uring:io_uring_create is missing (no io_uring in this kernel): "
             "io_uring instances are not reported"
         )
+    packet = False
+    if not has_kprobes():
+        notes.append(
+            "this kernel has no kprobes (CONFIG_KPROBE_EVENTS): packet (AF_PACKET) sockets "
+            "made in sandboxes are looked for in /proc once a second instead, so one made "
+            "and closed between two looks is not reported"
+        )
+    elif not has_kernel_function(PACKET_CREATE):
+        notes.append(
+            f"no {PACKET_CREATE} in this kernel now (no AF_PACKET, or af_packet is a module "
+            "not loaded yet): packet (AF_PACKET) sockets made in sandboxes are looked for in "
+            "/proc once a second instead, so one made and closed between two looks is not "
+            "reported"
+        )
+    else:
+        packet = True
     notes.extend(BLIND_SPOTS)
-    return KernelFeatures(release, ring, group_dead, notes, attach_types, io_uring)
+    return KernelFeatures(release, ring, group_dead, notes, attach_types, io_uring, packet)
 
 
 def possible_cpus() -> int:

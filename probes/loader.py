@@ -10,6 +10,7 @@ import ctypes
 import ctypes.util
 import mmap
 import os
+import platform
 import re
 import struct
 import threading
@@ -24,7 +25,14 @@ import structlog
 
 from api.resources import shipped
 from probes import kernel
-from probes.btf import BTF, BTFError, kernel_offsets, optional_offsets, stdio_offsets
+from probes.btf import (
+    BTF,
+    BTFError,
+    kernel_offsets,
+    kprobe_arg_offsets,
+    optional_offsets,
+    stdio_offsets,
+)
 from probes.ringbuf import RingBufferReader
 
 log = structlog.get_logger("sandtrace.probes")
@@ -232,6 +240,14 @@ def compile_flags(config: ProbeConfig, features: kernel.KernelFeatures) -> list[
         cflags.append("-DHAVE_EXIT_GROUP_DEAD")
     if features.io_uring_tracepoint:
         cflags.append("-DHAVE_IO_URING_TP")
+    if features.packet_kprobe:
+        try:
+            args = kprobe_arg_offsets(btf, platform.machine())
+        except BTFError as exc:
+            log.warning("packet sockets made in sandboxes are not reported", reason=str(exc))
+        else:
+            cflags += [f"-D{k}={v}" for k, v in args.items()]
+            cflags.append("-DHAVE_PACKET_KPROBE")
     if config.trace_all:
         cflags.append("-DTRACE_ALL")
     if uses_perf_buffer(config, features):

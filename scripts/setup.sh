@@ -28,6 +28,7 @@ PACKAGES=(
 	python3-bpfcc bpfcc-tools bpftool clang-format python3-venv python3-dev
 	iproute2 openssh-server openssh-client rsyslog rsyslog-gnutls procps
 	netcat-openbsd socat curl wget git gcc libc6-dev openssl systemd age publicsuffix
+	golang-go rpm
 )
 
 step() { printf '==> %s\n' "$*"; }

@@ -519,7 +519,8 @@ def test_a_host_without_dpkg_is_told_once(
     try:
         assert enricher.identities.packages is None
         assert capsys.readouterr().err == (
-            "sandtrace: no dpkg database: renamed system binaries are recognised by name only\n"
+            "sandtrace: no package database (dpkg, rpm, apk): renamed system binaries are"
+            " recognised by name only\n"
         )
     finally:
         enricher.close()

@@ -31,6 +31,12 @@ def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(kernel, "VMLINUX_BTF", btf)
     monkeypatch.setattr(kernel, "MODULES", tmp_path / "modules")
     monkeypatch.setattr(kernel, "TRACEFS", tmp_path / "tracing")
+    (tmp_path / "tracing" / "kprobe_events").write_text("")
+    (tmp_path / "kallsyms").write_text(
+        "ffffffff821967f0 t packet_create\nffffffff82196f20 t packet_do_bind\n"
+    )
+    monkeypatch.setattr(kernel, "KALLSYMS", tmp_path / "kallsyms")
+    monkeypatch.setattr(kernel, "KPROBE_PMU", tmp_path / "no-kprobe-pmu")
     monkeypatch.setattr("platform.release", lambda: "6.9.0-test")
     monkeypatch.setattr("os.geteuid", lambda: 0)
     monkeypatch.setattr(probe_btf.BTF, "from_file", lambda _path: FakeBTF(ATTACH_TYPES))
@@ -57,7 +63,27 @@ class FakeBTF:
 def test_everything_present(host: Path) -> None:
     features = kernel.check()
     assert features.ring_buffer and features.exit_group_dead and features.io_uring_tracepoint
-    assert features.notes == kernel.BLIND_SPOTS  # said on every kernel: AF_PACKET
+    assert features.packet_kprobe
+    assert features.notes == kernel.BLIND_SPOTS  # said on every kernel: AF_PACKET traffic
+
+
+def test_packet_sockets_need_kprobes_and_packet_create(host: Path) -> None:
+    (host / "tracing" / "kprobe_events").unlink()
+    features = kernel.check()
+    assert not features.packet_kprobe
+    assert features.notes == [
+        "this kernel has no kprobes (CONFIG_KPROBE_EVENTS): packet (AF_PACKET) sockets made "
+        "in sandboxes are looked for in /proc once a second instead, so one made and closed "
+        "between two looks is not reported",
+        *kernel.BLIND_SPOTS,
+    ]
+    (host / "no-kprobe-pmu").mkdir()  # the perf kprobe PMU is enough
+    (host / "kallsyms").write_text("ffffffff82196f20 t packet_do_bind\n")
+    features = kernel.check()
+    assert not features.packet_kprobe
+    assert features.notes[0].startswith("no packet_create in this kernel now")
+    (host / "kallsyms").write_text("ffffffffc0a01000 t packet_create\t[af_packet]\n")
+    assert kernel.check().packet_kprobe  # in a loaded module
 
 
 def test_optional_hooks_come_from_btf(host: Path) -> None:

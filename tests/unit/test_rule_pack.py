@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from detect.engine import Engine
 from detect.loader import load_paths
@@ -46,6 +48,35 @@ def test_every_rule_has_metadata_and_cases() -> None:
             assert any(not c.fire for c in mine), f"{where}: no near-miss case"
     for r in rules.rules:
         assert r.falsepositives, f"{r.title}: no false-positive notes"
+
+
+# Name selections that need no identity alternative: the interactive-shell building block
+# has its own selection for renamed shells, and sshuttle is a Python script (TargetImage).
+NAME_ONLY = {
+    ("revshell_interactive_shell_exec", "named_shell"),
+    ("tunnel_other_tools", "sshuttle_program"),
+}
+
+
+def test_every_name_rule_matches_identity_too() -> None:
+    """A selection that names programs by Image|endswith (any event: exec, connect, bind,
+    listen) names them by OriginalFileName too, so a renamed copy is caught on every event."""
+    missing = []
+    for path in sorted(RULES.glob("*.yml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not doc or "detection" not in doc:
+                continue
+            for name, selection in doc["detection"].items():
+                items: list[Any] = selection if isinstance(selection, list) else [selection]
+                maps = [i for i in items if isinstance(i, dict)]
+                names = [v for m in maps for k, v in m.items() if k == "Image|endswith"]
+                identity = [
+                    v for m in maps for k, v in m.items() if k == "OriginalFileName|endswith"
+                ]
+                if (doc["name"], name) in NAME_ONLY:
+                    continue
+                missing += [(doc["name"], name) for v in names if v not in identity]
+    assert missing == []
 
 
 @pytest.mark.parametrize("case", all_cases(), ids=lambda c: f"{Path(c.source).stem}: {c.name}")
