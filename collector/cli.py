@@ -47,6 +47,7 @@ from fleet.connect import is_nats_url
 from tail.hub import LocalTail, TailHub, TailSocketBusy, TailSocketError
 
 if TYPE_CHECKING:
+    from collector.enforce import Enforcer
     from probes.loader import Probes
 
 log = structlog.get_logger("sandtrace")
@@ -172,7 +173,7 @@ def _egress(args: argparse.Namespace) -> EgressPolicies | None:
     problem = None
     if args.egress_check_loopback and not args.egress_allow:
         problem = "--egress-check-loopback applies to an allow-list: give --egress-allow too"
-    elif args.egress_allow and (args.server or args.no_detect):
+    elif args.egress_allow and (args.server or args.no_detect) and not args.enforce:
         problem = (
             "--egress-allow has no effect with --server (the service checks egress: set "
             "[detection] egress_allow in its configuration)"
@@ -190,6 +191,62 @@ def _egress(args: argparse.Namespace) -> EgressPolicies | None:
         print(f"sandtrace: {problem}", file=sys.stderr)
         raise SystemExit(2)
     return None
+
+
+def _enforcement(args: argparse.Namespace) -> EgressPolicies | None:
+    """The policies --enforce holds the sandboxes to (those of --egress-allow), or None
+    without --enforce; options that cannot go together end the command (exit 2) naming the
+    problem."""
+    problem = None
+    if not args.enforce:
+        if args.dns_ttl_floor is not None:
+            problem = "--dns-ttl-floor applies to --enforce"
+    elif not args.egress_allow:
+        problem = (
+            "--enforce holds each sandbox to its egress allow-list: give --egress-allow "
+            "(names such as pypi.org or *.githubusercontent.com, networks, ports)"
+        )
+    elif getattr(args, "all", False):
+        problem = "--enforce applies to sandbox cgroups; watch --all traces the whole host"
+    elif getattr(args, "pid", None):
+        problem = "--enforce applies to sandbox cgroups (watch --cgroup), not to --pid"
+    elif args.no_connect_hook:
+        problem = "--enforce refuses connects in the connect hooks: drop --no-connect-hook"
+    elif args.dns_ttl_floor is not None and not 0 <= args.dns_ttl_floor <= 86400:
+        problem = f"--dns-ttl-floor {args.dns_ttl_floor:g}: expected seconds, 0 to 86400"
+    else:
+        try:
+            return EgressPolicies.parse(
+                args.egress_allow, allow_loopback=not args.egress_check_loopback
+            )
+        except ValueError as exc:
+            problem = f"--egress-allow: {exc}"
+    if problem is not None:
+        print(f"sandtrace: {problem}", file=sys.stderr)
+        raise SystemExit(2)
+    return None
+
+
+def _enforcer(args: argparse.Namespace, probes: Probes, scopes: dict[str, int]) -> Enforcer | None:
+    """With --enforce, the sandboxes (scope name -> index) held to their policies in the
+    kernel, before their hooks are attached; `apply` takes new policies (a reload)."""
+    policies = _enforcement(args)
+    if policies is None:
+        return None
+    from collector.enforce import DEFAULT_TTL_FLOOR, EnforceError, Enforcer  # noqa: PLC0415
+
+    floor = DEFAULT_TTL_FLOOR if args.dns_ttl_floor is None else args.dns_ttl_floor
+    enforcer = Enforcer(probes.policy(), scopes, ttl_floor=floor)
+    try:
+        enforcer.apply(policies)
+    except EnforceError as exc:
+        raise SystemExit(f"sandtrace: --enforce: {exc}") from None
+    held = [name for name in scopes if policies.policy_for(name) is not None]
+    _say(
+        f"enforcing egress in the kernel for {', '.join(held) or 'no sandbox'} (DNS answers "
+        f"allow their addresses for at least {floor:g} s); a clean stop lifts it"
+    )
+    return enforcer
 
 
 def _package_index() -> PackageIndex:
@@ -237,6 +294,7 @@ def _load_probes(args: argparse.Namespace, trace_all: bool = False) -> Probes:
             trace_all=trace_all,
             perf_buffer=args.perf_buffer,
             connect_hooks=not args.no_connect_hook,
+            enforce=args.enforce,
             bind_hooks=not args.no_bind_hook,
         ),
         features,
@@ -447,6 +505,7 @@ async def _run(args: argparse.Namespace) -> int:
     try:
         sandbox = cgroups.create_sandbox(root)
         rel = "/" + str(sandbox.path.relative_to(root))
+        _enforcer(args, probes, {sandbox.name: 0})
         probes.trace_cgroup(sandbox.path, 0)
         tracing = _Tracing(
             args, probes, root, [Scope(sandbox.name, [rel])], packages, outputs=outputs
@@ -574,6 +633,7 @@ async def _watch(args: argparse.Namespace) -> int:
     probes = _load_probes(args, trace_all=args.all)
     tracing = None
     try:
+        _enforcer(args, probes, {s.name: i for i, s in enumerate(scopes) if s.cgroup_paths})
         for index, path in enumerate(cgroup_dirs):
             if args.all:
                 probes.attach_cgroup(path)
@@ -619,6 +679,7 @@ def main(args: argparse.Namespace) -> int:
     from probes.loader import ProbeError  # noqa: PLC0415
 
     _egress(args)  # a bad entry is said before the probes compile
+    _enforcement(args)
     _check_response(args)
     try:
         return asyncio.run(_run(args) if args.command == "run" else _watch(args))

@@ -208,7 +208,13 @@ class Engine:
                     observe(out, event)  # type: ignore[arg-type]
         # A unix socket's connect (family "unix") is local IPC, not egress.
         egress = self.egress
-        if type(event) is ConnectEvent and egress is not None and event.family != "unix":
+        # One the kernel refused (--enforce) is the denial rule's to report, not the audit's.
+        if (
+            type(event) is ConnectEvent
+            and egress is not None
+            and event.family != "unix"
+            and not event.denied
+        ):
             policy = egress.per_sandbox.get(event.sandbox, egress.default)  # policy_for
             if policy is not None and not policy.allows(event.daddr, event.dport):
                 where = f"{event.protocol} {event.daddr}:{event.dport}"
