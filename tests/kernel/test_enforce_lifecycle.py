@@ -82,7 +82,7 @@ time.sleep(600)
 def in_sandbox(sb: cgroups.SandboxCgroup, steps: list[list[object]]) -> list[str]:
     proc = subprocess.run(
         ["/usr/bin/python3", "-c", CONNECTS, json.dumps(steps)],
-        preexec_fn=sb.join,  # noqa: PLW1509
+        preexec_fn=sb.join,
         capture_output=True,
         timeout=30,
         check=True,
