@@ -46,6 +46,10 @@ CASES = [
 @pytest.mark.parametrize(("argv", "message"), CASES, ids=[" ".join(c[0]) for c in CASES])
 def test_usage_errors_name_the_problem(argv: list[str], message: str) -> None:
     run = subprocess.run(
-        [sys.executable, "-m", "sandtrace", *argv], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "sandtrace", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert (run.returncode, run.stderr.splitlines()) == (2, [message])

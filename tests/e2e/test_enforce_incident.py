@@ -72,12 +72,19 @@ def enforced_run(net: NetNS, script: str, tmp: Path, *extra: str) -> Run:
         f'mount --bind "{resolv}" /etc/resolv.conf && exec "$@"', "sh", *sandtrace,
     ]  # fmt: skip
     proc = subprocess.run(
-        argv, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=180
+        argv,
+        cwd=tmp,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=180,
+        check=False,
     )
     return Run(proc.returncode, proc.stderr, _json_lines(events), _json_lines(alerts))
 
 
 def test_tunnel_and_miner_never_reach_their_servers_under_a_mirror_only_policy(
+    *,
     testnet: NetNS,
     dns: DnsServer,
     sshd: SshServer,
