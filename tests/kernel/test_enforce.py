@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from collector import cgroups
-from collector.enforce import Enforcer
+from collector.enforce import EnforceError, Enforcer
 from detect.egress import EgressPolicies, EgressPolicy
 from probes import kernel
 from probes.enforce import AF_INET, KernelPolicy
@@ -405,3 +405,67 @@ def test_resolve_then_connect_is_never_refused(
         after = policy_maps.denied()
     assert counts == {"ok": n, "addresses": len(ROTATING)}
     assert after == before  # not one denial counted in the kernel either
+
+
+def test_the_longest_network_match_answers_for_every_network_containing_it(
+    enforcing: Tracer, policy_maps: KernelPolicy
+) -> None:
+    # 127.0.0.64/26 is the longest match for .70, but the /24 around it allows port 80 there
+    with enforcing.sandbox() as sb:
+        index = [s.name for s in enforcing.assembler.scopes].index(sb.name)
+        policy = EgressPolicy.parse(
+            ["127.0.0.0/24:80", "127.0.0.64/26:443", "[::ffff:127.0.1.0/120]:8080"],
+            allow_loopback=False,
+        )
+        Enforcer(policy_maps, {sb.name: index}).apply(EgressPolicies(per_sandbox={sb.name: policy}))
+        _, got = client(
+            Sandbox(enforcing, sb.cgroup),
+            [
+                ["udp_connect", "127.0.0.70", 80],
+                ["udp_connect", "127.0.0.70", 443],
+                ["udp_connect", "127.0.0.10", 443],
+                ["udp_connect", "127.0.0.10", 80],
+                ["udp_connect", "127.0.1.7", 8080],  # an IPv4-mapped network, as IPv4
+                ["udp_connect", "127.0.1.7", 8081],
+            ],
+        )
+    assert got == ["ok", "ok", "EEPERM", "ok", "ok", "EEPERM"]
+
+
+def test_a_policy_the_kernel_cannot_hold_is_refused_and_the_old_one_stays(
+    enforced: Enforced, dns: Path, listeners: dict[str, int]
+) -> None:
+    too_many = EgressPolicy.parse([f"n{i}.allowed.test" for i in range(65)], allow_loopback=False)
+    with pytest.raises(EnforceError, match="65 names and 0 sets of network ports make 65 rules"):
+        enforced.enforcer.apply(EgressPolicies(per_sandbox={enforced.sandbox.name: too_many}))
+    _, got = client(
+        enforced.sandbox,
+        [
+            ["query", "www.allowed.test", RESOLVER],
+            ["tcp", "127.0.0.89", PORT],
+            ["tcp", "127.0.0.90", PORT],
+        ],
+    )
+    assert got == ["127.0.0.89", "ok", "EEPERM"]
+
+
+def test_a_rule_bit_given_again_first_forgets_what_it_allowed(
+    enforced: Enforced, policy_maps: KernelPolicy, dns: Path, listeners: dict[str, int]
+) -> None:
+    # www.allowed.test's rule learns 127.0.0.89; the policy then drops it, and a later
+    # policy's new name gets a bit: never the one 127.0.0.89 still carries in the kernel
+    name = enforced.sandbox.name
+    resolvers = (ipaddress.ip_address(RESOLVER),)
+    _, got = client(enforced.sandbox, [["query", "www.allowed.test", RESOLVER]])
+    assert got == ["127.0.0.89"]
+    key = (AF_INET, socket.inet_aton("127.0.0.89") + bytes(12))
+    assert policy_maps.learned(enforced.index)[key][0] != 0
+    for names in (["evil.test"], [f"n{i}.allowed.test" for i in range(64)]):
+        policy = dataclasses.replace(
+            EgressPolicy.parse(names, allow_loopback=False), resolvers=resolvers
+        )
+        enforced.enforcer.apply(EgressPolicies(per_sandbox={name: policy}))
+    # every bit is in use by the 64 new names: 127.0.0.89's old rule bit was forgotten first
+    assert key not in policy_maps.learned(enforced.index)
+    _, got = client(enforced.sandbox, [["tcp", "127.0.0.89", PORT]])
+    assert got == ["EEPERM"]
