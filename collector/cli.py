@@ -455,6 +455,9 @@ class _Tracing:
             self.responder.out = self.pipeline.emit
         self.tail_socket = Path(args.tail_socket)
         self.local_tail: LocalTail | None = None
+        # With --enforce, what holds the sandboxes to their policies in the kernel:
+        # enforcer.apply(policies) takes new ones at any time (a reload).
+        self.enforcer: Enforcer | None = None
 
     async def serve_tail(self) -> TailSocketError | None:
         """Serve the live tail on its Unix socket before the startup line, so that a tail
@@ -505,11 +508,12 @@ async def _run(args: argparse.Namespace) -> int:
     try:
         sandbox = cgroups.create_sandbox(root)
         rel = "/" + str(sandbox.path.relative_to(root))
-        _enforcer(args, probes, {sandbox.name: 0})
+        enforcer = _enforcer(args, probes, {sandbox.name: 0})
         probes.trace_cgroup(sandbox.path, 0)
         tracing = _Tracing(
             args, probes, root, [Scope(sandbox.name, [rel])], packages, outputs=outputs
         )
+        tracing.enforcer = enforcer
         summary = RunSummary(detecting=tracing.engine is not None)
         tracing.pipeline.sinks.append(summary)
         stop = asyncio.Event()
@@ -633,7 +637,9 @@ async def _watch(args: argparse.Namespace) -> int:
     probes = _load_probes(args, trace_all=args.all)
     tracing = None
     try:
-        _enforcer(args, probes, {s.name: i for i, s in enumerate(scopes) if s.cgroup_paths})
+        enforcer = _enforcer(
+            args, probes, {s.name: i for i, s in enumerate(scopes) if s.cgroup_paths}
+        )
         for index, path in enumerate(cgroup_dirs):
             if args.all:
                 probes.attach_cgroup(path)
@@ -647,6 +653,7 @@ async def _watch(args: argparse.Namespace) -> int:
             for index, pids in pids_by_scope.items():
                 probes.add_traced_pids(pids, index)
         tracing = _Tracing(args, probes, root, scopes, packages, outputs=outputs)
+        tracing.enforcer = enforcer
         for pids in pids_by_scope.values():
             for p in pids:
                 tracing.assembler.procs.seed_from_proc(p)
