@@ -301,6 +301,14 @@ def _load_probes(args: argparse.Namespace, trace_all: bool = False) -> Probes:
     )
 
 
+def _print_refused(enforcer: Enforcer | None) -> None:
+    """With --enforce, what the kernel refused, by kind (each was also an event, or a count
+    on one)."""
+    if enforcer is not None:
+        counts = enforcer.kernel.denied()
+        _say("refused in the kernel: " + " ".join(f"{k}={v}" for k, v in counts.items()))
+
+
 def _print_totals(totals: Totals, sinks: list[Sink] | None = None) -> None:
     print(
         "sandtrace: " + totals_line(dict(totals.events), totals.lost_kernel, totals.lost_user),
@@ -549,6 +557,7 @@ async def _run(args: argparse.Namespace) -> int:
         stop.set()
         totals = await runner
         _print_totals(totals, tracing.pipeline.sinks)
+        _print_refused(tracing.enforcer)
         summary.report(sys.stderr, args.summary)
         if code == 0 and outputs.discarded():
             _say(
@@ -673,6 +682,7 @@ async def _watch(args: argparse.Namespace) -> int:
             tracing.pipeline.emit(event)
         totals = await tracing.pipeline.run(stop)
         _print_totals(totals, tracing.pipeline.sinks)
+        _print_refused(tracing.enforcer)
         return 0
     finally:
         if tracing is not None:

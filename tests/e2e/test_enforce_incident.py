@@ -148,3 +148,6 @@ def test_tunnel_and_miner_never_reach_their_servers_under_a_mirror_only_policy(
     }
     assert alerted == {(d, p) for d, p, _ in denied}
     assert {a["level"] for a in run.alerts if a["rule_id"] == DENIED_RULE} == {"high"}
+    # the kernel's own count, at the end: ssh twice, the miner once (no retry: it exits)
+    refused = [line for line in run.stderr.splitlines() if "refused in the kernel" in line]
+    assert refused == ["sandtrace: refused in the kernel: connect=3 send=0 resolver=0 unix=0"]

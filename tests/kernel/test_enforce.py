@@ -469,3 +469,39 @@ def test_a_rule_bit_given_again_first_forgets_what_it_allowed(
     assert key not in policy_maps.learned(enforced.index)
     _, got = client(enforced.sandbox, [["tcp", "127.0.0.89", PORT]])
     assert got == ["EEPERM"]
+
+
+FLOOD = r"""
+import errno, socket, sys
+n, refused = int(sys.argv[1]), 0
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range(n):
+    try:
+        s.connect(("127.0.0.90", 9))
+    except PermissionError:
+        refused += 1
+print(refused, flush=True)
+"""
+
+
+def test_a_flood_of_refused_connects_is_counted_not_sent_one_by_one(
+    enforced: Enforced, policy_maps: KernelPolicy, enforcing: Tracer
+) -> None:
+    n = 5000
+    before = policy_maps.denied()["connect"]
+    pid, out, _ = enforced.sandbox.python(FLOOD, str(n))
+    assert int(out) == n
+    assert policy_maps.denied()["connect"] - before == n
+    time.sleep(1.1)  # the repeat window ends: the count left in the kernel is drained
+    enforcing.probes.drain_repeats()
+    enforcing.collect()
+    floods = [
+        e
+        for e in of(enforced.sandbox.events(), "connect", pid)
+        if (e.daddr, e.dport) == ("127.0.0.90", 9)
+    ]
+    assert all(e.denied for e in floods)
+    sent = [e for e in floods if e.outcome == "denied"]
+    # at most the window's budget sent one by one, every other one counted
+    assert len(sent) <= 1024
+    assert len(sent) + sum(e.repeats for e in floods) == n
