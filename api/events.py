@@ -142,7 +142,8 @@ class ConnectEvent(Event, tag="connect"):
     saddr: str = ""
     sport: int = 0
     # success | in_progress | pending | error | repeated | sent (a datagram sent without
-    # connect(): the first of a socket to this destination): see README, "connect outcomes"
+    # connect(): the first of a socket to this destination) | denied (see `denied`): see
+    # README, "connect outcomes"
     outcome: str = ""
     errno: int = 0
     errno_name: str = ""
@@ -170,6 +171,10 @@ class ConnectEvent(Event, tag="connect"):
     http_host: str = ""  # an HTTP request's Host
     # the first line said: an HTTP request line, a Stratum method, an SSH banner
     app_detail: str = ""
+    # Refused in the kernel by the sandbox's egress policy (`--enforce`; README,
+    # "Enforcement"): the connect or the send failed with EPERM and reached nobody (outcome
+    # "denied"; with "repeated", the count is of refused ones).
+    denied: bool = False
 
 
 class BindEvent(Event, tag="bind"):

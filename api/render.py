@@ -617,9 +617,12 @@ def _connect_detail(event: ConnectEvent) -> list[_Segment]:
         atoms += [" ", *_atoms(event.app_protocol)]
     segments: list[_Segment] = [("", atoms)]
     if event.outcome:
-        style = _ERROR_STYLE if event.outcome == "error" else ""
+        style = _ERROR_STYLE if event.outcome in ("error", "denied") else ""
         segments.append(("", [" "]))
         segments.append((style, _atoms(event.outcome)))
+    if event.denied and event.outcome == "repeated":  # a count of refused ones
+        segments.append(("", [" "]))
+        segments.append((_ERROR_STYLE, _atoms("denied")))
     if event.errno:
         segments.append(("", [" "]))
         name = event.errno_name or f"errno {event.errno}"

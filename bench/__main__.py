@@ -18,6 +18,8 @@
    the service's orders, p50 and p99 (bench/response.py).
 10. a fleet on NATS JetStream (`--only fleet`): events/s with one and
    two `serve --nats` workers, and event -> alert p99 through NATS (bench/fleet.py).
+11. enforcement (`--only enforce`): a sandboxed connect and sendto with the verdict, a host
+   connect beside them, and the DNS parse with the allowed-names lookups (bench/enforce.py).
 """
 
 from __future__ import annotations
@@ -666,6 +668,7 @@ ROWS = [
     "response",
     "flows",
     "fleet",
+    "enforce",
 ]
 """The row groups `--only` picks from; all of them by default."""
 
@@ -720,6 +723,10 @@ def main(argv: list[str] | None = None) -> int:
                 rows += response_latency(sandbox)
             if "flows" in only:
                 rows += flows(exe, features, sandbox, args.rounds)
+            if "enforce" in only:
+                from bench.enforce import enforce_costs  # noqa: PLC0415
+
+                rows += enforce_costs(exe, features, sandbox, args.rounds)
             if "fleet" in only:
                 from bench.fleet import fleet_rows  # noqa: PLC0415
 

@@ -130,6 +130,31 @@ int main(int argc, char **argv)
 			nanosleep(&ms, NULL);
 		}
 		t1 = now();
+	} else if (!strcmp(what, "dns-answers")) {
+		/* n copies of one DNS answer (www.example.test A 127.0.0.9, TTL 60) from
+		 * argv[3]:53 to 127.0.0.1:argv[4]: what a sandboxed resolver client receives */
+		static const unsigned char msg[] = {
+			0x12, 0x34, 0x81, 0x80, 0, 1, 0, 1, 0, 0, 0, 0,
+			3, 'w', 'w', 'w', 7, 'e', 'x', 'a', 'm', 'p', 'l', 'e', 4, 't', 'e', 's', 't', 0,
+			0, 1, 0, 1,
+			0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 127, 0, 0, 9,
+		};
+		struct sockaddr_in from = { .sin_family = AF_INET, .sin_port = htons(53) };
+		struct sockaddr_in to = { .sin_family = AF_INET };
+		int s = socket(AF_INET, SOCK_DGRAM, 0), one = 1;
+
+		inet_pton(AF_INET, argv[3], &from.sin_addr);
+		to.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+		to.sin_port = htons(atoi(argv[4]));
+		setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+		if (bind(s, (struct sockaddr *)&from, sizeof(from)) != 0) {
+			perror("dns-answers");
+			return 1;
+		}
+		t0 = now();
+		for (long i = 0; i < n; i++)
+			sendto(s, msg, sizeof(msg), 0, (struct sockaddr *)&to, sizeof(to));
+		t1 = now();
 	} else { /* fork+exec /bin/true */
 		t0 = now();
 		for (long i = 0; i < n; i++) {

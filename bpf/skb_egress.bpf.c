@@ -15,6 +15,7 @@
 #include "output.h"
 #include "sock_stash.h"
 #include "flows.h"
+#include "enforce.h"
 
 #ifdef HAVE_UDP_EGRESS
 
@@ -63,43 +64,91 @@ static __always_inline bool udp_destination(struct __sk_buff *skb, struct dest_k
 	return true;
 }
 
+#ifdef HAVE_ENFORCE
+/* The verdict on a UDP datagram of a sandbox socket (enforce.h): -1 when allowed, else the
+ * enf_kind of the denial. A connected socket's datagrams to its peer were judged at
+ * connect(); one sent elsewhere (sendto naming another destination) is judged here. */
+static __always_inline int enf_datagram(struct __sk_buff *skb, struct bpf_sock *sk,
+					struct dest_key *key)
+{
+	s32 sb;
+
+	if (!udp_destination(skb, key))
+		return -1;
+	if (sk->dst_port && bpf_ntohs(sk->dst_port) == key->dport) {
+		if (key->family == AF_INET && sk->family == AF_INET) {
+			u32 a = 0;
+
+			__builtin_memcpy(&a, key->daddr, 4);
+			if (a == sk->dst_ip4)
+				return -1;
+		} else if (key->family == AF_INET6 && sk->family == AF_INET6) {
+			u32 a[4] = {};
+
+			__builtin_memcpy(a, key->daddr, 16);
+			if (a[0] == sk->dst_ip6[0] && a[1] == sk->dst_ip6[1] &&
+			    a[2] == sk->dst_ip6[2] && a[3] == sk->dst_ip6[3])
+				return -1;
+		}
+	}
+	sb = enf_sandbox_of_skb(skb);
+	if (sb < 0)
+		return -1;
+	return enf_verdict(sb, key->family, key->daddr, key->dport, true);
+}
+#endif
+
 int skb_egress(struct __sk_buff *skb)
 {
 	struct dest_key key = {};
 	struct dest_seen *seen, *fresh;
-	struct bpf_sock *sk = skb->sk;
+	struct bpf_sock *sk = skb->sk, *full;
 	struct sock_owner *owner;
 	u64 cookie, now;
-	u32 zero = 0;
+	u32 zero = 0, flags = SOCK_F_UNCONNECTED;
+	int denied = -1;
 
 	if (!sk)
 		return 1;
 #ifdef HAVE_FLOWS
 	flow_packet(skb, false);
 #endif
-	sk = bpf_sk_fullsock(sk);
+	full = bpf_sk_fullsock(sk);
+#ifdef HAVE_ENFORCE
+	/* a datagram outside the policy is dropped: the send fails with EPERM */
+	if (full && full->type == SOCK_DGRAM) {
+		denied = enf_datagram(skb, full, &key);
+		if (denied >= 0) {
+			enf_count(denied);
+			flags |= SOCK_F_DENIED;
+		}
+	}
+#endif
+	sk = full;
+	if (!sk)
+		return 1;
 	/* a connected socket's datagrams were reported at connect() */
-	if (!sk || sk->type != SOCK_DGRAM || sk->dst_port)
+	if (sk->type != SOCK_DGRAM || (sk->dst_port && denied < 0))
 		return 1;
 	cookie = bpf_get_socket_cookie(skb);
 	owner = sock_owner.lookup(&cookie);
 	if (!owner)
-		return 1;
-	if (!udp_destination(skb, &key))
+		return denied < 0 ? 1 : 0;
+	if (denied < 0 && !udp_destination(skb, &key))
 		return 1;
 	key.start_ns = cookie; /* per socket, not per process */
 	key.tgid = owner->hdr.pid;
-	key.sock_type = SOCK_DGRAM;
+	key.sock_type = SOCK_DGRAM | (denied < 0 ? 0 : DEST_DENIED);
 	key.protocol = IPPROTO_UDP;
 	now = bpf_ktime_get_ns();
 	seen = udp_seen.lookup(&key);
 	if (seen && now - seen->window_ns < REPEAT_WINDOW_NS) {
 		__sync_fetch_and_add(&seen->count, 1);
-		return 1;
+		return denied < 0 ? 1 : 0;
 	}
 	fresh = udp_scratch.lookup(&zero);
 	if (!fresh)
-		return 1;
+		return denied < 0 ? 1 : 0;
 	__builtin_memset(&fresh->rec, 0, sizeof(fresh->rec));
 	fresh->rec.hdr = owner->hdr;
 	fresh->rec.hdr.type = REC_CONNECT;
@@ -110,7 +159,7 @@ int skb_egress(struct __sk_buff *skb)
 	fresh->rec.dport = key.dport;
 	fresh->rec.sock_type = SOCK_DGRAM;
 	fresh->rec.protocol = IPPROTO_UDP;
-	fresh->rec.flags = SOCK_F_UNCONNECTED;
+	fresh->rec.flags = flags;
 	__builtin_memcpy(fresh->rec.daddr, key.daddr, sizeof(key.daddr));
 	fresh->rec.repeats = seen ? seen->count : 0;
 	if (seen)
@@ -123,7 +172,7 @@ int skb_egress(struct __sk_buff *skb)
 	fresh->rec.repeats = 0;
 	if (udp_seen.update(&key, fresh) != 0)
 		count_error(ERR_STASH_MAP_FULL);
-	return 1;
+	return denied < 0 ? 1 : 0;
 }
 
 #endif /* HAVE_UDP_EGRESS */

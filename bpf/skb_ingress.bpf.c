@@ -18,4 +18,20 @@ int skb_ingress(struct __sk_buff *skb)
 	return 1;
 }
 
+/* A DNS answer's parse, in stages entered by tail call from skb_ingress (flows.h, dns_stages). */
+int dns_question(struct __sk_buff *skb)
+{
+	return dns_stage(skb, DNS_STAGE_QUESTION);
+}
+
+int dns_name(struct __sk_buff *skb)
+{
+	return dns_stage(skb, DNS_STAGE_NAME);
+}
+
+int dns_answers(struct __sk_buff *skb)
+{
+	return dns_stage(skb, DNS_STAGE_ANSWERS);
+}
+
 #endif /* HAVE_FLOWS */

@@ -3,7 +3,8 @@
  * connect and bind, from cgroup socket-address hooks attached to the traced cgroups only:
  * processes elsewhere on the host never run these programs. A hook sees the call before the
  * protocol acts on it, so outcomes come from elsewhere: post_bind for binds, and the TCP
- * state tracepoint (tcp_state.bpf.c) for connects.
+ * state tracepoint (tcp_state.bpf.c) for connects. Under enforcement (enforce.h) a connect
+ * outside the sandbox's policy is refused here, with EPERM, and its record says so.
  */
 
 #include "events.h"
@@ -12,6 +13,7 @@
 #include "scope.h"
 #include "output.h"
 #include "sock_stash.h"
+#include "enforce.h"
 
 /* Read by user space (probes/loader.py), which reports counts left when a window ends. */
 BPF_TABLE("lru_hash", struct dest_key, struct dest_seen, dest_seen, DEST_SEEN_MAX);
@@ -34,7 +36,8 @@ static __always_inline bool counted_repeat(struct connect_record *r, bool *first
 	key.tgid = r->hdr.pid;
 	key.family = r->family;
 	key.dport = r->dport;
-	key.sock_type = r->sock_type;
+	/* denied and allowed connects to one destination are counted apart */
+	key.sock_type = r->sock_type | (r->flags & SOCK_F_DENIED ? DEST_DENIED : 0);
 	key.protocol = r->protocol;
 	__builtin_memcpy(key.daddr, r->daddr, sizeof(key.daddr));
 	seen = dest_seen.lookup(&key);
@@ -71,6 +74,7 @@ static __always_inline int on_connect(struct bpf_sock_addr *ctx, u16 family)
 	u64 cookie;
 	bool repeat, first = false;
 	s32 sb = lookup_sandbox();
+	int denied = -1;
 
 	if (sb < 0)
 		return 1;
@@ -93,8 +97,15 @@ static __always_inline int on_connect(struct bpf_sock_addr *ctx, u16 family)
 			copy_ip6(r.saddr, sk->src_ip6);
 		r.flags |= SOCK_F_LOCAL_KNOWN;
 	}
+#ifdef HAVE_ENFORCE
+	denied = enf_verdict(sb, family, r.daddr, r.dport, false);
+	if (denied >= 0) {
+		r.flags |= SOCK_F_DENIED;
+		enf_count(denied);
+	}
+#endif
 	repeat = counted_repeat(&r, &first);
-	if (r.sock_type == SOCK_STREAM && r.protocol == IPPROTO_TCP) {
+	if (r.sock_type == SOCK_STREAM && r.protocol == IPPROTO_TCP && denied < 0) {
 		tid = r.hdr.tid;
 		cookie = repeat ? r.cookie | COOKIE_REPEAT : r.cookie;
 		if (connect_stash.update(&tid, &cookie) != 0)
@@ -104,7 +115,7 @@ static __always_inline int on_connect(struct bpf_sock_addr *ctx, u16 family)
 		emit_priority(ctx, &r, sizeof(r), REC_CONNECT);
 	else if (!repeat)
 		emit(ctx, &r, sizeof(r), REC_CONNECT);
-	return 1;
+	return denied < 0 ? 1 : 0; /* 0: the connect fails with EPERM */
 }
 
 int connect4(struct bpf_sock_addr *ctx)

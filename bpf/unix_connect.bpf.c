@@ -3,7 +3,8 @@
  * connect() on AF_UNIX sockets, from the cgroup unix connect hook (Linux 6.7+) attached to
  * the traced cgroups: a sandbox reaching a container runtime's or an orchestrator's socket
  * (docker.sock, containerd.sock, the kubelet) is a connect too. Built only where the kernel
- * has the hook (probes/kernel.py says at startup when it does not).
+ * has the hook (probes/kernel.py says at startup when it does not). Under enforcement, a
+ * connect to a socket whose file name is a container runtime's (enf_unix) is refused.
  */
 
 #include "events.h"
@@ -11,6 +12,7 @@
 #include "counters.h"
 #include "scope.h"
 #include "output.h"
+#include "enforce.h"
 
 #ifdef HAVE_UNIX_CONNECT
 
@@ -42,6 +44,14 @@ int connect_unix(struct bpf_sock_addr *ctx)
 	r.path_size = len < UNIX_PATH_MAX ? len : UNIX_PATH_MAX;
 	if (uaddr && r.path_size)
 		bpf_probe_read_kernel(r.path, sizeof(r.path), (void *)(uaddr + SUN_FAMILY_SIZE));
+#ifdef HAVE_ENFORCE
+	if (enf_unix_denied(sb, r.path, r.path_size)) {
+		r.flags |= UNIX_F_DENIED;
+		enf_count(ENF_DENIED_UNIX);
+		emit_priority(ctx, &r, sizeof(r), REC_UNIX_CONNECT);
+		return 0; /* EPERM */
+	}
+#endif
 	emit_priority(ctx, &r, sizeof(r), REC_UNIX_CONNECT);
 	return 1;
 }

@@ -199,6 +199,21 @@ def _common_args(p: argparse.ArgumentParser) -> None:
         "per sandbox; see README, 'Egress policy'), re-read on SIGHUP; instead of "
         "--egress-allow, --resolver and --egress-check-loopback",
     )
+    d.add_argument(
+        "--enforce",
+        action="store_true",
+        help="refuse in the kernel (EPERM) every connect, datagram, DNS query and container "
+        "runtime socket connect of a sandboxed process that its egress allow-list does not "
+        "allow; each refusal is an event and a high alert (README, Enforcement)",
+    )
+    d.add_argument(
+        "--dns-ttl-floor",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="with --enforce: an address learnt from a DNS answer for an allowed name stays "
+        "allowed at least this long, whatever its TTL (default 30)",
+    )
     r = p.add_argument_group("response")
     r.add_argument(
         "--kill-on",

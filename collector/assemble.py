@@ -494,11 +494,16 @@ class Assembler:
             saddr=fmt_addr(f.family, f.saddr) if f.flags & R.SOCK_F_LOCAL_KNOWN else "",
             sport=f.sport,
             repeats=f.repeats,
+            denied=bool(f.flags & R.SOCK_F_DENIED),
         )
         self._name(ev, f.sandbox)
         if f.flags & R.SOCK_F_REPEATS_ONLY:
             # Only a count of repeats the kernel held: no connect, no outcome to wait for.
             ev.outcome = "repeated"
+            return [ev]
+        if ev.denied:
+            # Refused by the kernel (EPERM): no packet went, nothing more will come of it.
+            ev.outcome, ev.errno, ev.errno_name = "denied", errno_mod.EPERM, "EPERM"
             return [ev]
         if f.flags & R.SOCK_F_UNCONNECTED:
             # The first datagram of a socket to this destination, sent without connect().
@@ -599,6 +604,18 @@ class Assembler:
         the outcome is not known (""); the listener is looked up now, while it may still be
         there."""
         path = R.unix_path(f)
+        if f.flags & R.UNIX_F_DENIED:
+            # Refused by the kernel (EPERM) before the path was looked up.
+            return ConnectEvent(
+                **self._common(f),
+                protocol="unix",
+                family="unix",
+                path=path,
+                outcome="denied",
+                errno=errno_mod.EPERM,
+                errno_name="EPERM",
+                denied=True,
+            )
         peer = self.unix_listener(f.pid, path) if path else None
         return ConnectEvent(
             **self._common(f),

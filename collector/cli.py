@@ -52,6 +52,7 @@ from fleet.connect import is_nats_url
 from tail.hub import LocalTail, TailHub, TailSocketBusy, TailSocketError
 
 if TYPE_CHECKING:
+    from collector.enforce import Enforcer
     from probes.loader import Probes
 
 log = structlog.get_logger("sandtrace")
@@ -190,7 +191,7 @@ def _egress(args: argparse.Namespace) -> EgressPolicySource | None:
         if value
     ]
     problems: list[str] = []
-    if given and (args.server or args.no_detect):
+    if given and (args.server or args.no_detect) and not args.enforce:
         problems.append(
             f"{given[0]} has no effect with --server (the service checks egress: set "
             "[detection] egress_allow or egress_policy in its configuration)"
@@ -235,6 +236,68 @@ def _egress(args: argparse.Namespace) -> EgressPolicySource | None:
     if problems:
         raise SystemExit(2)
     return None
+
+
+def _enforcement(args: argparse.Namespace) -> bool:
+    """Whether --enforce holds the sandboxes to their egress policy (that of --egress-allow
+    and --resolver, or of --egress-policy: _egress parses it); options that cannot go
+    together end the command (exit 2) naming the problem."""
+    problem = None
+    if not args.enforce:
+        if args.dns_ttl_floor is not None:
+            problem = "--dns-ttl-floor applies to --enforce"
+    elif not (args.egress_allow or args.egress_policy):
+        problem = (
+            "--enforce holds each sandbox to its egress policy: give --egress-allow (names "
+            "such as pypi.org or *.githubusercontent.com, networks, ports) or --egress-policy"
+        )
+    elif getattr(args, "all", False):
+        problem = "--enforce applies to sandbox cgroups; watch --all traces the whole host"
+    elif getattr(args, "pid", None):
+        problem = "--enforce applies to sandbox cgroups (watch --cgroup), not to --pid"
+    elif args.no_connect_hook:
+        problem = "--enforce refuses connects in the connect hooks: drop --no-connect-hook"
+    elif args.dns_ttl_floor is not None and not 0 <= args.dns_ttl_floor <= 86400:
+        problem = f"--dns-ttl-floor {args.dns_ttl_floor:g}: expected seconds, 0 to 86400"
+    if problem is not None:
+        print(f"sandtrace: {problem}", file=sys.stderr)
+        raise SystemExit(2)
+    return bool(args.enforce)
+
+
+def _enforcer(
+    args: argparse.Namespace,
+    probes: Probes,
+    scopes: dict[str, int],
+    egress: EgressPolicySource | None,
+) -> Enforcer | None:
+    """With --enforce, the sandboxes (scope name -> index) held to their policies in the
+    kernel, before their hooks are attached; a reload of --egress-policy (SIGHUP) gives the
+    kernel the new policies too."""
+    if not _enforcement(args) or egress is None:
+        return None
+    from collector.enforce import DEFAULT_TTL_FLOOR, EnforceError, Enforcer  # noqa: PLC0415
+
+    floor = DEFAULT_TTL_FLOOR if args.dns_ttl_floor is None else args.dns_ttl_floor
+    enforcer = Enforcer(probes.policy(), scopes, ttl_floor=floor)
+    try:
+        enforcer.apply(egress.policies)
+    except EnforceError as exc:
+        raise SystemExit(f"sandtrace: --enforce: {exc}") from None
+
+    def reload(policies: EgressPolicies) -> None:
+        try:
+            enforcer.apply(policies)
+        except EnforceError as exc:
+            _say(f"SIGHUP: the kernel keeps enforcing the previous egress policy: {exc}")
+
+    egress.on_policy_change(reload)
+    held = [name for name in scopes if egress.policies.policy_for(name) is not None]
+    _say(
+        f"enforcing egress in the kernel for {', '.join(held) or 'no sandbox'} (DNS answers "
+        f"allow their addresses for at least {floor:g} s); a clean stop lifts it"
+    )
+    return enforcer
 
 
 def _package_index() -> PackageIndex:
@@ -286,10 +349,19 @@ def _load_probes(args: argparse.Namespace, trace_all: bool = False) -> Probes:
             trace_all=trace_all,
             perf_buffer=args.perf_buffer,
             connect_hooks=not args.no_connect_hook,
+            enforce=args.enforce,
             bind_hooks=not args.no_bind_hook,
         ),
         features,
     )
+
+
+def _print_refused(enforcer: Enforcer | None) -> None:
+    """With --enforce, what the kernel refused, by kind (each was also an event, or a count
+    on one)."""
+    if enforcer is not None:
+        counts = enforcer.kernel.denied()
+        _say("refused in the kernel: " + " ".join(f"{k}={v}" for k, v in counts.items()))
 
 
 def _print_totals(totals: Totals, sinks: list[Sink] | None = None) -> None:
@@ -492,6 +564,9 @@ class _Tracing:
             task.add_done_callback(self._reloads.discard)
 
         loop.add_signal_handler(signal.SIGHUP, reload_soon)
+        # With --enforce, what holds the sandboxes to their policies in the kernel:
+        # enforcer.apply(policies) takes new ones at any time (a reload).
+        self.enforcer: Enforcer | None = None
 
     async def serve_tail(self) -> TailSocketError | None:
         """Serve the live tail on its Unix socket before the startup line, so that a tail
@@ -546,10 +621,12 @@ async def _run(args: argparse.Namespace) -> int:
     try:
         sandbox = cgroups.create_sandbox(root)
         rel = "/" + str(sandbox.path.relative_to(root))
+        enforcer = _enforcer(args, probes, {sandbox.name: 0}, outputs.egress)
         probes.trace_cgroup(sandbox.path, 0)
         tracing = _Tracing(
             args, probes, root, [Scope(sandbox.name, [rel])], packages, outputs=outputs
         )
+        tracing.enforcer = enforcer
         summary = RunSummary(detecting=tracing.engine is not None)
         tracing.pipeline.sinks.append(summary)
         stop = asyncio.Event()
@@ -586,6 +663,7 @@ async def _run(args: argparse.Namespace) -> int:
         stop.set()
         totals = await runner
         _print_totals(totals, tracing.pipeline.sinks)
+        _print_refused(tracing.enforcer)
         summary.report(sys.stderr, args.summary)
         if code == 0 and outputs.discarded():
             _say(
@@ -674,6 +752,12 @@ async def _watch(args: argparse.Namespace) -> int:
     probes = _load_probes(args, trace_all=args.all)
     tracing = None
     try:
+        enforcer = _enforcer(
+            args,
+            probes,
+            {s.name: i for i, s in enumerate(scopes) if s.cgroup_paths},
+            outputs.egress,
+        )
         for index, path in enumerate(cgroup_dirs):
             if args.all:
                 probes.attach_cgroup(path)
@@ -687,6 +771,7 @@ async def _watch(args: argparse.Namespace) -> int:
             for index, pids in pids_by_scope.items():
                 probes.add_traced_pids(pids, index)
         tracing = _Tracing(args, probes, root, scopes, packages, outputs=outputs)
+        tracing.enforcer = enforcer
         for pids in pids_by_scope.values():
             for p in pids:
                 tracing.assembler.procs.seed_from_proc(p)
@@ -707,6 +792,7 @@ async def _watch(args: argparse.Namespace) -> int:
             tracing.pipeline.emit(event)
         totals = await tracing.pipeline.run(stop)
         _print_totals(totals, tracing.pipeline.sinks)
+        _print_refused(tracing.enforcer)
         return 0
     finally:
         if tracing is not None:
@@ -720,6 +806,7 @@ def main(args: argparse.Namespace) -> int:
     from probes.loader import ProbeError  # noqa: PLC0415
 
     _egress(args)  # a bad entry is said before the probes compile
+    _enforcement(args)
     _check_response(args)
     try:
         return asyncio.run(_run(args) if args.command == "run" else _watch(args))

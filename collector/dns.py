@@ -201,11 +201,26 @@ def wire_name(name: str) -> bytes:
     return out
 
 
-def name_hash(name: str) -> int:
-    """The kernel's hash of a question name (bpf/include/flows.h, struct dns_addr_val):
-    FNV-1a 64 over the name in wire form, ASCII upper-case letters lowered."""
-    h = FNV64_OFFSET
-    for byte in wire_name(name):
-        c = byte + 0x20 if 0x41 <= byte <= 0x5A else byte
+def _fnv(data: bytes, h: int = FNV64_OFFSET) -> int:
+    for c in data:
         h = ((h ^ c) * FNV64_PRIME) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def name_hash(name: str) -> int:
+    """The kernel's hash of a question name (bpf/include/flows.h, dns_name_hash): each label
+    hashed alone, FNV-1a 64 over its length byte and its bytes (ASCII upper-case letters
+    lowered); the labels' hashes folded from the last to the first, h = (h ^ label) * prime.
+    Folded from the right, the hash of each domain above a name comes on the way to the
+    name's own: the kernel looks wildcards up with them."""
+    wire = wire_name(name)
+    labels: list[int] = []
+    pos = 0
+    while pos < len(wire):
+        raw = wire[pos : pos + 1 + wire[pos]]
+        labels.append(_fnv(bytes(c + 0x20 if 0x41 <= c <= 0x5A else c for c in raw)))
+        pos += len(raw)
+    h = FNV64_OFFSET
+    for label in reversed(labels):
+        h = ((h ^ label) * FNV64_PRIME) & 0xFFFFFFFFFFFFFFFF
     return h

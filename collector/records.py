@@ -18,7 +18,7 @@ import struct
 from collections.abc import Callable, Iterable
 from typing import Annotated, Any, NamedTuple, get_type_hints
 
-LAYOUT_VERSION = 5
+LAYOUT_VERSION = 6
 
 REC_UNDEFINED = 0
 REC_EXEC = 1
@@ -83,8 +83,10 @@ SOCK_F_NONBLOCK = 1 << 0
 SOCK_F_LOCAL_KNOWN = 1 << 1
 SOCK_F_REPEATS_ONLY = 1 << 2
 SOCK_F_UNCONNECTED = 1 << 3
+SOCK_F_DENIED = 1 << 4  # refused by the sandbox's egress policy (--enforce)
 
 FLOW_F_INGRESS = 1 << 0
+UNIX_F_DENIED = 1 << 0  # a container runtime's socket, refused (--enforce)
 
 # enum app_protocol: what a flow speaks, as the kernel told it from its first bytes.
 APP_UNKNOWN = 0
@@ -375,6 +377,7 @@ class UnixConnectRecord(NamedTuple):
     sock_type: U32
     path_size: U32  # bytes of sun_path given; an abstract name starts with NUL
     path: UnixPath
+    flags: U32  # UNIX_F_*
 
 
 class SockCreateRecord(NamedTuple):

@@ -230,8 +230,10 @@ class Engine:
     def _egress(self, out: list[Alert], egress: EgressPolicies, event: ConnectEvent) -> None:
         """The egress check of a connect or UDP send: DNS (port 53) by the sandbox's
         resolvers when it has some, every other destination by its allow-list."""
-        if event.family == "unix":
-            return  # a unix socket's connect is local IPC, not egress
+        if event.family == "unix" or event.denied:
+            # A unix socket's connect is local IPC, not egress; one the kernel refused
+            # (--enforce) is the denial rule's to report, not the audit's.
+            return
         policy = egress.per_sandbox.get(event.sandbox, egress.default)  # policy_for
         if policy is None:
             return

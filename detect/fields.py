@@ -112,7 +112,9 @@ CATEGORY_FIELDS: dict[str, dict[str, str]] = {
         "SourceIp": "local address, when known",
         "SourcePort": "local port, when known",
         "Outcome": "success, error, in_progress, pending; sent (UDP without connect), "
-        "repeated (a count of repeats the kernel folded)",
+        "repeated (a count of repeats the kernel folded), denied (refused by --enforce)",
+        "Denied": "'true' when the kernel refused it (EPERM) under the sandbox's egress "
+        "policy (--enforce), else 'false'",
         "ErrnoName": "errno name when the connect failed, e.g. ECONNREFUSED",
         # unix socket connects (Protocol unix; DestinationIp '' and DestinationPort 0):
         "DestinationPath": "unix socket path, or @name for an abstract one ('' for IP)",
@@ -663,6 +665,7 @@ GETTERS: dict[type, dict[str, Getter]] = {
         "SourceIp": _x("e.saddr", "str"),
         "SourcePort": _x("e.sport"),
         "Outcome": _x("e.outcome", "str"),
+        "Denied": _x('"true" if e.denied else "false"', "low"),
         "ErrnoName": _x("e.errno_name", "str"),
         "DestinationPath": _decoding("e.path"),
         "DestinationImage": _decoding("e.peer_exe"),

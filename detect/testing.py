@@ -70,7 +70,7 @@ KNOWN_FIELDS = frozenset({
     "Sha256", "Stdio", "Comm", "DestinationPath", "DestinationImage", "DestinationProcessId",
     "Family", "ProtocolNumber", "Flags", "SqEntries", "DestinationHostname",
     "ApplicationProtocol", "TlsServerName", "HttpHost", "ApplicationDetail", "QueryName",
-    "QueryType", "QueryStatus", "QueryResults", "ResolverIp", "AncestorProcessIds",
+    "QueryType", "QueryStatus", "QueryResults", "ResolverIp", "AncestorProcessIds", "Denied",
 })  # fmt: skip
 # OriginalFileName sets the packaged file the executable copies (original_exe, on the exec event
 # and on the process of any event); GoModule the
@@ -178,6 +178,8 @@ def event_from_fields(category: str, fields: dict[str, Any], at: float = 0.0) ->
             path=_b(fields["DestinationPath"]),
             peer_pid=int(fields.get("DestinationProcessId", 0)),
             peer_exe=_b(fields.get("DestinationImage", "")),
+            outcome=str(fields.get("Outcome", "")),
+            denied=fields.get("Denied") == "true",
         )
     if category == NETWORK_CONNECTION:
         ip = str(fields.get("DestinationIp", "192.0.2.1"))
@@ -197,6 +199,7 @@ def event_from_fields(category: str, fields: dict[str, Any], at: float = 0.0) ->
             sni=str(fields.get("TlsServerName", "")),
             http_host=str(fields.get("HttpHost", "")),
             app_detail=str(fields.get("ApplicationDetail", "")),
+            denied=fields.get("Denied") == "true",
         )
     if category == DNS_QUERY:
         results = [str(r) for r in fields.get("QueryResults", [])]

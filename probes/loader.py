@@ -24,7 +24,7 @@ from typing import Any
 import structlog
 
 from api.resources import shipped
-from probes import kernel
+from probes import enforce, kernel
 from probes.btf import (
     BTF,
     BTFError,
@@ -74,10 +74,12 @@ _HAVE_FLAG = {
     "BPF_CGROUP_INET_EGRESS": "HAVE_UDP_EGRESS",
     "BPF_CGROUP_INET_INGRESS": "HAVE_SKB_INGRESS",
 }
+DNS_STAGES = ("dns_question", "dns_name", "dns_answers")
+"""The programs a DNS answer is parsed with, one after the other by tail call (bpf/include/
+flows.h, dns_stages), in the order of its slots."""
 FLOW_HOOKS = ("BPF_CGROUP_INET_SOCK_CREATE", "BPF_CGROUP_INET_EGRESS", "BPF_CGROUP_INET_INGRESS")
 """The hooks flows are classified and DNS answers read with (bpf/include/flows.h): every one
 is needed."""
-_BPF_F_ALLOW_MULTI = 2
 
 
 _MADV_DONTNEED = 4
@@ -102,6 +104,14 @@ def release_compiler_memory() -> None:
                 start, end = (int(x, 16) for x in fields[0].split(b"-"))
                 libc.madvise(start, end - start, _MADV_DONTNEED)
     libc.malloc_trim(0)
+
+
+@dataclass(frozen=True, slots=True)
+class _Fn:
+    """A program as BCC's detach_func takes it (it reads .fd): one this process did not
+    load."""
+
+    fd: int
 
 
 class ProbeError(RuntimeError):
@@ -167,6 +177,10 @@ class ProbeConfig:
     # Classify each sandbox socket's first bytes each way and read its DNS answers (cgroup_skb
     # programs on the sandbox cgroups: a cost per packet that only the sandbox's traffic pays).
     flows: bool = True
+    # Refuse, in the sandbox cgroups' own hooks, what the sandbox's egress policy does not
+    # allow (bpf/include/enforce.h; the policy is written by collector/enforce.py). Needs the
+    # connect hooks and flows (DNS answers teach the allowed names' addresses).
+    enforce: bool = False
 
 
 def attach_types(features: kernel.KernelFeatures, flows: bool = True) -> dict[str, int]:
@@ -230,6 +244,8 @@ def compile_flags(config: ProbeConfig, features: kernel.KernelFeatures) -> list[
             cflags.append(f"-D{_HAVE_FLAG[hook]}")
     if config.flows and has_flows(features):
         cflags.append("-DHAVE_FLOWS")
+    if config.enforce:
+        cflags.append("-DHAVE_ENFORCE")
     cflags += stdio_flags(btf)
     cflags.append(f"-DRINGBUF_PAGES={config.ring_pages}")
     cflags.append(f"-DPRIORITY_RINGBUF_PAGES={PRIORITY_RING_PAGES}")
@@ -369,6 +385,14 @@ class Probes:
                 "need no BCC"
             ) from None
 
+        if config.enforce and not (config.flows and has_flows(features)):
+            raise ProbeError(
+                "enforcement needs the cgroup socket-create, egress and ingress hooks (DNS "
+                "answers are read with them); this kernel lacks "
+                + ", ".join(h for h in FLOW_HOOKS if h not in features.attach_types)
+            )
+        if config.enforce and not config.connect_hooks:
+            raise ProbeError("enforcement refuses connects in the connect hooks: keep them")
         self.config = config
         self.features = features
         self.use_perf = uses_perf_buffer(config, features)
@@ -391,6 +415,8 @@ class Probes:
             if (config.connect_hooks or not name.startswith("connect"))
             and (config.bind_hooks or "bind" not in name)
         }
+        if self.classifies_flows:
+            self._load_dns_stages()
         release_compiler_memory()
         self._attached: dict[Path, int] = {}  # cgroup dir -> fd
         self.queue = RecordQueue(config.queue_bytes)
@@ -401,6 +427,14 @@ class Probes:
         self._reader: RingBufferReader | None = None
         self._priority_reader: RingBufferReader | None = None
         self._wake: Callable[[], None] | None = None
+
+    def _load_dns_stages(self) -> None:
+        """Load the DNS parse's stages into their program array (the verifier checks each)."""
+        stages = self.bpf[b"dns_stages"]
+        ingress = self.features.attach_types["BPF_CGROUP_INET_INGRESS"]
+        for slot, name in enumerate(DNS_STAGES):
+            fn = self.bpf.load_func(name.encode(), _PROG_TYPE_CGROUP_SKB, attach_type=ingress)
+            stages[ctypes.c_int(slot)] = ctypes.c_int(fn.fd)
 
     # -- scope ------------------------------------------------------------------------------
 
@@ -438,9 +472,30 @@ class Probes:
             return
         fd = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY)
         done: list[str] = []
+        held: set[int] | None = None
         try:
             for name, fn in self._sock_fns.items():
-                self._BPF.attach_func(fn, fd, self._attach[name], _BPF_F_ALLOW_MULTI)
+                attach_type = self._attach[name]
+                left = []
+                if enforce.attached_programs(fd, attach_type):
+                    held = enforce.held_program_ids() if held is None else held
+                    left = enforce.orphans(fd, attach_type, name, held)
+                try:
+                    # in the place of a dead collector's program, in one step: a hook that
+                    # enforces never goes without a program
+                    enforce.attach_replacing(fn.fd, fd, attach_type, left[0][1] if left else None)
+                    for _, old_fd in left[1:]:
+                        self._BPF.detach_func(_Fn(old_fd), fd, attach_type)
+                    if left:
+                        log.info(
+                            "took over from a collector that is gone",
+                            cgroup=str(cgroup_dir),
+                            hook=name,
+                            programs=[prog_id for prog_id, _ in left],
+                        )
+                finally:
+                    for _, old_fd in left:
+                        os.close(old_fd)
                 done.append(name)
         except Exception as exc:
             for name in done:
@@ -463,6 +518,12 @@ class Probes:
             except Exception as exc:  # a removed cgroup has nothing to detach
                 log.debug("detach failed", cgroup=str(cgroup_dir), hook=name, error=str(exc))
         os.close(fd)
+
+    def policy(self) -> enforce.KernelPolicy:
+        """The enforcement maps (config.enforce)."""
+        if not self.config.enforce:
+            raise ProbeError("the probes were built without enforcement")
+        return enforce.KernelPolicy(self.bpf)
 
     @property
     def attached_cgroups(self) -> list[Path]:

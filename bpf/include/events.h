@@ -18,7 +18,7 @@
 #include <linux/types.h>
 #endif
 
-#define SANDTRACE_LAYOUT_VERSION 5
+#define SANDTRACE_LAYOUT_VERSION 6
 
 #define TASK_COMM_LEN 16
 
@@ -157,6 +157,7 @@ struct exit_record {
 #define SOCK_F_LOCAL_KNOWN (1U << 1)
 #define SOCK_F_REPEATS_ONLY (1U << 2) /* a report of repeats counted in the kernel, no connect */
 #define SOCK_F_UNCONNECTED (1U << 3) /* a datagram sent to this destination without connect() */
+#define SOCK_F_DENIED (1U << 4) /* refused by the sandbox's egress policy (--enforce): EPERM */
 
 /* Written at the cgroup connect hook: the attempt, before the protocol acts on it. A process
  * connecting to one destination again within a window is counted in the kernel, not sent:
@@ -235,8 +236,10 @@ struct unix_connect_record {
 	__u32 sock_type;
 	__u32 path_size; /* bytes of sun_path the caller gave; an abstract name starts with NUL */
 	char path[UNIX_PATH_MAX];
-	__u32 _pad0;
+	__u32 flags; /* UNIX_F_* */
 };
+
+#define UNIX_F_DENIED (1U << 0) /* a container runtime's socket, refused (--enforce): EPERM */
 
 /* A raw IP socket a traced process made (the cgroup sock_create hook, which sees inet
  * sockets only). */

@@ -21,6 +21,7 @@
 #include "counters.h"
 #include "output.h"
 #include "sock_stash.h"
+#include "enforce.h"
 
 #ifdef HAVE_FLOWS
 
@@ -39,18 +40,9 @@
 #define FNV64_OFFSET 0xcbf29ce484222325ULL
 #define FNV64_PRIME 0x100000001b3ULL
 
-/* An address a sandbox resolved: which sandbox, which address (an IPv4 one in its first 4
- * bytes). */
-struct dns_addr_key {
-	u32 sandbox;
-	u16 family;
-	u16 _pad0;
-	u8 addr[16];
-};
-
-/* The name it resolved it as: the FNV-1a 64 hash of the question name in wire form (length
- * bytes and labels, ASCII lowered, without the root's 0), as collector/dns.py name_hash()
- * computes it; when the answer stops holding. */
+/* The name it resolved it as: the hash of the question name (dns_name_hash: FNV-1a 64 over
+ * its labels from the last to the first), as collector/dns.py name_hash() computes it; when
+ * the answer stops holding. */
 struct dns_addr_val {
 	u64 name_hash;
 	u64 expires_ns; /* bpf_ktime_get_ns() clock */
@@ -70,6 +62,15 @@ struct flow_scratch {
 	};
 	u32 cursor;
 	u32 _pad0;
+	u64 label_hash[DNS_LABELS_MAX]; /* of the question name's labels (dns_name_hash) */
+	/* enforcement: whether this answer may teach allow entries, and the rules naming its
+	 * question; kept here, not in registers, so that the verifier checks what follows once */
+	u64 rules;
+	u64 name_hash; /* of the question name (dns_name_hash) */
+	u32 teach;
+	u32 nlab; /* labels of the question name */
+	u32 answers_off; /* where the answer section starts */
+	u32 ancount;
 };
 
 BPF_PERCPU_ARRAY(flow_scratch_map, struct flow_scratch, 1);
@@ -266,53 +267,106 @@ static __always_inline u16 dns_u16(const u8 *m, u32 off)
 	return (u16)m[off & DNS_MASK] << 8 | m[(off + 1) & DNS_MASK];
 }
 
-/* Enter the A and AAAA answers of a DNS response in dns_names under its question's name;
- * how many were entered. Only a response with no error and one question counts. Owner names
- * are skipped, compression pointers and all; every address answer is the question's (as the
- * resolver library hands them to the process: the chain of CNAMEs ends at them), and user
- * space checks the chain when it parses the message. */
-static __always_inline u32 dns_map_answers(struct flow_scratch *s, u32 size, u32 sandbox)
+/* The hash of a name (dns_name_hash): each label hashed alone, FNV-1a 64 over its length
+ * byte and its bytes, ASCII lowered (s->label_hash, by dns_walk_question); then the labels'
+ * hashes folded from the last to the first, h = (h ^ label) * FNV64_PRIME. Folded from the
+ * right, the hash of every domain above the name is a step on the way to the name's own: a
+ * wildcard's lookup costs one more lookup, not another walk. Looks the sandbox's allowed
+ * names up as it goes (when s->teach): the rules naming it, into s->rules. */
+static __always_inline void dns_name_hash(struct flow_scratch *s)
+{
+	volatile u32 *count = &s->nlab; /* read each step: no trip count for the compiler */
+	u32 sb = s->dns.hdr.sandbox;
+	u64 h = FNV64_OFFSET;
+
+#pragma clang loop unroll(disable)
+	for (u32 k = 0; k < DNS_LABELS_MAX; k++) {
+		u32 n = *count;
+
+		if (k >= n)
+			break;
+		h = (h ^ s->label_hash[(n - 1 - k) & (DNS_LABELS_MAX - 1)]) * FNV64_PRIME;
+#ifdef HAVE_ENFORCE
+		/* a domain strictly above the name */
+		if (s->teach && k + 1 < n)
+			s->rules |= enf_name_rules(sb, h, ENF_NAME_WILDCARD);
+#endif
+	}
+#ifdef HAVE_ENFORCE
+	if (s->teach)
+		s->rules |= enf_name_rules(sb, h, ENF_NAME_EXACT);
+#endif
+	s->name_hash = h;
+}
+
+/* The header and question of the DNS message in the scratch record: whether it is a response
+ * worth parsing (no error, one question), the hash of each label of its question name, where
+ * its answers start. */
+static __always_inline bool dns_walk_question(struct flow_scratch *s)
 {
 	const u8 *m = s->dns.payload;
-	struct dns_addr_key key = {};
-	struct dns_addr_val val = {};
-	u32 off = 12, lab = 0, mapped = 0, ancount, i;
-	u64 h = FNV64_OFFSET, now;
-	bool ended = false;
+	u32 size = s->dns.payload_size, lab = 0, i, nlab = 0;
+	u64 h = FNV64_OFFSET;
 
 	if (size < 12 || size > DNS_PAYLOAD_MAX)
-		return 0;
+		return false;
 	/* QR set, opcode 0, rcode 0; one question */
 	if (!(m[2] & 0x80) || (m[2] & 0x78) || (m[3] & 0x0f) || dns_u16(m, 4) != 1)
-		return 0;
-	ancount = dns_u16(m, 6);
-	/* the question name, hashed as it is walked */
+		return false;
+	s->ancount = dns_u16(m, 6);
 #pragma clang loop unroll(disable)
 	for (i = 0; i < DNS_NAME_MAX; i++) {
 		u8 c = m[(12 + i) & DNS_MASK];
 
 		if (12 + i >= size)
-			return 0;
+			return false;
+		/* forgotten by the verifier each step (launder): one state a step, not one for
+		 * every label length and count seen so far */
+		lab = launder(s, lab);
+		nlab = launder(s, nlab);
 		if (lab == 0) {
 			if (c == 0) {
-				ended = true;
-				break;
+				s->nlab = nlab;
+				s->answers_off = 12 + i + 1 + 4; /* the root's 0, QTYPE, QCLASS */
+				return true;
 			}
-			if (c > 63)
-				return 0;
+			if (c > 63 || nlab >= DNS_LABELS_MAX)
+				return false;
+			nlab++;
 			lab = c;
+			h = FNV64_OFFSET;
 		} else {
 			lab--;
 			if (c >= 'A' && c <= 'Z')
 				c += 'a' - 'A';
 		}
 		h = (h ^ c) * FNV64_PRIME;
+		s->label_hash[(nlab - 1) & (DNS_LABELS_MAX - 1)] = h;
 	}
-	if (!ended)
+	return false;
+}
+
+/* Enter the A and AAAA answers of the DNS response in the scratch record in dns_names under
+ * its question's name (s->name_hash); how many were entered. Owner names are skipped,
+ * compression pointers and all; every address answer is the question's (as the resolver
+ * library hands them to the process: the chain of CNAMEs ends at them), and user space
+ * checks the chain when it parses the message. Under enforcement, an answer from one of the
+ * sandbox's resolvers to a question its policy names (s->rules) also allows each address
+ * (enf_learned), before the answer reaches the process. */
+static __always_inline u32 dns_map_answers(struct flow_scratch *s)
+{
+	const u8 *m = s->dns.payload;
+	struct dns_addr_key key = {};
+	struct dns_addr_val val = {};
+	u32 size = s->dns.payload_size, off, mapped = 0, ancount = s->ancount;
+	u64 now;
+	bool ended;
+
+	if (size > DNS_PAYLOAD_MAX)
 		return 0;
-	off = launder(s, 12 + i + 1 + 4); /* the root's 0, QTYPE, QCLASS */
+	off = launder(s, s->answers_off);
 	key.sandbox = s->dns.hdr.sandbox;
-	val.name_hash = h;
+	val.name_hash = s->name_hash;
 	now = bpf_ktime_get_ns();
 #pragma clang loop unroll(disable)
 	for (u32 a = 0; a < DNS_ANSWERS_MAX; a++) {
@@ -364,14 +418,31 @@ static __always_inline u32 dns_map_answers(struct flow_scratch *s, u32 size, u32
 				mapped++;
 			else
 				count_error(ERR_STASH_MAP_FULL);
+#ifdef HAVE_ENFORCE
+			if (s->rules)
+				enf_learn(&key, s->rules, now, ttl);
+#endif
 		}
 		off = launder(s, off + rdlen);
 	}
 	return mapped;
 }
 
-/* A DNS message from port 53 to a sandbox socket: its answers into dns_names, the message to
- * user space. */
+/* The programs that parse a DNS answer (skb_ingress.bpf.c), one after the other by tail
+ * call: DNS_STAGE_QUESTION (dns_walk_question), DNS_STAGE_NAME (dns_name_hash),
+ * DNS_STAGE_ANSWERS (dns_map_answers, and the record sent). Each is verified on its own, so
+ * that the many ways through one part do not each take the verifier through the rest again.
+ * Filled by the loader. */
+#define DNS_STAGE_QUESTION 0
+#define DNS_STAGE_NAME 1
+#define DNS_STAGE_ANSWERS 2
+BPF_PROG_ARRAY(dns_stages, 3);
+
+/* A DNS message from port 53 to a sandbox socket: into the scratch record, then through the
+ * dns_stages (its answers into dns_names, the message to user space). Should a tail call fail
+ * (the stages are gone: the collector that loaded them died, and the kernel empties a program
+ * array when no process holds it), the message goes to user space unparsed (mapped 0) and
+ * teaches nothing. */
 static __always_inline void dns_answer(struct __sk_buff *skb, struct sock_owner *owner, u64 cookie,
 				       struct packet_info *pi)
 {
@@ -404,8 +475,36 @@ static __always_inline void dns_answer(struct __sk_buff *skb, struct sock_owner 
 	r->protocol = pi->protocol;
 	r->payload_size = n;
 	r->payload_full = len;
-	r->mapped = dns_map_answers(s, n, owner->hdr.sandbox);
+	dns_stages.call(skb, DNS_STAGE_QUESTION);
 	emit_priority(skb, r, sizeof(*r), REC_DNS);
+}
+
+/* The stages of dns_answer (dns_stages), on the message in the scratch record: each ends in
+ * the next, or sends the record. */
+static __always_inline int dns_stage(struct __sk_buff *skb, u32 stage)
+{
+	u32 zero = 0;
+	struct flow_scratch *s = flow_scratch_map.lookup(&zero);
+
+	if (!s)
+		return 1;
+	if (stage == DNS_STAGE_QUESTION) {
+		s->rules = 0;
+		s->teach = 0;
+		if (dns_walk_question(s)) {
+#ifdef HAVE_ENFORCE
+			s->teach = enf_teacher(s->dns.hdr.sandbox, s->dns.family, s->dns.server) != NULL;
+#endif
+			dns_stages.call(skb, DNS_STAGE_NAME);
+		}
+	} else if (stage == DNS_STAGE_NAME) {
+		dns_name_hash(s);
+		dns_stages.call(skb, DNS_STAGE_ANSWERS);
+	} else {
+		s->dns.mapped = dns_map_answers(s);
+	}
+	emit_priority(skb, &s->dns, sizeof(s->dns), REC_DNS);
+	return 1;
 }
 
 /* Whether an incoming packet comes from port 53 (the cheap test, before packet_info). */

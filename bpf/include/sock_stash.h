@@ -26,6 +26,8 @@
 #define REPEAT_BUDGET 1024
 #endif
 #define DEST_SEEN_MAX 16384
+/* In dest_key.sock_type: the connects counted were refused (enforce.h). */
+#define DEST_DENIED (1U << 31)
 
 /* A process's destination: who (pid and start time, for pid reuse) connected where. */
 struct dest_key {

@@ -71,6 +71,8 @@ def connect_details(event: ConnectEvent) -> Doc:
         "errno": event.errno,
         "nonblocking": event.nonblocking,
     }
+    if event.denied:
+        details["denied"] = True
     if event.app_protocol:  # what the flow spoke, and what its first bytes named
         details |= {"app_protocol": event.app_protocol}
         for name, value in (

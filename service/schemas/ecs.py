@@ -215,6 +215,8 @@ def _connect(event: ConnectEvent, d: Doc) -> None:
         "action": "connection_attempted",
         "outcome": _OUTCOME.get(event.outcome, "unknown"),
     }
+    if event.denied:  # refused in the kernel by the sandbox's egress policy (--enforce)
+        d["event"] |= {"type": ["connection", "denied"], "outcome": "failure"}
     d["network"] = _network(event.protocol, event.family, "egress")
     if event.family == "unix":  # ECS: an address may be a Unix socket
         if event.path:

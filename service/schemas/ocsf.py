@@ -201,6 +201,7 @@ class Activity:
     activity_name: str = "Other"
     status_id: int | None = None
     extra: Doc = field(default_factory=dict)
+    profiles: tuple[str, ...] = ()  # beyond the class's own (metadata.profiles)
 
 
 def _event(event: Event) -> Doc:
@@ -222,6 +223,7 @@ def _event(event: Event) -> Doc:
     if a.status_id is not None:
         d["status_id"] = a.status_id
         d["status"] = _STATUS_NAMES[a.status_id]
+    d["metadata"]["profiles"] += a.profiles
     d |= a.extra
     actor = d["actor"]
     if "app_name" not in actor:  # the acting process's user (sandtrace's own is not known)
@@ -298,7 +300,15 @@ def _cgroup_move(event: CgroupMoveEvent, a: Activity) -> None:
 
 
 def _connect(event: ConnectEvent, a: Activity) -> None:
-    if event.outcome == "error":
+    if event.denied:
+        # refused in the kernel by the sandbox's egress policy (--enforce): OCSF's Refuse,
+        # disposition Blocked
+        a.activity_id, a.activity_name = 5, "Refuse"
+        a.status_id = 2
+        a.extra["action_id"], a.extra["action"] = 2, "Denied"
+        a.extra["disposition_id"], a.extra["disposition"] = 2, "Blocked"
+        a.profiles = ("security_control",)
+    elif event.outcome == "error":
         refused = event.errno_name == "ECONNREFUSED"
         a.activity_id, a.activity_name = (5, "Refuse") if refused else (4, "Fail")
         a.status_id = 2

@@ -27,6 +27,7 @@ CONFIGS = {
     "ring": ProbeConfig(),
     "perf": ProbeConfig(perf_buffer=True),
     "trace_all": ProbeConfig(trace_all=True),
+    "enforce": ProbeConfig(enforce=True),
 }
 
 

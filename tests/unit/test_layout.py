@@ -265,8 +265,8 @@ MUTATIONS = [
     ),
     (("#define BIND_F_FAILED", "#define BIND_F_GONE"), "BIND_F_FAILED: in Python, not in C"),
     (
-        ("#define SANDTRACE_LAYOUT_VERSION 5", "#define SANDTRACE_LAYOUT_VERSION 6"),
-        "SANDTRACE_LAYOUT_VERSION: C 6",
+        ("#define SANDTRACE_LAYOUT_VERSION 6", "#define SANDTRACE_LAYOUT_VERSION 7"),
+        "SANDTRACE_LAYOUT_VERSION: C 7",
     ),
     (
         ("#define CGROUP_PATH_MAX 256", "#define CGROUP_PATH_MAX 128"),

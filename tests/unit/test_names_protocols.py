@@ -93,11 +93,24 @@ def test_nxdomain_and_odd_messages() -> None:
 
 
 def test_the_name_hash_is_the_kernels() -> None:
-    # FNV-1a 64 over b"\x04pool\x07example\x04test", ASCII lowered (bpf/include/flows.h)
-    h = 0xCBF29CE484222325
-    for c in b"\x04pool\x07example\x04test":
-        h = ((h ^ c) * 0x100000001B3) & (2**64 - 1)
+    # each label FNV-1a 64 alone (its length byte and its bytes, ASCII lowered), the labels
+    # folded from the last: h = (h ^ label) * prime (bpf/include/flows.h, dns_name_hash)
+    def fnv(data: bytes, h: int = 0xCBF29CE484222325) -> int:
+        for c in data:
+            h = ((h ^ c) * 0x100000001B3) & (2**64 - 1)
+        return h
+
+    def fold(labels: list[bytes]) -> int:
+        h = 0xCBF29CE484222325
+        for label in reversed(labels):
+            h = ((h ^ fnv(label)) * 0x100000001B3) & (2**64 - 1)
+        return h
+
+    h = fold([b"\x04pool", b"\x07example", b"\x04test"])
     assert dns.name_hash("POOL.example.Test.") == dns.name_hash("pool.example.test") == h
+    # each domain above the name is a step on the way (the kernel's wildcard lookups)
+    assert dns.name_hash("example.test") == fold([b"\x07example", b"\x04test"])
+    assert dns.name_hash("test") == fold([b"\x04test"])
 
 
 @settings(max_examples=400, deadline=None)

@@ -87,6 +87,40 @@ def _repeat_summary() -> Alert:
 
 ITEMS: list[Item] = [
     *ALL_ITEMS,
+    # connects and a unix connect refused in the kernel by the egress policy (--enforce)
+    ConnectEvent(
+        **common(),
+        protocol="tcp",
+        family="ipv4",
+        daddr="203.0.113.9",
+        dport=443,
+        saddr="0.0.0.0",
+        sport=0,
+        outcome="denied",
+        errno=1,
+        errno_name="EPERM",
+        denied=True,
+    ),
+    ConnectEvent(
+        **common(),
+        protocol="udp",
+        family="ipv4",
+        daddr="203.0.113.9",
+        dport=53,
+        outcome="repeated",
+        repeats=40,
+        denied=True,
+    ),
+    ConnectEvent(
+        **common(),
+        protocol="unix",
+        family="unix",
+        path=b"/run/docker.sock",
+        outcome="denied",
+        errno=1,
+        errno_name="EPERM",
+        denied=True,
+    ),
     # a connect from an unbound socket: no source known
     ConnectEvent(
         **common(),

@@ -6,7 +6,8 @@
 zone.json maps lower-case names to records: {"www.example.test": {"A": ["198.51.100.1"],
 "AAAA": ["2001:db8::1"], "CNAME": "edge.example.net", "TTL": 60}}. A name with a CNAME is
 answered with the chain and the target's addresses (as a recursive resolver would); a name
-not in the zone is NXDOMAIN. Each query is a line in the log. Standard library only.
+not in the zone is NXDOMAIN. With "ROTATE": true a name is answered with one of its addresses,
+the next one at each query. Each query is a line in the log. Standard library only.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def wire(name: str) -> bytes:
     return b"".join(bytes((len(p),)) + p.encode() for p in name.split(".") if p) + b"\0"
 
 
-def answer(query: bytes, zone: dict[str, Any]) -> tuple[bytes, str, int]:
+def answer(query: bytes, zone: dict[str, Any], turn: int = 0) -> tuple[bytes, str, int]:
     ident, _flags, qd = struct.unpack_from("!HHH", query)
     name, off = read_name(query, 12)
     qtype = struct.unpack_from("!H", query, off)[0]
@@ -63,7 +64,10 @@ def answer(query: bytes, zone: dict[str, Any]) -> tuple[bytes, str, int]:
         for rtype, family in (("A", socket.AF_INET), ("AAAA", socket.AF_INET6)):
             if TYPES[rtype] != qtype:
                 continue
-            for addr in entry.get(rtype, []):
+            addrs = entry.get(rtype, [])
+            if entry.get("ROTATE") and addrs:
+                addrs = [addrs[turn % len(addrs)]]
+            for addr in addrs:
                 rdata = socket.inet_pton(family, str(ipaddress.ip_address(addr)))
                 records.append(ptr + struct.pack("!HHIH", TYPES[rtype], 1, ttl, len(rdata)))
                 records[-1] += rdata
@@ -78,9 +82,13 @@ class Server:
         self.zone = zone
         self.log = log
         self.lock = threading.Lock()
+        self.turn = 0
 
     def handle(self, query: bytes, peer: str, proto: str) -> bytes:
-        reply, name, qtype = answer(query, self.zone)
+        with self.lock:
+            self.turn += 1
+            turn = self.turn
+        reply, name, qtype = answer(query, self.zone, turn)
         with self.lock, self.log.open("a") as f:
             f.write(json.dumps({"ts": time.time(), "peer": peer, "proto": proto,
                                 "name": name, "type": qtype}) + "\n")  # fmt: skip
