@@ -28,6 +28,7 @@ from tests.e2e.testhosts import DnsServer, HttpHost, run_dns_server, run_http_ho
 
 EGRESS = "sandtrace-egress-allow-list"
 RESOLVER = "sandtrace-egress-resolver"
+DENIED = "ede89068-a3e8-4a81-a99b-d7010e689bfe"  # rules/enforcement.yml, egress_denied
 PKG = "pkg.example.test"
 OTHER = "other.example.test"
 MIRROR = "a.mirror.example.test"
@@ -326,3 +327,46 @@ def test_a_policy_suggested_from_a_recording_lets_the_same_work_pass(
         (other, f"tcp {http.addr}:{PORT} ({OTHER}) is not on the allow-list")
     ]
     assert by_rule(run, RESOLVER) == []
+
+
+def test_sighup_under_enforce_gives_the_kernel_the_new_policy(
+    testnet: NetNS, dns: DnsServer, http: HttpHost, work: Path
+) -> None:
+    # Under --enforce the kernel refuses OTHER until a SIGHUP brings a file that allows it;
+    # the same curl then fetches. (PKG, which has the same address, is never resolved: a
+    # resolved allowed name would let its address pass for every name.)
+    policy = policy_file(work / "policy.toml", [f"{PKG}:{PORT}"], [dns.addr])
+    script = (
+        f"{{ {curl(OTHER, 'a.txt')} || echo refused > a.txt; }} && touch ready && "
+        f"while [ ! -e go ]; do sleep 0.05; done && {curl(OTHER, 'b.txt')}"
+    )
+    events, alerts = work / "events.jsonl", work / "alerts.jsonl"
+    argv = [
+        *(sys.executable, "-m", "sandtrace", "run", "--json", "--enforce"),
+        *("--events", str(events), "--alerts", str(alerts), "--egress-policy", str(policy)),
+        *("--", *testnet.in_inside("sh", "-c", script)),
+    ]
+    proc = subprocess.Popen(
+        argv, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    stderr = _Stderr(proc)
+    try:
+        wait_file(work / "ready")
+        policy_file(policy, [f"{PKG}:{PORT}", f"{OTHER}:{PORT}"], [dns.addr])
+        proc.send_signal(signal.SIGHUP)
+        stderr.wait_for(f"sandtrace: SIGHUP: egress policy {policy} of 2")
+        (work / "go").touch()
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    run = Run(proc.returncode, stderr.text(), _json_lines(events), _json_lines(alerts))
+    assert run.returncode == 0, run.stderr
+    assert [(work / f).read_text() for f in ("a.txt", "b.txt")] == ["refused\n", "ok\n"]
+    assert len(http.requests()) == 1  # the refused connect never reached the host
+    first, second = curl_pids(run)
+    assert [(c["denied"], c["errno"]) for c in connects(run, first)] == [(True, 1)]
+    assert [c["denied"] for c in connects(run, second)] == [False]
+    assert [a["process"]["pid"] for a in by_rule(run, DENIED)] == [first]
+    assert by_rule(run, EGRESS) == []  # the kernel's refusal is the denial rule's to report

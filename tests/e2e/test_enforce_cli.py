@@ -11,8 +11,9 @@ import pytest
 CASES = [
     (
         ["run", "--enforce", "--", "true"],
-        "sandtrace: --enforce holds each sandbox to its egress allow-list: give --egress-allow "
-        "(names such as pypi.org or *.githubusercontent.com, networks, ports)",
+        "sandtrace: --enforce holds each sandbox to its egress policy: give --egress-allow "
+        "(names such as pypi.org or *.githubusercontent.com, networks, ports) or "
+        "--egress-policy",
     ),
     (
         ["watch", "--all", "--enforce", "--egress-allow", "pypi.org"],
