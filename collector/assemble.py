@@ -8,6 +8,7 @@ TCP state tracepoint): see README, "connect outcomes".
 from __future__ import annotations
 
 import errno as errno_mod
+import os
 import socket
 import time
 from collections import OrderedDict
@@ -223,6 +224,10 @@ class Assembler:
         self._context_cache: dict[_ContextKey, _Context] = {}
         self._context_keys: dict[int, list[_ContextKey]] = {}  # pid -> contexts that show it
         self._cgroups: dict[tuple[int, int], tuple[str, str, str]] = {}
+        # id() of each exec event of the last feed_batches() -> its file's version as the
+        # kernel read it at exec (st_dev, st_ino, st_ctime_ns, st_size), where it did: the
+        # key of the identity cache (collector/identity.py), which then needs no stat.
+        self.exec_file_keys: dict[int, tuple[int, int, int, int]] = {}
         self._wall_offset = 0
         self.sync_clock()
 
@@ -325,6 +330,7 @@ class Assembler:
         not be decoded, why."""
         events: list[AnyEvent] = []
         errors: list[str] = []
+        self.exec_file_keys = {}
         for batch in batches:
             for buf in batch:
                 try:
@@ -408,7 +414,7 @@ class Assembler:
         parent = self.procs.get(f.ppid)
         self.procs.on_exec(f.pid, f.start_ns, f.ppid, parts.exe, parts.argv)
         common = self._common(f)
-        return ExecEvent(
+        ev = ExecEvent(
             **common,
             argv=parts.argv,
             argv_truncated=bool(f.flags & R.EXEC_F_ARGV_TRUNCATED),
@@ -423,6 +429,10 @@ class Assembler:
             parent_argv=list(parent.argv) if parent is not None else [],
             stdio=stdio,
         )
+        if f.flags & R.EXEC_F_FILE_KEY:
+            dev = os.makedev(f.exe_dev >> 20, f.exe_dev & 0xFFFFF)  # as stat(2) encodes it
+            self.exec_file_keys[id(ev)] = (dev, f.exe_ino, f.exe_ctime_ns, f.exe_file_size)
+        return ev
 
     def _fork(self, f: R.ForkRecord) -> ForkEvent:
         self.procs.on_fork(f.pid, f.child_pid, f.child_start_ns)

@@ -13,6 +13,7 @@ behind it, so a process's later events never overtake its exec.
 from __future__ import annotations
 
 import concurrent.futures
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import msgspec
@@ -93,16 +94,26 @@ class ExecEnricher:
             max_workers=1, thread_name_prefix="sandtrace-identity"
         )
 
-    def begin(self, events: list[AnyEvent]) -> Batch | None:
+    def begin(
+        self, events: list[AnyEvent], file_keys: Mapping[int, FileKey] | None = None
+    ) -> Batch | None:
         """Complete the exec events of `events` in place where the answers are at hand;
-        the rest, if any, as a Batch to finish with `work` (thread) and `apply` (loop)."""
+        the rest, if any, as a Batch to finish with `work` (thread) and `apply` (loop).
+        `file_keys`: id() of an exec event -> its file's version as the kernel read it at
+        exec (Assembler.exec_file_keys); a file cached under it costs no system call."""
         batch: Batch | None = None
         files: dict[FileKey, PendingFile] = {}  # new files, each opened once per batch
         for i, ev in enumerate(events):
             if type(ev) is not ExecEvent:
                 continue
             pid = ev.process.pid
-            ident, live = self.identities.find(pid, ev.exe_inode, ev.process.exe, files)
+            # /proc is read for the streams only where the kernel did not capture them: it
+            # must then be told whether the process still runs this file, which needs the
+            # stat.
+            file_key = file_keys.get(id(ev)) if file_keys and ev.stdio else None
+            ident, live = self.identities.find(
+                pid, ev.exe_inode, ev.process.exe, files, file_key=file_key
+            )
             sockets: list[PendingSocket] = []
             if ev.stdio:  # captured in the kernel at exec (collector/stdio.py)
                 self.stdio.stats.captured += 1

@@ -201,7 +201,7 @@ class Pipeline:
         enricher's worker thread while this awaits, so the order of events holds."""
         if self.enricher is None:
             return
-        batch = self.enricher.begin(events)
+        batch = self.enricher.begin(events, self.assembler.exec_file_keys)
         if batch is not None:
             await asyncio.get_running_loop().run_in_executor(self.enricher.pool, batch.work)
             batch.apply()

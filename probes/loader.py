@@ -24,7 +24,14 @@ import structlog
 
 from api.resources import shipped
 from probes import kernel
-from probes.btf import BTF, BTFError, kernel_offsets, optional_offsets, stdio_offsets
+from probes.btf import (
+    BTF,
+    BTFError,
+    exe_file_offsets,
+    kernel_offsets,
+    optional_offsets,
+    stdio_offsets,
+)
 from probes.ringbuf import RingBufferReader
 
 log = structlog.get_logger("sandtrace.probes")
@@ -215,6 +222,18 @@ def stdio_flags(btf: BTF) -> list[str]:
     return [*(f"-D{k}={v}" for k, v in found.flags.items()), "-DHAVE_STDIO_CAPTURE"]
 
 
+def exe_file_flags(btf: BTF) -> list[str]:
+    """The flags of the executed file's key in exec records (device, change time, size);
+    none, and a warning, when this kernel lacks a member it reads: the collector then
+    stats each executed file to find it in its identity cache."""
+    try:
+        found = exe_file_offsets(btf)
+    except BTFError as exc:
+        log.warning("executed files are looked up with a stat per exec", reason=str(exc))
+        return []
+    return [*(f"-D{k}={v}" for k, v in found.items()), "-DHAVE_EXE_FILE_KEY"]
+
+
 def compile_flags(config: ProbeConfig, features: kernel.KernelFeatures) -> list[str]:
     """The -D flags the probes are compiled with: this kernel's struct offsets (from BTF)
     and the configuration's choices."""
@@ -227,6 +246,7 @@ def compile_flags(config: ProbeConfig, features: kernel.KernelFeatures) -> list[
     if config.flows and has_flows(features):
         cflags.append("-DHAVE_FLOWS")
     cflags += stdio_flags(btf)
+    cflags += exe_file_flags(btf)
     cflags.append(f"-DRINGBUF_PAGES={config.ring_pages}")
     cflags.append(f"-DPRIORITY_RINGBUF_PAGES={PRIORITY_RING_PAGES}")
     cflags.append(f"-DREPEAT_WINDOW_NS={config.repeat_window_ns}ULL")
