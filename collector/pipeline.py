@@ -192,8 +192,20 @@ class Pipeline:
             log.warning("undecodable record", error=error)
         self.totals.decode_errors += len(errors)
         await self._enrich(events)
+        self._emit_events(events)
+
+    def _emit_events(self, events: list[AnyEvent]) -> None:
+        """emit() of each event (none an alert), with what it looks up taken once a batch."""
+        counts = self.totals.events
+        emits = [sink.emit for sink in self.sinks]
+        feed = self.engine.feed if self.engine is not None else None
         for ev in events:
-            self.emit(ev)
+            counts[ev.kind] += 1
+            for emit in emits:
+                emit(ev)
+            if feed is not None:
+                for alert in feed(ev):
+                    self.emit(alert)
 
     async def _enrich(self, events: list[AnyEvent]) -> None:
         """Exec events completed with the executed file's identity and standard streams,
