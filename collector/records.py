@@ -14,9 +14,10 @@ length from the record beyond the bytes actually received.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Callable, Iterable
-from typing import Annotated, Any, NamedTuple, get_type_hints
+from typing import Annotated, Any, NamedTuple, cast, get_type_hints
 
 LAYOUT_VERSION = 6
 
@@ -578,7 +579,11 @@ def _decoder(
     cls: type[AnyRecord],
 ) -> tuple[struct.Struct, Callable[[Iterable[Any]], AnyRecord], bool]:
     fixed = layout(cls)
-    return fixed.struct, cls._make, fixed.variable
+    # The tuple constructor itself rather than cls._make, which is Python code that checks
+    # the count of values: the struct's unpacking gives exactly the fields (with the
+    # variable data, the last), so there is nothing to check, once per record.
+    make = cast(Callable[[Iterable[Any]], AnyRecord], functools.partial(tuple.__new__, cls))
+    return fixed.struct, make, fixed.variable
 
 
 _DECODERS = {t: _decoder(cls) for t, cls in RECORD_CLASSES.items()}
