@@ -172,7 +172,10 @@ class Pipeline:
         self.sinks = sinks
         self.loss_interval = loss_interval
         self.totals = Totals()
-        self._wake = asyncio.Event()
+        # Set on the event loop when the probes handed records over (or stop was set) since
+        # the loop last looked; the loop sleeps on _waiter until then.
+        self._woken = False
+        self._waiter: asyncio.Future[None] | None = None
         self._reported_kernel: Counter[int] = Counter()
         self._reported_user = 0
         self._reported_errors: Counter[int] = Counter()
@@ -257,7 +260,7 @@ class Pipeline:
         loop = asyncio.get_running_loop()
 
         def wake() -> None:  # called from the probes' reader thread
-            loop.call_soon_threadsafe(self._wake.set)
+            loop.call_soon_threadsafe(self._wake_up)
 
         # What exists now (rules, compiled matchers, probes, package index, tables) lives as
         # long as the collector: moved out of the collector's reach, so that each full
@@ -267,14 +270,10 @@ class Pipeline:
         self.probes.start(wake)
         next_loss = time.monotonic() + self.loss_interval
         stop_wait = asyncio.ensure_future(stop.wait())
+        stop_wait.add_done_callback(lambda _: self._wake_up())
         try:
             while not stop.is_set():
-                wake_wait = asyncio.ensure_future(self._wake.wait())
-                await asyncio.wait(
-                    {wake_wait, stop_wait}, timeout=0.1, return_when=asyncio.FIRST_COMPLETED
-                )
-                wake_wait.cancel()
-                self._wake.clear()
+                await self._sleep(loop, 0.1)
                 await self._process_batches()
                 for ev in self.assembler.expire():
                     self.emit(ev)
@@ -292,6 +291,27 @@ class Pipeline:
                 await stop_wait
         await self.finish()
         return self.totals
+
+    def _wake_up(self) -> None:
+        """On the event loop: records were handed over, stop was set, or time is up."""
+        self._woken = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _sleep(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
+        """Return once _wake_up() was called since the last return (at once if it was), or
+        after `seconds`. One future and one timer per wake-up: this runs for every
+        hand-over of the probes, tens of times a second on a busy host."""
+        if not self._woken:
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(seconds, self._wake_up)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+        self._woken = False
 
     async def finish(self) -> None:
         """Everything the kernel wrote is read, assembled and emitted before this returns."""
