@@ -163,9 +163,9 @@ class ProbeConfig:
     # loop, and a wake-up costs more than assembling several forks, execs and exits (at
     # 1,000 execs/s, 4 ms cost 0.19 s of collector CPU per second of traced work, 20 ms
     # 0.12, 40 ms 0.08, before other savings). It adds at most this much to the latency
-    # from syscall to event (target: p99 < 30 ms). A hand-over of HAND_OVER_BUSY_RECORDS or more waits only
-    # HAND_OVER_BUSY_INTERVAL: a flood is drained often, so that the rings never fill
-    # while the reader waits, and its wake-ups cost nothing per record anyway.
+    # from syscall to event (target: p99 < 30 ms). A hand-over of HAND_OVER_BUSY_RECORDS
+    # or more waits only HAND_OVER_BUSY_INTERVAL: a flood is drained often, so that the
+    # rings never fill while the reader waits, and its wake-ups cost nothing per record.
     hand_over_interval: float = 0.025
     # Classify each sandbox socket's first bytes each way and read its DNS answers (cgroup_skb
     # programs on the sandbox cgroups: a cost per packet that only the sandbox's traffic pays).
