@@ -43,8 +43,8 @@ from api.events import (
 )
 from api.render import bytes_from_json, json_line
 
-BATCH_VERSION = 4  # rows and a process table; versions 1 (maps), 2 and 3 are still read
-BATCH_VERSIONS = (1, 2, 3, 4)
+BATCH_VERSION = 5  # rows and a process table; versions 1 (maps), 2, 3 and 4 are still read
+BATCH_VERSIONS = (1, 2, 3, 4, 5)
 MAX_BATCH_BYTES = 8 << 20
 MAX_BATCH_EVENTS = 50_000
 CONTENT_TYPE = "application/msgpack"
@@ -165,7 +165,7 @@ def decode_batch(body: bytes, content_type: str = CONTENT_TYPE) -> tuple[str, in
         wanted = " or ".join(CONTENT_TYPES)
         raise BadBatch(415, "content_type", f"send {wanted}, not {content_type}")
     if version not in BATCH_VERSIONS or (from_json and version != 1):
-        readable = "version 1" if from_json else "versions 1 to 4"
+        readable = "version 1" if from_json else "versions 1 to 5"
         raise BadBatch(
             409,
             "version",
@@ -176,7 +176,7 @@ def decode_batch(body: bytes, content_type: str = CONTENT_TYPE) -> tuple[str, in
         raise BadBatch(400, "malformed", "batch has no collector id")
     if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
         raise BadBatch(400, "malformed", "batch has no sequence number")
-    if version in (2, 3, 4):
+    if version in (2, 3, 4, 5):
         if not isinstance(raw, msgspec.Raw) or not raw:
             raise BadBatch(400, "malformed", "batch events is not a list")
         try:

@@ -319,6 +319,15 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 		r->exe_nlink = rd_u32(inode, OFF_INODE_I_NLINK);
 		if (r->exe_nlink == 0)
 			r->flags |= EXEC_F_UNLINKED;
+#ifdef HAVE_EXE_FILE_KEY
+		r->exe_dev = rd_u32(rd_u64(inode, OFF_INODE_I_SB), OFF_SUPER_BLOCK_S_DEV);
+		/* Nanoseconds are below 2^30; kernels since 6.13 keep a flag in bit 31
+		 * (I_CTIME_QUERIED: stat asked for it). */
+		r->exe_ctime_ns = rd_u64(inode, OFF_INODE_I_CTIME_SEC) * 1000000000ULL +
+				  (rd_u32(inode, OFF_INODE_I_CTIME_NSEC) & 0x3fffffff);
+		r->exe_file_size = rd_u64(inode, OFF_INODE_I_SIZE);
+		r->flags |= EXEC_F_FILE_KEY;
+#endif
 		s->cursor = off;
 		walk = walk_path(s, file + OFF_FILE_F_PATH, PATH_BUDGET);
 		if (walk == WALK_TRUNCATED)

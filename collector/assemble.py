@@ -8,6 +8,7 @@ TCP state tracepoint): see README, "connect outcomes".
 from __future__ import annotations
 
 import errno as errno_mod
+import os
 import socket
 import time
 from collections import OrderedDict
@@ -53,7 +54,6 @@ AF_PACKET = 17
 # type, version, size and time), h[4:14] of any record.
 _ContextKey = tuple[object, ...]
 _CONTEXT_CACHE_MAX = 4096
-_TABLE_CHANGES = frozenset((R.REC_EXEC, R.REC_FORK, R.REC_CGROUP_MOVE))
 
 CONNECT_HOLD_NS = 300_000_000
 """How long a TCP connect waits for its handshake outcome before it is shown as pending."""
@@ -235,6 +235,10 @@ class Assembler:
         self._context_cache: dict[_ContextKey, _Context] = {}
         self._context_keys: dict[int, list[_ContextKey]] = {}  # pid -> contexts that show it
         self._cgroups: dict[tuple[int, int], tuple[str, str, str]] = {}
+        # id() of each exec event of the last feed_batches() -> its file's version as the
+        # kernel read it at exec (st_dev, st_ino, st_ctime_ns, st_size), where it did: the
+        # key of the identity cache (collector/identity.py), which then needs no stat.
+        self.exec_file_keys: dict[int, tuple[int, int, int, int]] = {}
         self._wall_offset = 0
         self.sync_clock()
 
@@ -353,25 +357,30 @@ class Assembler:
         not be decoded, why."""
         events: list[AnyEvent] = []
         errors: list[str] = []
+        self.exec_file_keys = {}
+        decode, feed, extend = R.decode_record, self.feed, events.extend  # per record
         for batch in batches:
             for buf in batch:
                 try:
-                    events.extend(self.feed(R.decode_record(buf)))
+                    extend(feed(decode(buf)))
                 except R.RecordError as exc:
                     errors.append(f"{exc} ({len(buf)} bytes)")
         return events, errors
 
     def feed(self, rec: R.AnyRecord) -> list[AnyEvent]:
         """Events for one record (often one, none while a connect awaits its outcome)."""
-        kind = rec.type
-        if kind in _TABLE_CHANGES:
-            if kind == R.REC_FORK:
-                self._forget(rec.child_pid)  # type: ignore[union-attr]
-            elif kind == R.REC_CGROUP_MOVE:
-                self._forget(rec.target_pid)  # type: ignore[union-attr]
-            else:
-                self._forget(rec.pid)
-        # The most frequent kinds first.
+        # A process's fork, exec and exit first: a third each of what a busy sandbox sends.
+        # A record that changes the table drops the cached contexts that showed it first.
+        if type(rec) is R.ExecRecord:
+            self._forget(rec.pid)
+            return [self._exec(rec)]
+        if type(rec) is R.ForkRecord:
+            self._forget(rec.child_pid)
+            return [self._fork(rec)]
+        if type(rec) is R.ExitRecord:
+            return self._exit(rec)
+        if type(rec) is R.CgroupMoveRecord:
+            self._forget(rec.target_pid)
         match rec:
             case R.ConnectRecord():
                 return self._connect(rec)
@@ -436,7 +445,7 @@ class Assembler:
         parent = self.procs.get(f.ppid)
         self.procs.on_exec(f.pid, f.start_ns, f.ppid, parts.exe, parts.argv)
         common = self._common(f)
-        return ExecEvent(
+        ev = ExecEvent(
             **common,
             argv=parts.argv,
             argv_truncated=bool(f.flags & R.EXEC_F_ARGV_TRUNCATED),
@@ -451,6 +460,10 @@ class Assembler:
             parent_argv=list(parent.argv) if parent is not None else [],
             stdio=stdio,
         )
+        if f.flags & R.EXEC_F_FILE_KEY:
+            dev = os.makedev(f.exe_dev >> 20, f.exe_dev & 0xFFFFF)  # as stat(2) encodes it
+            self.exec_file_keys[id(ev)] = (dev, f.exe_ino, f.exe_ctime_ns, f.exe_file_size)
+        return ev
 
     def _fork(self, f: R.ForkRecord) -> ForkEvent:
         self.procs.on_fork(f.pid, f.child_pid, f.child_start_ns)
@@ -691,6 +704,8 @@ class Assembler:
 
     def _flush_pending(self, pid: int | None = None, now_ns: int | None = None) -> list[AnyEvent]:
         out: list[AnyEvent] = []
+        if not self._pending:
+            return out
         for cookie, pend in list(self._pending.items()):
             if (pid is not None and pend.event.process.pid == pid) or (
                 now_ns is not None and pend.deadline_ns <= now_ns

@@ -19,7 +19,7 @@ exec event already holds.
 from __future__ import annotations
 
 import concurrent.futures
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import msgspec
@@ -102,9 +102,13 @@ class ExecEnricher:
         )
         self._first_exec = -1  # index of the first exec of the batch begun, -1 for none
 
-    def begin(self, events: list[AnyEvent]) -> Batch | None:
+    def begin(
+        self, events: list[AnyEvent], file_keys: Mapping[int, FileKey] | None = None
+    ) -> Batch | None:
         """Complete the exec events of `events` in place where the answers are at hand;
-        the rest, if any, as a Batch to finish with `work` (thread) and `apply` (loop)."""
+        the rest, if any, as a Batch to finish with `work` (thread) and `apply` (loop).
+        `file_keys`: id() of an exec event -> its file's version as the kernel read it at
+        exec (Assembler.exec_file_keys); a file cached under it costs no system call."""
         batch: Batch | None = None
         files: dict[FileKey, PendingFile] = {}  # new files, each opened once per batch
         self._first_exec = -1
@@ -114,7 +118,13 @@ class ExecEnricher:
             if self._first_exec < 0:
                 self._first_exec = i
             pid = ev.process.pid
-            ident, live = self.identities.find(pid, ev.exe_inode, ev.process.exe, files)
+            # /proc is read for the streams only where the kernel did not capture them: it
+            # must then be told whether the process still runs this file, which needs the
+            # stat.
+            file_key = file_keys.get(id(ev)) if file_keys and ev.stdio else None
+            ident, live = self.identities.find(
+                pid, ev.exe_inode, ev.process.exe, files, file_key=file_key
+            )
             sockets: list[PendingSocket] = []
             if ev.stdio:  # captured in the kernel at exec (collector/stdio.py)
                 self.stdio.stats.captured += 1

@@ -94,12 +94,30 @@ class Identities:
         self._cache: OrderedDict[FileKey, Identity] = OrderedDict()
 
     def find(
-        self, pid: int, exe_inode: int, exe: bytes, pending: dict[FileKey, PendingFile]
+        self,
+        pid: int,
+        exe_inode: int,
+        exe: bytes,
+        pending: dict[FileKey, PendingFile],
+        *,
+        file_key: FileKey | None = None,
     ) -> tuple[Identity | PendingFile | None, bool]:
         """The identity of the file `pid` executed, if cached; else the file opened and added
         to `pending` (one per file however many execs of it a batch holds); None when it
         cannot be reached. The second value says whether `pid` still runs that file (so
-        that its /proc entries describe this exec)."""
+        that its /proc entries describe this exec).
+
+        `file_key`: the file's version as the kernel read it at exec. A file cached under
+        it is answered without a system call (the second value is then False: nothing was
+        looked up in /proc). Otherwise the file is stat'ed as without it, and cached under
+        what the stat says (the same key, but on file systems whose stat(2) tells another
+        device or inode than the kernel's, which then stat each time)."""
+        if file_key is not None:
+            known = self._cache.get(file_key)
+            if known is not None:
+                self._cache.move_to_end(file_key)
+                self.stats.hits += 1
+                return known, False
         proc_exe = f"{self.proc}/{pid}/exe"
         live = True
         try:

@@ -389,3 +389,32 @@ def stdio_offsets(btf: BTF) -> StdioOffsets:
         flags |= {f"WORD_{name}": word, f"SHIFT_{name}": shift, f"MASK_{name}": mask}
         layouts[member] = f"a {width}-bit {'bitfield' if bitfield else 'member'}"
     return StdioOffsets(flags, layouts["sk_protocol"])
+
+
+# What the exec probe reads of the executed file's version, as stat(2) tells it (device,
+# change time, size), so that the collector's identity cache needs no system call per exec.
+# A kernel that lacks one gets no file key: the collector then stats the file per exec.
+EXE_FILE_OFFSETS: dict[str, tuple[str, str]] = {
+    "OFF_INODE_I_SB": ("inode", "i_sb"),
+    "OFF_SUPER_BLOCK_S_DEV": ("super_block", "s_dev"),
+    "OFF_INODE_I_SIZE": ("inode", "i_size"),
+}
+# The inode's change time (seconds, nanoseconds) as kernels have named it: Linux 6.11 on,
+# 6.6 to 6.10, and before.
+CTIME_MEMBERS = [
+    ("i_ctime_sec", "i_ctime_nsec"),
+    ("__i_ctime.tv_sec", "__i_ctime.tv_nsec"),
+    ("i_ctime.tv_sec", "i_ctime.tv_nsec"),
+]
+
+
+def exe_file_offsets(btf: BTF) -> dict[str, int]:
+    """The offsets the exec probe's file key needs (EXE_FILE_OFFSETS and the change time
+    under whichever name this kernel gives it); BTFError naming what is missing."""
+    flags = {macro: btf.offsetof(s, member) for macro, (s, member) in EXE_FILE_OFFSETS.items()}
+    for sec, nsec in CTIME_MEMBERS:
+        if btf.has_member("inode", sec) and btf.has_member("inode", nsec):
+            flags["OFF_INODE_I_CTIME_SEC"] = btf.offsetof("inode", sec)
+            flags["OFF_INODE_I_CTIME_NSEC"] = btf.offsetof("inode", nsec)
+            return flags
+    raise BTFError("struct inode has no change time this probe knows (i_ctime_sec, i_ctime)")

@@ -18,7 +18,7 @@
 #include <linux/types.h>
 #endif
 
-#define SANDTRACE_LAYOUT_VERSION 6
+#define SANDTRACE_LAYOUT_VERSION 7
 
 #define TASK_COMM_LEN 16
 
@@ -89,6 +89,7 @@ struct record_header {
 #define EXEC_F_UNLINKED (1U << 5) /* executable file has no links left */
 #define EXEC_F_NO_MM (1U << 6)
 #define EXEC_F_STDIO (1U << 7) /* stdio[] was filled in (the kernel has what it reads) */
+#define EXEC_F_FILE_KEY (1U << 8) /* exe_dev, exe_ctime_ns, exe_file_size were filled in */
 
 #define STDIO_F_OPEN (1U << 0) /* the fd is open; without it, closed */
 #define STDIO_F_UNREADABLE (1U << 1) /* the fd table or the file could not be read */
@@ -135,7 +136,11 @@ struct exec_record {
 	__u32 exe_nlink;
 	__u32 old_tid; /* thread that called execve, before de_thread */
 	__u32 argv_tail_size; /* bytes of argv's end captured after the head */
-	__u32 _pad0;
+	/* With EXEC_F_FILE_KEY, the executed file's version as stat(2) would tell it: the
+	 * collector's identity cache is keyed on it, so a known file costs no system call. */
+	__u32 exe_dev; /* the kernel's dev_t of its file system: major << 20 | minor */
+	__u64 exe_ctime_ns; /* its inode's change time */
+	__u64 exe_file_size;
 	struct stdio_fd stdio[STDIO_FDS];
 	__u8 data[];
 };

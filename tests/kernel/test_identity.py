@@ -315,3 +315,51 @@ def test_a_program_on_overlayfs_running_and_gone(
     assert first.stdio == ["null", "null", "null"]
     assert (second.sha256, second.original_exe) == (sha256_of(lower / "quick"), b"/usr/bin/true")
     assert second.stdio == ["null", "pipe", "null"]  # gone, but captured at its exec
+
+
+def test_exec_records_carry_the_file_version_stat_tells(
+    tracer: Tracer, enricher: ExecEnricher, tmp_path: Path
+) -> None:
+    """The kernel reads the executed file's device, change time and size at exec; they are
+    what stat(2) says of the file, so that the identity cache needs no stat per exec: a
+    second run of a file that is gone by then is still known."""
+    copy = renamed_copy("/usr/bin/true", tmp_path, "kt")
+    st = copy.stat()
+    want = (st.st_dev, st.st_ino, st.st_ctime_ns, st.st_size)
+    keyed: list[tuple[ExecEvent, tuple[int, int, int, int] | None]] = []
+    with tracer.sandbox() as sb:
+        for _ in range(2):
+            sb.spawn([str(copy)]).wait()
+        deadline = time.monotonic() + 10
+        while len(keyed) < 2:
+            assert time.monotonic() < deadline, "the exec events did not arrive"
+            events, _ = tracer.assembler.feed_batches(tracer.probes.queue.drain())
+            tracer.events.extend(events)
+            keys = tracer.assembler.exec_file_keys
+            keyed += [
+                (e, keys.get(id(e)))
+                for e in events
+                if isinstance(e, ExecEvent) and e.sandbox == sb.name and e.exe_inode == st.st_ino
+            ]
+            time.sleep(0.02)
+    assert [k for _, k in keyed] == [want, want]
+    assert all(e.stdio for e, _ in keyed)  # captured at exec: the key is used
+    (first, _), (second, _) = keyed
+    assert complete_keyed(enricher, first, want).sha256 == sha256_of(copy)
+    copy.unlink()
+    assert complete_keyed(enricher, second, want).sha256 == sha256_of_true()
+    stats = enricher.identities.stats
+    assert (stats.misses, stats.hits, stats.failures) == (1, 1, 0)
+
+
+def complete_keyed(enricher: ExecEnricher, ev: ExecEvent, key: tuple[int, int, int, int]) -> Any:
+    out: list[AnyEvent] = [ev]
+    batch = enricher.begin(out, {id(ev): key})
+    if batch is not None:
+        batch.work()
+        batch.apply()
+    return out[0]
+
+
+def sha256_of_true() -> str:
+    return sha256_of(Path("/usr/bin/true"))

@@ -8,6 +8,7 @@ import random
 from typing import Any
 
 import msgpack
+import msgspec
 import pytest
 
 from api.events import ConnectEvent, ExecEvent, Process, to_dict, to_row
@@ -105,6 +106,30 @@ def test_a_batch_carries_each_process_once_and_gives_back_the_events_it_took() -
     assert (collector, seq, back) == ("c", 9, events)
     assert back[0].process is back[1].process is back[3].process
     assert back[2].process is not back[0].process
+
+
+def test_a_version_4_batch_is_still_read_its_new_fields_empty() -> None:
+    """A collector from before the process identity fields and the connect's `denied`
+    (wire version 4) sends shorter rows: the service reads them, those fields empty."""
+    made = event_from_fields("network_connection", {"DestinationPort": 22, "ProcessId": 5})
+    assert isinstance(made, ConnectEvent)
+    process = msgspec.structs.replace(made.process, sha256="ab" * 32, cwd=b"/w")
+    connect = msgspec.structs.replace(made, denied=True, process=process)
+    raw = msgpack.unpackb(encode_batch("c", 3, [connect]), raw=False)
+    assert raw["v"] == 5
+    new_process = ("sha256", "original_exe", "go_module", "cwd", "filename")
+    assert Process.__struct_fields__[-5:] == new_process
+    assert ConnectEvent.__struct_fields__[-1] == "denied"
+    old = {
+        **raw,
+        "v": 4,
+        "processes": [row[:-5] for row in raw["processes"]],
+        "events": [row[:-1] for row in raw["events"]],
+    }
+    _, _, [back] = decode_batch(msgpack.packb(old))
+    assert isinstance(back, ConnectEvent)
+    assert (back.dport, back.process.pid, back.denied) == (22, 5, False)
+    assert not any(getattr(back.process, f) for f in new_process)
 
 
 @pytest.mark.parametrize(

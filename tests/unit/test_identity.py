@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from api.events import Alert, AnyEvent, ExecEvent, ExitEvent, Process
@@ -578,3 +579,54 @@ def test_a_fileless_program_is_read_from_its_memfd(packages: PackageIndex) -> No
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_file_the_kernel_keyed_at_exec_is_found_without_a_stat(tmp_path: Path) -> None:
+    """An exec record with EXEC_F_FILE_KEY carries the file's version as stat(2) tells it
+    (the kernel's dev_t re-encoded): the identity cache answers from it with no system
+    call, even once the process and the file are gone (which a stat could not find)."""
+    copy = tmp_path / "tool"
+    shutil.copy2("/usr/bin/true", copy)
+    st = copy.stat()
+    key = (st.st_dev, st.st_ino, st.st_ctime_ns, st.st_size)
+    kernel = {
+        "flags": R.EXEC_F_FILE_KEY,
+        "exe_dev": os.major(st.st_dev) << 20 | os.minor(st.st_dev),
+        "exe_ctime_ns": st.st_ctime_ns,
+        "exe_file_size": st.st_size,
+    }
+    gone = [exec_record(pid, copy, **kernel) for pid in (4_000_001, 4_000_002)]
+    asm = Assembler([Scope("box", ["/"])], lambda _id: "/", lambda _p: "", host="h")
+    events, _ = asm.feed_batches([[gone[0]]])
+    assert asm.exec_file_keys == {id(events[0]): key}
+    enricher = ExecEnricher(Identities(None), StdioReader())
+    try:
+        # Streams captured at exec: /proc is not needed for them either.
+        first = msgspec.structs.replace(events[0], stdio=["null"] * 3)
+        out: list[AnyEvent] = [first]
+        batch = enricher.begin(out, {id(first): key})
+        assert batch is not None  # a new file: read by its path, the process being gone
+        batch.work()
+        batch.apply()
+        digest = hashlib.sha256(copy.read_bytes()).hexdigest()
+        assert isinstance(out[0], ExecEvent) and out[0].sha256 == digest
+        copy.unlink()
+        events, _ = asm.feed_batches([[gone[1]]])
+        second = msgspec.structs.replace(events[0], stdio=["null"] * 3)
+        out = [second]
+        assert enricher.begin(out, asm.exec_file_keys | {id(second): key}) is None
+        assert isinstance(out[0], ExecEvent) and out[0].sha256 == digest
+        stats = enricher.identities.stats
+        assert (stats.hits, stats.misses, stats.failures) == (1, 1, 0)
+        out = [second]  # without the kernel's key, the stat finds nothing
+        assert enricher.begin(out) is None
+        assert isinstance(out[0], ExecEvent) and out[0].sha256 == ""
+        assert stats.failures == 1
+    finally:
+        enricher.close()
+
+
+def test_an_exec_record_without_the_file_key_gives_none() -> None:
+    asm = Assembler([Scope("box", ["/"])], lambda _id: "/", lambda _p: "", host="h")
+    events, _ = asm.feed_batches([[exec_record(4_000_003, Path("/usr/bin/true"))]])
+    assert len(events) == 1 and asm.exec_file_keys == {}

@@ -265,8 +265,8 @@ MUTATIONS = [
     ),
     (("#define BIND_F_FAILED", "#define BIND_F_GONE"), "BIND_F_FAILED: in Python, not in C"),
     (
-        ("#define SANDTRACE_LAYOUT_VERSION 6", "#define SANDTRACE_LAYOUT_VERSION 7"),
-        "SANDTRACE_LAYOUT_VERSION: C 7",
+        ("#define SANDTRACE_LAYOUT_VERSION 7", "#define SANDTRACE_LAYOUT_VERSION 8"),
+        "SANDTRACE_LAYOUT_VERSION: C 8",
     ),
     (
         ("#define CGROUP_PATH_MAX 256", "#define CGROUP_PATH_MAX 128"),
@@ -290,7 +290,7 @@ MUTATIONS = [
             "\t__u32 old_tid; /* thread that called execve, before de_thread */\n",
             "\t__u32 old_tid;\n\t__u32 more;\n\t__u32 _pad9;\n",
         ),
-        "exec_record: sizeof 280",
+        "exec_record: sizeof 296",
     ),
     (
         (

@@ -3,6 +3,8 @@ the kernel's losses per sandbox index named by the sandbox they were counted for
 
 from __future__ import annotations
 
+import asyncio
+import gc
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -57,3 +59,24 @@ def test_kernel_losses_name_their_sandboxes_and_only_what_is_new() -> None:
         ({"connect": 4}, {"st-bbbb": 2, "scope-7": 2}),
     ]
     assert len(seen) == 2
+
+
+def test_what_exists_when_the_pipeline_starts_is_out_of_the_collectors_reach() -> None:
+    """gc.freeze() once everything is built: full collections then scan only what came
+    since (the rules, tables and probes are never garbage)."""
+    built: list[list[int]] = [[] for _ in range(10)]  # stands for what was built before the run
+    gc.unfreeze()
+    asm = Assembler([Scope("st-aaaa", ["/"])], lambda _id: "/", lambda _p: "", host="h")
+    pipeline = Pipeline(Source(), asm, [])
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        stop.set()
+        await pipeline.run(stop)
+
+    try:
+        assert gc.get_freeze_count() == 0
+        asyncio.run(run())
+        assert gc.get_freeze_count() >= len(built)
+    finally:
+        gc.unfreeze()

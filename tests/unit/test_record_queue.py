@@ -6,7 +6,13 @@ from __future__ import annotations
 import struct
 import threading
 
-from probes.loader import RecordQueue, in_time_order, read_loop
+from probes.loader import (
+    HAND_OVER_BUSY_INTERVAL,
+    HAND_OVER_BUSY_RECORDS,
+    RecordQueue,
+    in_time_order,
+    read_loop,
+)
 
 
 def test_bounded_in_bytes_and_drops_counted() -> None:
@@ -54,12 +60,12 @@ def _run_reader(
     def poll() -> None:
         pending.extend(stop.script.pop(0))
 
-    def hand_over() -> bool:
+    def hand_over() -> int:
         if not pending:
-            return False
+            return 0
         handed.append(pending.copy())
         pending.clear()
-        return True
+        return len(handed[-1])
 
     read_loop(poll, hand_over, stop, interval)
     return handed, stop.waits
@@ -71,6 +77,16 @@ def test_reader_waits_the_interval_after_each_hand_over_only() -> None:
     handed, waits = _run_reader([[b"fork"], [b"exec", b"exit"], [], [b"late"]], 0.004)
     assert handed == [[b"fork"], [b"exec", b"exit"], [b"late"]]
     assert waits == [0.004, 0.004, 0.004]
+
+
+def test_reader_drains_a_flood_at_the_short_interval() -> None:
+    # A hand-over of HAND_OVER_BUSY_RECORDS or more is a flood: the next one comes after the
+    # short interval, so that the rings do not fill while the reader waits; then, with the
+    # flood over, the full interval again.
+    flood = [b"r"] * HAND_OVER_BUSY_RECORDS
+    handed, waits = _run_reader([flood, [b"a"] * (HAND_OVER_BUSY_RECORDS - 1), [b"b"]], 0.02)
+    assert [len(h) for h in handed] == [HAND_OVER_BUSY_RECORDS, HAND_OVER_BUSY_RECORDS - 1, 1]
+    assert waits == [HAND_OVER_BUSY_INTERVAL, 0.02, 0.02]
 
 
 def test_reader_without_interval_never_waits() -> None:

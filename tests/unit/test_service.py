@@ -97,10 +97,10 @@ async def test_batch_is_handled_once_and_acknowledged(
         (batch(1, [miner_event()])[:-5], 400, "malformed", "not msgpack"),
         (msgpack.packb([1, 2]), 400, "malformed", "not a map"),
         (
-            batch(1, [], v=5),
+            batch(1, [], v=6),
             409,
             "version",
-            "version 5 is not supported; this service reads versions 1 to 4",
+            "version 6 is not supported; this service reads versions 1 to 5",
         ),
         (
             batch(1, [{**miner_event(), "argv": [b"x", 5]}]),
@@ -143,7 +143,7 @@ async def test_batch_is_handled_once_and_acknowledged(
             batch(1, [EXEC_ROW], v=3, processes=[]),
             400,
             "malformed",
-            "event 0: process: in a version 4 batch, an index into the batch's processes",
+            "event 0: process: in a version 5 batch, an index into the batch's processes",
         ),
         (
             batch(1, [[*EXEC_ROW[:8], 0, *EXEC_ROW[9:]]], v=3, processes=[[1, 2]]),
