@@ -77,6 +77,8 @@ from service.metrics import IngestMetrics, Stats
 log = structlog.get_logger("sandtrace.fleet")
 
 FETCH = 32  # batches asked for at once; all handled well within ack_wait
+EXPIRY_INTERVAL = 1.0  # seconds between expiries of a partition's engines, as serve's
+FLUSHED = " flushed"  # an expiry mark's suffix: the last worker ended every window it held
 
 
 @dataclass(slots=True)
@@ -99,12 +101,22 @@ class Partition:
     number: int
     revision: int  # of the lease key, for compare-and-set renewals
     renewed: float  # monotonic time of the last renewal that succeeded
-    ingest: Ingest
+    ingest: Ingest = field(init=False)
     active: bool = True  # cleared to stop the consumer after the batch in hand
     task: asyncio.Task[None] | None = None
     alerts: list[Alert] = field(default_factory=list)  # of the batch being handled
     rebuilding: bool = False
     attempt: int = 0  # consumers made for this lease
+    # While a rebuild replays a batch: the wall time it was stored at, which the engines'
+    # expiry takes for "now" (as the owner that first handled it did, about then).
+    replay_wall: float | None = None
+    expired_to: float = 0.0  # wall time of the last expiry whose summaries are stored
+    expired_saved: float = 0.0  # expired_to as last written to the expiry bucket
+    unstored: list[tuple[Alert, str]] = field(default_factory=list)  # summaries in flight
+
+    def clock(self) -> float:
+        """The wall clock of this partition's expiry (Ingest's clock)."""
+        return time.time() if self.replay_wall is None else self.replay_wall
 
 
 def rebuild_span(rules: RuleSet, fold_seconds: float) -> float:
@@ -139,6 +151,7 @@ class Worker:
         self.nc: Any = None
         self.js: Any = None
         self.kv: Any = None
+        self.xkv: Any = None  # the expiry bucket
         self.stopping = False
         self.publish_failures = 0
         self.duplicates = 0  # outputs already stored (their batch was handled before)
@@ -161,6 +174,7 @@ class Worker:
         self.js = self.nc.jetstream(timeout=10)
         notes = await ensure(self.js, self.settings)
         self.kv = await self.js.key_value(names.LEASES_BUCKET)
+        self.xkv = await self.js.key_value(names.EXPIRY_BUCKET)
         return notes
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -179,9 +193,14 @@ class Worker:
             await self.close()
 
     async def close(self) -> None:
+        """Hand every partition back. The last worker standing ends the fold windows its
+        engines hold and stores their summaries; otherwise the next owner rebuilds those
+        windows from the stream and stores each summary when its window ends (once: the
+        same message id, whoever brings it out)."""
         self.stopping = True
+        last = self.live_workers <= 1
         for part in list(self.owned.values()):
-            await self._release(part)
+            await self._release(part, last=last)
         if self.kv is not None:
             with contextlib.suppress(Exception):
                 await self.kv.delete(f"w.{self.id}")
@@ -216,6 +235,11 @@ class Worker:
                 self.lease_losses += 1
                 log.warning("partition lease lost to another worker", partition=part.number)
                 await self._drop(part)
+                continue
+            if part.expired_to > part.expired_saved:
+                mark = part.expired_to
+                await self.xkv.put(f"p.{part.number}", f"{mark:.3f}".encode())
+                part.expired_saved = mark
         keys = await self._keys()
         self.live_workers = max(1, sum(1 for k in keys if k.startswith("w.")))
         share = math.ceil(self.settings.partitions / self.live_workers)
@@ -254,8 +278,8 @@ class Worker:
             part.active = now - part.renewed < limit
 
     def _take(self, number: int, revision: int) -> None:
-        ingest = Ingest(self.rules, engine_factory=self.make_engine)
-        part = Partition(number, revision, time.monotonic(), ingest)
+        part = Partition(number, revision, time.monotonic())
+        part.ingest = ingest = Ingest(self.rules, engine_factory=self.make_engine, clock=part.clock)
         ingest.on_alert = part.alerts.append
         self.owned[number] = part
         self.stats.setdefault(number, PartitionStats()).takeovers += 1
@@ -264,9 +288,30 @@ class Worker:
         )
         log.info("partition taken", partition=number, worker=self.id)
 
-    async def _release(self, part: Partition) -> None:
-        """Hand a partition back: finish the batch in hand, acknowledge, free the lease."""
+    async def _release(self, part: Partition, *, last: bool = False) -> None:
+        """Hand a partition back: stop its consumer (a batch in hand and not acknowledged is
+        handled again by the next owner), say how far its fold windows were ended (with
+        `last`, all of them, their summaries stored first), free the lease."""
         await self._drop(part)
+        mark = f"{part.expired_to:.3f}"
+        if last:
+            part.alerts.clear()
+            part.ingest.flush()
+            named = part.unstored + self._name(part.alerts, "", 0)
+            part.alerts.clear()
+            try:
+                await asyncio.wait_for(self._publish(_alert_outputs(named)), 10.0)
+            except TimeoutError:
+                log.warning(
+                    "fold summaries not stored at shutdown; the next owner writes them",
+                    partition=part.number,
+                    summaries=len(named),
+                )
+            else:
+                self.stats[part.number].alerts += len(named)
+                mark = f"{time.time():.3f}{FLUSHED}"
+        with contextlib.suppress(Exception):
+            await self.xkv.put(f"p.{part.number}", mark.encode())
         with contextlib.suppress(Exception):
             await self.nc.flush(timeout=5)
             await self.kv.delete(f"p.{part.number}", last=part.revision)
@@ -338,6 +383,8 @@ class Worker:
             if not part.active:
                 await asyncio.sleep(0.2)
                 continue
+            if time.time() - part.expired_to >= EXPIRY_INTERVAL:
+                await self._expire(part)
             # Ask for what is known to wait, at most FETCH: a pull for more batches than are
             # stored is held by the server until it fills or expires, and the first batch
             # would wait with it; caught up, one batch at a time comes as soon as it is stored.
@@ -382,6 +429,7 @@ class Worker:
 
         if resume == 0 or self.rebuild_seconds <= 0:
             return
+        mark, flushed = await self._expiry_mark(part.number)
         since = time.time() - self.rebuild_seconds
         config = ConsumerConfig(
             filter_subject=names.partition_subject(part.number),
@@ -397,6 +445,7 @@ class Worker:
         )
         stats = self.stats[part.number]
         part.rebuilding = True
+        expired = 0.0
         try:
             done = False
             while not done:
@@ -408,7 +457,16 @@ class Worker:
                     if msg.metadata.sequence.stream > resume:
                         done = True
                         break
-                    self._feed(part, msg.data)
+                    # expiry as the first owner ran it, about when the batch came
+                    stored = msg.metadata.timestamp.timestamp()
+                    part.replay_wall = stored
+                    if stored - expired >= EXPIRY_INTERVAL:
+                        await self._expire(part, now=stored, publish=stored > mark)
+                        expired = stored
+                    batch = self._feed(part, msg.data)
+                    if batch is not None:  # named as first handled: their folds' summaries
+                        self._name(part.alerts, batch[0], batch[1])  # name them alike
+                    part.alerts.clear()  # published when the batch was first handled
                     stats.rebuilt_batches += 1
                     await asyncio.sleep(0)  # leases are renewed while a long span replays
                     if msg.metadata.sequence.stream == resume:
@@ -416,13 +474,74 @@ class Worker:
                         break
         finally:
             part.rebuilding = False
+            part.replay_wall = None
             part.alerts.clear()
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+        # What the last owner ended (and stored) after the replayed batches ends here too.
+        if flushed:
+            part.ingest.flush()
+        elif mark:
+            part.ingest.expire(mark)
+        part.alerts.clear()
         if stats.rebuilt_batches:
             log.info(
                 "partition state rebuilt", partition=part.number, batches=stats.rebuilt_batches
             )
+
+    async def _expiry_mark(self, number: int) -> tuple[float, bool]:
+        """How far the partition's last owner ended fold windows (wall time, 0 when not
+        known), and whether it ended all of them (it was the last worker and stopped)."""
+        try:
+            entry = await self.xkv.get(f"p.{number}")
+        except Exception as exc:  # the client raises KeyNotFoundError
+            if type(exc).__name__ not in ("KeyNotFoundError", "NotFoundError"):
+                raise
+            return 0.0, False
+        text = (entry.value or b"").decode(errors="replace")
+        flushed = text.endswith(FLUSHED)
+        try:
+            return float(text.removesuffix(FLUSHED)), flushed
+        except ValueError:
+            log.warning("expiry mark unreadable; taken as none", partition=number, mark=text)
+            return 0.0, False
+
+    async def _expire(
+        self, part: Partition, now: float | None = None, publish: bool = True
+    ) -> None:
+        """End what the partition's engines hold that is over, as serve does every second
+        (Ingest.expire: each host's fold windows in its own event time, idle hosts' engines
+        dropped), and store the fold summaries that come out (unless not `publish`: a
+        rebuild's, stored by the owner that first handled those batches)."""
+        when = time.time() if now is None else now
+        part.alerts.clear()
+        part.ingest.expire(when)
+        named = self._name(part.alerts, "", 0)
+        part.alerts.clear()
+        if named and publish:
+            part.unstored = named  # stored at a release if this is cut short
+            await self._publish(_alert_outputs(named))
+            part.unstored = []
+            self.stats[part.number].alerts += len(named)
+        if now is None:
+            part.expired_to = when
+
+    def _name(self, alerts: list[Alert], collector: str, seq: int) -> list[tuple[Alert, str]]:
+        """Each alert with its message id, its own id derived from that (fleet/names.py): the
+        i-th alert of batch (collector, seq) `<collector>:<seq>:a<i>`, a fold summary
+        `<the id of the alert it folds>:s`. Renaming the alert object itself renames the one
+        the engine's fold keeps, so the fold's summary names the alert as stored."""
+        out = []
+        i = 0
+        for alert in alerts:
+            if alert.repeat:
+                msg_id = names.summary_msg_id(alert.folds)
+            else:
+                msg_id = names.alert_msg_id(collector, seq, i)
+                i += 1
+            alert.alert_id = names.alert_uuid(msg_id, alert.time_ns)
+            out.append((alert, msg_id))
+        return out
 
     def _feed(self, part: Partition, body: bytes) -> tuple[str, int, list[AnyEvent]] | None:
         try:
@@ -443,14 +562,7 @@ class Worker:
             await msg.term()
             return
         collector, seq, events = batch
-        outputs = [
-            (
-                names.alerts_subject(alert.host),
-                encode(alert),
-                names.alert_msg_id(collector, seq, i),
-            )
-            for i, alert in enumerate(part.alerts)
-        ]
+        outputs = _alert_outputs(self._name(part.alerts, collector, seq))
         if self.settings.siem_events and events:
             outputs += self._siem(collector, seq, events)
         part.alerts.clear()
@@ -519,6 +631,10 @@ class Worker:
         for part in self.owned.values():
             _merge(total, part.ingest.stats)
         return total
+
+
+def _alert_outputs(named: list[tuple[Alert, str]]) -> list[tuple[str, bytes, str]]:
+    return [(names.alerts_subject(a.host), encode(a), msg_id) for a, msg_id in named]
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

@@ -132,7 +132,13 @@ class NatsCluster:
 
 
 def _config(node: NatsNode, routes: list[int], store: Path, extra: str) -> str:
+    """A node's configuration; a single node (no routes) runs without a cluster block."""
     route_list = ", ".join(f'"nats-route://127.0.0.1:{p}"' for p in routes)
+    cluster = f"""cluster {{
+    name: sandtrace-test
+    listen: 127.0.0.1:{node.cluster_port}
+    routes: [{route_list}]
+}}"""
     return f"""
 server_name: {node.name}
 listen: 127.0.0.1:{node.client_port}
@@ -143,11 +149,7 @@ jetstream {{
     max_memory_store: 256MB
     max_file_store: 2GB
 }}
-cluster {{
-    name: sandtrace-test
-    listen: 127.0.0.1:{node.cluster_port}
-    routes: [{route_list}]
-}}
+{cluster if routes else ""}
 {extra}
 """
 
