@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from api.events import ExecEvent, Process
-from tests.serving import ROOT_DIR, free_port
+from tests.e2e.natscluster import server_port
+from tests.serving import ROOT_DIR
 
 FLEET_RULE = """
 title: Fleet Test Hit
@@ -145,7 +146,7 @@ def spawn(cmd: list[str], env: dict[str, str] | None = None, stdout: Path | None
 
 def start_worker(url: str, config: Path, worker_id: str, *extra: str) -> tuple[Proc, int]:
     """A real worker, returned once it serves; and its /metrics port."""
-    port = free_port()
+    port = server_port()
     worker = spawn(
         [
             sys.executable,
