@@ -53,7 +53,7 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -177,8 +177,11 @@ class Worker:
         self.xkv = await self.js.key_value(names.EXPIRY_BUCKET)
         return notes
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Hold partitions until stop is set; then hand them back."""
+    async def run(
+        self, stop: asyncio.Event, before_close: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
+        """Hold partitions until stop is set; then (after `before_close`, while the
+        connection is still up) hand them back."""
         tick = self.settings.lease_seconds / 4
         try:
             while not stop.is_set():
@@ -190,6 +193,8 @@ class Worker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), tick)
         finally:
+            if before_close is not None:
+                await before_close()
             await self.close()
 
     async def close(self) -> None:
@@ -379,33 +384,37 @@ class Worker:
         stats = self.stats[part.number]
         stats.pending = FETCH  # not known yet: assume a backlog
         log.info("partition consuming", partition=part.number, after=resume, consumer=name)
-        while part.number in self.owned:
-            if not part.active:
-                await asyncio.sleep(0.2)
-                continue
-            if time.time() - part.expired_to >= EXPIRY_INTERVAL:
-                await self._expire(part)
-            # Ask for what is known to wait, at most FETCH: a pull for more batches than are
-            # stored is held by the server until it fills or expires, and the first batch
-            # would wait with it; caught up, one batch at a time comes as soon as it is stored.
-            want = max(1, min(FETCH, stats.pending))
-            try:
-                msgs = await sub.fetch(want, timeout=1.0)
-            except TimeoutError:  # nats' own, or asyncio's from a fetch cut short
-                stats.pending = 0  # nothing waits: the next pull is for one batch
-                continue
-            except ServiceUnavailableError:  # the consumer's leader is being elected
-                await asyncio.sleep(0.5)
-                continue
-            for msg in msgs:
+        try:
+            while part.number in self.owned:
                 if not part.active:
-                    break  # left unacknowledged: the next owner (or this one) takes it again
-                meta = msg.metadata
-                stats.pending = meta.num_pending
-                if meta.num_delivered > 1:
-                    stats.redelivered += 1
-                await self._handle(part, msg)
-                await asyncio.sleep(0)  # the other partitions, the leases and /metrics too
+                    await asyncio.sleep(0.2)
+                    continue
+                if time.time() - part.expired_to >= EXPIRY_INTERVAL:
+                    await self._expire(part)
+                # Ask for what is known to wait, at most FETCH: a pull for more batches than are
+                # stored is held by the server until it fills or expires, and the first batch
+                # would wait with it; caught up, one batch at a time comes as soon as it is stored.
+                want = max(1, min(FETCH, stats.pending))
+                try:
+                    msgs = await sub.fetch(want, timeout=1.0)
+                except TimeoutError:  # nats' own, or asyncio's from a fetch cut short
+                    stats.pending = 0  # nothing waits: the next pull is for one batch
+                    continue
+                except ServiceUnavailableError:  # the consumer's leader is being elected
+                    await asyncio.sleep(0.5)
+                    continue
+                for msg in msgs:
+                    if not part.active:
+                        break  # left unacknowledged: the next owner (or this one) takes it again
+                    meta = msg.metadata
+                    stats.pending = meta.num_pending
+                    if meta.num_delivered > 1:
+                        stats.redelivered += 1
+                    await self._handle(part, msg)
+                    await asyncio.sleep(0)  # the other partitions, the leases and /metrics too
+        finally:  # a subscription left behind holds the connection's drain at shutdown
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
     async def _resume_point(self, number: int) -> tuple[int, list[str]]:
         """The stream sequence every batch up to which was handled, and the partition's
@@ -746,7 +755,9 @@ async def serve_fleet(args: argparse.Namespace) -> int:
 
     from service.config import ConfigError  # noqa: PLC0415
     from service.fleetconfig import fleet_options  # noqa: PLC0415
+    from service.fleetoutputs import start_outputs, stop_outputs  # noqa: PLC0415
     from service.main import prepare  # noqa: PLC0415
+    from service.outputs.metrics import OutputMetrics  # noqa: PLC0415
 
     try:
         p = prepare(args)
@@ -808,6 +819,12 @@ async def serve_fleet(args: argparse.Namespace) -> int:
         _say(note)
     registry = CollectorRegistry()
     registry.register(FleetMetrics(worker))
+    registry.register(OutputMetrics(p.outputs))
+    feeders = await start_outputs(worker.js, p.outputs, settings.ack_wait)
+    feeding = [loop.create_task(f.run(), name=f"output {f.output.name} {f.what}") for f in feeders]
+
+    async def stop_feeding() -> None:
+        await stop_outputs(feeders, feeding, p.outputs)
 
     async def metrics_page(_request: web.Request) -> web.Response:
         return web.Response(
@@ -829,16 +846,18 @@ async def serve_fleet(args: argparse.Namespace) -> int:
         await web.TCPSite(runner, host, port, ssl_context=p.ssl_ctx).start()
     except OSError as exc:
         await runner.cleanup()
+        await stop_feeding()
         await worker.close()
         _say(f"cannot listen on {host}:{port} for /metrics: {exc.strerror or exc} (--listen)")
         return 2
     _say(
         f"worker {worker.id} serving the fleet at {target.label} ({len(p.rules.rules)} rules, "
-        f"{settings.partitions} partitions, rebuild {worker.rebuild_seconds:g} s; metrics on "
+        f"{settings.partitions} partitions, rebuild {worker.rebuild_seconds:g} s, "
+        f"{len(p.outputs)} outputs; metrics on "
         f"{'https' if p.ssl_ctx else 'http'}://{host}:{port}/metrics); Ctrl-C or SIGTERM stops"
     )
     try:
-        await worker.run(stop)
+        await worker.run(stop, before_close=stop_feeding)
     finally:
         await runner.cleanup()
     return 0

@@ -88,7 +88,10 @@ def test_the_last_worker_stopped_stores_the_open_summaries_once(tmp_path: Path) 
             lambda: sum(_values(metrics(port), "sandtrace_fleet_batches_total")) == BATCHES,
         )
         assert len(_alerts(cluster.url)) == 1  # the window is open: no summary yet
+        asked = time.monotonic()
         assert worker.stop() == 0, worker.log()
+        # no subscription left to hold the connection's drain (its timeout is 30 s)
+        assert time.monotonic() - asked < 10, worker.log()
         _first_and_summary(_alerts(cluster.url))
         heir, heir_port = start_worker(cluster.url, config, "w2")
         procs.append(heir)
