@@ -81,7 +81,8 @@ what = "alerts"
             want = _hits(sent)
             total = sum(want.values())
             wait_until("every alert written", lambda: len(_lines(alerts_file)) >= total)
-            wait_until("every event written", lambda: len(_lines(events_file)) >= sum(sent.values()))
+            events = sum(sent.values())
+            wait_until("every event written", lambda: len(_lines(events_file)) >= events)
             wait_until("rsyslogd got every alert", lambda: len(rsyslog.lines()) >= total)
             time.sleep(1.5)  # anything more would come now
             assert worker.stop() == 0, worker.log()
@@ -123,7 +124,7 @@ what = "alerts"
         want = _hits(sent)
         wait_until(
             "every alert written",
-            lambda: set(_key(a) for a in _lines(alerts_file)) == set(want),
+            lambda: {_key(a) for a in _lines(alerts_file)} == set(want),
         )
     alerts = _lines(alerts_file)
     repeated = len(alerts) - len(want)
