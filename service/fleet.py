@@ -69,13 +69,14 @@ from api.wire import BadBatch, decode_batch
 from detect.engine import Engine
 from detect.ruleset import RuleSet
 from fleet import names
-from fleet.connect import NatsConfigError, NatsTarget, connect
+from fleet.connect import NatsConfigError, NatsRefused, NatsTarget, connect
 from fleet.streams import FleetSettings, FleetSetupError, ensure
 from service.app import Ingest
 from service.metrics import IngestMetrics, Stats
 
 log = structlog.get_logger("sandtrace.fleet")
 
+CREDENTIALS_HINT = "check --nats-nkey-file, --nats-creds-file or --nats-token-file"
 FETCH = 32  # batches asked for at once; all handled well within ack_wait
 EXPIRY_INTERVAL = 1.0  # seconds between expiries of a partition's engines, as serve's
 FLUSHED = " flushed"  # an expiry mark's suffix: the last worker ended every window it held
@@ -802,6 +803,9 @@ async def serve_fleet(args: argparse.Namespace) -> int:
         except FleetSetupError as exc:
             _say(f"configuration error: {exc}")
             return 2
+        except NatsRefused as exc:
+            _say(f"the NATS cluster refused this worker: {exc} ({CREDENTIALS_HINT})")
+            return 2
         except Exception as exc:  # unreachable for now: the cluster may still be starting
             from nats.js.errors import APIError  # noqa: PLC0415
 
@@ -872,6 +876,11 @@ async def _check(target: NatsTarget, settings: FleetSettings, p: Any) -> int:
     except TimeoutError:
         _say(
             f"configuration error: cannot reach NATS at {target.label}: no server answered in 10 s"
+        )
+        return 2
+    except NatsRefused as exc:
+        _say(
+            f"configuration error: the NATS cluster refused this worker: {exc} ({CREDENTIALS_HINT})"
         )
         return 2
     except Exception as exc:

@@ -244,6 +244,8 @@ async def _stream(args: argparse.Namespace) -> None:
         batch_events=args.events,
         linger=0.05,
         spool_dir=Path(args.spool_dir) if args.spool_dir else None,
+        nkey_file=args.nkey_file,
+        creds_file=args.creds_file,
     )
     n = 0
     for _ in range(args.batches):
@@ -276,6 +278,8 @@ def main() -> None:
     p.add_argument("--spool-dir")
     p.add_argument("--token-file")
     p.add_argument("--ca-file")
+    p.add_argument("--nkey-file")
+    p.add_argument("--creds-file")
     p.add_argument("--same-process", action="store_true", help="every hit by one process")
     asyncio.run(_stream(p.parse_args()))
 
