@@ -32,6 +32,15 @@ where configured, its events in SIEM schemas in SANDTRACE_SIEM, with message ids
 from (collector, batch sequence, index), so a batch handled again after a worker died
 stores no output twice within the duplicate window.
 
+Every second each partition's engines end what is over (Ingest.expire, as serve runs it):
+fold summaries go to SANDTRACE_ALERTS with the id `<alert id>:s` of the alert they fold
+(alert ids are derived from message ids, fleet/names.py), so the same fold is stored once
+whoever brings it out. The owner notes how far it ended windows in the KV bucket
+sandtrace-expiry; a new owner's rebuild ends windows at each replayed batch's stored time
+and stores only the summaries due after that mark. A worker stopped while others run
+leaves its open folds to the next owner; the last one stores them and marks the partition
+flushed, so that a later owner ends its rebuilt folds without storing them again.
+
 What a failover loses: nothing of the events (unacknowledged batches are handled again);
 of detection state, what is older than rebuild_seconds (a correlation window longer than
 it starts empty) and the repeat counts of alerts folded before the rebuilt span. With the
