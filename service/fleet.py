@@ -253,8 +253,12 @@ class Worker:
                 continue
             if part.expired_to > part.expired_saved:
                 mark = part.expired_to
-                await self.xkv.put(f"p.{part.number}", f"{mark:.3f}".encode())
-                part.expired_saved = mark
+                try:
+                    await self.xkv.put(f"p.{part.number}", f"{mark:.3f}".encode())
+                except Exception as exc:  # tried again next round; the leases go on
+                    log.warning("expiry mark not saved", partition=part.number, error=repr(exc))
+                else:
+                    part.expired_saved = mark
         keys = await self._keys()
         self.live_workers = max(1, sum(1 for k in keys if k.startswith("w.")))
         share = math.ceil(self.settings.partitions / self.live_workers)
