@@ -6,6 +6,7 @@ reached) and exits, the collector keeping its batches in the spool."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -86,6 +87,28 @@ def test_each_part_connects_with_its_key_and_a_wrong_key_is_refused(
         assert "sandtrace: the NATS cluster refused this worker" in bad_worker.log()
         assert "Authorization Violation" in bad_worker.log()
         assert "cannot reach" not in bad_worker.log() and "Traceback" not in bad_worker.log()
+
+        check = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "sandtrace",
+                "serve",
+                "--nats",
+                url,
+                "--config",
+                str(config),
+                "--check-config",
+                f"--nats-{kind}-file",
+                str(stranger),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert check.returncode == 2, check.stderr
+        assert "configuration error: the NATS cluster refused this worker" in check.stderr
 
         bad_tail = _tail(url, [flag, str(stranger)], tmp_path / "bad-tail.txt")  # compact
         procs.append(bad_tail)
