@@ -88,7 +88,6 @@ log = structlog.get_logger("sandtrace.fleet")
 CREDENTIALS_HINT = "check --nats-nkey-file, --nats-creds-file or --nats-token-file"
 FETCH = 32  # batches asked for at once; all handled well within ack_wait
 EXPIRY_INTERVAL = 1.0  # seconds between expiries of a partition's engines, as serve's
-FLUSHED = " flushed"  # an expiry mark's suffix: the last worker ended every window it held
 
 
 @dataclass(slots=True)
@@ -122,11 +121,18 @@ class Partition:
     replay_wall: float | None = None
     expired_to: float = 0.0  # wall time of the last expiry whose summaries are stored
     expired_saved: float = 0.0  # expired_to as last written to the expiry bucket
+    # when the last worker standing ended every window it held (0: not known to have)
+    flushed_at: float = 0.0
     unstored: list[tuple[Alert, str]] = field(default_factory=list)  # summaries in flight
 
     def clock(self) -> float:
         """The wall clock of this partition's expiry (Ingest's clock)."""
         return time.time() if self.replay_wall is None else self.replay_wall
+
+    def mark(self) -> bytes:
+        """The expiry mark (the bucket sandtrace-expiry): `<expired_to> [<flushed_at>]`."""
+        flushed = f" {self.flushed_at:.3f}" if self.flushed_at else ""
+        return f"{self.expired_to:.3f}{flushed}".encode()
 
 
 def rebuild_span(rules: RuleSet, fold_seconds: float) -> float:
@@ -193,6 +199,7 @@ class Worker:
         """Hold partitions until stop is set; then (after `before_close`, while the
         connection is still up) hand them back."""
         tick = self.settings.lease_seconds / 4
+        saving: asyncio.Task[None] | None = None
         try:
             while not stop.is_set():
                 try:
@@ -200,9 +207,14 @@ class Worker:
                 except Exception as exc:  # NATS unreachable for now: leases run out locally
                     log.warning("lease round failed; retrying", error=repr(exc))
                 self._pause_stale()
+                if saving is None or saving.done():  # beside the leases, never delaying them
+                    saving = asyncio.get_running_loop().create_task(self._save_marks())
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), tick)
         finally:
+            if saving is not None:
+                with contextlib.suppress(Exception):
+                    await saving
             if before_close is not None:
                 await before_close()
             await self.close()
@@ -250,15 +262,6 @@ class Worker:
                 self.lease_losses += 1
                 log.warning("partition lease lost to another worker", partition=part.number)
                 await self._drop(part)
-                continue
-            if part.expired_to > part.expired_saved:
-                mark = part.expired_to
-                try:
-                    await self.xkv.put(f"p.{part.number}", f"{mark:.3f}".encode())
-                except Exception as exc:  # tried again next round; the leases go on
-                    log.warning("expiry mark not saved", partition=part.number, error=repr(exc))
-                else:
-                    part.expired_saved = mark
         keys = await self._keys()
         self.live_workers = max(1, sum(1 for k in keys if k.startswith("w.")))
         share = math.ceil(self.settings.partitions / self.live_workers)
@@ -279,6 +282,19 @@ class Worker:
             except KeyWrongLastSequenceError:
                 continue  # another worker was quicker
             self._take(number, revision)
+
+    async def _save_marks(self) -> None:
+        """Each held partition's expiry mark, where it moved, saved (all at once: a round of
+        one put after another would hold up the lease renewals of a busy worker)."""
+        parts = [(p, p.expired_to) for p in self.owned.values() if p.expired_to > p.expired_saved]
+        done = await asyncio.gather(
+            *(self.xkv.put(f"p.{p.number}", p.mark()) for p, _ in parts), return_exceptions=True
+        )
+        for (part, mark), result in zip(parts, done, strict=True):
+            if isinstance(result, BaseException):  # tried again next round
+                log.warning("expiry mark not saved", partition=part.number, error=repr(result))
+            else:
+                part.expired_saved = max(part.expired_saved, mark)
 
     async def _keys(self) -> list[str]:
         from nats.js.errors import NoKeysError  # noqa: PLC0415
@@ -312,7 +328,6 @@ class Worker:
         handled again by the next owner), say how far its fold windows were ended (with
         `last`, all of them, their summaries stored first), free the lease."""
         await self._drop(part)
-        mark = f"{part.expired_to:.3f}"
         if last:
             part.alerts.clear()
             part.ingest.flush()
@@ -328,9 +343,10 @@ class Worker:
                 )
             else:
                 self.stats[part.number].alerts += len(named)
-                mark = f"{time.time():.3f}{FLUSHED}"
-        with contextlib.suppress(Exception):
-            await self.xkv.put(f"p.{part.number}", mark.encode())
+                part.expired_to = part.flushed_at = time.time()
+        if part.expired_to:  # (0: no expiry ran here, the mark found stays)
+            with contextlib.suppress(Exception):
+                await self.xkv.put(f"p.{part.number}", part.mark())
         with contextlib.suppress(Exception):
             await self.nc.flush(timeout=5)
             await self.kv.delete(f"p.{part.number}", last=part.revision)
@@ -452,7 +468,9 @@ class Worker:
 
         if resume == 0 or self.rebuild_seconds <= 0:
             return
-        mark, flushed = await self._expiry_mark(part.number)
+        mark, flushed_at = await self._expiry_mark(part.number)
+        part.flushed_at = flushed_at
+        unflushed = flushed_at > 0  # the replay must end every window where the flush was
         since = time.time() - self.rebuild_seconds
         config = ConsumerConfig(
             filter_subject=names.partition_subject(part.number),
@@ -483,6 +501,10 @@ class Worker:
                     # expiry as the first owner ran it, about when the batch came
                     stored = msg.metadata.timestamp.timestamp()
                     part.replay_wall = stored
+                    if unflushed and stored > flushed_at:
+                        part.ingest.flush()  # stored by the last worker, as it stopped
+                        part.alerts.clear()
+                        unflushed = False
                     if stored - expired >= EXPIRY_INTERVAL:
                         await self._expire(part, now=stored, publish=stored > mark)
                         expired = stored
@@ -501,33 +523,36 @@ class Worker:
             part.alerts.clear()
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-        # What the last owner ended (and stored) after the replayed batches ends here too.
-        if flushed:
+        # What the last owners ended (and stored) after the replayed batches ends here too.
+        if unflushed:
             part.ingest.flush()
-        elif mark:
+        if mark:
             part.ingest.expire(mark)
         part.alerts.clear()
+        part.expired_to = max(part.expired_to, mark)
         if stats.rebuilt_batches:
             log.info(
                 "partition state rebuilt", partition=part.number, batches=stats.rebuilt_batches
             )
 
-    async def _expiry_mark(self, number: int) -> tuple[float, bool]:
-        """How far the partition's last owner ended fold windows (wall time, 0 when not
-        known), and whether it ended all of them (it was the last worker and stopped)."""
+    async def _expiry_mark(self, number: int) -> tuple[float, float]:
+        """How far the partition's last owner ended fold windows, and when a last worker
+        standing last ended all it held (wall times, 0 when not known): Partition.mark."""
         try:
             entry = await self.xkv.get(f"p.{number}")
         except Exception as exc:  # the client raises KeyNotFoundError
             if type(exc).__name__ not in ("KeyNotFoundError", "NotFoundError"):
                 raise
-            return 0.0, False
+            return 0.0, 0.0
         text = (entry.value or b"").decode(errors="replace")
-        flushed = text.endswith(FLUSHED)
         try:
-            return float(text.removesuffix(FLUSHED)), flushed
+            values = [float(v) for v in text.split()]
         except ValueError:
+            values = []
+        if len(values) not in (1, 2):
             log.warning("expiry mark unreadable; taken as none", partition=number, mark=text)
-            return 0.0, False
+            return 0.0, 0.0
+        return values[0], values[1] if len(values) == 2 else 0.0
 
     async def _expire(
         self, part: Partition, now: float | None = None, publish: bool = True
