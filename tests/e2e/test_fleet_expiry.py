@@ -74,11 +74,16 @@ def test_a_fold_window_ends_and_its_summary_is_stored_once(tmp_path: Path) -> No
         assert worker.proc.poll() is None, worker.log()
 
 
+# JetStream's duplicate window kept short: a summary stored twice would be kept twice, so
+# what these tests see is the workers' own bookkeeping (the expiry marks), not JetStream's.
+SHORT_DEDUP = "partitions = 2\nreplicas = 1\nduplicate_window = 1\nrebuild_seconds = 600"
+
+
 def test_the_last_worker_stopped_stores_the_open_summaries_once(tmp_path: Path) -> None:
     """SIGTERM to the only worker while a fold window is open (600 s): it stores the summary
     before it goes. A worker started afterwards rebuilds the fold from the stream and knows
-    it was ended: no second summary, now or when its window would have ended."""
-    config = write_config(tmp_path, "partitions = 2\nreplicas = 1", fold_seconds=600)
+    it was ended: no second summary, not even when it stops as the last worker in turn."""
+    config = write_config(tmp_path, SHORT_DEDUP, fold_seconds=600)
     with nats_cluster(size=1) as cluster, cleaning([]) as procs:
         worker, port = start_worker(cluster.url, config, "w1")
         procs.append(worker)
@@ -105,8 +110,34 @@ def test_the_last_worker_stopped_stores_the_open_summaries_once(tmp_path: Path) 
                 sum(_values(metrics(heir_port), "sandtrace_fleet_rebuilt_batches_total")) == BATCHES
             ),
         )
+        time.sleep(2.0)  # past the duplicate window of the summary stored at the first stop
         assert heir.stop() == 0, heir.log()  # the last worker again: nothing open to store
         _first_and_summary(_alerts(cluster.url))
+
+
+def test_a_new_owner_does_not_store_a_summary_again(tmp_path: Path) -> None:
+    """The owner stores a summary when its window (2 s) ends and is SIGKILLed later; the
+    next owner replays the fold's batches (rebuild_seconds), ends the window as the old
+    owner did and, its expiry mark saying so, does not store the summary again."""
+    config = write_config(tmp_path, SHORT_DEDUP, fold_seconds=2)
+    with nats_cluster(size=1) as cluster, cleaning([]) as procs:
+        worker, _port = start_worker(cluster.url, config, "w1")
+        procs.append(worker)
+        _stream_one_folding_host(cluster.url, procs)
+        wait_until("the summary stored", lambda: len(_alerts(cluster.url)) >= 2, timeout=30)
+        time.sleep(2.0)  # the expiry mark saved (every lease/4: 0.5 s), the window long past
+        worker.kill()
+        heir, heir_port = start_worker(cluster.url, config, "w2")
+        procs.append(heir)
+        wait_until(
+            "the heir rebuilt the fold",
+            lambda: (
+                sum(_values(metrics(heir_port), "sandtrace_fleet_rebuilt_batches_total")) == BATCHES
+            ),
+        )
+        time.sleep(4.0)  # seconds of the heir's expiry
+        _first_and_summary(_alerts(cluster.url))
+        assert heir.proc.poll() is None, heir.log()
 
 
 def test_a_handed_over_fold_is_summarised_once_by_the_next_owner(tmp_path: Path) -> None:
