@@ -65,6 +65,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -862,7 +863,10 @@ async def serve_fleet(args: argparse.Namespace) -> int:
     registry = CollectorRegistry()
     registry.register(FleetMetrics(worker))
     registry.register(OutputMetrics(p.outputs))
-    feeders = await start_outputs(worker.js, p.outputs, settings.ack_wait)
+    state_dir = Path(cfg.state_dir) if cfg.state_dir else None
+    feeders, output_notes = await start_outputs(worker.js, p.outputs, settings.ack_wait, state_dir)
+    for note in output_notes:
+        _say(note)
     feeding = [loop.create_task(f.run(), name=f"output {f.output.name} {f.what}") for f in feeders]
 
     async def stop_feeding() -> None:

@@ -14,12 +14,20 @@ one chunk again (at least once; an alert keeps its id, fleet/names.py, so a repe
 recognised). Every worker configured with the same output shares its consumers: JetStream
 gives each message to one of them (a network sink fed by several workers for availability);
 a file output belongs in one process only.
+
+A JSON-lines file fed by one stream (`what` alerts or events) is exactly once also across a
+kill, given a state directory (`[service] state_dir`): before acknowledging a chunk, the
+feeder saves where the file ends and the chunk's stream sequences (fleet-outputs.json); at
+the next start the file is cut back to that point (JsonlOutput.take_back), and the saved
+chunk's messages, delivered again, are acknowledged without being written.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -29,6 +37,7 @@ from api.events import Alert, decode
 from api.wire import BadBatch, decode_batch
 from fleet import names
 from service.outputs.base import Output
+from service.outputs.jsonl import JsonlOutput
 from service.schemas.common import Item
 
 log = structlog.get_logger("sandtrace.fleet")
@@ -44,10 +53,56 @@ def consumer_name(output: str, what: str) -> str:
     return f"sandtrace-out-{safe}-{what}"
 
 
+class FeederState:
+    """Where each exactly-once file's fed lines end, and the stream sequence they end with,
+    by consumer name, in one JSON file of the state directory (written whole, replaced)."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path = directory / "fleet-outputs.json"
+        self.saved: dict[str, dict[str, Any]] = {}
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.warning(
+                "output state unreadable; lines fed before a kill may appear twice",
+                path=str(self.path),
+                error=str(exc),
+            )
+            return
+        if isinstance(data, dict):
+            self.saved = {k: v for k, v in data.items() if isinstance(v, dict)}
+
+    def get(self, name: str) -> tuple[tuple[int, int, int] | None, set[int]]:
+        """The saved (device, inode, size) of `name`'s file, or None, and the stream
+        sequences of the chunk written last (in the file, perhaps not acknowledged)."""
+        entry = self.saved.get(name, {})
+        point, seqs = entry.get("point"), entry.get("chunk", [])
+        chunk = {n for n in seqs if isinstance(n, int)} if isinstance(seqs, list) else set()
+        if isinstance(point, list) and len(point) == 3 and all(isinstance(v, int) for v in point):
+            return (point[0], point[1], point[2]), chunk
+        return None, set()
+
+    def save(self, name: str, point: tuple[int, int, int], chunk: list[int]) -> None:
+        self.saved[name] = {"point": list(point), "chunk": chunk}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.saved))
+        tmp.replace(self.path)
+
+
 class OutputFeeder:
     """One output fed from one stream: the alerts or the events (see module docstring)."""
 
-    def __init__(self, js: Any, output: Output, what: str, ack_wait: float) -> None:
+    def __init__(
+        self, js: Any, output: Output, what: str, ack_wait: float, state: FeederState | None
+    ) -> None:
+        from service.main import failpoint  # noqa: PLC0415
+
+        # tests: SANDTRACE_FAILPOINT=kill-before-commit:alerts>=N kills the process once N
+        # items are delivered, before their chunk's point is saved and acknowledged
+        self.failpoint = failpoint()
         self.js = js
         self.output = output
         self.what = what  # "alerts" or "events"
@@ -55,8 +110,14 @@ class OutputFeeder:
         self.stream = names.ALERTS_STREAM if what == "alerts" else names.EVENTS_STREAM
         self.name = consumer_name(output.name, what)
         self.delivered = 0  # messages acknowledged after their items were delivered
+        self.items = 0  # delivered (or dropped with a count)
         self.undecodable = 0
         self.stopping = False  # set to end after the chunk in hand
+        # exactly once: a JSON-lines file that only this feeder writes, and where to say so
+        alone = isinstance(output, JsonlOutput) and output.what == what
+        self.file = output if alone and isinstance(output, JsonlOutput) else None
+        self.state = state if self.file is not None else None
+        self.written: set[int] = set()  # stream sequences in the file, not acknowledged
 
     async def run(self) -> None:
         """Feed the output until stopping (or cancelled); NATS unavailable for a while:
@@ -82,7 +143,9 @@ class OutputFeeder:
 
         config = ConsumerConfig(
             durable_name=self.name,
-            ack_policy=AckPolicy.ALL,  # the chunk's last message acknowledges it whole
+            # each message on its own: with AckPolicy.ALL, acknowledging a later message
+            # would also acknowledge those a killed feeder took and that are yet to come again
+            ack_policy=AckPolicy.EXPLICIT,
             ack_wait=self.ack_wait,
             max_deliver=-1,
             max_ack_pending=CHUNK,
@@ -103,13 +166,39 @@ class OutputFeeder:
                     continue
                 items: list[Item] = []
                 for msg in msgs:
-                    items += self._items(msg)
+                    if msg.metadata.sequence.stream not in self.written:  # else in the file
+                        items += self._items(msg)
                 await self._deliver(items, msgs)
-                await msgs[-1].ack()
+                self.items += len(items)
+                if self.failpoint is not None:
+                    self.failpoint(self.delivered, self.items)
+                self._save([m.metadata.sequence.stream for m in msgs])
+                for msg in msgs[:-1]:
+                    await msg.ack()
+                # the last one confirmed: the server has taken every acknowledgement before
+                # it, so no message of the chunk comes again (the saved chunk is the only one
+                # in the file and perhaps not acknowledged)
+                await msgs[-1].ack_sync()
+                self.written.clear()
                 self.delivered += len(msgs)
         finally:  # else the connection's drain at shutdown waits for it
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+    def take_back(self) -> str | None:
+        """Before the output opens: cut the file back to where the last saved chunk ended
+        (lines after it were not acknowledged: they come again); what was done, for the log."""
+        if self.state is None or self.file is None:
+            return None
+        point, self.written = self.state.get(self.name)
+        return None if point is None else self.file.take_back(point)
+
+    def _save(self, chunk: list[int]) -> None:
+        if self.state is None or self.file is None:
+            return
+        point = self.file.point()
+        if point is not None:
+            self.state.save(self.name, point, chunk)
 
     def _items(self, msg: Any) -> list[Item]:
         if self.what == "alerts":
@@ -154,16 +243,26 @@ class OutputFeeder:
                         await msg.in_progress()
 
 
-async def start_outputs(js: Any, outputs: list[Output], ack_wait: float) -> list[OutputFeeder]:
-    """Start every output; its feeders (alerts, events or both, as its `what` says), for
-    the caller to run."""
-    feeders = []
+async def start_outputs(
+    js: Any, outputs: list[Output], ack_wait: float, state_dir: Path | None
+) -> tuple[list[OutputFeeder], list[str]]:
+    """Start every output (a file cut back to its saved point first); its feeders (alerts,
+    events or both, as its `what` says), for the caller to run, and notes for the log."""
+    state = FeederState(state_dir) if state_dir is not None else None
+    feeders, notes = [], []
     for out in outputs:
+        mine = [
+            OutputFeeder(js, out, what, ack_wait, state)
+            for what in ("alerts", "events")
+            if out.what in (what, "both")
+        ]
+        for feeder in mine:
+            note = feeder.take_back()
+            if note:
+                notes.append(f"output {out.name}: {note}")
         await out.start()
-        for what in ("alerts", "events"):
-            if out.what in (what, "both"):
-                feeders.append(OutputFeeder(js, out, what, ack_wait))
-    return feeders
+        feeders += mine
+    return feeders, notes
 
 
 async def stop_outputs(

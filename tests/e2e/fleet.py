@@ -144,8 +144,11 @@ def spawn(cmd: list[str], env: dict[str, str] | None = None, stdout: Path | None
     return handle
 
 
-def start_worker(url: str, config: Path, worker_id: str, *extra: str) -> tuple[Proc, int]:
-    """A real worker, returned once it serves; and its /metrics port."""
+def start_worker(
+    url: str, config: Path, worker_id: str, *extra: str, env: dict[str, str] | None = None
+) -> tuple[Proc, int]:
+    """A real worker (`env` added to its environment), returned once it serves; and its
+    /metrics port."""
     port = server_port()
     worker = spawn(
         [
@@ -162,7 +165,8 @@ def start_worker(url: str, config: Path, worker_id: str, *extra: str) -> tuple[P
             "--worker-id",
             worker_id,
             *extra,
-        ]
+        ],
+        env,
     )
     worker.wait_for("serving the fleet")
     return worker, port
