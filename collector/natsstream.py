@@ -14,15 +14,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
 import structlog
 
 from api.events import Alert, AnyEvent
-from collector.stream import SEND_TIMEOUT, StreamSink, _Batch, _Transport
+from collector.stream import FIXABLE, SEND_TIMEOUT, StreamSink, _Batch, _Transport
 from fleet import names
-from fleet.connect import NatsConfigError, NatsTarget, connect, target
+from fleet.connect import NatsConfigError, NatsRefused, NatsTarget, connect, refused, target
 
 log = structlog.get_logger("sandtrace.stream")
 
@@ -34,6 +34,12 @@ NO_STREAM = (
 
 class NatsStreamSink(StreamSink):
     """A StreamSink whose batches go to JetStream; `url` is nats://HOST:PORT[,HOST:PORT...]."""
+
+    fixable: ClassVar[dict[int, str]] = {
+        **FIXABLE,
+        401: "the NATS cluster refused this collector's credentials: check "
+        "--server-nkey-file, --server-creds-file or --server-token-file",
+    }
 
     def __init__(
         self,
@@ -168,5 +174,4 @@ __all__ = ["NatsConfigError", "NatsStreamSink"]
 
 def _refusal(exc: BaseException) -> bool:
     """Whether a connection error is the cluster refusing the credentials."""
-    text = str(exc).lower()
-    return "authorization" in text or "authentication" in text
+    return isinstance(exc, NatsRefused) or refused(exc)

@@ -35,6 +35,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import aiohttp
 import structlog
@@ -88,6 +89,10 @@ class _Batch:
 
 
 class StreamSink:
+    # what the user can fix when the receiver refuses batches with these statuses (a NATS
+    # sink names its own credentials)
+    fixable: ClassVar[dict[int, str]] = FIXABLE
+
     def __init__(
         self,
         url: str,
@@ -340,7 +345,8 @@ class StreamSink:
         # a warning in the log, or the user's line on stderr and the log's at info level
         # (with no second copy on the same stderr)
         say = log.info if self.notify is not None else log.warning
-        say("service unreachable", url=self.base_url, reason=reason, holding=holding)
+        what = "service refuses batches" if reason.startswith("refuses") else "service unreachable"
+        say(what, url=self.base_url, reason=reason, holding=holding)
         if self.notify is not None:
             self.notify(f"service {self.base_url} {reason}; {holding}")
 
@@ -493,9 +499,9 @@ class StreamSink:
                 answer=text,
             )
             return "rejected"
-        if status in FIXABLE:
-            self._warn(FIXABLE[status], status=status, answer=text)
-            self._outage_begins(f"refuses batches ({status}: {FIXABLE[status]})")
+        if status in self.fixable:
+            self._warn(self.fixable[status], status=status, answer=text)
+            self._outage_begins(f"refuses batches ({status}: {self.fixable[status]})")
         else:
             log.info("service did not take a batch; retrying", status=status, answer=text)
             self._outage_begins(f"does not take batches (HTTP {status})")

@@ -10,6 +10,8 @@ most one of a token (a file), an NKey seed (a file) or a credentials file (JWT a
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import ssl
 from dataclasses import dataclass
@@ -26,6 +28,17 @@ SCHEMES = ("nats", "tls")
 
 class NatsConfigError(ValueError):
     """A fleet address or its credentials cannot be used; the message says why."""
+
+
+class NatsRefused(Exception):
+    """The cluster refused this client's credentials (a wrong token, NKey or credentials
+    file, or none where it wants one): trying again does not help, the operator must act."""
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether a connection error is the cluster refusing the credentials."""
+    text = str(exc).lower()
+    return "authorization" in text or "authentication" in text
 
 
 def is_nats_url(url: str | None) -> bool:
@@ -137,23 +150,46 @@ def target(
 async def connect(where: NatsTarget, name: str, attempts: int = -1, **callbacks: Any) -> Any:
     """A connected nats.aio.client.Client that reconnects (for ever, or `attempts` times per
     server, after which it closes and the caller connects again with its own backoff);
-    raises what nats.connect raises when no server answers now."""
+    raises what nats.connect raises when no server answers now, and NatsRefused as soon as
+    a server refuses the credentials (nats-py would otherwise try again for ever, and a
+    wrong key would look like a cluster that cannot be reached)."""
     import nats  # noqa: PLC0415
 
     if where.tls is not None:
         _quiet_tls_eof()
     # nats-py prints a traceback for every failed attempt unless told otherwise; the
     # callers say what failed in words of their own
-    callbacks.setdefault("error_cb", _debug_error)
-    return await nats.connect(
-        **where.options(),
-        name=name,
-        allow_reconnect=True,
-        max_reconnect_attempts=attempts,
-        reconnect_time_wait=0.5,
-        connect_timeout=2,
-        **callbacks,
+    given = callbacks.pop("error_cb", _debug_error)
+    refusal: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+
+    async def error_cb(exc: Exception) -> None:
+        if refused(exc) and not refusal.done():
+            refusal.set_result(exc)
+        await given(exc)
+
+    connecting = asyncio.ensure_future(
+        nats.connect(
+            **where.options(),
+            name=name,
+            allow_reconnect=True,
+            max_reconnect_attempts=attempts,
+            reconnect_time_wait=0.5,
+            connect_timeout=2,
+            error_cb=error_cb,
+            **callbacks,
+        )
     )
+    either: set[asyncio.Future[Any]] = {connecting, refusal}
+    try:
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not connecting.done():
+            connecting.cancel()
+            with contextlib.suppress(BaseException):
+                await connecting
+    if connecting.cancelled() and refusal.done():
+        raise NatsRefused(f"{where.label} refused the credentials: {refusal.result()}")
+    return connecting.result()
 
 
 class _TlsEofNoise(logging.Filter):

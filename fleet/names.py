@@ -12,19 +12,26 @@ a host name cannot change which subject a batch goes to, and two hosts never sha
 
 Message ids (the Nats-Msg-Id header; JetStream drops a second message with an id it has
 seen within the stream's duplicate window) are derived from the input alone: a batch is
-`<collector>:<seq>`, the i-th alert a batch raised `<collector>:<seq>:a<i>`, the SIEM
-lines of a batch `<collector>:<seq>:<schema>`. A batch handled twice (redelivered after a
-worker died) therefore publishes the same ids, and each output is stored once.
+`<collector>:<seq>`, the i-th alert a batch raised `<collector>:<seq>:a<i>` (fold summaries
+not counted), the summary of the repeats folded into an alert `<that alert's id>:s` (the
+same whether a batch or the end of the fold window brought it out), the SIEM lines of a
+batch `<collector>:<seq>:<schema>`. A batch handled twice (redelivered after a worker died)
+therefore publishes the same ids, and each output is stored once. An alert's own id
+(alert_uuid) is derived from its message id the same way, so an alert raised again by a
+new owner has the id of the one in the stream, and a summary names it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
+import uuid
 
 EVENTS_STREAM = "SANDTRACE_EVENTS"
 ALERTS_STREAM = "SANDTRACE_ALERTS"
 SIEM_STREAM = "SANDTRACE_SIEM"
 LEASES_BUCKET = "sandtrace-partitions"
+EXPIRY_BUCKET = "sandtrace-expiry"  # per partition: how far its fold windows were ended
 
 EVENTS_PREFIX = "sandtrace.events"
 PARTITION_PREFIX = "sandtrace.part"
@@ -116,3 +123,21 @@ def alert_msg_id(collector: str, seq: int, index: int) -> str:
 
 def siem_msg_id(collector: str, seq: int, schema: str) -> str:
     return f"{collector}:{seq}:{schema}"
+
+
+def summary_msg_id(folded_alert_id: str) -> str:
+    """The fold summary of the repeats folded into the alert `folded_alert_id`: one per
+    fold, whichever worker and whichever path (a batch, the window's end) brings it out."""
+    return f"{folded_alert_id}:s"
+
+
+def alert_uuid(msg_id: str, time_ns: int) -> str:
+    """An alert's id derived from its message id: a UUIDv7 (api/ids.py's layout) with the
+    millisecond of the alert's event and 74 bits of the SHA-256 of `msg_id`. Unique as the
+    message ids are (a collector id is random), and the same each time a batch is handled."""
+    digest = int.from_bytes(hashlib.sha256(msg_id.encode()).digest()[:10], "big")
+    ms = (time_ns // 1_000_000) & ((1 << 48) - 1)
+    value = (
+        ms << 80 | 0x7 << 76 | (digest >> 68 & 0xFFF) << 64 | 0b10 << 62 | digest & ((1 << 62) - 1)
+    )
+    return str(uuid.UUID(int=value))

@@ -6,6 +6,9 @@ checked when present (by every worker at start, and by `sandtrace serve --check-
     SANDTRACE_ALERTS   every alert once (ids derived from the batch that raised it)
     SANDTRACE_SIEM     the events of each batch in a SIEM schema, where configured
     sandtrace-partitions (KV)  which worker holds which partition: leases of `lease_seconds`
+    sandtrace-expiry (KV)      per partition, the wall time up to which its owner ended fold
+                               windows and published their summaries (kept without a limit:
+                               the next owner reads it after the lease is gone)
 
 The number of partitions is fixed when the events stream is made: a host's partition is
 the hash of its name modulo that number, and a stream already holding batches keeps its
@@ -178,4 +181,16 @@ async def ensure(js: Any, s: FleetSettings, *, create: bool = True) -> list[str]
         notes.append(f"lease bucket {names.LEASES_BUCKET} made")
     else:
         notes.append(f"lease bucket {names.LEASES_BUCKET} missing (made at start)")
+    try:
+        await js.key_value(names.EXPIRY_BUCKET)
+    except Exception as exc:  # the client raises BucketNotFoundError
+        if type(exc).__name__ not in ("BucketNotFoundError", "NotFoundError"):
+            raise
+        if create:
+            await js.create_key_value(
+                KeyValueConfig(bucket=names.EXPIRY_BUCKET, history=1, replicas=s.replicas)
+            )
+            notes.append(f"expiry bucket {names.EXPIRY_BUCKET} made")
+        else:
+            notes.append(f"expiry bucket {names.EXPIRY_BUCKET} missing (made at start)")
     return notes

@@ -32,6 +32,15 @@ where configured, its events in SIEM schemas in SANDTRACE_SIEM, with message ids
 from (collector, batch sequence, index), so a batch handled again after a worker died
 stores no output twice within the duplicate window.
 
+Every second each partition's engines end what is over (Ingest.expire, as serve runs it):
+fold summaries go to SANDTRACE_ALERTS with the id `<alert id>:s` of the alert they fold
+(alert ids are derived from message ids, fleet/names.py), so the same fold is stored once
+whoever brings it out. The owner notes how far it ended windows in the KV bucket
+sandtrace-expiry; a new owner's rebuild ends windows at each replayed batch's stored time
+and stores only the summaries due after that mark. A worker stopped while others run
+leaves its open folds to the next owner; the last one stores them and marks the partition
+flushed, so that a later owner ends its rebuilt folds without storing them again.
+
 What a failover loses: nothing of the events (unacknowledged batches are handled again);
 of detection state, what is older than rebuild_seconds (a correlation window longer than
 it starts empty) and the repeat counts of alerts folded before the rebuilt span. With the
@@ -53,9 +62,10 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -69,14 +79,16 @@ from api.wire import BadBatch, decode_batch
 from detect.engine import Engine
 from detect.ruleset import RuleSet
 from fleet import names
-from fleet.connect import NatsConfigError, NatsTarget, connect
+from fleet.connect import NatsConfigError, NatsRefused, NatsTarget, connect
 from fleet.streams import FleetSettings, FleetSetupError, ensure
 from service.app import Ingest
 from service.metrics import IngestMetrics, Stats
 
 log = structlog.get_logger("sandtrace.fleet")
 
+CREDENTIALS_HINT = "check --nats-nkey-file, --nats-creds-file or --nats-token-file"
 FETCH = 32  # batches asked for at once; all handled well within ack_wait
+EXPIRY_INTERVAL = 1.0  # seconds between expiries of a partition's engines, as serve's
 
 
 @dataclass(slots=True)
@@ -99,12 +111,29 @@ class Partition:
     number: int
     revision: int  # of the lease key, for compare-and-set renewals
     renewed: float  # monotonic time of the last renewal that succeeded
-    ingest: Ingest
+    ingest: Ingest = field(init=False)
     active: bool = True  # cleared to stop the consumer after the batch in hand
     task: asyncio.Task[None] | None = None
     alerts: list[Alert] = field(default_factory=list)  # of the batch being handled
     rebuilding: bool = False
     attempt: int = 0  # consumers made for this lease
+    # While a rebuild replays a batch: the wall time it was stored at, which the engines'
+    # expiry takes for "now" (as the owner that first handled it did, about then).
+    replay_wall: float | None = None
+    expired_to: float = 0.0  # wall time of the last expiry whose summaries are stored
+    expired_saved: float = 0.0  # expired_to as last written to the expiry bucket
+    # when the last worker standing ended every window it held (0: not known to have)
+    flushed_at: float = 0.0
+    unstored: list[tuple[Alert, str]] = field(default_factory=list)  # summaries in flight
+
+    def clock(self) -> float:
+        """The wall clock of this partition's expiry (Ingest's clock)."""
+        return time.time() if self.replay_wall is None else self.replay_wall
+
+    def mark(self) -> bytes:
+        """The expiry mark (the bucket sandtrace-expiry): `<expired_to> [<flushed_at>]`."""
+        flushed = f" {self.flushed_at:.3f}" if self.flushed_at else ""
+        return f"{self.expired_to:.3f}{flushed}".encode()
 
 
 def rebuild_span(rules: RuleSet, fold_seconds: float) -> float:
@@ -139,6 +168,7 @@ class Worker:
         self.nc: Any = None
         self.js: Any = None
         self.kv: Any = None
+        self.xkv: Any = None  # the expiry bucket
         self.stopping = False
         self.publish_failures = 0
         self.duplicates = 0  # outputs already stored (their batch was handled before)
@@ -161,11 +191,16 @@ class Worker:
         self.js = self.nc.jetstream(timeout=10)
         notes = await ensure(self.js, self.settings)
         self.kv = await self.js.key_value(names.LEASES_BUCKET)
+        self.xkv = await self.js.key_value(names.EXPIRY_BUCKET)
         return notes
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Hold partitions until stop is set; then hand them back."""
+    async def run(
+        self, stop: asyncio.Event, before_close: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
+        """Hold partitions until stop is set; then (after `before_close`, while the
+        connection is still up) hand them back."""
         tick = self.settings.lease_seconds / 4
+        saving: asyncio.Task[None] | None = None
         try:
             while not stop.is_set():
                 try:
@@ -173,15 +208,27 @@ class Worker:
                 except Exception as exc:  # NATS unreachable for now: leases run out locally
                     log.warning("lease round failed; retrying", error=repr(exc))
                 self._pause_stale()
+                if saving is None or saving.done():  # beside the leases, never delaying them
+                    saving = asyncio.get_running_loop().create_task(self._save_marks())
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), tick)
         finally:
+            if saving is not None:
+                with contextlib.suppress(Exception):
+                    await saving
+            if before_close is not None:
+                await before_close()
             await self.close()
 
     async def close(self) -> None:
+        """Hand every partition back. The last worker standing ends the fold windows its
+        engines hold and stores their summaries; otherwise the next owner rebuilds those
+        windows from the stream and stores each summary when its window ends (once: the
+        same message id, whoever brings it out)."""
         self.stopping = True
+        last = self.live_workers <= 1
         for part in list(self.owned.values()):
-            await self._release(part)
+            await self._release(part, last=last)
         if self.kv is not None:
             with contextlib.suppress(Exception):
                 await self.kv.delete(f"w.{self.id}")
@@ -237,6 +284,19 @@ class Worker:
                 continue  # another worker was quicker
             self._take(number, revision)
 
+    async def _save_marks(self) -> None:
+        """Each held partition's expiry mark, where it moved, saved (all at once: a round of
+        one put after another would hold up the lease renewals of a busy worker)."""
+        parts = [(p, p.expired_to) for p in self.owned.values() if p.expired_to > p.expired_saved]
+        done = await asyncio.gather(
+            *(self.xkv.put(f"p.{p.number}", p.mark()) for p, _ in parts), return_exceptions=True
+        )
+        for (part, mark), result in zip(parts, done, strict=True):
+            if isinstance(result, BaseException):  # tried again next round
+                log.warning("expiry mark not saved", partition=part.number, error=repr(result))
+            else:
+                part.expired_saved = max(part.expired_saved, mark)
+
     async def _keys(self) -> list[str]:
         from nats.js.errors import NoKeysError  # noqa: PLC0415
 
@@ -254,8 +314,8 @@ class Worker:
             part.active = now - part.renewed < limit
 
     def _take(self, number: int, revision: int) -> None:
-        ingest = Ingest(self.rules, engine_factory=self.make_engine)
-        part = Partition(number, revision, time.monotonic(), ingest)
+        part = Partition(number, revision, time.monotonic())
+        part.ingest = ingest = Ingest(self.rules, engine_factory=self.make_engine, clock=part.clock)
         ingest.on_alert = part.alerts.append
         self.owned[number] = part
         self.stats.setdefault(number, PartitionStats()).takeovers += 1
@@ -264,9 +324,30 @@ class Worker:
         )
         log.info("partition taken", partition=number, worker=self.id)
 
-    async def _release(self, part: Partition) -> None:
-        """Hand a partition back: finish the batch in hand, acknowledge, free the lease."""
+    async def _release(self, part: Partition, *, last: bool = False) -> None:
+        """Hand a partition back: stop its consumer (a batch in hand and not acknowledged is
+        handled again by the next owner), say how far its fold windows were ended (with
+        `last`, all of them, their summaries stored first), free the lease."""
         await self._drop(part)
+        if last:
+            part.alerts.clear()
+            part.ingest.flush()
+            named = part.unstored + self._name(part.alerts, "", 0)
+            part.alerts.clear()
+            try:
+                await asyncio.wait_for(self._publish(_alert_outputs(named)), 10.0)
+            except TimeoutError:
+                log.warning(
+                    "fold summaries not stored at shutdown; the next owner writes them",
+                    partition=part.number,
+                    summaries=len(named),
+                )
+            else:
+                self.stats[part.number].alerts += len(named)
+                part.expired_to = part.flushed_at = time.time()
+        if part.expired_to:  # (0: no expiry ran here, the mark found stays)
+            with contextlib.suppress(Exception):
+                await self.xkv.put(f"p.{part.number}", part.mark())
         with contextlib.suppress(Exception):
             await self.nc.flush(timeout=5)
             await self.kv.delete(f"p.{part.number}", last=part.revision)
@@ -334,31 +415,37 @@ class Worker:
         stats = self.stats[part.number]
         stats.pending = FETCH  # not known yet: assume a backlog
         log.info("partition consuming", partition=part.number, after=resume, consumer=name)
-        while part.number in self.owned:
-            if not part.active:
-                await asyncio.sleep(0.2)
-                continue
-            # Ask for what is known to wait, at most FETCH: a pull for more batches than are
-            # stored is held by the server until it fills or expires, and the first batch
-            # would wait with it; caught up, one batch at a time comes as soon as it is stored.
-            want = max(1, min(FETCH, stats.pending))
-            try:
-                msgs = await sub.fetch(want, timeout=1.0)
-            except TimeoutError:  # nats' own, or asyncio's from a fetch cut short
-                stats.pending = 0  # nothing waits: the next pull is for one batch
-                continue
-            except ServiceUnavailableError:  # the consumer's leader is being elected
-                await asyncio.sleep(0.5)
-                continue
-            for msg in msgs:
+        try:
+            while part.number in self.owned:
                 if not part.active:
-                    break  # left unacknowledged: the next owner (or this one) takes it again
-                meta = msg.metadata
-                stats.pending = meta.num_pending
-                if meta.num_delivered > 1:
-                    stats.redelivered += 1
-                await self._handle(part, msg)
-                await asyncio.sleep(0)  # the other partitions, the leases and /metrics too
+                    await asyncio.sleep(0.2)
+                    continue
+                if time.time() - part.expired_to >= EXPIRY_INTERVAL:
+                    await self._expire(part)
+                # Ask for what is known to wait, at most FETCH: a pull for more batches than are
+                # stored is held by the server until it fills or expires, and the first batch
+                # would wait with it; caught up, one batch at a time comes as soon as it is stored.
+                want = max(1, min(FETCH, stats.pending))
+                try:
+                    msgs = await sub.fetch(want, timeout=1.0)
+                except TimeoutError:  # nats' own, or asyncio's from a fetch cut short
+                    stats.pending = 0  # nothing waits: the next pull is for one batch
+                    continue
+                except ServiceUnavailableError:  # the consumer's leader is being elected
+                    await asyncio.sleep(0.5)
+                    continue
+                for msg in msgs:
+                    if not part.active:
+                        break  # left unacknowledged: the next owner (or this one) takes it again
+                    meta = msg.metadata
+                    stats.pending = meta.num_pending
+                    if meta.num_delivered > 1:
+                        stats.redelivered += 1
+                    await self._handle(part, msg)
+                    await asyncio.sleep(0)  # the other partitions, the leases and /metrics too
+        finally:  # a subscription left behind holds the connection's drain at shutdown
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
     async def _resume_point(self, number: int) -> tuple[int, list[str]]:
         """The stream sequence every batch up to which was handled, and the partition's
@@ -382,6 +469,9 @@ class Worker:
 
         if resume == 0 or self.rebuild_seconds <= 0:
             return
+        mark, flushed_at = await self._expiry_mark(part.number)
+        part.flushed_at = flushed_at
+        unflushed = flushed_at > 0  # the replay must end every window where the flush was
         since = time.time() - self.rebuild_seconds
         config = ConsumerConfig(
             filter_subject=names.partition_subject(part.number),
@@ -397,6 +487,7 @@ class Worker:
         )
         stats = self.stats[part.number]
         part.rebuilding = True
+        expired = 0.0
         try:
             done = False
             while not done:
@@ -408,7 +499,20 @@ class Worker:
                     if msg.metadata.sequence.stream > resume:
                         done = True
                         break
-                    self._feed(part, msg.data)
+                    # expiry as the first owner ran it, about when the batch came
+                    stored = msg.metadata.timestamp.timestamp()
+                    part.replay_wall = stored
+                    if unflushed and stored > flushed_at:
+                        part.ingest.flush()  # stored by the last worker, as it stopped
+                        part.alerts.clear()
+                        unflushed = False
+                    if stored - expired >= EXPIRY_INTERVAL:
+                        await self._expire(part, now=stored, publish=stored > mark)
+                        expired = stored
+                    batch = self._feed(part, msg.data)
+                    if batch is not None:  # named as first handled: their folds' summaries
+                        self._name(part.alerts, batch[0], batch[1])  # name them alike
+                    part.alerts.clear()  # published when the batch was first handled
                     stats.rebuilt_batches += 1
                     await asyncio.sleep(0)  # leases are renewed while a long span replays
                     if msg.metadata.sequence.stream == resume:
@@ -416,13 +520,77 @@ class Worker:
                         break
         finally:
             part.rebuilding = False
+            part.replay_wall = None
             part.alerts.clear()
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+        # What the last owners ended (and stored) after the replayed batches ends here too.
+        if unflushed:
+            part.ingest.flush()
+        if mark:
+            part.ingest.expire(mark)
+        part.alerts.clear()
+        part.expired_to = max(part.expired_to, mark)
         if stats.rebuilt_batches:
             log.info(
                 "partition state rebuilt", partition=part.number, batches=stats.rebuilt_batches
             )
+
+    async def _expiry_mark(self, number: int) -> tuple[float, float]:
+        """How far the partition's last owner ended fold windows, and when a last worker
+        standing last ended all it held (wall times, 0 when not known): Partition.mark."""
+        try:
+            entry = await self.xkv.get(f"p.{number}")
+        except Exception as exc:  # the client raises KeyNotFoundError
+            if type(exc).__name__ not in ("KeyNotFoundError", "NotFoundError"):
+                raise
+            return 0.0, 0.0
+        text = (entry.value or b"").decode(errors="replace")
+        try:
+            values = [float(v) for v in text.split()]
+        except ValueError:
+            values = []
+        if len(values) not in (1, 2):
+            log.warning("expiry mark unreadable; taken as none", partition=number, mark=text)
+            return 0.0, 0.0
+        return values[0], values[1] if len(values) == 2 else 0.0
+
+    async def _expire(
+        self, part: Partition, now: float | None = None, publish: bool = True
+    ) -> None:
+        """End what the partition's engines hold that is over, as serve does every second
+        (Ingest.expire: each host's fold windows in its own event time, idle hosts' engines
+        dropped), and store the fold summaries that come out (unless not `publish`: a
+        rebuild's, stored by the owner that first handled those batches)."""
+        when = time.time() if now is None else now
+        part.alerts.clear()
+        part.ingest.expire(when)
+        named = self._name(part.alerts, "", 0)
+        part.alerts.clear()
+        if named and publish:
+            part.unstored = named  # stored at a release if this is cut short
+            await self._publish(_alert_outputs(named))
+            part.unstored = []
+            self.stats[part.number].alerts += len(named)
+        if now is None:
+            part.expired_to = when
+
+    def _name(self, alerts: list[Alert], collector: str, seq: int) -> list[tuple[Alert, str]]:
+        """Each alert with its message id, its own id derived from that (fleet/names.py): the
+        i-th alert of batch (collector, seq) `<collector>:<seq>:a<i>`, a fold summary
+        `<the id of the alert it folds>:s`. Renaming the alert object itself renames the one
+        the engine's fold keeps, so the fold's summary names the alert as stored."""
+        out = []
+        i = 0
+        for alert in alerts:
+            if alert.repeat:
+                msg_id = names.summary_msg_id(alert.folds)
+            else:
+                msg_id = names.alert_msg_id(collector, seq, i)
+                i += 1
+            alert.alert_id = names.alert_uuid(msg_id, alert.time_ns)
+            out.append((alert, msg_id))
+        return out
 
     def _feed(self, part: Partition, body: bytes) -> tuple[str, int, list[AnyEvent]] | None:
         try:
@@ -443,14 +611,7 @@ class Worker:
             await msg.term()
             return
         collector, seq, events = batch
-        outputs = [
-            (
-                names.alerts_subject(alert.host),
-                encode(alert),
-                names.alert_msg_id(collector, seq, i),
-            )
-            for i, alert in enumerate(part.alerts)
-        ]
+        outputs = _alert_outputs(self._name(part.alerts, collector, seq))
         if self.settings.siem_events and events:
             outputs += self._siem(collector, seq, events)
         part.alerts.clear()
@@ -519,6 +680,10 @@ class Worker:
         for part in self.owned.values():
             _merge(total, part.ingest.stats)
         return total
+
+
+def _alert_outputs(named: list[tuple[Alert, str]]) -> list[tuple[str, bytes, str]]:
+    return [(names.alerts_subject(a.host), encode(a), msg_id) for a, msg_id in named]
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
@@ -630,7 +795,9 @@ async def serve_fleet(args: argparse.Namespace) -> int:
 
     from service.config import ConfigError  # noqa: PLC0415
     from service.fleetconfig import fleet_options  # noqa: PLC0415
+    from service.fleetoutputs import start_outputs, stop_outputs  # noqa: PLC0415
     from service.main import prepare  # noqa: PLC0415
+    from service.outputs.metrics import OutputMetrics  # noqa: PLC0415
 
     try:
         p = prepare(args)
@@ -675,6 +842,9 @@ async def serve_fleet(args: argparse.Namespace) -> int:
         except FleetSetupError as exc:
             _say(f"configuration error: {exc}")
             return 2
+        except NatsRefused as exc:
+            _say(f"the NATS cluster refused this worker: {exc} ({CREDENTIALS_HINT})")
+            return 2
         except Exception as exc:  # unreachable for now: the cluster may still be starting
             from nats.js.errors import APIError  # noqa: PLC0415
 
@@ -692,6 +862,15 @@ async def serve_fleet(args: argparse.Namespace) -> int:
         _say(note)
     registry = CollectorRegistry()
     registry.register(FleetMetrics(worker))
+    registry.register(OutputMetrics(p.outputs))
+    state_dir = Path(cfg.state_dir) if cfg.state_dir else None
+    feeders, output_notes = await start_outputs(worker.js, p.outputs, settings.ack_wait, state_dir)
+    for note in output_notes:
+        _say(note)
+    feeding = [loop.create_task(f.run(), name=f"output {f.output.name} {f.what}") for f in feeders]
+
+    async def stop_feeding() -> None:
+        await stop_outputs(feeders, feeding, p.outputs)
 
     async def metrics_page(_request: web.Request) -> web.Response:
         return web.Response(
@@ -713,16 +892,18 @@ async def serve_fleet(args: argparse.Namespace) -> int:
         await web.TCPSite(runner, host, port, ssl_context=p.ssl_ctx).start()
     except OSError as exc:
         await runner.cleanup()
+        await stop_feeding()
         await worker.close()
         _say(f"cannot listen on {host}:{port} for /metrics: {exc.strerror or exc} (--listen)")
         return 2
     _say(
         f"worker {worker.id} serving the fleet at {target.label} ({len(p.rules.rules)} rules, "
-        f"{settings.partitions} partitions, rebuild {worker.rebuild_seconds:g} s; metrics on "
+        f"{settings.partitions} partitions, rebuild {worker.rebuild_seconds:g} s, "
+        f"{len(p.outputs)} outputs; metrics on "
         f"{'https' if p.ssl_ctx else 'http'}://{host}:{port}/metrics); Ctrl-C or SIGTERM stops"
     )
     try:
-        await worker.run(stop)
+        await worker.run(stop, before_close=stop_feeding)
     finally:
         await runner.cleanup()
     return 0
@@ -737,6 +918,11 @@ async def _check(target: NatsTarget, settings: FleetSettings, p: Any) -> int:
     except TimeoutError:
         _say(
             f"configuration error: cannot reach NATS at {target.label}: no server answered in 10 s"
+        )
+        return 2
+    except NatsRefused as exc:
+        _say(
+            f"configuration error: the NATS cluster refused this worker: {exc} ({CREDENTIALS_HINT})"
         )
         return 2
     except Exception as exc:

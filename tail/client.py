@@ -308,15 +308,14 @@ def _fleet(args: argparse.Namespace) -> bool:
         if args.from_start:
             raise TailError("--from-start goes with a nats:// --server (the fleet's alert stream)")
         return False
-    if args.output == "compact" and args.width < 1:
-        raise TailError("--width must be at least 1")
     return True
 
 
 def _renderer(args: argparse.Namespace, show_host: bool) -> TextRenderer | None:
     if args.output != "compact":
         return None
-    return TextRenderer(use_color(args.color, sys.stdout), max(args.width, 1), show_host)
+    width = line_width(args.width, sys.stdout)  # --width, else the terminal's, else whole
+    return TextRenderer(use_color(args.color, sys.stdout), width, show_host)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -25,7 +25,7 @@ from api.render import TerminalSink, TextRenderer
 from api.tail import TailFilter
 from api.wire import BadBatch, decode_batch
 from fleet import names
-from fleet.connect import NatsConfigError, NatsTarget, connect, target
+from fleet.connect import NatsConfigError, NatsRefused, NatsTarget, connect, target
 
 log = structlog.get_logger("sandtrace.tail")
 
@@ -151,6 +151,12 @@ async def follow_fleet(
     follower = FleetFollower(where, flt, sys.stdout, renderer, args.from_start)
     try:
         await asyncio.wait_for(follower.run(stop), None)
+    except NatsRefused as exc:
+        _say(
+            f"the NATS cluster refused this tail: {exc} (check --nkey-file, --creds-file or "
+            "--token-file)"
+        )
+        return 2
     except Exception as exc:
         _say(f"cannot follow the fleet at {where.label}: {exc!r}")
         return 2

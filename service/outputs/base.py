@@ -164,6 +164,10 @@ class Output:
         """Items waiting in the queue or being delivered now."""
         return self._queue.qsize() + len(self._inflight)
 
+    async def finished(self) -> None:
+        """Return once every item submitted so far is delivered or dropped (counted)."""
+        await self._idle.wait()
+
     # --- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:

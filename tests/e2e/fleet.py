@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from api.events import ExecEvent, Process
-from tests.serving import ROOT_DIR, free_port
+from tests.e2e.natscluster import server_port
+from tests.serving import ROOT_DIR
 
 FLEET_RULE = """
 title: Fleet Test Hit
@@ -143,9 +144,12 @@ def spawn(cmd: list[str], env: dict[str, str] | None = None, stdout: Path | None
     return handle
 
 
-def start_worker(url: str, config: Path, worker_id: str, *extra: str) -> tuple[Proc, int]:
-    """A real worker, returned once it serves; and its /metrics port."""
-    port = free_port()
+def start_worker(
+    url: str, config: Path, worker_id: str, *extra: str, env: dict[str, str] | None = None
+) -> tuple[Proc, int]:
+    """A real worker (`env` added to its environment), returned once it serves; and its
+    /metrics port."""
+    port = server_port()
     worker = spawn(
         [
             sys.executable,
@@ -161,7 +165,8 @@ def start_worker(url: str, config: Path, worker_id: str, *extra: str) -> tuple[P
             "--worker-id",
             worker_id,
             *extra,
-        ]
+        ],
+        env,
     )
     worker.wait_for("serving the fleet")
     return worker, port
@@ -243,6 +248,8 @@ async def _stream(args: argparse.Namespace) -> None:
         batch_events=args.events,
         linger=0.05,
         spool_dir=Path(args.spool_dir) if args.spool_dir else None,
+        nkey_file=args.nkey_file,
+        creds_file=args.creds_file,
     )
     n = 0
     for _ in range(args.batches):
@@ -275,6 +282,8 @@ def main() -> None:
     p.add_argument("--spool-dir")
     p.add_argument("--token-file")
     p.add_argument("--ca-file")
+    p.add_argument("--nkey-file")
+    p.add_argument("--creds-file")
     p.add_argument("--same-process", action="store_true", help="every hit by one process")
     asyncio.run(_stream(p.parse_args()))
 

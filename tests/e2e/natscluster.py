@@ -14,8 +14,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -24,8 +26,6 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from tests.serving import free_port
 
 PR_SET_PDEATHSIG = 1
 
@@ -39,6 +39,30 @@ def _die_with_parent() -> Callable[[], None]:
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
     return child
+
+
+def server_port() -> int:
+    """A free loopback port for a server to listen on, below the kernel's ephemeral range.
+
+    A port the kernel picks for bind(0) is from the ephemeral range, where it is free only
+    until the next outgoing connection of any process on the machine is given it as its
+    local port; between the pick and the server's own bind (a NATS node starting, a worker
+    listening) one does often enough that a node failed with "address already in use". No
+    connection is ever given a port below the range unasked, so a port free there stays
+    free but for another test choosing the same one at random."""
+    low = 32768
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = list(range(max(1024, low - 12000), low))
+    random.shuffle(ports)
+    for port in ports:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no free port below {low}")
 
 
 def nats_server_binary() -> str:
@@ -132,7 +156,13 @@ class NatsCluster:
 
 
 def _config(node: NatsNode, routes: list[int], store: Path, extra: str) -> str:
+    """A node's configuration; a single node (no routes) runs without a cluster block."""
     route_list = ", ".join(f'"nats-route://127.0.0.1:{p}"' for p in routes)
+    cluster = f"""cluster {{
+    name: sandtrace-test
+    listen: 127.0.0.1:{node.cluster_port}
+    routes: [{route_list}]
+}}"""
     return f"""
 server_name: {node.name}
 listen: 127.0.0.1:{node.client_port}
@@ -143,11 +173,7 @@ jetstream {{
     max_memory_store: 256MB
     max_file_store: 2GB
 }}
-cluster {{
-    name: sandtrace-test
-    listen: 127.0.0.1:{node.cluster_port}
-    routes: [{route_list}]
-}}
+{cluster if routes else ""}
 {extra}
 """
 
@@ -161,9 +187,9 @@ def nats_cluster(size: int = 3, extra: str = "") -> Iterator[NatsCluster]:
         nodes.append(
             NatsNode(
                 f"n{i}",
-                free_port(),
-                free_port(),
-                free_port(),
+                server_port(),
+                server_port(),
+                server_port(),
                 directory / f"n{i}.conf",
                 directory / f"n{i}.log",
             )

@@ -4,6 +4,7 @@ credentials and the [fleet] table checked with errors that name what is wrong.""
 from __future__ import annotations
 
 import argparse
+import uuid
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,17 @@ def test_output_ids_derive_from_the_batch() -> None:
     assert names.batch_msg_id("h/ab12", 7) == "h/ab12:7"
     assert names.alert_msg_id("h/ab12", 7, 0) != names.alert_msg_id("h/ab12", 7, 1)
     assert names.siem_msg_id("h/ab12", 7, "ecs") == "h/ab12:7:ecs"
+
+
+def test_alert_ids_derive_from_their_message_ids() -> None:
+    """The same input, the same UUIDv7 (its event's millisecond first); another, another."""
+    first = names.alert_uuid("h/ab12:7:a0", 1_700_000_000_123_456_789)
+    assert first == names.alert_uuid("h/ab12:7:a0", 1_700_000_000_123_456_789)
+    assert first != names.alert_uuid("h/ab12:7:a1", 1_700_000_000_123_456_789)
+    parsed = uuid.UUID(first)
+    assert parsed.version == 7 and parsed.variant == uuid.RFC_4122
+    assert parsed.int >> 80 == 1_700_000_000_123
+    assert names.summary_msg_id(first) == f"{first}:s"
 
 
 def test_addresses() -> None:
