@@ -251,7 +251,7 @@ static __always_inline bool enf_unix_denied(s32 sb, const char *path, u32 size)
 
 	if (!cfg || !(cfg->flags & ENF_F_ON) || end == 0 || path[0] == 0)
 		return false;
-	/* the hash starts again after each '/': what is left is the file name's */
+		/* the hash starts again after each '/': what is left is the file name's */
 #pragma clang loop unroll(disable)
 	for (u32 i = 0; i < UNIX_PATH_MAX; i++) {
 		u8 c = path[i];

@@ -493,7 +493,8 @@ static __always_inline int dns_stage(struct __sk_buff *skb, u32 stage)
 		s->teach = 0;
 		if (dns_walk_question(s)) {
 #ifdef HAVE_ENFORCE
-			s->teach = enf_teacher(s->dns.hdr.sandbox, s->dns.family, s->dns.server) != NULL;
+			s->teach = enf_teacher(s->dns.hdr.sandbox, s->dns.family, s->dns.server) !=
+				   NULL;
 #endif
 			dns_stages.call(skb, DNS_STAGE_NAME);
 		}
