@@ -85,7 +85,7 @@ CASES: list[tuple[list[str], str]] = [
         f"sandtrace: --server-token-file: cannot read {MISSING}",
     ),
     (["run", "--rules", MISSING, "--", "true"], f"sandtrace: rules path {MISSING} does not exist"),
-    (["run", "--egress-allow", "bogus", "--", "true"], "egress allow-list entry 'bogus'"),
+    (["run", "--egress-allow", "bo gus", "--", "true"], "egress allow-list entry 'bo gus'"),
     (["run", "--", MISSING], f"sandtrace: cannot start {MISSING}: No such file or directory"),
     # watch
     (["watch", "--cgroup", MISSING], f"sandtrace: watch --cgroup '{MISSING}': no such cgroup"),

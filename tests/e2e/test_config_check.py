@@ -55,7 +55,7 @@ read_timeout = "30s"
 token_file = "{tmp / "no-such-token"}"
 
 [detection]
-egress_allow = ["10.0.0.0/8:99999", "192.0.2.0/24:80-70", "not-a-network"]
+egress_allow = ["10.0.0.0/8:99999", "192.0.2.0/24:80-70", "not a network"]
 fold_seconds = -5
 builtin = true
 
@@ -92,7 +92,7 @@ facility = "local9"
         "port 99999 is out of range (expected ports 1-65535",
         f"{conf}: [detection] egress_allow: egress allow-list entry '192.0.2.0/24:80-70': "
         "range 80-70 runs backwards",
-        f"{conf}: [detection] egress_allow: egress allow-list entry 'not-a-network': ",
+        f"{conf}: [detection] egress_allow: egress allow-list entry 'not a network': ",
         f"{conf}: [[output]] #2 (copy) path: {tmp / 'sub' / '..' / 'alerts.jsonl'} is also "
         f"written by {conf}: [[output]] #1 (alerts-file); expected a file of its own",
         f"{conf}: [[output]] #3 (siem) facility: 'local9': expected a facility name",

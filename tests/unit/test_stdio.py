@@ -104,17 +104,21 @@ def spawn(stack: ExitStack, **fds: Any) -> int:
 
 
 def wait_exec(pid: int) -> None:
-    """Return once `pid` runs sleep (a loaded machine may take a while to exec)."""
+    """Return once `pid` runs sleep and sleeps (a loaded machine may take a while to exec;
+    right after the exec the dynamic loader still opens libraries, on the lowest free
+    descriptor: on fd 0 when stdin is closed)."""
     sleep = Path("/usr/bin/sleep").resolve().stat().st_ino
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         try:
-            if Path(f"/proc/{pid}/exe").stat().st_ino == sleep:
+            if Path(f"/proc/{pid}/exe").stat().st_ino == sleep and "nanosleep" in (
+                Path(f"/proc/{pid}/wchan").read_text()
+            ):
                 return
         except OSError:
             pass
         time.sleep(0.001)
-    raise AssertionError(f"{pid} did not exec sleep within 20 s")
+    raise AssertionError(f"{pid} did not exec sleep and sleep within 20 s")
 
 
 def read_all(reader: StdioReader, pid: int) -> list[str]:
