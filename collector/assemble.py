@@ -587,10 +587,15 @@ class Assembler:
             mapped=f.mapped,
             truncated=f.payload_full > f.payload_size,
         )
+        # over TCP, payload_full is the message's length prefix: a segment that ended before
+        # it (and before the capture's limit) holds only the start of the message
+        split = ev.protocol == "tcp" and f.payload_size < min(f.payload_full, R.DNS_PAYLOAD_MAX)
+        if split:
+            ev.error = dns_mod.split_error(f.payload_size, f.payload_full)
         try:
             msg = dns_mod.parse(payload)
         except dns_mod.DnsError as exc:
-            ev.error = str(exc)
+            ev.error = ev.error or str(exc)
             return ev
         ev.query_name = msg.query_name
         ev.query_type = msg.query_type

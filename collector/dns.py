@@ -52,6 +52,17 @@ FNV64_OFFSET = 0xCBF29CE484222325
 FNV64_PRIME = 0x100000001B3
 
 
+# A DNS message over TCP longer than the segment that starts it: the kernel does not
+# reassemble a stream, so the answers past that segment were not read there (none of their
+# addresses was learnt, nor allowed under --enforce). The start of DnsEvent.error then.
+SPLIT = "the message continues in a later TCP segment"
+
+
+def split_error(seen: int, full: int) -> str:
+    """DnsEvent.error for a TCP message of `full` bytes of which a segment held `seen`."""
+    return f"{SPLIT} ({seen} of its {full} bytes in the first): answers past them were not learnt"
+
+
 class DnsError(ValueError):
     """A DNS message that cannot be read: says where and why."""
 

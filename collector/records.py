@@ -486,7 +486,7 @@ class DnsRecord(NamedTuple):
     server_port: U16
     protocol: U16
     payload_size: U32  # bytes of the message captured
-    payload_full: U32  # bytes of the message in the packet
+    payload_full: U32  # bytes of the message in the packet (TCP: its length prefix)
     mapped: U32  # A and AAAA answers the kernel entered in its dns_names map
     payload: DnsPayload
 

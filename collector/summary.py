@@ -13,8 +13,18 @@ from collections import Counter
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from api.events import Alert, AnyEvent, ConnectEvent, ExecEvent, LostEvent, bytes_text, text_bytes
+from api.events import (
+    Alert,
+    AnyEvent,
+    ConnectEvent,
+    DnsEvent,
+    ExecEvent,
+    LostEvent,
+    bytes_text,
+    text_bytes,
+)
 from api.render import escape
+from collector.dns import SPLIT
 
 LEVELS = ("critical", "high", "medium", "low", "informational")
 SHOWN = 10  # rows per list on the terminal; the JSON has them all
@@ -51,6 +61,9 @@ class RunSummary:
         self.connects: Counter[tuple[str, str, int]] = Counter()
         self.failed: Counter[tuple[str, str, int]] = Counter()
         self.lost = {"kernel": 0, "user": 0, "spool": 0, "map_errors": 0}
+        # DNS answers over TCP whose message went on past its first segment: the addresses
+        # after it were not learnt in the kernel (see collector.dns.SPLIT)
+        self.dns_split = 0
 
     # -- Sink ---------------------------------------------------------------------------------
 
@@ -70,6 +83,8 @@ class RunSummary:
             self.connects[where] += n
             if event.outcome == "error":
                 self.failed[where] += n
+        elif isinstance(event, DnsEvent):
+            self.dns_split += event.error.startswith(SPLIT)
         elif isinstance(event, LostEvent):
             self.lost["kernel"] += sum(event.kernel.values())
             self.lost["user"] += event.user
@@ -123,6 +138,7 @@ class RunSummary:
                 for where, n in _most(self.connects)
             ],
             "lost": dict(self.lost),
+            "dns_answers_split": self.dns_split,
         }
 
     def lines(self) -> list[str]:
@@ -158,6 +174,11 @@ class RunSummary:
         lost = d["lost"]
         said = ", ".join(f"{k} {n}" for k, n in lost.items() if n)
         out.append(f"  lost: {said or 'nothing'}")
+        if self.dns_split:
+            out.append(
+                f"  dns: {self.dns_split} answers over TCP split across segments (the "
+                "addresses past the first segment were not learnt)"
+            )
         return out
 
     def report(self, stream: IO[str], json_path: str | None = None) -> None:

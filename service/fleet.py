@@ -76,7 +76,9 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from api.backoff import Backoff
 from api.events import Alert, AnyEvent, encode
 from api.wire import BadBatch, decode_batch
+from detect.egress import EgressPolicies
 from detect.engine import Engine
+from detect.policyfile import PolicyFileError, read_policy_file
 from detect.ruleset import RuleSet
 from fleet import names
 from fleet.connect import NatsConfigError, NatsRefused, NatsTarget, connect
@@ -789,6 +791,29 @@ def _say(line: str) -> None:
     print(f"sandtrace: {line}", file=sys.stderr, flush=True)
 
 
+def reload_egress(policy_file: str, worker: Worker, holder: list[EgressPolicies | None]) -> None:
+    """SIGHUP, as serve's (service.main.reload_egress): the egress_policy file read again
+    and put in the engines of every partition this worker holds, and in holder[0], which
+    engines made later take (a host new to a partition, a partition taken over); a file with
+    problems keeps the policy in use, and they are said. Each worker re-reads its own."""
+    try:
+        policies = read_policy_file(Path(policy_file))
+    except PolicyFileError as exc:
+        for problem in exc.problems:
+            _say(f"SIGHUP: {problem}")
+        n = len(exc.problems)
+        _say(
+            f"SIGHUP: {policy_file} not reloaded ({n} problem{'s' if n != 1 else ''}, listed "
+            "above); the previous egress policy stays"
+        )
+        return
+    holder[0] = policies
+    for part in worker.owned.values():
+        for engine in part.ingest.engines.values():
+            engine.egress = policies
+    _say(f"SIGHUP: egress policy {policy_file} of {len(policies)}")
+
+
 async def serve_fleet(args: argparse.Namespace) -> int:
     """Run one worker until SIGINT or SIGTERM (or, with --check-config, check and exit)."""
     from aiohttp import web  # noqa: PLC0415
@@ -813,8 +838,10 @@ async def serve_fleet(args: argparse.Namespace) -> int:
     if args.check_config:
         return await _check(target, settings, p)
 
+    current_egress = [p.egress]  # the policy engines made from now on take (SIGHUP)
+
     def make_engine(rules: RuleSet) -> Engine:
-        return Engine(rules, p.egress, cfg.fold_seconds)
+        return Engine(rules, current_egress[0], cfg.fold_seconds)
 
     # As serve does (service/main.py): Ingest makes many short-lived objects per event;
     # collect the young generation every 50,000 allocations and keep the rules out of scans.
@@ -833,6 +860,10 @@ async def serve_fleet(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if cfg.egress_policy:
+        loop.add_signal_handler(
+            signal.SIGHUP, reload_egress, cfg.egress_policy, worker, current_egress
+        )
     backoff = Backoff(0.5, 8.0)
     told = False
     while True:

@@ -446,18 +446,26 @@ BPF_PROG_ARRAY(dns_stages, 3);
 static __always_inline void dns_answer(struct __sk_buff *skb, struct sock_owner *owner, u64 cookie,
 				       struct packet_info *pi)
 {
-	u32 zero = 0, off = pi->payload_off, len = pi->payload_len, n;
+	u32 zero = 0, off = pi->payload_off, len = pi->payload_len, full, n;
 	struct flow_scratch *s = flow_scratch_map.lookup(&zero);
 	struct dns_record *r;
+	u16 prefix = 0;
 
 	if (!s)
 		return;
+	full = len;
 	if (pi->protocol == IPPROTO_TCP) {
-		/* a segment that starts a message: its 2-byte length first */
-		if (len <= 2)
+		/* a segment that starts a message: its 2-byte length first. The message's length
+		 * is sent as payload_full: one longer than the segment continues in the next ones,
+		 * which are not reassembled (user space reports it; its answers past this segment
+		 * teach nothing). */
+		if (len <= 2 || bpf_skb_load_bytes(skb, off, &prefix, 2))
 			return;
 		off += 2;
 		len -= 2;
+		full = bpf_ntohs(prefix);
+		if (full < len) /* another message follows in the segment: this one only */
+			len = full;
 	}
 	r = &s->dns;
 	__builtin_memset(r, 0, sizeof(*r));
@@ -474,7 +482,7 @@ static __always_inline void dns_answer(struct __sk_buff *skb, struct sock_owner 
 	r->server_port = pi->rport;
 	r->protocol = pi->protocol;
 	r->payload_size = n;
-	r->payload_full = len;
+	r->payload_full = full;
 	dns_stages.call(skb, DNS_STAGE_QUESTION);
 	emit_priority(skb, r, sizeof(*r), REC_DNS);
 }

@@ -370,3 +370,72 @@ def test_sighup_under_enforce_gives_the_kernel_the_new_policy(
     assert [c["denied"] for c in connects(run, second)] == [False]
     assert [a["process"]["pid"] for a in by_rule(run, DENIED)] == [first]
     assert by_rule(run, EGRESS) == []  # the kernel's refusal is the denial rule's to report
+
+
+def test_a_name_resolved_over_tcp_is_learnt_under_enforce(
+    testnet: NetNS, dns: DnsServer, http: HttpHost, work: Path
+) -> None:
+    # glibc's resolver asks over TCP with RES_OPTIONS=use-vc: the answer arrives in one TCP
+    # segment that starts with the message's length, and the kernel must learn PKG's address
+    # from it before curl connects (nothing else allows that address).
+    policy = policy_file(work / "policy.toml", [f"{PKG}:{PORT}"], [dns.addr])
+    script = f"RES_OPTIONS=use-vc {curl(PKG, 'a.txt')} || echo refused > a.txt"
+    run = sandtrace_run(testnet, script, work, "--enforce", "--egress-policy", str(policy))
+    assert run.returncode == 0, run.stderr
+    assert (work / "a.txt").read_text() == "ok\n"
+    assert {q["proto"] for q in dns.queries() if q["name"] == PKG} == {"tcp"}
+    assert len(http.requests()) == 1
+    [by_name] = curl_pids(run)
+    [allowed] = connects(run, by_name)
+    assert (allowed["denied"], allowed["hostname"]) == (False, PKG)
+    answers = [e for e in run.events if e["kind"] == "dns" and e["query_name"] == PKG]
+    assert answers and {e["protocol"] for e in answers} == {"tcp"}, answers
+    assert sum(e["mapped"] for e in answers) == 1  # the A answer, entered in the kernel
+    assert by_rule(run, DENIED) == []
+
+
+SPLIT = "split.example.test"
+
+
+@pytest.fixture
+def split_dns(testnet: NetNS) -> Iterator[DnsServer]:
+    """The resolver, answering SPLIT over TCP in two segments: the message's header and
+    question (and 2 bytes of its answer) in the first, the rest of the answer in the next."""
+    prefix_header_question = 2 + 12 + len(SPLIT) + 2 + 4
+    zone = {
+        SPLIT: {"A": [testnet.outside_addr], "TTL": 300, "TCP_SPLIT": prefix_header_question + 2}
+    }
+    with run_dns_server(testnet, zone) as server:
+        yield server
+
+
+def test_a_tcp_answer_split_across_segments_is_not_learnt_and_is_reported(
+    testnet: NetNS, split_dns: DnsServer, http: HttpHost, work: Path
+) -> None:
+    # The kernel does not reassemble TCP: the A record, in the second segment, teaches it
+    # nothing, so under --enforce the connect to the allowed name is refused; the DNS event
+    # and the run's summary say why.
+    policy = policy_file(work / "policy.toml", [f"{SPLIT}:{PORT}"], [split_dns.addr])
+    script = f"RES_OPTIONS=use-vc {curl(SPLIT, 'a.txt')} || echo refused > a.txt"
+    run = sandtrace_run(testnet, script, work, "--enforce", "--egress-policy", str(policy))
+    assert run.returncode == 0, run.stderr
+    assert (work / "a.txt").read_text() == "refused\n"
+    assert http.requests() == []
+    assert {q["proto"] for q in split_dns.queries() if q["name"] == SPLIT} == {"tcp"}
+    [answer] = [
+        e
+        for e in run.events
+        if e["kind"] == "dns" and e["query_name"] == SPLIT and e["query_type"] == "A"
+    ]
+    full = 12 + len(SPLIT) + 2 + 4 + 16  # header, question, one A record
+    assert (answer["protocol"], answer["truncated"], answer["mapped"]) == ("tcp", True, 0)
+    assert answer["error"] == (
+        f"the message continues in a later TCP segment ({full - 14} of its {full} bytes in "
+        "the first): answers past them were not learnt"
+    )
+    [by_name] = curl_pids(run)
+    assert [(c["denied"], c["errno_name"]) for c in connects(run, by_name)] == [(True, "EPERM")]
+    assert (
+        "sandtrace:   dns: 1 answers over TCP split across segments (the addresses past the "
+        "first segment were not learnt)"
+    ) in run.stderr.splitlines()

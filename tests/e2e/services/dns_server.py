@@ -7,7 +7,9 @@ zone.json maps lower-case names to records: {"www.example.test": {"A": ["198.51.
 "AAAA": ["2001:db8::1"], "CNAME": "edge.example.net", "TTL": 60}}. A name with a CNAME is
 answered with the chain and the target's addresses (as a recursive resolver would); a name
 not in the zone is NXDOMAIN. With "ROTATE": true a name is answered with one of its addresses,
-the next one at each query. Each query is a line in the log. Standard library only.
+the next one at each query. With "TCP_SPLIT": N a TCP answer for the name is sent in two
+segments, its first N bytes (the length prefix included) then the rest a moment later. Each
+query is a line in the log. Standard library only.
 """
 
 from __future__ import annotations
@@ -85,6 +87,10 @@ class Server:
         self.turn = 0
 
     def handle(self, query: bytes, peer: str, proto: str) -> bytes:
+        return self.handle_split(query, peer, proto)[0]
+
+    def handle_split(self, query: bytes, peer: str, proto: str) -> tuple[bytes, int]:
+        """The reply, and where a TCP reply is split (0: it is not)."""
         with self.lock:
             self.turn += 1
             turn = self.turn
@@ -92,7 +98,7 @@ class Server:
         with self.lock, self.log.open("a") as f:
             f.write(json.dumps({"ts": time.time(), "peer": peer, "proto": proto,
                                 "name": name, "type": qtype}) + "\n")  # fmt: skip
-        return reply
+        return reply, int(self.zone.get(name, {}).get("TCP_SPLIT", 0))
 
 
 def main() -> None:
@@ -111,13 +117,20 @@ def main() -> None:
 
     class Tcp(socketserver.StreamRequestHandler):
         def handle(self) -> None:
+            # each write its own segment: a split answer arrives in two
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             while True:
                 head = self.rfile.read(2)
                 if len(head) < 2:
                     return
                 query = self.rfile.read(struct.unpack("!H", head)[0])
-                reply = server.handle(query, self.client_address[0], "tcp")
-                self.wfile.write(struct.pack("!H", len(reply)) + reply)
+                reply, split = server.handle_split(query, self.client_address[0], "tcp")
+                framed = struct.pack("!H", len(reply)) + reply
+                if split:
+                    self.wfile.write(framed[:split])
+                    time.sleep(0.2)
+                    framed = framed[split:]
+                self.wfile.write(framed)
 
     socketserver.ThreadingUDPServer.allow_reuse_address = True
     socketserver.ThreadingTCPServer.allow_reuse_address = True
