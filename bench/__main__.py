@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from api.events import ConnectEvent, ExecEvent
-from bench import Row, print_table
+from bench import Row, micro, print_table
 from bench.identity import identity_costs
 from bench.lifecycle import lifecycle
 from bench.response import response_latency
@@ -77,17 +77,6 @@ RATES = [50_000, 100_000, 150_000, 200_000, 250_000, 300_000, 400_000]
 
 def progress(msg: str) -> None:
     print(f"bench: {msg}", file=sys.stderr, flush=True)
-
-
-def micro(exe: Path, *args: object, sandbox: cgroups.SandboxCgroup | None = None) -> float:
-    out = subprocess.run(
-        [str(exe), *map(str, args)],
-        check=True,
-        capture_output=True,
-        text=True,
-        preexec_fn=sandbox.join if sandbox else None,
-    ).stdout
-    return float(out)
 
 
 @contextmanager

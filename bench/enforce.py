@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench import Row
+from bench import Row, micro
 from collector import cgroups
 from collector.enforce import Enforcer
 from detect.egress import EgressPolicies, EgressPolicy
@@ -61,17 +61,6 @@ def _loaded(
         probes.close()
 
 
-def _micro(exe: Path, *args: object, sandbox: cgroups.SandboxCgroup | None = None) -> float:
-    out = subprocess.run(
-        [str(exe), *map(str, args)],
-        check=True,
-        capture_output=True,
-        text=True,
-        preexec_fn=sandbox.join if sandbox else None,
-    ).stdout
-    return float(out)
-
-
 def _answers(exe: Path, sandbox: cgroups.SandboxCgroup) -> float:
     """ns per DNS answer sent to a socket made in the sandbox (made while the probes are
     loaded: its maker is known by socket cookie)."""
@@ -84,7 +73,7 @@ def _answers(exe: Path, sandbox: cgroups.SandboxCgroup) -> float:
     try:
         if receiver.stdout is None or receiver.stdout.readline().strip() != "ready":
             raise RuntimeError("the sandboxed receiver did not start")
-        return _micro(exe, "dns-answers", ANSWERS, RESOLVER, RECEIVER_PORT)
+        return micro(exe, "dns-answers", ANSWERS, RESOLVER, RECEIVER_PORT)
     finally:
         receiver.kill()
         receiver.wait()
@@ -105,8 +94,8 @@ def enforce_costs(
             with _loaded(features, sandbox, enforce):
                 for op, n in OPS.items():
                     name = "UDP connect" if op == "connect" else op
-                    add(f"sandbox {name}", enforce, _micro(exe, op, n, sandbox=sandbox))
-                add("host UDP connect", enforce, _micro(exe, "connect", OPS["connect"]))
+                    add(f"sandbox {name}", enforce, micro(exe, op, n, sandbox=sandbox))
+                add("host UDP connect", enforce, micro(exe, "connect", OPS["connect"]))
                 add("sandbox DNS answer", enforce, _answers(exe, sandbox))
         print(f"bench: enforce: round {r + 1}/{rounds}", flush=True)
     rows: list[Row] = []

@@ -45,8 +45,7 @@ from collector.stream import StreamSink
 from collector.summary import RunSummary
 from detect.egress import EgressPolicies
 from detect.engine import Engine
-from detect.loader import load_paths
-from detect.pack import builtin_rules
+from detect.pack import RulesPathError, load_rules, refusal_lines
 from detect.policyfile import PolicyFileError
 from fleet.connect import is_nats_url
 from tail.hub import LocalTail, TailHub, TailSocketBusy, TailSocketError
@@ -156,14 +155,12 @@ def _engine(args: argparse.Namespace, egress: EgressPolicySource | None = None) 
     `egress` (and by each policy it reloads); refusals said."""
     if args.no_detect or args.server:
         return None  # with --server, the service detects
-    paths = [] if args.no_builtin_rules else [builtin_rules()]
-    paths += [Path(r) for r in args.rules]
-    for path in paths:
-        if not path.exists():
-            raise SystemExit(f"sandtrace: rules path {path} does not exist")
-    rules = load_paths(paths)
-    for where, why in rules.refused:
-        print(f"sandtrace: rule not loaded: {where}: {why}", file=sys.stderr)
+    try:
+        rules = load_rules(args.rules, builtin=not args.no_builtin_rules)
+    except RulesPathError as exc:
+        raise SystemExit(f"sandtrace: {exc}") from None
+    for line in refusal_lines(rules):
+        print(f"sandtrace: {line}", file=sys.stderr)
     if rules.refused:
         print(
             f"sandtrace: WARNING: {len(rules.refused)} rule(s) refused (listed above) will "

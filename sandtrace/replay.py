@@ -24,8 +24,7 @@ from api.wire import event_from_json
 from collector.pipeline import JsonFileSink, Sink
 from detect.egress import EgressPolicies
 from detect.engine import Engine
-from detect.loader import load_paths
-from detect.pack import builtin_rules
+from detect.pack import RulesPathError, load_rules, refusal_lines
 
 EXPIRE_STEP_NS = 100_000_000  # the live pipeline's loop runs at least every 0.1 s
 SHOWN_MALFORMED = 10  # lines reported one by one; the rest are counted and listed by number
@@ -109,14 +108,12 @@ def replay(events: Iterable[AnyEvent], engine: Engine, sinks: list[Sink]) -> int
 
 def _engine(args: argparse.Namespace, err: IO[str]) -> Engine:
     """The built-in pack and the user's rules, as `run` loads them; refusals said."""
-    paths = [] if args.no_builtin_rules else [builtin_rules()]
-    paths += [Path(r) for r in args.rules]
-    for path in paths:
-        if not path.exists():
-            raise UsageError(f"rules path {path} does not exist")
-    rules = load_paths(paths)
-    for where, why in rules.refused:
-        err.write(f"sandtrace: rule not loaded: {where}: {why}\n")
+    try:
+        rules = load_rules(args.rules, builtin=not args.no_builtin_rules)
+    except RulesPathError as exc:
+        raise UsageError(str(exc)) from None
+    for line in refusal_lines(rules):
+        err.write(f"sandtrace: {line}\n")
     try:
         egress = EgressPolicies.parse(args.egress_allow) if args.egress_allow else None
     except ValueError as exc:

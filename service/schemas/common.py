@@ -13,7 +13,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from api.events import Alert, AnyEvent, ConnectEvent, Process, bytes_text
+from api.events import Alert, AnyEvent, ConnectEvent, LostEvent, Process, bytes_text
 
 Item = AnyEvent | Alert
 # A JSON document as a schema makes it: nested dicts, lists and scalars, dumped as JSON by the
@@ -110,3 +110,16 @@ def endpoint(addr: str, port: int, *, address: bool = False) -> Doc:
     if port:
         d["port"] = port
     return d
+
+
+def lost_counters(event: LostEvent) -> Doc:
+    """The counters of a loss report, with their total, as both schemas carry them (ECS under
+    sandtrace.lost, OCSF in unmapped)."""
+    return {
+        "total": sum(event.kernel.values()) + event.user + event.spool,
+        "kernel": dict(event.kernel),
+        "user": event.user,
+        "spool": event.spool,
+        "errors": dict(event.errors),
+        "collector": event.collector,
+    }

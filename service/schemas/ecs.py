@@ -46,6 +46,7 @@ from service.schemas.common import (
     command_line,
     connect_details,
     endpoint,
+    lost_counters,
     rfc3339,
     text,
     unbound,
@@ -409,7 +410,8 @@ EVENT_FIELDS: dict[type[Event], Callable[[Any, Doc], None]] = {
 
 
 def _lost(event: LostEvent) -> Doc:
-    total = sum(event.kernel.values()) + event.user + event.spool
+    lost = lost_counters(event)
+    total = lost["total"]
     return {
         "@timestamp": rfc3339(event.time_ns),
         "ecs": {"version": ECS_VERSION},
@@ -426,14 +428,7 @@ def _lost(event: LostEvent) -> Doc:
         "message": f"sandtrace lost {total} events",
         "sandtrace": {
             "kind": "lost",
-            "lost": {
-                "total": total,
-                "kernel": dict(event.kernel),
-                "user": event.user,
-                "spool": event.spool,
-                "errors": dict(event.errors),
-                "collector": event.collector,
-            },
+            "lost": lost,
         },
     }
 

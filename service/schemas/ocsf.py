@@ -56,6 +56,7 @@ from service.schemas.common import (
     command_line,
     connect_details,
     endpoint,
+    lost_counters,
     text,
     unbound,
 )
@@ -480,7 +481,8 @@ EVENT_ACTIVITIES: dict[type[Event], tuple[OcsfClass, Callable[[Any, Activity], N
 
 
 def _lost(event: LostEvent) -> Doc:
-    total = sum(event.kernel.values()) + event.user + event.spool
+    lost = lost_counters(event)
+    total = lost["total"]
     d = _base(
         _APPLICATION_ERROR,
         activity_id=1,
@@ -497,14 +499,7 @@ def _lost(event: LostEvent) -> Doc:
     d["unmapped"] = {
         "sandtrace": {
             "kind": "lost",
-            "lost": {
-                "total": total,
-                "kernel": dict(event.kernel),
-                "user": event.user,
-                "spool": event.spool,
-                "errors": dict(event.errors),
-                "collector": event.collector,
-            },
+            "lost": lost,
         }
     }
     return d

@@ -12,81 +12,29 @@ import json
 import os
 import secrets
 import shutil
-import subprocess
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from detect.loader import load_paths
 from tests.e2e.conftest import NetNS
 from tests.e2e.report import LATENCIES
+from tests.e2e.runs import Run, json_lines, record
 from tests.e2e.testhosts import MINER_SCRIPT, PYTHON, HttpHost, MiningPool, SshServer
 
-ROOT_DIR = Path(__file__).resolve().parents[2]
-RULE_FILE = {r.id: Path(r.source).stem for r in load_paths([ROOT_DIR / "rules"]).rules} | {
-    c.id: Path(c.source).stem for c in load_paths([ROOT_DIR / "rules"]).correlations
-}
-
-
-@dataclass
-class Run:
-    returncode: int
-    stderr: str
-    events: list[dict[str, Any]]
-    alerts: list[dict[str, Any]]
-
-    def themes(self) -> set[str]:
-        return {RULE_FILE.get(a["rule_id"], a["rule_id"]) for a in self.alerts}
-
-    def alerts_of(self, theme: str) -> list[dict[str, Any]]:
-        return [a for a in self.alerts if RULE_FILE.get(a["rule_id"], a["rule_id"]) == theme]
-
-    def pids(self, exe_suffix: str) -> set[int]:
-        return {
-            e["process"]["pid"]
-            for e in self.events
-            if e["kind"] == "exec" and e["process"]["exe"].endswith(exe_suffix)
-        }
+# what the other incident-style tests import from here
+__all__ = ["Run", "_json_lines", "expect", "sandtrace_run"]
 
 
 def sandtrace_run(net: NetNS, script: str, tmp: Path, *extra: str, background: Any = None) -> Run:
-    events, alerts = tmp / "events.jsonl", tmp / "alerts.jsonl"
-    argv = [
-        sys.executable,
-        "-m",
-        "sandtrace",
-        "run",
-        "--json",
-        "--events",
-        str(events),
-        "--alerts",
-        str(alerts),
-        *extra,
-        "--",
-        *net.in_inside("sh", "-c", script),
-    ]
-    proc = subprocess.Popen(
-        argv, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    """`sandtrace run --json` (and `extra`) of `script` run by sh inside `net`."""
+    return record(
+        tmp, "--json", *extra, "--", *net.in_inside("sh", "-c", script), background=background
     )
-    try:
-        if background is not None:
-            background()
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return Run(proc.returncode, stderr, _json_lines(events), _json_lines(alerts))
 
 
-def _json_lines(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines()]
+_json_lines = json_lines
 
 
 def expect(run: Run, scenario: str, theme: str) -> list[dict[str, Any]]:

@@ -4,11 +4,9 @@ left out, with a note, and nothing is proposed."""
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT_DIR = Path(__file__).resolve().parents[2]
+from tests.e2e.runs import sandtrace_cli
 
 
 def test_a_real_runs_loopback_connect_is_left_out(tmp_path: Path) -> None:
@@ -20,39 +18,22 @@ def test_a_real_runs_loopback_connect_is_left_out(tmp_path: Path) -> None:
     port = listener.getsockname()[1]
     events = tmp_path / "events.jsonl"
     try:
-        run = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "sandtrace",
-                "run",
-                "--no-tail",
-                "--no-detect",
-                "--json",
-                "--events",
-                str(events),
-                "--",
-                "/usr/bin/python3",
-                "-c",
-                f"import socket; socket.create_connection(('127.0.0.1', {port})).close()",
-            ],
-            cwd=ROOT_DIR,
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=120,
+        run = sandtrace_cli(
+            "run",
+            "--no-tail",
+            "--no-detect",
+            "--json",
+            "--events",
+            str(events),
+            "--",
+            "/usr/bin/python3",
+            "-c",
+            f"import socket; socket.create_connection(('127.0.0.1', {port})).close()",
         )
     finally:
         listener.close()
     assert run.returncode == 0, run.stderr
-    suggest = subprocess.run(
-        [sys.executable, "-m", "sandtrace", "policy", "suggest", str(events)],
-        cwd=ROOT_DIR,
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    suggest = sandtrace_cli("policy", "suggest", str(events), timeout=60)
     assert suggest.returncode == 1
     assert suggest.stdout == ""
     lines = suggest.stderr.splitlines()

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.loopback import Listener, loopback_listener
+from tests.e2e.runs import EVENTS, json_lines, record, sandtrace_cli
 
 RULE_ID = "d2a5c6f0-7b1e-4b8e-9a0c-3f5e2d1c0b9a"
 
@@ -40,21 +39,6 @@ tags: [attack.command-and-control]
 def listener() -> Iterator[Listener]:
     with loopback_listener() as server:
         yield server
-
-
-def _sandtrace(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sandtrace", *argv],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=120,
-        check=False,
-    )
-
-
-def _lines(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def _what(alert: dict[str, Any]) -> tuple[Any, ...]:
@@ -87,35 +71,21 @@ def test_replay_of_a_recorded_run_raises_the_same_alerts(listener: Listener, wor
     script = (
         f'cp /usr/bin/true {staged} && {staged}; rm -f {staged}; /usr/bin/python3 -c "{connect}"'
     )
-    events, live_file, replayed_file = work / "ev.jsonl", work / "al.jsonl", work / "al2.jsonl"
-    run = _sandtrace(
-        "run",
-        "--alerts-only",
-        "--rules",
-        str(rules),
-        "--events",
-        str(events),
-        "--alerts",
-        str(live_file),
-        "--",
-        "/bin/sh",
-        "-c",
-        script,
-        cwd=work,
-    )
+    run = record(work, "--alerts-only", "--rules", str(rules), "--", "/bin/sh", "-c", script)
     assert run.returncode == 0, run.stderr
     assert len(peers) == 3
-    live = _lines(live_file)
-    recorded = _lines(events)
+    live = run.alerts
+    recorded = run.events
     assert [a["alert_id"] for a in live] == [
         e["alert_id"] for e in recorded if e["kind"] == "alert"
     ]  # the events file holds the live alerts too: replay must skip them
-    replay = _sandtrace(
+    events, replayed_file = work / EVENTS, work / "replayed.jsonl"
+    replay = sandtrace_cli(
         "replay", "--json", "--rules", str(rules), "--alerts", str(replayed_file), str(events),
         cwd=work,
     )  # fmt: skip
     assert replay.returncode == 0, replay.stderr
-    replayed = _lines(replayed_file)
+    replayed = json_lines(replayed_file)
     assert [json.loads(line) for line in replay.stdout.splitlines()] == replayed
     assert sorted(map(_what, replayed)) == sorted(map(_what, live))
     # ... and they are the alerts the command called for: the staged program, and the three

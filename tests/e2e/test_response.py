@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,10 +23,9 @@ from api.orders import ORDER_VERSION, Order
 from collector import cgroups
 from collector.proctable import NS_PER_SEC, parse_stat
 from collector.response import Responder, TracedSandbox
+from tests.e2e.runs import json_lines, sandtrace_cli
 from tests.serving import start_serve
 from tests.unit.test_tail_service import Lines, processes, sandtrace
-
-ROOT_DIR = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -48,10 +46,6 @@ def sandbox() -> Iterator[cgroups.SandboxCgroup]:
         box.destroy()
 
 
-def _events(path: Path) -> list[dict[str, object]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def _state(pid: int) -> bytes:
     return parse_stat(Path(f"/proc/{pid}/stat").read_bytes())[0]
 
@@ -64,36 +58,26 @@ def _start_ns(pid: int) -> int:
 def test_run_kill_on_high_kills_the_miner_and_the_run_goes_on(miner: Path, tmp_path: Path) -> None:
     events = tmp_path / "events.jsonl"
     out = tmp_path / "out.txt"
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sandtrace",
-            "run",
-            "--no-tail",
-            "--json",
-            "--kill-on",
-            "high",
-            "--events",
-            str(events),
-            "--command-output",
-            str(out),
-            "--",
-            "sh",
-            "-c",
-            f"{miner} 60 & echo miner $!; wait $!; echo exit $?; echo after",
-        ],
-        cwd=ROOT_DIR,
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    run = sandtrace_cli(
+        "run",
+        "--no-tail",
+        "--json",
+        "--kill-on",
+        "high",
+        "--events",
+        str(events),
+        "--command-output",
+        str(out),
+        "--",
+        "sh",
+        "-c",
+        f"{miner} 60 & echo miner $!; wait $!; echo exit $?; echo after",
     )
     assert run.returncode == 0, run.stderr
     lines = out.read_text().splitlines()
     pid = int(lines[0].split()[1])
     assert lines[1:] == ["exit 137", "after"]  # killed by SIGKILL (128 + 9); the run went on
-    got = _events(events)
+    got = json_lines(events)
     (alert,) = [
         e for e in got if e["kind"] == "alert" and e["title"] == "Known Cryptominer Executable"
     ]
@@ -109,7 +93,7 @@ def test_run_kill_on_high_kills_the_miner_and_the_run_goes_on(miner: Path, tmp_p
     assert response["sandbox"] == alert["sandbox"]
     # the miner died of SIGKILL, and nothing else did (the shell that started it ran on)
     killed = [e["process"] for e in got if e["kind"] == "exit" and e["signal"]]
-    assert [(p["pid"], 9) for p in killed] == [(pid, 9)]  # type: ignore[index]
+    assert [(p["pid"], 9) for p in killed] == [(pid, 9)]
 
 
 def _order(process: Process, sandbox: str, action: str = "kill") -> Order:
@@ -284,14 +268,7 @@ def test_watch_freeze_on_high_then_sandbox_thaw_and_kill(
             time.sleep(0.3)
             assert counter.read_text() == frozen_at  # nothing runs
             assert miner_proc.poll() is None  # frozen, not killed
-            thaw = subprocess.run(
-                [sys.executable, "-m", "sandtrace", "sandbox", "thaw", sandbox.name, "--json"],
-                cwd=ROOT_DIR,
-                check=False,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
+            thaw = sandtrace_cli("sandbox", "thaw", sandbox.name, "--json", timeout=60)
             assert thaw.returncode == 0, thaw.stderr
             assert thaw.stderr == f"sandtrace: thawed sandbox {rel}\n"
             thawed = json.loads(thaw.stdout)
@@ -306,14 +283,7 @@ def test_watch_freeze_on_high_then_sandbox_thaw_and_kill(
             while counter.read_text() == frozen_at and time.monotonic() < deadline:
                 time.sleep(0.02)
             assert counter.read_text() != frozen_at  # it runs on
-            kill = subprocess.run(
-                [sys.executable, "-m", "sandtrace", "sandbox", "kill", rel, "--json"],
-                cwd=ROOT_DIR,
-                check=False,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
+            kill = sandtrace_cli("sandbox", "kill", rel, "--json", timeout=60)
             assert kill.returncode == 0, kill.stderr
             killed = json.loads(kill.stdout)
             assert (killed["action"], killed["result"]) == ("kill", "ok")
@@ -336,14 +306,7 @@ def test_watch_freeze_on_high_then_sandbox_thaw_and_kill(
 
 def test_sandbox_refuses_what_is_not_a_sandbox() -> None:
     for name in ("st-00000000", "/"):
-        run = subprocess.run(
-            [sys.executable, "-m", "sandtrace", "sandbox", "thaw", name],
-            cwd=ROOT_DIR,
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        run = sandtrace_cli("sandbox", "thaw", name, timeout=60)
         assert run.returncode == 2
         assert run.stderr.startswith(f"sandtrace: sandbox thaw: no sandbox cgroup {name!r} under")
         assert "Traceback" not in run.stderr
@@ -357,32 +320,22 @@ def test_the_service_orders_the_kill_over_the_collectors_connection(
     svc = start_serve(["--kill-on", "high", "--events", str(served)])
     try:
         out = tmp_path / "out.txt"
-        run = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "sandtrace",
-                "run",
-                "--no-tail",
-                "--json",
-                "--server",
-                svc.url,
-                "--server-transport",
-                transport,
-                "--kill-on",
-                "high",
-                "--command-output",
-                str(out),
-                "--",
-                "sh",
-                "-c",
-                f"{miner} 60 & echo miner $!; wait $!; echo exit $?",
-            ],
-            cwd=ROOT_DIR,
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=120,
+        run = sandtrace_cli(
+            "run",
+            "--no-tail",
+            "--json",
+            "--server",
+            svc.url,
+            "--server-transport",
+            transport,
+            "--kill-on",
+            "high",
+            "--command-output",
+            str(out),
+            "--",
+            "sh",
+            "-c",
+            f"{miner} 60 & echo miner $!; wait $!; echo exit $?",
         )
         assert run.returncode == 0, run.stderr
         lines = out.read_text().splitlines()
@@ -398,7 +351,7 @@ def test_the_service_orders_the_kill_over_the_collectors_connection(
     finally:
         svc.stop()
     # the service has the action among the collector's events
-    got = _events(served)
+    got = json_lines(served)
     assert [(e["kind"], e["target_pid"]) for e in got if e["kind"] == "response"] == [
         ("response", pid)
     ]

@@ -6,33 +6,19 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.loopback import Listener, loopback_listener
-
-ROOT_DIR = Path(__file__).resolve().parents[2]
+from tests.e2e.runs import sandtrace_cli
 
 
 @pytest.fixture
 def listener() -> Iterator[Listener]:
     with loopback_listener() as server:
         yield server
-
-
-def run_sandtrace(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sandtrace", "run", *argv],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=120,
-        check=False,
-    )
 
 
 def test_summary_names_the_executables_and_the_destination(listener: Listener, work: Path) -> None:
@@ -45,7 +31,8 @@ def test_summary_names_the_executables_and_the_destination(listener: Listener, w
     script = f'/usr/bin/true; /usr/bin/env true; /usr/bin/python3 -c "{connect}"; echo done'
     summary_file = work / "summary.json"
     alerts_file = work / "alerts.jsonl"
-    run = run_sandtrace(
+    run = sandtrace_cli(
+        "run",
         "--alerts-only",
         "--summary",
         str(summary_file),
@@ -81,7 +68,7 @@ def test_summary_names_the_executables_and_the_destination(listener: Listener, w
         }
     ]
     assert summary["lost"] == {"kernel": 0, "user": 0, "spool": 0, "map_errors": 0}
-    raised = [json.loads(line) for line in alerts_file.read_text().splitlines()]
+    raised = [json.loads(line) for line in alerts_file.read_text().splitlines()]  # must exist
     assert summary["alerts"]["total"] == len([a for a in raised if not a["repeat"]])
     assert summary["detection"] is True
     # stderr says the same, after the totals
@@ -98,8 +85,8 @@ def test_summary_names_the_executables_and_the_destination(listener: Listener, w
 
 
 def test_summary_is_said_without_a_file_and_a_bad_file_is_said(work: Path) -> None:
-    run = run_sandtrace(
-        "--summary", str(work / "missing-dir" / "s.json"), "--", "/usr/bin/true", cwd=work
+    run = sandtrace_cli(
+        "run", "--summary", str(work / "missing-dir" / "s.json"), "--", "/usr/bin/true", cwd=work
     )
     assert run.returncode == 0, run.stderr
     err = run.stderr.splitlines()
