@@ -65,6 +65,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -76,9 +77,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from api.backoff import Backoff
 from api.events import Alert, AnyEvent, encode
 from api.wire import BadBatch, decode_batch
-from detect.egress import EgressPolicies
 from detect.engine import Engine
-from detect.policyfile import PolicyFileError, read_policy_file
 from detect.ruleset import RuleSet
 from fleet import names
 from fleet.connect import NatsConfigError, NatsRefused, NatsTarget, connect
@@ -791,27 +790,11 @@ def _say(line: str) -> None:
     print(f"sandtrace: {line}", file=sys.stderr, flush=True)
 
 
-def reload_egress(policy_file: str, worker: Worker, holder: list[EgressPolicies | None]) -> None:
-    """SIGHUP, as serve's (service.main.reload_egress): the egress_policy file read again
-    and put in the engines of every partition this worker holds, and in holder[0], which
-    engines made later take (a host new to a partition, a partition taken over); a file with
-    problems keeps the policy in use, and they are said. Each worker re-reads its own."""
-    try:
-        policies = read_policy_file(Path(policy_file))
-    except PolicyFileError as exc:
-        for problem in exc.problems:
-            _say(f"SIGHUP: {problem}")
-        n = len(exc.problems)
-        _say(
-            f"SIGHUP: {policy_file} not reloaded ({n} problem{'s' if n != 1 else ''}, listed "
-            "above); the previous egress policy stays"
-        )
-        return
-    holder[0] = policies
+def _engines(worker: Worker) -> Iterator[Engine]:
+    """The engines of every partition this worker holds (a reload puts its policy in each;
+    engines made later take it from the holder)."""
     for part in worker.owned.values():
-        for engine in part.ingest.engines.values():
-            engine.egress = policies
-    _say(f"SIGHUP: egress policy {policy_file} of {len(policies)}")
+        yield from part.ingest.engines.values()
 
 
 async def serve_fleet(args: argparse.Namespace) -> int:
@@ -821,7 +804,7 @@ async def serve_fleet(args: argparse.Namespace) -> int:
     from service.config import ConfigError  # noqa: PLC0415
     from service.fleetconfig import fleet_options  # noqa: PLC0415
     from service.fleetoutputs import start_outputs, stop_outputs  # noqa: PLC0415
-    from service.main import prepare  # noqa: PLC0415
+    from service.main import prepare, reload_egress  # noqa: PLC0415
     from service.outputs.metrics import OutputMetrics  # noqa: PLC0415
 
     try:
@@ -860,10 +843,9 @@ async def serve_fleet(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    if cfg.egress_policy:
-        loop.add_signal_handler(
-            signal.SIGHUP, reload_egress, cfg.egress_policy, worker, current_egress
-        )
+    loop.add_signal_handler(
+        signal.SIGHUP, reload_egress, cfg.egress_policy, partial(_engines, worker), current_egress
+    )
     backoff = Backoff(0.5, 8.0)
     told = False
     while True:

@@ -142,26 +142,32 @@ def egress_of(cfg: ServiceConfig) -> EgressPolicies | None:
     return EgressPolicies.parse(cfg.egress_allow, allow_loopback=loopback, resolvers=cfg.resolvers)
 
 
-def reload_egress(cfg: ServiceConfig, ingest: Ingest, holder: list[EgressPolicies | None]) -> None:
-    """SIGHUP: the egress_policy file read again and put in every host's engine (and in
-    holder[0], which engines made later take); a file with problems keeps the policy in
-    use, and they are said."""
+def reload_egress(
+    policy_file: str, engines: Callable[[], Iterable[Engine]], holder: list[EgressPolicies | None]
+) -> None:
+    """SIGHUP: the egress_policy file read again and put in every engine `engines` gives (and
+    in holder[0], which engines made later take); a file with problems keeps the policy in
+    use, and they are said. Without a policy file there is nothing to re-read: the service
+    says so and goes on (SIGHUP does not end it)."""
+    if not policy_file:
+        _say(["SIGHUP: no [detection] egress_policy to re-read; nothing changed"])
+        return
     try:
-        policies = read_policy_file(Path(cfg.egress_policy))
+        policies = read_policy_file(Path(policy_file))
     except PolicyFileError as exc:
+        n = len(exc.problems)
         _say(f"SIGHUP: {problem}" for problem in exc.problems)
         _say(
             [
-                f"SIGHUP: {cfg.egress_policy} not reloaded ({len(exc.problems)} "
-                f"problem{'s' if len(exc.problems) != 1 else ''}, listed above); the previous "
-                "egress policy stays"
+                f"SIGHUP: {policy_file} not reloaded ({n} problem{'s' if n != 1 else ''}, "
+                "listed above); the previous egress policy stays"
             ]
         )
         return
     holder[0] = policies
-    for engine in ingest.engines.values():
+    for engine in engines():
         engine.egress = policies
-    _say([f"SIGHUP: egress policy {cfg.egress_policy} of {len(policies)}"])
+    _say([f"SIGHUP: egress policy {policy_file} of {len(policies)}"])
 
 
 def build_outputs(cfg: ServiceConfig) -> list[Output]:
@@ -343,8 +349,13 @@ async def serve(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        if cfg.egress_policy:
-            loop.add_signal_handler(signal.SIGHUP, reload_egress, cfg, ingest, current_egress)
+        loop.add_signal_handler(
+            signal.SIGHUP,
+            reload_egress,
+            cfg.egress_policy,
+            ingest.engines.values,
+            current_egress,
+        )
         scheme = "https" if ssl_ctx else "http"
         _say(
             [

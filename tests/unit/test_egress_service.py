@@ -162,3 +162,20 @@ def wait_log(svc: Serving, text: str, timeout: float = 20) -> None:
     while text not in svc.log():
         assert time.monotonic() < deadline, svc.log()
         time.sleep(0.05)
+
+
+def test_sighup_without_a_policy_file_leaves_serve_running(tmp_path: Path) -> None:
+    # A reload signal (systemctl reload, a hangup) must not end a service that has nothing
+    # to re-read: it says so and goes on taking batches.
+    token_file = tmp_path / "token"
+    token_file.write_text("t0ken\n")
+    with serving(["--token-file", str(token_file)]) as svc:
+        svc.proc.send_signal(signal.SIGHUP)
+        wait_log(svc, "SIGHUP: no [detection] egress_policy to re-read; nothing changed")
+        assert svc.proc.poll() is None
+        url = f"{svc.url}/v1/batches"
+        assert post(url, encode_batch("c1", 0, [connect(1, "pypi.org")]), "t0ken") == (
+            200,
+            {"ack": 0},
+        )
+        assert svc.stop() == 0
