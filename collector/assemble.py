@@ -373,6 +373,8 @@ class Assembler:
         # A record that changes the table drops the cached contexts that showed it first.
         if type(rec) is R.ExecRecord:
             self._forget(rec.pid)
+            if self._pending:  # connects made before it go out before it
+                return [*self._flush_lineage(rec.pid), self._exec(rec)]
             return [self._exec(rec)]
         if type(rec) is R.ForkRecord:
             self._forget(rec.child_pid)
@@ -715,6 +717,20 @@ class Assembler:
             if (pid is not None and pend.event.process.pid == pid) or (
                 now_ns is not None and pend.deadline_ns <= now_ns
             ):
+                del self._pending[cookie]
+                out.append(pend.event if pend.resolved else _unresolved(pend.event))
+        return out
+
+    def _flush_lineage(self, pid: int) -> list[AnyEvent]:
+        """The connects held for their flow's first bytes (or outcome) of `pid` and of its
+        ancestors, out now, for an exec of `pid`: they were made before it, and rules that
+        follow a connect with what runs next (a shell after a connect, in the process or a
+        descendant: a reverse shell whose shell comes on a pty) must see them first. Such a
+        connect goes without what its flow speaks when no byte came before the exec."""
+        lineage = {pid, *(a.pid for a in self.procs.ancestry(pid))}
+        out: list[AnyEvent] = []
+        for cookie, pend in list(self._pending.items()):
+            if pend.event.process.pid in lineage:
                 del self._pending[cookie]
                 out.append(pend.event if pend.resolved else _unresolved(pend.event))
         return out

@@ -323,3 +323,34 @@ def test_dns_and_connect_lines_escape_what_the_server_chose() -> None:
     )
     line = TextRenderer(False, width=None).line(conn)
     assert "tcp 192.0.2.1:443 (pool.example.test) stratum success" in line
+
+
+def test_an_exec_lets_the_connects_its_lineage_made_out_first() -> None:
+    # A connect waits for its flow's first bytes; an exec of its process or of a descendant
+    # (a relay that becomes sh; a shell forked onto a pty) must not overtake it: rules that
+    # follow a connect with the shell after it see the events in the order they happened.
+    asm = assembler()
+    pool = bytes([198, 51, 100, 7])
+    assert feed(asm, connect_record(9, pool, 4450), tcp_state(9, 2, 1, 1_001_000_000)) == []
+    out = feed(asm, record(R.ExecRecord, pid=77, ppid=1, ktime_ns=1_002_000_000))
+    assert [(type(e).__name__, e.process.pid) for e in out] == [
+        ("ConnectEvent", 77),
+        ("ExecEvent", 77),
+    ]
+    assert (out[0].outcome, out[0].app_protocol) == ("success", "")  # no byte came before
+    # the parent's connect, then a child's exec
+    feed(asm, connect_record(10, pool, 4451, pid=77), tcp_state(10, 2, 1, 1_003_000_000))
+    [fork] = feed(asm, record(R.ForkRecord, pid=77, child_pid=78, child_start_ns=9))
+    assert fork.child_pid == 78
+    out = feed(asm, record(R.ExecRecord, pid=78, ppid=77, start_ns=9, ktime_ns=1_004_000_000))
+    assert [(type(e).__name__, e.process.pid) for e in out] == [
+        ("ConnectEvent", 77),
+        ("ExecEvent", 78),
+    ]
+    # an exec elsewhere (not the connecting process or its descendant) leaves it waiting
+    feed(asm, connect_record(11, pool, 443, pid=77), tcp_state(11, 2, 1, 1_005_000_000))
+    [other] = feed(asm, record(R.ExecRecord, pid=90, ppid=1, ktime_ns=1_006_000_000))
+    assert other.process.pid == 90
+    hello = client_hello("api.example.test")
+    [conn] = feed(asm, flow_record(11, R.APP_TLS, hello, at=1_007_000_000))
+    assert (conn.process.pid, conn.app_protocol) == (77, "tls")
