@@ -18,7 +18,6 @@ import ipaddress
 import json
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -33,9 +32,9 @@ from detect.egress import EgressPolicies, EgressPolicy
 from probes import kernel
 from probes.enforce import AF_INET, KernelPolicy
 from probes.loader import ProbeConfig, Probes
+from tests.kernel.dnsserver import dns_server
 from tests.kernel.tracer import PYTHON, Sandbox, Tracer, of
 
-DNS_SCRIPT = Path(__file__).resolve().parents[1] / "e2e" / "services" / "dns_server.py"
 RESOLVER = "127.0.0.88"
 OTHER_RESOLVER = "127.0.0.87"
 ROTATING = [f"127.0.1.{i}" for i in range(1, 11)]
@@ -70,24 +69,8 @@ def policy_maps(enforcing: Tracer) -> KernelPolicy:
 
 @pytest.fixture
 def dns(tmp_path: Path) -> Iterator[Path]:
-    zone = tmp_path / "zone.json"
-    zone.write_text(json.dumps(ZONE))
-    log = tmp_path / "queries.jsonl"
-    argv = [sys.executable, str(DNS_SCRIPT), "--bind", RESOLVER, "--zone", str(zone)]
-    proc = subprocess.Popen([*argv, "--log", str(log)], stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection((RESOLVER, 53), 0.2).close()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, "no DNS server"
-                time.sleep(0.05)
+    with dns_server(ZONE, RESOLVER, tmp_path) as log:
         yield log
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture

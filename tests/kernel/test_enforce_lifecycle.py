@@ -27,7 +27,8 @@ import pytest
 from collector import cgroups
 from probes import kernel
 from probes.enforce import attached_programs
-from tests.kernel.test_enforce import DNS_SCRIPT, RESOLVER, ZONE
+from tests.kernel.dnsserver import dns_server
+from tests.kernel.test_enforce import RESOLVER, ZONE
 
 PORT = 18444
 ALLOWED = "127.0.0.95"
@@ -148,23 +149,8 @@ def listener() -> Iterator[list[int]]:
 
 @pytest.fixture
 def dns(tmp_path: Path) -> Iterator[None]:
-    zone = tmp_path / "zone.json"
-    zone.write_text(json.dumps(ZONE))
-    argv = [sys.executable, str(DNS_SCRIPT), "--bind", RESOLVER, "--zone", str(zone)]
-    proc = subprocess.Popen([*argv, "--log", str(tmp_path / "q.jsonl")])
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection((RESOLVER, 53), 0.2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "no DNS server"
-                time.sleep(0.05)
-        yield
-    finally:
-        proc.kill()
-        proc.wait()
+    with dns_server(ZONE, RESOLVER, tmp_path):
+        yield None
 
 
 def watch(sb: cgroups.SandboxCgroup, tmp_path: Path) -> subprocess.Popen[str]:

@@ -9,10 +9,7 @@ from __future__ import annotations
 import json
 import socket
 import ssl
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,10 +18,10 @@ import pytest
 from api.events import ConnectEvent, DnsEvent
 from collector.assemble import FLOW_HOLD_NS
 from collector.dns import name_hash
+from tests.kernel.dnsserver import dns_server as serve_dns
 from tests.kernel.tracer import Tracer, of
 from tests.tlsutil import make_tls
 
-DNS_SCRIPT = Path(__file__).resolve().parents[1] / "e2e" / "services" / "dns_server.py"
 RESOLVER = "127.0.0.88"
 ZONE = {
     "pool.example.test": {"CNAME": "edge.pools.test"},
@@ -100,24 +97,8 @@ def flows(tracer: Tracer) -> Iterator[None]:
 
 @pytest.fixture
 def dns_server(tmp_path: Path) -> Iterator[Path]:
-    zone = tmp_path / "zone.json"
-    zone.write_text(json.dumps(ZONE))
-    log = tmp_path / "queries.jsonl"
-    argv = [sys.executable, str(DNS_SCRIPT), "--bind", RESOLVER, "--zone", str(zone)]
-    proc = subprocess.Popen([*argv, "--log", str(log)], stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection((RESOLVER, 53), 0.2).close()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, "no DNS server"
-                time.sleep(0.05)
+    with serve_dns(ZONE, RESOLVER, tmp_path) as log:
         yield log
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture
