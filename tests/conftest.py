@@ -7,9 +7,11 @@ machine can run them: a kernel test that cannot run is a failure, not a skip.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import platform
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,16 +36,26 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session", autouse=True)
 def sandbox_parent_left_as_found() -> Iterator[None]:
     """The cgroup that sandboxes share is made by the first test that makes a sandbox and
-    left in place by design (see collector.cgroups.create_sandbox): when the session made
-    it, the session removes it at its end, whatever the tests' outcome."""
+    left in place by design (see collector.cgroups.create_sandbox). At the session's end,
+    whatever the tests' outcome: sandboxes made during the session and left empty (a test
+    or a process killed before its own clean-up) are removed, then the shared cgroup if the
+    session (or another one running beside it) made it and nothing is left in it."""
     try:
         root: Path | None = cgroups.find_cgroup2_root()
     except cgroups.CgroupError:
         root = None
+    started = time.time() - 0.1  # cgroupfs times come from a coarse clock, a tick behind
     existed = root is None or (root / "sandtrace").exists()
     yield
-    if not existed and root is not None:
-        cgroups.remove_parent_if_unused(root)
+    if root is None or not (parent := root / "sandtrace").exists():
+        return
+    for sandbox in parent.glob("st-*"):
+        with contextlib.suppress(OSError):  # in use (processes in it), or already gone
+            if sandbox.stat().st_mtime >= started and not (sandbox / "cgroup.procs").read_text():
+                sandbox.rmdir()
+    with contextlib.suppress(OSError):
+        if not existed or parent.stat().st_mtime >= started:
+            cgroups.remove_parent_if_unused(root)
 
 
 def kernel_test_problems() -> list[str]:
