@@ -24,9 +24,10 @@ Pure: text in, policies out (reading the file is `read_policy_file`, the only I/
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from detect.egress import (
     EgressPolicies,
@@ -37,6 +38,8 @@ from detect.egress import (
     parse_destination,
     parse_resolver,
 )
+
+T = TypeVar("T")
 
 
 class PolicyFileError(ValueError):
@@ -84,25 +87,26 @@ def _table(where: str, value: object, problems: list[str]) -> _Table:
         elif not isinstance(item, list):
             problems.append(f"{at}: {item!r} is {_toml_type(item)}; expected {_KEYS[key]}")
         elif key == "allow":
-            out.allow = []
-            for i, spec in enumerate(item):
-                if not isinstance(spec, str):
-                    problems.append(f"{at}[{i}]: {spec!r} is {_toml_type(spec)}; expected a string")
-                    continue
-                try:
-                    out.allow.append(parse_destination(spec))
-                except ValueError as exc:
-                    problems.append(f"{at}[{i}]: {spec!r}: {exc}")
+            out.allow = _each(at, item, parse_destination, problems, quote=True)
         else:
-            out.resolvers = []
-            for i, spec in enumerate(item):
-                if not isinstance(spec, str):
-                    problems.append(f"{at}[{i}]: {spec!r} is {_toml_type(spec)}; expected a string")
-                    continue
-                try:
-                    out.resolvers.append(parse_resolver(spec))
-                except ValueError as exc:
-                    problems.append(f"{at}[{i}]: {exc}")
+            out.resolvers = _each(at, item, parse_resolver, problems, quote=False)
+    return out
+
+
+def _each(
+    at: str, items: list[Any], parse: Callable[[str], T], problems: list[str], *, quote: bool
+) -> list[T]:
+    """Each string of a TOML array parsed; a problem per item that is not a string or does
+    not parse (`quote`: its text before the reason, where the reason does not name it)."""
+    out: list[T] = []
+    for i, spec in enumerate(items):
+        if not isinstance(spec, str):
+            problems.append(f"{at}[{i}]: {spec!r} is {_toml_type(spec)}; expected a string")
+            continue
+        try:
+            out.append(parse(spec))
+        except ValueError as exc:
+            problems.append(f"{at}[{i}]: {spec!r}: {exc}" if quote else f"{at}[{i}]: {exc}")
     return out
 
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import subprocess
-import sys
 from pathlib import Path
 
 import msgspec
@@ -27,7 +25,7 @@ from detect.engine import Engine
 from detect.policyfile import PolicyFileError, parse_policy, read_policy_file
 from detect.ruleset import RuleSet
 from detect.testing import event_from_fields
-from tests.serving import ROOT_DIR
+from tests.unit.test_egress import sandtrace
 
 
 def connect(
@@ -407,17 +405,6 @@ def test_a_reload_swaps_the_policy_and_a_bad_file_keeps_the_old(tmp_path: Path) 
 
 
 # -- the command line --------------------------------------------------------------------------
-
-
-def sandtrace(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sandtrace", *args],
-        cwd=ROOT_DIR,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 @pytest.mark.parametrize("command", ["run", "watch"])
