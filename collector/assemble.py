@@ -14,7 +14,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TypedDict
+from typing import Protocol
 
 from api.events import (
     AnyEvent,
@@ -22,6 +22,7 @@ from api.events import (
     CgroupMoveEvent,
     ConnectEvent,
     DnsEvent,
+    Event,
     ExecEvent,
     ExitEvent,
     ForkEvent,
@@ -143,22 +144,17 @@ def _unresolved(ev: ConnectEvent) -> ConnectEvent:
     return ev
 
 
-class _Context(TypedDict):
-    """What an event's fields owe to its header and the collector's tables, but its time."""
-
-    host: str
-    sandbox: str
-    cgroup_id: int
-    cgroup_path: str
-    container_id: str
-    process: Process
-
-
-class _Common(_Context):
-    """Every event's common fields, as keyword arguments of its constructor."""
-
-    time_ns: int
-    mono_ns: int
+# What an event's fields owe to its header and the collector's tables, but its time: host,
+# sandbox, cgroup_id, cgroup_path, container_id, process (api.events.Event's fields after
+# time_ns and mono_ns, in their order).
+_Context = tuple[str, str, int, str, str, Process]
+# Every event's common fields, in order: the first positional arguments of its constructor
+# (positional, not keywords: half the cost of building an event of few fields).
+_Common = tuple[int, int, str, str, int, str, str, Process]
+_COMMON_FIELDS: tuple[str, ...] = ("time_ns", "mono_ns", "host", "sandbox", "cgroup_id")
+_COMMON_FIELDS += ("cgroup_path", "container_id", "process")
+if Event.__struct_fields__[: len(_COMMON_FIELDS)] != _COMMON_FIELDS:
+    raise TypeError(f"Event's first fields are not {_COMMON_FIELDS}: see Assembler._common")
 
 
 @dataclass(slots=True)
@@ -203,6 +199,17 @@ def flow_info(rec: R.FlowRecord) -> FlowInfo:
     return info
 
 
+class KnownFile(Protocol):
+    """What the identity cache tells of an executed file (collector.identity.Identity)."""
+
+    @property
+    def sha256(self) -> str: ...
+    @property
+    def original_exe(self) -> bytes: ...
+    @property
+    def go_module(self) -> str: ...
+
+
 class Assembler:
     """Turns decoded records into events; keeps the process table and pending connects."""
 
@@ -239,6 +246,12 @@ class Assembler:
         # kernel read it at exec (st_dev, st_ino, st_ctime_ns, st_size), where it did: the
         # key of the identity cache (collector/identity.py), which then needs no stat.
         self.exec_file_keys: dict[int, tuple[int, int, int, int]] = {}
+        # The identity of a file the identity cache holds, by that key, or None
+        # (ExecEnricher.known_at_exec); None: every exec event goes to the enricher.
+        self.known_file: Callable[[tuple[int, int, int, int]], KnownFile | None] | None = None
+        # id() of each exec event of the last feed_batches() that is complete as it is (its
+        # file known by its key, its streams captured at exec): the enricher skips it.
+        self.exec_complete: set[int] = set()
         self._wall_offset = 0
         self.sync_clock()
 
@@ -301,19 +314,12 @@ class Assembler:
                 self._context_keys.clear()
             sandbox, path, container_id = self._cgroup_context(h.cgroup_id, h.sandbox)
             process = self._process(h)
-            context = _Context(
-                host=self.host,
-                sandbox=sandbox,
-                cgroup_id=h.cgroup_id,
-                cgroup_path=path,
-                container_id=container_id,
-                process=process,
-            )
+            context = (self.host, sandbox, h.cgroup_id, path, container_id, process)
             self._context_cache[key] = context
             keys = self._context_keys
             for pid in (h.pid, h.ppid, *[a.pid for a in process.ancestry]):
                 keys.setdefault(pid, []).append(key)
-        return {"time_ns": h.ktime_ns + self._wall_offset, "mono_ns": h.ktime_ns, **context}
+        return (h.ktime_ns + self._wall_offset, h.ktime_ns, *context)
 
     def _cgroup_context(self, cgroup_id: int, sandbox: int) -> tuple[str, str, str]:
         """(sandbox name, cgroup path, container id) of a cgroup, cached once its path is
@@ -358,6 +364,7 @@ class Assembler:
         events: list[AnyEvent] = []
         errors: list[str] = []
         self.exec_file_keys = {}
+        self.exec_complete = set()
         decode, feed, extend = R.decode_record, self.feed, events.extend  # per record
         for batch in batches:
             for buf in batch:
@@ -403,7 +410,7 @@ class Assembler:
             case R.SockCreateRecord():
                 return [
                     RawSocketEvent(
-                        **self._common(rec),
+                        *self._common(rec),
                         family=family_name(rec.family),
                         protocol=socket_protocol_name(rec.family, rec.protocol),
                         protocol_number=rec.protocol,
@@ -416,7 +423,7 @@ class Assembler:
             case R.IoUringRecord():
                 return [
                     IoUringEvent(
-                        **self._common(rec),
+                        *self._common(rec),
                         fd=rec.fd,
                         sq_entries=rec.sq_entries,
                         cq_entries=rec.cq_entries,
@@ -427,7 +434,7 @@ class Assembler:
     def held_socket(self, h: R.Header, sock: HeldSocket) -> SocketEvent:
         """A socket the process already held when tracing started."""
         return SocketEvent(
-            **self._common(h),
+            *self._common(h),
             protocol=sock.protocol,
             family=sock.family,
             state=sock.state,
@@ -445,10 +452,25 @@ class Assembler:
         fileless = bool(f.flags & R.EXEC_F_MEMFD)
         unlinked = bool(f.flags & R.EXEC_F_UNLINKED)
         parent = self.procs.get(f.ppid)
-        self.procs.on_exec(f.pid, f.start_ns, f.ppid, parts.exe, parts.argv)
-        common = self._common(f)
+        info = self.procs.on_exec(f.pid, f.start_ns, f.ppid, parts.exe, parts.argv)
+        file_key = None
+        if f.flags & R.EXEC_F_FILE_KEY:
+            dev = os.makedev(f.exe_dev >> 20, f.exe_dev & 0xFFFFF)  # as stat(2) encodes it
+            file_key = (dev, f.exe_ino, f.exe_ctime_ns, f.exe_file_size)
+        # The common case needs no enricher: a file the identity cache knows by the kernel's
+        # key, streams captured at exec. The process is then known to run it from this
+        # event on (its context and its children's are built with it).
+        known = (
+            self.known_file(file_key)
+            if file_key is not None and stdio and self.known_file is not None
+            else None
+        )
+        sha256, original_exe, go_module = "", b"", ""
+        if known is not None:
+            sha256, original_exe, go_module = known.sha256, known.original_exe, known.go_module
+            info.ident = ExecIdentity(sha256, original_exe, go_module, parts.cwd, parts.filename)
         ev = ExecEvent(
-            **common,
+            *self._common(f),
             argv=parts.argv,
             argv_truncated=bool(f.flags & R.EXEC_F_ARGV_TRUNCATED),
             argv_size=f.argv_full_size,
@@ -460,17 +482,21 @@ class Assembler:
             path_truncated=bool(f.flags & (R.EXEC_F_EXE_TRUNCATED | R.EXEC_F_CWD_TRUNCATED)),
             parent_exe=parent.exe if parent is not None else b"",
             parent_argv=list(parent.argv) if parent is not None else [],
+            sha256=sha256,
+            original_exe=original_exe,
+            go_module=go_module,
             stdio=stdio,
         )
-        if f.flags & R.EXEC_F_FILE_KEY:
-            dev = os.makedev(f.exe_dev >> 20, f.exe_dev & 0xFFFFF)  # as stat(2) encodes it
-            self.exec_file_keys[id(ev)] = (dev, f.exe_ino, f.exe_ctime_ns, f.exe_file_size)
+        if known is not None:
+            self.exec_complete.add(id(ev))
+        elif file_key is not None:
+            self.exec_file_keys[id(ev)] = file_key
         return ev
 
     def _fork(self, f: R.ForkRecord) -> ForkEvent:
         self.procs.on_fork(f.pid, f.child_pid, f.child_start_ns)
         return ForkEvent(
-            **self._common(f),
+            *self._common(f),
             child_pid=f.child_pid,
             child_key=f"{f.child_pid}@{f.child_start_ns}",
         )
@@ -480,7 +506,7 @@ class Assembler:
         code = f.exit_code
         out.append(
             ExitEvent(
-                **self._common(f),
+                *self._common(f),
                 exit_code=(code >> 8) & 0xFF,
                 signal=code & 0x7F,
                 core_dumped=bool(code & 0x80),
@@ -492,7 +518,7 @@ class Assembler:
     def _cgroup_move(self, f: R.CgroupMoveRecord) -> CgroupMoveEvent:
         path = f.dst_path.split(b"\0", 1)[0].decode("utf-8", "replace")
         return CgroupMoveEvent(
-            **self._common(f),
+            *self._common(f),
             target_pid=f.target_pid,
             dst_cgroup_id=f.dst_cgroup_id,
             dst_cgroup_path=path,
@@ -501,7 +527,7 @@ class Assembler:
 
     def _connect(self, f: R.ConnectRecord) -> list[AnyEvent]:
         ev = ConnectEvent(
-            **self._common(f),
+            *self._common(f),
             protocol=protocol_name(f.sock_type, f.protocol),
             family=family_name(f.family),
             daddr=fmt_addr(f.family, f.daddr),
@@ -582,7 +608,7 @@ class Assembler:
     def _dns(self, f: R.DnsRecord) -> DnsEvent:
         payload = f.payload[: min(f.payload_size, R.DNS_PAYLOAD_MAX)]
         ev = DnsEvent(
-            **self._common(f),
+            *self._common(f),
             resolver=fmt_addr(f.family, f.server),
             resolver_port=f.server_port,
             protocol=protocol_name(0, f.protocol),
@@ -627,7 +653,7 @@ class Assembler:
         if f.flags & R.UNIX_F_DENIED:
             # Refused by the kernel (EPERM) before the path was looked up.
             return ConnectEvent(
-                **self._common(f),
+                *self._common(f),
                 protocol="unix",
                 family="unix",
                 path=path,
@@ -638,7 +664,7 @@ class Assembler:
             )
         peer = self.unix_listener(f.pid, path) if path else None
         return ConnectEvent(
-            **self._common(f),
+            *self._common(f),
             protocol="unix",
             family="unix",
             path=path,
@@ -651,7 +677,7 @@ class Assembler:
         if f.newstate == TCP_LISTEN:
             return [
                 ListenEvent(
-                    **common,
+                    *common,
                     family=family_name(f.family),
                     addr=fmt_addr(f.family, f.saddr),
                     port=f.sport,
@@ -662,7 +688,7 @@ class Assembler:
             if pend is None:
                 # No hook record: the process connected from a cgroup without hooks.
                 ev = ConnectEvent(
-                    **common,
+                    *common,
                     protocol="tcp",
                     family=family_name(f.family),
                     daddr=fmt_addr(f.family, f.daddr),
@@ -697,7 +723,7 @@ class Assembler:
         failed = bool(f.flags & R.BIND_F_FAILED)
         known = bool(f.flags & R.BIND_F_REQUEST_KNOWN)
         return BindEvent(
-            **self._common(f),
+            *self._common(f),
             protocol=protocol_name(f.sock_type, f.protocol),
             family=family_name(f.family),
             addr="" if failed else fmt_addr(f.family, f.addr),

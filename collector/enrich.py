@@ -19,7 +19,7 @@ exec event already holds.
 from __future__ import annotations
 
 import concurrent.futures
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass, field
 
 import msgspec
@@ -102,18 +102,33 @@ class ExecEnricher:
         )
         self._first_exec = -1  # index of the first exec of the batch begun, -1 for none
 
+    def known_at_exec(self, file_key: FileKey) -> Identity | None:
+        """The identity of a file the cache holds under the kernel's key, for an exec whose
+        standard streams the kernel captured (Assembler.known_file): such an exec is
+        complete as the assembler builds it, and skips begin(). Counted as begin() counts
+        it: an identity cache hit, streams captured at exec."""
+        known = self.identities.cached(file_key)
+        if known is not None:
+            self.stdio.stats.captured += 1
+        return known
+
     def begin(
-        self, events: list[AnyEvent], file_keys: Mapping[int, FileKey] | None = None
+        self,
+        events: list[AnyEvent],
+        file_keys: Mapping[int, FileKey] | None = None,
+        complete: Container[int] = (),
     ) -> Batch | None:
         """Complete the exec events of `events` in place where the answers are at hand;
         the rest, if any, as a Batch to finish with `work` (thread) and `apply` (loop).
         `file_keys`: id() of an exec event -> its file's version as the kernel read it at
-        exec (Assembler.exec_file_keys); a file cached under it costs no system call."""
+        exec (Assembler.exec_file_keys); a file cached under it costs no system call.
+        `complete`: id() of the exec events that are complete already
+        (Assembler.exec_complete, from known_at_exec)."""
         batch: Batch | None = None
         files: dict[FileKey, PendingFile] = {}  # new files, each opened once per batch
         self._first_exec = -1
         for i, ev in enumerate(events):
-            if type(ev) is not ExecEvent:
+            if type(ev) is not ExecEvent or id(ev) in complete:
                 continue
             if self._first_exec < 0:
                 self._first_exec = i

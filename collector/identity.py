@@ -93,6 +93,15 @@ class Identities:
         self.stats = IdentityStats()
         self._cache: OrderedDict[FileKey, Identity] = OrderedDict()
 
+    def cached(self, file_key: FileKey) -> Identity | None:
+        """The identity cached under a file's version, with no system call (a hit is
+        counted); None when the cache does not hold it."""
+        known = self._cache.get(file_key)
+        if known is not None:
+            self._cache.move_to_end(file_key)
+            self.stats.hits += 1
+        return known
+
     def find(
         self,
         pid: int,
@@ -113,10 +122,8 @@ class Identities:
         what the stat says (the same key, but on file systems whose stat(2) tells another
         device or inode than the kernel's, which then stat each time)."""
         if file_key is not None:
-            known = self._cache.get(file_key)
+            known = self.cached(file_key)
             if known is not None:
-                self._cache.move_to_end(file_key)
-                self.stats.hits += 1
                 return known, False
         proc_exe = f"{self.proc}/{pid}/exe"
         live = True

@@ -173,6 +173,8 @@ class Pipeline:
         self.pollers = list(pollers)
         self.probes = probes
         self.assembler = assembler
+        if enricher is not None:  # the execs of known files are complete as assembled
+            assembler.known_file = enricher.known_at_exec
         self.sinks = sinks
         self.loss_interval = loss_interval
         self.totals = Totals()
@@ -220,7 +222,9 @@ class Pipeline:
         enricher's worker thread while this awaits, so the order of events holds."""
         if self.enricher is None:
             return
-        batch = self.enricher.begin(events, self.assembler.exec_file_keys)
+        batch = self.enricher.begin(
+            events, self.assembler.exec_file_keys, self.assembler.exec_complete
+        )
         if batch is not None:
             await asyncio.get_running_loop().run_in_executor(self.enricher.pool, batch.work)
             batch.apply()
