@@ -634,12 +634,26 @@ def split_nul(data: bytes) -> list[bytes]:
     return data.split(b"\0")
 
 
+_JOINED: dict[bytes, bytes] = {}  # join_components' answers for short paths
+_JOINED_MAX = 4096  # entries kept, all forgotten at once when full
+_JOINED_SIZE = 256  # bytes of the longest path remembered: at most 1 MiB in all
+
+
 def join_components(data: bytes) -> bytes:
-    """Path components written leaf first (each NUL-terminated) -> absolute path."""
+    """Path components written leaf first (each NUL-terminated) -> absolute path.
+
+    A program's executable and working directory come again with each of its runs: the
+    answer for a short path is kept."""
+    path = _JOINED.get(data)
+    if path is not None:
+        return path
     parts = split_nul(data)
-    if not parts:
-        return b""
-    return b"/" + b"/".join(reversed(parts))
+    path = b"/" + b"/".join(reversed(parts)) if parts else b""
+    if len(data) <= _JOINED_SIZE:
+        if len(_JOINED) >= _JOINED_MAX:
+            _JOINED.clear()
+        _JOINED[data] = path
+    return path
 
 
 def argv_of(head: bytes, tail: bytes, full_size: int) -> list[bytes]:
