@@ -348,6 +348,7 @@ def _load_probes(args: argparse.Namespace, trace_all: bool = False) -> Probes:
             connect_hooks=not args.no_connect_hook,
             enforce=args.enforce,
             bind_hooks=not args.no_bind_hook,
+            loop_reads=True,  # the pipeline collects (Pipeline.run)
         ),
         features,
     )

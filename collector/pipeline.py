@@ -48,6 +48,8 @@ class RecordSource(Protocol):
     """What the pipeline needs of the probes (probes.loader.Probes, or a test's fake)."""
 
     def start(self, wake: Callable[[], None]) -> None: ...
+    def collect(self) -> list[list[bytes]]: ...  # the records to assemble now
+    def look_again(self) -> float | None: ...  # seconds until collect() must be called again
     def drain_now(self) -> None: ...
     def losses(self) -> LossCounts: ...
     @property
@@ -154,6 +156,10 @@ class Totals:
     enrich: dict[str, int] = field(default_factory=dict)
 
 
+IDLE_LOOK = 0.1
+"""Seconds the loop sleeps at most while nothing wakes it: expiry, polls and loss checks."""
+
+
 class Pipeline:
     def __init__(
         self,
@@ -196,7 +202,7 @@ class Pipeline:
                 self.emit(alert)
 
     async def _process_batches(self) -> None:
-        events, errors = self.assembler.feed_batches(self.probes.queue.drain())
+        events, errors = self.assembler.feed_batches(self.probes.collect())
         for error in errors:
             log.warning("undecodable record", error=error)
         self.totals.decode_errors += len(errors)
@@ -282,7 +288,10 @@ class Pipeline:
         stop_wait.add_done_callback(lambda _: self._wake_up())
         try:
             while not stop.is_set():
-                await self._sleep(loop, 0.1)
+                # Woken by the probes' reader thread, or by its own timer while it reads
+                # the rings itself (look_again; see probes.loader.Probes.start).
+                look = self.probes.look_again()
+                await self._sleep(loop, IDLE_LOOK if look is None else look)
                 await self._process_batches()
                 for ev in self.assembler.expire():
                     self.emit(ev)

@@ -179,6 +179,11 @@ class ProbeConfig:
     # or more waits only HAND_OVER_BUSY_INTERVAL: a flood is drained often, so that the
     # rings never fill while the reader waits, and its wake-ups cost nothing per record.
     hand_over_interval: float = 0.025
+    # The event loop reads the rings itself while records come at a paced rate (collect(),
+    # look_again()): the reader thread then sleeps, and the loop's own timer replaces the
+    # thread's wake-up of the loop, a wake-up across CPUs each interval (see start()). Only
+    # for a consumer that calls collect() at look_again()'s times: the pipeline.
+    loop_reads: bool = False
     # Classify each sandbox socket's first bytes each way and read its DNS answers (cgroup_skb
     # programs on the sandbox cgroups: a cost per packet that only the sandbox's traffic pays).
     flows: bool = True
@@ -454,6 +459,12 @@ class Probes:
         self._reader: RingBufferReader | None = None
         self._priority_reader: RingBufferReader | None = None
         self._wake: Callable[[], None] | None = None
+        # With config.loop_reads: whether the event loop holds the rings (it reads them in
+        # collect(); the reader thread waits on _give_back meanwhile), and when it looks next.
+        self._loop_holds = False
+        self._give_back = threading.Event()
+        self._next_look = 0.0
+        self._read_rings: Callable[[], list[bytes]] = list
 
     def _load_dns_stages(self) -> None:
         """Load the DNS parse's stages into their program array (the verifier checks each)."""
@@ -623,8 +634,42 @@ class Probes:
 
     # -- reading ----------------------------------------------------------------------------
 
+    def collect(self) -> list[list[bytes]]:
+        """The records to assemble now: those the reader thread handed over, then, while the
+        event loop holds the rings (config.loop_reads), those the rings hold. The loop gives
+        the rings back to the thread when they were empty (a quiet spell: the thread waits
+        for the kernel's wake-up, and a record goes at once) or held a flood (the thread
+        drains them every HAND_OVER_BUSY_INTERVAL, also while the loop assembles)."""
+        batches = self.queue.drain()
+        now = time.monotonic()
+        if not self._loop_holds or now < self._next_look:
+            # Not its turn yet: woken by the hand-over that gave it the rings (just read).
+            return batches
+        records = self._read_rings()
+        self._next_look = now + self.config.hand_over_interval
+        if records:
+            batches.append(records)
+        if not records or len(records) >= HAND_OVER_BUSY_RECORDS:
+            self._loop_holds = False
+            self._give_back.set()
+        return batches
+
+    def look_again(self) -> float | None:
+        """Seconds until the event loop should call collect() again while it holds the rings
+        (nothing wakes it then); None when the reader thread hands records over and wakes it."""
+        if not self._loop_holds:
+            return None
+        return max(0.0, self._next_look - time.monotonic())
+
     def start(self, wake: Callable[[], None]) -> None:
-        """Poll records in a thread of their own; call wake() when the queue becomes non-empty."""
+        """Poll records in a thread of their own; call wake() when the queue becomes non-empty.
+
+        With config.loop_reads (ring buffers only), the thread hands the rings themselves to
+        the event loop after a hand-over of fewer than HAND_OVER_BUSY_RECORDS: from then on
+        the loop reads them (collect()) every hand_over_interval on its own timer, and the
+        thread sleeps until collect() gives them back. A paced stream of records so costs one
+        timer wake-up of one thread per interval, not a wake-up of each thread (the loop's
+        from the other thread, across CPUs, the dearest on a VM)."""
         batch: list[bytes] = []
         string_at = ctypes.string_at
         self._wake = wake
@@ -656,16 +701,29 @@ class Probes:
             self._priority_reader = priority
             reader.also_wake_on(prio_map.map_fd)
 
+            def read_rings() -> list[bytes]:
+                return in_time_order(priority.read(), reader.read())
+
+            self._read_rings = read_rings
+
             def poll() -> None:
+                if self._loop_holds:  # the loop reads; wait until it gives the rings back
+                    while not self._give_back.wait(1.0) and not self._stop.is_set():
+                        pass
+                    self._give_back.clear()
+                    self._loop_holds = False
+                    return
                 reader.wait(1.0)  # drain_now() interrupts it: an idle reader sleeps on
-                batch.extend(in_time_order(priority.read(), reader.read()))
+                batch.extend(read_rings())
 
             def consume() -> None:
                 while True:
-                    records = in_time_order(priority.read(), reader.read())
+                    records = read_rings()
                     if not records:
                         break
                     batch.extend(records)
+
+        loop_reads = self.config.loop_reads and not self.use_perf
 
         def flush() -> int:
             # The reader may hand over the ring's whole content at once; the queue bounds it.
@@ -673,6 +731,12 @@ class Probes:
                 return 0
             full = batch.copy()
             batch.clear()
+            if loop_reads and len(full) < HAND_OVER_BUSY_RECORDS and not self._stop.is_set():
+                # Paced: the loop reads from now on, once it has taken these. Given before
+                # the wake-up, so that the loop, woken, knows to look again by itself.
+                self._give_back.clear()
+                self._next_look = time.monotonic() + self.config.hand_over_interval
+                self._loop_holds = True
             if self.queue.put(full):
                 wake()
             return len(full)
@@ -690,13 +754,16 @@ class Probes:
         self._thread.start()
 
     def drain_now(self) -> None:
-        """Stop the reader after it has consumed every record the kernel has written."""
+        """Stop the reader after it has consumed every record the kernel has written (the
+        event loop, which calls this, reads no more: the rings are the thread's again)."""
         self._stop.set()
+        self._give_back.set()
         if self._reader is not None:
             self._reader.interrupt()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        self._loop_holds = False
 
     def close(self) -> None:
         """Detach everything; nothing of sandtrace stays in the kernel afterwards."""

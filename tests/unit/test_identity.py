@@ -464,6 +464,12 @@ class _Source:
     def drain_now(self) -> None:
         return None
 
+    def collect(self) -> list[list[bytes]]:
+        return self.queue.drain()
+
+    def look_again(self) -> None:
+        return None
+
     def losses(self) -> _Losses:
         return _Losses()
 

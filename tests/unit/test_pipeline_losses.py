@@ -38,6 +38,12 @@ class Source:
     def drain_now(self) -> None:
         return None
 
+    def collect(self) -> list[list[bytes]]:
+        return self.queue.drain()
+
+    def look_again(self) -> None:
+        return None
+
     def losses(self) -> Losses:
         return self.now
 

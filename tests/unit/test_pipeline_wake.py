@@ -50,6 +50,12 @@ class ThreadSource:
         if self.thread is not None:
             self.thread.join()
 
+    def collect(self) -> list[list[bytes]]:
+        return self.queue.drain()
+
+    def look_again(self) -> None:
+        return None
+
     def losses(self) -> Losses:
         return Losses()
 
