@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from collector import cgroups
 from collector import records as R
 from probes import kernel
-from probes.loader import HAND_OVER_BUSY_RECORDS, ProbeConfig, Probes
+from probes.loader import HAND_OVER_BUSY_RECORDS, REPEAT_WINDOW_NS, ProbeConfig, Probes
 from tests.kernel.tracer import PYTHON
 
 PACED = 300  # execs of /bin/true, a few milliseconds apart
@@ -70,8 +70,9 @@ class Loop:
 
 
 @contextmanager
-def probes_in_sandbox(**config: int) -> Iterator[tuple[Probes, cgroups.SandboxCgroup]]:
-    probes = Probes(ProbeConfig(loop_reads=True, **config), kernel.check())
+def probes_in_sandbox(repeat_window_ns: int) -> Iterator[tuple[Probes, cgroups.SandboxCgroup]]:
+    config = ProbeConfig(loop_reads=True, repeat_window_ns=repeat_window_ns)
+    probes = Probes(config, kernel.check())
     root = cgroups.find_cgroup2_root()
     sandbox = cgroups.create_sandbox(root)
     try:
@@ -83,7 +84,7 @@ def probes_in_sandbox(**config: int) -> Iterator[tuple[Probes, cgroups.SandboxCg
 
 
 def test_paced_records_are_read_by_the_loop_each_once_the_thread_asleep() -> None:
-    with probes_in_sandbox() as (probes, sandbox):
+    with probes_in_sandbox(REPEAT_WINDOW_NS) as (probes, sandbox):
         loop = Loop(probes)
         probes.start(loop.wake)
         child = subprocess.Popen([PYTHON, "-c", PACED_CODE], preexec_fn=sandbox.join)  # noqa: PLW1509
