@@ -183,8 +183,10 @@ class ProcessTable:
     # --- reading ---------------------------------------------------------------------
 
     def live_pids(self) -> list[int]:
-        """The pids of the processes the table holds that have not exited."""
-        return [pid for pid, info in self._procs.items() if not info.exited]
+        """The pids of the processes the table holds that have not exited (in no order):
+        every entry but those of `_exited`, which holds exactly the exited ones (a set
+        difference in C, not a look at each of the thousands of entries)."""
+        return list(self._procs.keys() - self._exited.keys())
 
     def ancestry(self, pid: int, limit: int = 32) -> list[AncestorRef]:
         """Ancestors of `pid`, parent first, as far as the table knows them.

@@ -268,3 +268,18 @@ def test_names_resolve_and_cache() -> None:
     assert names.user(2**40) == ""  # beyond uid_t
     assert len(names._users) <= 2
     assert names.user(0) == "root"
+
+
+def test_live_pids_leave_out_exited_processes_until_their_pid_is_reused() -> None:
+    table = ProcessTable(exited_keep=2)
+    _chain(table)
+    table.on_fork(300, 301, 4000)
+    table.on_fork(300, 302, 4001)
+    table.on_exit(301)
+    table.on_exit(200)
+    assert sorted(table.live_pids()) == [1, 100, 300, 302]
+    table.on_fork(300, 301, 9000)  # pid 301 again: a new process, alive
+    table.on_exit(302)
+    table.on_exit(100)  # one more exit than exited_keep: the oldest exited entry goes
+    assert sorted(table.live_pids()) == [1, 300, 301]
+    assert table.get(200) is None and table.get(302) is not None
