@@ -51,6 +51,20 @@ class Loop:
         self.wakes += 1
         self.woken.set()
 
+    def trace(self, sandbox: cgroups.SandboxCgroup, code: str) -> subprocess.Popen[bytes]:
+        """Start the probes, run Python `code` in the sandbox, turn until it has exited."""
+        self.probes.start(self.wake)
+        child = subprocess.Popen([PYTHON, "-c", code], preexec_fn=sandbox.join)  # noqa: PLW1509
+        while child.poll() is None:
+            self.turn()
+        assert child.returncode == 0
+        return child
+
+    def finish(self) -> None:
+        """What the pipeline does at its end: the reader drains the rings, then collect()."""
+        self.probes.drain_now()
+        self.records += [R.decode_record(b) for batch in self.probes.collect() for b in batch]
+
     def turn(self) -> list[R.AnyRecord]:
         look = self.probes.look_again()
         if look is None:
@@ -86,11 +100,7 @@ def probes_in_sandbox(repeat_window_ns: int) -> Iterator[tuple[Probes, cgroups.S
 def test_paced_records_are_read_by_the_loop_each_once_the_thread_asleep() -> None:
     with probes_in_sandbox(REPEAT_WINDOW_NS) as (probes, sandbox):
         loop = Loop(probes)
-        probes.start(loop.wake)
-        child = subprocess.Popen([PYTHON, "-c", PACED_CODE], preexec_fn=sandbox.join)  # noqa: PLW1509
-        while child.poll() is None:
-            loop.turn()
-        assert child.returncode == 0
+        child = loop.trace(sandbox, PACED_CODE)
         # The rings empty, the loop gives them back within a look or two.
         deadline = time.monotonic() + 5
         while probes.look_again() is not None:
@@ -104,8 +114,7 @@ def test_paced_records_are_read_by_the_loop_each_once_the_thread_asleep() -> Non
         while not any(isinstance(r, R.ExecRecord) and r.pid == late.pid for r in loop.turn()):
             assert time.monotonic() - started < 5, "the record after a quiet spell never came"
         assert loop.wakes > wakes
-        probes.drain_now()
-        loop.records += [R.decode_record(b) for batch in probes.collect() for b in batch]
+        loop.finish()
         assert probes.look_again() is None
         losses = probes.losses()
     execs = [r for r in loop.records if isinstance(r, R.ExecRecord) and r.ppid == child.pid]
@@ -122,13 +131,8 @@ def test_paced_records_are_read_by_the_loop_each_once_the_thread_asleep() -> Non
 def test_a_flood_goes_back_to_the_reader_thread_and_nothing_is_lost() -> None:
     with probes_in_sandbox(repeat_window_ns=0) as (probes, sandbox):
         loop = Loop(probes)
-        probes.start(loop.wake)
-        child = subprocess.Popen([PYTHON, "-c", FLOOD_CODE], preexec_fn=sandbox.join)  # noqa: PLW1509
-        while child.poll() is None:
-            loop.turn()
-        assert child.returncode == 0
-        probes.drain_now()
-        loop.records += [R.decode_record(b) for batch in probes.collect() for b in batch]
+        child = loop.trace(sandbox, FLOOD_CODE)
+        loop.finish()
         losses = probes.losses()
     connects = [r for r in loop.records if isinstance(r, R.ConnectRecord) and r.pid == child.pid]
     assert len(connects) + losses.kernel.get(R.REC_CONNECT, 0) == FLOOD

@@ -127,16 +127,9 @@ def keyed_exec(pid: int, exe: Path, **kw: Any) -> bytes:
     st = exe.stat()
     null = fd_of(CHR, rdev=dev(1, 3))
     stdio = b"".join(R.layout(R.StdioFd).struct.pack(*fd) for fd, _ in [null] * 3)
-    components = b"".join(p.encode() + b"\0" for p in reversed(exe.parts[1:]))
-    return pack(
-        R.REC_EXEC,
-        b"x\0" + components,
-        pid=pid,
-        tid=pid,
-        argv_size=2,
-        argv_full_size=2,
-        exe_size=len(components),
-        exe_ino=st.st_ino,
+    return exec_record(
+        pid,
+        exe,
         exe_dev=dev(os.major(st.st_dev), os.minor(st.st_dev)),
         exe_ctime_ns=st.st_ctime_ns,
         exe_file_size=st.st_size,
