@@ -576,15 +576,21 @@ class Assembler:
 
     def _await_flow(self, ev: ConnectEvent, cookie: int, now_ns: int) -> list[AnyEvent]:
         """A connect whose outcome is known: out now with what its flow's first bytes said,
-        or held for them (flow_hold_ns) when they have not come yet."""
+        or held for them (flow_hold_ns) when they have not come yet. A datagram socket that
+        connects again (or sends to another destination) ends the wait of the connect held
+        before on it: the bytes that follow are the new one's, so the old one goes out now,
+        not a whole hold later."""
         info = self._flows.get(cookie)
         if info is not None:
             self._classify(ev, info)
             return [ev]
-        if not self.flow_hold_ns or cookie in self._pending:
+        if not self.flow_hold_ns:
+            return [ev]
+        held = self._pending.get(cookie)
+        if held is not None and not held.resolved:
             return [ev]
         self._pending[cookie] = _PendingConnect(ev, now_ns + self.flow_hold_ns, resolved=True)
-        return []
+        return [] if held is None else [held.event]
 
     def _flow(self, f: R.FlowRecord) -> list[AnyEvent]:
         info = flow_info(f)

@@ -389,6 +389,13 @@ class StreamSink:
             self._last_warning = now
             log.warning(message, discarded=self.stats.discarded, **kw)
 
+    def _until_sealed(self) -> float:
+        """Seconds the sender may sleep: until the batch being filled is `linger` old (its
+        first event waits no longer than that), or a whole linger when none is."""
+        if self._pending or self._unreported:
+            return max(0.0, self._pending_since + self.linger - time.monotonic())
+        return self.linger
+
     def _next(self) -> tuple[_Batch, bool] | None:
         """The oldest held batch, and whether it is from the spool."""
         if self._memory:
@@ -441,7 +448,7 @@ class StreamSink:
                             return
                         self._wake.clear()
                         with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(self._wake.wait(), self.linger)
+                            await asyncio.wait_for(self._wake.wait(), self._until_sealed())
                         continue
                     batch, spooled = nxt
                     self._inflight = batch

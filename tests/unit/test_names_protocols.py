@@ -188,13 +188,11 @@ def dns_record(msg: bytes, **values: Any) -> bytes:
 def connect_record(cookie: int, addr: bytes, port: int, **values: Any) -> bytes:
     return record(
         R.ConnectRecord,
+        **{"sock_type": 1, "protocol": 6} | values,
         cookie=cookie,
         daddr=addr + bytes(12),
         family=2,
         dport=port,
-        sock_type=1,
-        protocol=6,
-        **values,
     )
 
 
@@ -354,3 +352,27 @@ def test_an_exec_lets_the_connects_its_lineage_made_out_first() -> None:
     hello = client_hello("api.example.test")
     [conn] = feed(asm, flow_record(11, R.APP_TLS, hello, at=1_007_000_000))
     assert (conn.process.pid, conn.app_protocol) == (77, "tls")
+
+
+def test_a_datagram_socket_that_connects_again_releases_the_connect_held_before() -> None:
+    """A UDP socket connecting every millisecond and never sending: each connect waits for
+    its first bytes only until the socket connects again (those bytes would be the next
+    one's), not a whole hold; the last waits the hold, then goes out."""
+    asm = assembler()
+    udp = {"sock_type": 2, "protocol": 17}
+    ms = 1_000_000
+    got: list[Any] = []
+    for i in range(5):
+        got += feed(asm, connect_record(21, bytes([192, 0, 2, 9]), 9, ktime_ns=i * ms, **udp))
+    assert [e.mono_ns for e in got] == [0, ms, 2 * ms, 3 * ms]  # each on the next's arrival
+    assert all(e.outcome == "success" and e.protocol == "udp" for e in got)
+    assert asm.expire(4 * ms + 99 * ms) == []
+    [last] = asm.expire(4 * ms + 100 * ms)
+    assert last.mono_ns == 4 * ms
+    # bytes after a connect are that connect's, not the one before it
+    first = feed(asm, connect_record(22, bytes([192, 0, 2, 10]), 53, ktime_ns=ms, **udp))
+    second = feed(asm, connect_record(22, bytes([192, 0, 2, 11]), 53, ktime_ns=2 * ms, **udp))
+    [named] = feed(asm, flow_record(22, R.APP_DNS, b"\x12\x34\x01\x00", at=3 * ms))
+    assert first == [] and [e.daddr for e in second] == ["192.0.2.10"]
+    assert second[0].app_protocol == "" and named.daddr == "192.0.2.11"
+    assert named.app_protocol == "dns"

@@ -344,3 +344,44 @@ def test_token_files_are_read_one_way(tmp_path: Path) -> None:
         read_token_file(str(empty))
     with pytest.raises(ValueError, match=r"cannot read .*/missing: No such file or directory"):
         read_token_file(str(tmp_path / "missing"))
+
+
+@pytest.mark.asyncio
+async def test_an_event_waits_at_most_the_linger_whenever_it_comes() -> None:
+    """The sender, idle, sleeps a linger at a time; an event that comes in the middle of
+    that sleep goes once it is a linger old, not at the end of the next whole sleep."""
+    received: list[tuple[str, int, list[AnyEvent]]] = []
+    service = Service(free_port(), received)
+    loop = asyncio.get_running_loop()
+    arrived: dict[int, float] = {}  # pid -> when its batch was handled
+    came = {0: asyncio.Event(), 1: asyncio.Event()}
+
+    def handled(collector: str, seq: int, batch: list[AnyEvent]) -> None:
+        received.append((collector, seq, batch))
+        for e in batch:
+            if isinstance(e, Event):
+                arrived[e.process.pid] = loop.time()
+                came[e.process.pid].set()
+
+    service.ingest = Ingest(RuleSet(), on_batch=handled)
+    await service.start()
+    linger = 1.0
+    sink = StreamSink(f"http://127.0.0.1:{service.port}", "tok", batch_events=100, linger=linger)
+
+    async def arrival(pid: int) -> float:
+        await came[pid].wait()
+        return arrived[pid]
+
+    try:
+        first, second = events(2)
+        sink.emit(first)
+        await arrival(0)  # the sender now sleeps a whole linger: nothing is pending
+        await asyncio.sleep(0.6 * linger)
+        emitted = loop.time()
+        sink.emit(second)
+        waited = await asyncio.wait_for(arrival(1), 5) - emitted
+        await sink.aclose(deadline=5)
+    finally:
+        await service.stop()
+    # a linger, not the rest of the sleep it came in plus another whole linger (1.4 s)
+    assert 0.9 * linger <= waited < 1.25 * linger, waited
