@@ -705,7 +705,10 @@ def main(argv: list[str] | None = None) -> int:
             if "identity" in only:
                 rows += identity_costs()
             if "lifecycle" in only:
+                from bench.replay import replay  # noqa: PLC0415
+
                 rows += lifecycle(sandbox)
+                rows += replay(sandbox)
             if "soak" in only:
                 rows += soak()
             if "response" in only:
