@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 from detect.addresses import ip_int
+
+_T = TypeVar("_T")
 
 EGRESS_RULE_ID = "sandtrace-egress-allow-list"
 
@@ -319,6 +322,22 @@ def _resolver(spec: str, text: str) -> Resolver:
         raise ValueError(f"resolver {spec!r}: {exc}") from None
 
 
+def _by_sandbox(
+    specs: Iterable[str], what: str, parse: Callable[[str, str], _T]
+) -> tuple[list[_T], dict[str, list[_T]]]:
+    """``[SANDBOX=]REST`` entries parsed (parse(spec, rest)): those for every sandbox, and
+    those of each sandbox named."""
+    shared: list[_T] = []
+    named: dict[str, list[_T]] = {}
+    for spec in specs:
+        sandbox, rest = _sandbox_of(spec, what)
+        if sandbox:
+            named.setdefault(sandbox, []).append(parse(spec, rest))
+        else:
+            shared.append(parse(spec, spec))
+    return shared, named
+
+
 def _sandbox_of(spec: str, what: str) -> tuple[str, str]:
     """(sandbox, rest) of ``[SANDBOX=]REST``; sandbox "" when there is no prefix."""
     sandbox, sep, rest = spec.partition("=")
@@ -349,22 +368,8 @@ class EgressPolicies:
         without its own; a sandbox named only there keeps the shared entries, with its own
         resolvers). ValueError names a bad entry, or a sandbox given resolvers but no
         allow-list."""
-        shared: list[tuple[Network | str, PortRanges]] = []
-        named: dict[str, list[tuple[Network | str, PortRanges]]] = {}
-        for spec in specs:
-            sandbox, rest = _sandbox_of(spec, "egress allow-list entry")
-            if sandbox:
-                named.setdefault(sandbox, []).append(_entry(spec, rest))
-            else:
-                shared.append(_entry(spec, spec))
-        shared_dns: list[Resolver] = []
-        named_dns: dict[str, list[Resolver]] = {}
-        for spec in resolvers:
-            sandbox, rest = _sandbox_of(spec, "resolver")
-            if sandbox:
-                named_dns.setdefault(sandbox, []).append(_resolver(spec, rest))
-            else:
-                shared_dns.append(_resolver(spec, spec))
+        shared, named = _by_sandbox(specs, "egress allow-list entry", _entry)
+        shared_dns, named_dns = _by_sandbox(resolvers, "resolver", _resolver)
         default = EgressPolicy.of(shared, allow_loopback) if shared else None
         for sandbox in named_dns:
             if sandbox not in named and default is None:
