@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,3 +35,34 @@ def print_table(rows: list[Row]) -> None:
     print(f"|{'-' * 44}|{'-' * 11}|{'-' * 11}|{'-' * 28}|")
     for name, without, with_, note in rows:
         print(f"| {name:<42} | {without:>9} | {with_:>9} | {note:<26} |")
+
+
+def standalone(
+    module: str,
+    title: str,
+    rows: Callable[[cgroups.SandboxCgroup], list[Row]],
+    argv: list[str] | None = None,
+) -> int:
+    """Run one benchmark module alone (`python -m bench.MODULE`, its arguments `argv`): as
+    root, in a sandbox of its own (and its parent, when this made it, removed after), then
+    its table with the command that made it."""
+    from collector import cgroups  # noqa: PLC0415 - only when run alone
+
+    if os.geteuid() != 0:
+        print("bench: needs root (loads eBPF programs)", file=sys.stderr)
+        return 2
+    root = cgroups.find_cgroup2_root()
+    parent_existed = (root / "sandtrace").exists()
+    sandbox = cgroups.create_sandbox(root)
+    try:
+        table = rows(sandbox)
+    finally:
+        sandbox.destroy()
+        if not parent_existed:
+            cgroups.remove_parent_if_unused(root)
+    cmd = shlex.join(["sudo", ".venv/bin/python", "-m", module, *(argv or sys.argv[1:])])
+    when = time.strftime("%Y-%m-%d %H:%M")
+    print(f"\nsandtrace {title} benchmark, {os.cpu_count()} CPUs, {when}")
+    print(f"command: {cmd}\n")
+    print_table(table)
+    return 0

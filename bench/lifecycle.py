@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shlex
 import signal
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import Row, print_table
+from bench import Row, standalone
 from collector import cgroups
 
 HERE = Path(__file__).resolve().parent
@@ -116,6 +115,14 @@ def progress(msg: str) -> None:
 def cpu_seconds(pid: int, *, children: bool = False) -> float:
     """cpu_ticks() in seconds."""
     return cpu_ticks(pid, children=children) / os.sysconf("SC_CLK_TCK")
+
+
+def compiled_loop(directory: Path) -> Path:
+    """The workload (LOOP_C), compiled into `directory`."""
+    source, loop = directory / "forkexec.c", directory / "forkexec"
+    source.write_text(LOOP_C)
+    subprocess.run(["cc", "-O2", "-o", str(loop), str(source)], check=True)
+    return loop
 
 
 def cpu_ticks(pid: int, *, children: bool = False) -> int:
@@ -320,9 +327,7 @@ def lifecycle(
     1,000/s with text output of every event (--alerts-only off)."""
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:
-        loop = Path(tmp) / "forkexec"
-        (Path(tmp) / "forkexec.c").write_text(LOOP_C)
-        subprocess.run(["cc", "-O2", "-o", str(loop), str(Path(tmp) / "forkexec.c")], check=True)
+        loop = compiled_loop(Path(tmp))
         variants: list[tuple[str, tuple[str, ...], tuple[int, ...]]] = []
         if alerts_only:
             variants.append(("--alerts-only", ("--alerts-only",), rates))
@@ -383,32 +388,19 @@ def main(argv: list[str] | None = None) -> int:
         "--text-only", action="store_true", help="only the text variant (at 1,000/s)"
     )
     args = parser.parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench: needs root (loads eBPF programs)", file=sys.stderr)
-        return 2
-    root = cgroups.find_cgroup2_root()
-    parent_existed = (root / "sandtrace").exists()
-    sandbox = cgroups.create_sandbox(root)
-    try:
-        rows = lifecycle(
+    return standalone(
+        "bench.lifecycle",
+        "lifecycle",
+        lambda sandbox: lifecycle(
             sandbox,
             rates=tuple(args.rate or (100, 1000, 0)),
             rounds=args.rounds,
             idle_seconds=args.idle,
             alerts_only=not args.text_only,
             text_variant=not args.no_text,
-        )
-    finally:
-        sandbox.destroy()
-        if not parent_existed:
-            cgroups.remove_parent_if_unused(root)
-    cmd = shlex.join(["sudo", ".venv/bin/python", "-m", "bench.lifecycle", *(argv or sys.argv[1:])])
-    print(
-        f"\nsandtrace lifecycle benchmark, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')}"
+        ),
+        argv,
     )
-    print(f"command: {cmd}\n")
-    print_table(rows)
-    return 0
 
 
 if __name__ == "__main__":

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import os
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -24,8 +22,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from bench import Row, print_table
-from bench.lifecycle import LOOP_C
+from bench import Row, standalone
+from bench.lifecycle import compiled_loop
 from collector import cgroups
 from collector import cli as collector_cli
 from collector import records as R
@@ -51,10 +49,7 @@ def capture(sandbox: cgroups.SandboxCgroup, execs: int, rate: int) -> list[list[
     handed: list[list[list[bytes]]] = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            loop = Path(tmp) / "forkexec"
-            (Path(tmp) / "forkexec.c").write_text(LOOP_C)
-            source = Path(tmp) / "forkexec.c"
-            subprocess.run(["cc", "-O2", "-o", str(loop), str(source)], check=True)
+            loop = compiled_loop(Path(tmp))
             probes.trace_cgroup(sandbox.path, 0)
             probes.start(lambda: None)
             proc = subprocess.Popen(
@@ -169,23 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=int, default=1000, help="execs per second")
     parser.add_argument("--passes", type=int, default=PASSES, help="replays of each kind")
     args = parser.parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench: needs root (loads eBPF programs)", file=sys.stderr)
-        return 2
-    root = cgroups.find_cgroup2_root()
-    parent_existed = (root / "sandtrace").exists()
-    sandbox = cgroups.create_sandbox(root)
-    try:
-        rows = replay(sandbox, args.execs, args.rate, args.passes)
-    finally:
-        sandbox.destroy()
-        if not parent_existed:
-            cgroups.remove_parent_if_unused(root)
-    cmd = shlex.join(["sudo", ".venv/bin/python", "-m", "bench.replay", *(argv or sys.argv[1:])])
-    print(f"\nsandtrace replay benchmark, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')}")
-    print(f"command: {cmd}\n")
-    print_table(rows)
-    return 0
+    return standalone(
+        "bench.replay",
+        "replay",
+        lambda sandbox: replay(sandbox, args.execs, args.rate, args.passes),
+        argv,
+    )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ through the service.
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -22,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench import Row
+from bench import Row, standalone
 from bench.service import free_port
 from collector import cgroups
 
@@ -162,11 +161,4 @@ def response_latency(sandbox: cgroups.SandboxCgroup, runs: int = RUNS) -> list[R
 
 
 if __name__ == "__main__":
-    if os.geteuid() != 0:
-        sys.exit("bench: needs root")
-    box = cgroups.create_sandbox(cgroups.find_cgroup2_root())
-    try:
-        for row in response_latency(box):
-            print(row)
-    finally:
-        box.destroy()
+    sys.exit(standalone("bench.response", "response", response_latency))
