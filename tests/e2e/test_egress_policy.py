@@ -372,16 +372,23 @@ def test_sighup_under_enforce_gives_the_kernel_the_new_policy(
     assert by_rule(run, EGRESS) == []  # the kernel's refusal is the denial rule's to report
 
 
+def curl_resolved_over_tcp(testnet: NetNS, work: Path, name: str, resolver: str) -> Run:
+    """`run --enforce` of curl fetching from `name`, the only name the policy allows, its
+    resolver asked over TCP (glibc's RES_OPTIONS=use-vc); a.txt says "ok" or "refused"."""
+    policy = policy_file(work / "policy.toml", [f"{name}:{PORT}"], [resolver])
+    script = f"RES_OPTIONS=use-vc {curl(name, 'a.txt')} || echo refused > a.txt"
+    run = sandtrace_run(testnet, script, work, "--enforce", "--egress-policy", str(policy))
+    assert run.returncode == 0, run.stderr
+    return run
+
+
 def test_a_name_resolved_over_tcp_is_learnt_under_enforce(
     testnet: NetNS, dns: DnsServer, http: HttpHost, work: Path
 ) -> None:
     # glibc's resolver asks over TCP with RES_OPTIONS=use-vc: the answer arrives in one TCP
     # segment that starts with the message's length, and the kernel must learn PKG's address
     # from it before curl connects (nothing else allows that address).
-    policy = policy_file(work / "policy.toml", [f"{PKG}:{PORT}"], [dns.addr])
-    script = f"RES_OPTIONS=use-vc {curl(PKG, 'a.txt')} || echo refused > a.txt"
-    run = sandtrace_run(testnet, script, work, "--enforce", "--egress-policy", str(policy))
-    assert run.returncode == 0, run.stderr
+    run = curl_resolved_over_tcp(testnet, work, PKG, dns.addr)
     assert (work / "a.txt").read_text() == "ok\n"
     assert {q["proto"] for q in dns.queries() if q["name"] == PKG} == {"tcp"}
     assert len(http.requests()) == 1
@@ -415,10 +422,7 @@ def test_a_tcp_answer_split_across_segments_is_not_learnt_and_is_reported(
     # The kernel does not reassemble TCP: the A record, in the second segment, teaches it
     # nothing, so under --enforce the connect to the allowed name is refused; the DNS event
     # and the run's summary say why.
-    policy = policy_file(work / "policy.toml", [f"{SPLIT}:{PORT}"], [split_dns.addr])
-    script = f"RES_OPTIONS=use-vc {curl(SPLIT, 'a.txt')} || echo refused > a.txt"
-    run = sandtrace_run(testnet, script, work, "--enforce", "--egress-policy", str(policy))
-    assert run.returncode == 0, run.stderr
+    run = curl_resolved_over_tcp(testnet, work, SPLIT, split_dns.addr)
     assert (work / "a.txt").read_text() == "refused\n"
     assert http.requests() == []
     assert {q["proto"] for q in split_dns.queries() if q["name"] == SPLIT} == {"tcp"}

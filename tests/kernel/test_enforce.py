@@ -141,46 +141,28 @@ def query(name, server):
         s.close()
     return socket.inet_ntoa(data[-4:])
 
-def tcp(addr, port):
-    s = socket.socket()
+def attempt(family, kind, call):
+    s = socket.socket(family, kind)
     s.settimeout(5)
     try:
-        s.connect((addr, port))
+        call(s)
         return "ok"
     except OSError as e:
         return "E" + errno.errorcode[e.errno]
     finally:
         s.close()
+
+def tcp(addr, port):
+    return attempt(socket.AF_INET, socket.SOCK_STREAM, lambda s: s.connect((addr, port)))
 
 def udp_send(addr, port):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        s.sendto(b"x", (addr, port))
-        return "ok"
-    except OSError as e:
-        return "E" + errno.errorcode[e.errno]
-    finally:
-        s.close()
+    return attempt(socket.AF_INET, socket.SOCK_DGRAM, lambda s: s.sendto(b"x", (addr, port)))
 
 def udp_connect(addr, port):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        s.connect((addr, port))
-        return "ok"
-    except OSError as e:
-        return "E" + errno.errorcode[e.errno]
-    finally:
-        s.close()
+    return attempt(socket.AF_INET, socket.SOCK_DGRAM, lambda s: s.connect((addr, port)))
 
 def unix(path):
-    s = socket.socket(socket.AF_UNIX)
-    try:
-        s.connect(path)
-        return "ok"
-    except OSError as e:
-        return "E" + errno.errorcode[e.errno]
-    finally:
-        s.close()
+    return attempt(socket.AF_UNIX, socket.SOCK_STREAM, lambda s: s.connect(path))
 
 out = []
 for step in cfg["steps"]:
