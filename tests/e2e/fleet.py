@@ -144,6 +144,12 @@ def spawn(cmd: list[str], env: dict[str, str] | None = None, stdout: Path | None
     return handle
 
 
+def serve_nats(url: str, config: Path, *extra: str) -> list[str]:
+    """The command line of a fleet worker on the cluster at `url` with `config`."""
+    serve = ["serve", "--nats", url, "--config", str(config), *extra]
+    return [sys.executable, "-m", "sandtrace", *serve]
+
+
 def start_worker(
     url: str, config: Path, worker_id: str, *extra: str, env: dict[str, str] | None = None
 ) -> tuple[Proc, int]:
@@ -151,21 +157,7 @@ def start_worker(
     /metrics port."""
     port = server_port()
     worker = spawn(
-        [
-            sys.executable,
-            "-m",
-            "sandtrace",
-            "serve",
-            "--nats",
-            url,
-            "--config",
-            str(config),
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--worker-id",
-            worker_id,
-            *extra,
-        ],
+        serve_nats(url, config, "--listen", f"127.0.0.1:{port}", "--worker-id", worker_id, *extra),
         env,
     )
     worker.wait_for("serving the fleet")

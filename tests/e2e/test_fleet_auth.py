@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.fleet import Proc, cleaning, spawn, start_collector, start_worker, write_config
+from tests.e2e.fleet import (
+    Proc,
+    cleaning,
+    serve_nats,
+    spawn,
+    start_collector,
+    start_worker,
+    write_config,
+)
 from tests.e2e.natsauth import decentralised, user
 from tests.e2e.natscluster import nats_cluster, server_port
 from tests.e2e.test_fleet import wait_until
@@ -66,20 +74,14 @@ def test_each_part_connects_with_its_key_and_a_wrong_key_is_refused(
 
         # a key the server does not know: refused, said so, not taken for an outage
         bad_worker = spawn(
-            [
-                sys.executable,
-                "-m",
-                "sandtrace",
-                "serve",
-                "--nats",
+            serve_nats(
                 url,
-                "--config",
-                str(config),
+                config,
                 "--listen",
                 f"127.0.0.1:{server_port()}",
                 f"--nats-{kind}-file",
                 str(stranger),
-            ]
+            )
         )
         procs.append(bad_worker)
         assert bad_worker.proc.wait(timeout=30) == 2, bad_worker.log()
@@ -89,19 +91,7 @@ def test_each_part_connects_with_its_key_and_a_wrong_key_is_refused(
         assert "cannot reach" not in bad_worker.log() and "Traceback" not in bad_worker.log()
 
         check = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "sandtrace",
-                "serve",
-                "--nats",
-                url,
-                "--config",
-                str(config),
-                "--check-config",
-                f"--nats-{kind}-file",
-                str(stranger),
-            ],
+            serve_nats(url, config, "--check-config", f"--nats-{kind}-file", str(stranger)),
             capture_output=True,
             text=True,
             timeout=60,
